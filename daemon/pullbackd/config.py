@@ -1,0 +1,148 @@
+"""pullbackd's configuration: a TOML file over documented defaults.
+
+The defaults follow systemd's `RuntimeDirectory=pullbackd` (sockets, nothing
+that must survive a reboot) and `StateDirectory=pullbackd` (the state database,
+scratch files). `config/pullbackd.toml` in the source tree lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Libvirt:
+    #: libvirt connection URI.
+    uri: str = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class Control:
+    #: The varlink control socket.
+    socket: Path = Path("/run/pullbackd/control.sock")
+    #: Its permissions, an octal string.
+    mode: str = "0660"
+    #: Its group (who may drive backups); empty keeps the daemon's group.
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class Exports:
+    #: Per-job NBD sockets, `<dir>/<job-id>.sock`. QEMU binds them, so the QEMU
+    #: user must be able to write here.
+    dir: Path = Path("/run/pullbackd/exports")
+
+
+@dataclass(frozen=True)
+class Scratch:
+    #: Per-job scratch files, `<dir>/<job-id>.<disk>.qcow2`: QEMU copies the old
+    #: contents of blocks the guest overwrites during a backup here. Keep it on
+    #: a real disk, not tmpfs: a busy guest can fill it up to the disks' size.
+    dir: Path = Path("/var/lib/pullbackd/scratch")
+
+
+@dataclass(frozen=True)
+class State:
+    #: The state database, `<dir>/state.db`.
+    dir: Path = Path("/var/lib/pullbackd")
+
+
+@dataclass(frozen=True)
+class Jobs:
+    #: Seconds to wait for libvirt to confirm a job has ended after Finish or Abort.
+    end_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Log:
+    #: debug, info, warning or error.
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    libvirt: Libvirt = field(default_factory=Libvirt)
+    control: Control = field(default_factory=Control)
+    exports: Exports = field(default_factory=Exports)
+    scratch: Scratch = field(default_factory=Scratch)
+    state: State = field(default_factory=State)
+    jobs: Jobs = field(default_factory=Jobs)
+    log: Log = field(default_factory=Log)
+
+    @property
+    def control_mode(self) -> int:
+        return int(self.control.mode, 8)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), default=str, indent=2)
+
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def load(path: Path | None) -> Config:
+    """Read `path` (or nothing: all defaults) and check every value."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+    config: Config = _build(Config, data, "")
+    _validate(config)
+    return config
+
+
+def _build(cls: Any, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown key {where + '.' if where else ''}{sorted(unknown)[0]}")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        f = fields[name]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, key)
+        elif isinstance(default, Path):
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ConfigError(f"{key} must be an absolute path")
+            values[name] = Path(value)
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"{key} must be a positive number")
+            values[name] = float(value)
+        elif not isinstance(value, type(default)):
+            raise ConfigError(f"{key} must be a {type(default).__name__}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def _validate(config: Config) -> None:
+    try:
+        mode = config.control_mode
+    except ValueError:
+        raise ConfigError("control.mode must be an octal string such as \"0660\"") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError("control.mode must be between 0000 and 0777")
+    if config.control.group:
+        try:
+            grp.getgrnam(config.control.group)
+        except KeyError:
+            raise ConfigError(f"control.group: no group {config.control.group!r}") from None
+    if config.log.level not in LEVELS:
+        raise ConfigError(f"log.level must be one of {', '.join(LEVELS)}")

@@ -1,0 +1,204 @@
+"""The varlink server on anyio.
+
+One task per connection; the calls of one connection are answered in the order
+they came (varlink allows pipelining, and its replies carry no call id). A call
+runs to its end even if its client goes away meanwhile, so a `Start` whose
+caller vanished still leaves a job that `List` shows, never half of one.
+"""
+
+from __future__ import annotations
+
+import grp
+import itertools
+import os
+import socket
+import stat
+import struct
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
+
+from ..errors import InvalidParameter, PullbackError
+from . import idl
+from .codec import Call, Decoder, ProtocolError, Reply, encode, parse_call
+
+log = structlog.get_logger()
+
+SERVICE = "org.varlink.service"
+
+#: A method handler: called with the call's parameters as keyword arguments;
+#: returns the reply's parameters, or is an async generator of them for
+#: methods that stream replies (`more`).
+Handler = Callable[..., Awaitable[dict[str, Any]] | AsyncGenerator[dict[str, Any], None]]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a Unix socket (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(stream: SocketStream) -> Peer | None:
+    sock = stream.extra(SocketAttribute.raw_socket)
+    if sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", raw))
+
+
+@dataclass
+class Service:
+    """The interfaces a socket serves, with `org.varlink.service` built in."""
+
+    vendor: str
+    product: str
+    version: str
+    url: str
+    #: The error a handler's unexpected exception becomes, fully qualified.
+    internal_error: str
+    _interfaces: dict[str, tuple[idl.Interface, Mapping[str, Handler]]] = field(
+        default_factory=dict
+    )
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    def add(self, iface: idl.Interface, handlers: Mapping[str, Handler]) -> None:
+        unknown = set(handlers) - set(iface.methods)
+        missing = set(iface.methods) - set(handlers)
+        if unknown or missing:
+            raise ValueError(f"{iface.name}: handlers without method {unknown}, "
+                             f"methods without handler {missing}")
+        self._interfaces[iface.name] = (iface, handlers)
+
+    def add_service_interface(self, iface: idl.Interface) -> None:
+        self.add(iface, {
+            "GetInfo": self._get_info,
+            "GetInterfaceDescription": self._get_interface_description,
+        })
+
+    async def _get_info(self) -> dict[str, Any]:
+        return {"vendor": self.vendor, "product": self.product, "version": self.version,
+                "url": self.url, "interfaces": list(self._interfaces)}
+
+    async def _get_interface_description(self, interface: str) -> dict[str, Any]:
+        if interface not in self._interfaces:
+            raise _Error(f"{SERVICE}.InterfaceNotFound", {"interface": interface})
+        return {"description": self._interfaces[interface][0].description}
+
+    async def replies(self, call: Call) -> AsyncIterator[Reply]:
+        """Answer one call: one reply, or several for a streaming method called with `more`."""
+        try:
+            handler = self._resolve(call)
+            result = handler(**call.parameters)
+            if isinstance(result, AsyncGenerator):
+                if not call.more:
+                    await result.aclose()
+                    raise _Error(f"{SERVICE}.ExpectedMore", {})
+                # Hold each reply back until the next one exists: only then is
+                # it known whether it `continues`.
+                previous: dict[str, Any] | None = None
+                async for parameters in result:
+                    if previous is not None:
+                        yield Reply(previous, continues=True)
+                    previous = parameters
+                yield Reply(previous or {})
+            else:
+                yield Reply(await result)
+        except _Error as e:
+            yield Reply(e.parameters, error=e.name)
+        except InvalidParameter as e:
+            yield Reply(e.parameters, error=f"{SERVICE}.InvalidParameter")
+        except PullbackError as e:
+            interface = call.interface
+            if e.name in self._interfaces[interface][0].errors:
+                log.info("call failed", method=call.method, error=e.name, reason=str(e))
+                yield Reply(e.parameters, error=f"{interface}.{e.name}")
+            else:
+                yield self._internal(call, e)
+        except Exception as e:
+            yield self._internal(call, e)
+
+    def _resolve(self, call: Call) -> Handler:
+        if call.upgrade:
+            raise _Error(f"{SERVICE}.InvalidParameter", {"parameter": "upgrade"})
+        if call.interface not in self._interfaces:
+            raise _Error(f"{SERVICE}.InterfaceNotFound", {"interface": call.interface})
+        iface, handlers = self._interfaces[call.interface]
+        method = iface.methods.get(call.member)
+        if method is None:
+            raise _Error(f"{SERVICE}.MethodNotFound", {"method": call.method})
+        try:
+            idl.check_fields(iface, method.input, call.parameters)
+        except idl.Mismatch as e:
+            raise _Error(f"{SERVICE}.InvalidParameter", {"parameter": e.path}) from None
+        return handlers[call.member]
+
+    def _internal(self, call: Call, exc: Exception) -> Reply:
+        # Unknown exceptions never cross the socket: the journal gets the
+        # traceback, the caller a reference to find it by.
+        reference = uuid.uuid4().hex[:12]
+        log.error("call crashed", method=call.method, reference=reference, exc_info=exc)
+        return Reply({"reference": reference}, error=self.internal_error)
+
+    async def handle(self, stream: SocketStream, protocol_error: str) -> None:
+        """Serve one connection until the peer closes it or breaks the protocol."""
+        conn = next(self._ids)
+        peer = peer_of(stream)
+        clog = log.bind(conn=conn, peer_pid=peer and peer.pid, peer_uid=peer and peer.uid)
+        clog.debug("connected")
+        decoder = Decoder()
+        async with stream:
+            try:
+                while True:
+                    data = await stream.receive()
+                    try:
+                        calls = [parse_call(m) for m in decoder.feed(data)]
+                    except ProtocolError as e:
+                        clog.warning("protocol violation, closing", reason=str(e))
+                        await stream.send(encode(Reply({"reason": str(e)}, protocol_error)
+                                                 .to_message()))
+                        return
+                    for call in calls:
+                        clog.debug("call", method=call.method)
+                        async for reply in self.replies(call):
+                            if not call.oneway:
+                                await stream.send(encode(reply.to_message()))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                clog.debug("disconnected", unread=decoder.pending)
+
+
+class _Error(Exception):
+    """A varlink error that is not one of ours: `org.varlink.service.*`."""
+
+    def __init__(self, name: str, parameters: dict[str, Any]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.parameters = parameters
+
+
+async def bind(path: Path, mode: int, group: str | None) -> SocketListener:
+    """Listen on `path`, replacing a stale socket but never a live one."""
+    apath = anyio.Path(path)
+    await apath.parent.mkdir(parents=True, exist_ok=True)
+    if await apath.exists() or await apath.is_symlink():
+        if not stat.S_ISSOCK((await apath.lstat()).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; remove it")
+        try:
+            stream = await anyio.connect_unix(path)
+        except OSError:
+            await apath.unlink()  # nobody listens: left over from a crash
+        else:
+            await stream.aclose()
+            raise FileExistsError(f"another process is serving {path}")
+    listener = await anyio.create_unix_listener(path, mode=mode)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    return listener

@@ -1,0 +1,79 @@
+"""The errors pullbackd reports to its callers.
+
+Each class is the varlink error of the same name in `org.pullbackd.Backup`,
+with the same parameters: the control socket turns one into the other, and a
+test checks that the two lists agree. The message says what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PullbackError(Exception):
+    """An error the caller can act on. Anything else is a bug, logged and hidden."""
+
+    def __init__(self, text: str, /, **parameters: Any) -> None:
+        super().__init__(text)
+        self.parameters = parameters
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class NoSuchDomain(PullbackError):
+    def __init__(self, domain: str) -> None:
+        super().__init__(f"no domain named {domain!r}", domain=domain)
+
+
+class DomainNotRunning(PullbackError):
+    def __init__(self, domain: str) -> None:
+        super().__init__(f"domain {domain!r} is not running; start it first", domain=domain)
+
+
+class NoSuchDisk(PullbackError):
+    def __init__(self, domain: str, disk: str) -> None:
+        super().__init__(f"domain {domain!r} has no disk {disk!r} that can be backed up",
+                         domain=domain, disk=disk)
+
+
+class BackupInProgress(PullbackError):
+    def __init__(self, domain: str, id: str) -> None:
+        who = f"job {id}" if id else "a backup not started by pullbackd"
+        super().__init__(
+            f"domain {domain!r} is already being backed up by {who}; finish or abort it first",
+            domain=domain,
+            id=id,
+        )
+
+
+class DomainBusy(PullbackError):
+    def __init__(self, domain: str, operation: str) -> None:
+        super().__init__(
+            f"domain {domain!r} is busy with a libvirt {operation} job; try again when it ends",
+            domain=domain,
+            operation=operation,
+        )
+
+
+class NoSuchJob(PullbackError):
+    def __init__(self, id: str) -> None:
+        super().__init__(f"no job {id!r}; list jobs with `pullbackctl backup list`", id=id)
+
+
+class LibvirtError(PullbackError):
+    """libvirt failed in a way we have no better name for; its message is passed on."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"libvirt error {code}: {message}", code=code, message=message)
+
+
+class InvalidParameter(PullbackError):
+    """A parameter has the right type but a value we cannot use.
+
+    Crosses the socket as `org.varlink.service.InvalidParameter`.
+    """
+
+    def __init__(self, parameter: str, why: str) -> None:
+        super().__init__(f"invalid {parameter}: {why}", parameter=parameter)

@@ -1,0 +1,46 @@
+"""systemd's readiness protocol, sd_notify(3): datagrams to $NOTIFY_SOCKET.
+
+A no-op when the daemon was not started by systemd (no NOTIFY_SOCKET).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import anyio
+
+
+class Notifier:
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        # "@name" is a socket in the abstract namespace.
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._watchdog_usec = 0
+        pid = env.get("WATCHDOG_PID")
+        if env.get("WATCHDOG_USEC", "").isdigit() and (pid is None or pid == str(os.getpid())):
+            self._watchdog_usec = int(env["WATCHDOG_USEC"])
+
+    def notify(self, *fields: str) -> None:
+        if not self._address:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(fields).encode(), self._address)
+
+    def ready(self, status: str) -> None:
+        self.notify("READY=1", f"STATUS={status}")
+
+    def status(self, status: str) -> None:
+        self.notify(f"STATUS={status}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1", "STATUS=stopping")
+
+    async def watchdog(self) -> None:
+        """Ping the watchdog at half its interval, as sd_watchdog_enabled(3) advises."""
+        if not self._address or not self._watchdog_usec:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await anyio.sleep(self._watchdog_usec / 2e6)

@@ -1,0 +1,227 @@
+"""The libvirt adapter: the only module that imports libvirt.
+
+Every libvirt call blocks (it is an RPC to libvirtd), so each method runs its
+calls in a worker thread and the event loop never waits on libvirt. libvirt's
+error codes become pullbackd's exceptions here and nowhere else. Domain events
+arrive through libvirt-python's asyncio integration (libvirtaio) on the event
+loop itself and are handed on as small frozen records through `events`.
+
+The surface is kept to the handful of calls pullbackd needs, so a test can
+replace one method to inject a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import libvirt
+import libvirtaio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .errors import DomainBusy, DomainNotRunning, LibvirtError, NoSuchDomain
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+OPERATIONS = {
+    libvirt.VIR_DOMAIN_JOB_OPERATION_START: "start",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE: "save",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_RESTORE: "restore",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN: "incoming migration",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT: "migration",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT: "snapshot",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT_REVERT: "snapshot revert",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_DUMP: "dump",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP: "backup",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT_DELETE: "snapshot delete",
+}
+
+STOP_REASONS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated away",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "reverted to a snapshot",
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    running: bool
+    #: The live definition (for a running domain, what QEMU runs now).
+    xml: str
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """libvirt's JOB_COMPLETED event. For a pull backup `success` means little:
+    an aborted one reports success too."""
+
+    domain: str
+    operation: str
+    success: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DomainStopped:
+    domain: str
+    reason: str
+
+
+Event = JobEnded | DomainStopped
+
+
+def _register_event_loop() -> None:
+    # libvirt accepts one event implementation per process, and it must be in
+    # place before the first connection is opened.
+    if libvirtaio.getCurrentImpl() is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr unless a handler takes it: we raise them instead."""
+
+
+class Virt:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        self._send: MemoryObjectSendStream[Event] = send
+        self.events: MemoryObjectReceiveStream[Event] = receive
+
+    async def connect(self) -> None:
+        _register_event_loop()
+        libvirt.registerErrorHandler(_quiet, None)
+
+        def open_() -> Any:
+            conn = libvirt.open(self.uri)
+            # Without keepalive a dead libvirtd is noticed only at the next call.
+            conn.setKeepAlive(5, 3)
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None)
+            return conn
+
+        try:
+            self._conn = await anyio.to_thread.run_sync(open_)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(e.get_error_code(), e.get_error_message()) from None
+        log.info("connected to libvirt", uri=self.uri)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await anyio.to_thread.run_sync(conn.close)
+        self._send.close()
+
+    # Event callbacks run on the event loop thread (libvirtaio).
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            self._send.send_nowait(DomainStopped(dom.name(), STOP_REASONS.get(detail, "stopped")))
+
+    def _on_job_completed(self, _conn: Any, dom: Any, params: dict[str, Any], _opaque: Any) -> None:
+        self._send.send_nowait(JobEnded(
+            domain=dom.name(),
+            operation=OPERATIONS.get(params.get("operation", 0), "unknown"),
+            success=bool(params.get("success", False)),
+            error=params.get("errmsg") or None,
+        ))
+
+    # Domain calls.
+
+    async def _run(self, domain: str, fn: Callable[[Any], T]) -> T:
+        """Run fn(virDomain) in a worker thread, translating libvirt's errors."""
+
+        def call() -> T:
+            return fn(self._conn.lookupByName(domain))
+
+        try:
+            return await anyio.to_thread.run_sync(call)
+        except libvirt.libvirtError as e:
+            code = e.get_error_code()
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NoSuchDomain(domain) from None
+            if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+                # Another job holds the domain's lock (libvirt waited 30 s for it).
+                raise DomainBusy(domain, "unknown") from None
+            raise LibvirtError(code, e.get_error_message()) from None
+
+    async def domain(self, name: str) -> Domain:
+        def get(dom: Any) -> Domain:
+            return Domain(dom.name(), bool(dom.isActive()), dom.XMLDesc(0))
+
+        return await self._run(name, get)
+
+    async def job_operation(self, domain: str) -> str | None:
+        """The libvirt job the domain runs now (e.g. "backup"), None if none.
+
+        Unlike starting a job, this does not wait for the domain's job lock.
+        """
+
+        def get(dom: Any) -> str | None:
+            stats = dom.jobStats()
+            if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+                return None
+            return OPERATIONS.get(stats.get("operation", 0), "unknown")
+
+        return await self._run(domain, get)
+
+    async def job_stats(self, domain: str) -> dict[str, Any]:
+        return await self._run(domain, lambda dom: dict(dom.jobStats()))
+
+    async def capacity(self, domain: str, disk: str) -> int:
+        return await self._run(domain, lambda dom: int(dom.blockInfo(disk)[0]))
+
+    async def backup_begin(self, domain: str, backup_xml: str) -> None:
+        try:
+            await self._run(domain, lambda dom: dom.backupBegin(backup_xml, None, 0))
+        except LibvirtError as e:
+            if e.parameters["code"] == libvirt.VIR_ERR_OPERATION_INVALID:
+                # libvirt says "domain is not running" with this code.
+                raise DomainNotRunning(domain) from None
+            raise
+
+    async def backup_xml(self, domain: str) -> str | None:
+        """The running backup job's XML, None if the domain has no backup job."""
+
+        def get(dom: Any) -> str | None:
+            try:
+                return str(dom.backupGetXMLDesc(0))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP,
+                                          libvirt.VIR_ERR_OPERATION_INVALID):
+                    return None
+                raise
+
+        return await self._run(domain, get)
+
+    async def abort_job(self, domain: str) -> bool:
+        """End the domain's job, False if it had none. For a pull backup this is the normal end."""
+
+        def abort(dom: Any) -> bool:
+            try:
+                dom.abortJob()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+                    return False
+                raise
+            return True
+
+        try:
+            return await self._run(domain, abort)
+        except NoSuchDomain:
+            return False

@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pullbackd import config
+
+
+def test_defaults_follow_systemd_directories() -> None:
+    cfg = config.load(None)
+    assert cfg.control.socket == Path("/run/pullbackd/control.sock")
+    assert cfg.control_mode == 0o660
+    assert cfg.state.dir == Path("/var/lib/pullbackd")
+
+
+def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
+    """config/pullbackd.toml documents every key with its default value."""
+    shipped = pytestconfig.rootpath / "config" / "pullbackd.toml"
+    assert config.load(shipped) == config.load(None)
+    text = shipped.read_text()
+    for section, values in json.loads(config.load(None).to_json()).items():
+        assert f"[{section}]" in text
+        for key in values:
+            assert f"\n{key} = " in text, f"{section}.{key} is not documented"
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[control]\nsockett = '/x'", "unknown key control.sockett"),
+    ("[nope]\n", "unknown key nope"),
+    ("[control]\nsocket = 'relative'", "control.socket must be an absolute path"),
+    ("[control]\nmode = '9'", "octal"),
+    ("[control]\ngroup = 'no-such-group-here'", "no group"),
+    ("[jobs]\nend_timeout = -1", "positive"),
+    ("[libvirt]\nuri = 5", "libvirt.uri must be a str"),
+    ("[log]\nlevel = 'loud'", "log.level"),
+    ("control = 1", r"\[control\] must be a table"),
+    ("[control", "pullbackd.toml"),
+])
+def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "pullbackd.toml"
+    path.write_text(toml)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(path)
+
+
+def test_show_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[libvirt]\nuri = 'qemu:///x'\n[jobs]\nend_timeout = 5\n")
+    out = subprocess.run([sys.executable, "-m", "pullbackd.service", "--config", str(path),
+                          "--show-config"], check=True, capture_output=True, text=True).stdout
+    shown = json.loads(out)
+    assert shown["libvirt"]["uri"] == "qemu:///x"
+    assert shown["jobs"]["end_timeout"] == 5.0
+    assert shown["control"]["socket"] == "/run/pullbackd/control.sock"
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[x]\n")
+    proc = subprocess.run([sys.executable, "-m", "pullbackd.service", "--config", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key x" in proc.stderr

@@ -1,0 +1,74 @@
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from pullbackd import xml
+
+DOMAIN = """<domain type='qemu'><name>d</name><devices>
+  <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+    <source file='/v/a.qcow2'/><target dev='vda' bus='virtio'/></disk>
+  <disk type='block' device='disk'><driver name='qemu' type='raw'/>
+    <source dev='/dev/sdz'/><target dev='vdb' bus='virtio'/></disk>
+  <disk type='file' device='cdrom'><target dev='sda' bus='sata'/><readonly/></disk>
+  <disk type='file' device='disk'><source file='/v/ro.img'/><target dev='vdc'/><readonly/></disk>
+</devices></domain>"""
+
+
+def test_parse_disks() -> None:
+    disks = xml.parse_disks(DOMAIN)
+    assert [d.target for d in disks] == ["vda", "vdb", "sda", "vdc"]
+    assert [d.backupable for d in disks] == [True, True, False, False]
+    assert disks[0].source == "/v/a.qcow2" and disks[0].format == "qcow2"
+    assert disks[1].source == "/dev/sdz" and disks[1].type == "block"
+
+
+def test_pull_backup_names_every_disk() -> None:
+    req = xml.PullRequest(Path("/e/j1.sock"), {"vda": Path("/s/j1.vda.qcow2")}, ("vdb",))
+    root = ET.fromstring(xml.pull_backup(req))
+    assert root.get("mode") == "pull"
+    server = root.find("server")
+    assert server is not None and server.attrib == {"transport": "unix", "socket": "/e/j1.sock"}
+    disks = root.findall("disks/disk")
+    assert [(d.get("name"), d.get("backup")) for d in disks] == [("vda", "yes"), ("vdb", "no")]
+    scratch = disks[0].find("scratch")
+    assert scratch is not None and scratch.get("file") == "/s/j1.vda.qcow2"
+
+
+def test_builder_escapes_markup() -> None:
+    evil = Path("/e/'><x/>.sock")
+    root = ET.fromstring(xml.pull_backup(xml.PullRequest(evil, {})))
+    server = root.find("server")
+    assert server is not None and server.get("socket") == str(evil)
+
+
+LIBVIRT_BACKUP = """<domainbackup mode='pull'>
+  <server transport='unix' socket='/e/j1.sock'/>
+  <disks>
+    <disk name='vda' backup='yes' type='file' backupmode='incremental' incremental='c1'
+          exportname='vda' exportbitmap='backup-vda' index='3'>
+      <driver type='qcow2'/><scratch file='/s/j1.vda.qcow2'/></disk>
+    <disk name='vdb' backup='yes' type='file' backupmode='full' exportname='vdb' index='4'>
+      <scratch file='/s/j1.vdb.qcow2'/></disk>
+    <disk name='vdc' backup='no'/>
+  </disks>
+</domainbackup>"""
+
+
+def test_parse_backup_reads_what_libvirt_chose() -> None:
+    job = xml.parse_backup(LIBVIRT_BACKUP)
+    assert job.socket == Path("/e/j1.sock")
+    assert job.disks == (
+        xml.BackupDisk("vda", "vda", "backup-vda", Path("/s/j1.vda.qcow2")),
+        xml.BackupDisk("vdb", "vdb", None, Path("/s/j1.vdb.qcow2")),
+    )
+
+
+@pytest.mark.parametrize("text", [
+    "<domainbackup mode='push'/>",
+    "<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>",
+    "<oops",
+])
+def test_parse_backup_rejects(text: str) -> None:
+    with pytest.raises(xml.XMLError):
+        xml.parse_backup(text)
