@@ -60,6 +60,6 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[x]\n")
     proc = subprocess.run([sys.executable, "-m", "pullbackd.service", "--config", str(path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "unknown key x" in proc.stderr

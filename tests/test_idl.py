@@ -1,3 +1,4 @@
+import inspect
 from typing import Any
 
 import pytest
@@ -97,7 +98,6 @@ def test_every_pullback_error_is_declared_with_its_parameters() -> None:
         declared = service.errors if cls is errors.InvalidParameter else iface.errors
         assert cls.__name__ in declared, cls
         fields = [name for name, _ in declared[cls.__name__].fields]
-        import inspect
         params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         if cls is errors.InvalidParameter:
             params = ["parameter"]

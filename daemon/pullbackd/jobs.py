@@ -188,8 +188,14 @@ class Jobs:
                 job = dataclasses.replace(
                     job, state=JobState.READY, disks=await self._exports_of(job))
             except Exception as e:
-                await self._end_libvirt_job(job)
-                await self._save(_failed(job, f"the backup started but could not be read: {e}"))
+                error = f"the backup started but could not be read: {e}"
+                try:
+                    await self._end_libvirt_job(job)
+                except Exception as end_error:
+                    log.exception("cannot end a half-started backup", job=job.id)
+                    error += f"; ending it failed too ({end_error}): end it with " \
+                        f"`virsh domjobabort {domain}`"
+                await self._save(_failed(job, error))
                 raise
             await self._save(job)
         log.info("backup ready", job=job.id, domain=domain, disks=[d.name for d in job.disks])
@@ -228,18 +234,26 @@ class Jobs:
                 return job  # Finish and Abort are idempotent
             # Shielded: a libvirt job we ended must be recorded as ended.
             with anyio.CancelScope(shield=True):
-                await self._end_libvirt_job(job)
+                if not await self._end_libvirt_job(job) and state == JobState.COMPLETED:
+                    # The exports vanished before the appliance said it was
+                    # done: nobody can vouch that it read everything.
+                    state, error = JobState.FAILED, "the backup ended before Finish: " \
+                        "the domain stopped or the libvirt job was ended outside pullbackd"
                 job = dataclasses.replace(job, state=state, ended=now(), error=error)
                 await self._save(job)
                 self._active.pop(job.domain, None)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         return job
 
-    async def _end_libvirt_job(self, job: Job) -> None:
-        """End the job's libvirt backup if it still runs, and wait until libvirt says it ended."""
+    async def _end_libvirt_job(self, job: Job) -> bool:
+        """End the job's libvirt backup and wait until libvirt says it ended.
+
+        Returns whether it was still running.
+        """
         ended = self._ended[job.domain] = anyio.Event()
         try:
-            if await self._runs_in_libvirt(job) and await self._virt.abort_job(job.domain):
+            running = await self._runs_in_libvirt(job)
+            if running and await self._virt.abort_job(job.domain):
                 with anyio.move_on_after(self._end_timeout):
                     await ended.wait()
             if await self._runs_in_libvirt(job):
@@ -248,6 +262,7 @@ class Jobs:
         finally:
             del self._ended[job.domain]
         self._remove_leftovers(job)
+        return running
 
     async def _runs_in_libvirt(self, job: Job) -> bool:
         try:

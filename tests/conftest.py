@@ -1,0 +1,159 @@
+"""Fixtures for the tests that run against the real thing.
+
+`lab`: a private libvirtd with running OS-less QEMU domains, from `scripts/lab`
+(the same code the demo uses). `daemon`: pullbackd itself as a subprocess, on
+its own control socket, ready when it says so through sd_notify: the most
+faithful test there is (real socket, real signals, real readiness).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pullbackd import api
+from pullbackd.control import idl
+from pullbackd.control.client import Client, VarlinkError
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "scripts" / "lab"
+DISK_SIZE = 64 << 20
+
+
+@dataclass
+class Lab:
+    dir: Path
+    uri: str
+
+    def run(self, *args: str) -> str:
+        proc = subprocess.run([str(LAB), "--dir", str(self.dir), *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise AssertionError(f"scripts/lab {' '.join(args)} failed: {proc.stderr}")
+        return proc.stdout
+
+    def write(self, domain: str, disk: str, offset: int, length: int, byte: int) -> None:
+        self.run("write", domain, disk, str(offset), str(length), hex(byte))
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """lab1 and lab2 running, lab3 defined but stopped; two 64 MiB disks each."""
+    lab_dir = tmp_path_factory.mktemp("lab")
+    proc = subprocess.run(
+        [str(LAB), "--dir", str(lab_dir), "up", "--domains", "3", "--disks", "2",
+         "--size", str(DISK_SIZE)],
+        capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/lab up failed:\n{proc.stderr}")
+    env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    lab = Lab(lab_dir, shlex.split(env["LIBVIRT_URI"])[0])
+    try:
+        lab.run("stop", "lab3")
+        yield lab
+    finally:
+        subprocess.run([str(LAB), "--dir", str(lab_dir), "down"], timeout=120, check=False)
+
+
+class Control:
+    """A varlink client that checks every reply against the interface definition."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.iface = api.interface(api.INTERFACE)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        with Client(self.path, timeout=120) as client:
+            reply = client.call(f"{api.INTERFACE}.{method}", **params)
+        idl.check_fields(self.iface, self.iface.methods[method].output, reply)
+        return reply
+
+    def error(self, method: str, **params: Any) -> VarlinkError:
+        """Call a method that must fail; check the error's parameters against its declaration."""
+        try:
+            self.call(method, **params)
+        except VarlinkError as e:
+            iface = api.interface(e.name.rpartition(".")[0])
+            idl.check_fields(iface, iface.errors[e.short_name], e.parameters)
+            return e
+        raise AssertionError(f"{method}({params}) succeeded")
+
+    def job(self, method: str, **params: Any) -> dict[str, Any]:
+        job: dict[str, Any] = self.call(method, **params)["job"]
+        return job
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    exports: Path
+    scratch: Path
+    log: Path
+    ctl: Control
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+def start_daemon(base: Path, uri: str, *, timeout: float = 60) -> Daemon:
+    """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own."""
+    base.mkdir(parents=True, exist_ok=True)
+    config = base / "pullbackd.toml"
+    config.write_text(
+        f'[libvirt]\nuri = "{uri}"\n'
+        f'[control]\nsocket = "{base}/control.sock"\n'
+        f'[exports]\ndir = "{base}/exports"\n'
+        f'[scratch]\ndir = "{base}/scratch"\n'
+        f'[state]\ndir = "{base}/state"\n'
+        f'[log]\nlevel = "debug"\n')
+    notify_path = base / "notify.sock"
+    notify_path.unlink(missing_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(timeout)
+    log = base / "pullbackd.log"
+    with log.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pullbackd.service", "--config", str(config)],
+            stderr=log_file, env=os.environ | {"NOTIFY_SOCKET": str(notify_path)})
+    try:
+        while b"READY=1" not in (message := notify.recv(4096)):
+            assert b"STOPPING=1" not in message, log.read_text()
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"pullbackd did not get ready:\n{log.read_text()}") from None
+    finally:
+        notify.close()
+    return Daemon(proc, base / "control.sock", base / "exports", base / "scratch", log,
+                  Control(base / "control.sock"))
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=30) == 0, daemon.log_text()
+    assert not daemon.socket.exists()
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path_factory.mktemp("pullbackd"), lab.uri)
+    try:
+        yield d
+    finally:
+        # End whatever a failed test left running, so the next module starts clean.
+        for job in d.ctl.call("List")["jobs"]:
+            if job["state"] == "ready":
+                d.ctl.call("Abort", id=job["id"])
+        stop_daemon(d)
+        assert "call crashed" not in d.log_text()

@@ -1,0 +1,180 @@
+"""Failures injected at the libvirt adapter, the one place a fake is allowed.
+
+The fake keeps a backup per domain the way libvirt does (one at most, its XML
+read back with the export names libvirt fills in), and can be told to fail or
+stall one call by name.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from pullbackd import api, errors
+from pullbackd.control.codec import Call
+from pullbackd.jobs import Job, Jobs, JobState
+from pullbackd.state import Store
+from pullbackd.virt import Domain, JobEnded, Virt
+
+DOMAIN_XML = """<domain><devices>
+<disk type='file' device='disk'><source file='/d/a.qcow2'/><target dev='vda'/></disk>
+</devices></domain>"""
+
+
+class FakeVirt(Virt):
+    def __init__(self) -> None:
+        super().__init__("test:///fake")
+        self.running = {"d1": True, "d2": True}
+        self.backups: dict[str, str] = {}
+        self.fail: dict[str, Exception] = {}
+        self.stall: dict[str, anyio.Event] = {}
+
+    async def _hook(self, method: str) -> None:
+        if method in self.stall:
+            await self.stall[method].wait()
+        if method in self.fail:
+            raise self.fail[method]
+
+    async def domain(self, name: str) -> Domain:
+        await self._hook("domain")
+        if name not in self.running:
+            raise errors.NoSuchDomain(name)
+        return Domain(name, self.running[name], DOMAIN_XML)
+
+    async def job_operation(self, domain: str) -> str | None:
+        return "backup" if domain in self.backups else None
+
+    async def capacity(self, domain: str, disk: str) -> int:
+        return 1 << 30
+
+    async def backup_begin(self, domain: str, backup_xml: str) -> None:
+        await self._hook("backup_begin")
+        root = ET.fromstring(backup_xml)
+        for disk in root.iterfind("disks/disk"):
+            disk.set("exportname", disk.get("name", ""))
+        self.backups[domain] = ET.tostring(root, encoding="unicode")
+
+    async def backup_xml(self, domain: str) -> str | None:
+        await self._hook("backup_xml")
+        return self.backups.get(domain)
+
+    async def abort_job(self, domain: str) -> bool:
+        if self.backups.pop(domain, None) is None:
+            return False
+        self._send.send_nowait(JobEnded(domain, "backup", True, "Operation canceled"))
+        return True
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
+    store = Store(tmp_path / "state.db")
+    jobs = Jobs(virt, store, tmp_path / "exports", tmp_path / "scratch", end_timeout=5)
+    await jobs.recover()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(jobs.follow_events)
+        yield jobs
+        tg.cancel_scope.cancel()
+    store.close()
+
+
+def stored(tmp_path: Path) -> list[Job]:
+    store = Store(tmp_path / "state.db")
+    try:
+        return store.load_jobs()
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
+async def test_libvirt_refusing_the_backup_leaves_a_failed_job_and_a_free_domain(
+        tmp_path: Path) -> None:
+    virt = FakeVirt()
+    virt.fail["backup_begin"] = errors.LibvirtError(1, "internal error: no space left")
+    async with running(tmp_path, virt) as jobs:
+        with pytest.raises(errors.LibvirtError):
+            await jobs.start("d1")
+        [failed] = jobs.all()
+        assert failed.state == JobState.FAILED and "no space left" in (failed.error or "")
+        del virt.fail["backup_begin"]
+        job = await jobs.start("d1")  # not BackupInProgress: the claim was released
+        assert job.state == JobState.READY
+        await jobs.finish(job.id)
+    assert [j.state for j in stored(tmp_path)] == [JobState.FAILED, JobState.COMPLETED]
+
+
+@pytest.mark.asyncio
+async def test_backup_that_cannot_be_read_back_is_failed_and_says_what_to_do(
+        tmp_path: Path) -> None:
+    virt = FakeVirt()
+    virt.fail["backup_xml"] = errors.LibvirtError(1, "flaky")
+    async with running(tmp_path, virt) as jobs:
+        with pytest.raises(errors.LibvirtError):
+            await jobs.start("d1")
+        [job] = jobs.all()
+        assert job.state == JobState.FAILED
+        assert "virsh domjobabort d1" in (job.error or "")
+        # libvirt still runs a backup nobody owns now: refused, not waited on.
+        del virt.fail["backup_xml"]
+        with pytest.raises(errors.BackupInProgress) as e:
+            await jobs.start("d1")
+        assert e.value.parameters == {"domain": "d1", "id": ""}
+    assert [j.state for j in stored(tmp_path)] == [JobState.FAILED]
+
+
+@pytest.mark.asyncio
+async def test_crash_recovery_adopts_live_jobs_and_fails_lost_ones(tmp_path: Path) -> None:
+    virt = FakeVirt()
+    async with running(tmp_path, virt) as jobs:
+        live = await jobs.start("d1")
+        lost = await jobs.start("d2")
+    # The daemon "crashed" with both jobs ready; meanwhile d2's libvirt job vanished.
+    del virt.backups["d2"]
+    async with running(tmp_path, virt) as jobs:
+        assert jobs.get(live.id).state == JobState.READY
+        assert jobs.get(lost.id).state == JobState.FAILED
+        with pytest.raises(errors.BackupInProgress) as e:
+            await jobs.start("d1")
+        assert e.value.parameters["id"] == live.id
+        assert (await jobs.finish(live.id)).state == JobState.COMPLETED
+
+
+@pytest.mark.asyncio
+async def test_concurrent_start_is_refused_at_once(tmp_path: Path) -> None:
+    virt = FakeVirt()
+    virt.stall["backup_begin"] = anyio.Event()
+    async with running(tmp_path, virt) as jobs, anyio.create_task_group() as tg:
+        tg.start_soon(jobs.start, "d1")
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(errors.BackupInProgress):
+            await jobs.start("d1")
+        assert [j.state for j in jobs.all()] == [JobState.STARTING]
+        virt.stall["backup_begin"].set()
+    [job] = jobs.all()
+    assert job.state == JobState.READY
+
+
+@pytest.mark.asyncio
+async def test_unexpected_exception_becomes_internal_error_and_service_goes_on(
+        tmp_path: Path) -> None:
+    virt = FakeVirt()
+    virt.fail["domain"] = RuntimeError("boom: a bug")
+    async with running(tmp_path, virt) as jobs:
+        service = api.service(jobs)
+
+        async def call(method: str, **params: Any) -> dict[str, Any]:
+            [reply] = [r async for r in service.replies(Call(f"{api.INTERFACE}.{method}", params))]
+            return reply.to_message()
+
+        reply = await call("Start", domain="d1")
+        assert reply["error"] == f"{api.INTERFACE}.InternalError"
+        assert set(reply["parameters"]) == {"reference"}
+        assert "boom" not in str(reply)
+        del virt.fail["domain"]
+        reply = await call("Start", domain="d1")
+        assert reply["parameters"]["job"]["state"] == "ready"
