@@ -75,9 +75,9 @@ class FakeVirt(Virt):
 async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     store = Store(tmp_path / "state.db")
     jobs = Jobs(virt, store, tmp_path / "exports", tmp_path / "scratch", end_timeout=5)
-    await jobs.recover()
     async with anyio.create_task_group() as tg:
         tg.start_soon(jobs.follow_events)
+        await jobs.recover()
         yield jobs
         tg.cancel_scope.cancel()
     store.close()

@@ -41,7 +41,7 @@ from .errors import (
     NoSuchDomain,
     NoSuchJob,
 )
-from .virt import DomainStopped, JobEnded, Virt
+from .virt import ConnectionLost, DomainStopped, JobEnded, Virt
 
 if TYPE_CHECKING:
     from .state import Store
@@ -143,6 +143,8 @@ class Jobs:
     # Changes.
 
     async def start(self, domain: str, disks: list[str] | None = None) -> Job:
+        if not domain:
+            raise InvalidParameter("domain", "empty")
         if domain in self._active:
             raise BackupInProgress(domain, self._active[domain])
         job_id = self._new_id()
@@ -283,11 +285,17 @@ class Jobs:
 
     # Events and recovery.
 
-    async def follow_events(self) -> None:
-        """Apply libvirt's domain events to the jobs, for as long as the daemon runs."""
+    async def follow_events(self) -> str:
+        """Apply libvirt's domain events to the jobs until the libvirt connection is lost.
+
+        Returns why it was lost.
+        """
         async with anyio.create_task_group() as tg:
             async for event in self._virt.events:
                 match event:
+                    case ConnectionLost(reason=reason):
+                        tg.cancel_scope.cancel()
+                        return reason
                     case JobEnded(domain=domain, operation="backup"):
                         if domain in self._ended:
                             self._ended[domain].set()
@@ -300,6 +308,7 @@ class Jobs:
                             self._ended[domain].set()
                         tg.start_soon(self._fail, self._active[domain],
                                       f"the domain was {reason} during the backup")
+        return "the event stream ended"
 
     async def _fail(self, job_id: str, reason: str) -> None:
         try:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import anyio
 import structlog
+from anyio.abc import SocketListener
 
 from . import api, config
-from .control.server import bind
+from .control.server import Service, bind
 from .errors import PullbackError
 from .jobs import Jobs
 from .sdnotify import Notifier
@@ -48,35 +49,51 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def run(cfg: config.Config, notifier: Notifier) -> None:
+async def run(cfg: config.Config, notifier: Notifier) -> int:
+    """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart us)."""
     cfg.exports.dir.mkdir(parents=True, exist_ok=True)
     cfg.scratch.dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.state.dir / "state.db")
     virt = Virt(cfg.libvirt.uri)
+    status = 0
     try:
         await virt.connect()
         jobs = Jobs(virt, store, cfg.exports.dir, cfg.scratch.dir, cfg.jobs.end_timeout)
-        await jobs.recover()
-        service = api.service(jobs)
-        listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier)
-                tg.start_soon(jobs.follow_events)
-                tg.start_soon(notifier.watchdog)
-                tg.start_soon(listener.serve, partial(
-                    service.handle, protocol_error=f"{api.INTERFACE}.ProtocolViolation"))
-                active = sum(not j.state.final for j in jobs.all())
-                notifier.ready(f"serving {cfg.control.socket}; {active} backups running")
-                log.info("ready", socket=str(cfg.control.socket), running=active)
-        finally:
-            with anyio.CancelScope(shield=True):  # the socket must go even when cancelled
-                await listener.aclose()
-                cfg.control.socket.unlink(missing_ok=True)
+        async with anyio.create_task_group() as tg:
+
+            async def follow_libvirt() -> None:
+                nonlocal status
+                reason = await jobs.follow_events()
+                log.error("lost the libvirt connection; exiting so that a restart reconnects",
+                          reason=reason)
+                status = 1
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier)
+            # Events flow before recovery: ending a leftover job waits for libvirt's event.
+            tg.start_soon(follow_libvirt)
+            await jobs.recover()
+            listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
+            tg.start_soon(_serve, listener, api.service(jobs), cfg.control.socket)
+            tg.start_soon(notifier.watchdog)
+            active = sum(not j.state.final for j in jobs.all())
+            notifier.ready(f"serving {cfg.control.socket}; {active} backups running")
+            log.info("ready", socket=str(cfg.control.socket), running=active)
     finally:
         with anyio.CancelScope(shield=True):  # close libvirt and the database cleanly
             await virt.close()
             store.close()
+    return status
+
+
+async def _serve(listener: SocketListener, service: Service, path: Path) -> None:
+    try:
+        await listener.serve(partial(
+            service.handle, protocol_error=f"{api.INTERFACE}.ProtocolViolation"))
+    finally:
+        with anyio.CancelScope(shield=True):  # the socket must go even when cancelled
+            await listener.aclose()
+            await anyio.Path(path).unlink(missing_ok=True)
 
 
 async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier) -> None:
@@ -109,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging(cfg.log.level)
     try:
-        anyio.run(run, cfg, Notifier(), backend="asyncio")
+        return anyio.run(run, cfg, Notifier(), backend="asyncio")
     except (PullbackError, OSError) as e:
         log.error("cannot run", error=str(e))
         return 1
-    return 0
 
 
 if __name__ == "__main__":

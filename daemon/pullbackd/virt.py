@@ -13,6 +13,7 @@ replace one method to inject a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,7 +80,19 @@ class DomainStopped:
     reason: str
 
 
-Event = JobEnded | DomainStopped
+@dataclass(frozen=True)
+class ConnectionLost:
+    reason: str
+
+
+Event = JobEnded | DomainStopped | ConnectionLost
+
+CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "libvirtd stopped answering keepalives",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by us",
+}
 
 
 def _register_event_loop() -> None:
@@ -109,6 +122,7 @@ class Virt:
             conn = libvirt.open(self.uri)
             # Without keepalive a dead libvirtd is noticed only at the next call.
             conn.setKeepAlive(5, 3)
+            conn.registerCloseCallback(self._on_close, None)
             conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
             conn.domainEventRegisterAny(
@@ -124,10 +138,16 @@ class Virt:
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            with contextlib.suppress(libvirt.libvirtError):  # already lost
+                await anyio.to_thread.run_sync(conn.unregisterCloseCallback)
             await anyio.to_thread.run_sync(conn.close)
         self._send.close()
 
     # Event callbacks run on the event loop thread (libvirtaio).
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        if reason != libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:
+            self._send.send_nowait(ConnectionLost(CLOSE_REASONS.get(reason, "unknown")))
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
