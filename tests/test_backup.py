@@ -118,7 +118,7 @@ def test_abort_cuts_readers_off_and_cleans_up(lab: Lab, daemon: Daemon) -> None:
     assert aborted["state"] == "aborted" and aborted["ended"]
     with pytest.raises(nbd.Error):
         h.pread(4096, 0)
-    h.close()
+    del h
     assert libvirt_job_type(lab, "lab1") == libvirt.VIR_DOMAIN_JOB_NONE
     assert job_files(daemon, job["id"]) == []
 

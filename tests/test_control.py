@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import time
 from collections.abc import Iterator
@@ -190,6 +189,7 @@ def test_client_gone_before_its_reply_still_gets_a_whole_job(daemon: Daemon) -> 
 
 def test_reference_varlink_client(daemon: Daemon) -> None:
     """The reference implementation talks to us: GetInfo, the interface text, a call."""
+    daemon.ctl.call("Finish", id=daemon.ctl.job("Start", domain="lab1")["id"])
     with varlink.Client(address=f"unix:{daemon.socket}") as client:
         assert set(client.get_interfaces()) == {"org.varlink.service", api.INTERFACE}
         assert client.info["vendor"] == "pullbackd"
@@ -197,9 +197,17 @@ def test_reference_varlink_client(daemon: Daemon) -> None:
         assert iface.name == api.INTERFACE
         with client.open(api.INTERFACE, namespaced=False) as backup:
             jobs = backup.List()["jobs"]
-    assert isinstance(jobs, list)
-    assert jobs == daemon.ctl.call("List")["jobs"]
-    assert json.dumps(jobs)
+    # The reference client leaves out fields that are null; so does the comparison.
+    assert jobs == without_nulls(daemon.ctl.call("List")["jobs"])
+    assert jobs
+
+
+def without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 def test_domains_stay_usable(lab: Lab, daemon: Daemon) -> None:

@@ -9,6 +9,9 @@ import os
 import socket
 
 import anyio
+import structlog
+
+log = structlog.get_logger()
 
 
 class Notifier:
@@ -25,8 +28,13 @@ class Notifier:
     def notify(self, *fields: str) -> None:
         if not self._address:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto("\n".join(fields).encode(), self._address)
+        # Like sd_notify(3), a failure is reported, never fatal: the service
+        # manager going away must not take the daemon with it.
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(fields).encode(), self._address)
+        except OSError as e:
+            log.warning("sd_notify failed", socket=self._address, error=str(e))
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
