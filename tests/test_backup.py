@@ -16,11 +16,15 @@ CHUNK = 4 * MiB
 
 
 class Disk:
-    """What a lab disk must hold, written through the guest and mirrored here."""
+    """What a lab disk must hold, written through the guest and mirrored here.
+
+    Starts by zeroing the whole disk, so it does not matter what earlier tests wrote.
+    """
 
     def __init__(self, lab: Lab, domain: str, name: str) -> None:
         self.lab, self.domain, self.name = lab, domain, name
         self.expected = bytearray(DISK_SIZE)
+        self.write(0, DISK_SIZE, 0)
 
     def write(self, offset: int, length: int, byte: int) -> None:
         self.lab.write(self.domain, self.name, offset, length, byte)

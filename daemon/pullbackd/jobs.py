@@ -300,15 +300,25 @@ class Jobs:
                         if domain in self._ended:
                             self._ended[domain].set()
                         elif domain in self._active:
-                            reason = "the libvirt backup job was ended outside pullbackd"
-                            tg.start_soon(self._fail, self._active[domain],
-                                          f"{reason}: {event.error}" if event.error else reason)
+                            tg.start_soon(self._vanished, self._active[domain], event.error)
                     case DomainStopped(domain=domain, reason=reason) if domain in self._active:
                         if domain in self._ended:
                             self._ended[domain].set()
                         tg.start_soon(self._fail, self._active[domain],
-                                      f"the domain was {reason} during the backup")
+                                      f"the domain stopped ({reason}) during the backup")
         return "the event stream ended"
+
+    async def _vanished(self, job_id: str, error: str | None) -> None:
+        """libvirt ended the job without us. When QEMU dies, this comes before the lifecycle
+        event, so tell the two causes apart here."""
+        job = self._jobs[job_id]
+        try:
+            running = (await self._virt.domain(job.domain)).running
+        except NoSuchDomain:
+            running = False
+        reason = ("the libvirt backup job was ended outside pullbackd" if running
+                  else "the domain stopped during the backup")
+        await self._fail(job_id, f"{reason}: {error}" if error else reason)
 
     async def _fail(self, job_id: str, reason: str) -> None:
         try:

@@ -25,6 +25,10 @@ class Notifier:
         if env.get("WATCHDOG_USEC", "").isdigit() and (pid is None or pid == str(os.getpid())):
             self._watchdog_usec = int(env["WATCHDOG_USEC"])
 
+    @property
+    def watchdog_enabled(self) -> bool:
+        return bool(self._address and self._watchdog_usec)
+
     def notify(self, *fields: str) -> None:
         if not self._address:
             return
@@ -47,7 +51,7 @@ class Notifier:
 
     async def watchdog(self) -> None:
         """Ping the watchdog at half its interval, as sd_watchdog_enabled(3) advises."""
-        if not self._address or not self._watchdog_usec:
+        if not self.watchdog_enabled:
             return
         while True:
             self.notify("WATCHDOG=1")

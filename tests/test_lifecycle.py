@@ -1,0 +1,224 @@
+"""The daemon's own lifecycle on the real lab: restarts, libvirt events, libvirtd dying, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import nbd
+import pytest
+
+from pullbackd.sdnotify import Notifier
+
+from .conftest import LAB, Daemon, Lab, start_daemon, stop_daemon
+from .test_backup import Disk, MiB, assert_same, job_files, read_export
+
+
+@pytest.fixture
+def daemon_dir(tmp_path: Path) -> Path:
+    return tmp_path / "pullbackd"
+
+
+@pytest.fixture(autouse=True)
+def no_stray_libvirt_jobs(lab: Lab) -> Iterator[None]:
+    """These tests stop daemons with jobs running; a failed one must not spoil the next."""
+    yield
+    for domain in ("lab1", "lab2"):
+        subprocess.run(["virsh", "-q", "-c", lab.uri, "domjobabort", domain],
+                       capture_output=True, timeout=60, check=False)
+
+
+def wait_for_state(daemon: Daemon, job_id: str, state: str, timeout: float = 30) -> dict[str, str]:
+    """Bounded wait for a change the daemon learns of from libvirt, not from us."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = daemon.ctl.job("Get", id=job_id)
+        if job["state"] == state or time.monotonic() > deadline:
+            return job
+        time.sleep(0.05)
+
+
+def test_restart_adopts_a_ready_job_and_readers_never_notice(
+        lab: Lab, daemon_dir: Path) -> None:
+    vda = Disk(lab, "lab1", "vda")
+    vda.write(3 * MiB, MiB, 0x5A)
+    first = start_daemon(daemon_dir, lab.uri)
+    job = first.ctl.job("Start", domain="lab1", disks=["vda"])
+    url = job["disks"][0]["url"]
+    reader = nbd.NBD()
+    reader.connect_uri(url)
+    stop_daemon(first)
+
+    # With the daemon gone, the appliance keeps reading.
+    assert reader.pread(MiB, 3 * MiB) == b"\x5a" * MiB
+    second = start_daemon(daemon_dir, lab.uri)
+    try:
+        assert second.ctl.job("Get", id=job["id"]) == job
+        e = second.ctl.error("Start", domain="lab1")
+        assert e.short_name == "BackupInProgress" and e.parameters["id"] == job["id"]
+        assert reader.pread(MiB, 3 * MiB) == b"\x5a" * MiB
+        assert_same(read_export(url), vda.expected)
+        assert second.ctl.job("Finish", id=job["id"])["state"] == "completed"
+        assert job_files(second, job["id"]) == []
+    finally:
+        stop_daemon(second)
+
+
+def test_job_lost_while_the_daemon_was_down_is_failed_on_restart(
+        lab: Lab, daemon_dir: Path) -> None:
+    first = start_daemon(daemon_dir, lab.uri)
+    job = first.ctl.job("Start", domain="lab1")
+    stop_daemon(first)
+    subprocess.run(["virsh", "-q", "-c", lab.uri, "domjobabort", "lab1"], check=True,
+                   capture_output=True, timeout=60)
+    second = start_daemon(daemon_dir, lab.uri)
+    try:
+        lost = second.ctl.job("Get", id=job["id"])
+        assert lost["state"] == "failed" and "restarted" in lost["error"]
+        assert job_files(second, job["id"]) == []
+        again = second.ctl.job("Start", domain="lab1")
+        assert second.ctl.job("Finish", id=again["id"])["state"] == "completed"
+    finally:
+        stop_daemon(second)
+
+
+def test_job_ended_behind_our_back_is_failed_from_libvirts_event(
+        lab: Lab, daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab2")
+    subprocess.run(["virsh", "-q", "-c", lab.uri, "domjobabort", "lab2"], check=True,
+                   capture_output=True, timeout=60)
+    failed = wait_for_state(daemon, job["id"], "failed")
+    assert failed["state"] == "failed"
+    assert "outside pullbackd" in failed["error"]
+    assert job_files(daemon, job["id"]) == []
+
+
+def test_domain_destroyed_is_failed_from_libvirts_event(lab: Lab, daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab2")
+    lab.run("stop", "lab2")
+    try:
+        failed = wait_for_state(daemon, job["id"], "failed")
+        assert failed["state"] == "failed"
+        assert "the domain stopped" in failed["error"]
+    finally:
+        lab.run("start", "lab2")
+
+
+def test_backup_not_started_by_pullbackd_is_refused_at_once(
+        lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    backup_xml = tmp_path / "backup.xml"
+    backup_xml.write_text(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{tmp_path}/f.sock'/>"
+        f"<disks><disk name='vda' backup='yes' type='file'>"
+        f"<scratch file='{tmp_path}/f.qcow2'/></disk>"
+        f"<disk name='vdb' backup='no'/></disks></domainbackup>")
+    virsh = ["virsh", "-q", "-c", lab.uri]
+    subprocess.run([*virsh, "backup-begin", "lab2", str(backup_xml)], check=True,
+                   capture_output=True, timeout=60)
+    try:
+        e = daemon.ctl.error("Start", domain="lab2")
+        assert e.short_name == "BackupInProgress" and e.parameters == {"domain": "lab2", "id": ""}
+    finally:
+        subprocess.run([*virsh, "domjobabort", "lab2"], check=True, capture_output=True,
+                       timeout=60)
+
+
+@pytest.fixture
+def own_lab(tmp_path: Path) -> Iterator[Lab]:
+    """A lab of its own, for a test that kills its libvirtd."""
+    lab_dir = tmp_path / "lab"
+    out = subprocess.run([str(LAB), "--dir", str(lab_dir), "up", "--size", "16M"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    uri = next(line.split("=", 1)[1] for line in out.splitlines()
+               if line.startswith("LIBVIRT_URI="))
+    try:
+        yield Lab(lab_dir, uri.strip("'"))
+    finally:
+        subprocess.run([str(LAB), "--dir", str(lab_dir), "down"], check=False,
+                       capture_output=True, timeout=120)
+
+
+def test_libvirtd_dying_makes_the_daemon_exit_for_a_restart(
+        own_lab: Lab, daemon_dir: Path) -> None:
+    daemon = start_daemon(daemon_dir, own_lab.uri)
+    state = json.loads((own_lab.dir / "state.json").read_text())
+    os.kill(state["libvirtd_pid"], 9)
+    assert daemon.proc.wait(timeout=60) == 1
+    assert "lost the libvirt connection" in daemon.log_text()
+    assert not daemon.socket.exists()
+
+
+def pullbackctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pullbackd.cli", "--socket", str(daemon.socket), *args],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_pullbackctl(daemon: Daemon) -> None:
+    started = pullbackctl(daemon, "--json", "backup", "start", "lab1", "--disk", "vdb")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
+    assert [d["name"] for d in job["disks"]] == ["vdb"]
+    assert json.loads(pullbackctl(daemon, "--json", "backup", "show", job["id"]).stdout) == \
+        {"job": job}
+
+    table = pullbackctl(daemon, "backup", "list").stdout
+    assert table.splitlines()[0].split() == ["ID", "DOMAIN", "STATE", "MODE", "CREATED", "DISKS"]
+    assert any(line.split()[:3] == [job["id"], "lab1", "ready"] for line in table.splitlines())
+    shown = pullbackctl(daemon, "backup", "show", job["id"]).stdout
+    assert job["disks"][0]["url"] in shown and "64.0 MiB" in shown
+
+    busy = pullbackctl(daemon, "backup", "start", "lab1")
+    assert busy.returncode == 1
+    name, params = busy.stderr.removeprefix("error: ").split(" ", 1)
+    assert name == "org.pullbackd.Backup.BackupInProgress"
+    assert json.loads(params) == {"domain": "lab1", "id": job["id"]}
+
+    finished = pullbackctl(daemon, "backup", "finish", job["id"])
+    assert finished.returncode == 0 and "completed" in finished.stdout
+
+
+def test_pullbackctl_without_a_daemon(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pullbackd.cli", "--socket", str(tmp_path / "none.sock"),
+         "backup", "list"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "cannot talk to pullbackd" in proc.stderr
+
+
+def test_watchdog_pings(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "20000"})
+
+        async def pings(count: int) -> list[bytes]:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(notifier.watchdog)
+                got = [await anyio.to_thread.run_sync(sock.recv, 100) for _ in range(count)]
+                tg.cancel_scope.cancel()
+            return got
+
+        assert anyio.run(pings, 3) == [b"WATCHDOG=1"] * 3
+        sock.setblocking(False)
+        while True:  # drain pings sent before the cancel landed
+            try:
+                sock.recv(100)
+            except BlockingIOError:
+                break
+        sock.setblocking(True)
+        notifier.ready("up")
+        assert sock.recv(100) == b"READY=1\nSTATUS=up"
+    # Not ours to ping (another PID), or no socket at all: silent.
+    assert notifier.watchdog_enabled
+    assert not Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1",
+                         "WATCHDOG_PID": "1"}).watchdog_enabled
+    Notifier({}).ready("x")
