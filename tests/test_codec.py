@@ -5,6 +5,7 @@ from pullbackd.control.codec import (
     Decoder,
     ProtocolError,
     Reply,
+    decode,
     encode,
     parse_call,
     parse_reply,
@@ -16,23 +17,24 @@ def test_messages_split_and_joined_across_reads() -> None:
     decoder = Decoder()
     got = []
     for i in range(len(wire)):  # one byte at a time: the worst a socket can do
-        got += decoder.feed(wire[i:i + 1])
+        got += [decode(frame) for frame in decoder.feed(wire[i:i + 1])]
     assert got == [{"method": "a.B"}, {"method": "a.C", "parameters": {"x": "\0"}}]
     assert decoder.pending == 0
-    assert Decoder().feed(wire) == got
+    assert [decode(frame) for frame in Decoder().feed(wire)] == got
 
 
 def test_partial_message_is_kept() -> None:
     decoder = Decoder()
     assert decoder.feed(b'{"method": "a.') == []
     assert decoder.pending == 14
-    assert decoder.feed(b'B"}\0') == [{"method": "a.B"}]
+    assert decoder.feed(b'B"}\0') == [b'{"method": "a.B"}']
 
 
 @pytest.mark.parametrize("raw", [b"{not json\0", b"[1, 2]\0", b"\xff\xfe\0", b'"str"\0'])
 def test_not_an_object_is_a_protocol_error(raw: bytes) -> None:
+    [frame] = Decoder().feed(raw)
     with pytest.raises(ProtocolError):
-        Decoder().feed(raw)
+        decode(frame)
 
 
 def test_oversized_message_is_refused_before_its_end_arrives() -> None:
@@ -40,6 +42,13 @@ def test_oversized_message_is_refused_before_its_end_arrives() -> None:
     decoder.feed(b"x" * 1024)
     with pytest.raises(ProtocolError, match="over 1024"):
         decoder.feed(b"x")
+
+
+def test_a_bad_message_does_not_take_the_good_ones_before_it() -> None:
+    frames = Decoder().feed(encode({"method": "a.B"}) + b"{nope\0")
+    assert decode(frames[0]) == {"method": "a.B"}
+    with pytest.raises(ProtocolError):
+        decode(frames[1])
 
 
 def test_oversized_complete_message_is_refused() -> None:

@@ -12,7 +12,7 @@ import pytest
 import varlink
 
 from pullbackd import api
-from pullbackd.control.codec import Decoder, encode
+from pullbackd.control.codec import Decoder, decode, encode
 
 from .conftest import Daemon, Lab
 
@@ -40,7 +40,7 @@ def raw_exchange(daemon: Daemon, payload: bytes, expect: int) -> tuple[list[dict
             data = sock.recv(65536)
             if not data:
                 return replies, True
-            replies += decoder.feed(data)
+            replies += [decode(frame) for frame in decoder.feed(data)]
         sock.settimeout(0.5)
         try:
             return replies, sock.recv(1) == b""
@@ -114,6 +114,14 @@ def test_malformed_messages_get_an_error_and_the_connection_closes(
     replies, closed = raw_exchange(daemon, payload, 1)
     assert [error_of(r) for r in replies] == ["ProtocolViolation"]
     assert replies[0]["error"] == f"{api.INTERFACE}.ProtocolViolation"
+    assert closed
+
+
+def test_calls_before_a_malformed_one_are_answered(daemon: Daemon) -> None:
+    payload = encode({"method": "org.varlink.service.GetInfo"}) + b"{oops\0"
+    replies, closed = raw_exchange(daemon, payload, 2)
+    assert replies[0]["parameters"]["vendor"] == "pullbackd"
+    assert error_of(replies[1]) == "ProtocolViolation"
     assert closed
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .codec import Call, Decoder, encode, parse_reply
+from .codec import Call, Decoder, decode, encode, parse_reply
 
 
 class VarlinkError(Exception):
@@ -63,5 +63,5 @@ class Client:
             data = self._sock.recv(65536)
             if not data:
                 raise ConnectionError("the service closed the connection")
-            self._pending.extend(self._decoder.feed(data))
+            self._pending.extend(decode(frame) for frame in self._decoder.feed(data))
         return self._pending.pop(0)

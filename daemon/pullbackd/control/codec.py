@@ -80,14 +80,16 @@ class Decoder:
         """Bytes received that are not yet a whole message."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[bytes]:
+        """The whole messages `data` completes, undecoded: `decode` each in turn, so that
+        one that is not JSON does not take the ones before it down with it."""
         self._buf += data
         messages = []
         start = 0
         while (end := self._buf.find(b"\0", self._scanned)) != -1:
             if end - start > self._limit:
                 raise ProtocolError(f"message over {self._limit} bytes")
-            messages.append(_decode(bytes(self._buf[start:end])))
+            messages.append(bytes(self._buf[start:end]))
             start = self._scanned = end + 1
         del self._buf[:start]
         self._scanned = len(self._buf)
@@ -96,7 +98,7 @@ class Decoder:
         return messages
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
+def decode(raw: bytes) -> dict[str, Any]:
     try:
         message = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -26,7 +26,7 @@ from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from ..errors import InvalidParameter, PullbackError
 from . import idl
-from .codec import Call, Decoder, ProtocolError, Reply, encode, parse_call
+from .codec import Call, Decoder, ProtocolError, Reply, decode, encode, parse_call
 
 log = structlog.get_logger()
 
@@ -158,21 +158,27 @@ class Service:
         async with stream:
             try:
                 while True:
-                    data = await stream.receive()
                     try:
-                        calls = [parse_call(m) for m in decoder.feed(data)]
+                        frames = decoder.feed(await stream.receive())
                     except ProtocolError as e:
-                        clog.warning("protocol violation, closing", reason=str(e))
-                        await stream.send(encode(Reply({"reason": str(e)}, protocol_error)
-                                                 .to_message()))
-                        return
-                    for call in calls:
+                        return await _violation(stream, clog, e, protocol_error)
+                    for frame in frames:
+                        try:
+                            call = parse_call(decode(frame))
+                        except ProtocolError as e:
+                            return await _violation(stream, clog, e, protocol_error)
                         clog.debug("call", method=call.method)
                         async for reply in self.replies(call):
                             if not call.oneway:
                                 await stream.send(encode(reply.to_message()))
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 clog.debug("disconnected", unread=decoder.pending)
+
+
+async def _violation(stream: SocketStream, clog: structlog.typing.FilteringBoundLogger,
+                     error: ProtocolError, name: str) -> None:
+    clog.warning("protocol violation, closing", reason=str(error))
+    await stream.send(encode(Reply({"reason": str(error)}, name).to_message()))
 
 
 class _Error(Exception):
