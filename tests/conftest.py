@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,23 +47,28 @@ class Lab:
         self.run("write", domain, disk, str(offset), str(length), hex(byte))
 
 
+@contextmanager
+def lab_up(lab_dir: Path, *args: str) -> Iterator[Lab]:
+    """`scripts/lab up ARGS` in lab_dir, and `down` afterwards whatever happens."""
+    try:
+        proc = subprocess.run([str(LAB), "--dir", str(lab_dir), "up", *args],
+                              capture_output=True, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scripts/lab up failed:\n{proc.stderr}")
+        env = dict(shlex.split(line)[0].split("=", 1) for line in proc.stdout.splitlines())
+        yield Lab(lab_dir, env["LIBVIRT_URI"])
+    finally:
+        subprocess.run([str(LAB), "--dir", str(lab_dir), "down"], timeout=120, check=False,
+                       capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """lab1 and lab2 running, lab3 defined but stopped; two 64 MiB disks each."""
-    lab_dir = tmp_path_factory.mktemp("lab")
-    proc = subprocess.run(
-        [str(LAB), "--dir", str(lab_dir), "up", "--domains", "3", "--disks", "2",
-         "--size", str(DISK_SIZE)],
-        capture_output=True, text=True, timeout=300, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scripts/lab up failed:\n{proc.stderr}")
-    env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
-    lab = Lab(lab_dir, shlex.split(env["LIBVIRT_URI"])[0])
-    try:
+    with lab_up(tmp_path_factory.mktemp("lab"), "--domains", "3", "--disks", "2",
+                "--size", str(DISK_SIZE)) as lab:
         lab.run("stop", "lab3")
         yield lab
-    finally:
-        subprocess.run([str(LAB), "--dir", str(lab_dir), "down"], timeout=120, check=False)
 
 
 class Control:

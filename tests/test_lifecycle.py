@@ -17,7 +17,7 @@ import pytest
 
 from pullbackd.sdnotify import Notifier
 
-from .conftest import LAB, Daemon, Lab, start_daemon, stop_daemon
+from .conftest import Daemon, Lab, lab_up, start_daemon, stop_daemon
 from .test_backup import Disk, MiB, assert_same, job_files, read_export
 
 
@@ -133,16 +133,8 @@ def test_backup_not_started_by_pullbackd_is_refused_at_once(
 @pytest.fixture
 def own_lab(tmp_path: Path) -> Iterator[Lab]:
     """A lab of its own, for a test that kills its libvirtd."""
-    lab_dir = tmp_path / "lab"
-    out = subprocess.run([str(LAB), "--dir", str(lab_dir), "up", "--size", "16M"],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
-    uri = next(line.split("=", 1)[1] for line in out.splitlines()
-               if line.startswith("LIBVIRT_URI="))
-    try:
-        yield Lab(lab_dir, uri.strip("'"))
-    finally:
-        subprocess.run([str(LAB), "--dir", str(lab_dir), "down"], check=False,
-                       capture_output=True, timeout=120)
+    with lab_up(tmp_path / "lab", "--size", "16M") as lab:
+        yield lab
 
 
 def test_libvirtd_dying_makes_the_daemon_exit_for_a_restart(
