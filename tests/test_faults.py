@@ -17,8 +17,9 @@ import anyio
 import pytest
 
 from pullbackd import api, errors
+from pullbackd.chain import Chains
 from pullbackd.control.codec import Call
-from pullbackd.jobs import Job, Jobs, JobState
+from pullbackd.jobs import Job, Jobs, JobState, StartRequest
 from pullbackd.state import Store
 from pullbackd.virt import Domain, JobEnded, Virt
 
@@ -32,6 +33,7 @@ class FakeVirt(Virt):
         super().__init__("test:///fake")
         self.running = {"d1": True, "d2": True}
         self.backups: dict[str, str] = {}
+        self.checkpoint_xmls: dict[tuple[str, str], str] = {}
         self.fail: dict[str, Exception] = {}
         self.stall: dict[str, anyio.Event] = {}
 
@@ -53,12 +55,26 @@ class FakeVirt(Virt):
     async def capacity(self, domain: str, disk: str) -> int:
         return 1 << 30
 
-    async def backup_begin(self, domain: str, backup_xml: str) -> None:
+    async def backup_begin(self, domain: str, backup_xml: str,
+                           checkpoint_xml: str | None = None) -> None:
         await self._hook("backup_begin")
         root = ET.fromstring(backup_xml)
         for disk in root.iterfind("disks/disk"):
             disk.set("exportname", disk.get("name", ""))
         self.backups[domain] = ET.tostring(root, encoding="unicode")
+        if checkpoint_xml is not None:
+            name = ET.fromstring(checkpoint_xml).findtext("name", "")
+            self.checkpoint_xmls[domain, name] = checkpoint_xml
+
+    async def checkpoints(self, domain: str) -> list[str]:
+        return [name for (d, name) in self.checkpoint_xmls if d == domain]
+
+    async def checkpoint_xml(self, domain: str, name: str) -> str:
+        return self.checkpoint_xmls[domain, name]
+
+    async def delete_checkpoint(self, domain: str, name: str) -> None:
+        await self._hook("delete_checkpoint")
+        self.checkpoint_xmls.pop((domain, name), None)
 
     async def backup_xml(self, domain: str) -> str | None:
         await self._hook("backup_xml")
@@ -74,7 +90,8 @@ class FakeVirt(Virt):
 @asynccontextmanager
 async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     store = Store(tmp_path / "state.db")
-    jobs = Jobs(virt, store, tmp_path / "exports", tmp_path / "scratch", end_timeout=5)
+    jobs = Jobs(virt, store, Chains(virt, store), tmp_path / "exports", tmp_path / "scratch",
+                end_timeout=5)
     async with anyio.create_task_group() as tg:
         tg.start_soon(jobs.follow_events)
         await jobs.recover()
@@ -98,11 +115,11 @@ async def test_libvirt_refusing_the_backup_leaves_a_failed_job_and_a_free_domain
     virt.fail["backup_begin"] = errors.LibvirtError(1, "internal error: no space left")
     async with running(tmp_path, virt) as jobs:
         with pytest.raises(errors.LibvirtError):
-            await jobs.start("d1")
+            await jobs.start(StartRequest("d1"))
         [failed] = jobs.all()
         assert failed.state == JobState.FAILED and "no space left" in (failed.error or "")
         del virt.fail["backup_begin"]
-        job = await jobs.start("d1")  # not BackupInProgress: the claim was released
+        job = await jobs.start(StartRequest("d1"))  # not BackupInProgress: the claim was released
         assert job.state == JobState.READY
         await jobs.finish(job.id)
     assert [j.state for j in stored(tmp_path)] == [JobState.FAILED, JobState.COMPLETED]
@@ -115,14 +132,14 @@ async def test_backup_that_cannot_be_read_back_is_failed_and_says_what_to_do(
     virt.fail["backup_xml"] = errors.LibvirtError(1, "flaky")
     async with running(tmp_path, virt) as jobs:
         with pytest.raises(errors.LibvirtError):
-            await jobs.start("d1")
+            await jobs.start(StartRequest("d1"))
         [job] = jobs.all()
         assert job.state == JobState.FAILED
         assert "virsh domjobabort d1" in (job.error or "")
         # libvirt still runs a backup nobody owns now: refused, not waited on.
         del virt.fail["backup_xml"]
         with pytest.raises(errors.BackupInProgress) as e:
-            await jobs.start("d1")
+            await jobs.start(StartRequest("d1"))
         assert e.value.parameters == {"domain": "d1", "id": ""}
     assert [j.state for j in stored(tmp_path)] == [JobState.FAILED]
 
@@ -131,15 +148,15 @@ async def test_backup_that_cannot_be_read_back_is_failed_and_says_what_to_do(
 async def test_crash_recovery_adopts_live_jobs_and_fails_lost_ones(tmp_path: Path) -> None:
     virt = FakeVirt()
     async with running(tmp_path, virt) as jobs:
-        live = await jobs.start("d1")
-        lost = await jobs.start("d2")
+        live = await jobs.start(StartRequest("d1"))
+        lost = await jobs.start(StartRequest("d2"))
     # The daemon "crashed" with both jobs ready; meanwhile d2's libvirt job vanished.
     del virt.backups["d2"]
     async with running(tmp_path, virt) as jobs:
         assert jobs.get(live.id).state == JobState.READY
         assert jobs.get(lost.id).state == JobState.FAILED
         with pytest.raises(errors.BackupInProgress) as e:
-            await jobs.start("d1")
+            await jobs.start(StartRequest("d1"))
         assert e.value.parameters["id"] == live.id
         assert (await jobs.finish(live.id)).state == JobState.COMPLETED
 
@@ -149,10 +166,10 @@ async def test_concurrent_start_is_refused_at_once(tmp_path: Path) -> None:
     virt = FakeVirt()
     virt.stall["backup_begin"] = anyio.Event()
     async with running(tmp_path, virt) as jobs, anyio.create_task_group() as tg:
-        tg.start_soon(jobs.start, "d1")
+        tg.start_soon(jobs.start, StartRequest("d1"))
         await anyio.wait_all_tasks_blocked()
         with pytest.raises(errors.BackupInProgress):
-            await jobs.start("d1")
+            await jobs.start(StartRequest("d1"))
         assert [j.state for j in jobs.all()] == [JobState.STARTING]
         virt.stall["backup_begin"].set()
     [job] = jobs.all()

@@ -162,8 +162,10 @@ def test_pullbackctl(daemon: Daemon) -> None:
         {"job": job}
 
     table = pullbackctl(daemon, "backup", "list").stdout
-    assert table.splitlines()[0].split() == ["ID", "DOMAIN", "STATE", "MODE", "CREATED", "DISKS"]
-    assert any(line.split()[:3] == [job["id"], "lab1", "ready"] for line in table.splitlines())
+    assert table.splitlines()[0].split() == \
+        ["ID", "DOMAIN", "CONSUMER", "STATE", "MODE", "CREATED", "DISKS"]
+    assert any(line.split()[:4] == [job["id"], "lab1", "default", "ready"]
+               for line in table.splitlines())
     shown = pullbackctl(daemon, "backup", "show", job["id"]).stdout
     assert job["disks"][0]["url"] in shown and "64.0 MiB" in shown
 

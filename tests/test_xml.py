@@ -24,8 +24,8 @@ def test_parse_disks() -> None:
 
 
 def test_pull_backup_names_every_disk() -> None:
-    req = xml.PullRequest(Path("/e/j1.sock"), {"vda": Path("/s/j1.vda.qcow2")}, ("vdb",))
-    root = ET.fromstring(xml.pull_backup(req))
+    req = xml.BackupRequest(Path("/e/j1.sock"), {"vda": Path("/s/j1.vda.qcow2")}, skip=("vdb",))
+    root = ET.fromstring(xml.backup(req))
     assert root.get("mode") == "pull"
     server = root.find("server")
     assert server is not None and server.attrib == {"transport": "unix", "socket": "/e/j1.sock"}
@@ -37,7 +37,7 @@ def test_pull_backup_names_every_disk() -> None:
 
 def test_builder_escapes_markup() -> None:
     evil = Path("/e/'><x/>.sock")
-    root = ET.fromstring(xml.pull_backup(xml.PullRequest(evil, {})))
+    root = ET.fromstring(xml.backup(xml.BackupRequest(evil, {})))
     server = root.find("server")
     assert server is not None and server.get("socket") == str(evil)
 
@@ -55,6 +55,30 @@ LIBVIRT_BACKUP = """<domainbackup mode='pull'>
 </domainbackup>"""
 
 
+def test_incremental_and_push() -> None:
+    req = xml.BackupRequest(None, {"vda": Path("/t/j.vda.qcow2"), "vdb": Path("/t/j.vdb.qcow2")},
+                            since={"vda": "c1"})
+    root = ET.fromstring(xml.backup(req))
+    assert root.get("mode") == "push" and root.find("server") is None
+    vda, vdb = root.findall("disks/disk")
+    assert (vda.get("backupmode"), vda.get("incremental")) == ("incremental", "c1")
+    assert (vdb.get("backupmode"), vdb.get("incremental")) == ("full", None)
+    target = vdb.find("target")
+    assert target is not None and target.get("file") == "/t/j.vdb.qcow2"
+
+
+def test_checkpoint_round_trip() -> None:
+    text = xml.checkpoint("pullbackd.a.j1", ["vda"], ("vdb",))
+    assert xml.parse_checkpoint(text) == xml.CheckpointInfo("pullbackd.a.j1", None, ("vda",))
+    libvirt_says = ("<domaincheckpoint><name>c2</name><parent><name>c1</name></parent>"
+                    "<creationTime>1</creationTime><disks><disk name='vda' checkpoint='bitmap' "
+                    "bitmap='c2'/><disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>")
+    info = xml.parse_checkpoint(libvirt_says)
+    assert info == xml.CheckpointInfo("c2", "c1", ("vda",))
+    orphan = xml.parse_checkpoint(xml.without_parent(libvirt_says))
+    assert orphan == xml.CheckpointInfo("c2", None, ("vda",))
+
+
 def test_parse_backup_reads_what_libvirt_chose() -> None:
     job = xml.parse_backup(LIBVIRT_BACKUP)
     assert job.socket == Path("/e/j1.sock")
@@ -65,7 +89,7 @@ def test_parse_backup_reads_what_libvirt_chose() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "<domainbackup mode='push'/>",
+    "<domaincheckpoint/>",
     "<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>",
     "<oops",
 ])

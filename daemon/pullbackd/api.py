@@ -6,9 +6,10 @@ from importlib.resources import files
 from typing import Any
 
 from . import __version__
+from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Service
-from .jobs import Jobs
+from .jobs import Jobs, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
 
@@ -19,8 +20,12 @@ def interface(name: str) -> idl.Interface:
 
 
 def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
-    async def start(domain: str, disks: list[str] | None = None) -> dict[str, Any]:
-        return {"job": (await jobs.start(domain, disks)).to_record()}
+    async def start(domain: str, disks: list[str] | None = None, mode: str | None = None,
+                    since: str | None = None, consumer: str | None = None,
+                    target_dir: str | None = None) -> dict[str, Any]:
+        request = StartRequest(domain, disks, mode or "full", since,
+                               DEFAULT_CONSUMER if consumer is None else consumer, target_dir)
+        return {"job": (await jobs.start(request)).to_record()}
 
     async def get(id: str) -> dict[str, Any]:
         return {"job": jobs.get(id).to_record()}
@@ -28,13 +33,22 @@ def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
     async def list_() -> dict[str, Any]:
         return {"jobs": [job.to_record() for job in jobs.all()]}
 
-    async def finish(id: str) -> dict[str, Any]:
-        return {"job": (await jobs.finish(id)).to_record()}
+    async def finish(id: str, success: bool | None = None) -> dict[str, Any]:
+        return {"job": (await jobs.finish(id, success is not False)).to_record()}
 
     async def abort(id: str) -> dict[str, Any]:
         return {"job": (await jobs.abort(id)).to_record()}
 
-    return {"Start": start, "Get": get, "List": list_, "Finish": finish, "Abort": abort}
+    async def list_checkpoints(domain: str, consumer: str | None = None) -> dict[str, Any]:
+        if consumer is not None:
+            check_consumer(consumer)
+        return {"checkpoints": [c.to_record() for c in jobs.chains.of(domain, consumer)]}
+
+    async def delete_chain(domain: str, consumer: str) -> dict[str, Any]:
+        return {"deleted": await jobs.delete_chain(domain, consumer)}
+
+    return {"Start": start, "Get": get, "List": list_, "Finish": finish, "Abort": abort,
+            "ListCheckpoints": list_checkpoints, "DeleteChain": delete_chain}
 
 
 def service(jobs: Jobs) -> Service:

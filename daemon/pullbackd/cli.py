@@ -35,24 +35,31 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def format_jobs(jobs: list[dict[str, Any]]) -> str:
-    rows = [["ID", "DOMAIN", "STATE", "MODE", "CREATED", "DISKS"]]
-    rows += [[j["id"], j["domain"], j["state"], j["mode"], j["created"],
+    rows = [["ID", "DOMAIN", "CONSUMER", "STATE", "MODE", "CREATED", "DISKS"]]
+    rows += [[j["id"], j["domain"], j["consumer"], j["state"], j["mode"], j["created"],
               ",".join(d["name"] for d in j["disks"])] for j in jobs]
     return _table(rows)
 
 
 def format_job(job: dict[str, Any]) -> str:
-    lines = [f"job      {job['id']}", f"domain   {job['domain']}", f"state    {job['state']}",
-             f"mode     {job['mode']}", f"created  {job['created']}"]
-    if job.get("ended"):
-        lines.append(f"ended    {job['ended']}")
-    if job.get("error"):
-        lines.append(f"error    {job['error']}")
+    fields = ["id", "domain", "consumer", "state", "mode", "checkpoint", "since", "target_dir",
+              "created", "ended", "error"]
+    lines = [f"{name:<11}{job[name]}" for name in fields if job.get(name) is not None]
     if job["disks"]:
-        rows = [["DISK", "SIZE", "MODE", "URL"]]
-        rows += [[d["name"], _size(d["size"]), d["mode"], d["url"]] for d in job["disks"]]
+        rows = [["DISK", "SIZE", "MODE", "SINCE", "WHERE"]]
+        rows += [[d["name"], _size(d["size"]), d["mode"], d.get("since") or "-",
+                  d.get("url") or d.get("target") or "-"] for d in job["disks"]]
         lines += ["", _table(rows)]
+        lines += [f"{d['name']}: full because {d['fallback']}"
+                  for d in job["disks"] if d.get("fallback")]
     return "\n".join(lines)
+
+
+def format_checkpoints(checkpoints: list[dict[str, Any]]) -> str:
+    rows = [["CHECKPOINT", "CONSUMER", "JOB", "CREATED", "DISKS"]]
+    rows += [[c["name"], c["consumer"], c["job"], c["created"], ",".join(c["disks"])]
+             for c in checkpoints]
+    return _table(rows)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,34 +69,62 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     top = p.add_subparsers(dest="group", required=True)
     backup = top.add_parser("backup", help="backup jobs").add_subparsers(dest="cmd", required=True)
-    start = backup.add_parser("start", help="start a full pull-mode backup of a running domain")
+    start = backup.add_parser("start", help="start a backup of a running domain")
     start.add_argument("domain")
     start.add_argument("--disk", action="append", dest="disks", metavar="DISK",
                        help="a disk to back up (repeatable; default: every disk)")
+    start.add_argument("--mode", choices=("full", "incremental", "differential"),
+                       help="default: full")
+    start.add_argument("--since", metavar="CHECKPOINT", help="for --mode differential")
+    start.add_argument("--consumer", help="the backup product's chain (default: default)")
+    start.add_argument("--target-dir", metavar="DIR",
+                       help="push: libvirt writes qcow2 files here instead of serving NBD")
     backup.add_parser("list", help="list jobs")
     for name, what in (("show", "show a job"), ("finish", "the appliance is done: end the job"),
                        ("abort", "end the job now, as aborted")):
-        backup.add_parser(name, help=what).add_argument("id")
+        cmd = backup.add_parser(name, help=what)
+        cmd.add_argument("id")
+        if name == "finish":
+            cmd.add_argument("--failed", action="store_true",
+                             help="the appliance's copy is not good: drop the checkpoint")
+    checkpoints = top.add_parser("checkpoints", help="list a domain's checkpoint chains")
+    checkpoints.add_argument("domain")
+    checkpoints.add_argument("--consumer")
+    chain = top.add_parser("chain", help="checkpoint chains").add_subparsers(
+        dest="cmd", required=True)
+    delete = chain.add_parser("delete", help="delete a consumer's chain")
+    delete.add_argument("domain")
+    delete.add_argument("--consumer", required=True)
     return p
+
+
+def _given(**params: Any) -> dict[str, Any]:
+    """The parameters the user gave: the daemon supplies the defaults."""
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with Client(args.socket) as client:
-        match args.cmd:
-            case "start":
-                params: dict[str, Any] = {"domain": args.domain}
-                if args.disks:
-                    params["disks"] = args.disks
-                return client.call(f"{IFACE}.Start", **params)
-            case "list":
+        match args.group, getattr(args, "cmd", None):
+            case "backup", "start":
+                return client.call(f"{IFACE}.Start", **_given(
+                    domain=args.domain, disks=args.disks, mode=args.mode, since=args.since,
+                    consumer=args.consumer, target_dir=args.target_dir))
+            case "backup", "list":
                 return client.call(f"{IFACE}.List")
-            case "show":
+            case "backup", "show":
                 return client.call(f"{IFACE}.Get", id=args.id)
-            case "finish":
-                return client.call(f"{IFACE}.Finish", id=args.id)
-            case "abort":
+            case "backup", "finish":
+                return client.call(f"{IFACE}.Finish", id=args.id, success=not args.failed)
+            case "backup", "abort":
                 return client.call(f"{IFACE}.Abort", id=args.id)
-    raise AssertionError(args.cmd)
+            case "checkpoints", _:
+                return client.call(f"{IFACE}.ListCheckpoints",
+                                   **_given(domain=args.domain, consumer=args.consumer))
+            case "chain", "delete":
+                return client.call(f"{IFACE}.DeleteChain", domain=args.domain,
+                                   consumer=args.consumer)
+    raise AssertionError(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply, indent=2))
     elif "jobs" in reply:
         print(format_jobs(reply["jobs"]))
+    elif "checkpoints" in reply:
+        print(format_checkpoints(reply["checkpoints"]))
+    elif "deleted" in reply:
+        print("\n".join(reply["deleted"]) or "nothing to delete")
     else:
         print(format_job(reply["job"]))
     return 0

@@ -57,6 +57,26 @@ class DomainBusy(PullbackError):
         )
 
 
+class NoSuchCheckpoint(PullbackError):
+    def __init__(self, domain: str, consumer: str, checkpoint: str) -> None:
+        super().__init__(
+            f"{checkpoint!r} is not a checkpoint of consumer {consumer!r} on {domain!r}; "
+            "list them with `pullbackctl checkpoints`",
+            domain=domain, consumer=consumer, checkpoint=checkpoint)
+
+
+class TargetNotWritable(PullbackError):
+    def __init__(self, target_dir: str, reason: str) -> None:
+        super().__init__(f"cannot write push backups into {target_dir}: {reason}",
+                         target_dir=target_dir, reason=reason)
+
+
+class JobNotReady(PullbackError):
+    def __init__(self, id: str, state: str) -> None:
+        super().__init__(f"job {id} is {state}: a push backup ends by itself; Abort stops it",
+                         id=id, state=state)
+
+
 class NoSuchJob(PullbackError):
     def __init__(self, id: str) -> None:
         super().__init__(f"no job {id!r}; list jobs with `pullbackctl backup list`", id=id)

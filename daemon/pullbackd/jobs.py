@@ -1,13 +1,17 @@
 """Backup jobs: the records, and the manager that moves them through their states.
 
-    starting ──> ready ──> completed   (Finish)
-        │          ├─────> aborted     (Abort)
-        └──────────┴─────> failed      (libvirt refused, the domain stopped,
-                                        the job vanished, the daemon lost it)
+    pull:  starting ──> ready ───> completed   (Finish)
+    push:  starting ──> running ─> completed   (libvirt: the copy is done)
+              │           ├──────> aborted     (Abort)
+              └───────────┴──────> failed      (libvirt refused, the domain stopped,
+                                                the job vanished, Finish(success=false))
 
-Names derive from the job id alone, so a job's socket and scratch files can be
-found again from the state database after a crash: `<exports>/<id>.sock`,
-`<scratch>/<id>.<disk>.qcow2`.
+Only `completed` makes the job's checkpoint part of its consumer's chain (see
+chain.py); every other end deletes it.
+
+Names derive from the job id alone, so a job's files can be found again from
+the state database after a crash: `<exports>/<id>.sock`, `<scratch>/<id>.<disk>.qcow2`,
+`<target_dir>/<id>.<disk>.qcow2`, checkpoint `pullbackd.<consumer>.<id>`.
 
 libvirt allows one backup job per domain, so the manager keeps one active job
 per domain and refuses a second at once (libvirt would make the caller wait 30 s
@@ -17,6 +21,7 @@ on its job lock and then fail).
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,27 +36,34 @@ import anyio
 import structlog
 
 from . import xml
+from .chain import DEFAULT_CONSUMER, Base, Chains, Checkpoint, CheckpointState, check_consumer
+from .chain import checkpoint_name as make_checkpoint_name
 from .errors import (
     BackupInProgress,
     DomainBusy,
     DomainNotRunning,
     InvalidParameter,
+    JobNotReady,
     LibvirtError,
     NoSuchDisk,
     NoSuchDomain,
     NoSuchJob,
+    TargetNotWritable,
 )
-from .virt import ConnectionLost, DomainStopped, JobEnded, Virt
+from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
 
 if TYPE_CHECKING:
     from .state import Store
 
 log = structlog.get_logger()
 
+MODES = ("full", "incremental", "differential")
+
 
 class JobState(StrEnum):
     STARTING = "starting"
     READY = "ready"
+    RUNNING = "running"
     COMPLETED = "completed"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -64,11 +76,14 @@ class JobState(StrEnum):
 @dataclass(frozen=True)
 class Disk:
     name: str
-    export: str
-    url: str
     size: int
     mode: str
+    export: str | None = None
+    url: str | None = None
     bitmap: str | None = None
+    since: str | None = None
+    fallback: str | None = None
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,9 +93,17 @@ class Job:
     state: JobState
     mode: str
     created: str
+    consumer: str = DEFAULT_CONSUMER
+    checkpoint: str = ""
+    since: str | None = None
+    target_dir: str | None = None
     disks: tuple[Disk, ...] = ()
     ended: str | None = None
     error: str | None = None
+
+    @property
+    def push(self) -> bool:
+        return self.target_dir is not None
 
     def to_record(self) -> dict[str, Any]:
         """The job as the varlink `Job` type (and as stored)."""
@@ -92,6 +115,41 @@ class Job:
             "state": JobState(record["state"]),
             "disks": tuple(Disk(**d) for d in record["disks"]),
         })
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    domain: str
+    disks: list[str] | None = None
+    mode: str = "full"
+    since: str | None = None
+    consumer: str = DEFAULT_CONSUMER
+    target_dir: str | None = None
+
+    def check(self) -> None:
+        """Refuse what no domain could satisfy, before anything is touched."""
+        if not self.domain:
+            raise InvalidParameter("domain", "empty")
+        check_consumer(self.consumer)
+        if self.mode not in MODES:
+            raise InvalidParameter("mode", f"one of {', '.join(MODES)}")
+        if self.mode == "differential" and not self.since:
+            raise InvalidParameter("since", "a differential backup needs a checkpoint to start at")
+        if self.since is not None and self.mode != "differential":
+            raise InvalidParameter("since", "only a differential backup takes since")
+        if self.target_dir is not None:
+            _check_target_dir(self.target_dir)
+
+
+def _check_target_dir(target_dir: str) -> None:
+    path = Path(target_dir)
+    if not path.is_absolute():
+        raise TargetNotWritable(target_dir, "not an absolute path")
+    if not path.is_dir():
+        raise TargetNotWritable(target_dir, "no such folder")
+    # access(2) also says no for a read-only file system, even to root.
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TargetNotWritable(target_dir, "not writable")
 
 
 def now() -> str:
@@ -106,15 +164,16 @@ def nbd_url(socket: Path, export: str) -> str:
 class Jobs:
     """Every job the daemon knows, and the only code that changes them."""
 
-    def __init__(self, virt: Virt, store: Store, exports: Path, scratch: Path,
+    def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Path, scratch: Path,
                  end_timeout: float) -> None:
         self._virt = virt
         self._store = store
+        self.chains = chains
         self._exports = exports
         self._scratch = scratch
         self._end_timeout = end_timeout
         self._jobs: dict[str, Job] = {}
-        #: domain -> id of its job that is starting or ready.
+        #: domain -> id of its job that is not final.
         self._active: dict[str, str] = {}
         #: One lock per job: every change of a job's state happens under it.
         self._locks: dict[str, anyio.Lock] = {}
@@ -129,6 +188,10 @@ class Jobs:
     def scratch_path(self, job_id: str, disk: str) -> Path:
         return self._scratch / f"{job_id}.{disk}.qcow2"
 
+    @staticmethod
+    def target_path(target_dir: str, job_id: str, disk: str) -> Path:
+        return Path(target_dir) / f"{job_id}.{disk}.qcow2"
+
     # Queries.
 
     def get(self, job_id: str) -> Job:
@@ -140,11 +203,14 @@ class Jobs:
     def all(self) -> list[Job]:
         return list(self._jobs.values())
 
+    def active(self, domain: str) -> str | None:
+        return self._active.get(domain)
+
     # Changes.
 
-    async def start(self, domain: str, disks: list[str] | None = None) -> Job:
-        if not domain:
-            raise InvalidParameter("domain", "empty")
+    async def start(self, request: StartRequest) -> Job:
+        request.check()
+        domain = request.domain
         if domain in self._active:
             raise BackupInProgress(domain, self._active[domain])
         job_id = self._new_id()
@@ -152,14 +218,15 @@ class Jobs:
         # fails at once instead of racing us to libvirt.
         self._active[domain] = job_id
         try:
-            async with self._locked(job_id):
-                return await self._start(job_id, domain, disks)
+            async with self._locked(job_id), self._chain_lock(domain):
+                return await self._start(job_id, request)
         finally:
             job = self._jobs.get(job_id)
-            if (job is None or job.state != JobState.READY) and self._active.get(domain) == job_id:
+            if (job is None or job.state.final) and self._active.get(domain) == job_id:
                 del self._active[domain]
 
-    async def _start(self, job_id: str, domain: str, wanted: list[str] | None) -> Job:
+    async def _start(self, job_id: str, request: StartRequest) -> Job:
+        domain = request.domain
         dom = await self._virt.domain(domain)
         if not dom.running:
             raise DomainNotRunning(domain)
@@ -168,27 +235,28 @@ class Jobs:
             raise BackupInProgress(domain, "")
         if operation is not None:
             raise DomainBusy(domain, operation)
-        chosen, skip = _select_disks(domain, xml.parse_disks(dom.xml), wanted)
-        request = xml.PullRequest(
-            socket=self.socket_path(job_id),
-            scratch={name: self.scratch_path(job_id, name) for name in chosen},
-            skip=skip,
-        )
-        job = Job(job_id, domain, JobState.STARTING, "full", now())
-        # Recorded before libvirt hears of it: after a crash, the database
-        # knows which libvirt job is ours.
+        chosen, skip = _select_disks(domain, xml.parse_disks(dom.xml), request.disks)
+        await self.chains.prepare(domain)
+        bases = self.chains.bases(domain, request.consumer, request.mode, request.since, chosen)
+        job = Job(job_id, domain, JobState.STARTING, request.mode, now(), request.consumer,
+                  make_checkpoint_name(request.consumer, job_id), target_dir=request.target_dir)
+        # Recorded before libvirt hears of them: after a crash, the database
+        # knows which libvirt job and checkpoint are ours.
         await self._save(job)
+        await self.chains.add(Checkpoint(job.checkpoint, domain, job.consumer, job_id,
+                                         job.created, CheckpointState.PENDING, tuple(chosen)))
         # Shielded: once libvirt may have started the job, the outcome must be
         # recorded (and a half-started job ended) even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
             try:
-                await self._virt.backup_begin(domain, xml.pull_backup(request))
+                bases = await self._begin(job, bases, skip)
             except Exception as e:
+                await self._discard_checkpoint(job)
                 await self._save(_failed(job, f"libvirt did not start the backup: {e}"))
                 raise
             try:
-                job = dataclasses.replace(
-                    job, state=JobState.READY, disks=await self._exports_of(job))
+                await self.chains.remember_xml(job.checkpoint)
+                job = await self._started(job, bases)
             except Exception as e:
                 error = f"the backup started but could not be read: {e}"
                 try:
@@ -197,33 +265,97 @@ class Jobs:
                     log.exception("cannot end a half-started backup", job=job.id)
                     error += f"; ending it failed too ({end_error}): end it with " \
                         f"`virsh domjobabort {domain}`"
+                await self._discard_checkpoint(job)
                 await self._save(_failed(job, error))
                 raise
             await self._save(job)
-        log.info("backup ready", job=job.id, domain=domain, disks=[d.name for d in job.disks])
+        log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
+                 consumer=job.consumer, disks={d.name: d.mode for d in job.disks})
         return job
 
-    async def _exports_of(self, job: Job) -> tuple[Disk, ...]:
+    async def _begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]
+                     ) -> dict[str, Base]:
+        """Start the libvirt job. A disk whose bitmap libvirt cannot use falls back
+        to a full backup, alone when libvirt names it, else with every incremental disk."""
+        checkpoint_xml = xml.checkpoint(job.checkpoint, list(bases), skip)
+        for _ in range(len(bases) + 1):
+            request = xml.BackupRequest(
+                socket=None if job.push else self.socket_path(job.id),
+                files={d: self._file(job, d) for d in bases},
+                since={d: b.checkpoint for d, b in bases.items() if b.checkpoint},
+                skip=skip,
+            )
+            try:
+                await self._virt.backup_begin(job.domain, xml.backup(request), checkpoint_xml)
+                return bases
+            except BrokenBitmap as e:
+                incremental = list(request.since)
+                if not incremental:
+                    raise LibvirtError(-1, str(e)) from None
+                broken = [e.disk] if e.disk in incremental else incremental
+                for disk in broken:
+                    bases[disk] = Base(None, f"the bitmap of {bases[disk].checkpoint} cannot be "
+                                             f"used ({e}); this disk's chain restarts here")
+                log.warning("falling back to a full backup", job=job.id, disks=broken,
+                            error=str(e))
+        raise AssertionError("unreachable: each round makes one more disk full")
+
+    def _file(self, job: Job, disk: str) -> Path:
+        if job.target_dir is not None:
+            return self.target_path(job.target_dir, job.id, disk)
+        return self.scratch_path(job.id, disk)
+
+    async def _started(self, job: Job, bases: dict[str, Base]) -> Job:
         backup_xml = await self._virt.backup_xml(job.domain)
         if backup_xml is None:
             raise LibvirtError(-1, "the backup job ended as soon as it started")
         backup = xml.parse_backup(backup_xml)
-        if backup.socket != self.socket_path(job.id):
-            raise LibvirtError(-1, f"libvirt reports a backup on {backup.socket}, not ours")
-        return tuple([
-            Disk(
+        if not self._is_ours(backup, job):
+            raise LibvirtError(-1, "libvirt reports a backup job that is not ours")
+        disks = []
+        for d in backup.disks:
+            base = bases[d.name]
+            disks.append(Disk(
                 name=d.name,
-                export=d.export,
-                url=nbd_url(backup.socket, d.export),
                 size=await self._virt.capacity(job.domain, d.name),
-                mode="incremental" if d.bitmap else "full",
+                mode="incremental" if base.checkpoint else "full",
+                export=d.export,
+                url=nbd_url(backup.socket, d.export) if backup.socket and d.export else None,
                 bitmap=f"qemu:dirty-bitmap:{d.bitmap}" if d.bitmap else None,
-            )
-            for d in backup.disks
-        ])
+                since=base.checkpoint,
+                fallback=base.fallback,
+                target=str(d.target) if d.target else None,
+            ))
+        # The newest checkpoint any disk starts from: the chain's order is creation order.
+        used = {b.checkpoint for b in bases.values() if b.checkpoint}
+        order = [c.name for c in self.chains.of(job.domain, job.consumer)]
+        since = max(used, key=order.index) if used else None
+        return dataclasses.replace(
+            job,
+            state=JobState.RUNNING if job.push else JobState.READY,
+            mode=job.mode if used else "full",
+            since=since,
+            disks=tuple(disks),
+        )
 
-    async def finish(self, job_id: str) -> Job:
-        return await self._end(job_id, JobState.COMPLETED)
+    def _is_ours(self, backup: xml.BackupJob, job: Job) -> bool:
+        if job.target_dir is None:
+            return backup.socket == self.socket_path(job.id)
+        return any(d.target == self.target_path(job.target_dir, job.id, d.name)
+                   for d in backup.disks)
+
+    async def delete_chain(self, domain: str, consumer: str) -> list[str]:
+        check_consumer(consumer)
+        if (job_id := self._active.get(domain)) is not None:
+            # libvirt cannot delete checkpoints while a backup job holds the domain.
+            raise BackupInProgress(domain, job_id)
+        async with self._chain_lock(domain):
+            return await self.chains.delete_chain(domain, consumer)
+
+    async def finish(self, job_id: str, success: bool = True) -> Job:
+        if success:
+            return await self._end(job_id, JobState.COMPLETED)
+        return await self._end(job_id, JobState.FAILED, "the appliance reported the backup failed")
 
     async def abort(self, job_id: str) -> Job:
         return await self._end(job_id, JobState.ABORTED)
@@ -234,6 +366,8 @@ class Jobs:
             job = self._jobs[job_id]
             if job.state.final:
                 return job  # Finish and Abort are idempotent
+            if state == JobState.COMPLETED and job.state == JobState.RUNNING:
+                raise JobNotReady(job.id, job.state)
             # Shielded: a libvirt job we ended must be recorded as ended.
             with anyio.CancelScope(shield=True):
                 if not await self._end_libvirt_job(job) and state == JobState.COMPLETED:
@@ -241,11 +375,35 @@ class Jobs:
                     # done: nobody can vouch that it read everything.
                     state, error = JobState.FAILED, "the backup ended before Finish: " \
                         "the domain stopped or the libvirt job was ended outside pullbackd"
-                job = dataclasses.replace(job, state=state, ended=now(), error=error)
-                await self._save(job)
-                self._active.pop(job.domain, None)
+                job = await self._close(job, state, error)
+        return job
+
+    async def _close(self, job: Job, state: JobState, error: str | None) -> Job:
+        """Record a job's end, and settle its checkpoint: in the chain, or deleted."""
+        if state == JobState.COMPLETED:
+            await self.chains.complete(job.checkpoint)
+        else:
+            await self._discard_checkpoint(job)
+            self._remove_targets(job)
+        job = dataclasses.replace(job, state=state, ended=now(), error=error)
+        await self._save(job)
+        if self._active.get(job.domain) == job.id:
+            del self._active[job.domain]
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         return job
+
+    async def _discard_checkpoint(self, job: Job) -> None:
+        checkpoint = self.chains.get(job.checkpoint)
+        if checkpoint is not None and checkpoint.state != CheckpointState.COMPLETE:
+            await self.chains.discard(checkpoint)
+
+    def _remove_targets(self, job: Job) -> None:
+        # A push that did not complete must not leave files that look like a backup.
+        if job.target_dir is None:
+            return
+        for path in Path(job.target_dir).glob(f"{job.id}.*.qcow2"):
+            log.info("removing incomplete push target", job=job.id, path=str(path))
+            path.unlink(missing_ok=True)
 
     async def _end_libvirt_job(self, job: Job) -> bool:
         """End the job's libvirt backup and wait until libvirt says it ended.
@@ -271,8 +429,7 @@ class Jobs:
             backup_xml = await self._virt.backup_xml(job.domain)
         except NoSuchDomain:
             return False
-        return backup_xml is not None and \
-            xml.parse_backup(backup_xml).socket == self.socket_path(job.id)
+        return backup_xml is not None and self._is_ours(xml.parse_backup(backup_xml), job)
 
     def _remove_leftovers(self, job: Job) -> None:
         # libvirt removes both when the job ends; a crash of libvirtd or QEMU
@@ -299,14 +456,29 @@ class Jobs:
                     case JobEnded(domain=domain, operation="backup"):
                         if domain in self._ended:
                             self._ended[domain].set()
-                        elif domain in self._active:
-                            tg.start_soon(self._vanished, self._active[domain], event.error)
+                        elif (job_id := self._active.get(domain)) is not None:
+                            if self._jobs[job_id].state == JobState.RUNNING:
+                                tg.start_soon(self._pushed, job_id, event)
+                            else:
+                                tg.start_soon(self._vanished, job_id, event.error)
                     case DomainStopped(domain=domain, reason=reason) if domain in self._active:
                         if domain in self._ended:
                             self._ended[domain].set()
                         tg.start_soon(self._fail, self._active[domain],
                                       f"the domain stopped ({reason}) during the backup")
         return "the event stream ended"
+
+    async def _pushed(self, job_id: str, event: JobEnded) -> None:
+        """libvirt finished a push backup: its word on success is the outcome."""
+        async with self._locked(job_id):
+            job = self._jobs[job_id]
+            if job.state != JobState.RUNNING:
+                return
+            with anyio.CancelScope(shield=True):  # the outcome must be recorded
+                if event.success:
+                    await self._close(job, JobState.COMPLETED, None)
+                else:
+                    await self._close(job, JobState.FAILED, event.error or "libvirt: push failed")
 
     async def _vanished(self, job_id: str, error: str | None) -> None:
         """libvirt ended the job without us. When QEMU dies, this comes before the lifecycle
@@ -331,14 +503,19 @@ class Jobs:
         for job in self._store.load_jobs():
             self._jobs[job.id] = job
         for job in [j for j in self._jobs.values() if not j.state.final]:
-            if job.state == JobState.READY and await self._runs_in_libvirt(job):
+            if job.state in (JobState.READY, JobState.RUNNING) and \
+                    await self._runs_in_libvirt(job):
                 self._active[job.domain] = job.id
                 log.info("adopted running backup", job=job.id, domain=job.domain)
                 continue
             await self._end_libvirt_job(job)
-            await self._save(_failed(job, "pullbackd restarted while the job was "
-                                     + ("starting" if job.state == JobState.STARTING
-                                        else "ready, and libvirt no longer runs it")))
+            # A push whose end we missed is failed too: nobody saw libvirt confirm it.
+            await self._close(job, JobState.FAILED, "pullbackd restarted while the job was "
+                              + ("starting" if job.state == JobState.STARTING
+                                 else f"{job.state}, and libvirt no longer runs it"))
+        for checkpoint in self.chains.pending():
+            if checkpoint.job not in self._active.values():
+                await self.chains.discard(checkpoint)
 
     # Helpers.
 
@@ -352,6 +529,10 @@ class Jobs:
         lock = self._locks.setdefault(job_id, anyio.Lock())
         async with lock:
             yield
+
+    def _chain_lock(self, domain: str) -> anyio.Lock:
+        """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
+        return self._locks.setdefault(f"chain:{domain}", anyio.Lock())
 
     async def _save(self, job: Job) -> None:
         await self._store.save_job(job)

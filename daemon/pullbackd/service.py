@@ -20,6 +20,7 @@ import structlog
 from anyio.abc import SocketListener
 
 from . import api, config
+from .chain import Chains
 from .control.server import Service, bind
 from .errors import PullbackError
 from .jobs import Jobs
@@ -58,7 +59,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
     status = 0
     try:
         await virt.connect()
-        jobs = Jobs(virt, store, cfg.exports.dir, cfg.scratch.dir, cfg.jobs.end_timeout)
+        jobs = Jobs(virt, store, Chains(virt, store), cfg.exports.dir, cfg.scratch.dir,
+                    cfg.jobs.end_timeout)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt() -> None:

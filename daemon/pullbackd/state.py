@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 
+from .chain import Checkpoint, CheckpointState
 from .jobs import Job
 
 SCHEMA = """
@@ -24,6 +25,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_domain ON jobs (domain);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    name TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    consumer TEXT NOT NULL,
+    job TEXT NOT NULL,
+    created TEXT NOT NULL,
+    state TEXT NOT NULL,
+    disks TEXT NOT NULL,
+    xml TEXT
+);
 """
 
 
@@ -44,12 +55,29 @@ class Store:
         rows = self._db.execute("SELECT record FROM jobs ORDER BY created, rowid")
         return [Job.from_record(json.loads(record)) for (record,) in rows]
 
-    async def save_job(self, job: Job) -> None:
-        await anyio.to_thread.run_sync(self._save_job, job, limiter=self._limiter)
+    def load_checkpoints(self) -> list[Checkpoint]:
+        rows = self._db.execute(
+            "SELECT name, domain, consumer, job, created, state, disks, xml FROM checkpoints"
+            " ORDER BY created, rowid")
+        return [Checkpoint(name, domain, consumer, job, created, CheckpointState(state),
+                           tuple(json.loads(disks)), xml)
+                for name, domain, consumer, job, created, state, disks, xml in rows]
 
-    def _save_job(self, job: Job) -> None:
-        self._db.execute(
+    async def save_checkpoint(self, c: Checkpoint) -> None:
+        await self._write(
+            "INSERT INTO checkpoints (name, domain, consumer, job, created, state, disks, xml)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+            " state = excluded.state, xml = excluded.xml",
+            (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml))
+
+    async def delete_checkpoint(self, name: str) -> None:
+        await self._write("DELETE FROM checkpoints WHERE name = ?", (name,))
+
+    async def _write(self, sql: str, args: tuple[object, ...]) -> None:
+        await anyio.to_thread.run_sync(self._db.execute, sql, args, limiter=self._limiter)
+
+    async def save_job(self, job: Job) -> None:
+        await self._write(
             "INSERT INTO jobs (id, domain, state, created, record) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record",
-            (job.id, job.domain, job.state, job.created, json.dumps(job.to_record())),
-        )
+            (job.id, job.domain, job.state, job.created, json.dumps(job.to_record())))

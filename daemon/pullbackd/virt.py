@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -95,6 +96,27 @@ CLOSE_REASONS = {
 }
 
 
+class BrokenBitmap(Exception):
+    """A checkpoint's bitmap is missing or inconsistent, so no backup can be
+    incremental since it. `disk` names the disk when libvirt said which."""
+
+    def __init__(self, message: str, disk: str | None) -> None:
+        super().__init__(message)
+        self.disk = disk
+
+
+# libvirt: "missing or broken bitmap 'NAME' for disk 'vdb'".
+_BITMAP_DISK = re.compile(r"for disk '([^']+)'")
+
+
+def _broken_bitmap(e: Any) -> BrokenBitmap | None:
+    message = e.get_error_message() or ""
+    if e.get_error_code() == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT or "bitmap" in message:
+        m = _BITMAP_DISK.search(message)
+        return BrokenBitmap(message, m.group(1) if m else None)
+    return None
+
+
 def _register_event_loop() -> None:
     # libvirt accepts one event implementation per process, and it must be in
     # place before the first connection is opened.
@@ -163,8 +185,11 @@ class Virt:
 
     # Domain calls.
 
-    async def _run(self, domain: str, fn: Callable[[Any], T]) -> T:
-        """Run fn(virDomain) in a worker thread, translating libvirt's errors."""
+    async def _run(self, domain: str, fn: Callable[[Any], T], bitmaps: bool = False) -> T:
+        """Run fn(virDomain) in a worker thread, translating libvirt's errors.
+
+        With `bitmaps`, an error about a checkpoint's bitmap becomes BrokenBitmap.
+        """
 
         def call() -> T:
             return fn(self._conn.lookupByName(domain))
@@ -172,6 +197,8 @@ class Virt:
         try:
             return await anyio.to_thread.run_sync(call)
         except libvirt.libvirtError as e:
+            if bitmaps and (broken := _broken_bitmap(e)) is not None:
+                raise broken from None
             code = e.get_error_code()
             if code == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NoSuchDomain(domain) from None
@@ -206,9 +233,15 @@ class Virt:
     async def capacity(self, domain: str, disk: str) -> int:
         return await self._run(domain, lambda dom: int(dom.blockInfo(disk)[0]))
 
-    async def backup_begin(self, domain: str, backup_xml: str) -> None:
+    async def backup_begin(self, domain: str, backup_xml: str,
+                           checkpoint_xml: str | None = None) -> None:
+        """Start a backup job, and with it the checkpoint, atomically.
+
+        Raises BrokenBitmap when an incremental disk's bitmap cannot be used.
+        """
         try:
-            await self._run(domain, lambda dom: dom.backupBegin(backup_xml, None, 0))
+            await self._run(domain, lambda dom: dom.backupBegin(backup_xml, checkpoint_xml, 0),
+                            bitmaps=True)
         except LibvirtError as e:
             if e.parameters["code"] == libvirt.VIR_ERR_OPERATION_INVALID:
                 # libvirt says "domain is not running" with this code.
@@ -228,6 +261,35 @@ class Virt:
                 raise
 
         return await self._run(domain, get)
+
+    async def checkpoints(self, domain: str) -> list[str]:
+        """The names of the checkpoints libvirt has metadata for."""
+        return await self._run(domain, lambda dom: [c.getName() for c in dom.listAllCheckpoints()])
+
+    async def checkpoint_xml(self, domain: str, name: str) -> str:
+        return await self._run(
+            domain, lambda dom: str(dom.checkpointLookupByName(name).getXMLDesc(0)))
+
+    async def redefine_checkpoint(self, domain: str, checkpoint_xml: str, validate: bool) -> None:
+        """Recreate lost checkpoint metadata. With `validate`, libvirt first checks that
+        every bitmap exists and is consistent (BrokenBitmap otherwise)."""
+        flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+        if validate:
+            flags |= libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
+        await self._run(domain, lambda dom: dom.checkpointCreateXML(checkpoint_xml, flags),
+                        bitmaps=True)
+
+    async def delete_checkpoint(self, domain: str, name: str) -> None:
+        """Delete a checkpoint and its bitmaps; one that does not exist is already deleted."""
+
+        def delete(dom: Any) -> None:
+            try:
+                dom.checkpointLookupByName(name).delete(0)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    raise
+
+        await self._run(domain, delete)
 
     async def abort_job(self, domain: str) -> bool:
         """End the domain's job, False if it had none. For a pull backup this is the normal end."""

@@ -9,7 +9,7 @@ References: https://libvirt.org/formatbackup.html, https://libvirt.org/formatdom
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -39,28 +39,45 @@ class BackupDisk:
     """One disk of a running backup job, as libvirt reports it."""
 
     name: str
-    export: str
+    export: str | None
     bitmap: str | None
     scratch: Path | None
+    target: Path | None = None
 
 
 @dataclass(frozen=True)
 class BackupJob:
-    """A running pull-mode backup, as libvirt reports it."""
+    """A running backup, as libvirt reports it: pull (an NBD socket) or push (targets)."""
 
-    socket: Path
+    socket: Path | None
     disks: tuple[BackupDisk, ...]
 
 
 @dataclass(frozen=True)
-class PullRequest:
-    """What to ask libvirt for: one NBD socket, a scratch file per disk."""
+class BackupRequest:
+    """What to ask libvirt for.
 
-    socket: Path
-    #: disk target -> scratch file, for each disk to back up.
-    scratch: dict[str, Path]
+    Pull mode (`socket` set): one NBD socket, and per disk a scratch file in
+    `files`. Push mode (`socket` None): per disk the qcow2 target in `files`.
+    """
+
+    socket: Path | None
+    #: disk target -> scratch file (pull) or target file (push), for each disk to back up.
+    files: dict[str, Path]
+    #: disk target -> the checkpoint to back up changes since; other disks are full.
+    since: dict[str, str] = field(default_factory=dict)
     #: disks of the domain that are not to be backed up.
     skip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint as libvirt describes it."""
+
+    name: str
+    parent: str | None
+    #: disks with a bitmap in this checkpoint.
+    disks: tuple[str, ...]
 
 
 def parse_disks(domain_xml: str) -> list[DomainDisk]:
@@ -85,26 +102,76 @@ def parse_disks(domain_xml: str) -> list[DomainDisk]:
     return disks
 
 
-def pull_backup(request: PullRequest) -> str:
-    root = ET.Element("domainbackup", mode="pull")
-    ET.SubElement(root, "server", transport="unix", socket=str(request.socket))
+def backup(request: BackupRequest) -> str:
+    root = ET.Element("domainbackup", mode="push" if request.socket is None else "pull")
+    if request.socket is not None:
+        ET.SubElement(root, "server", transport="unix", socket=str(request.socket))
     disks = ET.SubElement(root, "disks")
-    for name, scratch in request.scratch.items():
+    for name, path in request.files.items():
         disk = ET.SubElement(disks, "disk", name=name, backup="yes", type="file")
-        ET.SubElement(disk, "scratch", file=str(scratch))
+        if name in request.since:
+            disk.set("backupmode", "incremental")
+            disk.set("incremental", request.since[name])
+        else:
+            disk.set("backupmode", "full")
+        if request.socket is None:
+            ET.SubElement(disk, "target", file=str(path))
+            ET.SubElement(disk, "driver", type="qcow2")
+        else:
+            ET.SubElement(disk, "scratch", file=str(path))
     # Every disk is named: libvirt backs up unlisted disks too when it can.
     for name in request.skip:
         ET.SubElement(disks, "disk", name=name, backup="no")
     return ET.tostring(root, encoding="unicode")
 
 
+def checkpoint(name: str, bitmaps: list[str], skip: tuple[str, ...]) -> str:
+    """A new checkpoint: a bitmap on each of `bitmaps`, none on the disks in `skip`."""
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    disks = ET.SubElement(root, "disks")
+    for disk in bitmaps:
+        ET.SubElement(disks, "disk", name=disk, checkpoint="bitmap")
+    for disk in skip:
+        ET.SubElement(disks, "disk", name=disk, checkpoint="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def parse_checkpoint(checkpoint_xml: str) -> CheckpointInfo:
+    root = _parse(checkpoint_xml)
+    name = root.findtext("name")
+    if root.tag != "domaincheckpoint" or not name:
+        raise XMLError("not a checkpoint")
+    return CheckpointInfo(
+        name=name,
+        parent=root.findtext("parent/name"),
+        disks=tuple(d.get("name", "") for d in root.iterfind("disks/disk")
+                    if d.get("checkpoint", "bitmap") == "bitmap"),
+    )
+
+
+def without_parent(checkpoint_xml: str) -> str:
+    """The checkpoint with no parent: for redefining it when its parent is gone.
+
+    Each checkpoint's bitmap records on its own from its creation on, so the
+    parent link says nothing about what a backup since it covers.
+    """
+    root = _parse(checkpoint_xml)
+    for parent in root.findall("parent"):
+        root.remove(parent)
+    return ET.tostring(root, encoding="unicode")
+
+
 def parse_backup(backup_xml: str) -> BackupJob:
     root = _parse(backup_xml)
-    if root.tag != "domainbackup" or root.get("mode", "push") != "pull":
-        raise XMLError("not a pull-mode backup")
-    server = root.find("server")
-    if server is None or server.get("transport", "tcp") != "unix" or not server.get("socket"):
-        raise XMLError("the backup has no NBD server on a Unix socket")
+    if root.tag != "domainbackup":
+        raise XMLError("not a backup")
+    socket = None
+    if root.get("mode", "push") == "pull":
+        server = root.find("server")
+        if server is None or server.get("transport", "tcp") != "unix" or not server.get("socket"):
+            raise XMLError("the backup has no NBD server on a Unix socket")
+        socket = Path(server.get("socket", ""))
     disks = []
     for disk in root.iterfind("./disks/disk"):
         if disk.get("backup", "yes") != "yes":
@@ -112,15 +179,20 @@ def parse_backup(backup_xml: str) -> BackupJob:
         name = disk.get("name")
         if not name:
             raise XMLError("a backup disk without a name")
-        scratch = disk.find("scratch")
-        scratch_file = None if scratch is None else scratch.get("file")
         disks.append(BackupDisk(
             name=name,
-            export=disk.get("exportname") or name,
+            export=(disk.get("exportname") or name) if socket else None,
             bitmap=disk.get("exportbitmap"),
-            scratch=Path(scratch_file) if scratch_file else None,
+            scratch=_file(disk, "scratch"),
+            target=_file(disk, "target"),
         ))
-    return BackupJob(socket=Path(server.get("socket", "")), disks=tuple(disks))
+    return BackupJob(socket=socket, disks=tuple(disks))
+
+
+def _file(disk: ET.Element, tag: str) -> Path | None:
+    element = disk.find(tag)
+    path = None if element is None else element.get("file")
+    return Path(path) if path else None
 
 
 def _parse(text: str) -> ET.Element:

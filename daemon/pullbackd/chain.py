@@ -1,0 +1,199 @@
+"""Checkpoint chains: one per domain and backup consumer, owned by pullbackd.
+
+Every backup creates a libvirt checkpoint named `pullbackd.<consumer>.<job-id>`
+(a bitmap per disk, recording from that instant on). Only a backup the
+appliance confirmed makes its checkpoint part of the consumer's chain; any
+other outcome deletes it. An incremental backup of a disk reads the bitmap of
+the newest checkpoint in the chain that has one on that disk.
+
+Why this can never miss data: libvirt keeps each checkpoint's bitmap on its
+own, recording every write from its creation on, whatever other checkpoints
+come and go (libvirt's docs/kbase/internals/incremental-backup.rst). So the
+newest confirmed checkpoint covers every write since the last backup the
+appliance holds, and deleting any other checkpoint cannot narrow it. Several
+consumers' chains interleave on one domain without affecting each other.
+
+pullbackd's own state is the truth about chains; libvirt's metadata is
+rebuilt from it (redefined) when libvirt lost it. A disk whose bitmap is gone
+or inconsistent is backed up in full, and its chain restarts there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from dataclasses import replace as _replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from . import xml
+from .errors import InvalidParameter, NoSuchCheckpoint
+from .virt import BrokenBitmap, Virt
+
+if TYPE_CHECKING:
+    from .state import Store
+
+log = structlog.get_logger()
+
+CONSUMER = re.compile(r"[a-z0-9_-]{1,32}")
+DEFAULT_CONSUMER = "default"
+PREFIX = "pullbackd."
+
+
+def checkpoint_name(consumer: str, job_id: str) -> str:
+    return f"{PREFIX}{consumer}.{job_id}"
+
+
+def check_consumer(consumer: str) -> str:
+    if not CONSUMER.fullmatch(consumer):
+        raise InvalidParameter("consumer", "must match [a-z0-9_-]{1,32}")
+    return consumer
+
+
+class CheckpointState(StrEnum):
+    #: Created with a backup that has not ended yet.
+    PENDING = "pending"
+    #: Its backup was confirmed: part of the consumer's chain.
+    COMPLETE = "complete"
+    #: Its backup failed, but libvirt could not delete it yet (the domain was
+    #: off, libvirt was busy). Never used as a base; deleted at the next chance.
+    DISCARD = "discard"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    domain: str
+    consumer: str
+    job: str
+    created: str
+    state: CheckpointState
+    #: Disks with a bitmap in this checkpoint.
+    disks: tuple[str, ...]
+    #: libvirt's XML for it, kept to redefine it when libvirt loses it.
+    xml: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"name": self.name, "consumer": self.consumer, "job": self.job,
+                "created": self.created, "disks": list(self.disks)}
+
+
+@dataclass(frozen=True)
+class Base:
+    """Where one disk's backup starts: a checkpoint, or None for a full backup (and why)."""
+
+    checkpoint: str | None
+    fallback: str | None = None
+
+
+class Chains:
+    def __init__(self, virt: Virt, store: Store) -> None:
+        self._virt = virt
+        self._store = store
+        self._checkpoints: dict[str, Checkpoint] = {c.name: c for c in store.load_checkpoints()}
+
+    def of(self, domain: str, consumer: str | None = None) -> list[Checkpoint]:
+        """The confirmed checkpoints of a domain (one consumer's, or all), oldest first."""
+        return [c for c in self._checkpoints.values()
+                if c.domain == domain and c.state == CheckpointState.COMPLETE
+                and (consumer is None or c.consumer == consumer)]
+
+    def get(self, name: str) -> Checkpoint | None:
+        return self._checkpoints.get(name)
+
+    def pending(self) -> list[Checkpoint]:
+        return [c for c in self._checkpoints.values() if c.state == CheckpointState.PENDING]
+
+    def bases(self, domain: str, consumer: str, mode: str, since: str | None,
+              disks: list[str]) -> dict[str, Base]:
+        """Per disk, the checkpoint its backup starts from."""
+        if mode == "full":
+            return {d: Base(None) for d in disks}
+        chain = self.of(domain, consumer)
+        if mode == "differential":
+            if since is None or since not in {c.name for c in chain}:
+                raise NoSuchCheckpoint(domain, consumer, since or "")
+            start = self._checkpoints[since]
+            return {d: Base(since) if d in start.disks
+                    else Base(None, f"checkpoint {since} has no bitmap for this disk")
+                    for d in disks}
+        bases = {}
+        for disk in disks:
+            head = next((c for c in reversed(chain) if disk in c.disks), None)
+            bases[disk] = Base(head.name) if head else Base(
+                None, f"consumer {consumer} has no earlier backup of this disk")
+        return bases
+
+    async def prepare(self, domain: str) -> None:
+        """Before a backup: delete what failed backups left, and make sure libvirt
+        knows every checkpoint of ours it may be asked to start from."""
+        for c in [c for c in self._checkpoints.values()
+                  if c.domain == domain and c.state == CheckpointState.DISCARD]:
+            await self.discard(c)
+        ours = self.of(domain)
+        if not ours:
+            return
+        known = set(await self._virt.checkpoints(domain))
+        for c in ours:  # oldest first: a parent is redefined before its children
+            if c.name in known or c.xml is None:
+                continue
+            text = c.xml
+            if (parent := xml.parse_checkpoint(text).parent) and parent not in known:
+                text = xml.without_parent(text)
+            try:
+                await self._virt.redefine_checkpoint(domain, text, validate=True)
+            except BrokenBitmap as e:
+                # Define it all the same: the backup itself checks each disk's
+                # bitmap and falls back to full for the broken ones alone.
+                log.warning("redefining a checkpoint with a broken bitmap",
+                            checkpoint=c.name, error=str(e))
+                await self._virt.redefine_checkpoint(domain, text, validate=False)
+            log.info("redefined lost checkpoint metadata", domain=domain, checkpoint=c.name)
+            known.add(c.name)
+
+    async def add(self, checkpoint: Checkpoint) -> None:
+        await self._save(checkpoint)
+
+    async def remember_xml(self, name: str) -> None:
+        """Keep libvirt's XML of a checkpoint just created, to redefine it if libvirt loses it."""
+        c = self._checkpoints[name]
+        await self._save(_replace(c, xml=await self._virt.checkpoint_xml(c.domain, name)))
+
+    async def complete(self, name: str) -> None:
+        """The backup was confirmed: its checkpoint joins the chain."""
+        await self._save(_replace(self._checkpoints[name], state=CheckpointState.COMPLETE))
+
+    async def discard(self, c: Checkpoint) -> None:
+        """Delete a checkpoint whose backup was not confirmed. If libvirt cannot
+        now, remember to try again: it is never used as a base meanwhile."""
+        try:
+            await self._virt.delete_checkpoint(c.domain, c.name)
+        except Exception as e:
+            log.warning("cannot delete checkpoint yet; will retry", checkpoint=c.name,
+                        error=str(e))
+            if c.state != CheckpointState.DISCARD:
+                await self._save(_replace(c, state=CheckpointState.DISCARD))
+            return
+        await self._store.delete_checkpoint(c.name)
+        self._checkpoints.pop(c.name, None)
+        log.info("deleted checkpoint", domain=c.domain, checkpoint=c.name)
+
+    async def delete_chain(self, domain: str, consumer: str) -> list[str]:
+        """Delete a consumer's checkpoints, oldest first. Stops at the first libvirt
+        refuses, leaving the rest (and every other consumer's) in place."""
+        deleted = []
+        for c in [c for c in self._checkpoints.values()
+                  if c.domain == domain and c.consumer == consumer]:
+            await self._virt.delete_checkpoint(domain, c.name)
+            await self._store.delete_checkpoint(c.name)
+            del self._checkpoints[c.name]
+            deleted.append(c.name)
+        log.info("deleted chain", domain=domain, consumer=consumer, checkpoints=deleted)
+        return deleted
+
+    async def _save(self, c: Checkpoint) -> None:
+        await self._store.save_checkpoint(c)
+        self._checkpoints[c.name] = c
+
