@@ -64,8 +64,11 @@ def lab_up(lab_dir: Path, *args: str) -> Iterator[Lab]:
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """lab1 and lab2 running, lab3 defined but stopped; two 64 MiB disks each."""
-    with lab_up(tmp_path_factory.mktemp("lab"), "--domains", "3", "--disks", "2",
+    """lab1, lab2 and lab4 running, lab3 defined but stopped; two 64 MiB disks each.
+
+    lab4 is for tests that break checkpoint chains on purpose.
+    """
+    with lab_up(tmp_path_factory.mktemp("lab"), "--domains", "4", "--disks", "2",
                 "--size", str(DISK_SIZE)) as lab:
         lab.run("stop", "lab3")
         yield lab

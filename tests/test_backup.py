@@ -10,46 +10,7 @@ import nbd
 import pytest
 
 from .conftest import DISK_SIZE, Daemon, Lab
-
-MiB = 1 << 20
-CHUNK = 4 * MiB
-
-
-class Disk:
-    """What a lab disk must hold, written through the guest and mirrored here.
-
-    Starts by zeroing the whole disk, so it does not matter what earlier tests wrote.
-    """
-
-    def __init__(self, lab: Lab, domain: str, name: str) -> None:
-        self.lab, self.domain, self.name = lab, domain, name
-        self.expected = bytearray(DISK_SIZE)
-        self.write(0, DISK_SIZE, 0)
-
-    def write(self, offset: int, length: int, byte: int) -> None:
-        self.lab.write(self.domain, self.name, offset, length, byte)
-        self.expected[offset:offset + length] = bytes([byte]) * length
-
-
-def read_export(url: str) -> bytes:
-    h = nbd.NBD()
-    h.add_meta_context("base:allocation")
-    h.connect_uri(url)
-    try:
-        assert h.is_read_only()
-        assert h.can_meta_context("base:allocation")
-        size = h.get_size()
-        return b"".join(h.pread(min(CHUNK, size - off), off) for off in range(0, size, CHUNK))
-    finally:
-        h.shutdown()
-
-
-def assert_same(actual: bytes, expected: bytes | bytearray) -> None:
-    assert len(actual) == len(expected)
-    if actual != expected:
-        first = next(i for i, (a, b) in enumerate(zip(actual, expected, strict=True)) if a != b)
-        pytest.fail(f"first difference at byte {first}: "
-                    f"{actual[first]:#x} != expected {expected[first]:#x}")
+from .images import Disk, MiB, assert_same, read_export
 
 
 def job_files(daemon: Daemon, job_id: str) -> list[Path]:

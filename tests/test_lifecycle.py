@@ -18,7 +18,8 @@ import pytest
 from pullbackd.sdnotify import Notifier
 
 from .conftest import Daemon, Lab, lab_up, start_daemon, stop_daemon
-from .test_backup import Disk, MiB, assert_same, job_files, read_export
+from .images import Disk, MiB, assert_same, read_export
+from .test_backup import job_files
 
 
 @pytest.fixture

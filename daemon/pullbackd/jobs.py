@@ -306,12 +306,19 @@ class Jobs:
         return self.scratch_path(job.id, disk)
 
     async def _started(self, job: Job, bases: dict[str, Base]) -> Job:
-        backup_xml = await self._virt.backup_xml(job.domain)
-        if backup_xml is None:
-            raise LibvirtError(-1, "the backup job ended as soon as it started")
-        backup = xml.parse_backup(backup_xml)
-        if not self._is_ours(backup, job):
-            raise LibvirtError(-1, "libvirt reports a backup job that is not ours")
+        if job.target_dir is not None:
+            # A small push can be over before we could ask: its targets are
+            # the files we named, and libvirt's event tells how it went.
+            backup = xml.BackupJob(None, tuple(
+                xml.BackupDisk(d, None, None, None, self.target_path(job.target_dir, job.id, d))
+                for d in bases))
+        else:
+            backup_xml = await self._virt.backup_xml(job.domain)
+            if backup_xml is None:
+                raise LibvirtError(-1, "the backup job ended as soon as it started")
+            backup = xml.parse_backup(backup_xml)
+            if not self._is_ours(backup, job):
+                raise LibvirtError(-1, "libvirt reports a backup job that is not ours")
         disks = []
         for d in backup.disks:
             base = bases[d.name]
@@ -346,8 +353,9 @@ class Jobs:
 
     async def delete_chain(self, domain: str, consumer: str) -> list[str]:
         check_consumer(consumer)
-        if (job_id := self._active.get(domain)) is not None:
-            # libvirt cannot delete checkpoints while a backup job holds the domain.
+        job_id = self._active.get(domain)
+        if job_id is not None and self._jobs[job_id].consumer == consumer:
+            # Its checkpoint would outlive the chain it was to join.
             raise BackupInProgress(domain, job_id)
         async with self._chain_lock(domain):
             return await self.chains.delete_chain(domain, consumer)
@@ -457,7 +465,7 @@ class Jobs:
                         if domain in self._ended:
                             self._ended[domain].set()
                         elif (job_id := self._active.get(domain)) is not None:
-                            if self._jobs[job_id].state == JobState.RUNNING:
+                            if self._jobs[job_id].push:
                                 tg.start_soon(self._pushed, job_id, event)
                             else:
                                 tg.start_soon(self._vanished, job_id, event.error)
@@ -469,7 +477,10 @@ class Jobs:
         return "the event stream ended"
 
     async def _pushed(self, job_id: str, event: JobEnded) -> None:
-        """libvirt finished a push backup: its word on success is the outcome."""
+        """libvirt finished a push backup: its word on success is the outcome.
+
+        The event may come while Start still holds the job: the lock makes it wait.
+        """
         async with self._locked(job_id):
             job = self._jobs[job_id]
             if job.state != JobState.RUNNING:

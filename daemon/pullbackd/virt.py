@@ -280,14 +280,30 @@ class Virt:
                         bitmaps=True)
 
     async def delete_checkpoint(self, domain: str, name: str) -> None:
-        """Delete a checkpoint and its bitmaps; one that does not exist is already deleted."""
+        """Delete a checkpoint and its bitmaps; one that does not exist is already deleted.
+
+        libvirt refuses for a shut-off domain (VIR_ERR_OPERATION_UNSUPPORTED): the
+        caller retries when it runs again.
+        """
 
         def delete(dom: Any) -> None:
             try:
-                dom.checkpointLookupByName(name).delete(0)
+                checkpoint = dom.checkpointLookupByName(name)
             except libvirt.libvirtError as e:
-                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    return
+                raise
+            try:
+                checkpoint.delete(0)
+            except libvirt.libvirtError as e:
+                # A bitmap that never reached the image (QEMU killed) or was
+                # removed by hand: "bitmap 'X' not found in backing chain of 'vda'".
+                # Nothing is left to delete but libvirt's metadata.
+                if "not found in backing chain" not in (e.get_error_message() or ""):
                     raise
+                log.warning("checkpoint has lost a bitmap; deleting its metadata only",
+                            domain=domain, checkpoint=name, error=e.get_error_message())
+                checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
         await self._run(domain, delete)
 
