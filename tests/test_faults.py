@@ -16,10 +16,10 @@ from typing import Any
 import anyio
 import pytest
 
-from pullbackd import api, errors
-from pullbackd.chain import Chains
+from pullbackd import api, errors, xml
+from pullbackd.chain import Chains, Checkpoint, CheckpointState, checkpoint_name
 from pullbackd.control.codec import Call
-from pullbackd.jobs import Job, Jobs, JobState, StartRequest
+from pullbackd.jobs import Job, Jobs, JobState, StartRequest, now
 from pullbackd.state import Store
 from pullbackd.virt import Domain, JobEnded, Virt
 
@@ -195,3 +195,99 @@ async def test_unexpected_exception_becomes_internal_error_and_service_goes_on(
         del virt.fail["domain"]
         reply = await call("Start", domain="d1")
         assert reply["parameters"]["job"]["state"] == "ready"
+
+
+@pytest.mark.asyncio
+async def test_checkpoint_libvirt_cannot_delete_is_retried_and_never_a_base(
+        tmp_path: Path) -> None:
+    virt = FakeVirt()
+    async with running(tmp_path, virt) as jobs:
+        full = await jobs.start(StartRequest("d1", consumer="c"))
+        await jobs.finish(full.id)
+        failed = await jobs.start(StartRequest("d1", mode="incremental", consumer="c"))
+        virt.fail["delete_checkpoint"] = errors.LibvirtError(84, "domain is not running")
+        await jobs.finish(failed.id, success=False)
+        leftover = jobs.chains.get(failed.checkpoint)
+        assert leftover is not None and leftover.state == "discard"
+        assert ("d1", failed.checkpoint) in virt.checkpoint_xmls
+        del virt.fail["delete_checkpoint"]
+        # The next backup deletes it first, and starts from the last good checkpoint.
+        nxt = await jobs.start(StartRequest("d1", mode="incremental", consumer="c"))
+        assert nxt.since == full.checkpoint
+        assert jobs.chains.get(failed.checkpoint) is None
+        assert ("d1", failed.checkpoint) not in virt.checkpoint_xmls
+        await jobs.finish(nxt.id)
+        assert [c.name for c in jobs.chains.of("d1", "c")] == [full.checkpoint, nxt.checkpoint]
+
+
+@pytest.mark.asyncio
+async def test_crash_while_starting_deletes_the_new_checkpoint(tmp_path: Path) -> None:
+    # What a crash between backupBegin and recording READY leaves: libvirt runs
+    # the job and has the checkpoint; the database says starting and pending.
+    virt = FakeVirt()
+    job = Job("0123456789ab", "d1", JobState.STARTING, "full", now(), "c",
+              checkpoint_name("c", "0123456789ab"))
+    await virt.backup_begin("d1", xml.backup(xml.BackupRequest(
+        tmp_path / "exports" / f"{job.id}.sock", {"vda": tmp_path / "s.qcow2"})),
+        xml.checkpoint(job.checkpoint, ["vda"], ()))
+    store = Store(tmp_path / "state.db")
+    await store.save_job(job)
+    await store.save_checkpoint(Checkpoint(job.checkpoint, "d1", "c", job.id, job.created,
+                                           CheckpointState.PENDING, ("vda",)))
+    store.close()
+    async with running(tmp_path, virt) as jobs:
+        assert jobs.get(job.id).state == JobState.FAILED
+        assert jobs.chains.get(job.checkpoint) is None
+        assert ("d1", job.checkpoint) not in virt.checkpoint_xmls
+        assert "d1" not in virt.backups
+
+
+class PushingVirt(FakeVirt):
+    """libvirt reports a push complete before backupBegin has even returned."""
+
+    def __init__(self, success: bool) -> None:
+        super().__init__()
+        self.success = success
+
+    async def backup_begin(self, domain: str, backup_xml: str,
+                           checkpoint_xml: str | None = None) -> None:
+        await super().backup_begin(domain, backup_xml, checkpoint_xml)
+        for target in ET.fromstring(backup_xml).iterfind("disks/disk/target"):
+            await anyio.Path(target.get("file", "")).write_bytes(b"qcow2")
+        del self.backups[domain]
+        self._send.send_nowait(JobEnded(domain, "backup", self.success,
+                                        None if self.success else "No space left on device"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("success", [True, False])
+async def test_push_that_ends_before_start_returns(tmp_path: Path, success: bool) -> None:
+    virt = PushingVirt(success)
+    target = tmp_path / "push"
+    target.mkdir()
+    async with running(tmp_path, virt) as jobs:
+        job = await jobs.start(StartRequest("d1", target_dir=str(target)))
+        assert job.state == JobState.RUNNING
+        await anyio.wait_all_tasks_blocked()  # the event's handler has run
+        ended = jobs.get(job.id)
+        if success:
+            assert ended.state == JobState.COMPLETED
+            assert [c.name for c in jobs.chains.of("d1")] == [job.checkpoint]
+            assert [p.name for p in target.iterdir()] == [f"{job.id}.vda.qcow2"]
+        else:
+            assert ended.state == JobState.FAILED and "No space" in (ended.error or "")
+            assert jobs.chains.of("d1") == [] and jobs.chains.get(job.checkpoint) is None
+            assert list(target.iterdir()) == [], "nothing half-written may look like a backup"
+
+
+@pytest.mark.asyncio
+async def test_finish_of_a_running_push_is_refused(tmp_path: Path) -> None:
+    virt = FakeVirt()
+    target = tmp_path / "push"
+    target.mkdir()
+    async with running(tmp_path, virt) as jobs:
+        job = await jobs.start(StartRequest("d1", target_dir=str(target)))
+        with pytest.raises(errors.JobNotReady):
+            await jobs.finish(job.id)
+        assert (await jobs.abort(job.id)).state == JobState.ABORTED
+        assert jobs.chains.get(job.checkpoint) is None

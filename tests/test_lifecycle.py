@@ -68,6 +68,12 @@ def test_restart_adopts_a_ready_job_and_readers_never_notice(
         assert_same(read_export(url), vda.expected)
         assert second.ctl.job("Finish", id=job["id"])["state"] == "completed"
         assert job_files(second, job["id"]) == []
+        # Its checkpoint joined the chain: the next incremental starts there.
+        chain = second.ctl.call("ListCheckpoints", domain="lab1")["checkpoints"]
+        assert chain[-1]["name"] == job["checkpoint"]
+        incr = second.ctl.job("Start", domain="lab1", disks=["vda"], mode="incremental")
+        assert incr["since"] == job["checkpoint"]
+        second.ctl.call("Finish", id=incr["id"])
     finally:
         stop_daemon(second)
 
@@ -84,6 +90,10 @@ def test_job_lost_while_the_daemon_was_down_is_failed_on_restart(
         lost = second.ctl.job("Get", id=job["id"])
         assert lost["state"] == "failed" and "restarted" in lost["error"]
         assert job_files(second, job["id"]) == []
+        checkpoints = subprocess.run(
+            ["virsh", "-q", "-c", lab.uri, "checkpoint-list", "lab1", "--name"],
+            check=True, capture_output=True, text=True, timeout=60).stdout.split()
+        assert job["checkpoint"] not in checkpoints
         again = second.ctl.job("Start", domain="lab1")
         assert second.ctl.job("Finish", id=again["id"])["state"] == "completed"
     finally:
@@ -217,3 +227,29 @@ def test_watchdog_pings(tmp_path: Path) -> None:
     assert not Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1",
                          "WATCHDOG_PID": "1"}).watchdog_enabled
     Notifier({}).ready("x")
+
+
+def test_pullbackctl_chains(daemon: Daemon) -> None:
+    def ctl(*args: str) -> str:
+        proc = pullbackctl(daemon, *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    full = json.loads(ctl("--json", "backup", "start", "lab2", "--consumer", "cli"))["job"]
+    ctl("backup", "finish", full["id"])
+    started = ctl("backup", "start", "lab2", "--mode", "incremental", "--consumer", "cli")
+    incr_id = started.split()[1]
+    assert f"since      {full['checkpoint']}" in started
+    assert "incremental" in started
+    failed = ctl("--json", "backup", "finish", incr_id, "--failed")
+    assert json.loads(failed)["job"]["state"] == "failed"
+
+    table = ctl("checkpoints", "lab2", "--consumer", "cli")
+    assert table.splitlines()[0].split() == ["CHECKPOINT", "CONSUMER", "JOB", "CREATED", "DISKS"]
+    assert [line.split()[0] for line in table.splitlines()[1:]] == [full["checkpoint"]]
+    assert ctl("chain", "delete", "lab2", "--consumer", "cli").split() == [full["checkpoint"]]
+    assert json.loads(ctl("--json", "checkpoints", "lab2", "--consumer", "cli")) == \
+        {"checkpoints": []}
+    bad = pullbackctl(daemon, "backup", "start", "lab2", "--mode", "differential",
+                      "--since", "nope", "--consumer", "cli")
+    assert bad.returncode == 1 and "NoSuchCheckpoint" in bad.stderr
