@@ -46,6 +46,10 @@ class Lab:
     def write(self, domain: str, disk: str, offset: int, length: int, byte: int) -> None:
         self.run("write", domain, disk, str(offset), str(length), hex(byte))
 
+    def zero(self, domain: str, disk: str, offset: int, length: int) -> None:
+        """Write zeroes the way a trim does: the range reads as zero and is not data."""
+        self.run("zero", domain, disk, str(offset), str(length))
+
 
 @contextmanager
 def lab_up(lab_dir: Path, *args: str) -> Iterator[Lab]:

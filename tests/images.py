@@ -32,12 +32,17 @@ class Disk:
         self.lab, self.domain, self.name = lab, domain, name
         self.expected = bytearray(DISK_SIZE)
         self.written: list[Extent] = []
-        self.write(0, DISK_SIZE, 0)
+        self.zero(0, DISK_SIZE)
         self.written.clear()
 
     def write(self, offset: int, length: int, byte: int) -> None:
         self.lab.write(self.domain, self.name, offset, length, byte)
         self.expected[offset:offset + length] = bytes([byte]) * length
+        self.written.append((offset, length))
+
+    def zero(self, offset: int, length: int) -> None:
+        self.lab.zero(self.domain, self.name, offset, length)
+        self.expected[offset:offset + length] = bytes(length)
         self.written.append((offset, length))
 
     def dirty_since_mark(self) -> list[Extent]:

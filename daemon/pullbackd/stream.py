@@ -1,0 +1,407 @@
+"""The streaming engine: copy what a backup export holds into an NBD destination, with libnbd.
+
+One planner reads the source's extents a window at a time (never the whole
+disk's map first), merging the dirty bitmap with `base:allocation`: dirty data
+is copied, dirty ranges the source reports as zero become zero writes (or
+nothing, when the destination starts out zero), clean ranges are skipped. It
+cuts the work into requests and hands them to workers through a bounded queue.
+
+Each worker owns one connection to the source and one to the destination and
+keeps a bounded number of asynchronous requests in flight, reading into
+buffers from a pool it reuses (a fresh `nbd.Buffer` per request is several
+times slower). libnbd swallows exceptions raised in completion callbacks, so
+callbacks only record what happened; the worker loop acts on it and raises.
+
+All of this blocks: `copy` runs in threads of its own. `stream` is the async
+face the daemon uses, and cancels the copy when its caller is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import nbd
+
+ALLOCATION = "base:allocation"
+#: NBD_STATE_HOLE | NBD_STATE_ZERO in base:allocation; NBD_STATE_DIRTY in a dirty bitmap.
+STATE_ZERO = 2
+STATE_DIRTY = 1
+MiB = 1 << 20
+
+
+class StreamError(Exception):
+    """The copy failed; nothing it wrote may be trusted as a backup."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    #: Bytes per read or write request.
+    request_size: int = 4 * MiB
+    #: Connection pairs (source, destination) used when the source allows multi-conn.
+    connections: int = 4
+    #: Requests in flight per connection pair.
+    in_flight: int = 8
+    #: Bytes of the source's extent map asked for at a time.
+    window: int = 1024 * MiB
+    #: Seconds without any progress after which a silent server counts as gone.
+    stall_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    size: int
+    #: The source has been planned up to here.
+    scanned: int
+    #: Bytes to copy or zero, found so far.
+    planned: int
+    #: Bytes copied or zeroed.
+    done: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    offset: int
+    length: int
+    zero: bool
+
+
+@dataclass
+class _Counters:
+    size: int
+    scanned: int = 0
+    planned: int = 0
+    done: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> Progress:
+        with self.lock:
+            return Progress(self.size, self.scanned, self.planned, self.done)
+
+
+def merge_extents(allocation: list[tuple[int, int]], dirty: list[tuple[int, int]] | None,
+                  offset: int, zeroed_destination: bool) -> tuple[list[Piece], int]:
+    """Turn one window's extents into pieces of work.
+
+    `allocation` and `dirty` are (length, flags) runs from `offset`; they may
+    cover different lengths: only their common prefix is decided. Returns the
+    pieces, merged where adjacent, and the offset up to which it decided.
+    """
+    end = offset + sum(length for length, _ in allocation)
+    if dirty is not None:
+        end = min(end, offset + sum(length for length, _ in dirty))
+    pieces: list[Piece] = []
+    for start, stop, zero, is_dirty in _overlay(allocation, dirty, offset, end):
+        if not is_dirty or (zero and zeroed_destination):
+            continue
+        if pieces and pieces[-1].zero == zero and pieces[-1].offset + pieces[-1].length == start:
+            last = pieces.pop()
+            pieces.append(Piece(last.offset, stop - last.offset, zero))
+        else:
+            pieces.append(Piece(start, stop - start, zero))
+    return pieces, end
+
+
+def _overlay(allocation: list[tuple[int, int]], dirty: list[tuple[int, int]] | None,
+             offset: int, end: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """Walk two run lists together: (start, stop, zero, dirty) up to `end`."""
+    runs_a = deque(allocation)
+    runs_d = deque(dirty) if dirty is not None else deque([(end - offset, STATE_DIRTY)])
+    pos = offset
+    while pos < end:
+        (len_a, flags_a), (len_d, flags_d) = runs_a[0], runs_d[0]
+        step = min(len_a, len_d, end - pos)
+        yield pos, pos + step, bool(flags_a & STATE_ZERO), bool(flags_d & STATE_DIRTY)
+        pos += step
+        for runs, length, flags in ((runs_a, len_a, flags_a), (runs_d, len_d, flags_d)):
+            runs.popleft()
+            if length > step:
+                runs.appendleft((length - step, flags))
+
+
+def split(piece: Piece, request_size: int) -> Iterator[Piece]:
+    for offset in range(piece.offset, piece.offset + piece.length, request_size):
+        yield Piece(offset, min(request_size, piece.offset + piece.length - offset), piece.zero)
+
+
+def _connect(url: str, contexts: tuple[str, ...] = ()) -> nbd.NBD:
+    h = nbd.NBD()
+    for context in contexts:
+        h.add_meta_context(context)
+    h.connect_uri(url)
+    return h
+
+
+def _close(h: nbd.NBD) -> None:
+    with contextlib.suppress(nbd.Error):  # the peer is gone; the copy's own error says why
+        h.shutdown()
+
+
+class _Copy:
+    def __init__(self, source: str, destination: str, bitmap: str | None,
+                 zeroed_destination: bool, tuning: Tuning,
+                 on_progress: Callable[[Progress], None] | None,
+                 cancel: threading.Event) -> None:
+        self.source, self.destination, self.bitmap = source, destination, bitmap
+        self.zeroed_destination = zeroed_destination
+        self.tuning = tuning
+        self.on_progress = on_progress
+        self.cancel = cancel
+        self.errors: list[BaseException] = []
+        self.failed = threading.Event()
+
+    def fail(self, error: BaseException) -> None:
+        self.errors.append(error)
+        self.failed.set()
+
+    def stopped(self) -> bool:
+        return self.cancel.is_set() or self.failed.is_set()
+
+    def run(self) -> Progress:
+        contexts = (ALLOCATION,) + ((self.bitmap,) if self.bitmap else ())
+        planner_handle = _connect(self.source, contexts)
+        try:
+            for context in contexts:
+                if not planner_handle.can_meta_context(context):
+                    raise StreamError(f"the source does not offer {context}")
+            size = planner_handle.get_size()
+            connections = self.tuning.connections if planner_handle.can_multi_conn() else 1
+            counters = _Counters(size)
+            work: queue.Queue[Piece | None] = queue.Queue(
+                maxsize=connections * self.tuning.in_flight * 2)
+            threads = [threading.Thread(target=self._guard, args=(self._plan, planner_handle,
+                                                                  contexts, counters, work,
+                                                                  connections),
+                                        name="pullbackd-plan")]
+            threads += [threading.Thread(target=self._guard, args=(self._work, work, counters),
+                                         name=f"pullbackd-copy-{i}")
+                        for i in range(connections)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            _close(planner_handle)
+        if self.errors:
+            raise StreamError(str(self.errors[0])) from self.errors[0]
+        if self.cancel.is_set():
+            raise StreamError("cancelled")
+        return counters.snapshot()
+
+    def _guard(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:
+            self.fail(e)
+
+    def _plan(self, h: nbd.NBD, contexts: tuple[str, ...], counters: _Counters,
+              work: queue.Queue[Piece | None], connections: int) -> None:
+        try:
+            offset, size = 0, counters.size
+            while offset < size and not self.stopped():
+                runs: dict[str, list[tuple[int, int]]] = {c: [] for c in contexts}
+
+                def extent(context: str, start: int, entries: list[int], err: object,
+                           runs: dict[str, list[tuple[int, int]]] = runs) -> int:
+                    if context in runs:
+                        runs[context] += list(zip(entries[::2], entries[1::2], strict=True))
+                    return 0
+
+                h.block_status(min(self.tuning.window, size - offset), offset, extent)
+                if not all(runs.values()):
+                    raise StreamError(f"the source answered no extents at offset {offset}")
+                pieces, offset = merge_extents(
+                    runs[ALLOCATION], runs[self.bitmap] if self.bitmap else None, offset,
+                    self.zeroed_destination)
+                offset = min(offset, size)
+                with counters.lock:
+                    counters.scanned = offset
+                    counters.planned += sum(p.length for p in pieces)
+                for piece in pieces:
+                    for request in split(piece, self.tuning.request_size):
+                        self._put(work, request)
+        finally:
+            for _ in range(connections):
+                self._put(work, None, force=True)
+
+    def _put(self, work: queue.Queue[Piece | None], item: Piece | None,
+             force: bool = False) -> None:
+        while True:
+            if self.stopped() and not force:
+                return
+            try:
+                work.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if force and self.stopped():
+                    # Workers may be gone; drop queued work so the end marker fits.
+                    with contextlib.suppress(queue.Empty):
+                        work.get_nowait()
+
+    def _work(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
+        src = _connect(self.source)
+        try:
+            dst = _connect(self.destination)
+            try:
+                _Pump(self, src, dst, counters).run(work)
+                if not self.stopped():
+                    dst.flush()
+            finally:
+                _close(dst)
+        finally:
+            _close(src)
+
+
+class _Pump:
+    """One connection pair: reads from the source, writes what arrived to the destination."""
+
+    def __init__(self, copy: _Copy, src: nbd.NBD, dst: nbd.NBD, counters: _Counters) -> None:
+        self.copy, self.src, self.dst, self.counters = copy, src, dst, counters
+        self.pool: dict[int, list[nbd.Buffer]] = {}
+        # Filled by completion callbacks, emptied by the loop: callbacks must
+        # not raise (libnbd would swallow it) nor call into the same handle.
+        self.read: deque[tuple[Piece, nbd.Buffer]] = deque()
+        self.written: deque[tuple[Piece, nbd.Buffer | None]] = deque()
+        self.errors: list[str] = []
+        self.in_flight = 0
+        self.last_progress = time.monotonic()
+
+    def run(self, work: queue.Queue[Piece | None]) -> None:
+        more = True
+        while (more or self.in_flight) and not self.copy.stopped():
+            more = self.submit(work) if more else False
+            if self.in_flight:
+                _wait((self.src, self.dst), 0.5)
+            if self.errors:
+                raise StreamError(self.errors[0])
+            while self.read:
+                piece, buf = self.read.popleft()
+                self.dst.aio_pwrite(buf, piece.offset, self._on(piece, buf, self.written))
+            self.reap()
+
+    def submit(self, work: queue.Queue[Piece | None]) -> bool:
+        """Fill the window of requests in flight; False once the planner is done."""
+        while self.in_flight < self.copy.tuning.in_flight:
+            try:
+                piece = work.get(block=self.in_flight == 0, timeout=0.5)
+            except queue.Empty:
+                return True
+            if piece is None:
+                return False
+            self.in_flight += 1
+            if piece.zero:
+                self.dst.aio_zero(piece.length, piece.offset, self._on(piece, None, self.written))
+            else:
+                free = self.pool.setdefault(piece.length, [])
+                buf = free.pop() if free else nbd.Buffer(piece.length)
+                self.src.aio_pread(buf, piece.offset, self._on(piece, buf, self.read))
+        return True
+
+    def reap(self) -> None:
+        done = 0
+        while self.written:
+            piece, buf = self.written.popleft()
+            if buf is not None:
+                self.pool[buf.size()].append(buf)
+            self.in_flight -= 1
+            done += piece.length
+        now = time.monotonic()
+        if done:
+            self.last_progress = now
+            with self.counters.lock:
+                self.counters.done += done
+            if self.copy.on_progress is not None:
+                self.copy.on_progress(self.counters.snapshot())
+        elif self.in_flight and now - self.last_progress > self.copy.tuning.stall_timeout:
+            raise StreamError(f"no progress for {self.copy.tuning.stall_timeout:g} s: "
+                              "a server stopped answering")
+
+    def _on(self, piece: Piece, buf: nbd.Buffer | None,
+            into: deque[tuple[Piece, nbd.Buffer]] | deque[tuple[Piece, nbd.Buffer | None]]
+            ) -> Callable[[object], int]:
+        def done(err: object) -> int:
+            errno = getattr(err, "value", 0)
+            if errno:
+                what = "reading" if into is self.read else "writing"
+                self.errors.append(f"{what} {piece.length} bytes at {piece.offset} failed "
+                                   f"(errno {errno})")
+            else:
+                into.append((piece, buf))
+            return 1  # retire the command: we have all we need from it
+        return done
+
+
+def _wait(handles: tuple[nbd.NBD, ...], timeout: float) -> None:
+    """Wait until a handle can make progress, and let libnbd make it."""
+    poller = select.poll()
+    for h in handles:
+        direction = h.aio_get_direction()
+        events = 0
+        if direction & nbd.AIO_DIRECTION_READ:
+            events |= select.POLLIN
+        if direction & nbd.AIO_DIRECTION_WRITE:
+            events |= select.POLLOUT
+        if events:
+            poller.register(h.aio_get_fd(), events)
+    by_fd = {h.aio_get_fd(): h for h in handles}
+    for fd, events in poller.poll(timeout * 1000):
+        h = by_fd[fd]
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            h.aio_notify_read()
+        if events & select.POLLOUT:
+            h.aio_notify_write()
+
+
+def copy(source: str, destination: str, *, bitmap: str | None = None,
+         zeroed_destination: bool = False, tuning: Tuning | None = None,
+         on_progress: Callable[[Progress], None] | None = None,
+         cancel: threading.Event | None = None) -> Progress:
+    """Copy a source export into a destination export; blocks until done.
+
+    With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
+    move. With `zeroed_destination` (a fresh image), ranges the source reports
+    as zero are skipped instead of written as zeros. Raises StreamError.
+    """
+    return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
+                 on_progress, cancel or threading.Event()).run()
+
+
+async def stream(source: str, destination: str, *, bitmap: str | None = None,
+                 zeroed_destination: bool = False, tuning: Tuning | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """`copy` off the event loop. Cancelling the caller stops the copy, and
+    returns only once its threads are gone."""
+    cancel = threading.Event()
+
+    async def stop_when_cancelled() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancel.set()  # the copy's threads notice within their poll interval
+
+    # Kept out of the task group, which would wrap an error in an ExceptionGroup.
+    outcome: Progress | StreamError | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_when_cancelled)
+        try:
+            # Not abandoned on cancel: we return only once the threads are gone.
+            outcome = await anyio.to_thread.run_sync(lambda: copy(
+                source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
+                tuning=tuning, on_progress=on_progress, cancel=cancel))
+        except StreamError as e:
+            outcome = e
+        finally:
+            tg.cancel_scope.cancel()
+    if isinstance(outcome, StreamError):
+        if cancel.is_set():
+            await anyio.lowlevel.checkpoint()  # delivers our caller's cancellation
+        raise outcome
+    assert outcome is not None
+    return outcome
