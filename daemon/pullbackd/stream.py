@@ -43,10 +43,15 @@ class StreamError(Exception):
 
 @dataclass(frozen=True)
 class Tuning:
+    """Defaults measured with `scripts/bench --tuning` on 2 cores (see README): larger
+    requests beat nbdcopy's 256 KiB x 64 here (Python pays per request, not per byte),
+    and more than 2 connections only add GIL contention. At most
+    connections x in_flight x request_size (32 MiB) of buffers per copy."""
+
     #: Bytes per read or write request.
-    request_size: int = 4 * MiB
+    request_size: int = 2 * MiB
     #: Connection pairs (source, destination) used when the source allows multi-conn.
-    connections: int = 4
+    connections: int = 2
     #: Requests in flight per connection pair.
     in_flight: int = 8
     #: Bytes of the source's extent map asked for at a time.

@@ -1,0 +1,297 @@
+"""pullbackd's streaming engine against nbdcopy and qemu-img, on the lab.
+
+Each case runs against one pull-backup export of a lab domain, started by a
+real pullbackd; every tool copies that same export into the same kind of
+target (a fresh qcow2, or a qcow2 overlay on the full backup), each run is
+checked with `qemu-img compare` against the export, and the median of the
+repeats is reported.
+
+    full      a 4 GiB disk holding 1 GiB of data, full backup
+    incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
+    incr-16g  the same 1 % of 64 KiB writes on a 16 GiB disk holding 1 GiB
+
+nbdcopy and qemu-img cannot read a dirty bitmap: for an incremental they copy
+every allocated block onto the overlay (the result is right, the cost is not).
+`--smoke` runs tiny sizes once: it checks that the benchmark works, nothing more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pullbackd import stream
+from pullbackd.control.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "scripts" / "lab"
+IFACE = "org.pullbackd.Backup"
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Size:
+    disk: int
+    big_disk: int
+    data: int
+    dirty_writes: int
+    repeats: int
+
+
+FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655, repeats=3)
+SMOKE_SIZE = Size(disk=256 * MiB, big_disk=512 * MiB, data=32 * MiB, dirty_writes=16, repeats=1)
+CHUNK = 64 * MiB
+BLOCK = 64 << 10
+
+
+@dataclass(frozen=True)
+class Result:
+    case: str
+    tool: str
+    seconds: list[float]
+    moved: int  # bytes the case requires to move (data, or dirty data)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def run(*command: str) -> str:
+    return subprocess.run(command, check=True, capture_output=True, text=True,
+                          timeout=3600).stdout
+
+
+@contextmanager
+def lab(folder: Path, disk_size: int) -> Iterator[str]:
+    out = run(str(LAB), "--dir", str(folder), "up", "--size", str(disk_size))
+    uri = next(line.split("=", 1)[1] for line in out.splitlines()
+               if line.startswith("LIBVIRT_URI="))
+    try:
+        yield uri.strip("'")
+    finally:
+        subprocess.run([str(LAB), "--dir", str(folder), "down"], capture_output=True,
+                       check=False, timeout=300)
+
+
+@contextmanager
+def daemon(folder: Path, uri: str) -> Iterator[Client]:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "pullbackd.toml"
+    config.write_text(f'[libvirt]\nuri = "{uri}"\n[control]\nsocket = "{folder}/control.sock"\n'
+                      f'[exports]\ndir = "{folder}/exports"\n[scratch]\ndir = "{folder}/scratch"\n'
+                      f'[state]\ndir = "{folder}/state"\n')
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(folder / "notify.sock"))
+    notify.settimeout(60)
+    with (folder / "pullbackd.log").open("ab") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "pullbackd.service", "--config",
+                                 str(config)], stderr=log_file,
+                                env=os.environ | {"NOTIFY_SOCKET": str(folder / "notify.sock")})
+    try:
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        notify.close()
+        with Client(folder / "control.sock", timeout=600) as client:
+            yield client
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def qemu_nbd(image: Path) -> Iterator[str]:
+    sock = image.with_suffix(".sock")
+    proc = subprocess.Popen(["qemu-nbd", "--socket", str(sock), "--format", "qcow2",
+                             "--shared", "16", "--persistent", str(image)])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("qemu-nbd did not start")
+            time.sleep(0.01)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def qcow2(path: Path, size: int, backing: Path | None = None) -> Path:
+    path.unlink(missing_ok=True)
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    run(*args, str(path), str(size))
+    return path
+
+
+def fill(lab_dir: Path, size: Size, disk_size: int) -> None:
+    """`size.data` bytes of data, in chunks spread evenly over the disk."""
+    chunk = min(CHUNK, size.data)
+    chunks = size.data // chunk
+    stride = disk_size // chunks // chunk * chunk
+    for i in range(chunks):
+        run(str(LAB), "--dir", str(lab_dir), "write", "lab1", "vda", str(i * stride),
+            str(chunk), str(0x10 + i % 200))
+
+
+def dirty(lab_dir: Path, size: Size, seed: int) -> int:
+    offsets = run(str(LAB), "--dir", str(lab_dir), "scatter", "lab1", "vda",
+                  str(size.dirty_writes), str(BLOCK), "0xd1", "--seed", str(seed)).split()
+    return len(offsets) * BLOCK
+
+
+def start(ctl: Client, mode: str) -> dict[str, str]:
+    job = ctl.call(f"{IFACE}.Start", domain="lab1", consumer="bench", mode=mode)["job"]
+    disk: dict[str, str] = job["disks"][0]
+    return {"id": job["id"], "url": disk["url"], "bitmap": disk["bitmap"] or ""}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure(case: str, tool: str, moved: int, repeats: int, prepare: Callable[[], Path],
+            copy: Callable[[str], object], export: str) -> Result:
+    """Time `copy` into a fresh target; for NBD tools the target is served by
+    qemu-nbd, started before the clock and stopped (flushing) after it."""
+    seconds = []
+    for _ in range(repeats):
+        target = prepare()
+        if tool == "qemu-img":
+            seconds.append(timed(lambda target=target: copy(str(target))))  # type: ignore[misc]
+        else:
+            with qemu_nbd(target) as dest:
+                seconds.append(timed(lambda dest=dest: copy(dest)))  # type: ignore[misc]
+        # Every run is checked: a fast wrong copy is worth nothing.
+        run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(target), export)
+    log(f"{case:9} {tool:9} {statistics.median(seconds):7.3f} s")
+    return Result(case, tool, seconds, moved)
+
+
+def engine(url: str, bitmap: str | None, zeroed: bool,
+           tuning: stream.Tuning) -> Callable[[str], object]:
+    return lambda dest: stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed,
+                                    tuning=tuning)
+
+
+# Every tool ends with its copy durable, as a backup must: the engine flushes
+# the destination, nbdcopy does only with --flush, qemu-img convert flushes on
+# close in writeback mode (its default for convert is "unsafe": no flush at all).
+
+
+def nbdcopy(url: str, zeroed: bool) -> Callable[[str], object]:
+    flags = ["--flush"] + (["--destination-is-zero"] if zeroed else [])
+    return lambda dest: run("nbdcopy", *flags, url, dest)
+
+
+def qemu_img(url: str) -> Callable[[str], object]:
+    # convert writes the target file itself; -n keeps the qcow2 (and its backing) we made.
+    return lambda target: run("qemu-img", "convert", "-n", "-t", "writeback", "-f", "raw",
+                              "-O", "qcow2", url, target)
+
+
+def engine_into(base: Path, url: str) -> None:
+    """A full backup by the engine, when the case needs a base and does not time one."""
+    with qemu_nbd(base) as dest:
+        engine(url, None, True, stream.Tuning())(dest)
+
+
+def disk_cases(work: Path, size: Size, disk_size: int, label: str,
+               tools: tuple[str, ...], tuning: stream.Tuning) -> list[Result]:
+    results = []
+    lab_dir = work / f"lab-{label}"
+    with lab(lab_dir, disk_size) as uri, daemon(work / f"pullbackd-{label}", uri) as ctl:
+        log(f"{label}: writing {size.data // MiB} MiB of data on a {disk_size // MiB} MiB disk")
+        fill(lab_dir, size, disk_size)
+        full = start(ctl, "full")
+        base = work / f"{label}-full.qcow2"
+        if label == "4g":
+            for tool, copy in (("pullbackd", engine(full["url"], None, True, tuning)),
+                               ("nbdcopy", nbdcopy(full["url"], True)),
+                               ("qemu-img", qemu_img(full["url"]))):
+                if tool in tools:
+                    results.append(measure("full", tool, size.data, size.repeats,
+                                           lambda: qcow2(base, disk_size), copy, full["url"]))
+        else:
+            engine_into(qcow2(base, disk_size), full["url"])
+        ctl.call(f"{IFACE}.Finish", id=full["id"])
+
+        moved = dirty(lab_dir, size, seed=1)
+        incr = start(ctl, "incremental")
+        case = "incr" if label == "4g" else "incr-16g"
+        overlay = work / f"{label}-incr.qcow2"
+        for tool, copy in (("pullbackd", engine(incr["url"], incr["bitmap"], False, tuning)),
+                           ("nbdcopy", nbdcopy(incr["url"], False)),
+                           ("qemu-img", qemu_img(incr["url"]))):
+            if tool in tools:
+                results.append(measure(case, tool, moved, size.repeats,
+                                       lambda: qcow2(overlay, disk_size, base), copy,
+                                       incr["url"]))
+        ctl.call(f"{IFACE}.Finish", id=incr["id"])
+    return results
+
+
+def table(results: list[Result]) -> str:
+    ours = {r.case: r.median for r in results if r.tool == "pullbackd"}
+    lines = [f"{'case':9} {'tool':9} {'median s':>9} {'MiB/s':>8} {'x pullbackd':>12}"]
+    for r in results:
+        ratio = f"{r.median / ours[r.case]:.2f}" if r.case in ours else "-"
+        lines.append(f"{r.case:9} {r.tool:9} {r.median:9.3f} {r.moved / MiB / r.median:8.0f} "
+                     f"{ratio:>12}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run each")
+    parser.add_argument("--tools", default="pullbackd,nbdcopy,qemu-img")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
+                        help="engine settings to try instead of the defaults, e.g. "
+                             "request_size=262144,connections=4,in_flight=64")
+    parser.add_argument("--only-4g", action="store_true", help="skip the 16 GiB case")
+    args = parser.parse_args()
+    tuning = stream.Tuning(**{k: int(v) for k, v in
+                              (item.split("=") for item in args.tuning.split(",") if item)})
+    size = SMOKE_SIZE if args.smoke else FULL_SIZE
+    tools = tuple(args.tools.split(","))
+    with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        results = disk_cases(work, size, size.disk, "4g", tools, tuning)
+        if not args.only_4g:
+            results += disk_cases(work, size, size.big_disk, "16g", ("pullbackd",), tuning)
+    print(table(results))
+    if not args.smoke and not args.tuning:
+        args.output.write_text(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                        "python": platform.python_version()},
+            "size": asdict(size),
+            "tuning": asdict(tuning),
+            "results": [asdict(r) | {"median": r.median} for r in results],
+        }, indent=2) + "\n")
+        log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
