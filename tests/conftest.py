@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +106,17 @@ class Control:
         job: dict[str, Any] = self.call(method, **params)["job"]
         return job
 
+    def wait(self, job_id: str, timeout: float = 120) -> dict[str, Any]:
+        """Bounded wait for a job that ends by itself (a push, a streamed backup).
+
+        The event stream that would let us wait without asking comes with Watch.
+        """
+        deadline = time.monotonic() + timeout
+        while (job := self.job("Get", id=job_id))["state"] in ("starting", "running", "ready"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        return job
+
 
 @dataclass
 class Daemon:
@@ -114,12 +126,14 @@ class Daemon:
     scratch: Path
     log: Path
     ctl: Control
+    repository: Path
 
     def log_text(self) -> str:
         return self.log.read_text()
 
 
-def start_daemon(base: Path, uri: str, *, timeout: float = 60) -> Daemon:
+def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path | None = None
+                 ) -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own."""
     base.mkdir(parents=True, exist_ok=True)
     config = base / "pullbackd.toml"
@@ -129,6 +143,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60) -> Daemon:
         f'[exports]\ndir = "{base}/exports"\n'
         f'[scratch]\ndir = "{base}/scratch"\n'
         f'[state]\ndir = "{base}/state"\n'
+        f'[repository]\ndir = "{repository or base / "repository"}"\n'
         f'[log]\nlevel = "debug"\n')
     notify_path = base / "notify.sock"
     notify_path.unlink(missing_ok=True)
@@ -149,7 +164,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60) -> Daemon:
     finally:
         notify.close()
     return Daemon(proc, base / "control.sock", base / "exports", base / "scratch", log,
-                  Control(base / "control.sock"))
+                  Control(base / "control.sock"), repository or base / "repository")
 
 
 def stop_daemon(daemon: Daemon) -> None:

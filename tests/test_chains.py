@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -350,15 +349,6 @@ def qemu_img_compare(image: Path, disk: Disk, tmp_path: Path) -> None:
                    check=True, timeout=300)
 
 
-def wait_for_end(daemon: Daemon, job_id: str, timeout: float = 120) -> Job:
-    """Bounded wait for a push job, which ends on libvirt's event."""
-    deadline = time.monotonic() + timeout
-    while (job := daemon.ctl.job("Get", id=job_id))["state"] == "running":
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    return job
-
-
 def test_push_full_and_incremental_into_qcow2(
         daemon: Daemon, disks: tuple[Disk, Disk], tmp_path: Path) -> None:
     vda, _ = disks
@@ -368,14 +358,14 @@ def test_push_full_and_incremental_into_qcow2(
     full = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="pusher",
                           target_dir=str(target))
     assert full["state"] in ("running", "completed") and full["target_dir"] == str(target)
-    full = wait_for_end(daemon, full["id"])
+    full = daemon.ctl.wait(full["id"])
     assert full["state"] == "completed", full
     full_file = Path(full["disks"][0]["target"])
     qemu_img_compare(full_file, vda, tmp_path)
 
     vda.mark()
     vda.write(6 * MiB, 128 << 10, 0x92)
-    incr = wait_for_end(daemon, daemon.ctl.job(
+    incr = daemon.ctl.wait(daemon.ctl.job(
         "Start", domain="lab1", disks=["vda"], consumer="pusher", mode="incremental",
         target_dir=str(target))["id"])
     assert incr["state"] == "completed" and incr["disks"][0]["mode"] == "incremental"

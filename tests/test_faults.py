@@ -20,6 +20,7 @@ from pullbackd import api, errors, xml
 from pullbackd.chain import Chains, Checkpoint, CheckpointState, checkpoint_name
 from pullbackd.control.codec import Call
 from pullbackd.jobs import Job, Jobs, JobState, StartRequest, now
+from pullbackd.repository import Repository
 from pullbackd.state import Store
 from pullbackd.virt import Domain, JobEnded, Virt
 
@@ -91,7 +92,7 @@ class FakeVirt(Virt):
 async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     store = Store(tmp_path / "state.db")
     jobs = Jobs(virt, store, Chains(virt, store), tmp_path / "exports", tmp_path / "scratch",
-                end_timeout=5)
+                end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd"))
     async with anyio.create_task_group() as tg:
         tg.start_soon(jobs.follow_events)
         await jobs.recover()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
+
+import anyio
 
 from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Service
+from .errors import InvalidParameter
 from .jobs import Jobs, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
@@ -22,9 +26,11 @@ def interface(name: str) -> idl.Interface:
 def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
     async def start(domain: str, disks: list[str] | None = None, mode: str | None = None,
                     since: str | None = None, consumer: str | None = None,
-                    target_dir: str | None = None) -> dict[str, Any]:
+                    target_dir: str | None = None,
+                    destination: str | None = None) -> dict[str, Any]:
         request = StartRequest(domain, disks, mode or "full", since,
-                               DEFAULT_CONSUMER if consumer is None else consumer, target_dir)
+                               DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
+                               destination)
         return {"job": (await jobs.start(request)).to_record()}
 
     async def get(id: str) -> dict[str, Any]:
@@ -47,8 +53,40 @@ def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
     async def delete_chain(domain: str, consumer: str) -> dict[str, Any]:
         return {"deleted": await jobs.delete_chain(domain, consumer)}
 
+    async def restore(domain: str, disk: str, to: str, consumer: str | None = None,
+                      at: str | None = None, format: str | None = None) -> dict[str, Any]:
+        consumer = check_consumer(DEFAULT_CONSUMER if consumer is None else consumer)
+        target = Path(to)
+        if not target.is_absolute():
+            raise InvalidParameter("to", "not an absolute path")
+        if await anyio.Path(target).exists():
+            raise InvalidParameter("to", "exists; restore never overwrites a file")
+        manifest = await anyio.to_thread.run_sync(
+            jobs.repository.at, domain, consumer, disk, at)
+        await jobs.repository.restore(manifest, target, format or "raw")
+        return {"file": str(target), "checkpoint": manifest.checkpoint}
+
+    async def verify(domain: str, consumer: str | None = None) -> dict[str, Any]:
+        checked, problems = 0, []
+        root = anyio.Path(jobs.repository.root / domain)
+        if consumer is not None:
+            consumers = [check_consumer(consumer)]
+        else:
+            consumers = [p.name async for p in root.iterdir()] if await root.is_dir() else []
+        for name in consumers:
+            if not await (root / name).is_dir():
+                continue
+            async for disk in (root / name).iterdir():
+                manifests = await anyio.to_thread.run_sync(
+                    jobs.repository.manifests, domain, name, disk.name)
+                for manifest in manifests:
+                    problems += await jobs.repository.verify(manifest)
+                    checked += 1
+        return {"checked": checked, "problems": problems}
+
     return {"Start": start, "Get": get, "List": list_, "Finish": finish, "Abort": abort,
-            "ListCheckpoints": list_checkpoints, "DeleteChain": delete_chain}
+            "ListCheckpoints": list_checkpoints, "DeleteChain": delete_chain,
+            "Restore": restore, "Verify": verify}
 
 
 def service(jobs: Jobs) -> Service:

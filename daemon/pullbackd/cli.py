@@ -43,8 +43,13 @@ def format_jobs(jobs: list[dict[str, Any]]) -> str:
 
 def format_job(job: dict[str, Any]) -> str:
     fields = ["id", "domain", "consumer", "state", "mode", "checkpoint", "since", "target_dir",
-              "created", "ended", "error"]
-    lines = [f"{name:<11}{job[name]}" for name in fields if job.get(name) is not None]
+              "destination", "created", "ended", "error"]
+    lines = [f"{name:<12}{job[name]}" for name in fields if job.get(name) is not None]
+    if job.get("progress"):
+        p = job["progress"]
+        eta = f", {p['eta']} s left" if p.get("eta") else ""
+        lines.append(f"{'progress':<12}{_size(p['done'])} of {_size(p['total'])} "
+                     f"at {_size(p['rate'])}/s{eta}")
     if job["disks"]:
         rows = [["DISK", "SIZE", "MODE", "SINCE", "WHERE"]]
         rows += [[d["name"], _size(d["size"]), d["mode"], d.get("since") or "-",
@@ -79,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--consumer", help="the backup product's chain (default: default)")
     start.add_argument("--target-dir", metavar="DIR",
                        help="push: libvirt writes qcow2 files here instead of serving NBD")
+    start.add_argument("--destination", metavar="local|URI",
+                       help="pullbackd copies the backup itself: into the local repository, "
+                            "or to an NBD URI ({disk} is replaced by each disk's name)")
     backup.add_parser("list", help="list jobs")
     for name, what in (("show", "show a job"), ("finish", "the appliance is done: end the job"),
                        ("abort", "end the job now, as aborted")):
@@ -87,6 +95,17 @@ def parser() -> argparse.ArgumentParser:
         if name == "finish":
             cmd.add_argument("--failed", action="store_true",
                              help="the appliance's copy is not good: drop the checkpoint")
+    restore = top.add_parser("restore", help="rebuild a disk image from the local repository")
+    restore.add_argument("domain")
+    restore.add_argument("--disk", required=True)
+    restore.add_argument("--consumer")
+    restore.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
+    restore.add_argument("--to", required=True, metavar="FILE", type=os.path.abspath)
+    restore.add_argument("--format", choices=("raw", "qcow2"), help="default: raw")
+    verify = top.add_parser("verify", help="re-read the local repository's backups and check "
+                                           "them against their manifests")
+    verify.add_argument("domain")
+    verify.add_argument("--consumer")
     checkpoints = top.add_parser("checkpoints", help="list a domain's checkpoint chains")
     checkpoints.add_argument("domain")
     checkpoints.add_argument("--consumer")
@@ -109,7 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             case "backup", "start":
                 return client.call(f"{IFACE}.Start", **_given(
                     domain=args.domain, disks=args.disks, mode=args.mode, since=args.since,
-                    consumer=args.consumer, target_dir=args.target_dir))
+                    consumer=args.consumer, target_dir=args.target_dir,
+                    destination=args.destination))
             case "backup", "list":
                 return client.call(f"{IFACE}.List")
             case "backup", "show":
@@ -120,6 +140,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return client.call(f"{IFACE}.Abort", id=args.id)
             case "checkpoints", _:
                 return client.call(f"{IFACE}.ListCheckpoints",
+                                   **_given(domain=args.domain, consumer=args.consumer))
+            case "restore", _:
+                return client.call(f"{IFACE}.Restore", **_given(
+                    domain=args.domain, disk=args.disk, consumer=args.consumer, at=args.at,
+                    to=args.to, format=args.format))
+            case "verify", _:
+                return client.call(f"{IFACE}.Verify",
                                    **_given(domain=args.domain, consumer=args.consumer))
             case "chain", "delete":
                 return client.call(f"{IFACE}.DeleteChain", domain=args.domain,
@@ -145,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_checkpoints(reply["checkpoints"]))
     elif "deleted" in reply:
         print("\n".join(reply["deleted"]) or "nothing to delete")
+    elif "file" in reply:
+        print(f"restored {reply['file']} as of {reply['checkpoint']}")
+    elif "checked" in reply:
+        print("\n".join([*reply["problems"], f"{reply['checked']} backups checked, "
+                                              f"{len(reply['problems'])} problems"]))
+        return 1 if reply["problems"] else 0
     else:
         print(format_job(reply["job"]))
     return 0

@@ -58,6 +58,22 @@ class State:
 
 
 @dataclass(frozen=True)
+class Repository:
+    #: The embedded repository: <dir>/<domain>/<consumer>/<disk>/NNNN.qcow2 and .json.
+    dir: Path = Path("/var/lib/pullbackd/repository")
+
+
+@dataclass(frozen=True)
+class Stream:
+    #: Bytes per request of pullbackd's own copy (measured defaults: see README).
+    request_size: int = 2 << 20
+    #: Connection pairs per disk, when the source allows several.
+    connections: int = 2
+    #: Requests in flight per connection pair.
+    in_flight: int = 8
+
+
+@dataclass(frozen=True)
 class Jobs:
     #: Seconds to wait for libvirt to confirm a job has ended after Finish or Abort.
     end_timeout: float = 30.0
@@ -76,6 +92,8 @@ class Config:
     exports: Exports = field(default_factory=Exports)
     scratch: Scratch = field(default_factory=Scratch)
     state: State = field(default_factory=State)
+    repository: Repository = field(default_factory=Repository)
+    stream: Stream = field(default_factory=Stream)
     jobs: Jobs = field(default_factory=Jobs)
     log: Log = field(default_factory=Log)
 
@@ -121,6 +139,10 @@ def _build(cls: Any, data: Any, where: str) -> Any:
             if not isinstance(value, str) or not value.startswith("/"):
                 raise ConfigError(f"{key} must be an absolute path")
             values[name] = Path(value)
+        elif isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{key} must be a positive integer")
+            values[name] = value
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{key} must be a positive number")

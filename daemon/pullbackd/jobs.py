@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -35,7 +36,7 @@ from urllib.parse import quote
 import anyio
 import structlog
 
-from . import xml
+from . import stream, xml
 from .chain import DEFAULT_CONSUMER, Base, Chains, Checkpoint, CheckpointState, check_consumer
 from .chain import checkpoint_name as make_checkpoint_name
 from .errors import (
@@ -50,6 +51,7 @@ from .errors import (
     NoSuchJob,
     TargetNotWritable,
 )
+from .repository import Region, Repository, Writer, digest
 from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 MODES = ("full", "incremental", "differential")
+LOCAL = "local"
+NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 
 
 class JobState(StrEnum):
@@ -87,6 +91,45 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    rate: int
+    eta: int | None
+
+
+@dataclass
+class _Live:
+    """A running copy's progress across the job's disks, which go one after another."""
+
+    sizes: list[int]
+    started: float = field(default_factory=time.monotonic)
+    #: Disks done, and the bytes they took.
+    index: int = 0
+    finished: int = 0
+    #: The disk being copied now.
+    current: stream.Progress | None = None
+
+    def disk_done(self, progress: stream.Progress) -> None:
+        self.index += 1
+        self.finished += progress.done
+        self.current = None
+
+    def view(self) -> Progress:
+        current = self.current
+        done = self.finished + (current.done if current else 0)
+        # Until a disk's extents are all read, what is left of it is estimated
+        # from what was read so far; later disks from the same ratio.
+        ratio = current.planned / current.scanned if current and current.scanned else 1.0
+        here = (current.planned + (current.size - current.scanned) * ratio if current
+                else self.sizes[self.index] if self.index < len(self.sizes) else 0)
+        total = max(done, int(self.finished + here + sum(self.sizes[self.index + 1:]) * ratio))
+        elapsed = time.monotonic() - self.started
+        rate = int(done / elapsed) if elapsed > 0 else 0
+        return Progress(done, total, rate, int((total - done) / rate) if rate else None)
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     domain: str
@@ -97,6 +140,8 @@ class Job:
     checkpoint: str = ""
     since: str | None = None
     target_dir: str | None = None
+    destination: str | None = None
+    progress: Progress | None = None
     disks: tuple[Disk, ...] = ()
     ended: str | None = None
     error: str | None = None
@@ -111,9 +156,11 @@ class Job:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Job:
+        progress = record.get("progress")
         return cls(**record | {
             "state": JobState(record["state"]),
             "disks": tuple(Disk(**d) for d in record["disks"]),
+            "progress": Progress(**progress) if progress else None,
         })
 
 
@@ -125,6 +172,7 @@ class StartRequest:
     since: str | None = None
     consumer: str = DEFAULT_CONSUMER
     target_dir: str | None = None
+    destination: str | None = None
 
     def check(self) -> None:
         """Refuse what no domain could satisfy, before anything is touched."""
@@ -139,6 +187,15 @@ class StartRequest:
             raise InvalidParameter("since", "only a differential backup takes since")
         if self.target_dir is not None:
             _check_target_dir(self.target_dir)
+        if self.destination is not None:
+            if self.target_dir is not None:
+                raise InvalidParameter("destination", "a push backup writes its own files")
+            if self.destination != LOCAL and not self.destination.startswith(NBD_SCHEMES):
+                raise InvalidParameter("destination", "\"local\" or an NBD URI")
+            if self.destination != LOCAL and "{disk}" not in self.destination and \
+                    (self.disks is None or len(self.disks) != 1):
+                raise InvalidParameter("destination", "put {disk} in the URI to name each "
+                                                      "disk's export, or back up one disk")
 
 
 def _check_target_dir(target_dir: str) -> None:
@@ -165,10 +222,18 @@ class Jobs:
     """Every job the daemon knows, and the only code that changes them."""
 
     def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Path, scratch: Path,
-                 end_timeout: float) -> None:
+                 end_timeout: float, repository: Repository,
+                 tuning: stream.Tuning | None = None) -> None:
         self._virt = virt
         self._store = store
         self.chains = chains
+        self.repository = repository
+        self._tuning = tuning or stream.Tuning()
+        #: Where streaming tasks run: the task group of follow_events.
+        self._tg: anyio.abc.TaskGroup | None = None
+        #: job id -> its copy's progress, cancel scope, and the event set when it is over.
+        self._live: dict[str, _Live] = {}
+        self._streams: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
         self._exports = exports
         self._scratch = scratch
         self._end_timeout = end_timeout
@@ -196,12 +261,16 @@ class Jobs:
 
     def get(self, job_id: str) -> Job:
         try:
-            return self._jobs[job_id]
+            return self._with_progress(self._jobs[job_id])
         except KeyError:
             raise NoSuchJob(job_id) from None
 
     def all(self) -> list[Job]:
-        return list(self._jobs.values())
+        return [self._with_progress(j) for j in self._jobs.values()]
+
+    def _with_progress(self, job: Job) -> Job:
+        live = self._live.get(job.id)
+        return job if live is None else dataclasses.replace(job, progress=live.view())
 
     def active(self, domain: str) -> str | None:
         return self._active.get(domain)
@@ -238,8 +307,12 @@ class Jobs:
         chosen, skip = _select_disks(domain, xml.parse_disks(dom.xml), request.disks)
         await self.chains.prepare(domain)
         bases = self.chains.bases(domain, request.consumer, request.mode, request.since, chosen)
+        if request.destination == LOCAL:
+            bases = await anyio.to_thread.run_sync(
+                self._local_bases, domain, request.consumer, bases)
         job = Job(job_id, domain, JobState.STARTING, request.mode, now(), request.consumer,
-                  make_checkpoint_name(request.consumer, job_id), target_dir=request.target_dir)
+                  make_checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
+                  destination=request.destination)
         # Recorded before libvirt hears of them: after a crash, the database
         # knows which libvirt job and checkpoint are ours.
         await self._save(job)
@@ -268,10 +341,25 @@ class Jobs:
                 await self._discard_checkpoint(job)
                 await self._save(_failed(job, error))
                 raise
+            if job.destination is not None:
+                job = dataclasses.replace(job, state=JobState.RUNNING)
+                self._spawn_stream(job)
             await self._save(job)
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
-                 consumer=job.consumer, disks={d.name: d.mode for d in job.disks})
-        return job
+                 consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
+                 destination=job.destination)
+        return self._with_progress(job)
+
+    def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
+                     ) -> dict[str, Base]:
+        """An incremental into the repository needs the backup it starts from to be there."""
+        result = dict(bases)
+        for disk, base in bases.items():
+            stored = {m.checkpoint for m in self.repository.manifests(domain, consumer, disk)}
+            if base.checkpoint and base.checkpoint not in stored:
+                result[disk] = Base(None, f"the local repository has no backup of this disk "
+                                          f"at {base.checkpoint}")
+        return result
 
     async def _begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]
                      ) -> dict[str, Base]:
@@ -299,6 +387,72 @@ class Jobs:
                 log.warning("falling back to a full backup", job=job.id, disks=broken,
                             error=str(e))
         raise AssertionError("unreachable: each round makes one more disk full")
+
+    # pullbackd's own copy.
+
+    def _spawn_stream(self, job: Job) -> None:
+        if self._tg is None:
+            raise RuntimeError("jobs are not being served (follow_events is not running)")
+        if not job.disks:
+            raise AssertionError(f"job {job.id} has no disks to stream")
+        self._live[job.id] = _Live([d.size for d in job.disks])
+        self._streams[job.id] = (anyio.CancelScope(), anyio.Event())
+        # The job itself, not its id: the table may not hold this version yet.
+        self._tg.start_soon(self._stream, job)
+
+    async def _stream(self, job: Job) -> None:
+        """Copy every disk to the destination, then end the job: completed only if every
+        byte arrived (and, for the repository, is stored). Abort cancels it."""
+        job_id = job.id
+        scope, over = self._streams[job_id]
+        live = self._live[job_id]
+        writers: list[Writer] = []
+        error: str | None = None
+        try:
+            with scope:
+                for disk in job.disks:
+                    writer = None
+                    if job.destination == LOCAL:
+                        writer = await self._open_writer(job, disk)
+                        writers.append(writer)
+                    target = writer.url if writer else str(job.destination).replace(
+                        "{disk}", disk.name)
+                    result = await stream.stream(
+                        str(disk.url), target, bitmap=disk.bitmap,
+                        zeroed_destination=writer is not None and disk.mode == "full",
+                        tuning=self._tuning,
+                        on_progress=lambda p: setattr(live, "current", p),
+                        on_written=_recorder(writer) if writer else None)
+                    live.disk_done(result)
+                for writer in writers:
+                    await self.repository.commit(writer)
+                writers.clear()
+        except Exception as e:
+            error = f"streaming to {job.destination} failed: {e}"
+            log.warning("streaming failed", job=job_id, error=str(e))
+        finally:
+            with anyio.CancelScope(shield=True):  # no partial file may outlive the copy
+                for writer in writers:
+                    await self.repository.abort(writer)
+            over.set()
+        if scope.cancel_called:
+            return  # whoever cancelled it ends the job
+        if error is None:
+            await self._end(job_id, JobState.COMPLETED, streamed=True)
+        else:
+            await self._end(job_id, JobState.FAILED, error, streamed=True)
+
+    async def _open_writer(self, job: Job, disk: Disk) -> Writer:
+        base = None if disk.since is None else await anyio.to_thread.run_sync(
+            self.repository.at, job.domain, job.consumer, disk.name, disk.since)
+        return await self.repository.begin(job.domain, job.consumer, disk.name, disk.size,
+                                           job.id, job.checkpoint, job.created, base)
+
+    async def _stop_stream(self, job_id: str) -> None:
+        if job_id in self._streams:
+            scope, over = self._streams[job_id]
+            scope.cancel()
+            await over.wait()
 
     def _file(self, job: Job, disk: str) -> Path:
         if job.target_dir is not None:
@@ -368,14 +522,17 @@ class Jobs:
     async def abort(self, job_id: str) -> Job:
         return await self._end(job_id, JobState.ABORTED)
 
-    async def _end(self, job_id: str, state: JobState, error: str | None = None) -> Job:
+    async def _end(self, job_id: str, state: JobState, error: str | None = None, *,
+                   streamed: bool = False) -> Job:
         self.get(job_id)
         async with self._locked(job_id):
             job = self._jobs[job_id]
             if job.state.final:
                 return job  # Finish and Abort are idempotent
-            if state == JobState.COMPLETED and job.state == JobState.RUNNING:
+            if state == JobState.COMPLETED and job.state == JobState.RUNNING and not streamed:
                 raise JobNotReady(job.id, job.state)
+            if not streamed:
+                await self._stop_stream(job.id)
             # Shielded: a libvirt job we ended must be recorded as ended.
             with anyio.CancelScope(shield=True):
                 if not await self._end_libvirt_job(job) and state == JobState.COMPLETED:
@@ -388,12 +545,19 @@ class Jobs:
 
     async def _close(self, job: Job, state: JobState, error: str | None) -> Job:
         """Record a job's end, and settle its checkpoint: in the chain, or deleted."""
+        self._streams.pop(job.id, None)
         if state == JobState.COMPLETED:
             await self.chains.complete(job.checkpoint)
         else:
             await self._discard_checkpoint(job)
             self._remove_targets(job)
-        job = dataclasses.replace(job, state=state, ended=now(), error=error)
+            if job.destination == LOCAL:
+                # Stored files of a job that did not complete are no backups.
+                await anyio.to_thread.run_sync(self.repository.forget_job, job.domain,
+                                               job.consumer, job.id)
+        live = self._live.pop(job.id, None)
+        job = dataclasses.replace(job, state=state, ended=now(), error=error,
+                                  progress=live.view() if live else job.progress)
         await self._save(job)
         if self._active.get(job.domain) == job.id:
             del self._active[job.domain]
@@ -456,6 +620,7 @@ class Jobs:
         Returns why it was lost.
         """
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             async for event in self._virt.events:
                 match event:
                     case ConnectionLost(reason=reason):
@@ -514,8 +679,10 @@ class Jobs:
         for job in self._store.load_jobs():
             self._jobs[job.id] = job
         for job in [j for j in self._jobs.values() if not j.state.final]:
-            if job.state in (JobState.READY, JobState.RUNNING) and \
-                    await self._runs_in_libvirt(job):
+            # A copy of pullbackd's own died with it: such a job cannot be adopted.
+            adoptable = job.state == JobState.READY or (
+                job.state == JobState.RUNNING and job.destination is None)
+            if adoptable and await self._runs_in_libvirt(job):
                 self._active[job.domain] = job.id
                 log.info("adopted running backup", job=job.id, domain=job.domain)
                 continue
@@ -548,6 +715,14 @@ class Jobs:
     async def _save(self, job: Job) -> None:
         await self._store.save_job(job)
         self._jobs[job.id] = job
+
+
+def _recorder(writer: Writer) -> stream.OnWritten:
+    """Keep a checksum of each region written, for the manifest (worker threads call it)."""
+    def record(piece: stream.Piece, data: bytes | None) -> None:
+        writer.regions.append(Region(piece.offset, piece.length,
+                                     None if data is None else digest(data)))
+    return record
 
 
 def _failed(job: Job, error: str) -> Job:

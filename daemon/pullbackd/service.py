@@ -19,11 +19,12 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config
+from . import api, config, stream
 from .chain import Chains
 from .control.server import Service, bind
 from .errors import PullbackError
 from .jobs import Jobs
+from .repository import Repository
 from .sdnotify import Notifier
 from .state import Store
 from .virt import Virt
@@ -59,8 +60,11 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
     status = 0
     try:
         await virt.connect()
+        repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository")
+        tuning = stream.Tuning(request_size=cfg.stream.request_size,
+                               connections=cfg.stream.connections, in_flight=cfg.stream.in_flight)
         jobs = Jobs(virt, store, Chains(virt, store), cfg.exports.dir, cfg.scratch.dir,
-                    cfg.jobs.end_timeout)
+                    cfg.jobs.end_timeout, repository, tuning)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt() -> None:

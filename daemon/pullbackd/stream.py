@@ -149,15 +149,20 @@ def _close(h: nbd.NBD) -> None:
         h.shutdown()
 
 
+#: Told of each piece once it is written: the piece, and the data (None for zeroes).
+OnWritten = Callable[[Piece, bytes | None], None]
+
+
 class _Copy:
     def __init__(self, source: str, destination: str, bitmap: str | None,
                  zeroed_destination: bool, tuning: Tuning,
                  on_progress: Callable[[Progress], None] | None,
-                 cancel: threading.Event) -> None:
+                 on_written: OnWritten | None, cancel: threading.Event) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
         self.zeroed_destination = zeroed_destination
         self.tuning = tuning
         self.on_progress = on_progress
+        self.on_written = on_written
         self.cancel = cancel
         self.errors: list[BaseException] = []
         self.failed = threading.Event()
@@ -313,6 +318,8 @@ class _Pump:
         done = 0
         while self.written:
             piece, buf = self.written.popleft()
+            if self.copy.on_written is not None:
+                self.copy.on_written(piece, None if buf is None else buf.to_bytearray())
             if buf is not None:
                 self.pool[buf.size()].append(buf)
             self.in_flight -= 1
@@ -367,6 +374,7 @@ def _wait(handles: tuple[nbd.NBD, ...], timeout: float) -> None:
 def copy(source: str, destination: str, *, bitmap: str | None = None,
          zeroed_destination: bool = False, tuning: Tuning | None = None,
          on_progress: Callable[[Progress], None] | None = None,
+         on_written: OnWritten | None = None,
          cancel: threading.Event | None = None) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
@@ -375,12 +383,13 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
     as zero are skipped instead of written as zeros. Raises StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
-                 on_progress, cancel or threading.Event()).run()
+                 on_progress, on_written, cancel or threading.Event()).run()
 
 
 async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  zeroed_destination: bool = False, tuning: Tuning | None = None,
-                 on_progress: Callable[[Progress], None] | None = None) -> Progress:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 on_written: OnWritten | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone."""
     cancel = threading.Event()
@@ -399,7 +408,7 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
             # Not abandoned on cancel: we return only once the threads are gone.
             outcome = await anyio.to_thread.run_sync(lambda: copy(
                 source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
-                tuning=tuning, on_progress=on_progress, cancel=cancel))
+                tuning=tuning, on_progress=on_progress, on_written=on_written, cancel=cancel))
         except StreamError as e:
             outcome = e
         finally:

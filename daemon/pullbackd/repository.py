@@ -1,0 +1,269 @@
+"""The embedded repository: backups streamed by pullbackd itself, kept as qcow2 chains.
+
+    <root>/<domain>/<consumer>/<disk>/0001.qcow2    the full backup
+                                      0002.qcow2    an incremental: backing file 0001.qcow2
+                                      0001.json ... one manifest per backup
+
+Each file is written through `qemu-nbd` on a private Unix socket, so it stays
+sparse and every point of the chain is an ordinary qcow2 that `qemu-img` reads
+directly. A backup is written as `NNNN.qcow2.partial` and becomes `NNNN.qcow2`
+only once every byte arrived; its manifest (job, checkpoint, time, bytes, and a
+checksum of each region written) is written last, atomically. A file without
+a manifest is not a backup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nbd
+import structlog
+
+from .errors import NoSuchCheckpoint, PullbackError
+
+log = structlog.get_logger()
+
+
+class RepositoryError(PullbackError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"repository: {path}: {reason}", path=path, reason=reason)
+
+
+@dataclass(frozen=True)
+class Region:
+    offset: int
+    length: int
+    #: sha256 of the data written, or None for a zero write.
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    sequence: int
+    domain: str
+    consumer: str
+    disk: str
+    job: str
+    checkpoint: str
+    created: str
+    mode: str
+    size: int
+    #: The file this one is an overlay on, in the same folder; None for a full backup.
+    backing: str | None
+    regions: tuple[Region, ...] = field(default=())
+
+    @property
+    def file(self) -> str:
+        return f"{self.sequence:04d}.qcow2"
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.length for r in self.regions)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self) | {"regions": [[r.offset, r.length, r.sha256]
+                                                     for r in self.regions]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data: dict[str, Any] = json.loads(text)
+        return cls(**data | {"regions": tuple(Region(*r) for r in data["regions"])})
+
+
+def digest(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Writer:
+    """One backup file being written: a partial qcow2 served by a private qemu-nbd."""
+
+    manifest: Manifest
+    folder: Path
+    process: anyio.abc.Process
+    socket: Path
+    regions: list[Region] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+    @property
+    def partial(self) -> Path:
+        return self.folder / f"{self.manifest.file}.partial"
+
+
+class Repository:
+    def __init__(self, root: Path, sockets: Path) -> None:
+        self.root = root
+        self._sockets = sockets
+
+    def folder(self, domain: str, consumer: str, disk: str) -> Path:
+        return self.root / domain / consumer / disk
+
+    def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
+        folder = self.folder(domain, consumer, disk)
+        if not folder.is_dir():
+            return []
+        return [Manifest.from_json(p.read_text()) for p in sorted(folder.glob("[0-9]*.json"))]
+
+    def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
+        """The backup of a disk at a checkpoint (the newest without one)."""
+        manifests = self.manifests(domain, consumer, disk)
+        found = [m for m in manifests if checkpoint is None or m.checkpoint == checkpoint]
+        if not found:
+            raise NoSuchCheckpoint(domain, consumer, checkpoint or "")
+        return found[-1]
+
+    async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
+                    checkpoint: str, created: str, base: Manifest | None) -> Writer:
+        folder = self.folder(domain, consumer, disk)
+        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
+        # Leftovers of a crash are not backups: nothing may build on them.
+        for leftover in folder.glob("*.partial"):
+            leftover.unlink()
+        sequence = max([m.sequence for m in self.manifests(domain, consumer, disk)], default=0)
+        manifest = Manifest(sequence + 1, domain, consumer, disk, job, checkpoint, created,
+                            "incremental" if base else "full", size,
+                            base.file if base else None)
+        partial = folder / f"{manifest.file}.partial"
+        create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if base is not None:  # relative, so the folder can move as a whole
+            create += ["-b", base.file, "-F", "qcow2"]
+        await _run(*create, str(partial), str(size))
+        await anyio.Path(self._sockets).mkdir(parents=True, exist_ok=True)
+        sock = self._sockets / f"{job}.{disk}.sock"
+        sock.unlink(missing_ok=True)
+        process = await anyio.open_process(
+            ["qemu-nbd", "--socket", str(sock), "--format", "qcow2", "--shared", "16",
+             "--persistent", "--cache", "writeback", str(partial)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        writer = Writer(manifest, folder, process, sock)
+        try:
+            await _until_listening(writer)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.abort(writer)
+            raise
+        return writer
+
+    async def commit(self, writer: Writer) -> Manifest:
+        """Every byte arrived: the partial file becomes a backup, its manifest last."""
+        await _stop(writer)
+        manifest = Manifest(**asdict(writer.manifest) | {
+            "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
+        final = writer.folder / manifest.file
+        await anyio.to_thread.run_sync(_durable_rename, writer.partial, final)
+        text = manifest.to_json()
+        await anyio.to_thread.run_sync(
+            _durable_write, writer.folder / f"{manifest.sequence:04d}.json", text)
+        log.info("backup stored", file=str(final), bytes=manifest.bytes, job=manifest.job)
+        return manifest
+
+    async def abort(self, writer: Writer) -> None:
+        await _stop(writer)
+        writer.partial.unlink(missing_ok=True)
+
+    def forget_job(self, domain: str, consumer: str, job: str) -> None:
+        """Remove what a job that did not complete stored: no backup may point to a
+        checkpoint that is not in the chain."""
+        consumer_dir = self.root / domain / consumer
+        if not consumer_dir.is_dir():
+            return
+        for folder in consumer_dir.iterdir():
+            for m in self.manifests(domain, consumer, folder.name):
+                if m.job == job:
+                    log.info("removing stored backup of a failed job", file=m.file, job=job)
+                    (folder / f"{m.sequence:04d}.json").unlink(missing_ok=True)
+                    (folder / m.file).unlink(missing_ok=True)
+
+    async def restore(self, manifest: Manifest, to: Path, fmt: str) -> None:
+        source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
+        await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", fmt,
+                   str(source), str(to))
+
+    async def verify(self, manifest: Manifest) -> list[str]:
+        """Re-read every region a backup wrote; return what does not match."""
+        source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
+        return await anyio.to_thread.run_sync(_verify, source, manifest)
+
+
+def _verify(source: Path, manifest: Manifest) -> list[str]:
+    problems = []
+    h = nbd.NBD()
+    # qemu-nbd's own reader, through the backing chain, read-only.
+    h.connect_systemd_socket_activation(["qemu-nbd", "--read-only", "--format", "qcow2",
+                                         str(source)])
+    try:
+        for region in manifest.regions:
+            data = h.pread(region.length, region.offset) if region.length else b""
+            ok = not any(data) if region.sha256 is None else digest(data) == region.sha256
+            if not ok:
+                problems.append(f"{manifest.file}: {region.length} bytes at {region.offset} "
+                                "differ from what was written")
+    finally:
+        h.shutdown()
+    return problems
+
+
+def _durable_rename(src: Path, dst: Path) -> None:
+    with src.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def _durable_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def _run(*command: str) -> None:
+    result = await anyio.run_process(list(command), check=False)
+    if result.returncode != 0:
+        raise RepositoryError(command[-1], result.stderr.decode(errors="replace").strip()
+                              or f"{command[0]} failed")
+
+
+async def _until_listening(writer: Writer) -> None:
+    # qemu-nbd says nothing when its socket is bound; it binds within
+    # milliseconds, so look for the socket, with a bound.
+    with anyio.fail_after(30):
+        while not await anyio.Path(writer.socket).exists():
+            if writer.process.returncode is not None:
+                raise RepositoryError(str(writer.partial),
+                                      f"qemu-nbd exited with {writer.process.returncode}")
+            await anyio.sleep(0.01)
+
+
+async def _stop(writer: Writer) -> None:
+    """Stop qemu-nbd and wait until it closed the image (its qcow2 metadata written)."""
+    if writer.process.returncode is None:
+        writer.process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(30):
+            await writer.process.wait()
+        if writer.process.returncode is None:
+            writer.process.kill()
+            await writer.process.wait()
+    await anyio.Path(writer.socket).unlink(missing_ok=True)

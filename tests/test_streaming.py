@@ -1,0 +1,224 @@
+"""Backups pullbackd streams itself: into the local repository, or to an appliance's NBD server.
+
+Every test rebuilds disks from what was stored and compares them, byte for
+byte, with what the guest wrote at the time of each backup.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon
+from .images import Disk, MiB
+from .test_stream import nbdkit, qemu_nbd
+
+Job = dict[str, Any]
+
+
+def expected_file(disk: Disk, path: Path) -> Path:
+    path.write_bytes(disk.expected)
+    return path
+
+
+def qemu_img_compare(image: Path, fmt: str, expected: Path) -> None:
+    subprocess.run(["qemu-img", "compare", "-q", "-f", fmt, "-F", "raw", str(image),
+                    str(expected)], check=True, timeout=300)
+
+
+def chain(daemon: Daemon, domain: str, consumer: str) -> list[str]:
+    return [c["name"] for c in daemon.ctl.call("ListCheckpoints", domain=domain,
+                                               consumer=consumer)["checkpoints"]]
+
+
+def test_full_and_five_incrementals_into_the_repository(
+        lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    vda = Disk(lab, "lab2", "vda")
+    points: list[tuple[str, Path]] = []
+    for step in range(6):
+        vda.write(step * 7 * MiB + 4096, (step + 1) * 192 * 1024, 0x30 + step)
+        if step:
+            vda.zero((step - 1) * 7 * MiB + 4096, 64 * 1024)  # dirty zeroes reach the overlay
+        mode = "full" if step == 0 else "incremental"
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="repo",
+                             mode=mode, destination="local")
+        assert job["state"] == "running" and job["destination"] == "local"
+        done = daemon.ctl.wait(job["id"])
+        assert done["state"] == "completed", done
+        assert done["mode"] == mode
+        progress = done["progress"]
+        assert progress["done"] == progress["total"] > 0 and progress["eta"] in (0, None)
+        points.append((job["checkpoint"], expected_file(vda, tmp_path / f"at-{step}.raw")))
+    assert chain(daemon, "lab2", "repo") == [c for c, _ in points]
+
+    # Every point of the chain restores to the disk as it was then.
+    for step, (checkpoint, expected) in enumerate(points):
+        fmt = "qcow2" if step % 2 else "raw"
+        to = tmp_path / f"restored-{step}.{fmt}"
+        reply = daemon.ctl.call("Restore", domain="lab2", disk="vda", consumer="repo",
+                                at=checkpoint, to=str(to), format=fmt)
+        assert reply == {"file": str(to), "checkpoint": checkpoint}
+        qemu_img_compare(to, fmt, expected)
+    latest = tmp_path / "latest.raw"
+    daemon.ctl.call("Restore", domain="lab2", disk="vda", consumer="repo", to=str(latest))
+    qemu_img_compare(latest, "raw", points[-1][1])
+
+    assert daemon.ctl.call("Verify", domain="lab2", consumer="repo") == \
+        {"checked": 6, "problems": []}
+
+
+def test_verify_finds_damage(lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    vda = Disk(lab, "lab2", "vda")
+    vda.write(MiB, MiB, 0x44)
+    job = daemon.ctl.wait(daemon.ctl.job("Start", domain="lab2", disks=["vda"],
+                                         consumer="damaged", destination="local")["id"])
+    assert job["state"] == "completed"
+    stored = daemon.repository / "lab2" / "damaged" / "vda" / "0001.qcow2"
+    # Flip the data of the written region through qemu-io, as bit rot would.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x45 {MiB} 4096", str(stored)],
+                   check=True, capture_output=True, timeout=60)
+    reply = daemon.ctl.call("Verify", domain="lab2", consumer="damaged")
+    assert reply["checked"] == 1 and len(reply["problems"]) == 1
+    assert "0001.qcow2" in reply["problems"][0]
+
+
+def test_bad_restore_requests(daemon: Daemon, tmp_path: Path) -> None:
+    e = daemon.ctl.error("Restore", domain="lab2", disk="vda", consumer="nobody",
+                         to=str(tmp_path / "x.raw"))
+    assert e.short_name == "NoSuchCheckpoint"
+    existing = tmp_path / "exists.raw"
+    existing.write_bytes(b"keep me")
+    e = daemon.ctl.error("Restore", domain="lab2", disk="vda", to=str(existing))
+    assert (e.name, e.parameters) == ("org.varlink.service.InvalidParameter",
+                                      {"parameter": "to"})
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_streaming_to_an_appliances_nbd_server(lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    vda, vdb = Disk(lab, "lab2", "vda"), Disk(lab, "lab2", "vdb")
+    vda.write(0, 2 * MiB, 0x61)
+    vdb.write(9 * MiB, MiB, 0x62)
+    images = {d: tmp_path / f"{d}.full.qcow2" for d in ("vda", "vdb")}
+    for image in images.values():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(DISK_SIZE)],
+                       check=True)
+    # One appliance NBD server per disk; {disk} picks the export... here the socket.
+    with qemu_nbd(images["vda"]), qemu_nbd(images["vdb"]):
+        job = daemon.ctl.job("Start", domain="lab2", consumer="appliance",
+                             destination=f"nbd+unix:///?socket={tmp_path}/{{disk}}.full.sock")
+        done = daemon.ctl.wait(job["id"])
+    assert done["state"] == "completed", done
+    qemu_img_compare(images["vda"], "qcow2", expected_file(vda, tmp_path / "vda.raw"))
+    qemu_img_compare(images["vdb"], "qcow2", expected_file(vdb, tmp_path / "vdb.raw"))
+
+
+@pytest.fixture
+def free_domain(lab: Lab, daemon: Daemon) -> Iterator[Disk]:
+    disk = Disk(lab, "lab2", "vda")
+    disk.write(0, 48 * MiB, 0x42)
+    yield disk
+
+
+def assert_failed_and_rolled_back(daemon: Daemon, job: Job, consumer: str) -> Job:
+    ended = daemon.ctl.wait(job["id"])
+    assert ended["state"] == "failed" and ended["error"], ended
+    assert job["checkpoint"] not in chain(daemon, "lab2", consumer)
+    for manifest in (daemon.repository / "lab2" / consumer).rglob("*.json"):
+        assert job["id"] not in manifest.read_text()
+    assert not list(daemon.repository.rglob("*.partial"))
+    return ended
+
+
+def test_unreachable_destination(daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
+                         destination=f"nbd+unix:///?socket={tmp_path}/nobody.sock")
+    ended = assert_failed_and_rolled_back(daemon, job, "faults")
+    assert "nobody.sock" in ended["error"]
+
+
+def test_destination_smaller_than_the_disk(
+        daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "memory", "1M") as url:
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
+                             destination=url)
+        assert_failed_and_rolled_back(daemon, job, "faults")
+
+
+def test_appliance_server_gone_mid_stream(
+        daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
+                             destination=url)
+        assert daemon.ctl.job("Get", id=job["id"])["state"] == "running"
+    assert_failed_and_rolled_back(daemon, job, "faults")
+
+
+def test_domain_shut_down_mid_stream(
+        lab: Lab, daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
+                             destination=url)
+        lab.run("stop", "lab2")
+        try:
+            assert_failed_and_rolled_back(daemon, job, "faults")
+        finally:
+            lab.run("start", "lab2")
+
+
+def test_abort_mid_stream_leaves_nothing(
+        daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
+                             destination=url)
+        # pullbackd's own copy ends the job by itself; an appliance cannot finish it.
+        e = daemon.ctl.error("Finish", id=job["id"])
+        assert (e.short_name, e.parameters) == ("JobNotReady", {"id": job["id"],
+                                                                "state": "running"})
+        aborted = daemon.ctl.job("Abort", id=job["id"])
+    assert aborted["state"] == "aborted"
+    assert job["checkpoint"] not in chain(daemon, "lab2", "faults")
+
+
+@pytest.fixture
+def small_repository(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_repository_disk_full(lab: Lab, small_repository: Path, tmp_path: Path) -> None:
+    vda = Disk(lab, "lab4", "vda")
+    vda.write(0, 32 * MiB, 0x77)  # 32 MiB of data into an 8 MiB file system
+    daemon = start_daemon(tmp_path / "pullbackd", lab.uri, repository=small_repository)
+    try:
+        job = daemon.ctl.job("Start", domain="lab4", disks=["vda"], consumer="full-disk",
+                             destination="local")
+        ended = daemon.ctl.wait(job["id"])
+        assert ended["state"] == "failed", ended
+        assert daemon.ctl.call("ListCheckpoints", domain="lab4",
+                               consumer="full-disk") == {"checkpoints": []}
+        # Nothing half-written looks like a backup: no file, no manifest.
+        assert list(small_repository.rglob("*.qcow2*")) == []
+        assert list(small_repository.rglob("*.json")) == []
+        # The chain stays usable: once the data fits, the same consumer backs up.
+        vda.zero(0, 32 * MiB)
+        vda.write(5 * MiB, MiB, 0x78)
+        job = daemon.ctl.job("Start", domain="lab4", disks=["vda"], consumer="full-disk",
+                             mode="incremental", destination="local")
+        assert job["mode"] == "full"  # nothing to start from: the failed one left no base
+        assert daemon.ctl.wait(job["id"])["state"] == "completed"
+        restored = tmp_path / "restored.raw"
+        daemon.ctl.call("Restore", domain="lab4", disk="vda", consumer="full-disk",
+                        to=str(restored))
+        qemu_img_compare(restored, "raw", expected_file(vda, tmp_path / "expected.raw"))
+        assert daemon.ctl.call("Verify", domain="lab4") == {"checked": 1, "problems": []}
+    finally:
+        stop_daemon(daemon)
