@@ -94,7 +94,7 @@ async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     jobs = Jobs(virt, store, Chains(virt, store), tmp_path / "exports", tmp_path / "scratch",
                 end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd"))
     async with anyio.create_task_group() as tg:
-        tg.start_soon(jobs.follow_events)
+        await tg.start(jobs.follow_events)
         await jobs.recover()
         yield jobs
         tg.cancel_scope.cancel()

@@ -614,13 +614,13 @@ class Jobs:
 
     # Events and recovery.
 
-    async def follow_events(self) -> str:
-        """Apply libvirt's domain events to the jobs until the libvirt connection is lost.
-
-        Returns why it was lost.
-        """
+    async def follow_events(
+            self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> str:
+        """Apply libvirt's domain events to the jobs until the libvirt connection is lost;
+        streamed backups run in here too. Returns why the connection was lost."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            task_status.started()
             async for event in self._virt.events:
                 match event:
                     case ConnectionLost(reason=reason):

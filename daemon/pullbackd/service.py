@@ -67,9 +67,11 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                     cfg.jobs.end_timeout, repository, tuning)
         async with anyio.create_task_group() as tg:
 
-            async def follow_libvirt() -> None:
+            async def follow_libvirt(
+                    *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+            ) -> None:
                 nonlocal status
-                reason = await jobs.follow_events()
+                reason = await jobs.follow_events(task_status=task_status)
                 log.error("lost the libvirt connection; exiting so that a restart reconnects",
                           reason=reason)
                 status = 1
@@ -77,7 +79,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
 
             tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier)
             # Events flow before recovery: ending a leftover job waits for libvirt's event.
-            tg.start_soon(follow_libvirt)
+            await tg.start(follow_libvirt)
             await jobs.recover()
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
             tg.start_soon(_serve, listener, api.service(jobs), cfg.control.socket)
