@@ -6,7 +6,9 @@ byte, with what the guest wrote at the time of each backup.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,3 +224,73 @@ def test_repository_disk_full(lab: Lab, small_repository: Path, tmp_path: Path) 
         assert daemon.ctl.call("Verify", domain="lab4") == {"checked": 1, "problems": []}
     finally:
         stop_daemon(daemon)
+
+
+def test_prune_keeps_every_kept_point_restorable(
+        lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    vda = Disk(lab, "lab2", "vda")
+    points: list[tuple[str, Path]] = []
+
+    def backup(step: int) -> None:
+        vda.write(step * 5 * MiB, MiB + step * 4096, 0x50 + step)
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="prune",
+                             mode="incremental", destination="local")
+        assert daemon.ctl.wait(job["id"])["state"] == "completed"
+        points.append((job["checkpoint"], expected_file(vda, tmp_path / f"p{step}.raw")))
+
+    for step in range(5):
+        backup(step)
+    e = daemon.ctl.error("Prune", domain="lab2", consumer="prune", keep=0)
+    assert e.parameters == {"parameter": "keep"}
+
+    dropped = daemon.ctl.call("Prune", domain="lab2", consumer="prune", keep=2)["dropped"]
+    assert dropped == [c for c, _ in points[:3]]
+    folder = daemon.repository / "lab2" / "prune" / "vda"
+    assert sorted(p.name for p in folder.iterdir()) == \
+        ["0004.json", "0004.qcow2", "0005.json", "0005.qcow2"]
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(folder / "0004.qcow2")],
+                          check=True, capture_output=True, text=True).stdout
+    assert "backing-filename" not in info  # the oldest kept point now stands alone
+    for checkpoint, expected in points[3:]:
+        to = tmp_path / f"{checkpoint}.raw"
+        daemon.ctl.call("Restore", domain="lab2", disk="vda", consumer="prune",
+                        at=checkpoint, to=str(to))
+        qemu_img_compare(to, "raw", expected)
+    for checkpoint, _ in points[:3]:
+        assert daemon.ctl.error("Restore", domain="lab2", disk="vda", consumer="prune",
+                                at=checkpoint, to=str(tmp_path / "gone.raw")
+                                ).short_name == "NoSuchCheckpoint"
+    assert daemon.ctl.call("Verify", domain="lab2", consumer="prune") == \
+        {"checked": 2, "problems": []}
+
+    backup(5)  # the chain goes on from the kept points
+    latest = tmp_path / "latest.raw"
+    daemon.ctl.call("Restore", domain="lab2", disk="vda", consumer="prune", to=str(latest))
+    qemu_img_compare(latest, "raw", points[-1][1])
+
+
+def test_pullbackctl_repository_commands(lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pullbackd.cli", "--socket",
+                               str(daemon.socket), *args], capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    vda = Disk(lab, "lab2", "vda")
+    vda.write(3 * MiB, MiB, 0x91)
+    for _ in range(2):
+        started = ctl("--json", "backup", "start", "lab2", "--disk", "vda", "--consumer",
+                      "cli-repo", "--mode", "incremental", "--destination", "local")
+        assert started.returncode == 0, started.stderr
+        job = json.loads(started.stdout)["job"]
+        assert daemon.ctl.wait(job["id"])["state"] == "completed"
+    shown = ctl("backup", "show", job["id"]).stdout
+    assert "destination local" in " ".join(shown.split())
+    assert "progress" in shown
+    assert ctl("verify", "lab2", "--consumer", "cli-repo").stdout.strip() == \
+        "2 backups checked, 0 problems"
+    assert ctl("repo", "prune", "lab2", "--consumer", "cli-repo", "--keep", "1").returncode == 0
+    to = tmp_path / "restored.qcow2"
+    restored = ctl("restore", "lab2", "--disk", "vda", "--consumer", "cli-repo", "--to", str(to),
+                   "--format", "qcow2")
+    assert restored.stdout.strip() == f"restored {to} as of {job['checkpoint']}"
+    qemu_img_compare(to, "qcow2", expected_file(vda, tmp_path / "expected.raw"))

@@ -12,7 +12,7 @@ from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Service
-from .errors import InvalidParameter
+from .errors import BackupInProgress, InvalidParameter
 from .jobs import Jobs, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
@@ -69,13 +69,7 @@ def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
     async def verify(domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []
         root = anyio.Path(jobs.repository.root / domain)
-        if consumer is not None:
-            consumers = [check_consumer(consumer)]
-        else:
-            consumers = [p.name async for p in root.iterdir()] if await root.is_dir() else []
-        for name in consumers:
-            if not await (root / name).is_dir():
-                continue
+        for name in await consumers_of(domain, consumer):
             async for disk in (root / name).iterdir():
                 manifests = await anyio.to_thread.run_sync(
                     jobs.repository.manifests, domain, name, disk.name)
@@ -84,9 +78,32 @@ def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
                     checked += 1
         return {"checked": checked, "problems": problems}
 
+    async def prune(domain: str, keep: int, consumer: str | None = None) -> dict[str, Any]:
+        if keep < 1:
+            raise InvalidParameter("keep", "at least 1: the newest backup is the chain's base")
+        dropped: list[str] = []
+        for name in await consumers_of(domain, consumer):
+            if (job_id := jobs.active(domain)) is not None and \
+                    jobs.get(job_id).destination == "local":
+                raise BackupInProgress(domain, job_id)  # it writes into the same chains
+            async for disk in anyio.Path(jobs.repository.root / domain / name).iterdir():
+                for m in await jobs.repository.prune(domain, name, disk.name, keep):
+                    if m.checkpoint not in dropped:
+                        dropped.append(m.checkpoint)
+        return {"dropped": dropped}
+
+    async def consumers_of(domain: str, consumer: str | None) -> list[str]:
+        """The consumers with backups of the domain in the repository (or just the one)."""
+        root = anyio.Path(jobs.repository.root / domain)
+        if consumer is not None:
+            names = [check_consumer(consumer)]
+        else:
+            names = [p.name async for p in root.iterdir()] if await root.is_dir() else []
+        return [n for n in names if await (root / n).is_dir()]
+
     return {"Start": start, "Get": get, "List": list_, "Finish": finish, "Abort": abort,
             "ListCheckpoints": list_checkpoints, "DeleteChain": delete_chain,
-            "Restore": restore, "Verify": verify}
+            "Restore": restore, "Verify": verify, "Prune": prune}
 
 
 def service(jobs: Jobs) -> Service:

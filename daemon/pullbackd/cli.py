@@ -106,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
                                            "them against their manifests")
     verify.add_argument("domain")
     verify.add_argument("--consumer")
+    repo = top.add_parser("repo", help="the local repository").add_subparsers(
+        dest="cmd", required=True)
+    prune = repo.add_parser("prune", help="keep the newest N backups of each disk")
+    prune.add_argument("domain")
+    prune.add_argument("--keep", type=int, required=True, metavar="N")
+    prune.add_argument("--consumer")
     checkpoints = top.add_parser("checkpoints", help="list a domain's checkpoint chains")
     checkpoints.add_argument("domain")
     checkpoints.add_argument("--consumer")
@@ -145,6 +151,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return client.call(f"{IFACE}.Restore", **_given(
                     domain=args.domain, disk=args.disk, consumer=args.consumer, at=args.at,
                     to=args.to, format=args.format))
+            case "repo", "prune":
+                return client.call(f"{IFACE}.Prune", **_given(
+                    domain=args.domain, keep=args.keep, consumer=args.consumer))
             case "verify", _:
                 return client.call(f"{IFACE}.Verify",
                                    **_given(domain=args.domain, consumer=args.consumer))
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_checkpoints(reply["checkpoints"]))
     elif "deleted" in reply:
         print("\n".join(reply["deleted"]) or "nothing to delete")
+    elif "dropped" in reply:
+        print("\n".join(reply["dropped"]) or "nothing to prune")
     elif "file" in reply:
         print(f"restored {reply['file']} as of {reply['checkpoint']}")
     elif "checked" in reply:

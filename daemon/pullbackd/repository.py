@@ -185,6 +185,45 @@ class Repository:
                     (folder / f"{m.sequence:04d}.json").unlink(missing_ok=True)
                     (folder / m.file).unlink(missing_ok=True)
 
+    async def prune(self, domain: str, consumer: str, disk: str, keep: int) -> list[Manifest]:
+        """Keep the newest `keep` backups of a disk, dropping the older ones.
+
+        Crash-safe at every step: each kept backup whose backing file is to go is
+        first flattened into a standalone file that replaces it atomically (same
+        point in time, so it restores the same), then its manifest is rewritten;
+        only then are the old manifests removed, and after them their files.
+        """
+        manifests = self.manifests(domain, consumer, disk)
+        if len(manifests) <= keep:
+            return []
+        dropped, kept = manifests[:-keep], manifests[-keep:]
+        folder = self.folder(domain, consumer, disk)
+        problems = [p for m in manifests for p in await self.verify(m)]
+        if problems:
+            # Never fold damaged data into the backups that stay.
+            raise RepositoryError(str(folder), f"verify failed, nothing pruned: {problems[0]}")
+        kept_files = {m.file for m in kept}
+        for m in kept:
+            if m.backing is not None and m.backing not in kept_files:
+                await self._flatten(folder, m)
+        for m in dropped:
+            (folder / f"{m.sequence:04d}.json").unlink()
+        for m in dropped:
+            (folder / m.file).unlink(missing_ok=True)
+        log.info("pruned backups", folder=str(folder), dropped=[m.checkpoint for m in dropped])
+        return dropped
+
+    async def _flatten(self, folder: Path, m: Manifest) -> None:
+        flat = folder / f"{m.file}.flat.partial"
+        await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2",
+                   str(folder / m.file), str(flat))
+        regions = await anyio.to_thread.run_sync(_scan, flat)
+        await anyio.to_thread.run_sync(_durable_rename, flat, folder / m.file)
+        flattened = Manifest(**asdict(m) | {"backing": None, "mode": "full",
+                                            "regions": regions})
+        await anyio.to_thread.run_sync(
+            _durable_write, folder / f"{m.sequence:04d}.json", flattened.to_json())
+
     async def restore(self, manifest: Manifest, to: Path, fmt: str) -> None:
         source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
         await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", fmt,
@@ -212,6 +251,35 @@ def _verify(source: Path, manifest: Manifest) -> list[str]:
     finally:
         h.shutdown()
     return problems
+
+
+def _scan(image: Path) -> tuple[Region, ...]:
+    """Checksums of what a standalone image holds, region by allocated region."""
+    mapping = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)],
+        check=True, capture_output=True, text=True).stdout)
+    regions = []
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation(["qemu-nbd", "--read-only", "--format", "qcow2",
+                                         str(image)])
+    try:
+        for extent in mapping:
+            if not extent["present"]:
+                continue
+            start, length = extent["start"], extent["length"]
+            if extent["zero"]:
+                regions.append(Region(start, length, None))
+                continue
+            for offset in range(start, start + length, SCAN_CHUNK):
+                n = min(SCAN_CHUNK, start + length - offset)
+                regions.append(Region(offset, n, digest(h.pread(n, offset))))
+    finally:
+        h.shutdown()
+    return tuple(regions)
+
+
+#: Bytes per checksummed region when rescanning a flattened file.
+SCAN_CHUNK = 4 << 20
 
 
 def _durable_rename(src: Path, dst: Path) -> None:
