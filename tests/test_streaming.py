@@ -15,6 +15,10 @@ from typing import Any
 
 import pytest
 
+from pullbackd import api
+from pullbackd.control import idl
+from pullbackd.control.client import Client, VarlinkError
+
 from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon
 from .images import Disk, MiB
 from .test_stream import nbdkit, qemu_nbd
@@ -294,3 +298,49 @@ def test_pullbackctl_repository_commands(lab: Lab, daemon: Daemon, tmp_path: Pat
                    "--format", "qcow2")
     assert restored.stdout.strip() == f"restored {to} as of {job['checkpoint']}"
     qemu_img_compare(to, "qcow2", expected_file(vda, tmp_path / "expected.raw"))
+
+
+def test_watch_follows_a_streamed_job_to_its_end(
+        daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    # Every write takes a second: the copy lasts a few, and progress shows.
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=1") as url:
+        job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="watched",
+                             destination=url)
+        with Client(daemon.socket, timeout=120) as client:
+            events = [r["event"] for r in client.stream(f"{api.INTERFACE}.Watch",
+                                                        id=job["id"])]
+    iface = api.interface(api.INTERFACE)
+    for e in events:
+        idl.check_fields(iface, iface.types["Event"], e)  # type: ignore[arg-type]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "state" and events[0]["job"]["state"] == "running"
+    assert "progress" in kinds
+    done = [e["job"]["progress"]["done"] for e in events if e["kind"] == "progress"]
+    assert done == sorted(done)
+    assert kinds[-1] == "state" and events[-1]["job"]["state"] == "completed"
+    final = events[-1]["job"]["progress"]
+    # 48 MiB of data, and the holes as zero writes: an appliance's server may not be zero.
+    assert final["done"] == final["total"] == DISK_SIZE
+
+
+def test_watch_edge_cases(daemon: Daemon) -> None:
+    job = daemon.ctl.call("List")["jobs"][0]
+    with Client(daemon.socket, timeout=60) as client:
+        # An ended job: one event, and the stream ends.
+        assert [r["event"]["job"]["id"] for r in client.stream(
+            f"{api.INTERFACE}.Watch", id=job["id"])] == [job["id"]]
+        with pytest.raises(VarlinkError) as e:
+            client.call(f"{api.INTERFACE}.Watch", id=job["id"])  # without `more`
+        assert e.value.name == "org.varlink.service.ExpectedMore"
+        with pytest.raises(VarlinkError) as e:
+            list(client.stream(f"{api.INTERFACE}.Watch", id="nope"))
+        assert e.value.short_name == "NoSuchJob"
+
+
+def test_pullbackctl_wait(daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pullbackd.cli", "--socket", str(daemon.socket), "backup",
+         "start", "lab2", "--disk", "vda", "--consumer", "waiting", "--destination", "local",
+         "--wait"], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "completed" in proc.stdout and "progress" in proc.stdout

@@ -1,7 +1,14 @@
-"""`org.pullbackd.Backup`: the varlink methods, mapped onto the job manager."""
+"""`org.pullbackd.Backup`: the varlink methods, mapped onto the job manager.
+
+Each method of `BackupAPI` is the varlink method of the same name: it takes the
+call's parameters and returns the reply's (or, for Watch, yields one reply per
+event). Checking the parameters' types is the server's job (from the
+interface definition); what is left here is meaning.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -13,9 +20,11 @@ from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Service
 from .errors import BackupInProgress, InvalidParameter
-from .jobs import Jobs, StartRequest
+from .jobs import LOCAL, Job, Jobs, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
+#: Progress events of a running job: at most one a second.
+PROGRESS_INTERVAL = 1.0
 
 
 def interface(name: str) -> idl.Interface:
@@ -23,87 +32,123 @@ def interface(name: str) -> idl.Interface:
     return idl.parse(files(__package__).joinpath(f"{name}.varlink").read_text())
 
 
-def backup_handlers(jobs: Jobs) -> dict[str, Handler]:
-    async def start(domain: str, disks: list[str] | None = None, mode: str | None = None,
-                    since: str | None = None, consumer: str | None = None,
-                    target_dir: str | None = None,
+def _event(kind: str, job: Job) -> dict[str, Any]:
+    return {"event": {"kind": kind, "job": job.to_record()}}
+
+
+class BackupAPI:
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+
+    def handlers(self) -> dict[str, Handler]:
+        return {name: getattr(self, name) for name in interface(INTERFACE).methods}
+
+    # Jobs.
+
+    async def Start(self, domain: str, disks: list[str] | None = None,
+                    mode: str | None = None, since: str | None = None,
+                    consumer: str | None = None, target_dir: str | None = None,
                     destination: str | None = None) -> dict[str, Any]:
         request = StartRequest(domain, disks, mode or "full", since,
                                DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
                                destination)
-        return {"job": (await jobs.start(request)).to_record()}
+        return {"job": (await self.jobs.start(request)).to_record()}
 
-    async def get(id: str) -> dict[str, Any]:
-        return {"job": jobs.get(id).to_record()}
+    async def Get(self, id: str) -> dict[str, Any]:
+        return {"job": self.jobs.get(id).to_record()}
 
-    async def list_() -> dict[str, Any]:
-        return {"jobs": [job.to_record() for job in jobs.all()]}
+    async def List(self) -> dict[str, Any]:
+        return {"jobs": [job.to_record() for job in self.jobs.all()]}
 
-    async def finish(id: str, success: bool | None = None) -> dict[str, Any]:
-        return {"job": (await jobs.finish(id, success is not False)).to_record()}
+    async def Watch(self, id: str | None = None
+                    ) -> AsyncGenerator[dict[str, Any], None]:
+        watched = [self.jobs.get(id)] if id is not None else [
+            j for j in self.jobs.all() if not j.state.final]
+        with self.jobs.watch() as changes:
+            for job in watched:
+                yield _event("state", job)
+            if id is not None and watched[0].state.final:
+                return
+            while True:
+                changed: Job | None = None
+                with anyio.move_on_after(PROGRESS_INTERVAL):
+                    changed = await changes.receive()
+                if changed is None:  # a quiet second: how far the copies have come
+                    for job in self.jobs.all():
+                        if job.progress is not None and not job.state.final and \
+                                id in (None, job.id):
+                            yield _event("progress", job)
+                elif id in (None, changed.id):
+                    yield _event("state", self.jobs.get(changed.id))
+                    if id is not None and changed.state.final:
+                        return
 
-    async def abort(id: str) -> dict[str, Any]:
-        return {"job": (await jobs.abort(id)).to_record()}
+    async def Finish(self, id: str, success: bool | None = None) -> dict[str, Any]:
+        return {"job": (await self.jobs.finish(id, success is not False)).to_record()}
 
-    async def list_checkpoints(domain: str, consumer: str | None = None) -> dict[str, Any]:
+    async def Abort(self, id: str) -> dict[str, Any]:
+        return {"job": (await self.jobs.abort(id)).to_record()}
+
+    # Chains.
+
+    async def ListCheckpoints(self, domain: str,
+                              consumer: str | None = None) -> dict[str, Any]:
         if consumer is not None:
             check_consumer(consumer)
-        return {"checkpoints": [c.to_record() for c in jobs.chains.of(domain, consumer)]}
+        return {"checkpoints": [c.to_record() for c in self.jobs.chains.of(domain, consumer)]}
 
-    async def delete_chain(domain: str, consumer: str) -> dict[str, Any]:
-        return {"deleted": await jobs.delete_chain(domain, consumer)}
+    async def DeleteChain(self, domain: str, consumer: str) -> dict[str, Any]:
+        return {"deleted": await self.jobs.delete_chain(domain, consumer)}
 
-    async def restore(domain: str, disk: str, to: str, consumer: str | None = None,
-                      at: str | None = None, format: str | None = None) -> dict[str, Any]:
+    # The local repository.
+
+    async def Restore(self, domain: str, disk: str, to: str,
+                      consumer: str | None = None, at: str | None = None,
+                      format: str | None = None) -> dict[str, Any]:
         consumer = check_consumer(DEFAULT_CONSUMER if consumer is None else consumer)
         target = Path(to)
         if not target.is_absolute():
             raise InvalidParameter("to", "not an absolute path")
         if await anyio.Path(target).exists():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
-        manifest = await anyio.to_thread.run_sync(
-            jobs.repository.at, domain, consumer, disk, at)
-        await jobs.repository.restore(manifest, target, format or "raw")
+        repository = self.jobs.repository
+        manifest = await anyio.to_thread.run_sync(repository.at, domain, consumer, disk, at)
+        await repository.restore(manifest, target, format or "raw")
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 
-    async def verify(domain: str, consumer: str | None = None) -> dict[str, Any]:
+    async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []
-        root = anyio.Path(jobs.repository.root / domain)
-        for name in await consumers_of(domain, consumer):
-            async for disk in (root / name).iterdir():
-                manifests = await anyio.to_thread.run_sync(
-                    jobs.repository.manifests, domain, name, disk.name)
-                for manifest in manifests:
-                    problems += await jobs.repository.verify(manifest)
-                    checked += 1
+        for name, disk in await self._disks(domain, consumer):
+            manifests = await anyio.to_thread.run_sync(
+                self.jobs.repository.manifests, domain, name, disk)
+            for manifest in manifests:
+                problems += await self.jobs.repository.verify(manifest)
+                checked += 1
         return {"checked": checked, "problems": problems}
 
-    async def prune(domain: str, keep: int, consumer: str | None = None) -> dict[str, Any]:
+    async def Prune(self, domain: str, keep: int,
+                    consumer: str | None = None) -> dict[str, Any]:
         if keep < 1:
             raise InvalidParameter("keep", "at least 1: the newest backup is the chain's base")
+        if (job_id := self.jobs.active(domain)) is not None and \
+                self.jobs.get(job_id).destination == LOCAL:
+            raise BackupInProgress(domain, job_id)  # it writes into the same chains
         dropped: list[str] = []
-        for name in await consumers_of(domain, consumer):
-            if (job_id := jobs.active(domain)) is not None and \
-                    jobs.get(job_id).destination == "local":
-                raise BackupInProgress(domain, job_id)  # it writes into the same chains
-            async for disk in anyio.Path(jobs.repository.root / domain / name).iterdir():
-                for m in await jobs.repository.prune(domain, name, disk.name, keep):
-                    if m.checkpoint not in dropped:
-                        dropped.append(m.checkpoint)
+        for name, disk in await self._disks(domain, consumer):
+            for m in await self.jobs.repository.prune(domain, name, disk, keep):
+                if m.checkpoint not in dropped:
+                    dropped.append(m.checkpoint)
         return {"dropped": dropped}
 
-    async def consumers_of(domain: str, consumer: str | None) -> list[str]:
-        """The consumers with backups of the domain in the repository (or just the one)."""
-        root = anyio.Path(jobs.repository.root / domain)
+    async def _disks(self, domain: str, consumer: str | None) -> list[tuple[str, str]]:
+        """(consumer, disk) pairs with backups of the domain in the repository."""
+        root = anyio.Path(self.jobs.repository.root / domain)
         if consumer is not None:
-            names = [check_consumer(consumer)]
+            consumers = [check_consumer(consumer)]
         else:
-            names = [p.name async for p in root.iterdir()] if await root.is_dir() else []
-        return [n for n in names if await (root / n).is_dir()]
-
-    return {"Start": start, "Get": get, "List": list_, "Finish": finish, "Abort": abort,
-            "ListCheckpoints": list_checkpoints, "DeleteChain": delete_chain,
-            "Restore": restore, "Verify": verify, "Prune": prune}
+            consumers = [p.name async for p in root.iterdir()] if await root.is_dir() else []
+        return [(name, disk.name) for name in consumers if await (root / name).is_dir()
+                async for disk in (root / name).iterdir()]
 
 
 def service(jobs: Jobs) -> Service:
@@ -115,5 +160,5 @@ def service(jobs: Jobs) -> Service:
         internal_error=f"{INTERFACE}.InternalError",
     )
     svc.add_service_interface(interface("org.varlink.service"))
-    svc.add(interface(INTERFACE), backup_handlers(jobs))
+    svc.add(interface(INTERFACE), BackupAPI(jobs).handlers())
     return svc

@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--destination", metavar="local|URI",
                        help="pullbackd copies the backup itself: into the local repository, "
                             "or to an NBD URI ({disk} is replaced by each disk's name)")
+    start.add_argument("--wait", action="store_true",
+                       help="follow the job until it ends, with a progress bar; exit 1 "
+                            "unless it completed")
     backup.add_parser("list", help="list jobs")
     for name, what in (("show", "show a job"), ("finish", "the appliance is done: end the job"),
                        ("abort", "end the job now, as aborted")):
@@ -112,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("domain")
     prune.add_argument("--keep", type=int, required=True, metavar="N")
     prune.add_argument("--consumer")
+    watch = top.add_parser("watch", help="follow a job until it ends, or every job")
+    watch.add_argument("id", nargs="?")
     checkpoints = top.add_parser("checkpoints", help="list a domain's checkpoint chains")
     checkpoints.add_argument("domain")
     checkpoints.add_argument("--consumer")
@@ -128,14 +133,46 @@ def _given(**params: Any) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def bar(progress: dict[str, Any], width: int = 30) -> str:
+    done, total = progress["done"], max(progress["total"], 1)
+    filled = width * done // total
+    eta = f", {progress['eta']} s left" if progress.get("eta") is not None else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {100 * done // total:3d}%  "
+            f"{_size(done)} of {_size(progress['total'])}, {_size(progress['rate'])}/s{eta}")
+
+
+def follow(client: Client, job_id: str | None, as_json: bool) -> dict[str, Any] | None:
+    """Print a job's events (or every job's) until it ends; return its last state."""
+    tty = sys.stderr.isatty()
+    job = None
+    for reply in client.stream(f"{IFACE}.Watch", **_given(id=job_id)):
+        event, job = reply["event"], reply["event"]["job"]
+        if as_json:
+            print(json.dumps(reply), flush=True)
+        elif event["kind"] == "progress" and job_id is not None:
+            print(f"\r{bar(job['progress'])}" if tty else bar(job["progress"]),
+                  end="" if tty else "\n", file=sys.stderr, flush=True)
+        else:
+            line = f"{job['id']}  {job['domain']}  {event['kind']:<8} {job['state']}"
+            if event["kind"] == "progress":
+                line += f"  {bar(job['progress'], 10)}"
+            print(("\n" if tty and job_id else "") + line, file=sys.stderr, flush=True)
+    return job
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with Client(args.socket) as client:
         match args.group, getattr(args, "cmd", None):
             case "backup", "start":
-                return client.call(f"{IFACE}.Start", **_given(
+                reply = client.call(f"{IFACE}.Start", **_given(
                     domain=args.domain, disks=args.disks, mode=args.mode, since=args.since,
                     consumer=args.consumer, target_dir=args.target_dir,
                     destination=args.destination))
+                if args.wait:
+                    reply = {"job": follow(client, reply["job"]["id"], as_json=False)}
+                return reply
+            case "watch", _:
+                return {"job": follow(client, args.id, as_json=args.json)}
             case "backup", "list":
                 return client.call(f"{IFACE}.List")
             case "backup", "show":
@@ -167,12 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         reply = run(args)
+        if args.group == "watch" or getattr(args, "wait", False):
+            # Exit 0 only for a job that completed; `watch --json` already printed events.
+            job = reply["job"]
+            if job is not None and not (args.group == "watch" and args.json):
+                print(json.dumps(reply, indent=2) if args.json else format_job(job))
+            return 0 if job is None or job["state"] == "completed" else 1
     except VarlinkError as e:
         print(f"error: {e.name} {json.dumps(e.parameters)}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"pullbackctl: cannot talk to pullbackd on {args.socket}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "jobs" in reply:

@@ -24,8 +24,8 @@ import dataclasses
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import stream, xml
 from .chain import DEFAULT_CONSUMER, Base, Chains, Checkpoint, CheckpointState, check_consumer
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 MODES = ("full", "incremental", "differential")
+#: Job changes a watcher may fall behind by before it is cut off.
+WATCH_BUFFER = 1024
 LOCAL = "local"
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 
@@ -233,6 +236,8 @@ class Jobs:
         self._tg: anyio.abc.TaskGroup | None = None
         #: job id -> its copy's progress, cancel scope, and the event set when it is over.
         self._live: dict[str, _Live] = {}
+        #: Subscribers to job changes (Watch).
+        self._watchers: set[MemoryObjectSendStream[Job]] = set()
         self._streams: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
         self._exports = exports
         self._scratch = scratch
@@ -715,6 +720,26 @@ class Jobs:
     async def _save(self, job: Job) -> None:
         await self._store.save_job(job)
         self._jobs[job.id] = job
+        for watcher in list(self._watchers):
+            try:
+                watcher.send_nowait(job)
+            except anyio.WouldBlock:
+                # Far behind: cut it off rather than hold up every job for it.
+                log.warning("dropping a watcher that does not keep up")
+                watcher.close()
+                self._watchers.discard(watcher)
+
+    @contextmanager
+    def watch(self) -> Iterator[MemoryObjectReceiveStream[Job]]:
+        """Every saved change of any job, in order, while the context lasts."""
+        send, receive = anyio.create_memory_object_stream[Job](WATCH_BUFFER)
+        self._watchers.add(send)
+        try:
+            yield receive
+        finally:
+            self._watchers.discard(send)
+            send.close()
+            receive.close()
 
 
 def _recorder(writer: Writer) -> stream.OnWritten:

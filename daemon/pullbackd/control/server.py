@@ -15,7 +15,8 @@ import socket
 import stat
 import struct
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class Service:
             raise _Error(f"{SERVICE}.InterfaceNotFound", {"interface": interface})
         return {"description": self._interfaces[interface][0].description}
 
-    async def replies(self, call: Call) -> AsyncIterator[Reply]:
+    async def replies(self, call: Call) -> AsyncGenerator[Reply, None]:
         """Answer one call: one reply, or several for a streaming method called with `more`."""
         try:
             handler = self._resolve(call)
@@ -105,10 +106,11 @@ class Service:
                 # Hold each reply back until the next one exists: only then is
                 # it known whether it `continues`.
                 previous: dict[str, Any] | None = None
-                async for parameters in result:
-                    if previous is not None:
-                        yield Reply(previous, continues=True)
-                    previous = parameters
+                async with aclosing(result):
+                    async for parameters in result:
+                        if previous is not None:
+                            yield Reply(previous, continues=True)
+                        previous = parameters
                 yield Reply(previous or {})
             else:
                 yield Reply(await result)
@@ -168,9 +170,12 @@ class Service:
                         except ProtocolError as e:
                             return await _violation(stream, clog, e, protocol_error)
                         clog.debug("call", method=call.method)
-                        async for reply in self.replies(call):
-                            if not call.oneway:
-                                await stream.send(encode(reply.to_message()))
+                        # Closed here, not by the garbage collector, when the peer
+                        # hangs up in the middle of a stream of replies.
+                        async with aclosing(self.replies(call)) as replies:
+                            async for reply in replies:
+                                if not call.oneway:
+                                    await stream.send(encode(reply.to_message()))
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 clog.debug("disconnected", unread=decoder.pending)
 
