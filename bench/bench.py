@@ -18,6 +18,7 @@ every allocated block onto the overlay (the result is right, the cost is not).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pullbackd import stream
 from pullbackd.control.client import Client
@@ -271,8 +273,9 @@ def main() -> int:
                              "request_size=262144,connections=4,in_flight=64")
     parser.add_argument("--only-4g", action="store_true", help="skip the 16 GiB case")
     args = parser.parse_args()
-    tuning = stream.Tuning(**{k: int(v) for k, v in
-                              (item.split("=") for item in args.tuning.split(",") if item)})
+    settings: dict[str, Any] = {k: int(v) for k, v in
+                                (item.split("=") for item in args.tuning.split(",") if item)}
+    tuning = dataclasses.replace(stream.Tuning(), **settings)
     size = SMOKE_SIZE if args.smoke else FULL_SIZE
     tools = tuple(args.tools.split(","))
     with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:

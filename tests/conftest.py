@@ -132,8 +132,8 @@ class Daemon:
         return self.log.read_text()
 
 
-def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path | None = None
-                 ) -> Daemon:
+def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path | None = None,
+                 extra_config: str = "") -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own."""
     base.mkdir(parents=True, exist_ok=True)
     config = base / "pullbackd.toml"
@@ -144,7 +144,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         f'[scratch]\ndir = "{base}/scratch"\n'
         f'[state]\ndir = "{base}/state"\n'
         f'[repository]\ndir = "{repository or base / "repository"}"\n'
-        f'[log]\nlevel = "debug"\n')
+        f'[log]\nlevel = "debug"\n' + extra_config)
     notify_path = base / "notify.sock"
     notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -344,3 +344,52 @@ def test_pullbackctl_wait(daemon: Daemon, free_domain: Disk, tmp_path: Path) -> 
          "--wait"], capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "completed" in proc.stdout and "progress" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and a server certificate for localhost, the way nbdkit and libnbd name them."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=pullbackd test CA", "-keyout", "ca-key.pem", "-out", "ca-cert.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", "server-key.pem", "-out", "server.csr")
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                               "extendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server-cert.pem")
+    (d / "server-key.pem").chmod(0o600)
+    return d
+
+
+def test_tls_destination(lab: Lab, pki: Path, tmp_path: Path) -> None:
+    vda = Disk(lab, "lab4", "vda")
+    vda.write(2 * MiB, 3 * MiB, 0xE1)
+    target = tmp_path / "appliance.raw"
+    target.write_bytes(b"")
+    subprocess.run(["truncate", "-s", str(DISK_SIZE), str(target)], check=True)
+    client_pki = tmp_path / "client-pki"
+    client_pki.mkdir()
+    (client_pki / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+    daemon = start_daemon(tmp_path / "pullbackd", lab.uri,
+                          extra_config=f'[stream]\ntls_certificates = "{client_pki}"\n')
+    try:
+        with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki}", "file",
+                    str(target)) as url:
+            tls_url = url.replace("nbd+unix://", "nbds+unix://")
+            job = daemon.ctl.job("Start", domain="lab4", disks=["vda"], consumer="tls",
+                                 destination=tls_url)
+            assert daemon.ctl.wait(job["id"])["state"] == "completed"
+            # The same server refuses a client that does not start TLS: the job fails.
+            plain = daemon.ctl.job("Start", domain="lab4", disks=["vda"], consumer="tls",
+                                   mode="incremental", destination=url)
+            ended = daemon.ctl.wait(plain["id"])
+            assert ended["state"] == "failed" and "TLS" in ended["error"]
+        qemu_img_compare(target, "raw", expected_file(vda, tmp_path / "expected.raw"))
+        assert chain(daemon, "lab4", "tls") == [job["checkpoint"]]
+    finally:
+        stop_daemon(daemon)

@@ -71,6 +71,9 @@ class Stream:
     connections: int = 2
     #: Requests in flight per connection pair.
     in_flight: int = 8
+    #: For nbds:// destinations: a folder with ca-cert.pem (and client-cert.pem and
+    #: client-key.pem if the appliance checks clients). Empty: libnbd's default.
+    tls_certificates: str = ""
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         await virt.connect()
         repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository")
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
-                               connections=cfg.stream.connections, in_flight=cfg.stream.in_flight)
+                               connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
+                               tls_certificates=cfg.stream.tls_certificates or None)
         jobs = Jobs(virt, store, Chains(virt, store), cfg.exports.dir, cfg.scratch.dir,
                     cfg.jobs.end_timeout, repository, tuning)
         async with anyio.create_task_group() as tg:

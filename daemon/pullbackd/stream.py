@@ -58,6 +58,9 @@ class Tuning:
     window: int = 1024 * MiB
     #: Seconds without any progress after which a silent server counts as gone.
     stall_timeout: float = 60.0
+    #: For nbds:// destinations: the folder with ca-cert.pem (and client-cert.pem,
+    #: client-key.pem when the server checks clients); None: libnbd's default.
+    tls_certificates: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,12 @@ def split(piece: Piece, request_size: int) -> Iterator[Piece]:
         yield Piece(offset, min(request_size, piece.offset + piece.length - offset), piece.zero)
 
 
-def _connect(url: str, contexts: tuple[str, ...] = ()) -> nbd.NBD:
+def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | None = None
+             ) -> nbd.NBD:
     h = nbd.NBD()
+    if tls_certificates is not None:
+        # From our configuration, never from the URI: callers name servers, not files.
+        h.set_tls_certificates(tls_certificates)
     for context in contexts:
         h.add_meta_context(context)
     h.connect_uri(url)
@@ -258,7 +265,7 @@ class _Copy:
     def _work(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
         src = _connect(self.source)
         try:
-            dst = _connect(self.destination)
+            dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates)
             try:
                 _Pump(self, src, dst, counters).run(work)
                 if not self.stopped():
