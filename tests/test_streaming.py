@@ -393,3 +393,26 @@ def test_tls_destination(lab: Lab, pki: Path, tmp_path: Path) -> None:
         assert chain(daemon, "lab4", "tls") == [job["checkpoint"]]
     finally:
         stop_daemon(daemon)
+
+
+def test_full_and_five_incrementals_to_an_nbd_uri(
+        lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    """The appliance keeps its own qcow2 chain: a new overlay served by qemu-nbd each time."""
+    vda = Disk(lab, "lab4", "vda")
+    previous: Path | None = None
+    for step in range(6):
+        vda.write(step * 9 * MiB + 512, (step + 2) * 100 * 1024, 0x70 + step)
+        image = tmp_path / f"{step}.qcow2"
+        create = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if previous is not None:
+            create += ["-b", str(previous), "-F", "qcow2"]
+        subprocess.run([*create, str(image), str(DISK_SIZE)], check=True)
+        with qemu_nbd(image) as url:
+            job = daemon.ctl.job("Start", domain="lab4", disks=["vda"], consumer="uri-chain",
+                                 mode="incremental", destination=url)
+            done = daemon.ctl.wait(job["id"])
+        assert done["state"] == "completed", done
+        assert done["mode"] == ("full" if step == 0 else "incremental")
+        qemu_img_compare(image, "qcow2", expected_file(vda, tmp_path / f"{step}.raw"))
+        previous = image
+    assert len(chain(daemon, "lab4", "uri-chain")) == 6
