@@ -12,6 +12,9 @@ repeats is reported.
 
 nbdcopy and qemu-img cannot read a dirty bitmap: for an incremental they copy
 every allocated block onto the overlay (the result is right, the cost is not).
+virtnbdbackup keeps checkpoints of its own, so it backs up a twin domain (lab2,
+written exactly like lab1) into its own format; its runs are checked by
+`virtnbdrestore` and `qemu-img compare` against that domain's disk.
 `--smoke` runs tiny sizes once: it checks that the benchmark works, nothing more.
 """
 
@@ -22,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -82,8 +86,9 @@ def run(*command: str) -> str:
 
 
 @contextmanager
-def lab(folder: Path, disk_size: int) -> Iterator[str]:
-    out = run(str(LAB), "--dir", str(folder), "up", "--size", str(disk_size))
+def lab(folder: Path, disk_size: int, domains: int) -> Iterator[str]:
+    out = run(str(LAB), "--dir", str(folder), "up", "--size", str(disk_size),
+              "--domains", str(domains))
     uri = next(line.split("=", 1)[1] for line in out.splitlines()
                if line.startswith("LIBVIRT_URI="))
     try:
@@ -144,18 +149,18 @@ def qcow2(path: Path, size: int, backing: Path | None = None) -> Path:
     return path
 
 
-def fill(lab_dir: Path, size: Size, disk_size: int) -> None:
+def fill(lab_dir: Path, size: Size, disk_size: int, domain: str) -> None:
     """`size.data` bytes of data, in chunks spread evenly over the disk."""
     chunk = min(CHUNK, size.data)
     chunks = size.data // chunk
     stride = disk_size // chunks // chunk * chunk
     for i in range(chunks):
-        run(str(LAB), "--dir", str(lab_dir), "write", "lab1", "vda", str(i * stride),
+        run(str(LAB), "--dir", str(lab_dir), "write", domain, "vda", str(i * stride),
             str(chunk), str(0x10 + i % 200))
 
 
-def dirty(lab_dir: Path, size: Size, seed: int) -> int:
-    offsets = run(str(LAB), "--dir", str(lab_dir), "scatter", "lab1", "vda",
+def dirty(lab_dir: Path, size: Size, seed: int, domain: str) -> int:
+    offsets = run(str(LAB), "--dir", str(lab_dir), "scatter", domain, "vda",
                   str(size.dirty_writes), str(BLOCK), "0xd1", "--seed", str(seed)).split()
     return len(offsets) * BLOCK
 
@@ -218,13 +223,69 @@ def engine_into(base: Path, url: str) -> None:
         engine(url, None, True, stream.Tuning())(dest)
 
 
+class Virtnbdbackup:
+    """virtnbdbackup on the twin domain lab2: a fresh output folder per full backup,
+    as it wants; its incremental follows a full in the same folder."""
+
+    def __init__(self, work: Path, lab_dir: Path, uri: str) -> None:
+        self.work, self.lab_dir = work, lab_dir
+        scratch = work / "vnb-scratch"
+        scratch.mkdir(exist_ok=True)
+        self.command = ["virtnbdbackup", "-U", uri, "-d", "lab2", "-f",
+                        str(work / "vnb.sock"), "-S", str(scratch), "--noprogress"]
+        self.uri = uri
+        self.runs = 0
+
+    def full(self) -> Path:
+        self.runs += 1
+        out = self.work / f"vnb-{self.runs}"
+        run(*self.command, "-l", "full", "-o", str(out))
+        return out
+
+    def check(self, out: Path) -> None:
+        restored = self.work / f"vnb-restored-{self.runs}"
+        run("virtnbdrestore", "-U", self.uri, "-i", str(out), "-o", str(restored), "-n",
+            "-L", str(self.work / "vnb-restore.log"))
+        # -U: the domain runs (idle); its disk is what the backup must hold.
+        run("qemu-img", "compare", "-q", "-U", str(restored / "lab2-vda.qcow2"),
+            str(self.lab_dir / "disks" / "lab2-vda.qcow2"))
+        shutil.rmtree(restored)
+
+    def measure_full(self, size: Size) -> Result:
+        seconds = []
+        for _ in range(size.repeats):
+            t = time.perf_counter()
+            out = self.full()
+            seconds.append(time.perf_counter() - t)
+            self.check(out)
+        log(f"{'full':9} {'virtnbd':9} {statistics.median(seconds):7.3f} s")
+        return Result("full", "virtnbdbackup", seconds, size.data)
+
+    def measure_incremental(self, size: Size, moved: int) -> Result:
+        seconds = []
+        for _ in range(size.repeats):
+            out = self.full()
+            dirty(self.lab_dir, size, seed=1, domain="lab2")  # the same blocks as lab1's
+            seconds.append(timed(lambda out=out: run(  # type: ignore[misc]
+                *self.command, "-l", "inc", "-o", str(out))))
+            self.check(out)
+        log(f"{'incr':9} {'virtnbd':9} {statistics.median(seconds):7.3f} s")
+        return Result("incr", "virtnbdbackup", seconds, moved)
+
+
 def disk_cases(work: Path, size: Size, disk_size: int, label: str,
                tools: tuple[str, ...], tuning: stream.Tuning) -> list[Result]:
     results = []
     lab_dir = work / f"lab-{label}"
-    with lab(lab_dir, disk_size) as uri, daemon(work / f"pullbackd-{label}", uri) as ctl:
+    twin = label == "4g" and "virtnbdbackup" in tools
+    with lab(lab_dir, disk_size, 2 if twin else 1) as uri, \
+            daemon(work / f"pullbackd-{label}", uri) as ctl:
         log(f"{label}: writing {size.data // MiB} MiB of data on a {disk_size // MiB} MiB disk")
-        fill(lab_dir, size, disk_size)
+        fill(lab_dir, size, disk_size, "lab1")
+        vnb = None
+        if twin:
+            fill(lab_dir, size, disk_size, "lab2")
+            vnb = Virtnbdbackup(work, lab_dir, uri)
         full = start(ctl, "full")
         base = work / f"{label}-full.qcow2"
         if label == "4g":
@@ -238,7 +299,9 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
             engine_into(qcow2(base, disk_size), full["url"])
         ctl.call(f"{IFACE}.Finish", id=full["id"])
 
-        moved = dirty(lab_dir, size, seed=1)
+        if vnb is not None:
+            results.append(vnb.measure_full(size))
+        moved = dirty(lab_dir, size, seed=1, domain="lab1")
         incr = start(ctl, "incremental")
         case = "incr" if label == "4g" else "incr-16g"
         overlay = work / f"{label}-incr.qcow2"
@@ -250,23 +313,26 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
                                        lambda: qcow2(overlay, disk_size, base), copy,
                                        incr["url"]))
         ctl.call(f"{IFACE}.Finish", id=incr["id"])
+        if vnb is not None:
+            results.append(vnb.measure_incremental(size, moved))
     return results
 
 
 def table(results: list[Result]) -> str:
     ours = {r.case: r.median for r in results if r.tool == "pullbackd"}
-    lines = [f"{'case':9} {'tool':9} {'median s':>9} {'MiB/s':>8} {'x pullbackd':>12}"]
-    for r in results:
+    lines = [f"{'case':9} {'tool':13} {'median s':>9} {'MiB/s':>8} {'x pullbackd':>12}"]
+    order = {"full": 0, "incr": 1, "incr-16g": 2}
+    for r in sorted(results, key=lambda r: order[r.case]):
         ratio = f"{r.median / ours[r.case]:.2f}" if r.case in ours else "-"
-        lines.append(f"{r.case:9} {r.tool:9} {r.median:9.3f} {r.moved / MiB / r.median:8.0f} "
-                     f"{ratio:>12}")
+        lines.append(f"{r.case:9} {r.tool:13} {r.median:9.3f} "
+                     f"{r.moved / MiB / r.median:8.0f} {ratio:>12}")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run each")
-    parser.add_argument("--tools", default="pullbackd,nbdcopy,qemu-img")
+    parser.add_argument("--tools", default="pullbackd,nbdcopy,qemu-img,virtnbdbackup")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
                         help="engine settings to try instead of the defaults, e.g. "
