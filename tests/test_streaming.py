@@ -75,6 +75,9 @@ def test_full_and_five_incrementals_into_the_repository(
 
     assert daemon.ctl.call("Verify", domain="lab2", consumer="repo") == \
         {"checked": 6, "problems": []}
+    manifest = json.loads((daemon.repository / "lab2" / "repo" / "vda" / "0002.json").read_text())
+    assert manifest["checkpoint"] == points[1][0] and manifest["backing"] == "0001.qcow2"
+    assert manifest["bytes"] == sum(length for _, length, _ in manifest["regions"]) > 0
 
 
 def test_verify_finds_damage(lab: Lab, daemon: Daemon, tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ class BackupAPI:
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.jobs.repository
         manifest = await anyio.to_thread.run_sync(repository.at, domain, consumer, disk, at)
-        await repository.restore(manifest, target, format or "raw")
+        await repository.restore(manifest, target, format or "raw", self.jobs.tuning)
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 
     async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:

@@ -231,7 +231,7 @@ class Jobs:
         self._store = store
         self.chains = chains
         self.repository = repository
-        self._tuning = tuning or stream.Tuning()
+        self.tuning = tuning or stream.Tuning()
         #: Where streaming tasks run: the task group of follow_events.
         self._tg: anyio.abc.TaskGroup | None = None
         #: job id -> its copy's progress, cancel scope, and the event set when it is over.
@@ -425,7 +425,7 @@ class Jobs:
                     result = await stream.stream(
                         str(disk.url), target, bitmap=disk.bitmap,
                         zeroed_destination=writer is not None and disk.mode == "full",
-                        tuning=self._tuning,
+                        tuning=self.tuning,
                         on_progress=lambda p: setattr(live, "current", p),
                         on_written=_recorder(writer) if writer else None)
                     live.disk_done(result)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ import anyio
 import nbd
 import structlog
 
+from . import stream
 from .errors import NoSuchCheckpoint, PullbackError
 
 log = structlog.get_logger()
@@ -69,17 +71,32 @@ class Manifest:
         return sum(r.length for r in self.regions)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self) | {"regions": [[r.offset, r.length, r.sha256]
-                                                     for r in self.regions]}, indent=1)
+        return json.dumps(asdict(self) | {
+            "bytes": self.bytes,
+            "regions": [[r.offset, r.length, r.sha256] for r in self.regions],
+        }, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         data: dict[str, Any] = json.loads(text)
+        data.pop("bytes", None)  # derived from the regions
         return cls(**data | {"regions": tuple(Region(*r) for r in data["regions"])})
 
 
 def digest(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Served:
+    """An image served by a qemu-nbd of ours, on a socket in a folder only we can enter."""
+
+    process: anyio.abc.Process
+    socket: Path
+
+    @property
+    def url(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
 
 
 @dataclass
@@ -88,13 +105,12 @@ class Writer:
 
     manifest: Manifest
     folder: Path
-    process: anyio.abc.Process
-    socket: Path
+    server: Served
     regions: list[Region] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"nbd+unix:///?socket={self.socket}"
+        return self.server.url
 
     @property
     def partial(self) -> Path:
@@ -139,25 +155,36 @@ class Repository:
         if base is not None:  # relative, so the folder can move as a whole
             create += ["-b", base.file, "-F", "qcow2"]
         await _run(*create, str(partial), str(size))
-        await anyio.Path(self._sockets).mkdir(parents=True, exist_ok=True)
-        sock = self._sockets / f"{job}.{disk}.sock"
-        sock.unlink(missing_ok=True)
-        process = await anyio.open_process(
-            ["qemu-nbd", "--socket", str(sock), "--format", "qcow2", "--shared", "16",
-             "--persistent", "--cache", "writeback", str(partial)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        writer = Writer(manifest, folder, process, sock)
         try:
-            await _until_listening(writer)
+            server = await self._serve(partial, "qcow2", f"{job}.{disk}", read_only=False)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.abort(writer)
+                await anyio.Path(partial).unlink(missing_ok=True)
             raise
-        return writer
+        return Writer(manifest, folder, server)
+
+    async def _serve(self, image: Path, fmt: str, name: str, read_only: bool) -> Served:
+        await anyio.Path(self._sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
+        await anyio.Path(self._sockets).chmod(0o700)
+        sock = self._sockets / f"{name}.sock"
+        await anyio.Path(sock).unlink(missing_ok=True)
+        process = await anyio.open_process(
+            ["qemu-nbd", "--socket", str(sock), "--format", fmt, "--shared", "16",
+             "--persistent", "--cache", "writeback", *(["--read-only"] if read_only else []),
+             str(image)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        served = Served(process, sock)
+        try:
+            await _until_listening(served, image)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _stop(served)
+            raise
+        return served
 
     async def commit(self, writer: Writer) -> Manifest:
         """Every byte arrived: the partial file becomes a backup, its manifest last."""
-        await _stop(writer)
+        await _stop(writer.server)
         manifest = Manifest(**asdict(writer.manifest) | {
             "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
         final = writer.folder / manifest.file
@@ -169,8 +196,8 @@ class Repository:
         return manifest
 
     async def abort(self, writer: Writer) -> None:
-        await _stop(writer)
-        writer.partial.unlink(missing_ok=True)
+        await _stop(writer.server)
+        await anyio.Path(writer.partial).unlink(missing_ok=True)
 
     def forget_job(self, domain: str, consumer: str, job: str) -> None:
         """Remove what a job that did not complete stored: no backup may point to a
@@ -224,10 +251,30 @@ class Repository:
         await anyio.to_thread.run_sync(
             _durable_write, folder / f"{m.sequence:04d}.json", flattened.to_json())
 
-    async def restore(self, manifest: Manifest, to: Path, fmt: str) -> None:
+    async def restore(self, manifest: Manifest, to: Path, fmt: str,
+                      tuning: stream.Tuning | None = None) -> None:
+        """Rebuild the disk as it was at a backup into a new file, with the engine: the
+        chain point read through one qemu-nbd, the new image written through another."""
         source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
-        await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", fmt,
-                   str(source), str(to))
+        await _run("qemu-img", "create", "-q", "-f", fmt, str(to), str(manifest.size))
+        name = f"r-{secrets.token_hex(4)}"  # short: socket paths end at 108 bytes
+        try:
+            reader = await self._serve(source, "qcow2", f"{name}.src", read_only=True)
+            try:
+                writer = await self._serve(to, fmt, f"{name}.dst", read_only=False)
+                try:
+                    await stream.stream(reader.url, writer.url, zeroed_destination=True,
+                                        tuning=tuning)
+                finally:
+                    with anyio.CancelScope(shield=True):  # the image must be closed
+                        await _stop(writer)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _stop(reader)
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # half a restore is no restore
+                await anyio.Path(to).unlink(missing_ok=True)
+            raise
 
     async def verify(self, manifest: Manifest) -> list[str]:
         """Re-read every region a backup wrote; return what does not match."""
@@ -314,24 +361,24 @@ async def _run(*command: str) -> None:
                               or f"{command[0]} failed")
 
 
-async def _until_listening(writer: Writer) -> None:
+async def _until_listening(served: Served, image: Path) -> None:
     # qemu-nbd says nothing when its socket is bound; it binds within
     # milliseconds, so look for the socket, with a bound.
     with anyio.fail_after(30):
-        while not await anyio.Path(writer.socket).exists():
-            if writer.process.returncode is not None:
-                raise RepositoryError(str(writer.partial),
-                                      f"qemu-nbd exited with {writer.process.returncode}")
+        while not await anyio.Path(served.socket).exists():
+            if served.process.returncode is not None:
+                raise RepositoryError(str(image),
+                                      f"qemu-nbd exited with {served.process.returncode}")
             await anyio.sleep(0.01)
 
 
-async def _stop(writer: Writer) -> None:
+async def _stop(served: Served) -> None:
     """Stop qemu-nbd and wait until it closed the image (its qcow2 metadata written)."""
-    if writer.process.returncode is None:
-        writer.process.send_signal(signal.SIGTERM)
+    if served.process.returncode is None:
+        served.process.send_signal(signal.SIGTERM)
         with anyio.move_on_after(30):
-            await writer.process.wait()
-        if writer.process.returncode is None:
-            writer.process.kill()
-            await writer.process.wait()
-    await anyio.Path(writer.socket).unlink(missing_ok=True)
+            await served.process.wait()
+        if served.process.returncode is None:
+            served.process.kill()
+            await served.process.wait()
+    await anyio.Path(served.socket).unlink(missing_ok=True)
