@@ -1,10 +1,12 @@
 """Backup jobs: the records, and the manager that moves them through their states.
 
-    pull:  starting ──> ready ───> completed   (Finish)
-    push:  starting ──> running ─> completed   (libvirt: the copy is done)
-              │           ├──────> aborted     (Abort)
-              └───────────┴──────> failed      (libvirt refused, the domain stopped,
-                                                the job vanished, Finish(success=false))
+    pull:      starting ──> ready ───> completed   (Finish)
+    push:      starting ──> running ─> completed   (libvirt: the copy is done)
+    streamed:  starting ──> running ─> completed   (pullbackd's own copy: every byte arrived)
+                  │           ├──────> aborted     (Abort)
+                  └───────────┴──────> failed      (libvirt refused, the domain stopped, the
+                                                    job vanished, the copy failed,
+                                                    Finish(success=false))
 
 Only `completed` makes the job's checkpoint part of its consumer's chain (see
 chain.py); every other end deletes it.
@@ -232,13 +234,6 @@ class Jobs:
         self.chains = chains
         self.repository = repository
         self.tuning = tuning or stream.Tuning()
-        #: Where streaming tasks run: the task group of follow_events.
-        self._tg: anyio.abc.TaskGroup | None = None
-        #: job id -> its copy's progress, cancel scope, and the event set when it is over.
-        self._live: dict[str, _Live] = {}
-        #: Subscribers to job changes (Watch).
-        self._watchers: set[MemoryObjectSendStream[Job]] = set()
-        self._streams: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
         self._exports = exports
         self._scratch = scratch
         self._end_timeout = end_timeout
@@ -249,6 +244,14 @@ class Jobs:
         self._locks: dict[str, anyio.Lock] = {}
         #: domain -> set when libvirt reports the domain's backup job ended.
         self._ended: dict[str, anyio.Event] = {}
+        #: Subscribers to job changes (Watch).
+        self._watchers: set[MemoryObjectSendStream[Job]] = set()
+        #: Where pullbackd's own copies run: the task group of follow_events.
+        self._tg: anyio.abc.TaskGroup | None = None
+        #: job id -> the progress of its copy.
+        self._live: dict[str, _Live] = {}
+        #: job id -> its copy's cancel scope, and the event set when the copy is over.
+        self._streams: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
 
     # Deterministic names.
 
