@@ -133,6 +133,7 @@ class Daemon:
 
 
 def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path | None = None,
+                 scratch: Path | None = None, scratch_reserve: int = 0,
                  extra_config: str = "") -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own."""
     base.mkdir(parents=True, exist_ok=True)
@@ -141,7 +142,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         f'[libvirt]\nuri = "{uri}"\n'
         f'[control]\nsocket = "{base}/control.sock"\n'
         f'[exports]\ndir = "{base}/exports"\n'
-        f'[scratch]\ndir = "{base}/scratch"\n'
+        f'[scratch]\ndir = "{scratch or base / "scratch"}"\nreserve = {scratch_reserve}\n'
         f'[state]\ndir = "{base}/state"\n'
         f'[repository]\ndir = "{repository or base / "repository"}"\n'
         f'[log]\nlevel = "debug"\n' + extra_config)
@@ -163,7 +164,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         raise AssertionError(f"pullbackd did not get ready:\n{log.read_text()}") from None
     finally:
         notify.close()
-    return Daemon(proc, base / "control.sock", base / "exports", base / "scratch", log,
+    return Daemon(proc, base / "control.sock", base / "exports", scratch or base / "scratch", log,
                   Control(base / "control.sock"), repository or base / "repository")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from pullbackd.sdnotify import Notifier
 
-from .conftest import Daemon, Lab, lab_up, start_daemon, stop_daemon
+from .conftest import DISK_SIZE, Daemon, Lab, lab_up, start_daemon, stop_daemon
 from .images import Disk, MiB, assert_same, read_export
 from .test_backup import job_files
 
@@ -253,3 +253,44 @@ def test_pullbackctl_chains(daemon: Daemon) -> None:
     bad = pullbackctl(daemon, "backup", "start", "lab2", "--mode", "differential",
                       "--since", "nope", "--consumer", "cli")
     assert bad.returncode == 1 and "NoSuchCheckpoint" in bad.stderr
+
+
+@pytest.fixture
+def small_scratch(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "scratch"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_scratch_that_cannot_hold_the_worst_case_is_refused_up_front(
+        lab: Lab, small_scratch: Path, tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "pullbackd", lab.uri, scratch=small_scratch,
+                          scratch_reserve=4 << 20)
+    try:
+        jobs_before = daemon.ctl.call("List")
+        e = daemon.ctl.error("Start", domain="lab4", consumer="scratchy")
+        assert e.short_name == "InsufficientScratch"
+        assert e.parameters["dir"] == str(small_scratch)
+        assert e.parameters["needed"] == 2 * DISK_SIZE  # both disks rewritten whole
+        assert e.parameters["available"] <= 12 << 20  # 16 MiB less the 4 MiB reserve
+        # Nothing happened: no job, no checkpoint, the domain free.
+        assert daemon.ctl.call("List") == jobs_before
+        assert daemon.ctl.call("ListCheckpoints", domain="lab4", consumer="scratchy") == \
+            {"checkpoints": []}
+        # Told to proceed, it does: the guest is idle, the scratch stays nearly empty.
+        job = daemon.ctl.job("Start", domain="lab4", consumer="scratchy",
+                             allow_scratch_overcommit=True)
+        assert job["state"] == "ready"
+        assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
+        # A push needs no scratch: not refused.
+        target = tmp_path / "push"
+        target.mkdir()
+        push = daemon.ctl.job("Start", domain="lab4", consumer="scratchy", disks=["vda"],
+                              target_dir=str(target))
+        assert daemon.ctl.wait(push["id"])["state"] == "completed"
+    finally:
+        stop_daemon(daemon)

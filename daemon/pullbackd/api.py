@@ -48,10 +48,11 @@ class BackupAPI:
     async def Start(self, domain: str, disks: list[str] | None = None,
                     mode: str | None = None, since: str | None = None,
                     consumer: str | None = None, target_dir: str | None = None,
-                    destination: str | None = None) -> dict[str, Any]:
+                    destination: str | None = None,
+                    allow_scratch_overcommit: bool | None = None) -> dict[str, Any]:
         request = StartRequest(domain, disks, mode or "full", since,
                                DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
-                               destination)
+                               destination, bool(allow_scratch_overcommit))
         return {"job": (await self.jobs.start(request)).to_record()}
 
     async def Get(self, id: str) -> dict[str, Any]:

@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--destination", metavar="local|URI",
                        help="pullbackd copies the backup itself: into the local repository, "
                             "or to an NBD URI ({disk} is replaced by each disk's name)")
+    start.add_argument("--allow-scratch-overcommit", action="store_true",
+                       help="start even if the scratch folder cannot hold the worst case")
     start.add_argument("--wait", action="store_true",
                        help="follow the job until it ends, with a progress bar; exit 1 "
                             "unless it completed")
@@ -167,7 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 reply = client.call(f"{IFACE}.Start", **_given(
                     domain=args.domain, disks=args.disks, mode=args.mode, since=args.since,
                     consumer=args.consumer, target_dir=args.target_dir,
-                    destination=args.destination))
+                    destination=args.destination,
+                    allow_scratch_overcommit=args.allow_scratch_overcommit or None))
                 if args.wait:
                     reply = {"job": follow(client, reply["job"]["id"], as_json=False)}
                 return reply

@@ -49,6 +49,8 @@ class Scratch:
     #: contents of blocks the guest overwrites during a backup here. Keep it on
     #: a real disk, not tmpfs: a busy guest can fill it up to the disks' size.
     dir: Path = Path("/var/lib/pullbackd/scratch")
+    #: Bytes of the scratch file system never promised to backups (the host needs some too).
+    reserve: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,8 @@ def _build(cls: Any, data: Any, where: str) -> Any:
                 raise ConfigError(f"{key} must be an absolute path")
             values[name] = Path(value)
         elif isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{key} must be a positive integer")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} must be a whole number")
             values[name] = value
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -169,5 +171,8 @@ def _validate(config: Config) -> None:
             grp.getgrnam(config.control.group)
         except KeyError:
             raise ConfigError(f"control.group: no group {config.control.group!r}") from None
+    for key in ("request_size", "connections", "in_flight"):
+        if getattr(config.stream, key) < 1:
+            raise ConfigError(f"stream.{key} must be at least 1")
     if config.log.level not in LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(LEVELS)}")

@@ -77,6 +77,14 @@ class JobNotReady(PullbackError):
                          id=id, state=state)
 
 
+class InsufficientScratch(PullbackError):
+    def __init__(self, dir: str, needed: int, available: int) -> None:
+        super().__init__(
+            f"{dir} can hold {available} bytes of scratch, and the worst case of the running "
+            f"pull backups with this one is {needed}: free space, or back up fewer disks, or "
+            "start with allow_scratch_overcommit", dir=dir, needed=needed, available=available)
+
+
 class NoSuchJob(PullbackError):
     def __init__(self, id: str) -> None:
         super().__init__(f"no job {id!r}; list jobs with `pullbackctl backup list`", id=id)

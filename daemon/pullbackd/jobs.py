@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -46,6 +47,7 @@ from .errors import (
     BackupInProgress,
     DomainBusy,
     DomainNotRunning,
+    InsufficientScratch,
     InvalidParameter,
     JobNotReady,
     LibvirtError,
@@ -178,6 +180,7 @@ class StartRequest:
     consumer: str = DEFAULT_CONSUMER
     target_dir: str | None = None
     destination: str | None = None
+    allow_scratch_overcommit: bool = False
 
     def check(self) -> None:
         """Refuse what no domain could satisfy, before anything is touched."""
@@ -228,7 +231,7 @@ class Jobs:
 
     def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Path, scratch: Path,
                  end_timeout: float, repository: Repository,
-                 tuning: stream.Tuning | None = None) -> None:
+                 tuning: stream.Tuning | None = None, scratch_reserve: int = 0) -> None:
         self._virt = virt
         self._store = store
         self.chains = chains
@@ -236,6 +239,7 @@ class Jobs:
         self.tuning = tuning or stream.Tuning()
         self._exports = exports
         self._scratch = scratch
+        self._scratch_reserve = scratch_reserve
         self._end_timeout = end_timeout
         self._jobs: dict[str, Job] = {}
         #: domain -> id of its job that is not final.
@@ -313,6 +317,9 @@ class Jobs:
         if operation is not None:
             raise DomainBusy(domain, operation)
         chosen, skip = _select_disks(domain, xml.parse_disks(dom.xml), request.disks)
+        if request.target_dir is None and not request.allow_scratch_overcommit:
+            sizes = [await self._virt.capacity(domain, disk) for disk in chosen]
+            await anyio.to_thread.run_sync(self._check_scratch, job_id, sum(sizes))
         await self.chains.prepare(domain)
         bases = self.chains.bases(domain, request.consumer, request.mode, request.since, chosen)
         if request.destination == LOCAL:
@@ -357,6 +364,22 @@ class Jobs:
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
         return self._with_progress(job)
+
+    def _check_scratch(self, job_id: str, size: int) -> None:
+        """Refuse a pull backup the scratch file system cannot hold in the worst case.
+
+        The worst case of a running pull backup is the size of its disks; what its
+        scratch files hold now is already out of the free space.
+        """
+        self._scratch.mkdir(parents=True, exist_ok=True)  # libvirt needs it there too
+        running = [j for j in self._jobs.values() if j.id != job_id and not j.state.final
+                   and j.target_dir is None]
+        needed = size + sum(d.size for j in running for d in j.disks)
+        used = sum(p.stat().st_blocks * 512 for j in running
+                   for p in self._scratch.glob(f"{j.id}.*.qcow2"))
+        available = shutil.disk_usage(self._scratch).free - self._scratch_reserve + used
+        if needed > available:
+            raise InsufficientScratch(str(self._scratch), needed, max(available, 0))
 
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
                      ) -> dict[str, Base]:
