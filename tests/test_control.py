@@ -218,6 +218,19 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+def test_list_filters(daemon: Daemon) -> None:
+    daemon.ctl.call("Finish", id=daemon.ctl.job("Start", domain="lab1")["id"])
+    everything = daemon.ctl.call("List")["jobs"]
+    lab1 = daemon.ctl.call("List", domain="lab1")["jobs"]
+    assert lab1 == [j for j in everything if j["domain"] == "lab1"] and lab1
+    completed = daemon.ctl.call("List", domain="lab1", state="completed")["jobs"]
+    assert completed == [j for j in lab1 if j["state"] == "completed"] and completed
+    assert daemon.ctl.call("List", domain="no-such-domain") == {"jobs": []}
+    e = daemon.ctl.error("List", state="finished")
+    assert (e.name, e.parameters) == ("org.varlink.service.InvalidParameter",
+                                      {"parameter": "state"})
+
+
 def test_domains_stay_usable(lab: Lab, daemon: Daemon) -> None:
     """After all of the above, a normal backup still works."""
     job = daemon.ctl.job("Start", domain="lab1")

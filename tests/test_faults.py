@@ -292,3 +292,20 @@ async def test_finish_of_a_running_push_is_refused(tmp_path: Path) -> None:
             await jobs.finish(job.id)
         assert (await jobs.abort(job.id)).state == JobState.ABORTED
         assert jobs.chains.get(job.checkpoint) is None
+
+
+@pytest.mark.asyncio
+async def test_ended_jobs_are_forgotten_after_keep_finished(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    old = Job("00000000000a", "d1", JobState.COMPLETED, "full", "2020-01-01T00:00:00.000Z",
+              ended="2020-01-01T00:01:00.000Z")
+    recent = Job("00000000000b", "d1", JobState.FAILED, "full", now(), ended=now())
+    for job in (old, recent):
+        await store.save_job(job)
+    store.close()
+    virt = FakeVirt()
+    async with running(tmp_path, virt) as jobs:
+        assert [j.id for j in jobs.all()] == [recent.id]
+        with pytest.raises(errors.NoSuchJob):
+            jobs.get(old.id)
+    assert [j.id for j in stored(tmp_path)] == [recent.id]

@@ -20,7 +20,7 @@ from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Service
 from .errors import BackupInProgress, InvalidParameter
-from .jobs import LOCAL, Job, Jobs, StartRequest
+from .jobs import LOCAL, Job, Jobs, JobState, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
 #: Progress events of a running job: at most one a second.
@@ -58,8 +58,11 @@ class BackupAPI:
     async def Get(self, id: str) -> dict[str, Any]:
         return {"job": self.jobs.get(id).to_record()}
 
-    async def List(self) -> dict[str, Any]:
-        return {"jobs": [job.to_record() for job in self.jobs.all()]}
+    async def List(self, domain: str | None = None, state: str | None = None) -> dict[str, Any]:
+        if state is not None and state not in {s.value for s in JobState}:
+            raise InvalidParameter("state", f"one of {', '.join(s.value for s in JobState)}")
+        return {"jobs": [job.to_record() for job in self.jobs.all()
+                         if domain in (None, job.domain) and state in (None, job.state)]}
 
     async def Watch(self, id: str | None = None
                     ) -> AsyncGenerator[dict[str, Any], None]:

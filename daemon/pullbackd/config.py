@@ -82,6 +82,8 @@ class Stream:
 class Jobs:
     #: Seconds to wait for libvirt to confirm a job has ended after Finish or Abort.
     end_timeout: float = 30.0
+    #: Seconds an ended job stays queryable (Get, List) before it is forgotten.
+    keep_finished: float = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)

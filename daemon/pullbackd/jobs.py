@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,7 +231,8 @@ class Jobs:
 
     def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Path, scratch: Path,
                  end_timeout: float, repository: Repository,
-                 tuning: stream.Tuning | None = None, scratch_reserve: int = 0) -> None:
+                 tuning: stream.Tuning | None = None, scratch_reserve: int = 0,
+                 keep_finished: float = 7 * 24 * 3600.0) -> None:
         self._virt = virt
         self._store = store
         self.chains = chains
@@ -240,6 +241,7 @@ class Jobs:
         self._exports = exports
         self._scratch = scratch
         self._scratch_reserve = scratch_reserve
+        self._keep_finished = keep_finished
         self._end_timeout = end_timeout
         self._jobs: dict[str, Job] = {}
         #: domain -> id of its job that is not final.
@@ -593,7 +595,21 @@ class Jobs:
         if self._active.get(job.domain) == job.id:
             del self._active[job.domain]
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
+        await self._forget_old()
         return job
+
+    async def _forget_old(self) -> None:
+        """Drop ended jobs older than `keep_finished`: when a job ends, and at start."""
+        cutoff = (datetime.now(UTC) - timedelta(seconds=self._keep_finished)).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+        old = [j.id for j in self._jobs.values()
+               if j.state.final and j.ended is not None and j.ended < cutoff]
+        if old:
+            await self._store.forget_jobs(old)
+            for job_id in old:
+                del self._jobs[job_id]
+                self._locks.pop(job_id, None)
+            log.info("forgot old jobs", jobs=len(old))
 
     async def _discard_checkpoint(self, job: Job) -> None:
         checkpoint = self.chains.get(job.checkpoint)
@@ -709,6 +725,7 @@ class Jobs:
         """Load the jobs of an earlier run; adopt those libvirt still runs, fail the others."""
         for job in self._store.load_jobs():
             self._jobs[job.id] = job
+        await self._forget_old()
         for job in [j for j in self._jobs.values() if not j.state.final]:
             # A copy of pullbackd's own died with it: such a job cannot be adopted.
             adoptable = job.state == JobState.READY or (

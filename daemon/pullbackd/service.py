@@ -65,7 +65,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                                connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
                                tls_certificates=cfg.stream.tls_certificates or None)
         jobs = Jobs(virt, store, Chains(virt, store), cfg.exports.dir, cfg.scratch.dir,
-                    cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve)
+                    cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
+                    cfg.jobs.keep_finished)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(

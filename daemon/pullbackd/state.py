@@ -70,6 +70,10 @@ class Store:
             " state = excluded.state, xml = excluded.xml",
             (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml))
 
+    async def forget_jobs(self, ids: list[str]) -> None:
+        for job_id in ids:
+            await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     async def delete_checkpoint(self, name: str) -> None:
         await self._write("DELETE FROM checkpoints WHERE name = ?", (name,))
 
