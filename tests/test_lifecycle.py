@@ -7,14 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nbd
 import pytest
 
+from pullbackd.control.client import Client
 from pullbackd.sdnotify import Notifier
 
 from .conftest import DISK_SIZE, Daemon, Lab, lab_up, start_daemon, stop_daemon
@@ -292,5 +295,64 @@ def test_scratch_that_cannot_hold_the_worst_case_is_refused_up_front(
         push = daemon.ctl.job("Start", domain="lab4", consumer="scratchy", disks=["vda"],
                               target_dir=str(target))
         assert daemon.ctl.wait(push["id"])["state"] == "completed"
+    finally:
+        stop_daemon(daemon)
+
+
+@pytest.fixture
+def lab_with_small_scratch(tmp_path: Path) -> Iterator[tuple[Lab, Path]]:
+    """A lab of its own, started after a 40 MiB tmpfs is mounted for scratch files.
+
+    The lab's libvirtd lives in a private mount namespace, a copy of the mounts at
+    its start: QEMU sees this tmpfs only if it was there first.
+    """
+    scratch = tmp_path / "scratch40"
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(scratch)],
+                   check=True)
+    try:
+        with lab_up(tmp_path / "lab", "--size", "64M") as lab:
+            yield lab, scratch
+    finally:
+        subprocess.run(["umount", "-l", str(scratch)], check=True)
+
+
+def test_scratch_running_out_warns_then_ends_the_backup_cleanly(
+        lab_with_small_scratch: tuple[Lab, Path], tmp_path: Path) -> None:
+    lab, scratch = lab_with_small_scratch
+    vda = Disk(lab, "lab1", "vda")
+    vda.write(0, 40 * MiB, 0x3A)  # old data the backup must keep when the guest rewrites it
+    daemon = start_daemon(tmp_path / "pullbackd", lab.uri, scratch=scratch,
+                          scratch_reserve=12 << 20)
+    events: list[dict[str, Any]] = []
+    try:
+        job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="rewrite",
+                             allow_scratch_overcommit=True)
+
+        def watch() -> None:
+            with Client(daemon.socket, timeout=300) as client:
+                events.extend(r["event"] for r in client.stream(
+                    "org.pullbackd.Backup.Watch", id=job["id"]))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        # The guest rewrites the disk a MiB at a time; each rewrite moves old
+        # data into the scratch file, until pullbackd ends the backup.
+        for mib in range(40):
+            vda.write(mib * MiB, MiB, 0x3B)
+            if daemon.ctl.job("Get", id=job["id"])["state"] == "failed":
+                break
+        ended = daemon.ctl.wait(job["id"])
+        watcher.join(timeout=120)
+        assert ended["state"] == "failed" and "scratch space ran out" in ended["error"]
+        kinds = [e["kind"] for e in events]
+        assert "warning" in kinds and kinds.index("warning") < len(kinds) - 1
+        assert "running low" in next(e["message"] for e in events if e["kind"] == "warning")
+        assert events[-1]["job"]["state"] == "failed"
+        # Rolled back, files gone, and the guest still running and writing.
+        assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="rewrite") == \
+            {"checkpoints": []}
+        assert list(scratch.iterdir()) == []
+        vda.write(50 * MiB, MiB, 0x3C)
     finally:
         stop_daemon(daemon)

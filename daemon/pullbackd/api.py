@@ -19,8 +19,8 @@ from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Service
-from .errors import BackupInProgress, InvalidParameter
-from .jobs import LOCAL, Job, Jobs, JobState, StartRequest
+from .errors import BackupInProgress, InvalidParameter, NoSuchJob
+from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
 #: Progress events of a running job: at most one a second.
@@ -32,8 +32,8 @@ def interface(name: str) -> idl.Interface:
     return idl.parse(files(__package__).joinpath(f"{name}.varlink").read_text())
 
 
-def _event(kind: str, job: Job) -> dict[str, Any]:
-    return {"event": {"kind": kind, "job": job.to_record()}}
+def _event(kind: str, job: Job, message: str | None = None) -> dict[str, Any]:
+    return {"event": {"kind": kind, "job": job.to_record(), "message": message}}
 
 
 class BackupAPI:
@@ -74,17 +74,21 @@ class BackupAPI:
             if id is not None and watched[0].state.final:
                 return
             while True:
-                changed: Job | None = None
+                change: Change | None = None
                 with anyio.move_on_after(PROGRESS_INTERVAL):
-                    changed = await changes.receive()
-                if changed is None:  # a quiet second: how far the copies have come
+                    change = await changes.receive()
+                if change is None:  # a quiet second: how far the copies have come
                     for job in self.jobs.all():
                         if job.progress is not None and not job.state.final and \
                                 id in (None, job.id):
                             yield _event("progress", job)
-                elif id in (None, changed.id):
-                    yield _event("state", self.jobs.get(changed.id))
-                    if id is not None and changed.state.final:
+                elif id in (None, change.job.id):
+                    try:
+                        job = self.jobs.get(change.job.id)  # with its live progress
+                    except NoSuchJob:
+                        job = change.job  # forgotten since (keep_finished)
+                    yield _event(change.kind, job, change.message)
+                    if id is not None and change.job.state.final:
                         return
 
     async def Finish(self, id: str, success: bool | None = None) -> dict[str, Any]:

@@ -49,7 +49,8 @@ class Scratch:
     #: contents of blocks the guest overwrites during a backup here. Keep it on
     #: a real disk, not tmpfs: a busy guest can fill it up to the disks' size.
     dir: Path = Path("/var/lib/pullbackd/scratch")
-    #: Bytes of the scratch file system never promised to backups (the host needs some too).
+    #: Bytes of the scratch file system never promised to backups (the host needs some
+    #: too); running backups are warned about at twice this, and ended under it.
     reserve: int = 1 << 30
 
 

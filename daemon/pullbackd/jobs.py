@@ -172,6 +172,15 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Change:
+    """What watchers hear: a job's new state, or a warning about it."""
+
+    kind: str
+    job: Job
+    message: str | None = None
+
+
+@dataclass(frozen=True)
 class StartRequest:
     domain: str
     disks: list[str] | None = None
@@ -251,7 +260,7 @@ class Jobs:
         #: domain -> set when libvirt reports the domain's backup job ended.
         self._ended: dict[str, anyio.Event] = {}
         #: Subscribers to job changes (Watch).
-        self._watchers: set[MemoryObjectSendStream[Job]] = set()
+        self._watchers: set[MemoryObjectSendStream[Change]] = set()
         #: Where pullbackd's own copies run: the task group of follow_events.
         self._tg: anyio.abc.TaskGroup | None = None
         #: job id -> the progress of its copy.
@@ -382,6 +391,44 @@ class Jobs:
         available = shutil.disk_usage(self._scratch).free - self._scratch_reserve + used
         if needed > available:
             raise InsufficientScratch(str(self._scratch), needed, max(available, 0))
+
+    async def watch_scratch(self, interval: float = 1.0) -> None:
+        """Keep QEMU from filling the scratch file system while pull backups run.
+
+        libvirt has no event for it, so look every `interval` seconds: under twice
+        `[scratch] reserve` free, warn every watcher once; under the reserve, end the
+        pull backup with the largest scratch files, before QEMU runs out of room
+        (its copy-before-write would then fail the guest's writes).
+        """
+        warned = False
+        while True:
+            await anyio.sleep(interval)
+            pulls = [j for j in self._jobs.values() if not j.state.final and j.disks
+                     and j.target_dir is None]
+            if not pulls or not self._scratch_reserve:
+                warned = False
+                continue
+            usage = await anyio.to_thread.run_sync(shutil.disk_usage, self._scratch)
+            if usage.free < self._scratch_reserve and self._tg is not None:
+                sizes = await anyio.to_thread.run_sync(self._scratch_sizes, pulls)
+                victim = max(pulls, key=lambda j: sizes[j.id])
+                self._tg.start_soon(self._fail, victim.id, (
+                    f"scratch space ran out: {usage.free} bytes left in {self._scratch}, "
+                    f"under the reserve of {self._scratch_reserve}; the backup was ended "
+                    "before QEMU could fill it"))
+            elif usage.free < 2 * self._scratch_reserve and not warned:
+                warned = True
+                message = (f"scratch space is running low: {usage.free} bytes left in "
+                           f"{self._scratch}; backups end at {self._scratch_reserve}")
+                log.warning("scratch space low", free=usage.free, dir=str(self._scratch))
+                for job in pulls:
+                    self._publish(Change("warning", job, message))
+            elif usage.free >= 2 * self._scratch_reserve:
+                warned = False
+
+    def _scratch_sizes(self, jobs: list[Job]) -> dict[str, int]:
+        return {j.id: sum(p.stat().st_blocks * 512
+                          for p in self._scratch.glob(f"{j.id}.*.qcow2")) for j in jobs}
 
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
                      ) -> dict[str, Base]:
@@ -763,9 +810,12 @@ class Jobs:
     async def _save(self, job: Job) -> None:
         await self._store.save_job(job)
         self._jobs[job.id] = job
+        self._publish(Change("state", job))
+
+    def _publish(self, change: Change) -> None:
         for watcher in list(self._watchers):
             try:
-                watcher.send_nowait(job)
+                watcher.send_nowait(change)
             except anyio.WouldBlock:
                 # Far behind: cut it off rather than hold up every job for it.
                 log.warning("dropping a watcher that does not keep up")
@@ -773,9 +823,9 @@ class Jobs:
                 self._watchers.discard(watcher)
 
     @contextmanager
-    def watch(self) -> Iterator[MemoryObjectReceiveStream[Job]]:
-        """Every saved change of any job, in order, while the context lasts."""
-        send, receive = anyio.create_memory_object_stream[Job](WATCH_BUFFER)
+    def watch(self) -> Iterator[MemoryObjectReceiveStream[Change]]:
+        """Every change of any job, in order, while the context lasts."""
+        send, receive = anyio.create_memory_object_stream[Change](WATCH_BUFFER)
         self._watchers.add(send)
         try:
             yield receive

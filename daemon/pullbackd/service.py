@@ -86,6 +86,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
             tg.start_soon(_serve, listener, api.service(jobs), cfg.control.socket)
             tg.start_soon(notifier.watchdog)
+            tg.start_soon(jobs.watch_scratch)
             active = sum(not j.state.final for j in jobs.all())
             notifier.ready(f"serving {cfg.control.socket}; {active} backups running")
             log.info("ready", socket=str(cfg.control.socket), running=active)
