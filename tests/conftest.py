@@ -53,6 +53,22 @@ class Lab:
 
 
 @contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small file system of its own at `path`, to run out of room on purpose.
+
+    A lab started before it was mounted does not see it: its libvirtd lives in
+    a private copy of the mounts taken at its start.
+    """
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextmanager
 def lab_up(lab_dir: Path, *args: str) -> Iterator[Lab]:
     """`scripts/lab up ARGS` in lab_dir, and `down` afterwards whatever happens."""
     try:

@@ -20,7 +20,7 @@ import pytest
 from pullbackd.control.client import Client
 from pullbackd.sdnotify import Notifier
 
-from .conftest import DISK_SIZE, Daemon, Lab, lab_up, start_daemon, stop_daemon
+from .conftest import DISK_SIZE, Daemon, Lab, lab_up, start_daemon, stop_daemon, tmpfs
 from .images import Disk, MiB, assert_same, read_export
 from .test_backup import job_files
 
@@ -260,13 +260,8 @@ def test_pullbackctl_chains(daemon: Daemon) -> None:
 
 @pytest.fixture
 def small_scratch(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "scratch"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "scratch", "16M") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def test_scratch_that_cannot_hold_the_worst_case_is_refused_up_front(
@@ -301,20 +296,11 @@ def test_scratch_that_cannot_hold_the_worst_case_is_refused_up_front(
 
 @pytest.fixture
 def lab_with_small_scratch(tmp_path: Path) -> Iterator[tuple[Lab, Path]]:
-    """A lab of its own, started after a 40 MiB tmpfs is mounted for scratch files.
-
-    The lab's libvirtd lives in a private mount namespace, a copy of the mounts at
-    its start: QEMU sees this tmpfs only if it was there first.
-    """
-    scratch = tmp_path / "scratch40"
-    scratch.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(scratch)],
-                   check=True)
-    try:
-        with lab_up(tmp_path / "lab", "--size", "64M") as lab:
-            yield lab, scratch
-    finally:
-        subprocess.run(["umount", "-l", str(scratch)], check=True)
+    """A lab of its own, started after a 40 MiB tmpfs is mounted for scratch files:
+    QEMU sees it only if it was there first (see `tmpfs`)."""
+    with tmpfs(tmp_path / "scratch40", "40M") as scratch, \
+            lab_up(tmp_path / "lab", "--size", "64M") as lab:
+        yield lab, scratch
 
 
 def test_scratch_running_out_warns_then_ends_the_backup_cleanly(

@@ -19,7 +19,7 @@ from pullbackd import api
 from pullbackd.control import idl
 from pullbackd.control.client import Client, VarlinkError
 
-from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon
+from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon, tmpfs
 from .images import Disk, MiB
 from .test_stream import nbdkit, qemu_nbd
 
@@ -194,13 +194,8 @@ def test_abort_mid_stream_leaves_nothing(
 
 @pytest.fixture
 def small_repository(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "small"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "8M") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def test_repository_disk_full(lab: Lab, small_repository: Path, tmp_path: Path) -> None:
