@@ -301,7 +301,7 @@ class Jobs:
     # Changes.
 
     async def start(self, request: StartRequest) -> Job:
-        request.check()
+        await anyio.to_thread.run_sync(request.check)  # it looks at target_dir
         domain = request.domain
         if domain in self._active:
             raise BackupInProgress(domain, self._active[domain])
@@ -328,9 +328,9 @@ class Jobs:
         if operation is not None:
             raise DomainBusy(domain, operation)
         chosen, skip = _select_disks(domain, xml.parse_disks(dom.xml), request.disks)
+        sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         if request.target_dir is None and not request.allow_scratch_overcommit:
-            sizes = [await self._virt.capacity(domain, disk) for disk in chosen]
-            await anyio.to_thread.run_sync(self._check_scratch, job_id, sum(sizes))
+            await anyio.to_thread.run_sync(self._check_scratch, job_id, sum(sizes.values()))
         await self.chains.prepare(domain)
         bases = self.chains.bases(domain, request.consumer, request.mode, request.since, chosen)
         if request.destination == LOCAL:
@@ -355,7 +355,7 @@ class Jobs:
                 raise
             try:
                 await self.chains.remember_xml(job.checkpoint)
-                job = await self._started(job, bases)
+                job = await self._started(job, bases, sizes)
             except Exception as e:
                 error = f"the backup started but could not be read: {e}"
                 try:
@@ -539,7 +539,7 @@ class Jobs:
             return self.target_path(job.target_dir, job.id, disk)
         return self.scratch_path(job.id, disk)
 
-    async def _started(self, job: Job, bases: dict[str, Base]) -> Job:
+    async def _started(self, job: Job, bases: dict[str, Base], sizes: dict[str, int]) -> Job:
         if job.target_dir is not None:
             # A small push can be over before we could ask: its targets are
             # the files we named, and libvirt's event tells how it went.
@@ -558,7 +558,7 @@ class Jobs:
             base = bases[d.name]
             disks.append(Disk(
                 name=d.name,
-                size=await self._virt.capacity(job.domain, d.name),
+                size=sizes[d.name],
                 mode="incremental" if base.checkpoint else "full",
                 export=d.export,
                 url=nbd_url(backup.socket, d.export) if backup.socket and d.export else None,
@@ -630,7 +630,7 @@ class Jobs:
             await self.chains.complete(job.checkpoint)
         else:
             await self._discard_checkpoint(job)
-            self._remove_targets(job)
+            await anyio.to_thread.run_sync(self._remove_targets, job)
             if job.destination == LOCAL:
                 # Stored files of a job that did not complete are no backups.
                 await anyio.to_thread.run_sync(self.repository.forget_job, job.domain,
@@ -687,7 +687,7 @@ class Jobs:
                     -1, f"libvirt has not ended the backup after {self._end_timeout:g} s")
         finally:
             del self._ended[job.domain]
-        self._remove_leftovers(job)
+        await anyio.to_thread.run_sync(self._remove_leftovers, job)
         return running
 
     async def _runs_in_libvirt(self, job: Job) -> bool:

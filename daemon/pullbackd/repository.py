@@ -142,12 +142,8 @@ class Repository:
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:
         folder = self.folder(domain, consumer, disk)
-        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
-        # Leftovers of a crash are not backups: nothing may build on them.
-        for leftover in folder.glob("*.partial"):
-            leftover.unlink()
-        sequence = max([m.sequence for m in self.manifests(domain, consumer, disk)], default=0)
-        manifest = Manifest(sequence + 1, domain, consumer, disk, job, checkpoint, created,
+        sequence = await anyio.to_thread.run_sync(self._next_sequence, domain, consumer, disk)
+        manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
                             "incremental" if base else "full", size,
                             base.file if base else None)
         partial = folder / f"{manifest.file}.partial"
@@ -162,6 +158,14 @@ class Repository:
                 await anyio.Path(partial).unlink(missing_ok=True)
             raise
         return Writer(manifest, folder, server)
+
+    def _next_sequence(self, domain: str, consumer: str, disk: str) -> int:
+        folder = self.folder(domain, consumer, disk)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a crash are not backups: nothing may build on them.
+        for leftover in folder.glob("*.partial"):
+            leftover.unlink()
+        return max([m.sequence for m in self.manifests(domain, consumer, disk)], default=0) + 1
 
     async def _serve(self, image: Path, fmt: str, name: str, read_only: bool) -> Served:
         await anyio.Path(self._sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -220,7 +224,7 @@ class Repository:
         point in time, so it restores the same), then its manifest is rewritten;
         only then are the old manifests removed, and after them their files.
         """
-        manifests = self.manifests(domain, consumer, disk)
+        manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer, disk)
         if len(manifests) <= keep:
             return []
         dropped, kept = manifests[:-keep], manifests[-keep:]
@@ -233,10 +237,7 @@ class Repository:
         for m in kept:
             if m.backing is not None and m.backing not in kept_files:
                 await self._flatten(folder, m)
-        for m in dropped:
-            (folder / f"{m.sequence:04d}.json").unlink()
-        for m in dropped:
-            (folder / m.file).unlink(missing_ok=True)
+        await anyio.to_thread.run_sync(_drop, folder, dropped)
         log.info("pruned backups", folder=str(folder), dropped=[m.checkpoint for m in dropped])
         return dropped
 
@@ -298,6 +299,14 @@ def _verify(source: Path, manifest: Manifest) -> list[str]:
     finally:
         h.shutdown()
     return problems
+
+
+def _drop(folder: Path, dropped: list[Manifest]) -> None:
+    """Manifests first: a file without one is no backup, so a crash between is harmless."""
+    for m in dropped:
+        (folder / f"{m.sequence:04d}.json").unlink()
+    for m in dropped:
+        (folder / m.file).unlink(missing_ok=True)
 
 
 def _scan(image: Path) -> tuple[Region, ...]:
