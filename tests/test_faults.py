@@ -19,6 +19,7 @@ import pytest
 from pullbackd import api, errors, xml
 from pullbackd.chain import Chains, Checkpoint, CheckpointState, checkpoint_name
 from pullbackd.control.codec import Call
+from pullbackd.exports import Exports
 from pullbackd.jobs import Job, Jobs, JobState, StartRequest, now
 from pullbackd.repository import Repository
 from pullbackd.state import Store
@@ -91,7 +92,9 @@ class FakeVirt(Virt):
 @asynccontextmanager
 async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     store = Store(tmp_path / "state.db")
-    jobs = Jobs(virt, store, Chains(virt, store), tmp_path / "exports", tmp_path / "scratch",
+    exports = Exports(tmp_path / "exports")
+    exports.prepare()
+    jobs = Jobs(virt, store, Chains(virt, store), exports, tmp_path / "scratch",
                 end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd"))
     async with anyio.create_task_group() as tg:
         await tg.start(jobs.follow_events)
@@ -229,7 +232,7 @@ async def test_crash_while_starting_deletes_the_new_checkpoint(tmp_path: Path) -
     job = Job("0123456789ab", "d1", JobState.STARTING, "full", now(), "c",
               checkpoint_name("c", "0123456789ab"))
     await virt.backup_begin("d1", xml.backup(xml.BackupRequest(
-        tmp_path / "exports" / f"{job.id}.sock", {"vda": tmp_path / "s.qcow2"})),
+        tmp_path / "exports" / ".qemu" / f"{job.id}.sock", {"vda": tmp_path / "s.qcow2"})),
         xml.checkpoint(job.checkpoint, ["vda"], ()))
     store = Store(tmp_path / "state.db")
     await store.save_job(job)

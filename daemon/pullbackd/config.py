@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import json
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,22 @@ class Control:
 
 @dataclass(frozen=True)
 class Exports:
-    #: Per-job NBD sockets, `<dir>/<job-id>.sock`. QEMU binds them, so the QEMU
-    #: user must be able to write here.
+    #: Per-job NBD endpoints, `<dir>/<job-id>.sock`; QEMU's own sockets are in
+    #: `<dir>/.qemu`, for pullbackd and the QEMU user alone.
     dir: Path = Path("/run/pullbackd/exports")
+    #: The endpoints' permissions, an octal string, and group (empty: the daemon's).
+    mode: str = "0660"
+    group: str = ""
+    #: The user QEMU runs as (qemu.conf `user`), who owns `<dir>/.qemu`; empty: the daemon's.
+    qemu_user: str = ""
+    #: Sessions one job may have open at once.
+    connections: int = 8
+    #: Seconds Finish waits for open sessions to close.
+    drain_timeout: float = 30.0
+    #: Seconds a pull job may go without any session before it expires; 0: never.
+    idle_timeout: int = 3600
+    #: Seconds a pull job may run at most; 0: no limit.
+    max_lifetime: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,10 @@ class Config:
     def control_mode(self) -> int:
         return int(self.control.mode, 8)
 
+    @property
+    def exports_mode(self) -> int:
+        return int(self.exports.mode, 8)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str, indent=2)
 
@@ -163,17 +181,28 @@ def _build(cls: Any, data: Any, where: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    try:
-        mode = config.control_mode
-    except ValueError:
-        raise ConfigError("control.mode must be an octal string such as \"0660\"") from None
-    if not 0 <= mode <= 0o777:
-        raise ConfigError("control.mode must be between 0000 and 0777")
-    if config.control.group:
+    for section in ("control", "exports"):
         try:
-            grp.getgrnam(config.control.group)
+            mode = int(getattr(config, section).mode, 8)
+        except ValueError:
+            raise ConfigError(f"{section}.mode must be an octal string such as \"0660\"") \
+                from None
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(f"{section}.mode must be between 0000 and 0777")
+        group = getattr(config, section).group
+        if group:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                raise ConfigError(f"{section}.group: no group {group!r}") from None
+    if config.exports.qemu_user:
+        try:
+            pwd.getpwnam(config.exports.qemu_user)
         except KeyError:
-            raise ConfigError(f"control.group: no group {config.control.group!r}") from None
+            raise ConfigError(f"exports.qemu_user: no user {config.exports.qemu_user!r}") \
+                from None
+    if config.exports.connections < 1:
+        raise ConfigError("exports.connections must be at least 1")
     for key in ("request_size", "connections", "in_flight"):
         if getattr(config.stream, key) < 1:
             raise ConfigError(f"stream.{key} must be at least 1")

@@ -105,3 +105,11 @@ class InvalidParameter(PullbackError):
 
     def __init__(self, parameter: str, why: str) -> None:
         super().__init__(f"invalid {parameter}: {why}", parameter=parameter)
+
+
+class SessionsActive(PullbackError):
+    def __init__(self, id: str, sessions: int, waited: float) -> None:
+        super().__init__(
+            f"job {id} still has {sessions} NBD sessions open after {waited:g} s; let the "
+            "appliance close them and call Finish again, or Abort to cut them off",
+            id=id, sessions=sessions, waited=waited)

@@ -1,6 +1,8 @@
 """Backup jobs: the records, and the manager that moves them through their states.
 
     pull:      starting ──> ready ───> completed   (Finish)
+                              └──────> expired     (no appliance came for [exports] idle_timeout,
+                                                    or it outlived [exports] max_lifetime)
     push:      starting ──> running ─> completed   (libvirt: the copy is done)
     streamed:  starting ──> running ─> completed   (pullbackd's own copy: every byte arrived)
                   │           ├──────> aborted     (Abort)
@@ -12,7 +14,8 @@ Only `completed` makes the job's checkpoint part of its consumer's chain (see
 chain.py); every other end deletes it.
 
 Names derive from the job id alone, so a job's files can be found again from
-the state database after a crash: `<exports>/<id>.sock`, `<scratch>/<id>.<disk>.qcow2`,
+the state database after a crash: `<exports>/<id>.sock` (the appliances' endpoint,
+see exports.py), `<exports>/.qemu/<id>.sock` (QEMU's), `<scratch>/<id>.<disk>.qcow2`,
 `<target_dir>/<id>.<disk>.qcow2`, checkpoint `pullbackd.<consumer>.<id>`.
 
 libvirt allows one backup job per domain, so the manager keeps one active job
@@ -23,6 +26,7 @@ on its job lock and then fail).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import secrets
 import shutil
@@ -54,8 +58,10 @@ from .errors import (
     NoSuchDisk,
     NoSuchDomain,
     NoSuchJob,
+    SessionsActive,
     TargetNotWritable,
 )
+from .exports import Endpoint, Exports, Session
 from .repository import Region, Repository, Writer, digest
 from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
 
@@ -78,10 +84,11 @@ class JobState(StrEnum):
     COMPLETED = "completed"
     ABORTED = "aborted"
     FAILED = "failed"
+    EXPIRED = "expired"
 
     @property
     def final(self) -> bool:
-        return self in (JobState.COMPLETED, JobState.ABORTED, JobState.FAILED)
+        return self in (JobState.COMPLETED, JobState.ABORTED, JobState.FAILED, JobState.EXPIRED)
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,25 @@ class _Live:
 
 
 @dataclass(frozen=True)
+class Appliance:
+    """How appliances use a pull job's endpoint."""
+
+    #: Sessions open now, and so far.
+    active: int
+    total: int
+    bytes_read: int
+    #: Since when no session is open; None while one is.
+    idle_since: str | None
+    sessions: tuple[Session, ...] = ()
+
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> Appliance:
+        sessions = tuple(endpoint.sessions())
+        return cls(endpoint.active, len(sessions), sum(s.bytes_read for s in sessions),
+                   endpoint.idle_since, sessions)
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     domain: str
@@ -149,6 +175,7 @@ class Job:
     target_dir: str | None = None
     destination: str | None = None
     progress: Progress | None = None
+    appliance: Appliance | None = None
     disks: tuple[Disk, ...] = ()
     ended: str | None = None
     error: str | None = None
@@ -159,15 +186,18 @@ class Job:
 
     def to_record(self) -> dict[str, Any]:
         """The job as the varlink `Job` type (and as stored)."""
-        return dataclasses.asdict(self) | {"disks": [dataclasses.asdict(d) for d in self.disks]}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Job:
         progress = record.get("progress")
+        appliance = record.get("appliance")
         return cls(**record | {
             "state": JobState(record["state"]),
             "disks": tuple(Disk(**d) for d in record["disks"]),
             "progress": Progress(**progress) if progress else None,
+            "appliance": Appliance(**appliance | {"sessions": tuple(
+                Session(**s) for s in appliance["sessions"])}) if appliance else None,
         })
 
 
@@ -178,6 +208,7 @@ class Change:
     kind: str
     job: Job
     message: str | None = None
+    session: Session | None = None
 
 
 @dataclass(frozen=True)
@@ -238,16 +269,17 @@ def nbd_url(socket: Path, export: str) -> str:
 class Jobs:
     """Every job the daemon knows, and the only code that changes them."""
 
-    def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Path, scratch: Path,
+    def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Exports, scratch: Path,
                  end_timeout: float, repository: Repository,
                  tuning: stream.Tuning | None = None, scratch_reserve: int = 0,
-                 keep_finished: float = 7 * 24 * 3600.0) -> None:
+                 keep_finished: float = 7 * 24 * 3600.0, limits: Limits | None = None) -> None:
         self._virt = virt
         self._store = store
         self.chains = chains
         self.repository = repository
         self.tuning = tuning or stream.Tuning()
-        self._exports = exports
+        self.exports = exports
+        self.limits = limits or Limits()
         self._scratch = scratch
         self._scratch_reserve = scratch_reserve
         self._keep_finished = keep_finished
@@ -267,11 +299,14 @@ class Jobs:
         self._live: dict[str, _Live] = {}
         #: job id -> its copy's cancel scope, and the event set when the copy is over.
         self._streams: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
+        #: job id -> the scope of its idle and lifetime limits.
+        self._timers: dict[str, anyio.CancelScope] = {}
 
     # Deterministic names.
 
     def socket_path(self, job_id: str) -> Path:
-        return self._exports / f"{job_id}.sock"
+        """Where QEMU's NBD server for the job listens."""
+        return self.exports.qemu_path(job_id)
 
     def scratch_path(self, job_id: str, disk: str) -> Path:
         return self._scratch / f"{job_id}.{disk}.qcow2"
@@ -284,16 +319,22 @@ class Jobs:
 
     def get(self, job_id: str) -> Job:
         try:
-            return self._with_progress(self._jobs[job_id])
+            return self._view(self._jobs[job_id])
         except KeyError:
             raise NoSuchJob(job_id) from None
 
     def all(self) -> list[Job]:
-        return [self._with_progress(j) for j in self._jobs.values()]
+        return [self._view(j) for j in self._jobs.values()]
 
-    def _with_progress(self, job: Job) -> Job:
+    def _view(self, job: Job) -> Job:
+        """The job with what changes too often to be stored: progress and sessions."""
         live = self._live.get(job.id)
-        return job if live is None else dataclasses.replace(job, progress=live.view())
+        if live is not None:
+            job = dataclasses.replace(job, progress=live.view())
+        endpoint = self.exports.get(job.id)
+        if endpoint is not None:
+            job = dataclasses.replace(job, appliance=Appliance.of(endpoint))
+        return job
 
     def active(self, domain: str) -> str | None:
         return self._active.get(domain)
@@ -370,11 +411,13 @@ class Jobs:
             if job.destination is not None:
                 job = dataclasses.replace(job, state=JobState.RUNNING)
                 self._spawn_stream(job)
+            elif not job.push:
+                await self._serve(job)
             await self._save(job)
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
-        return self._with_progress(job)
+        return self._view(job)
 
     def _check_scratch(self, job_id: str, size: int) -> None:
         """Refuse a pull backup the scratch file system cannot hold in the worst case.
@@ -497,8 +540,10 @@ class Jobs:
                         writers.append(writer)
                     target = writer.url if writer else str(job.destination).replace(
                         "{disk}", disk.name)
+                    # Straight from QEMU: the endpoint is for appliances.
+                    source = nbd_url(self.socket_path(job_id), str(disk.export))
                     result = await stream.stream(
-                        str(disk.url), target, bitmap=disk.bitmap,
+                        source, target, bitmap=disk.bitmap,
                         zeroed_destination=writer is not None and disk.mode == "full",
                         tuning=self.tuning,
                         on_progress=lambda p: setattr(live, "current", p),
@@ -561,7 +606,8 @@ class Jobs:
                 size=sizes[d.name],
                 mode="incremental" if base.checkpoint else "full",
                 export=d.export,
-                url=nbd_url(backup.socket, d.export) if backup.socket and d.export else None,
+                url=nbd_url(self.exports.endpoint_path(job.id), d.export)
+                if backup.socket and d.export and job.destination is None else None,
                 bitmap=f"qemu:dirty-bitmap:{d.bitmap}" if d.bitmap else None,
                 since=base.checkpoint,
                 fallback=base.fallback,
@@ -595,6 +641,13 @@ class Jobs:
             return await self.chains.delete_chain(domain, consumer)
 
     async def finish(self, job_id: str, success: bool = True) -> Job:
+        endpoint = self.exports.get(job_id)
+        if endpoint is not None and endpoint.active:
+            # Appliances still reading: give them a moment, never cut them off.
+            with anyio.move_on_after(self.limits.drain_timeout):
+                await endpoint.drained()
+            if endpoint.active:
+                raise SessionsActive(job_id, endpoint.active, self.limits.drain_timeout)
         if success:
             return await self._end(job_id, JobState.COMPLETED)
         return await self._end(job_id, JobState.FAILED, "the appliance reported the backup failed")
@@ -615,6 +668,10 @@ class Jobs:
                 await self._stop_stream(job.id)
             # Shielded: a libvirt job we ended must be recorded as ended.
             with anyio.CancelScope(shield=True):
+                # Sessions first: nobody reads from a job that is ending.
+                endpoint = await self.exports.close(job.id)
+                if endpoint is not None:
+                    job = dataclasses.replace(job, appliance=Appliance.of(endpoint))
                 if not await self._end_libvirt_job(job) and state == JobState.COMPLETED:
                     # The exports vanished before the appliance said it was
                     # done: nobody can vouch that it read everything.
@@ -626,6 +683,8 @@ class Jobs:
     async def _close(self, job: Job, state: JobState, error: str | None) -> Job:
         """Record a job's end, and settle its checkpoint: in the chain, or deleted."""
         self._streams.pop(job.id, None)
+        if (timer := self._timers.pop(job.id, None)) is not None:
+            timer.cancel()
         if state == JobState.COMPLETED:
             await self.chains.complete(job.checkpoint)
         else:
@@ -700,11 +759,59 @@ class Jobs:
     def _remove_leftovers(self, job: Job) -> None:
         # libvirt removes both when the job ends; a crash of libvirtd or QEMU
         # may not. Nothing else ever uses these names.
-        leftovers = [self.socket_path(job.id), *self._scratch.glob(f"{job.id}.*.qcow2")]
+        leftovers = [self.socket_path(job.id), self.exports.endpoint_path(job.id),
+                     *self._scratch.glob(f"{job.id}.*.qcow2")]
         for path in leftovers:
             if path.exists():
                 log.warning("removing leftover file", job=job.id, path=str(path))
                 path.unlink(missing_ok=True)
+
+    # Appliances' sessions.
+
+    async def _serve(self, job: Job) -> None:
+        """Open the job's endpoint for appliances, and watch its limits."""
+        if self._tg is None:
+            raise RuntimeError("jobs are not being served (follow_events is not running)")
+        endpoint = await self.exports.open(job.id, self._tg, self._on_session,
+                                           job.appliance.sessions if job.appliance else ())
+        self._timers[job.id] = timer = anyio.CancelScope()
+        self._tg.start_soon(self._expire, job, endpoint, timer)
+
+    async def _expire(self, job: Job, endpoint: Endpoint, timer: anyio.CancelScope) -> None:
+        """End the job as expired when no appliance used it for `idle_timeout`, or when
+        it outlived `max_lifetime`. `timer` is cancelled when the job ends otherwise."""
+        limits = self.limits
+        with timer:
+            age = (datetime.now(UTC) - datetime.fromisoformat(job.created)).total_seconds()
+            reason = (f"it ran for [exports] max_lifetime ({limits.max_lifetime} s); "
+                      "appliances must finish sooner, or the limit be raised")
+            with anyio.move_on_after(limits.max_lifetime - age if limits.max_lifetime
+                                     else math.inf):
+                if not limits.idle_timeout:
+                    await anyio.sleep_forever()
+                await endpoint.idle_for(limits.idle_timeout)
+                reason = (f"no appliance used it for [exports] idle_timeout "
+                          f"({limits.idle_timeout} s)")
+            log.warning("backup expired", job=job.id, reason=reason)
+            await self._end_quietly(job.id, JobState.EXPIRED, reason)
+
+    def _on_session(self, job_id: str, session: Session) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.state.final:
+            return
+        self._publish(Change("session", self._view(job), session=session))
+        if session.ended is not None and self._tg is not None:
+            # Sessions so far survive a restart of the daemon.
+            self._tg.start_soon(self._save_sessions, job_id)
+
+    async def _save_sessions(self, job_id: str) -> None:
+        async with self._locked(job_id):
+            job = self._jobs[job_id]
+            endpoint = self.exports.get(job_id)
+            if not job.state.final and endpoint is not None:
+                job = dataclasses.replace(job, appliance=Appliance.of(endpoint))
+                await self._store.save_job(job)
+                self._jobs[job_id] = job
 
     # Events and recovery.
 
@@ -763,10 +870,15 @@ class Jobs:
         await self._fail(job_id, f"{reason}: {error}" if error else reason)
 
     async def _fail(self, job_id: str, reason: str) -> None:
+        await self._end_quietly(job_id, JobState.FAILED, reason)
+
+    async def _end_quietly(self, job_id: str, state: JobState, reason: str) -> None:
+        """End a job nobody is waiting on: an error can only be logged."""
         try:
-            await self._end(job_id, JobState.FAILED, reason)
+            await self._end(job_id, state, reason)
         except Exception:
-            log.exception("could not record a failed job", job=job_id, reason=reason)
+            log.exception("could not record the end of a job", job=job_id, state=state,
+                          reason=reason)
 
     async def recover(self) -> None:
         """Load the jobs of an earlier run; adopt those libvirt still runs, fail the others."""
@@ -779,6 +891,8 @@ class Jobs:
                 job.state == JobState.RUNNING and job.destination is None)
             if adoptable and await self._runs_in_libvirt(job):
                 self._active[job.domain] = job.id
+                if job.state == JobState.READY:
+                    await self._serve(job)
                 log.info("adopted running backup", job=job.id, domain=job.domain)
                 continue
             await self._end_libvirt_job(job)
@@ -833,6 +947,18 @@ class Jobs:
             self._watchers.discard(send)
             send.close()
             receive.close()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a pull job waits for its appliances ([exports] in the configuration)."""
+
+    #: Seconds Finish waits for open sessions to close.
+    drain_timeout: float = 30.0
+    #: Seconds without any session before the job expires; 0: never.
+    idle_timeout: int = 3600
+    #: Seconds a pull job may run at most; 0: no limit.
+    max_lifetime: int = 0
 
 
 def _recorder(writer: Writer) -> stream.OnWritten:

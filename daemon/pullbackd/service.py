@@ -23,7 +23,8 @@ from . import api, config, stream
 from .chain import Chains
 from .control.server import Service, bind
 from .errors import PullbackError
-from .jobs import Jobs
+from .exports import Exports
+from .jobs import Jobs, Limits
 from .repository import Repository
 from .sdnotify import Notifier
 from .state import Store
@@ -53,7 +54,9 @@ def configure_logging(level: str) -> None:
 
 async def run(cfg: config.Config, notifier: Notifier) -> int:
     """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart us)."""
-    cfg.exports.dir.mkdir(parents=True, exist_ok=True)
+    exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
+                      qemu_user=cfg.exports.qemu_user, limit=cfg.exports.connections)
+    exports.prepare()
     cfg.scratch.dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.state.dir / "state.db")
     virt = Virt(cfg.libvirt.uri)
@@ -64,9 +67,12 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
                                connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
                                tls_certificates=cfg.stream.tls_certificates or None)
-        jobs = Jobs(virt, store, Chains(virt, store), cfg.exports.dir, cfg.scratch.dir,
+        limits = Limits(drain_timeout=cfg.exports.drain_timeout,
+                        idle_timeout=cfg.exports.idle_timeout,
+                        max_lifetime=cfg.exports.max_lifetime)
+        jobs = Jobs(virt, store, Chains(virt, store), exports, cfg.scratch.dir,
                     cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
-                    cfg.jobs.keep_finished)
+                    cfg.jobs.keep_finished, limits)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(

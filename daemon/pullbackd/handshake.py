@@ -1,0 +1,179 @@
+"""Just enough of the NBD protocol for a relay, sans-IO.
+
+https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
+
+`Sniffer` follows what a client sends through the relay without changing a
+byte: the export it opens and the bytes it asks to read. `Refusal` is the
+server side of a handshake that answers every option with an error, for a
+client the relay will not serve: NBD clients then show our message instead of
+a bare "connection closed".
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import Enum, auto
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+
+FLAG_FIXED_NEWSTYLE = 1
+FLAG_NO_ZEROES = 2
+
+OPT_EXPORT_NAME = 1
+OPT_ABORT = 2
+OPT_STARTTLS = 5
+OPT_INFO = 6
+OPT_GO = 7
+
+REP_ACK = 1
+REP_ERR_POLICY = (1 << 31) + 2
+
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+
+_OPTION = struct.Struct(">QII")
+_REQUEST = struct.Struct(">IHHQQI")
+_EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
+_REPLY = struct.Struct(">QIII")
+
+
+class Phase(Enum):
+    FLAGS = auto()
+    OPTIONS = auto()
+    TRANSMISSION = auto()
+    #: Past what we can read (TLS started, a protocol we don't know): bytes only.
+    OPAQUE = auto()
+    CLOSED = auto()
+
+
+class Sniffer:
+    """The client's side of one NBD connection, read as it passes by."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.FLAGS
+        #: The export the client asked for last (GO, INFO or EXPORT_NAME).
+        self.export: str | None = None
+        #: Bytes the client asked to read (NBD_CMD_READ lengths).
+        self.read = 0
+        self.requests = 0
+        self._buffer = bytearray()
+        #: Payload bytes of a write request still to pass by.
+        self._skip = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.phase in (Phase.OPAQUE, Phase.CLOSED):
+            return
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            data = data[taken:]
+        self._buffer += data
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        buf = self._buffer
+        match self.phase:
+            case Phase.FLAGS if len(buf) >= 4:
+                del buf[:4]
+                self.phase = Phase.OPTIONS
+                return True
+            case Phase.OPTIONS if len(buf) >= 4 and struct.unpack_from(">I", buf)[0] in (
+                    REQUEST_MAGIC, EXTENDED_REQUEST_MAGIC):
+                # The server accepted GO: requests follow.
+                self.phase = Phase.TRANSMISSION
+                return True
+            case Phase.OPTIONS if len(buf) >= _OPTION.size:
+                magic, option, length = _OPTION.unpack_from(buf)
+                if magic != IHAVEOPT:
+                    return self._give_up()
+                if len(buf) < _OPTION.size + length:
+                    return False
+                data = bytes(buf[_OPTION.size:_OPTION.size + length])
+                del buf[:_OPTION.size + length]
+                self._option(option, data)
+                return True
+            case Phase.TRANSMISSION if len(buf) >= 4:
+                magic = struct.unpack_from(">I", buf)[0]
+                header = _REQUEST if magic == REQUEST_MAGIC else _EXTENDED_REQUEST
+                if magic not in (REQUEST_MAGIC, EXTENDED_REQUEST_MAGIC):
+                    return self._give_up()
+                if len(buf) < header.size:
+                    return False
+                _, _, command, _, _, length = header.unpack_from(buf)
+                del buf[:header.size]
+                self.requests += 1
+                if command == CMD_READ:
+                    self.read += length
+                elif command == CMD_WRITE:
+                    # The payload passes by; what of it is here goes now.
+                    taken = min(length, len(buf))
+                    del buf[:taken]
+                    self._skip = length - taken
+                elif command == CMD_DISC:
+                    self.phase = Phase.CLOSED
+                    buf.clear()
+                    return False
+                return True
+        return False
+
+    def _option(self, option: int, data: bytes) -> None:
+        if option == OPT_EXPORT_NAME:
+            self.export = data.decode(errors="replace")
+            self.phase = Phase.TRANSMISSION
+        elif option in (OPT_GO, OPT_INFO) and len(data) >= 4:
+            (size,) = struct.unpack_from(">I", data)
+            self.export = data[4:4 + size].decode(errors="replace")
+        elif option == OPT_STARTTLS:
+            # Whatever the server answers, what follows is not ours to read.
+            self._give_up()
+
+    def _give_up(self) -> bool:
+        self.phase = Phase.OPAQUE
+        self._buffer.clear()
+        return False
+
+
+def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
+    return _REPLY.pack(REPLY_MAGIC, option, reply, len(data)) + data
+
+
+class Refusal:
+    """A server handshake that refuses every option with `message` (NBD_REP_ERR_POLICY)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message.encode()
+        self.done = False
+        self._buffer = bytearray()
+        self._flags_read = False
+
+    def greeting(self) -> bytes:
+        return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+
+    def feed(self, data: bytes) -> bytes:
+        """What to send back; `done` once the connection should close."""
+        self._buffer += data
+        out = bytearray()
+        buf = self._buffer
+        if not self._flags_read and len(buf) >= 4:
+            del buf[:4]
+            self._flags_read = True
+        while self._flags_read and not self.done and len(buf) >= _OPTION.size:
+            magic, option, length = _OPTION.unpack_from(buf)
+            if magic != IHAVEOPT or option == OPT_EXPORT_NAME:
+                self.done = True  # no way to answer either but hanging up
+                break
+            if len(buf) < _OPTION.size + length:
+                break
+            del buf[:_OPTION.size + length]
+            if option == OPT_ABORT:
+                out += option_reply(option, REP_ACK)
+                self.done = True
+            else:
+                out += option_reply(option, REP_ERR_POLICY, self.message)
+        return bytes(out)
