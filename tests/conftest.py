@@ -150,14 +150,17 @@ class Daemon:
 
 def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path | None = None,
                  scratch: Path | None = None, scratch_reserve: int = 0,
-                 extra_config: str = "") -> Daemon:
-    """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own."""
+                 exports: str = "", extra_config: str = "") -> Daemon:
+    """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own.
+
+    `exports` is more of the [exports] section; `extra_config` more sections.
+    """
     base.mkdir(parents=True, exist_ok=True)
     config = base / "pullbackd.toml"
     config.write_text(
         f'[libvirt]\nuri = "{uri}"\n'
         f'[control]\nsocket = "{base}/control.sock"\n'
-        f'[exports]\ndir = "{base}/exports"\n'
+        f'[exports]\ndir = "{base}/exports"\n{exports}\n'
         f'[scratch]\ndir = "{scratch or base / "scratch"}"\nreserve = {scratch_reserve}\n'
         f'[state]\ndir = "{base}/state"\n'
         f'[repository]\ndir = "{repository or base / "repository"}"\n'
@@ -166,18 +169,26 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
     notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
-    notify.settimeout(timeout)
+    notify.settimeout(0.5)
+    deadline = time.monotonic() + timeout
     log = base / "pullbackd.log"
     with log.open("ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pullbackd.service", "--config", str(config)],
             stderr=log_file, env=os.environ | {"NOTIFY_SOCKET": str(notify_path)})
     try:
-        while b"READY=1" not in (message := notify.recv(4096)):
+        while True:
+            try:
+                message = notify.recv(4096)
+            except TimeoutError:
+                if proc.poll() is None and time.monotonic() < deadline:
+                    continue
+                proc.kill()
+                raise AssertionError(f"pullbackd did not get ready:\n{log.read_text()}") \
+                    from None
             assert b"STOPPING=1" not in message, log.read_text()
-    except TimeoutError:
-        proc.kill()
-        raise AssertionError(f"pullbackd did not get ready:\n{log.read_text()}") from None
+            if b"READY=1" in message:
+                break
     finally:
         notify.close()
     return Daemon(proc, base / "control.sock", base / "exports", scratch or base / "scratch", log,

@@ -8,6 +8,7 @@ interface definition); what is left here is meaning.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncGenerator
 from importlib.resources import files
 from pathlib import Path
@@ -18,8 +19,9 @@ import anyio
 from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
-from .control.server import Handler, Service
+from .control.server import Handler, Last, Service
 from .errors import BackupInProgress, InvalidParameter, NoSuchJob
+from .exports import Session
 from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
 
 INTERFACE = "org.pullbackd.Backup"
@@ -32,8 +34,10 @@ def interface(name: str) -> idl.Interface:
     return idl.parse(files(__package__).joinpath(f"{name}.varlink").read_text())
 
 
-def _event(kind: str, job: Job, message: str | None = None) -> dict[str, Any]:
-    return {"event": {"kind": kind, "job": job.to_record(), "message": message}}
+def _event(kind: str, job: Job, message: str | None = None,
+           session: Session | None = None) -> dict[str, Any]:
+    return {"event": {"kind": kind, "job": job.to_record(), "message": message,
+                      "session": dataclasses.asdict(session) if session else None}}
 
 
 class BackupAPI:
@@ -65,14 +69,15 @@ class BackupAPI:
                          if domain in (None, job.domain) and state in (None, job.state)]}
 
     async def Watch(self, id: str | None = None
-                    ) -> AsyncGenerator[dict[str, Any], None]:
+                    ) -> AsyncGenerator[dict[str, Any] | Last, None]:
         watched = [self.jobs.get(id)] if id is not None else [
             j for j in self.jobs.all() if not j.state.final]
         with self.jobs.watch() as changes:
+            if id is not None and watched[0].state.final:
+                yield Last(_event("state", watched[0]))
+                return
             for job in watched:
                 yield _event("state", job)
-            if id is not None and watched[0].state.final:
-                return
             while True:
                 change: Change | None = None
                 with anyio.move_on_after(PROGRESS_INTERVAL):
@@ -87,9 +92,11 @@ class BackupAPI:
                         job = self.jobs.get(change.job.id)  # with its live progress
                     except NoSuchJob:
                         job = change.job  # forgotten since (keep_finished)
-                    yield _event(change.kind, job, change.message)
+                    event = _event(change.kind, job, change.message, change.session)
                     if id is not None and change.job.state.final:
+                        yield Last(event)
                         return
+                    yield event
 
     async def Finish(self, id: str, success: bool | None = None) -> dict[str, Any]:
         return {"job": (await self.jobs.finish(id, success is not False)).to_record()}

@@ -33,10 +33,21 @@ log = structlog.get_logger()
 
 SERVICE = "org.varlink.service"
 
+
+
+@dataclass(frozen=True)
+class Last:
+    """The final reply of a streaming method (`continues` false)."""
+
+    parameters: dict[str, Any]
+
+
 #: A method handler: called with the call's parameters as keyword arguments;
 #: returns the reply's parameters, or is an async generator of them for
-#: methods that stream replies (`more`).
-Handler = Callable[..., Awaitable[dict[str, Any]] | AsyncGenerator[dict[str, Any], None]]
+#: methods that stream replies (`more`), sent as they come, and ending with a
+#: `Last` (or never, until the client hangs up).
+Handler = Callable[...,
+                   Awaitable[dict[str, Any]] | AsyncGenerator[dict[str, Any] | Last, None]]
 
 
 @dataclass(frozen=True)
@@ -103,15 +114,15 @@ class Service:
                 if not call.more:
                     await result.aclose()
                     raise _Error(f"{SERVICE}.ExpectedMore", {})
-                # Hold each reply back until the next one exists: only then is
-                # it known whether it `continues`.
-                previous: dict[str, Any] | None = None
+                # Each reply goes out as soon as it exists: a watcher must not
+                # wait for the next event to hear of this one.
                 async with aclosing(result):
-                    async for parameters in result:
-                        if previous is not None:
-                            yield Reply(previous, continues=True)
-                        previous = parameters
-                yield Reply(previous or {})
+                    async for item in result:
+                        if isinstance(item, Last):
+                            yield Reply(item.parameters)
+                            return
+                        yield Reply(item, continues=True)
+                raise RuntimeError(f"{call.method} ended its replies without a last one")
             else:
                 yield Reply(await result)
         except _Error as e:

@@ -1,0 +1,204 @@
+"""pullbackd's own NBD endpoints on the real lab: the relay, sessions, their limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+
+from pullbackd import api
+from pullbackd.control.client import Client
+
+from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon
+from .images import CHUNK, Disk, MiB, assert_same, connect, read_export
+from .test_backup import job_files
+
+LIMITS = """
+connections = 2
+drain_timeout = 1.0
+idle_timeout = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path_factory.mktemp("pullbackd"), lab.uri, exports=LIMITS)
+    try:
+        yield d
+    finally:
+        for job in d.ctl.call("List")["jobs"]:
+            if job["state"] == "ready":
+                d.ctl.call("Abort", id=job["id"])
+        stop_daemon(d)
+        assert "call crashed" not in d.log_text()
+
+
+def checkpoints(lab: Lab, domain: str) -> list[str]:
+    return subprocess.run(["virsh", "-q", "-c", lab.uri, "checkpoint-list", domain, "--name"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def events_until_end(daemon: Daemon, job_id: str, timeout: float = 60) -> list[dict[str, Any]]:
+    with Client(daemon.socket, timeout=timeout) as client:
+        return [r["event"] for r in client.stream(f"{api.INTERFACE}.Watch", id=job_id)]
+
+
+def test_sessions_are_counted_as_the_appliance_reads(
+        lab: Lab, daemon: Daemon) -> None:
+    vda, vdb = Disk(lab, "lab1", "vda"), Disk(lab, "lab1", "vdb")
+    vda.write(2 * MiB, 3 * MiB, 0x61)
+    vdb.write(40 * MiB, MiB, 0x62)
+    job = daemon.ctl.job("Start", domain="lab1")
+    assert job["appliance"] == {"active": 0, "total": 0, "bytes_read": 0,
+                                "idle_since": job["appliance"]["idle_since"], "sessions": []}
+    urls = {d["name"]: d["url"] for d in job["disks"]}
+    assert all(Path(u.partition("socket=")[2]).parent == daemon.exports for u in urls.values())
+
+    a = connect(urls["vda"], "base:allocation")
+    b = connect(urls["vdb"], "base:allocation")
+    assert_same(a.pread(4 * MiB, 0) + a.pread(4 * MiB, 4 * MiB), vda.expected[:8 * MiB])
+    assert_same(b.pread(MiB, 40 * MiB), vdb.expected[40 * MiB:41 * MiB])
+    seen = daemon.ctl.job("Get", id=job["id"])["appliance"]
+    assert seen["active"] == 2 and seen["total"] == 2 and seen["idle_since"] is None
+    assert seen["bytes_read"] == 9 * MiB
+    first, second = seen["sessions"]
+    assert (first["id"], first["disk"], first["bytes_read"], first["ended"]) == (
+        1, "vda", 8 * MiB, None)
+    assert (second["id"], second["disk"], second["bytes_read"]) == (2, "vdb", MiB)
+    assert first["peer"] == f"pid {os.getpid()} uid {os.getuid()} gid {os.getgid()}"
+
+    a.shutdown()
+    b.shutdown()
+    assert_same(read_export(urls["vda"]), vda.expected)  # a third session, the whole disk
+    done = daemon.ctl.job("Finish", id=job["id"])
+    assert done["state"] == "completed"
+    assert done["appliance"]["active"] == 0 and done["appliance"]["total"] == 3
+    assert done["appliance"]["bytes_read"] == 9 * MiB + DISK_SIZE
+    assert all(s["ended"] for s in done["appliance"]["sessions"])
+    assert daemon.ctl.job("Get", id=job["id"]) == done
+    assert job_files(daemon, job["id"]) == []
+
+
+def test_one_connection_over_the_limit_is_refused_with_a_reason(
+        lab: Lab, daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
+    url = job["disks"][0]["url"]
+    held = [connect(url), connect(url)]
+    # NBD_REP_ERR_POLICY: libnbd says so, and keeps our reason for its debug log.
+    with pytest.raises(nbd.Error, match="server policy prevents"):
+        connect(url)
+    assert "nbd connection refused: limit reached" in daemon.log_text()
+    # The two open sessions are untouched, and a closed one frees its place.
+    assert held[0].pread(MiB, 0) == held[1].pread(MiB, 0)
+    held.pop().shutdown()
+    third = connect(url)
+    assert third.pread(MiB, 0) == held[0].pread(MiB, 0)
+    appliance = daemon.ctl.job("Get", id=job["id"])["appliance"]
+    assert appliance["total"] == 3 and appliance["active"] == 2  # the refused one is no session
+    third.shutdown()
+    held[0].shutdown()
+    daemon.ctl.call("Finish", id=job["id"])
+
+
+def test_finish_waits_for_sessions_then_says_they_are_active(
+        lab: Lab, daemon: Daemon) -> None:
+    vda = Disk(lab, "lab1", "vda")
+    vda.write(0, MiB, 0x33)
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
+    reader = connect(job["disks"][0]["url"])
+    e = daemon.ctl.error("Finish", id=job["id"])
+    assert e.short_name == "SessionsActive"
+    assert e.parameters == {"id": job["id"], "sessions": 1, "waited": 1.0}
+    # Nothing was cut: the job runs on and the appliance keeps reading.
+    assert daemon.ctl.job("Get", id=job["id"])["state"] == "ready"
+    assert_same(reader.pread(MiB, 0), vda.expected[:MiB])
+
+    # A session that closes while Finish waits lets it through.
+    closer = threading.Timer(0.3, reader.shutdown)
+    closer.start()
+    assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
+    closer.join()
+
+
+def test_abort_cuts_the_sessions_at_once(lab: Lab, daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
+    reader = connect(job["disks"][0]["url"])
+    reader.pread(MiB, 0)
+    started = time.monotonic()
+    aborted = daemon.ctl.job("Abort", id=job["id"])
+    assert aborted["state"] == "aborted" and aborted["appliance"]["active"] == 0
+    assert time.monotonic() - started < 10  # no drain: Abort does not wait for readers
+    with pytest.raises(nbd.Error):
+        reader.pread(MiB, 0)
+    assert job["checkpoint"] not in checkpoints(lab, "lab1")
+
+
+def test_a_job_nobody_uses_expires_and_its_checkpoint_is_rolled_back(
+        lab: Lab, daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab2", disks=["vda"])
+    assert job["checkpoint"] in checkpoints(lab, "lab2")
+    # A session holds it off, however long it stays open.
+    reader = connect(job["disks"][0]["url"])
+    time.sleep(4)
+    assert daemon.ctl.job("Get", id=job["id"])["state"] == "ready"
+    reader.shutdown()
+
+    events = events_until_end(daemon, job["id"])
+    end = events[-1]["job"]
+    assert end["state"] == "expired" and "idle_timeout" in end["error"]
+    assert [e["kind"] for e in events] == ["state", "state"]
+    assert job["checkpoint"] not in checkpoints(lab, "lab2")
+    assert job["checkpoint"] not in [
+        c["name"] for c in daemon.ctl.call("ListCheckpoints", domain="lab2")["checkpoints"]]
+    assert job_files(daemon, job["id"]) == []
+
+
+def test_watch_tells_of_sessions_opening_and_closing(lab: Lab, daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
+    url = job["disks"][0]["url"]
+    events: list[dict[str, Any]] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        with Client(daemon.socket, timeout=60) as client:
+            for reply in client.stream(f"{api.INTERFACE}.Watch", id=job["id"]):
+                events.append(reply["event"])
+                watching.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert watching.wait(30)
+    h = connect(url)
+    h.pread(CHUNK, 0)
+    h.shutdown()
+    deadline = time.monotonic() + 30
+    while len(events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    daemon.ctl.call("Finish", id=job["id"])
+    watcher.join(30)
+    kinds = [(e["kind"], e["session"] and e["session"]["ended"] is not None) for e in events]
+    assert kinds == [("state", None), ("session", False), ("session", True), ("state", None)]
+    assert events[2]["session"]["bytes_read"] == CHUNK
+    assert events[2]["session"]["disk"] == "vda"
+
+
+def test_max_lifetime_ends_a_job_even_while_it_is_read(lab: Lab, tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "pullbackd", lab.uri,
+                     exports="max_lifetime = 2")
+    try:
+        job = d.ctl.job("Start", domain="lab2", disks=["vdb"])
+        reader = connect(job["disks"][0]["url"])
+        end = events_until_end(d, job["id"])[-1]["job"]
+        assert end["state"] == "expired" and "max_lifetime" in end["error"]
+        with pytest.raises(nbd.Error):
+            reader.pread(MiB, 0)
+        assert job["checkpoint"] not in checkpoints(lab, "lab2")
+    finally:
+        stop_daemon(d)
