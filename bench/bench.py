@@ -9,6 +9,9 @@ repeats is reported.
     full      a 4 GiB disk holding 1 GiB of data, full backup
     incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
     incr-16g  the same 1 % of 64 KiB writes on a 16 GiB disk holding 1 GiB
+    relay     nbdcopy reading the full backup's export into null: through
+              pullbackd's endpoint (tool "pullbackd") and straight from QEMU's
+              socket (tool "nbdcopy"), runs interleaved: what the relay costs
 
 nbdcopy and qemu-img cannot read a dirty bitmap: for an incremental they copy
 every allocated block onto the overlay (the result is right, the cost is not).
@@ -297,6 +300,8 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
                                            lambda: qcow2(base, disk_size), copy, full["url"]))
         else:
             engine_into(qcow2(base, disk_size), full["url"])
+            if "relay" in tools:
+                results += relay(work, work / f"pullbackd-{label}", full, size)
         ctl.call(f"{IFACE}.Finish", id=full["id"])
 
         if vnb is not None:
@@ -318,10 +323,32 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
     return results
 
 
+def relay(work: Path, daemon_dir: Path, job: dict[str, str], size: Size) -> list[Result]:
+    """nbdcopy through pullbackd's endpoint against nbdcopy on QEMU's own socket."""
+    export = job["url"].partition("?")[0]
+    urls = {"pullbackd": job["url"],
+            "nbdcopy": f"{export}?socket={daemon_dir}/exports/.qemu/{job['id']}.sock"}
+    # Both read the same bytes (checked once), then only the reading is timed.
+    copies = {tool: work / f"relay-{tool}.raw" for tool in urls}
+    for tool, url in urls.items():
+        run("nbdcopy", url, str(copies[tool]))
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", *map(str, copies.values()))
+    for path in copies.values():
+        path.unlink()
+    seconds: dict[str, list[float]] = {tool: [] for tool in urls}
+    for _ in range(max(size.repeats, 5)):
+        for tool, url in urls.items():
+            seconds[tool].append(timed(lambda url=url: run(  # type: ignore[misc]
+                "nbdcopy", url, "null:")))
+    for tool in urls:
+        log(f"{'relay':9} {tool:9} {statistics.median(seconds[tool]):7.3f} s")
+    return [Result("relay", tool, seconds[tool], size.data) for tool in urls]
+
+
 def table(results: list[Result]) -> str:
     ours = {r.case: r.median for r in results if r.tool == "pullbackd"}
     lines = [f"{'case':9} {'tool':13} {'median s':>9} {'MiB/s':>8} {'x pullbackd':>12}"]
-    order = {"full": 0, "incr": 1, "incr-16g": 2}
+    order = {"full": 0, "incr": 1, "incr-16g": 2, "relay": 3}
     for r in sorted(results, key=lambda r: order[r.case]):
         ratio = f"{r.median / ours[r.case]:.2f}" if r.case in ours else "-"
         lines.append(f"{r.case:9} {r.tool:13} {r.median:9.3f} "
@@ -332,7 +359,7 @@ def table(results: list[Result]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run each")
-    parser.add_argument("--tools", default="pullbackd,nbdcopy,qemu-img,virtnbdbackup")
+    parser.add_argument("--tools", default="pullbackd,nbdcopy,qemu-img,virtnbdbackup,relay")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
                         help="engine settings to try instead of the defaults, e.g. "

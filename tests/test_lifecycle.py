@@ -58,17 +58,33 @@ def test_restart_adopts_a_ready_job_and_readers_never_notice(
     url = job["disks"][0]["url"]
     reader = nbd.NBD()
     reader.connect_uri(url)
-    stop_daemon(first)
-
-    # With the daemon gone, the appliance keeps reading.
     assert reader.pread(MiB, 3 * MiB) == b"\x5a" * MiB
-    second = start_daemon(daemon_dir, lab.uri)
+    stop_daemon(first)
+    # The session's sockets wait in the service manager's fd store.
+    assert {f"{job['id']}.listen", f"{job['id']}.1.client", f"{job['id']}.1.qemu"} <= set(
+        first.manager.fdstore)
+
+    # With the daemon gone, a read just waits; a new connection waits in the backlog.
+    results: dict[str, bytes] = {}
+    waiting = threading.Thread(target=lambda: results.update(
+        old=reader.pread(MiB, 3 * MiB), new=read_export(url)))
+    waiting.start()
+    second = start_daemon(daemon_dir, lab.uri, fdstore=first.manager.fdstore)
     try:
-        assert second.ctl.job("Get", id=job["id"]) == job
+        waiting.join(60)
+        assert results["old"] == b"\x5a" * MiB
+        assert_same(results["new"], vda.expected)
+        assert second.manager.fdstore == {}  # all taken back
+        adopted = second.ctl.job("Get", id=job["id"])
+        assert {k: v for k, v in adopted.items() if k != "appliance"} == {
+            k: v for k, v in job.items() if k != "appliance"}
+        sessions = adopted["appliance"]["sessions"]
+        assert [(s["id"], s["ended"] is None, s["bytes_read"]) for s in sessions] == [
+            (1, True, 2 * MiB), (2, False, DISK_SIZE)]
         e = second.ctl.error("Start", domain="lab1")
         assert e.short_name == "BackupInProgress" and e.parameters["id"] == job["id"]
         assert reader.pread(MiB, 3 * MiB) == b"\x5a" * MiB
-        assert_same(read_export(url), vda.expected)
+        reader.shutdown()
         assert second.ctl.job("Finish", id=job["id"])["state"] == "completed"
         assert job_files(second, job["id"]) == []
         # Its checkpoint joined the chain: the next incremental starts there.

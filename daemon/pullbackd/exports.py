@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -61,26 +62,55 @@ class Session:
 
 #: A session opened (ended is None) or closed.
 OnSession = Callable[[str, Session], None]
+#: Gives file descriptors to the service manager to keep, under a name (sd_notify FDSTORE).
+StoreFds = Callable[[str, list[int]], None]
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A session passed on to the next run of the daemon, its sockets in systemd's fd store."""
+
+    job: str
+    session: Session
+    #: Where the relay was in the client's side of the protocol (Sniffer.state()).
+    sniffer: dict[str, Any]
+
+    @property
+    def names(self) -> tuple[str, str]:
+        """The fd store names of its client and QEMU sockets."""
+        return f"{self.job}.{self.session.id}.client", f"{self.job}.{self.session.id}.qemu"
 
 
 class Endpoint:
     """One job's socket and its sessions."""
 
     def __init__(self, job_id: str, path: Path, upstream: Path, limit: int,
-                 on_session: OnSession, past: tuple[Session, ...] = ()) -> None:
+                 on_session: OnSession, past: tuple[Session, ...] = (),
+                 resumed: list[tuple[Handed, socket.socket, socket.socket]] | None = None
+                 ) -> None:
         self.job_id = job_id
         self.path = path
         self.upstream = upstream
         self.limit = limit
         self._on_session = on_session
-        self._past = list(past)
-        self._live: dict[int, tuple[Session, Sniffer]] = {}
-        self._next_id = max((s.id for s in past), default=0) + 1
+        self._resumed = resumed or []
+        # A session the record shows open, and that was not handed over, was
+        # cut when the previous run ended.
+        resumed_ids = {h.session.id for h, _, _ in self._resumed}
+        self._past = [s if s.ended else replace(s, ended=now())
+                      for s in past if s.id not in resumed_ids]
+        self._live: dict[int, tuple[Session, _Relay]] = {}
+        self._next_id = max((s.id for s in (*past, *(h.session for h, _, _ in self._resumed))),
+                            default=0) + 1
         self._idle_since = time.monotonic()
         self._idle_wall = now()
         self._changed = anyio.Event()
         self._scope = anyio.CancelScope()
+        self._accepting = anyio.CancelScope()
         self._over = anyio.Event()
+        self._listener: socket.socket | None = None
+        self._store: StoreFds | None = None
+        self._handed: list[Handed] = []
 
     # What Get shows.
 
@@ -93,8 +123,7 @@ class Endpoint:
         return None if self._live else self._idle_wall
 
     def sessions(self) -> list[Session]:
-        live = [replace(s, disk=sniffer.export or s.disk, bytes_read=sniffer.read)
-                for s, sniffer in self._live.values()]
+        live = [_snapshot(s, relay.sniffer) for s, relay in self._live.values()]
         return sorted(self._past + live, key=lambda s: s.id)
 
     # Lifetime.
@@ -103,25 +132,46 @@ class Endpoint:
                     *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
         """Accept and relay until closed; every session ends with it."""
+        self._listener = listener
         with self._scope, listener, _setting(self._over):
             async with anyio.create_task_group() as tg:
+                for handed, client, qemu in self._resumed:
+                    relay = _Relay(client, qemu, Sniffer.from_state(handed.sniffer))
+                    tg.start_soon(self._run, handed.session, relay, True)
+                self._resumed.clear()
                 task_status.started()
-                while True:
-                    await anyio.wait_readable(listener)
-                    try:
-                        client, _ = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    client.setblocking(False)
-                    if len(self._live) >= self.limit:
-                        tg.start_soon(self._refuse, client)
-                    else:
-                        tg.start_soon(self._session, client)
+                with self._accepting:
+                    while True:
+                        await anyio.wait_readable(listener)
+                        try:
+                            client, _ = listener.accept()
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        client.setblocking(False)
+                        if len(self._live) >= self.limit:
+                            tg.start_soon(self._refuse, client)
+                        else:
+                            tg.start_soon(self._session, client)
 
     async def close(self) -> None:
         """Stop accepting and cut every session at once (Abort, the job's end)."""
         self._scope.cancel()
         await self._over.wait()
+
+    async def hand_off(self, store: StoreFds) -> list[Handed]:
+        """Pass the listening socket and every session to the next run of the daemon.
+
+        Each session stops between two chunks, with nothing read that is not yet
+        sent, so that the next run can go on relaying where this one stopped.
+        """
+        if self._listener is not None:
+            store(f"{self.job_id}.listen", [self._listener.fileno()])
+        self._accepting.cancel()
+        self._store = store
+        for _, relay in self._live.values():
+            relay.pause()
+        await self._over.wait()
+        return self._handed
 
     async def idle_for(self, seconds: float) -> None:
         """Return once no session has been open for `seconds` in a row."""
@@ -145,32 +195,47 @@ class Endpoint:
     async def _session(self, client: socket.socket) -> None:
         session = Session(self._next_id, _peer(client), now())
         self._next_id += 1
-        sniffer = Sniffer()
-        self._live[session.id] = (session, sniffer)
-        self._changed_now()
-        self._on_session(self.job_id, session)
-        log.info("nbd session opened", job=self.job_id, session=session.id, peer=session.peer)
-        errors: list[str] = []
+        qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        relay = _Relay(client, qemu, Sniffer())
         try:
-            with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as qemu:
-                try:
-                    await anyio.to_thread.run_sync(qemu.connect, str(self.upstream))
-                except OSError as e:
-                    errors.append(f"cannot reach QEMU's NBD server: {e}")
-                    return
-                qemu.setblocking(False)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_upstream, client, qemu, sniffer, tg.cancel_scope, errors)
-                    tg.start_soon(_downstream, qemu, client, tg.cancel_scope, errors)
+            await anyio.to_thread.run_sync(qemu.connect, str(self.upstream))
+        except OSError as e:
+            relay.errors.append(f"cannot reach QEMU's NBD server: {e}")
+        qemu.setblocking(False)
+        await self._run(session, relay)
+
+    async def _run(self, session: Session, relay: _Relay, resumed: bool = False) -> None:
+        self._live[session.id] = (session, relay)
+        self._changed_now()
+        if resumed:
+            log.info("nbd session resumed", job=self.job_id, session=session.id)
+        else:
+            self._on_session(self.job_id, session)
+            log.info("nbd session opened", job=self.job_id, session=session.id,
+                     peer=session.peer)
+        handed = False
+        try:
+            with relay.client, relay.qemu:
+                if not relay.errors and await relay.run() and self._store is not None:
+                    h = Handed(self.job_id, _snapshot(session, relay.sniffer),
+                               relay.sniffer.state())
+                    for name, sock in zip(h.names, (relay.client, relay.qemu), strict=True):
+                        self._store(name, [sock.fileno()])
+                    self._handed.append(h)
+                    handed = True
         finally:
             del self._live[session.id]
-            ended = replace(session, disk=sniffer.export, ended=now(), bytes_read=sniffer.read)
-            self._past.append(ended)
-            self._idle_since, self._idle_wall = time.monotonic(), now()
             self._changed_now()
-            self._on_session(self.job_id, ended)
-            log.info("nbd session closed", job=self.job_id, session=session.id,
-                     disk=ended.disk, bytes_read=ended.bytes_read, error="; ".join(errors) or None)
+            if handed:
+                log.info("nbd session handed over", job=self.job_id, session=session.id)
+            else:
+                ended = replace(_snapshot(session, relay.sniffer), ended=now())
+                self._past.append(ended)
+                self._idle_since, self._idle_wall = time.monotonic(), now()
+                self._on_session(self.job_id, ended)
+                log.info("nbd session closed", job=self.job_id, session=session.id,
+                         disk=ended.disk, bytes_read=ended.bytes_read,
+                         error="; ".join(relay.errors) or None)
 
     async def _refuse(self, client: socket.socket) -> None:
         refusal = Refusal(f"this backup already has {self.limit} connections, the limit: "
@@ -194,57 +259,103 @@ class Endpoint:
         self._changed = anyio.Event()
 
 
-async def _upstream(client: socket.socket, qemu: socket.socket, sniffer: Sniffer,
-                    scope: anyio.CancelScope, errors: list[str]) -> None:
-    """Client to QEMU: options and requests, read as they pass."""
-    try:
-        while True:
-            await anyio.wait_readable(client)
-            try:
-                data = client.recv(256 << 10)
-            except (BlockingIOError, InterruptedError):
-                continue
-            if not data:
-                qemu.shutdown(socket.SHUT_WR)
-                return
-            sniffer.feed(data)
-            await _send_all(qemu, data)
-    except OSError as e:
-        errors.append(str(e))
-        scope.cancel()  # one side gone: the session is over
+def _snapshot(session: Session, sniffer: Sniffer) -> Session:
+    return replace(session, disk=sniffer.export or session.disk, bytes_read=sniffer.read)
 
 
-async def _downstream(qemu: socket.socket, client: socket.socket,
-                      scope: anyio.CancelScope, errors: list[str]) -> None:
-    """QEMU to client: replies and data, spliced through a pipe."""
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        with contextlib.suppress(OSError):  # a smaller pipe only means more calls
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-        while True:
+class _Relay:
+    """Both directions of one session. `pause` stops them between two chunks."""
+
+    def __init__(self, client: socket.socket, qemu: socket.socket, sniffer: Sniffer) -> None:
+        self.client = client
+        self.qemu = qemu
+        self.sniffer = sniffer
+        self.errors: list[str] = []
+        self._pausing = False
+        self._paused = False
+        self._waits: set[anyio.CancelScope] = set()
+        self._scope = anyio.CancelScope()
+
+    async def run(self) -> bool:
+        """Relay until either side closes (False), or until paused (True)."""
+        with self._scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._upstream)
+                tg.start_soon(self._downstream)
+        return self._paused and not self.errors
+
+    def pause(self) -> None:
+        self._pausing = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    async def _readable(self, sock: socket.socket) -> bool:
+        """Wait until `sock` can be read; False if the relay is to pause instead.
+
+        Only here, with nothing read and not yet sent, may a relay pause.
+        """
+        if self._pausing:
+            return False
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
             try:
-                n = os.splice(qemu.fileno(), write_end, CHUNK, flags=flags)
-            except (BlockingIOError, InterruptedError):
-                await anyio.wait_readable(qemu)
-                continue
-            if n == 0:
-                client.shutdown(socket.SHUT_WR)
-                # QEMU closed: nothing more can come, so the client is done too.
-                scope.cancel()
-                return
-            while n:
+                await anyio.wait_readable(sock)
+            finally:
+                self._waits.discard(scope)
+        return not self._pausing
+
+    def _over(self, error: OSError | None = None) -> None:
+        if error is not None and error.errno not in (errno.EPIPE, errno.ECONNRESET):
+            self.errors.append(str(error))
+        self._scope.cancel()  # one side gone: the session is over
+
+    async def _upstream(self) -> None:
+        """Client to QEMU: options and requests, read as they pass."""
+        try:
+            while await self._readable(self.client):
                 try:
-                    n -= os.splice(read_end, client.fileno(), n, flags=flags)
+                    data = self.client.recv(256 << 10)
                 except (BlockingIOError, InterruptedError):
-                    await anyio.wait_writable(client)
-    except OSError as e:
-        if e.errno not in (errno.EPIPE, errno.ECONNRESET):
-            errors.append(str(e))
-        scope.cancel()  # one side gone: the session is over
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+                    continue
+                if not data:
+                    # The client is done asking; QEMU's answers still come.
+                    with contextlib.suppress(OSError):
+                        self.qemu.shutdown(socket.SHUT_WR)
+                    return
+                self.sniffer.feed(data)
+                await _send_all(self.qemu, data)
+        except OSError as e:
+            self._over(e)
+
+    async def _downstream(self) -> None:
+        """QEMU to client: replies and data, spliced through a pipe."""
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):  # a smaller pipe only means more calls
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
+            flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+            while not self._pausing:
+                try:
+                    n = os.splice(self.qemu.fileno(), write_end, CHUNK, flags=flags)
+                except (BlockingIOError, InterruptedError):
+                    if not await self._readable(self.qemu):
+                        break
+                    continue
+                if n == 0:
+                    # QEMU closed: nothing more can come, so the client is done too.
+                    self.client.shutdown(socket.SHUT_WR)
+                    return self._over()
+                while n:
+                    try:
+                        n -= os.splice(read_end, self.client.fileno(), n, flags=flags)
+                    except (BlockingIOError, InterruptedError):
+                        await anyio.wait_writable(self.client)
+            self._paused = True
+        except OSError as e:
+            self._over(e)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:
@@ -303,6 +414,8 @@ class Exports:
         self._qemu_uid = pwd.getpwnam(qemu_user).pw_uid if qemu_user else None
         self.limit = limit
         self._endpoints: dict[str, Endpoint] = {}
+        self._inherited: dict[str, socket.socket] = {}
+        self._handed: dict[str, list[Handed]] = {}
 
     def prepare(self) -> None:
         """Create the folders: QEMU's is for QEMU and us alone (root reaches it anyway)."""
@@ -321,14 +434,58 @@ class Exports:
     def get(self, job_id: str) -> Endpoint | None:
         return self._endpoints.get(job_id)
 
+    def inherit(self, fds: dict[str, int], handed: list[Handed]) -> None:
+        """Take what the previous run handed over: sockets by fd store name, and its
+        record of each session. Used by `open`; `release` closes what is left."""
+        self._inherited = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
+        for sock in self._inherited.values():
+            sock.setblocking(False)
+        self._handed = {h.job: [] for h in handed}
+        for h in handed:
+            self._handed[h.job].append(h)
+
+    def release(self) -> list[str]:
+        """Close the inherited sockets no job took (their jobs ended meanwhile)."""
+        for name, sock in self._inherited.items():
+            log.info("closing a handed-over socket of an ended job", name=name)
+            sock.close()
+        names = list(self._inherited)
+        self._inherited.clear()
+        self._handed.clear()
+        return names
+
     async def open(self, job_id: str, tg: anyio.abc.TaskGroup, on_session: OnSession,
                    past: tuple[Session, ...] = ()) -> Endpoint:
+        """Serve the job's endpoint: the socket the previous run handed over, or a new one."""
         path = self.endpoint_path(job_id)
-        listener = await anyio.to_thread.run_sync(listen, path, self._mode, self._gid)
-        endpoint = Endpoint(job_id, path, self.qemu_path(job_id), self.limit, on_session, past)
+        listener = self._inherited.pop(f"{job_id}.listen", None)
+        if listener is None:
+            listener = await anyio.to_thread.run_sync(listen, path, self._mode, self._gid)
+        resumed = []
+        for h in self._handed.pop(job_id, []):
+            client, qemu = (self._inherited.pop(name, None) for name in h.names)
+            if client is not None and qemu is not None:
+                resumed.append((h, client, qemu))
+            else:
+                for sock in (client, qemu):
+                    if sock is not None:
+                        sock.close()
+        endpoint = Endpoint(job_id, path, self.qemu_path(job_id), self.limit, on_session, past,
+                            resumed)
         self._endpoints[job_id] = endpoint
         await tg.start(endpoint.serve, listener)
         return endpoint
+
+    async def hand_off(self, store: StoreFds) -> list[Handed]:
+        """Pass every endpoint and session on to the next run (see Endpoint.hand_off)."""
+        handed: list[Handed] = []
+        async with anyio.create_task_group() as tg:
+            async def one(endpoint: Endpoint) -> None:
+                handed.extend(await endpoint.hand_off(store))
+            for endpoint in self._endpoints.values():
+                tg.start_soon(one, endpoint)
+        self._endpoints.clear()
+        return handed
 
     async def close(self, job_id: str) -> Endpoint | None:
         """Cut the job's sessions and remove its socket; the endpoint, if it was open."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from enum import Enum, auto
+from typing import Any
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -64,6 +65,22 @@ class Sniffer:
         self._buffer = bytearray()
         #: Payload bytes of a write request still to pass by.
         self._skip = 0
+
+    def state(self) -> dict[str, Any]:
+        """Where it is, as JSON, for `from_state` in another process."""
+        return {"phase": self.phase.name, "export": self.export, "read": self.read,
+                "requests": self.requests, "buffer": self._buffer.hex(), "skip": self._skip}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Sniffer:
+        sniffer = cls()
+        sniffer.phase = Phase[state["phase"]]
+        sniffer.export = state["export"]
+        sniffer.read = state["read"]
+        sniffer.requests = state["requests"]
+        sniffer._buffer = bytearray.fromhex(state["buffer"])
+        sniffer._skip = state["skip"]
+        return sniffer
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self.phase in (Phase.OPAQUE, Phase.CLOSED):

@@ -61,7 +61,7 @@ from .errors import (
     SessionsActive,
     TargetNotWritable,
 )
-from .exports import Endpoint, Exports, Session
+from .exports import Endpoint, Exports, Session, StoreFds
 from .repository import Region, Repository, Writer, digest
 from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
 
@@ -812,6 +812,14 @@ class Jobs:
                 job = dataclasses.replace(job, appliance=Appliance.of(endpoint))
                 await self._store.save_job(job)
                 self._jobs[job_id] = job
+
+    async def hand_off(self, store: StoreFds) -> int:
+        """Before the daemon stops: pass the endpoints and their sessions to the next run
+        (systemd keeps the sockets). Returns how many sessions were handed over."""
+        handed = await self.exports.hand_off(store)
+        await self._store.save_handoff(handed)
+        log.info("handed over the NBD endpoints", sessions=len(handed))
+        return len(handed)
 
     # Events and recovery.
 

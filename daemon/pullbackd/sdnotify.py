@@ -1,10 +1,13 @@
 """systemd's readiness protocol, sd_notify(3): datagrams to $NOTIFY_SOCKET.
 
-A no-op when the daemon was not started by systemd (no NOTIFY_SOCKET).
+A no-op when the daemon was not started by systemd (no NOTIFY_SOCKET). Also
+systemd's file descriptor store: sockets given to it with FDSTORE=1 come back
+to the next run of the service as $LISTEN_FDS (sd_listen_fds_with_names(3)).
 """
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 
@@ -29,16 +32,33 @@ class Notifier:
     def watchdog_enabled(self) -> bool:
         return bool(self._address and self._watchdog_usec)
 
-    def notify(self, *fields: str) -> None:
+    @property
+    def enabled(self) -> bool:
+        return bool(self._address)
+
+    def notify(self, *fields: str, fds: list[int] | None = None) -> None:
         if not self._address:
             return
         # Like sd_notify(3), a failure is reported, never fatal: the service
         # manager going away must not take the daemon with it.
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto("\n".join(fields).encode(), self._address)
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] \
+                    if fds else []
+                sock.sendmsg(["\n".join(fields).encode()], rights, 0, self._address)
         except OSError as e:
             log.warning("sd_notify failed", socket=self._address, error=str(e))
+
+    def store_fds(self, name: str, fds: list[int]) -> None:
+        """Have systemd keep `fds` (duplicates of them) for the next run, under `name`.
+
+        Needs FileDescriptorStoreMax= in the unit; without it systemd drops them.
+        """
+        self.notify("FDSTORE=1", f"FDNAME={name}", fds=fds)
+
+    def remove_fds(self, names: list[str]) -> None:
+        for name in names:
+            self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
@@ -56,3 +76,26 @@ class Notifier:
         while True:
             self.notify("WATCHDOG=1")
             await anyio.sleep(self._watchdog_usec / 2e6)
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """The descriptors systemd passed to this process, by name (sd_listen_fds_with_names).
+
+    They start at 3; the variables are removed so that children do not take them too.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        if int(env.get("LISTEN_PID", "0")) != os.getpid():
+            return {}
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    fds = {}
+    for i in range(count):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        fds[names[i] if i < len(names) and names[i] else f"unknown-{i}"] = fd
+    return fds

@@ -19,7 +19,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config, stream
+from . import api, config, sdnotify, stream
 from .chain import Chains
 from .control.server import Service, bind
 from .errors import PullbackError
@@ -33,6 +33,8 @@ from .virt import Virt
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = Path("/etc/pullbackd/pullbackd.toml")
+#: Seconds to let the appliances' sessions reach a point where they can be handed over.
+HANDOFF_TIMEOUT = 5.0
 
 
 def configure_logging(level: str) -> None:
@@ -57,11 +59,13 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
     exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
                       qemu_user=cfg.exports.qemu_user, limit=cfg.exports.connections)
     exports.prepare()
+    inherited = sdnotify.listen_fds()
     cfg.scratch.dir.mkdir(parents=True, exist_ok=True)
     store = Store(cfg.state.dir / "state.db")
     virt = Virt(cfg.libvirt.uri)
     status = 0
     try:
+        exports.inherit(inherited, store.take_handoff())
         await virt.connect()
         repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository")
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
@@ -85,10 +89,13 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                 status = 1
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier)
+            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier, jobs)
             # Events flow before recovery: ending a leftover job waits for libvirt's event.
             await tg.start(follow_libvirt)
             await jobs.recover()
+            # The sockets handed over are ours now: systemd's copies can go.
+            notifier.remove_fds(list(inherited))
+            exports.release()
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
             tg.start_soon(_serve, listener, api.service(jobs), cfg.control.socket)
             tg.start_soon(notifier.watchdog)
@@ -113,11 +120,16 @@ async def _serve(listener: SocketListener, service: Service, path: Path) -> None
             await anyio.Path(path).unlink(missing_ok=True)
 
 
-async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier) -> None:
+async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier, jobs: Jobs) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("stopping; running backups stay up and are adopted at the next start",
                      signal=signal.Signals(signum).name)
+            if notifier.enabled:
+                # Appliances reading now keep their sessions: systemd holds the
+                # sockets until the next run takes them back.
+                with anyio.move_on_after(HANDOFF_TIMEOUT):
+                    await jobs.hand_off(notifier.store_fds)
             notifier.stopping()
             scope.cancel()
             return

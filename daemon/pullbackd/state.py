@@ -7,6 +7,7 @@ change of state. Writes are durable before the caller hears of the change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import anyio
 
 from .chain import Checkpoint, CheckpointState
+from .exports import Handed, Session
 from .jobs import Job
 
 SCHEMA = """
@@ -25,6 +27,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_domain ON jobs (domain);
+CREATE TABLE IF NOT EXISTS handoff (
+    job TEXT NOT NULL,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     name TEXT PRIMARY KEY,
     domain TEXT NOT NULL,
@@ -69,6 +75,19 @@ class Store:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
             " state = excluded.state, xml = excluded.xml",
             (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml))
+
+    async def save_handoff(self, handed: list[Handed]) -> None:
+        """What the next run needs to resume the sessions whose sockets systemd keeps."""
+        for h in handed:
+            await self._write("INSERT INTO handoff (job, record) VALUES (?, ?)",
+                              (h.job, json.dumps(dataclasses.asdict(h))))
+
+    def take_handoff(self) -> list[Handed]:
+        """The sessions the previous run handed over, once: they are deleted here."""
+        rows = self._db.execute("SELECT record FROM handoff ORDER BY rowid").fetchall()
+        self._db.execute("DELETE FROM handoff")
+        records = [json.loads(record) for (record,) in rows]
+        return [Handed(r["job"], Session(**r["session"]), r["sniffer"]) for r in records]
 
     async def forget_jobs(self, ids: list[str]) -> None:
         for job_id in ids:

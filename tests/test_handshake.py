@@ -1,0 +1,114 @@
+"""The relay's reading of the NBD protocol, without sockets."""
+
+from __future__ import annotations
+
+import struct
+
+from pullbackd.handshake import (
+    CMD_DISC,
+    CMD_READ,
+    CMD_WRITE,
+    EXTENDED_REQUEST_MAGIC,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_STARTTLS,
+    REP_ACK,
+    REP_ERR_POLICY,
+    REPLY_MAGIC,
+    REQUEST_MAGIC,
+    Phase,
+    Refusal,
+    Sniffer,
+)
+
+FLAGS = struct.pack(">I", 3)
+
+
+def option(code: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, code, len(data)) + data
+
+
+def go(name: str) -> bytes:
+    encoded = name.encode()
+    return option(OPT_GO, struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0))
+
+
+def request(command: int, offset: int, length: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, 7, offset, length) + payload
+
+
+def test_follows_a_session_fed_a_byte_at_a_time() -> None:
+    stream = (FLAGS + option(8) + go("vdb") + request(CMD_READ, 0, 4096)
+              + request(CMD_WRITE, 0, 5, b"hello") + request(CMD_READ, 1 << 20, 1 << 20)
+              + request(CMD_DISC, 0, 0))
+    sniffer = Sniffer()
+    for i in range(len(stream)):
+        sniffer.feed(stream[i:i + 1])
+    assert sniffer.export == "vdb"
+    assert sniffer.read == 4096 + (1 << 20)
+    assert sniffer.requests == 4
+    assert sniffer.phase == Phase.CLOSED
+
+
+def test_a_write_payload_that_looks_like_a_request_is_not_counted() -> None:
+    fake = request(CMD_READ, 0, 1 << 30)
+    sniffer = Sniffer()
+    sniffer.feed(FLAGS + go("vda"))
+    sniffer.feed(request(CMD_WRITE, 0, len(fake))[:-3])
+    sniffer.feed(request(CMD_WRITE, 0, len(fake))[-3:] + fake[:10])
+    sniffer.feed(fake[10:] + request(CMD_READ, 0, 512))
+    assert sniffer.read == 512
+
+
+def test_export_name_starts_transmission_at_once() -> None:
+    sniffer = Sniffer()
+    sniffer.feed(FLAGS + option(OPT_EXPORT_NAME, b"vda") + request(CMD_READ, 0, 100))
+    assert (sniffer.export, sniffer.read, sniffer.phase) == ("vda", 100, Phase.TRANSMISSION)
+
+
+def test_extended_headers_are_read_too() -> None:
+    sniffer = Sniffer()
+    sniffer.feed(FLAGS + go("vda"))
+    sniffer.feed(struct.pack(">IHHQQQ", EXTENDED_REQUEST_MAGIC, 0, CMD_READ, 1, 0, 1 << 33))
+    assert sniffer.read == 1 << 33
+
+
+def test_after_starttls_or_garbage_it_only_passes_bytes() -> None:
+    tls = Sniffer()
+    tls.feed(FLAGS + option(OPT_STARTTLS) + b"\x16\x03\x01 random TLS bytes")
+    assert tls.phase == Phase.OPAQUE and tls.read == 0
+    garbage = Sniffer()
+    garbage.feed(FLAGS + go("vda") + b"\xde\xad\xbe\xef" * 10)
+    assert garbage.phase == Phase.OPAQUE
+
+
+def test_state_carries_a_half_read_request_to_another_process() -> None:
+    whole = request(CMD_READ, 0, 2048)
+    sniffer = Sniffer()
+    sniffer.feed(FLAGS + go("vda") + request(CMD_READ, 0, 1024) + whole[:11])
+    resumed = Sniffer.from_state(sniffer.state())
+    resumed.feed(whole[11:])
+    assert (resumed.export, resumed.read, resumed.requests) == ("vda", 3072, 2)
+
+
+def test_refusal_answers_every_option_with_its_reason_and_acks_abort() -> None:
+    refusal = Refusal("too many")
+    magic, opt, flags = struct.unpack(">QQH", refusal.greeting())
+    assert (magic, opt) == (NBDMAGIC, IHAVEOPT) and flags & 1
+    out = refusal.feed(FLAGS + go("vda")[:5])
+    assert out == b"" and not refusal.done
+    out = refusal.feed(go("vda")[5:])
+    assert struct.unpack(">QIII", out[:20]) == (REPLY_MAGIC, OPT_GO, REP_ERR_POLICY, 8)
+    assert out[20:] == b"too many"
+    out = refusal.feed(option(OPT_ABORT))
+    assert struct.unpack(">QIII", out) == (REPLY_MAGIC, OPT_ABORT, REP_ACK, 0)
+    assert refusal.done
+
+
+def test_refusal_hangs_up_on_export_name() -> None:
+    refusal = Refusal("too many")
+    assert refusal.feed(FLAGS + option(OPT_EXPORT_NAME, b"vda")) == b""
+    assert refusal.done
