@@ -65,6 +65,7 @@ FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655
 SMOKE_SIZE = Size(disk=256 * MiB, big_disk=512 * MiB, data=32 * MiB, dirty_writes=16, repeats=1)
 CHUNK = 64 * MiB
 BLOCK = 64 << 10
+ALL_TOOLS = ("pullbackd", "nbdcopy", "qemu-img", "virtnbdbackup", "relay")
 
 
 @dataclass(frozen=True)
@@ -298,10 +299,10 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
                 if tool in tools:
                     results.append(measure("full", tool, size.data, size.repeats,
                                            lambda: qcow2(base, disk_size), copy, full["url"]))
-        else:
-            engine_into(qcow2(base, disk_size), full["url"])
             if "relay" in tools:
                 results += relay(work, work / f"pullbackd-{label}", full, size)
+        else:
+            engine_into(qcow2(base, disk_size), full["url"])
         ctl.call(f"{IFACE}.Finish", id=full["id"])
 
         if vnb is not None:
@@ -359,7 +360,9 @@ def table(results: list[Result]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run each")
-    parser.add_argument("--tools", default="pullbackd,nbdcopy,qemu-img,virtnbdbackup,relay")
+    parser.add_argument("--tools", default=",".join(ALL_TOOLS),
+                        help="some of the tools (and the relay case) only; "
+                             "results.json is then left alone")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
                         help="engine settings to try instead of the defaults, e.g. "
@@ -377,7 +380,7 @@ def main() -> int:
         if not args.only_4g:
             results += disk_cases(work, size, size.big_disk, "16g", ("pullbackd",), tuning)
     print(table(results))
-    if not args.smoke and not args.tuning:
+    if not (args.smoke or args.tuning or args.only_4g) and set(tools) == set(ALL_TOOLS):
         args.output.write_text(json.dumps({
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "python": platform.python_version()},

@@ -113,3 +113,10 @@ class SessionsActive(PullbackError):
             f"job {id} still has {sessions} NBD sessions open after {waited:g} s; let the "
             "appliance close them and call Finish again, or Abort to cut them off",
             id=id, sessions=sessions, waited=waited)
+
+
+class TooManyJobs(PullbackError):
+    def __init__(self, limit: int, active: int) -> None:
+        super().__init__(
+            f"{active} backups are running, the limit ([jobs] max_active) is {limit}; try "
+            "again later, or leave queue on to wait in line", limit=limit, active=active)

@@ -1,5 +1,6 @@
 """Backup jobs: the records, and the manager that moves them through their states.
 
+    queued ──> starting                            (when fewer than [jobs] max_active run)
     pull:      starting ──> ready ───> completed   (Finish)
                               └──────> expired     (no appliance came for [exports] idle_timeout,
                                                     or it outlived [exports] max_lifetime)
@@ -58,8 +59,10 @@ from .errors import (
     NoSuchDisk,
     NoSuchDomain,
     NoSuchJob,
+    PullbackError,
     SessionsActive,
     TargetNotWritable,
+    TooManyJobs,
 )
 from .exports import Endpoint, Exports, Session, StoreFds
 from .repository import Region, Repository, Writer, digest
@@ -71,6 +74,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 MODES = ("full", "incremental", "differential")
+#: Measuring a disk blocks a thread for a while: a few at a time, apart from
+#: the threads libvirt and the database calls need.
+_MEASURE = anyio.CapacityLimiter(4)
 #: Job changes a watcher may fall behind by before it is cut off.
 WATCH_BUFFER = 1024
 LOCAL = "local"
@@ -78,6 +84,7 @@ NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 
 
 class JobState(StrEnum):
+    QUEUED = "queued"
     STARTING = "starting"
     READY = "ready"
     RUNNING = "running"
@@ -102,6 +109,28 @@ class Disk:
     since: str | None = None
     fallback: str | None = None
     target: str | None = None
+    #: Bytes of data to transfer, once known; bytes done (streamed by pullbackd or
+    #: read by appliances), bytes per second, seconds left.
+    transfer: int | None = None
+    done: int | None = None
+    rate: int | None = None
+    eta: int | None = None
+    #: Bytes the disk's scratch file holds now (Get only).
+    scratch: int | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: JobState
+    at: str
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """libvirt's account of a pull job's scratch files: used, and what they may grow to."""
+
+    used: int
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -123,11 +152,31 @@ class _Live:
     finished: int = 0
     #: The disk being copied now.
     current: stream.Progress | None = None
+    #: Per disk: when its copy started and ended, and how it ended.
+    starts: list[float] = field(default_factory=list)
+    ends: list[float] = field(default_factory=list)
+    results: list[stream.Progress] = field(default_factory=list)
+
+    def disk_started(self) -> None:
+        self.starts.append(time.monotonic())
 
     def disk_done(self, progress: stream.Progress) -> None:
         self.index += 1
         self.finished += progress.done
         self.current = None
+        self.ends.append(time.monotonic())
+        self.results.append(progress)
+
+    def disk(self, i: int) -> tuple[int | None, int, float]:
+        """Disk i: bytes to transfer (None until its extents are all read), done, seconds."""
+        if i < self.index:
+            r = self.results[i]
+            return r.planned, r.done, self.ends[i] - self.starts[i]
+        if i == self.index and self.current is not None:
+            c = self.current
+            return (c.planned if c.scanned >= c.size else None, c.done,
+                    time.monotonic() - self.starts[i])
+        return None, 0, 0.0
 
     def view(self) -> Progress:
         current = self.current
@@ -179,6 +228,10 @@ class Job:
     disks: tuple[Disk, ...] = ()
     ended: str | None = None
     error: str | None = None
+    history: tuple[Transition, ...] = ()
+    #: Queued: the place in the queue, from 1.
+    position: int | None = None
+    scratch: Scratch | None = None
 
     @property
     def push(self) -> bool:
@@ -192,10 +245,14 @@ class Job:
     def from_record(cls, record: dict[str, Any]) -> Job:
         progress = record.get("progress")
         appliance = record.get("appliance")
+        scratch = record.get("scratch")
         return cls(**record | {
             "state": JobState(record["state"]),
             "disks": tuple(Disk(**d) for d in record["disks"]),
             "progress": Progress(**progress) if progress else None,
+            "history": tuple(Transition(JobState(t["state"]), t["at"])
+                             for t in record.get("history", ())),
+            "scratch": Scratch(**scratch) if scratch else None,
             "appliance": Appliance(**appliance | {"sessions": tuple(
                 Session(**s) for s in appliance["sessions"])}) if appliance else None,
         })
@@ -221,6 +278,8 @@ class StartRequest:
     target_dir: str | None = None
     destination: str | None = None
     allow_scratch_overcommit: bool = False
+    #: Wait in the queue when [jobs] max_active are running (else TooManyJobs).
+    queue: bool = True
 
     def check(self) -> None:
         """Refuse what no domain could satisfy, before anything is touched."""
@@ -272,7 +331,8 @@ class Jobs:
     def __init__(self, virt: Virt, store: Store, chains: Chains, exports: Exports, scratch: Path,
                  end_timeout: float, repository: Repository,
                  tuning: stream.Tuning | None = None, scratch_reserve: int = 0,
-                 keep_finished: float = 7 * 24 * 3600.0, limits: Limits | None = None) -> None:
+                 keep_finished: float = 7 * 24 * 3600.0, limits: Limits | None = None,
+                 max_active: int = 0) -> None:
         self._virt = virt
         self._store = store
         self.chains = chains
@@ -280,6 +340,7 @@ class Jobs:
         self.tuning = tuning or stream.Tuning()
         self.exports = exports
         self.limits = limits or Limits()
+        self._max_active = max_active
         self._scratch = scratch
         self._scratch_reserve = scratch_reserve
         self._keep_finished = keep_finished
@@ -301,6 +362,11 @@ class Jobs:
         self._streams: dict[str, tuple[anyio.CancelScope, anyio.Event]] = {}
         #: job id -> the scope of its idle and lifetime limits.
         self._timers: dict[str, anyio.CancelScope] = {}
+        #: Queued jobs in order, and what each asked for.
+        self._queue: list[str] = []
+        self._requests: dict[str, StartRequest] = {}
+        #: Pull job id -> disk -> bytes of data an appliance must read.
+        self._transfers: dict[str, dict[str, int]] = {}
 
     # Deterministic names.
 
@@ -327,14 +393,54 @@ class Jobs:
         return [self._view(j) for j in self._jobs.values()]
 
     def _view(self, job: Job) -> Job:
-        """The job with what changes too often to be stored: progress and sessions."""
+        """The job with what changes too often to be stored: progress, sessions, place
+        in the queue, and each disk's statistics."""
         live = self._live.get(job.id)
         if live is not None:
             job = dataclasses.replace(job, progress=live.view())
         endpoint = self.exports.get(job.id)
         if endpoint is not None:
             job = dataclasses.replace(job, appliance=Appliance.of(endpoint))
+        if job.state == JobState.QUEUED and job.id in self._queue:
+            job = dataclasses.replace(job, position=self._queue.index(job.id) + 1)
+        if not job.state.final and job.disks and not job.push:
+            job = dataclasses.replace(job, disks=tuple(
+                self._disk_view(job, i, disk) for i, disk in enumerate(job.disks)))
         return job
+
+    def _disk_view(self, job: Job, i: int, disk: Disk) -> Disk:
+        live = self._live.get(job.id)
+        if live is not None:
+            transfer, done, seconds = live.disk(i)
+        else:
+            # Read by appliances, since the exports were up.
+            transfer = self._transfers.get(job.id, {}).get(disk.name)
+            done = sum(s.bytes_read for s in (job.appliance.sessions if job.appliance else ())
+                       if s.disk == disk.name)
+            ready = next((t.at for t in job.history if t.state == JobState.READY), None)
+            seconds = (datetime.now(UTC) - datetime.fromisoformat(ready)).total_seconds() \
+                if ready else 0.0
+        rate = int(done / seconds) if seconds > 0 else 0
+        left = None if transfer is None else max(transfer - done, 0)
+        eta = None if left is None else 0 if not left else int(left / rate) if rate else None
+        return dataclasses.replace(disk, transfer=transfer, done=done, rate=rate, eta=eta)
+
+    async def details(self, job_id: str) -> Job:
+        """The job as Get shows it: with its scratch files, as the file system and
+        libvirt count them, while it runs."""
+        job = self.get(job_id)
+        if job.state not in (JobState.READY, JobState.RUNNING) or job.push:
+            return job
+        files = await anyio.to_thread.run_sync(self._scratch_sizes, [job], True)
+        try:
+            stats = await self._virt.job_stats(job.domain)
+        except PullbackError:
+            stats = {}
+        scratch = Scratch(int(stats["disk_temp_used"]), int(stats["disk_temp_total"])) \
+            if "disk_temp_used" in stats and "disk_temp_total" in stats else None
+        return dataclasses.replace(job, scratch=scratch, disks=tuple(
+            dataclasses.replace(d, scratch=files.get(f"{job.id}.{d.name}", 0))
+            for d in job.disks))
 
     def active(self, domain: str) -> str | None:
         return self._active.get(domain)
@@ -346,19 +452,81 @@ class Jobs:
         domain = request.domain
         if domain in self._active:
             raise BackupInProgress(domain, self._active[domain])
+        if self._queue or self._full():
+            return await self._enqueue(request)
         job_id = self._new_id()
         # Claimed before the first await: a concurrent Start of this domain
         # fails at once instead of racing us to libvirt.
         self._active[domain] = job_id
+        return await self._claimed_start(job_id, request)
+
+    async def _claimed_start(self, job_id: str, request: StartRequest,
+                             queued: Job | None = None) -> Job:
         try:
-            async with self._locked(job_id), self._chain_lock(domain):
-                return await self._start(job_id, request)
+            async with self._locked(job_id), self._chain_lock(request.domain):
+                if queued is not None and self._jobs[job_id].state != JobState.QUEUED:
+                    return self._jobs[job_id]  # aborted while it waited for the lock
+                return await self._start(job_id, request, queued)
         finally:
             job = self._jobs.get(job_id)
-            if (job is None or job.state.final) and self._active.get(domain) == job_id:
-                del self._active[domain]
+            if job is None or job.state.final:
+                self._release(job_id, request.domain)
 
-    async def _start(self, job_id: str, request: StartRequest) -> Job:
+    def _running(self) -> int:
+        """Jobs that hold a place under max_active: claimed, and not waiting in the queue."""
+        return len(self._active) - len(self._queue)
+
+    def _full(self) -> bool:
+        return bool(self._max_active) and self._running() >= self._max_active
+
+    async def _enqueue(self, request: StartRequest) -> Job:
+        if not request.queue:
+            raise TooManyJobs(self._max_active, self._running())
+        await self._virt.domain(request.domain)  # a name that cannot work fails now
+        if request.domain in self._active:  # claimed while we asked
+            raise BackupInProgress(request.domain, self._active[request.domain])
+        job_id = self._new_id()
+        self._active[request.domain] = job_id
+        job = Job(job_id, request.domain, JobState.QUEUED, request.mode, now(), request.consumer,
+                  make_checkpoint_name(request.consumer, job_id), since=request.since,
+                  target_dir=request.target_dir, destination=request.destination)
+        self._queue.append(job_id)
+        self._requests[job_id] = request
+        await self._store.save_request(job_id, dataclasses.asdict(request))
+        await self._save(job)
+        log.info("backup queued", job=job_id, domain=request.domain,
+                 position=len(self._queue), max_active=self._max_active)
+        return self._view(job)
+
+    def _dequeue(self) -> None:
+        """Start queued jobs, oldest first, while there is room."""
+        while self._queue and not self._full() and self._tg is not None:
+            job_id = self._queue.pop(0)
+            self._tg.start_soon(self._start_queued, job_id)
+
+    async def _start_queued(self, job_id: str) -> None:
+        request = self._requests.pop(job_id, None)
+        if request is None:
+            return  # aborted meanwhile
+        try:
+            await self._claimed_start(job_id, request, self._jobs[job_id])
+        except Exception as e:
+            log.warning("queued backup could not start", job=job_id, error=str(e))
+            job = self._jobs[job_id]
+            if not job.state.final:
+                await self._save(_failed(job, f"the backup could not start: {e}"))
+            self._release(job_id, request.domain)
+        finally:
+            with anyio.CancelScope(shield=True):  # a request must not start twice
+                await self._store.delete_request(job_id)
+
+    def _release(self, job_id: str, domain: str) -> None:
+        """The job no longer holds its domain (nor a place under max_active)."""
+        if self._active.get(domain) == job_id:
+            del self._active[domain]
+            self._dequeue()
+
+    async def _start(self, job_id: str, request: StartRequest, queued: Job | None = None) -> Job:
         domain = request.domain
         dom = await self._virt.domain(domain)
         if not dom.running:
@@ -377,9 +545,10 @@ class Jobs:
         if request.destination == LOCAL:
             bases = await anyio.to_thread.run_sync(
                 self._local_bases, domain, request.consumer, bases)
-        job = Job(job_id, domain, JobState.STARTING, request.mode, now(), request.consumer,
+        job = Job(job_id, domain, JobState.STARTING, request.mode,
+                  queued.created if queued else now(), request.consumer,
                   make_checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
-                  destination=request.destination)
+                  destination=request.destination, history=queued.history if queued else ())
         # Recorded before libvirt hears of them: after a crash, the database
         # knows which libvirt job and checkpoint are ours.
         await self._save(job)
@@ -454,7 +623,7 @@ class Jobs:
             usage = await anyio.to_thread.run_sync(shutil.disk_usage, self._scratch)
             if usage.free < self._scratch_reserve and self._tg is not None:
                 sizes = await anyio.to_thread.run_sync(self._scratch_sizes, pulls)
-                victim = max(pulls, key=lambda j: sizes[j.id])
+                victim = max(pulls, key=lambda j: sizes.get(j.id, 0))
                 self._tg.start_soon(self._fail, victim.id, (
                     f"scratch space ran out: {usage.free} bytes left in {self._scratch}, "
                     f"under the reserve of {self._scratch_reserve}; the backup was ended "
@@ -469,9 +638,14 @@ class Jobs:
             elif usage.free >= 2 * self._scratch_reserve:
                 warned = False
 
-    def _scratch_sizes(self, jobs: list[Job]) -> dict[str, int]:
-        return {j.id: sum(p.stat().st_blocks * 512
-                          for p in self._scratch.glob(f"{j.id}.*.qcow2")) for j in jobs}
+    def _scratch_sizes(self, jobs: list[Job], per_disk: bool = False) -> dict[str, int]:
+        """Bytes each job's scratch files hold, by job id (or by "<id>.<disk>")."""
+        sizes: dict[str, int] = {}
+        for j in jobs:
+            for path in self._scratch.glob(f"{j.id}.*.qcow2"):
+                key = path.name.removesuffix(".qcow2") if per_disk else j.id
+                sizes[key] = sizes.get(key, 0) + path.stat().st_blocks * 512
+        return sizes
 
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
                      ) -> dict[str, Base]:
@@ -662,8 +836,16 @@ class Jobs:
             job = self._jobs[job_id]
             if job.state.final:
                 return job  # Finish and Abort are idempotent
-            if state == JobState.COMPLETED and job.state == JobState.RUNNING and not streamed:
+            if state == JobState.COMPLETED and job.state in (
+                    JobState.RUNNING, JobState.QUEUED) and not streamed:
                 raise JobNotReady(job.id, job.state)
+            if job.state == JobState.QUEUED:
+                if job.id in self._queue:
+                    self._queue.remove(job.id)
+                self._requests.pop(job.id, None)
+                with anyio.CancelScope(shield=True):
+                    await self._store.delete_request(job.id)
+                    return await self._close(job, state, error)
             if not streamed:
                 await self._stop_stream(job.id)
             # Shielded: a libvirt job we ended must be recorded as ended.
@@ -694,12 +876,16 @@ class Jobs:
                 # Stored files of a job that did not complete are no backups.
                 await anyio.to_thread.run_sync(self.repository.forget_job, job.domain,
                                                job.consumer, job.id)
-        live = self._live.pop(job.id, None)
+        # What it came to: the last progress and per-disk statistics stay on record.
+        final = self._view(job)
+        self._live.pop(job.id, None)
+        self._transfers.pop(job.id, None)
         job = dataclasses.replace(job, state=state, ended=now(), error=error,
-                                  progress=live.view() if live else job.progress)
+                                  progress=final.progress, disks=tuple(
+                                      dataclasses.replace(d, rate=None, eta=None)
+                                      for d in final.disks))
         await self._save(job)
-        if self._active.get(job.domain) == job.id:
-            del self._active[job.domain]
+        self._release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         await self._forget_old()
         return job
@@ -776,6 +962,19 @@ class Jobs:
                                            job.appliance.sessions if job.appliance else ())
         self._timers[job.id] = timer = anyio.CancelScope()
         self._tg.start_soon(self._expire, job, endpoint, timer)
+        self._tg.start_soon(self._measure, job)
+
+    async def _measure(self, job: Job) -> None:
+        """Find how much each disk holds for the appliance to read (for Get's ETA)."""
+        sizes = self._transfers.setdefault(job.id, {})
+        for disk in job.disks:
+            url = nbd_url(self.socket_path(job.id), str(disk.export))
+            try:
+                sizes[disk.name] = await anyio.to_thread.run_sync(
+                    stream.transfer_size, url, disk.bitmap, limiter=_MEASURE)
+            except Exception as e:  # the job may have ended meanwhile: only a statistic
+                log.debug("could not measure a disk", job=job.id, disk=disk.name, error=str(e))
+                return
 
     async def _expire(self, job: Job, endpoint: Endpoint, timer: anyio.CancelScope) -> None:
         """End the job as expired when no appliance used it for `idle_timeout`, or when
@@ -838,12 +1037,14 @@ class Jobs:
                     case JobEnded(domain=domain, operation="backup"):
                         if domain in self._ended:
                             self._ended[domain].set()
-                        elif (job_id := self._active.get(domain)) is not None:
+                        elif (job_id := self._active.get(domain)) is not None and \
+                                self._jobs[job_id].state != JobState.QUEUED:
                             if self._jobs[job_id].push:
                                 tg.start_soon(self._pushed, job_id, event)
                             else:
                                 tg.start_soon(self._vanished, job_id, event.error)
-                    case DomainStopped(domain=domain, reason=reason) if domain in self._active:
+                    case DomainStopped(domain=domain, reason=reason) if domain in self._active \
+                            and self._jobs[self._active[domain]].state != JobState.QUEUED:
                         if domain in self._ended:
                             self._ended[domain].set()
                         tg.start_soon(self._fail, self._active[domain],
@@ -893,7 +1094,16 @@ class Jobs:
         for job in self._store.load_jobs():
             self._jobs[job.id] = job
         await self._forget_old()
-        for job in [j for j in self._jobs.values() if not j.state.final]:
+        requests = self._store.load_requests()
+        for job in [j for j in self._jobs.values() if j.state == JobState.QUEUED]:
+            if job.id in requests:
+                self._active[job.domain] = job.id
+                self._queue.append(job.id)
+                self._requests[job.id] = StartRequest(**requests[job.id])
+            else:
+                await self._close(job, JobState.FAILED, "its request was lost")
+        for job in [j for j in self._jobs.values()
+                    if not j.state.final and j.state != JobState.QUEUED]:
             # A copy of pullbackd's own died with it: such a job cannot be adopted.
             adoptable = job.state == JobState.READY or (
                 job.state == JobState.RUNNING and job.destination is None)
@@ -911,6 +1121,7 @@ class Jobs:
         for checkpoint in self.chains.pending():
             if checkpoint.job not in self._active.values():
                 await self.chains.discard(checkpoint)
+        self._dequeue()
 
     # Helpers.
 
@@ -930,6 +1141,9 @@ class Jobs:
         return self._locks.setdefault(f"chain:{domain}", anyio.Lock())
 
     async def _save(self, job: Job) -> None:
+        before = self._jobs.get(job.id)
+        if before is None or before.state != job.state or not job.history:
+            job = dataclasses.replace(job, history=(*job.history, Transition(job.state, now())))
         await self._store.save_job(job)
         self._jobs[job.id] = job
         self._publish(Change("state", job))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -27,6 +28,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_domain ON jobs (domain);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS handoff (
     job TEXT NOT NULL,
     record TEXT NOT NULL
@@ -88,6 +93,18 @@ class Store:
         self._db.execute("DELETE FROM handoff")
         records = [json.loads(record) for (record,) in rows]
         return [Handed(r["job"], Session(**r["session"]), r["sniffer"]) for r in records]
+
+    async def save_request(self, job_id: str, request: dict[str, Any]) -> None:
+        """What a queued job asked for, to start it later (even after a restart)."""
+        await self._write("INSERT INTO requests (id, record) VALUES (?, ?)",
+                          (job_id, json.dumps(request)))
+
+    async def delete_request(self, job_id: str) -> None:
+        await self._write("DELETE FROM requests WHERE id = ?", (job_id,))
+
+    def load_requests(self) -> dict[str, dict[str, Any]]:
+        return {job_id: json.loads(record)
+                for job_id, record in self._db.execute("SELECT id, record FROM requests")}
 
     async def forget_jobs(self, ids: list[str]) -> None:
         for job_id in ids:

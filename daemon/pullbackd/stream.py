@@ -134,6 +134,41 @@ def _overlay(allocation: list[tuple[int, int]], dirty: list[tuple[int, int]] | N
                 runs.appendleft((length - step, flags))
 
 
+def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destination: bool,
+         stopped: Callable[[], bool] = lambda: False) -> Iterator[tuple[list[Piece], int]]:
+    """The work a copy of `h` needs, a window of extents at a time: (pieces, planned up to)."""
+    contexts = (ALLOCATION,) + ((bitmap,) if bitmap else ())
+    offset = 0
+    while offset < size and not stopped():
+        runs: dict[str, list[tuple[int, int]]] = {c: [] for c in contexts}
+
+        def extent(context: str, start: int, entries: list[int], err: object,
+                   runs: dict[str, list[tuple[int, int]]] = runs) -> int:
+            if context in runs:
+                runs[context] += list(zip(entries[::2], entries[1::2], strict=True))
+            return 0
+
+        h.block_status(min(window, size - offset), offset, extent)
+        if not all(runs.values()):
+            raise StreamError(f"the source answered no extents at offset {offset}")
+        pieces, offset = merge_extents(runs[ALLOCATION], runs[bitmap] if bitmap else None,
+                                       offset, zeroed_destination)
+        offset = min(offset, size)
+        yield pieces, offset
+
+
+def transfer_size(source: str, bitmap: str | None = None, window: int = Tuning.window) -> int:
+    """Bytes of data a reader of `source` must transfer: every allocated block that does
+    not read as zero (and, with `bitmap`, is dirty). Blocks."""
+    contexts = (ALLOCATION,) + ((bitmap,) if bitmap else ())
+    h = _connect(source, contexts)
+    try:
+        return sum(p.length for pieces, _ in plan(h, bitmap, h.get_size(), window, True)
+                   for p in pieces)
+    finally:
+        _close(h)
+
+
 def split(piece: Piece, request_size: int) -> Iterator[Piece]:
     for offset in range(piece.offset, piece.offset + piece.length, request_size):
         yield Piece(offset, min(request_size, piece.offset + piece.length - offset), piece.zero)
@@ -221,23 +256,8 @@ class _Copy:
     def _plan(self, h: nbd.NBD, contexts: tuple[str, ...], counters: _Counters,
               work: queue.Queue[Piece | None], connections: int) -> None:
         try:
-            offset, size = 0, counters.size
-            while offset < size and not self.stopped():
-                runs: dict[str, list[tuple[int, int]]] = {c: [] for c in contexts}
-
-                def extent(context: str, start: int, entries: list[int], err: object,
-                           runs: dict[str, list[tuple[int, int]]] = runs) -> int:
-                    if context in runs:
-                        runs[context] += list(zip(entries[::2], entries[1::2], strict=True))
-                    return 0
-
-                h.block_status(min(self.tuning.window, size - offset), offset, extent)
-                if not all(runs.values()):
-                    raise StreamError(f"the source answered no extents at offset {offset}")
-                pieces, offset = merge_extents(
-                    runs[ALLOCATION], runs[self.bitmap] if self.bitmap else None, offset,
-                    self.zeroed_destination)
-                offset = min(offset, size)
+            for pieces, offset in plan(h, self.bitmap, counters.size, self.tuning.window,
+                                       self.zeroed_destination, self.stopped):
                 with counters.lock:
                     counters.scanned = offset
                     counters.planned += sum(p.length for p in pieces)
