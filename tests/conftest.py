@@ -9,12 +9,14 @@ faithful test there is (real socket, real signals, real readiness).
 from __future__ import annotations
 
 import array
+import hashlib
 import os
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -130,7 +132,8 @@ class Control:
         The event stream that would let us wait without asking comes with Watch.
         """
         deadline = time.monotonic() + timeout
-        while (job := self.job("Get", id=job_id))["state"] in ("starting", "running", "ready"):
+        while (job := self.job("Get", id=job_id))["state"] in (
+                "queued", "starting", "running", "ready"):
             assert time.monotonic() < deadline, job
             time.sleep(0.05)
         return job
@@ -201,6 +204,18 @@ class ServiceManager:
         self.sock.close()
 
 
+#: What changes while a job runs: its statistics, sessions and place in the queue.
+LIVE_JOB_FIELDS = ("progress", "appliance", "position", "scratch")
+LIVE_DISK_FIELDS = ("transfer", "done", "rate", "eta", "scratch")
+
+
+def settled(job: dict[str, Any]) -> dict[str, Any]:
+    """A job without what changes while it runs, for comparing two looks at it."""
+    return {k: v for k, v in job.items() if k not in LIVE_JOB_FIELDS} | {
+        "disks": [{k: v for k, v in d.items() if k not in LIVE_DISK_FIELDS}
+                  for d in job["disks"]]}
+
+
 @dataclass
 class Daemon:
     proc: subprocess.Popen[bytes]
@@ -227,10 +242,13 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
     """
     base.mkdir(parents=True, exist_ok=True)
     config = base / "pullbackd.toml"
+    # Short, as socket paths must be; the same for the same base, as a restart needs.
+    exports_dir = Path(tempfile.gettempdir()) / \
+        f"pbx-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
     config.write_text(
         f'[libvirt]\nuri = "{uri}"\n'
         f'[control]\nsocket = "{base}/control.sock"\n'
-        f'[exports]\ndir = "{base}/exports"\n{exports}\n'
+        f'[exports]\ndir = "{exports_dir}"\n{exports}\n'
         f'[scratch]\ndir = "{scratch or base / "scratch"}"\nreserve = {scratch_reserve}\n'
         f'[state]\ndir = "{base}/state"\n'
         f'[repository]\ndir = "{repository or base / "repository"}"\n'
@@ -248,7 +266,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
             proc.wait()
             manager.close()
             raise AssertionError(f"pullbackd did not get ready:\n{log.read_text()}")
-    return Daemon(proc, base / "control.sock", base / "exports", scratch or base / "scratch", log,
+    return Daemon(proc, base / "control.sock", exports_dir, scratch or base / "scratch", log,
                   Control(base / "control.sock"), repository or base / "repository", manager)
 
 

@@ -40,6 +40,10 @@ def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
     ("[log]\nlevel = 'loud'", "log.level"),
     ("control = 1", r"\[control\] must be a table"),
     ("[control", "pullbackd.toml"),
+    (f"[exports]\ndir = '/{'x' * 80}'", "exports.dir is 2 characters too long"),
+    ("[exports]\nmode = '0999'", "exports.mode must be an octal"),
+    ("[exports]\nqemu_user = 'no-such-user-here'", "exports.qemu_user: no user"),
+    ("[exports]\nconnections = 0", "exports.connections must be at least 1"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "pullbackd.toml"

@@ -153,7 +153,8 @@ def test_a_job_nobody_uses_expires_and_its_checkpoint_is_rolled_back(
     events = events_until_end(daemon, job["id"])
     end = events[-1]["job"]
     assert end["state"] == "expired" and "idle_timeout" in end["error"]
-    assert [e["kind"] for e in events] == ["state", "state"]
+    # (The reader's session may be seen closing after the Watch began.)
+    assert [e["kind"] for e in events if e["kind"] == "state"] == ["state", "state"]
     assert job["checkpoint"] not in checkpoints(lab, "lab2")
     assert job["checkpoint"] not in [
         c["name"] for c in daemon.ctl.call("ListCheckpoints", domain="lab2")["checkpoints"]]

@@ -20,7 +20,7 @@ from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Last, Service
-from .errors import BackupInProgress, InvalidParameter, NoSuchJob
+from .errors import BackupInProgress, InvalidParameter
 from .exports import Session
 from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
 
@@ -53,14 +53,15 @@ class BackupAPI:
                     mode: str | None = None, since: str | None = None,
                     consumer: str | None = None, target_dir: str | None = None,
                     destination: str | None = None,
-                    allow_scratch_overcommit: bool | None = None) -> dict[str, Any]:
+                    allow_scratch_overcommit: bool | None = None,
+                    queue: bool | None = None) -> dict[str, Any]:
         request = StartRequest(domain, disks, mode or "full", since,
                                DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
-                               destination, bool(allow_scratch_overcommit))
+                               destination, bool(allow_scratch_overcommit), queue is not False)
         return {"job": (await self.jobs.start(request)).to_record()}
 
     async def Get(self, id: str) -> dict[str, Any]:
-        return {"job": self.jobs.get(id).to_record()}
+        return {"job": (await self.jobs.details(id)).to_record()}
 
     async def List(self, domain: str | None = None, state: str | None = None) -> dict[str, Any]:
         if state is not None and state not in {s.value for s in JobState}:
@@ -78,21 +79,26 @@ class BackupAPI:
                 return
             for job in watched:
                 yield _event("state", job)
+            # Progress goes out on a clock of its own, whatever else happens.
+            tick = anyio.current_time() + PROGRESS_INTERVAL
+            moved: dict[str, tuple[int, int]] = {}
             while True:
                 change: Change | None = None
-                with anyio.move_on_after(PROGRESS_INTERVAL):
+                with anyio.move_on_after(tick - anyio.current_time()):
                     change = await changes.receive()
-                if change is None:  # a quiet second: how far the copies have come
+                if change is None:
+                    tick = anyio.current_time() + PROGRESS_INTERVAL
                     for job in self.jobs.all():
-                        if job.progress is not None and not job.state.final and \
-                                id in (None, job.id):
+                        if job.state.final or id not in (None, job.id):
+                            continue
+                        mark = (job.progress.done if job.progress else 0,
+                                job.appliance.bytes_read if job.appliance else 0)
+                        if mark != moved.get(job.id, (0, 0)):
+                            moved[job.id] = mark
                             yield _event("progress", job)
                 elif id in (None, change.job.id):
-                    try:
-                        job = self.jobs.get(change.job.id)  # with its live progress
-                    except NoSuchJob:
-                        job = change.job  # forgotten since (keep_finished)
-                    event = _event(change.kind, job, change.message, change.session)
+                    # The job as it was then: every transition is seen, in order.
+                    event = _event(change.kind, change.job, change.message, change.session)
                     if id is not None and change.job.state.final:
                         yield Last(event)
                         return

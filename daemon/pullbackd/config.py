@@ -99,6 +99,8 @@ class Jobs:
     end_timeout: float = 30.0
     #: Seconds an ended job stays queryable (Get, List) before it is forgotten.
     keep_finished: float = 7 * 24 * 3600.0
+    #: Jobs that may run at once; more wait in a queue. 0: no limit.
+    max_active: int = 16
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,12 @@ def _validate(config: Config) -> None:
         except KeyError:
             raise ConfigError(f"exports.qemu_user: no user {config.exports.qemu_user!r}") \
                 from None
+    # The longest socket path under it: .repository/w-XXXXXXXX.sock (see repository.py);
+    # sun_path holds 107 bytes and a NUL.
+    longest = len(str(config.exports.dir)) + len("/.repository/w-12345678.sock")
+    if longest > 107:
+        raise ConfigError(f"exports.dir is {longest - 107} characters too long: the Unix "
+                          "sockets under it would not fit in 108 bytes")
     if config.exports.connections < 1:
         raise ConfigError("exports.connections must be at least 1")
     for key in ("request_size", "connections", "in_flight"):

@@ -18,8 +18,10 @@ import contextlib
 import errno
 import fcntl
 import grp
+import math
 import os
 import pwd
+import select
 import socket
 import struct
 import time
@@ -38,6 +40,11 @@ log = structlog.get_logger()
 
 #: Bytes moved per splice(2); the pipe is grown to hold as much.
 CHUNK = 1 << 20
+#: Relay threads (two per session) are not limited by number: a session's
+#: threads must run for it to run, and the connection limit bounds them.
+_RELAY_THREADS = anyio.CapacityLimiter(math.inf)
+#: Seconds a connection over the limit waits for a session to close before it is refused.
+ADMIT_WAIT = 1.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -137,7 +144,7 @@ class Endpoint:
             async with anyio.create_task_group() as tg:
                 for handed, client, qemu in self._resumed:
                     relay = _Relay(client, qemu, Sniffer.from_state(handed.sniffer))
-                    tg.start_soon(self._run, handed.session, relay, True)
+                    tg.start_soon(self._run, handed.session, relay, True)  # resumed
                 self._resumed.clear()
                 task_status.started()
                 with self._accepting:
@@ -148,10 +155,7 @@ class Endpoint:
                         except (BlockingIOError, InterruptedError):
                             continue
                         client.setblocking(False)
-                        if len(self._live) >= self.limit:
-                            tg.start_soon(self._refuse, client)
-                        else:
-                            tg.start_soon(self._session, client)
+                        tg.start_soon(self._admit, client)
 
     async def close(self) -> None:
         """Stop accepting and cut every session at once (Abort, the job's end)."""
@@ -192,19 +196,22 @@ class Endpoint:
 
     # Sessions.
 
-    async def _session(self, client: socket.socket) -> None:
+    async def _admit(self, client: socket.socket) -> None:
+        """Serve a new connection; or, if the job has `limit` sessions open and none
+        closes within ADMIT_WAIT (an appliance may close one and open the next at
+        once), refuse it."""
+        with anyio.move_on_after(ADMIT_WAIT):
+            while len(self._live) >= self.limit:
+                await self._changed.wait()
+        if len(self._live) >= self.limit:
+            return await self._refuse(client)
         session = Session(self._next_id, _peer(client), now())
         self._next_id += 1
         qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        relay = _Relay(client, qemu, Sniffer())
-        try:
-            await anyio.to_thread.run_sync(qemu.connect, str(self.upstream))
-        except OSError as e:
-            relay.errors.append(f"cannot reach QEMU's NBD server: {e}")
-        qemu.setblocking(False)
-        await self._run(session, relay)
+        await self._run(session, _Relay(client, qemu, Sniffer()), resumed=False)
 
-    async def _run(self, session: Session, relay: _Relay, resumed: bool = False) -> None:
+    async def _run(self, session: Session, relay: _Relay, resumed: bool) -> None:
+        # Counted at once: the next connection must see this one.
         self._live[session.id] = (session, relay)
         self._changed_now()
         if resumed:
@@ -216,6 +223,12 @@ class Endpoint:
         handed = False
         try:
             with relay.client, relay.qemu:
+                if not resumed:
+                    try:
+                        await anyio.to_thread.run_sync(relay.qemu.connect, str(self.upstream))
+                    except OSError as e:
+                        relay.errors.append(f"cannot reach QEMU's NBD server: {e}")
+                    relay.qemu.setblocking(False)
                 if not relay.errors and await relay.run() and self._store is not None:
                     h = Handed(self.job_id, _snapshot(session, relay.sniffer),
                                relay.sniffer.state())
@@ -264,7 +277,14 @@ def _snapshot(session: Session, sniffer: Sniffer) -> Session:
 
 
 class _Relay:
-    """Both directions of one session. `pause` stops them between two chunks."""
+    """Both directions of one session, each in a thread of its own.
+
+    The data moves with splice(2) in blocking threads rather than on the event
+    loop: a wakeup per chunk costs the loop more than the copy costs the kernel.
+    Each thread polls its socket together with two eventfds that, once written,
+    stay readable: `pause` (stop between two chunks, with nothing read left
+    unsent) and `stop` (at once).
+    """
 
     def __init__(self, client: socket.socket, qemu: socket.socket, sniffer: Sniffer) -> None:
         self.client = client
@@ -272,47 +292,68 @@ class _Relay:
         self.sniffer = sniffer
         self.errors: list[str] = []
         self._pausing = False
+        self._stopping = False
         self._paused = False
-        self._waits: set[anyio.CancelScope] = set()
-        self._scope = anyio.CancelScope()
+        self._pause = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     async def run(self) -> bool:
         """Relay until either side closes (False), or until paused (True)."""
-        with self._scope:
+        try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._upstream)
-                tg.start_soon(self._downstream)
+                async def direction(fn: Callable[[], None]) -> None:
+                    await anyio.to_thread.run_sync(fn, limiter=_RELAY_THREADS)
+                    if not self._pausing:
+                        self.stop()  # one side is done: so is the other
+
+                async def stop_when_cancelled() -> None:
+                    try:
+                        await anyio.sleep_forever()
+                    finally:
+                        self.stop()  # the threads notice at once; we wait for them
+
+                tg.start_soon(stop_when_cancelled)
+                async with anyio.create_task_group() as threads:
+                    threads.start_soon(direction, self._upstream)
+                    threads.start_soon(direction, self._downstream)
+                tg.cancel_scope.cancel()
+        finally:
+            os.close(self._pause)
+            os.close(self._stop)
         return self._paused and not self.errors
 
     def pause(self) -> None:
         self._pausing = True
-        for scope in list(self._waits):
-            scope.cancel()
+        os.eventfd_write(self._pause, 1)
 
-    async def _readable(self, sock: socket.socket) -> bool:
-        """Wait until `sock` can be read; False if the relay is to pause instead.
+    def stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._stop, 1)
 
-        Only here, with nothing read and not yet sent, may a relay pause.
-        """
-        if self._pausing:
-            return False
-        with anyio.CancelScope() as scope:
-            self._waits.add(scope)
-            try:
-                await anyio.wait_readable(sock)
-            finally:
-                self._waits.discard(scope)
-        return not self._pausing
+    def _wait(self, sock: socket.socket, events: int, pausable: bool = True) -> bool:
+        """Block until `sock` is ready; False if stopped (or, if pausable, paused) first."""
+        poller = select.poll()
+        poller.register(sock, events)
+        poller.register(self._stop, select.POLLIN)
+        if pausable:
+            poller.register(self._pause, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._stop in ready or self._pause in ready:
+                return False
+            if ready:
+                return True
 
-    def _over(self, error: OSError | None = None) -> None:
-        if error is not None and error.errno not in (errno.EPIPE, errno.ECONNRESET):
+    def _broken(self, error: OSError) -> None:
+        if error.errno not in (errno.EPIPE, errno.ECONNRESET):
             self.errors.append(str(error))
-        self._scope.cancel()  # one side gone: the session is over
 
-    async def _upstream(self) -> None:
+    def _upstream(self) -> None:
         """Client to QEMU: options and requests, read as they pass."""
         try:
-            while await self._readable(self.client):
+            while self._wait(self.client, select.POLLIN):
                 try:
                     data = self.client.recv(256 << 10)
                 except (BlockingIOError, InterruptedError):
@@ -321,38 +362,50 @@ class _Relay:
                     # The client is done asking; QEMU's answers still come.
                     with contextlib.suppress(OSError):
                         self.qemu.shutdown(socket.SHUT_WR)
+                    # Not over: QEMU's last answers still come, until the client
+                    # hangs up or the downstream side ends.
+                    self._wait(self.client, 0)
                     return
                 self.sniffer.feed(data)
-                await _send_all(self.qemu, data)
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[self.qemu.send(view):]
+                    except (BlockingIOError, InterruptedError):
+                        if not self._wait(self.qemu, select.POLLOUT, pausable=False):
+                            return
         except OSError as e:
-            self._over(e)
+            self._broken(e)
 
-    async def _downstream(self) -> None:
+    def _downstream(self) -> None:
         """QEMU to client: replies and data, spliced through a pipe."""
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             with contextlib.suppress(OSError):  # a smaller pipe only means more calls
                 fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
             flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-            while not self._pausing:
+            while True:
                 try:
                     n = os.splice(self.qemu.fileno(), write_end, CHUNK, flags=flags)
                 except (BlockingIOError, InterruptedError):
-                    if not await self._readable(self.qemu):
-                        break
+                    if not self._wait(self.qemu, select.POLLIN):
+                        # Nothing read and unsent: a pause may stop here.
+                        self._paused = self._pausing and not self._stopping
+                        return
                     continue
                 if n == 0:
                     # QEMU closed: nothing more can come, so the client is done too.
                     self.client.shutdown(socket.SHUT_WR)
-                    return self._over()
+                    return
                 while n:
                     try:
                         n -= os.splice(read_end, self.client.fileno(), n, flags=flags)
                     except (BlockingIOError, InterruptedError):
-                        await anyio.wait_writable(self.client)
-            self._paused = True
+                        # A pause lets the chunk finish; only a stop cuts it.
+                        if not self._wait(self.client, select.POLLOUT, pausable=False):
+                            return
         except OSError as e:
-            self._over(e)
+            self._broken(e)
         finally:
             os.close(read_end)
             os.close(write_end)

@@ -493,7 +493,7 @@ class Jobs:
         self._queue.append(job_id)
         self._requests[job_id] = request
         await self._store.save_request(job_id, dataclasses.asdict(request))
-        await self._save(job)
+        job = await self._save(job)
         log.info("backup queued", job=job_id, domain=request.domain,
                  position=len(self._queue), max_active=self._max_active)
         return self._view(job)
@@ -582,7 +582,7 @@ class Jobs:
                 self._spawn_stream(job)
             elif not job.push:
                 await self._serve(job)
-            await self._save(job)
+            job = await self._save(job)
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
@@ -708,6 +708,7 @@ class Jobs:
         try:
             with scope:
                 for disk in job.disks:
+                    live.disk_started()
                     writer = None
                     if job.destination == LOCAL:
                         writer = await self._open_writer(job, disk)
@@ -884,7 +885,7 @@ class Jobs:
                                   progress=final.progress, disks=tuple(
                                       dataclasses.replace(d, rate=None, eta=None)
                                       for d in final.disks))
-        await self._save(job)
+        job = await self._save(job)
         self._release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         await self._forget_old()
@@ -1140,13 +1141,19 @@ class Jobs:
         """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
         return self._locks.setdefault(f"chain:{domain}", anyio.Lock())
 
-    async def _save(self, job: Job) -> None:
+    async def _save(self, job: Job) -> Job:
+        """Record the job (a new state joins its history) and tell the watchers; the job
+        as recorded."""
         before = self._jobs.get(job.id)
-        if before is None or before.state != job.state or not job.history:
-            job = dataclasses.replace(job, history=(*job.history, Transition(job.state, now())))
+        history = before.history if before is not None and \
+            len(before.history) > len(job.history) else job.history
+        if before is None or before.state != job.state or not history:
+            history = (*history, Transition(job.state, now()))
+        job = dataclasses.replace(job, history=history)
         await self._store.save_job(job)
         self._jobs[job.id] = job
-        self._publish(Change("state", job))
+        self._publish(Change("state", self._view(job)))
+        return job
 
     def _publish(self, change: Change) -> None:
         for watcher in list(self._watchers):

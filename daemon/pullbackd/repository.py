@@ -152,7 +152,9 @@ class Repository:
             create += ["-b", base.file, "-F", "qcow2"]
         await _run(*create, str(partial), str(size))
         try:
-            server = await self._serve(partial, "qcow2", f"{job}.{disk}", read_only=False)
+            # Short: socket paths end at 108 bytes.
+            server = await self._serve(partial, "qcow2", f"w-{secrets.token_hex(4)}",
+                                       read_only=False)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.Path(partial).unlink(missing_ok=True)

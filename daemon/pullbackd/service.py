@@ -76,7 +76,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                         max_lifetime=cfg.exports.max_lifetime)
         jobs = Jobs(virt, store, Chains(virt, store), exports, cfg.scratch.dir,
                     cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
-                    cfg.jobs.keep_finished, limits)
+                    cfg.jobs.keep_finished, limits, cfg.jobs.max_active)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(
