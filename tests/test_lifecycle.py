@@ -199,13 +199,18 @@ def test_pullbackctl(daemon: Daemon) -> None:
     shown = json.loads(pullbackctl(daemon, "--json", "backup", "show", job["id"]).stdout)
     assert settled(shown["job"]) == settled(job)
 
-    table = pullbackctl(daemon, "backup", "list").stdout
-    assert table.splitlines()[0].split() == \
-        ["ID", "DOMAIN", "CONSUMER", "STATE", "MODE", "CREATED", "DISKS"]
-    assert any(line.split()[:4] == [job["id"], "lab1", "default", "ready"]
-               for line in table.splitlines())
-    shown = pullbackctl(daemon, "backup", "show", job["id"]).stdout
-    assert job["disks"][0]["url"] in shown and "64.0 MiB" in shown
+    for listing in (["backup", "list"], ["jobs"], ["jobs", "--domain", "lab1", "--state",
+                                                   "ready"]):
+        table = pullbackctl(daemon, *listing).stdout
+        assert table.splitlines()[0].split() == \
+            ["ID", "DOMAIN", "CONSUMER", "STATE", "MODE", "CREATED", "DISKS", "DONE"]
+        assert any(line.split()[:4] == [job["id"], "lab1", "default", "ready"]
+                   for line in table.splitlines())
+    assert job["id"] not in pullbackctl(daemon, "jobs", "--domain", "lab2").stdout
+    for show in (["backup", "show"], ["show"]):
+        shown = pullbackctl(daemon, *show, job["id"]).stdout
+        assert job["disks"][0]["url"] in shown and "64.0 MiB" in shown
+        assert "sessions    0 open, 0 so far" in shown and "history     starting" in shown
 
     busy = pullbackctl(daemon, "backup", "start", "lab1")
     assert busy.returncode == 1

@@ -122,6 +122,58 @@ def test_full_then_incremental_into_a_qcow2_chain(
     compare(overlay, vda, tmp_path)
 
 
+def test_buffer_pool_keeps_to_its_budget_and_reuses() -> None:
+    pool = stream.BufferPool(3 * MiB)
+    a, b = pool.take(MiB), pool.take(MiB)
+    c = pool.take(MiB)
+    assert a is not None and b is not None and c is not None
+    assert pool.take(MiB) is None  # spent
+    pool.give(a)
+    again = pool.take(MiB)
+    assert again is a  # reused, not allocated
+    pool.give(again)
+    # A free buffer of another size makes room.
+    d = pool.take(512 * K)
+    assert d is not None and d.size() == 512 * K
+    assert pool.take(MiB) is None
+    # A request larger than the whole budget gets one buffer, when none other exists.
+    alone = stream.BufferPool(MiB)
+    big = alone.take(4 * MiB)
+    assert big is not None and alone.take(K) is None
+
+
+def test_copies_sharing_a_small_pool_all_complete(
+        lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    vdb = Disk(lab, "lab2", "vdb")
+    vdb.write(MiB, 5 * MiB, 0x6B)
+    vdb.write(30 * MiB + 4096, 2 * MiB, 0x6C)
+    job = daemon.ctl.job("Start", domain="lab2", disks=["vdb"], consumer="pool")
+    # Two requests' worth for three copies, each of which would keep 16 in flight.
+    tuning = Tuning(request_size=256 * K, buffers=stream.BufferPool(512 * K))
+    images = [tmp_path / f"copy{i}.qcow2" for i in range(3)]
+    failures: list[BaseException] = []
+
+    def run(image: Path) -> None:
+        try:
+            with qemu_nbd(image) as url:
+                stream.copy(job["disks"][0]["url"], url, zeroed_destination=True, tuning=tuning)
+        except BaseException as e:
+            failures.append(e)
+
+    for image in images:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image),
+                        str(DISK_SIZE)], check=True)
+    workers = [threading.Thread(target=run, args=(image,)) for image in images]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)  # a hang guard, not a timing assertion
+    daemon.ctl.call("Finish", id=job["id"])
+    assert failures == [] and not any(w.is_alive() for w in workers)
+    for image in images:
+        compare(image, vdb, tmp_path)
+
+
 @pytest.fixture
 def export(lab: Lab, daemon: Daemon) -> Iterator[str]:
     vda = Disk(lab, "lab2", "vda")

@@ -34,29 +34,73 @@ def _table(rows: list[list[str]]) -> str:
                      for row in rows)
 
 
+def _state(job: dict[str, Any]) -> str:
+    return f"queued #{job['position']}" if job.get("position") else job["state"]
+
+
+def _done(job: dict[str, Any]) -> str:
+    """How far a job has come, in a few characters: its disks' bytes done of to transfer."""
+    transfer = [d.get("transfer") for d in job["disks"]]
+    done = sum(d.get("done") or 0 for d in job["disks"])
+    if not job["disks"] or job["state"] in ("queued", "starting"):
+        return "-"
+    if None in transfer or not sum(t or 0 for t in transfer):
+        return _size(done)
+    return f"{min(100, 100 * done // sum(t or 0 for t in transfer))}%"
+
+
 def format_jobs(jobs: list[dict[str, Any]]) -> str:
-    rows = [["ID", "DOMAIN", "CONSUMER", "STATE", "MODE", "CREATED", "DISKS"]]
-    rows += [[j["id"], j["domain"], j["consumer"], j["state"], j["mode"], j["created"],
-              ",".join(d["name"] for d in j["disks"])] for j in jobs]
+    rows = [["ID", "DOMAIN", "CONSUMER", "STATE", "MODE", "CREATED", "DISKS", "DONE"]]
+    rows += [[j["id"], j["domain"], j["consumer"], _state(j), j["mode"], j["created"],
+              ",".join(d["name"] for d in j["disks"]) or "-", _done(j)] for j in jobs]
     return _table(rows)
 
 
+def _gauge(done: int, total: int | None, width: int = 20) -> str:
+    if not total:
+        return "-"
+    filled = min(width, width * done // total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {min(100, 100 * done // total):3d}%"
+
+
 def format_job(job: dict[str, Any]) -> str:
-    fields = ["id", "domain", "consumer", "state", "mode", "checkpoint", "since", "target_dir",
+    fields = ["domain", "consumer", "mode", "checkpoint", "since", "target_dir",
               "destination", "created", "ended", "error"]
-    lines = [f"{name:<12}{job[name]}" for name in fields if job.get(name) is not None]
+    lines = [f"{'id':<12}{job['id']}", f"{'state':<12}{_state(job)}"]
+    lines += [f"{name:<12}{job[name]}" for name in fields if job.get(name) is not None]
     if job.get("progress"):
-        p = job["progress"]
-        eta = f", {p['eta']} s left" if p.get("eta") else ""
-        lines.append(f"{'progress':<12}{_size(p['done'])} of {_size(p['total'])} "
-                     f"at {_size(p['rate'])}/s{eta}")
+        lines.append(f"{'progress':<12}{bar(job['progress'])}")
+    if job.get("scratch"):
+        lines.append(f"{'scratch':<12}{_size(job['scratch']['used'])} used of at most "
+                     f"{_size(job['scratch']['limit'])}")
+    if job.get("appliance"):
+        a = job["appliance"]
+        idle = f", idle since {a['idle_since']}" if a.get("idle_since") else ""
+        lines.append(f"{'sessions':<12}{a['active']} open, {a['total']} so far, "
+                     f"{_size(a['bytes_read'])} read{idle}")
+    if job.get("history"):
+        lines.append(f"{'history':<12}" + ", ".join(f"{t['state']} {t['at']}"
+                                                     for t in job["history"]))
     if job["disks"]:
-        rows = [["DISK", "SIZE", "MODE", "SINCE", "WHERE"]]
+        rows = [["DISK", "SIZE", "MODE", "SINCE", "DONE", "", "RATE", "ETA", "SCRATCH",
+                 "WHERE"]]
         rows += [[d["name"], _size(d["size"]), d["mode"], d.get("since") or "-",
+                  _gauge(d.get("done") or 0, d.get("transfer")),
+                  f"{_size(d.get('done') or 0)} of "
+                  f"{_size(d['transfer']) if d.get('transfer') is not None else '?'}",
+                  f"{_size(d['rate'])}/s" if d.get("rate") else "-",
+                  f"{d['eta']} s" if d.get("eta") is not None else "-",
+                  _size(d["scratch"]) if d.get("scratch") is not None else "-",
                   d.get("url") or d.get("target") or "-"] for d in job["disks"]]
         lines += ["", _table(rows)]
         lines += [f"{d['name']}: full because {d['fallback']}"
                   for d in job["disks"] if d.get("fallback")]
+    if job.get("appliance") and job["appliance"]["sessions"]:
+        rows = [["SESSION", "PEER", "DISK", "STARTED", "ENDED", "READ"]]
+        rows += [[str(s["id"]), s["peer"], s.get("disk") or "-", s["started"],
+                  s.get("ended") or "open", _size(s["bytes_read"])]
+                 for s in job["appliance"]["sessions"]]
+        lines += ["", _table(rows)]
     return "\n".join(lines)
 
 
@@ -89,10 +133,18 @@ def parser() -> argparse.ArgumentParser:
                             "or to an NBD URI ({disk} is replaced by each disk's name)")
     start.add_argument("--allow-scratch-overcommit", action="store_true",
                        help="start even if the scratch folder cannot hold the worst case")
+    start.add_argument("--no-queue", action="store_true",
+                       help="fail with TooManyJobs instead of waiting when [jobs] max_active "
+                            "backups run")
     start.add_argument("--wait", action="store_true",
                        help="follow the job until it ends, with a progress bar; exit 1 "
                             "unless it completed")
-    backup.add_parser("list", help="list jobs")
+    for where, name in ((backup, "list"), (top, "jobs")):
+        listing = where.add_parser(name, help="list jobs")
+        listing.add_argument("--domain")
+        listing.add_argument("--state")
+    top.add_parser("show", help="show a job: state, sessions, per-disk progress").add_argument(
+        "id")
     for name, what in (("show", "show a job"), ("finish", "the appliance is done: end the job"),
                        ("abort", "end the job now, as aborted")):
         cmd = backup.add_parser(name, help=what)
@@ -151,13 +203,22 @@ def follow(client: Client, job_id: str | None, as_json: bool) -> dict[str, Any] 
         event, job = reply["event"], reply["event"]["job"]
         if as_json:
             print(json.dumps(reply), flush=True)
-        elif event["kind"] == "progress" and job_id is not None:
+        elif event["kind"] == "progress" and job_id is not None and job.get("progress"):
             print(f"\r{bar(job['progress'])}" if tty else bar(job["progress"]),
                   end="" if tty else "\n", file=sys.stderr, flush=True)
         else:
-            line = f"{job['id']}  {job['domain']}  {event['kind']:<8} {job['state']}"
-            if event["kind"] == "progress":
+            line = f"{job['id']}  {job['domain']}  {event['kind']:<8} {_state(job)}"
+            if event["kind"] == "progress" and job.get("progress"):
                 line += f"  {bar(job['progress'], 10)}"
+            elif event["kind"] == "progress":
+                line += f"  {_done(job)}"
+            elif event.get("session"):
+                s = event["session"]
+                line += (f"  session {s['id']} {'closed' if s['ended'] else 'opened'} by "
+                         f"{s['peer']}" + (f", {_size(s['bytes_read'])} read of {s['disk']}"
+                                           if s["ended"] else ""))
+            elif event.get("message"):
+                line += f"  {event['message']}"
             print(("\n" if tty and job_id else "") + line, file=sys.stderr, flush=True)
     return job
 
@@ -170,15 +231,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     domain=args.domain, disks=args.disks, mode=args.mode, since=args.since,
                     consumer=args.consumer, target_dir=args.target_dir,
                     destination=args.destination,
-                    allow_scratch_overcommit=args.allow_scratch_overcommit or None))
+                    allow_scratch_overcommit=args.allow_scratch_overcommit or None,
+                    queue=False if args.no_queue else None))
                 if args.wait:
                     reply = {"job": follow(client, reply["job"]["id"], as_json=False)}
                 return reply
             case "watch", _:
                 return {"job": follow(client, args.id, as_json=args.json)}
-            case "backup", "list":
-                return client.call(f"{IFACE}.List")
-            case "backup", "show":
+            case ("backup", "list") | ("jobs", _):
+                return client.call(f"{IFACE}.List",
+                                   **_given(domain=args.domain, state=args.state))
+            case ("backup", "show") | ("show", _):
                 return client.call(f"{IFACE}.Get", id=args.id)
             case "backup", "finish":
                 return client.call(f"{IFACE}.Finish", id=args.id, success=not args.failed)

@@ -88,6 +88,9 @@ class Stream:
     connections: int = 2
     #: Requests in flight per connection pair.
     in_flight: int = 8
+    #: Bytes of buffers all copies together may hold (one copy at full speed
+    #: needs connections x in_flight x request_size).
+    memory: int = 32 << 20
     #: For nbds:// destinations: a folder with ca-cert.pem (and client-cert.pem and
     #: client-key.pem if the appliance checks clients). Empty: libnbd's default.
     tls_certificates: str = ""
@@ -211,7 +214,7 @@ def _validate(config: Config) -> None:
                           "sockets under it would not fit in 108 bytes")
     if config.exports.connections < 1:
         raise ConfigError("exports.connections must be at least 1")
-    for key in ("request_size", "connections", "in_flight"):
+    for key in ("request_size", "connections", "in_flight", "memory"):
         if getattr(config.stream, key) < 1:
             raise ConfigError(f"stream.{key} must be at least 1")
     if config.log.level not in LEVELS:

@@ -730,6 +730,10 @@ class Jobs:
         except Exception as e:
             error = f"streaming to {job.destination} failed: {e}"
             log.warning("streaming failed", job=job_id, error=str(e))
+            with anyio.CancelScope(shield=True):
+                if not await self._domain_runs(job.domain):
+                    # The cause, rather than what the copy saw of it.
+                    error = f"the domain stopped during the backup (the copy failed: {e})"
         finally:
             with anyio.CancelScope(shield=True):  # no partial file may outlive the copy
                 for writer in writers:
@@ -1067,15 +1071,18 @@ class Jobs:
                 else:
                     await self._close(job, JobState.FAILED, event.error or "libvirt: push failed")
 
+    async def _domain_runs(self, domain: str) -> bool:
+        try:
+            return (await self._virt.domain(domain)).running
+        except NoSuchDomain:
+            return False
+
     async def _vanished(self, job_id: str, error: str | None) -> None:
         """libvirt ended the job without us. When QEMU dies, this comes before the lifecycle
         event, so tell the two causes apart here."""
         job = self._jobs[job_id]
-        try:
-            running = (await self._virt.domain(job.domain)).running
-        except NoSuchDomain:
-            running = False
-        reason = ("the libvirt backup job was ended outside pullbackd" if running
+        reason = ("the libvirt backup job was ended outside pullbackd"
+                  if await self._domain_runs(job.domain)
                   else "the domain stopped during the backup")
         await self._fail(job_id, f"{reason}: {error}" if error else reason)
 

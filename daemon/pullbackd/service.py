@@ -70,6 +70,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository")
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
                                connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
+                               buffers=stream.BufferPool(cfg.stream.memory),
                                tls_certificates=cfg.stream.tls_certificates or None)
         limits = Limits(drain_timeout=cfg.exports.drain_timeout,
                         idle_timeout=cfg.exports.idle_timeout,

@@ -8,9 +8,12 @@ cuts the work into requests and hands them to workers through a bounded queue.
 
 Each worker owns one connection to the source and one to the destination and
 keeps a bounded number of asynchronous requests in flight, reading into
-buffers from a pool it reuses (a fresh `nbd.Buffer` per request is several
-times slower). libnbd swallows exceptions raised in completion callbacks, so
-callbacks only record what happened; the worker loop acts on it and raises.
+buffers from a pool (a fresh `nbd.Buffer` per request is several times
+slower). The daemon shares one pool between all its copies, so that many
+copies at once stay within one memory budget.
+
+libnbd swallows exceptions raised in completion callbacks, so callbacks only
+record what happened; the worker loop acts on it and raises.
 
 All of this blocks: `copy` runs in threads of its own. `stream` is the async
 face the daemon uses, and cancels the copy when its caller is cancelled.
@@ -41,6 +44,52 @@ class StreamError(Exception):
     """The copy failed; nothing it wrote may be trusted as a backup."""
 
 
+class BufferPool:
+    """Read buffers, reused, of which at most `budget` bytes exist at once.
+
+    Never blocks: a worker that finds the budget spent goes on with the requests
+    it has in flight (whose buffers come back) and asks again later.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._lock = threading.Condition()
+        self._free: dict[int, list[nbd.Buffer]] = {}
+        self._allocated = 0
+
+    def take(self, length: int) -> nbd.Buffer | None:
+        """A buffer of `length` bytes, or None while the budget is spent."""
+        with self._lock:
+            free = self._free.get(length)
+            if free:
+                return free.pop()
+            # Room is made by dropping free buffers of other sizes; a request
+            # larger than the whole budget still gets one buffer, alone.
+            while self._allocated and self._allocated + length > self.budget:
+                spare = next((bufs for bufs in self._free.values() if bufs), None)
+                if spare is None:
+                    return None
+                self._allocated -= spare.pop().size()
+            self._allocated += length
+        return nbd.Buffer(length)
+
+    def give(self, buf: nbd.Buffer) -> None:
+        with self._lock:
+            self._free.setdefault(buf.size(), []).append(buf)
+            self._lock.notify_all()
+
+    def drop(self, buf: nbd.Buffer) -> None:
+        """Let go of a buffer that will not come back (its request never completed)."""
+        with self._lock:
+            self._allocated -= buf.size()
+            self._lock.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Until a buffer comes back (or `timeout`)."""
+        with self._lock:
+            self._lock.wait(timeout)
+
+
 @dataclass(frozen=True)
 class Tuning:
     """Defaults measured with `scripts/bench --tuning` on 2 cores (see README): larger
@@ -61,6 +110,8 @@ class Tuning:
     #: For nbds:// destinations: the folder with ca-cert.pem (and client-cert.pem,
     #: client-key.pem when the server checks clients); None: libnbd's default.
     tls_certificates: str | None = None
+    #: Buffers shared with other copies; None: the copy's own, as many as it can use.
+    buffers: BufferPool | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +259,8 @@ class _Copy:
         self.cancel = cancel
         self.errors: list[BaseException] = []
         self.failed = threading.Event()
+        self.buffers = tuning.buffers or BufferPool(
+            tuning.connections * tuning.in_flight * tuning.request_size)
 
     def fail(self, error: BaseException) -> None:
         self.errors.append(error)
@@ -284,16 +337,20 @@ class _Copy:
 
     def _work(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
         src = _connect(self.source)
+        pump = None
         try:
             dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates)
             try:
-                _Pump(self, src, dst, counters).run(work)
+                pump = _Pump(self, src, dst, counters)
+                pump.run(work)
                 if not self.stopped():
                     dst.flush()
             finally:
                 _close(dst)
         finally:
             _close(src)
+            if pump is not None:
+                pump.release()
 
 
 class _Pump:
@@ -301,7 +358,11 @@ class _Pump:
 
     def __init__(self, copy: _Copy, src: nbd.NBD, dst: nbd.NBD, counters: _Counters) -> None:
         self.copy, self.src, self.dst, self.counters = copy, src, dst, counters
-        self.pool: dict[int, list[nbd.Buffer]] = {}
+        self.pool = copy.buffers
+        #: Buffers taken from the pool and not given back, by id.
+        self.held: dict[int, nbd.Buffer] = {}
+        #: A piece taken from the work queue that waits for a buffer.
+        self.pending: Piece | None = None
         # Filled by completion callbacks, emptied by the loop: callbacks must
         # not raise (libnbd would swallow it) nor call into the same handle.
         self.read: deque[tuple[Piece, nbd.Buffer]] = deque()
@@ -312,7 +373,7 @@ class _Pump:
 
     def run(self, work: queue.Queue[Piece | None]) -> None:
         more = True
-        while (more or self.in_flight) and not self.copy.stopped():
+        while (more or self.in_flight or self.pending) and not self.copy.stopped():
             more = self.submit(work) if more else False
             if self.in_flight:
                 _wait((self.src, self.dst), 0.5)
@@ -326,19 +387,27 @@ class _Pump:
     def submit(self, work: queue.Queue[Piece | None]) -> bool:
         """Fill the window of requests in flight; False once the planner is done."""
         while self.in_flight < self.copy.tuning.in_flight:
-            try:
-                piece = work.get(block=self.in_flight == 0, timeout=0.5)
-            except queue.Empty:
-                return True
+            piece, self.pending = self.pending, None
             if piece is None:
-                return False
-            self.in_flight += 1
+                try:
+                    piece = work.get(block=self.in_flight == 0, timeout=0.5)
+                except queue.Empty:
+                    return True
+                if piece is None:
+                    return False
             if piece.zero:
                 self.dst.aio_zero(piece.length, piece.offset, self._on(piece, None, self.written))
             else:
-                free = self.pool.setdefault(piece.length, [])
-                buf = free.pop() if free else nbd.Buffer(piece.length)
+                buf = self.pool.take(piece.length)
+                if buf is None:
+                    # Other copies hold the buffers: go on with ours, if any.
+                    self.pending = piece
+                    if not self.in_flight:
+                        self.pool.wait(0.1)
+                    return True
+                self.held[id(buf)] = buf
                 self.src.aio_pread(buf, piece.offset, self._on(piece, buf, self.read))
+            self.in_flight += 1
         return True
 
     def reap(self) -> None:
@@ -348,7 +417,8 @@ class _Pump:
             if self.copy.on_written is not None:
                 self.copy.on_written(piece, None if buf is None else buf.to_bytearray())
             if buf is not None:
-                self.pool[buf.size()].append(buf)
+                del self.held[id(buf)]
+                self.pool.give(buf)
             self.in_flight -= 1
             done += piece.length
         now = time.monotonic()
@@ -361,6 +431,13 @@ class _Pump:
         elif self.in_flight and now - self.last_progress > self.copy.tuning.stall_timeout:
             raise StreamError(f"no progress for {self.copy.tuning.stall_timeout:g} s: "
                               "a server stopped answering")
+
+    def release(self) -> None:
+        """Once the handles are closed: the buffers of requests that never completed
+        (the copy failed or was cancelled) no longer count against the pool."""
+        for buf in self.held.values():
+            self.pool.drop(buf)
+        self.held.clear()
 
     def _on(self, piece: Piece, buf: nbd.Buffer | None,
             into: deque[tuple[Piece, nbd.Buffer]] | deque[tuple[Piece, nbd.Buffer | None]]
