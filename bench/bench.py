@@ -103,7 +103,8 @@ def lab(folder: Path, disk_size: int, domains: int) -> Iterator[str]:
 
 
 @contextmanager
-def daemon(folder: Path, uri: str) -> Iterator[Client]:
+def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
+    """pullbackd with its defaults on the lab: a client of it, and its pid."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "pullbackd.toml"
     config.write_text(f'[libvirt]\nuri = "{uri}"\n[control]\nsocket = "{folder}/control.sock"\n'
@@ -121,7 +122,7 @@ def daemon(folder: Path, uri: str) -> Iterator[Client]:
             pass
         notify.close()
         with Client(folder / "control.sock", timeout=600) as client:
-            yield client
+            yield client, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -283,7 +284,7 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
     lab_dir = work / f"lab-{label}"
     twin = label == "4g" and "virtnbdbackup" in tools
     with lab(lab_dir, disk_size, 2 if twin else 1) as uri, \
-            daemon(work / f"pullbackd-{label}", uri) as ctl:
+            daemon(work / f"pullbackd-{label}", uri) as (ctl, _):
         log(f"{label}: writing {size.data // MiB} MiB of data on a {disk_size // MiB} MiB disk")
         fill(lab_dir, size, disk_size, "lab1")
         vnb = None
@@ -368,7 +369,15 @@ def main() -> int:
                         help="engine settings to try instead of the defaults, e.g. "
                              "request_size=262144,connections=4,in_flight=64")
     parser.add_argument("--only-4g", action="store_true", help="skip the 16 GiB case")
+    parser.add_argument("--load", action="store_true",
+                        help="the load benchmark instead: 1, 4, 8, 16 backups at once "
+                             "(writes bench/load.json)")
     args = parser.parse_args()
+    if args.load:
+        import load  # noqa: PLC0415 (bench/load.py imports this file: load it only here)
+        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+            return load.main(Path(tmp), args.smoke,
+                             None if args.smoke else ROOT / "bench" / "load.json")
     settings: dict[str, Any] = {k: int(v) for k, v in
                                 (item.split("=") for item in args.tuning.split(",") if item)}
     tuning = dataclasses.replace(stream.Tuning(), **settings)

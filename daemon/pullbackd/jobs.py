@@ -730,10 +730,11 @@ class Jobs:
         except Exception as e:
             error = f"streaming to {job.destination} failed: {e}"
             log.warning("streaming failed", job=job_id, error=str(e))
-            with anyio.CancelScope(shield=True):
-                if not await self._domain_runs(job.domain):
-                    # The cause, rather than what the copy saw of it.
-                    error = f"the domain stopped during the backup (the copy failed: {e})"
+            if job.disks and not await anyio.to_thread.run_sync(stream.reachable, nbd_url(
+                    self.socket_path(job_id), str(job.disks[0].export))):
+                # QEMU's side went away: libvirt ends the job, and its event tells
+                # the cause better than what the copy saw of it.
+                error = await self._cause(job, error, e)
         finally:
             with anyio.CancelScope(shield=True):  # no partial file may outlive the copy
                 for writer in writers:
@@ -745,6 +746,20 @@ class Jobs:
             await self._end(job_id, JobState.COMPLETED, streamed=True)
         else:
             await self._end(job_id, JobState.FAILED, error, streamed=True)
+
+    async def _cause(self, job: Job, error: str, seen: Exception) -> str:
+        ended = self._ended.setdefault(job.domain, anyio.Event())
+        try:
+            with anyio.move_on_after(self._end_timeout):
+                await ended.wait()
+        finally:
+            if self._ended.get(job.domain) is ended:
+                del self._ended[job.domain]
+        if not ended.is_set():
+            return error
+        if await self._domain_runs(job.domain):
+            return f"the libvirt backup job was ended outside pullbackd (the copy failed: {seen})"
+        return f"the domain stopped during the backup (the copy failed: {seen})"
 
     async def _open_writer(self, job: Job, disk: Disk) -> Writer:
         base = None if disk.since is None else await anyio.to_thread.run_sync(

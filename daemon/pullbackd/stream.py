@@ -237,6 +237,15 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
     return h
 
 
+def reachable(url: str) -> bool:
+    """Whether an NBD server answers at `url` (a handshake, then goodbye). Blocks."""
+    try:
+        _close(_connect(url))
+    except nbd.Error:
+        return False
+    return True
+
+
 def _close(h: nbd.NBD) -> None:
     with contextlib.suppress(nbd.Error):  # the peer is gone; the copy's own error says why
         h.shutdown()
