@@ -9,7 +9,9 @@ can close them.
 
 The relay reads the client's side with `handshake.Sniffer` (small: options,
 then 28-byte requests) and moves QEMU's side, the data, with splice(2) through
-a pipe, so the payload never enters Python.
+a pipe, so the payload never enters Python; each session has a thread of its
+own for it. Under systemd, sessions outlive a restart of the daemon: see
+`Endpoint.hand_off`.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ log = structlog.get_logger()
 
 #: Bytes moved per splice(2); the pipe is grown to hold as much.
 CHUNK = 1 << 20
-#: Relay threads (two per session) are not limited by number: a session's
-#: threads must run for it to run, and the connection limit bounds them.
+#: Relay threads (one per session) are not limited by number: a session's
+#: thread must run for it to run, and the connection limit bounds them.
 _RELAY_THREADS = anyio.CapacityLimiter(math.inf)
 #: Seconds a connection over the limit waits for a session to close before it is refused.
 ADMIT_WAIT = 1.0
@@ -277,13 +279,14 @@ def _snapshot(session: Session, sniffer: Sniffer) -> Session:
 
 
 class _Relay:
-    """Both directions of one session, each in a thread of its own.
+    """Both directions of one session, in one thread of its own.
 
-    The data moves with splice(2) in blocking threads rather than on the event
-    loop: a wakeup per chunk costs the loop more than the copy costs the kernel.
-    Each thread polls its socket together with two eventfds that, once written,
-    stay readable: `pause` (stop between two chunks, with nothing read left
-    unsent) and `stop` (at once).
+    The data moves with splice(2) through a pipe, in a thread rather than on
+    the event loop: a wakeup per chunk costs the loop more than the move costs
+    the kernel. One thread polls both sockets, so that what is ready on both
+    sides at once costs one wakeup. It also polls two eventfds that, once
+    written, stay readable: `pause` (stop between two chunks, with nothing
+    read left unsent) and `stop` (at once).
     """
 
     def __init__(self, client: socket.socket, qemu: socket.socket, sniffer: Sniffer) -> None:
@@ -294,6 +297,11 @@ class _Relay:
         self._pausing = False
         self._stopping = False
         self._paused = False
+        # Room for more than a chunk on the way to the client: fewer waits per chunk.
+        for option in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, option, 4 * CHUNK)
+                break
         self._pause = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
@@ -301,21 +309,14 @@ class _Relay:
         """Relay until either side closes (False), or until paused (True)."""
         try:
             async with anyio.create_task_group() as tg:
-                async def direction(fn: Callable[[], None]) -> None:
-                    await anyio.to_thread.run_sync(fn, limiter=_RELAY_THREADS)
-                    if not self._pausing:
-                        self.stop()  # one side is done: so is the other
-
                 async def stop_when_cancelled() -> None:
                     try:
                         await anyio.sleep_forever()
                     finally:
-                        self.stop()  # the threads notice at once; we wait for them
+                        self.stop()  # the thread notices at once; we wait for it
 
                 tg.start_soon(stop_when_cancelled)
-                async with anyio.create_task_group() as threads:
-                    threads.start_soon(direction, self._upstream)
-                    threads.start_soon(direction, self._downstream)
+                await anyio.to_thread.run_sync(self._relay, limiter=_RELAY_THREADS)
                 tg.cancel_scope.cancel()
         finally:
             os.close(self._pause)
@@ -332,83 +333,106 @@ class _Relay:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self._stop, 1)
 
-    def _wait(self, sock: socket.socket, events: int, pausable: bool = True) -> bool:
-        """Block until `sock` is ready; False if stopped (or, if pausable, paused) first."""
-        poller = select.poll()
-        poller.register(sock, events)
-        poller.register(self._stop, select.POLLIN)
-        if pausable:
-            poller.register(self._pause, select.POLLIN)
-        while True:
-            ready = dict(poller.poll())
-            if self._stop in ready or self._pause in ready:
-                return False
-            if ready:
-                return True
-
-    def _broken(self, error: OSError) -> None:
-        if error.errno not in (errno.EPIPE, errno.ECONNRESET):
-            self.errors.append(str(error))
-
-    def _upstream(self) -> None:
-        """Client to QEMU: options and requests, read as they pass."""
-        try:
-            while self._wait(self.client, select.POLLIN):
-                try:
-                    data = self.client.recv(256 << 10)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                if not data:
-                    # The client is done asking; QEMU's answers still come.
-                    with contextlib.suppress(OSError):
-                        self.qemu.shutdown(socket.SHUT_WR)
-                    # Not over: QEMU's last answers still come, until the client
-                    # hangs up or the downstream side ends.
-                    self._wait(self.client, 0)
-                    return
-                self.sniffer.feed(data)
-                view = memoryview(data)
-                while view:
-                    try:
-                        view = view[self.qemu.send(view):]
-                    except (BlockingIOError, InterruptedError):
-                        if not self._wait(self.qemu, select.POLLOUT, pausable=False):
-                            return
-        except OSError as e:
-            self._broken(e)
-
-    def _downstream(self) -> None:
-        """QEMU to client: replies and data, spliced through a pipe."""
+    def _relay(self) -> None:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             with contextlib.suppress(OSError):  # a smaller pipe only means more calls
                 fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
-            flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-            while True:
-                try:
-                    n = os.splice(self.qemu.fileno(), write_end, CHUNK, flags=flags)
-                except (BlockingIOError, InterruptedError):
-                    if not self._wait(self.qemu, select.POLLIN):
-                        # Nothing read and unsent: a pause may stop here.
-                        self._paused = self._pausing and not self._stopping
-                        return
-                    continue
-                if n == 0:
-                    # QEMU closed: nothing more can come, so the client is done too.
-                    self.client.shutdown(socket.SHUT_WR)
-                    return
-                while n:
-                    try:
-                        n -= os.splice(read_end, self.client.fileno(), n, flags=flags)
-                    except (BlockingIOError, InterruptedError):
-                        # A pause lets the chunk finish; only a stop cuts it.
-                        if not self._wait(self.client, select.POLLOUT, pausable=False):
-                            return
+            _Loop(self, read_end, write_end).run()
         except OSError as e:
-            self._broken(e)
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                self.errors.append(str(e))
         finally:
             os.close(read_end)
             os.close(write_end)
+
+
+class _Loop:
+    """The relay thread's loop over one session's two sockets."""
+
+    FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+    def __init__(self, relay: _Relay, read_end: int, write_end: int) -> None:
+        self.relay, self.read_end, self.write_end = relay, read_end, write_end
+        self.client, self.qemu = relay.client.fileno(), relay.qemu.fileno()
+        self.poller = select.poll()
+        self.poller.register(relay._stop, select.POLLIN)
+        self.poller.register(relay._pause, select.POLLIN)
+        #: Bytes in the pipe on their way to the client; bytes on their way to QEMU.
+        self.down = 0
+        self.up = memoryview(b"")
+        self.client_done = False
+        self.qemu_hung_up = False
+
+    def run(self) -> None:
+        relay = self.relay
+        while True:
+            if relay._pausing and not self.down and not self.up:
+                relay._paused = True
+                return
+            self._interest()
+            ready = dict(self.poller.poll())
+            if relay._stop in ready:
+                return
+            if relay._pause in ready:
+                self.poller.unregister(relay._pause)  # seen: it stays readable
+            from_qemu, from_client = ready.get(self.qemu, 0), ready.get(self.client, 0)
+            self.qemu_hung_up = self.qemu_hung_up or bool(from_qemu & select.POLLHUP)
+            if not self._from_qemu(from_qemu) or not self._from_client(from_client):
+                return
+
+    def _interest(self) -> None:
+        """Read a side only once what came from it before is passed on."""
+        pausing = self.relay._pausing
+        self.poller.register(self.client, (
+            0 if self.up or self.client_done or pausing else select.POLLIN) | (
+            select.POLLOUT if self.down else 0))
+        want_qemu = (0 if self.down or pausing else select.POLLIN) | (
+            select.POLLOUT if self.up else 0)
+        if want_qemu or not self.qemu_hung_up:
+            self.poller.register(self.qemu, want_qemu)
+        else:
+            # Its hangup stays reported: wait for the client alone meanwhile.
+            with contextlib.suppress(KeyError):
+                self.poller.unregister(self.qemu)
+
+    def _from_qemu(self, events: int) -> bool:
+        """QEMU's replies and data, spliced through the pipe. False: the session is over."""
+        if events & (select.POLLIN | select.POLLHUP) and not self.down:
+            try:
+                self.down = os.splice(self.qemu, self.write_end, CHUNK, flags=self.FLAGS)
+            except BlockingIOError:
+                pass
+            else:
+                if self.down == 0:
+                    # QEMU closed: nothing more can come, so the client is done too.
+                    self.relay.client.shutdown(socket.SHUT_WR)
+                    return False
+        if self.down:
+            with contextlib.suppress(BlockingIOError):
+                self.down -= os.splice(self.read_end, self.client, self.down, flags=self.FLAGS)
+        return True
+
+    def _from_client(self, events: int) -> bool:
+        """The client's options and requests, read as they pass. False: it is gone."""
+        if events & (select.POLLIN | select.POLLHUP) and not self.up and not self.client_done:
+            try:
+                data = self.relay.client.recv(256 << 10)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                # The client is done asking; QEMU's last answers still come.
+                self.client_done = True
+                self.relay.qemu.shutdown(socket.SHUT_WR)
+            elif data:
+                self.relay.sniffer.feed(data)
+                self.up = memoryview(data)
+        elif self.client_done and events & (select.POLLHUP | select.POLLERR):
+            return False  # gone altogether: nobody to answer
+        if self.up:
+            with contextlib.suppress(BlockingIOError):
+                self.up = self.up[self.relay.qemu.send(self.up):]
+        return True
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:

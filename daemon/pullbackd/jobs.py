@@ -1214,7 +1214,7 @@ class Limits:
 
 def _recorder(writer: Writer) -> stream.OnWritten:
     """Keep a checksum of each region written, for the manifest (worker threads call it)."""
-    def record(piece: stream.Piece, data: bytes | None) -> None:
+    def record(piece: stream.Piece, data: bytearray | None) -> None:
         writer.regions.append(Region(piece.offset, piece.length,
                                      None if data is None else digest(data)))
     return record

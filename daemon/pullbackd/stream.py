@@ -252,7 +252,9 @@ def _close(h: nbd.NBD) -> None:
 
 
 #: Told of each piece once it is written: the piece, and the data (None for zeroes).
-OnWritten = Callable[[Piece, bytes | None], None]
+#: Told of each piece once written, with its data (None for zeroes): a view of a
+#: buffer that is reused as soon as the call returns, never to be kept.
+OnWritten = Callable[[Piece, bytearray | None], None]
 
 
 class _Copy:
@@ -424,7 +426,7 @@ class _Pump:
         while self.written:
             piece, buf = self.written.popleft()
             if self.copy.on_written is not None:
-                self.copy.on_written(piece, None if buf is None else buf.to_bytearray())
+                self.copy.on_written(piece, None if buf is None else buf.to_buffer())
             if buf is not None:
                 del self.held[id(buf)]
                 self.pool.give(buf)
