@@ -1,10 +1,11 @@
 """pullbackd's streaming engine against nbdcopy and qemu-img, on the lab.
 
 Each case runs against one pull-backup export of a lab domain, started by a
-real pullbackd; every tool copies that same export into the same kind of
-target (a fresh qcow2, or a qcow2 overlay on the full backup), each run is
-checked with `qemu-img compare` against the export, and the median of the
-repeats is reported.
+real pullbackd; every tool copies that same export, on QEMU's own socket (as
+pullbackd's streamed jobs read it), into the same kind of target (a fresh
+qcow2, or a qcow2 overlay on the full backup), each run is checked with
+`qemu-img compare` against the export, and the median of the repeats is
+reported. What pullbackd's endpoint for appliances adds is the relay case.
 
     full      a 4 GiB disk holding 1 GiB of data, full backup
     incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
@@ -170,10 +171,15 @@ def dirty(lab_dir: Path, size: Size, seed: int, domain: str) -> int:
     return len(offsets) * BLOCK
 
 
-def start(ctl: Client, mode: str) -> dict[str, str]:
+def start(ctl: Client, daemon_dir: Path, mode: str) -> dict[str, str]:
+    """A pull backup of lab1's disk: its export on QEMU's own socket (`url`, what
+    pullbackd's streamed jobs read, and what the tools compared here read), and on
+    pullbackd's endpoint for appliances (`endpoint`, whose cost the relay case measures)."""
     job = ctl.call(f"{IFACE}.Start", domain="lab1", consumer="bench", mode=mode)["job"]
     disk: dict[str, str] = job["disks"][0]
-    return {"id": job["id"], "url": disk["url"], "bitmap": disk["bitmap"] or ""}
+    qemu = f"{daemon_dir}/exports/.qemu/{job['id']}.sock"
+    return {"id": job["id"], "url": f"nbd+unix:///{disk['export']}?socket={qemu}",
+            "endpoint": disk["url"], "bitmap": disk["bitmap"] or ""}
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -291,7 +297,7 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
         if twin:
             fill(lab_dir, size, disk_size, "lab2")
             vnb = Virtnbdbackup(work, lab_dir, uri)
-        full = start(ctl, "full")
+        full = start(ctl, work / f"pullbackd-{label}", "full")
         base = work / f"{label}-full.qcow2"
         if label == "4g":
             for tool, copy in (("pullbackd", engine(full["url"], None, True, tuning)),
@@ -301,7 +307,7 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
                     results.append(measure("full", tool, size.data, size.repeats,
                                            lambda: qcow2(base, disk_size), copy, full["url"]))
             if "relay" in tools:
-                results += relay(work, work / f"pullbackd-{label}", full, size)
+                results += relay(work, full, size)
         else:
             engine_into(qcow2(base, disk_size), full["url"])
         ctl.call(f"{IFACE}.Finish", id=full["id"])
@@ -309,7 +315,7 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
         if vnb is not None:
             results.append(vnb.measure_full(size))
         moved = dirty(lab_dir, size, seed=1, domain="lab1")
-        incr = start(ctl, "incremental")
+        incr = start(ctl, work / f"pullbackd-{label}", "incremental")
         case = "incr" if label == "4g" else "incr-16g"
         overlay = work / f"{label}-incr.qcow2"
         for tool, copy in (("pullbackd", engine(incr["url"], incr["bitmap"], False, tuning)),
@@ -325,11 +331,9 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
     return results
 
 
-def relay(work: Path, daemon_dir: Path, job: dict[str, str], size: Size) -> list[Result]:
+def relay(work: Path, job: dict[str, str], size: Size) -> list[Result]:
     """nbdcopy through pullbackd's endpoint against nbdcopy on QEMU's own socket."""
-    export = job["url"].partition("?")[0]
-    urls = {"pullbackd": job["url"],
-            "nbdcopy": f"{export}?socket={daemon_dir}/exports/.qemu/{job['id']}.sock"}
+    urls = {"pullbackd": job["endpoint"], "nbdcopy": job["url"]}
     # Both read the same bytes (checked once), then only the reading is timed.
     copies = {tool: work / f"relay-{tool}.raw" for tool in urls}
     for tool, url in urls.items():

@@ -149,6 +149,22 @@ def test_domain_destroyed_is_failed_from_libvirts_event(lab: Lab, daemon: Daemon
         lab.run("start", "lab2")
 
 
+def test_a_paused_domain_keeps_its_backup(lab: Lab, daemon: Daemon) -> None:
+    vdb = Disk(lab, "lab2", "vdb")
+    vdb.write(2 * MiB, MiB, 0x4D)
+    job = daemon.ctl.job("Start", domain="lab2", disks=["vdb"])
+    virsh = ["virsh", "-q", "-c", lab.uri]
+    subprocess.run([*virsh, "suspend", "lab2"], check=True, capture_output=True, timeout=60)
+    try:
+        # The export of a paused guest reads as well as any.
+        assert_same(read_export(job["disks"][0]["url"]), vdb.expected)
+        assert daemon.ctl.job("Get", id=job["id"])["state"] == "ready"
+    finally:
+        subprocess.run([*virsh, "resume", "lab2"], check=True, capture_output=True, timeout=60)
+    # Still ready after the pause and resume events: Finish completes it.
+    assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
+
+
 def test_backup_not_started_by_pullbackd_is_refused_at_once(
         lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
     backup_xml = tmp_path / "backup.xml"
