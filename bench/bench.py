@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pullbackd import stream
+from pullbackd import config, stream
 from pullbackd.control.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +370,8 @@ def main() -> int:
                              "results.json is then left alone")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--tuning", default="", metavar="KEY=VALUE,...",
-                        help="engine settings to try instead of the defaults, e.g. "
+                        help="engine settings (and memory, the buffer pool's bytes) to try "
+                             "instead of the defaults, e.g. "
                              "request_size=262144,connections=4,in_flight=64")
     parser.add_argument("--only-4g", action="store_true", help="skip the 16 GiB case")
     parser.add_argument("--load", action="store_true",
@@ -384,7 +385,10 @@ def main() -> int:
                              None if args.smoke else ROOT / "bench" / "load.json")
     settings: dict[str, Any] = {k: int(v) for k, v in
                                 (item.split("=") for item in args.tuning.split(",") if item)}
-    tuning = dataclasses.replace(stream.Tuning(), **settings)
+    # The engine as the daemon runs it: its buffers from one pool of [stream] memory.
+    memory = settings.pop("memory", config.Stream().memory)
+    tuning = dataclasses.replace(stream.Tuning(), **settings,
+                                 buffers=stream.BufferPool(memory))
     size = SMOKE_SIZE if args.smoke else FULL_SIZE
     tools = tuple(args.tools.split(","))
     with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
@@ -398,7 +402,7 @@ def main() -> int:
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                         "python": platform.python_version()},
             "size": asdict(size),
-            "tuning": asdict(tuning),
+            "tuning": asdict(dataclasses.replace(tuning, buffers=None)) | {"memory": memory},
             "results": [asdict(r) | {"median": r.median} for r in results],
         }, indent=2) + "\n")
         log(f"wrote {args.output}")

@@ -95,12 +95,14 @@ class Endpoint:
 
     def __init__(self, job_id: str, path: Path, upstream: Path, limit: int,
                  on_session: OnSession, past: tuple[Session, ...] = (),
-                 resumed: list[tuple[Handed, socket.socket, socket.socket]] | None = None
-                 ) -> None:
+                 resumed: list[tuple[Handed, socket.socket, socket.socket]] | None = None,
+                 exports: dict[str, str] | None = None) -> None:
         self.job_id = job_id
         self.path = path
         self.upstream = upstream
         self.limit = limit
+        #: QEMU's export name -> the disk it is.
+        self.exports = exports or {}
         self._on_session = on_session
         self._resumed = resumed or []
         # A session the record shows open, and that was not handed over, was
@@ -132,7 +134,7 @@ class Endpoint:
         return None if self._live else self._idle_wall
 
     def sessions(self) -> list[Session]:
-        live = [_snapshot(s, relay.sniffer) for s, relay in self._live.values()]
+        live = [self._snapshot(s, relay.sniffer) for s, relay in self._live.values()]
         return sorted(self._past + live, key=lambda s: s.id)
 
     # Lifetime.
@@ -232,7 +234,7 @@ class Endpoint:
                         relay.errors.append(f"cannot reach QEMU's NBD server: {e}")
                     relay.qemu.setblocking(False)
                 if not relay.errors and await relay.run() and self._store is not None:
-                    h = Handed(self.job_id, _snapshot(session, relay.sniffer),
+                    h = Handed(self.job_id, self._snapshot(session, relay.sniffer),
                                relay.sniffer.state())
                     for name, sock in zip(h.names, (relay.client, relay.qemu), strict=True):
                         self._store(name, [sock.fileno()])
@@ -244,7 +246,7 @@ class Endpoint:
             if handed:
                 log.info("nbd session handed over", job=self.job_id, session=session.id)
             else:
-                ended = replace(_snapshot(session, relay.sniffer), ended=now())
+                ended = replace(self._snapshot(session, relay.sniffer), ended=now())
                 self._past.append(ended)
                 self._idle_since, self._idle_wall = time.monotonic(), now()
                 self._on_session(self.job_id, ended)
@@ -269,13 +271,16 @@ class Endpoint:
             except OSError:
                 pass
 
+    def _snapshot(self, session: Session, sniffer: Sniffer) -> Session:
+        disk = session.disk if sniffer.export is None else \
+            self.exports.get(sniffer.export, sniffer.export)
+        return replace(session, disk=disk, bytes_read=sniffer.read)
+
     def _changed_now(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
 
-def _snapshot(session: Session, sniffer: Sniffer) -> Session:
-    return replace(session, disk=sniffer.export or session.disk, bytes_read=sniffer.read)
 
 
 class _Relay:
@@ -531,8 +536,9 @@ class Exports:
         self._handed.clear()
         return names
 
-    async def open(self, job_id: str, tg: anyio.abc.TaskGroup, on_session: OnSession,
-                   past: tuple[Session, ...] = ()) -> Endpoint:
+    async def open(self, job_id: str, exports: dict[str, str], tg: anyio.abc.TaskGroup,
+                   on_session: OnSession, past: tuple[Session, ...] = ()) -> Endpoint:
+        """Serve the job's endpoint; `exports` maps QEMU's export names to disk names."""
         """Serve the job's endpoint: the socket the previous run handed over, or a new one."""
         path = self.endpoint_path(job_id)
         listener = self._inherited.pop(f"{job_id}.listen", None)
@@ -548,7 +554,7 @@ class Exports:
                     if sock is not None:
                         sock.close()
         endpoint = Endpoint(job_id, path, self.qemu_path(job_id), self.limit, on_session, past,
-                            resumed)
+                            resumed, exports)
         self._endpoints[job_id] = endpoint
         await tg.start(endpoint.serve, listener)
         return endpoint

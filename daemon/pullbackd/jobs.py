@@ -663,10 +663,14 @@ class Jobs:
         """Start the libvirt job. A disk whose bitmap libvirt cannot use falls back
         to a full backup, alone when libvirt names it, else with every incremental disk."""
         checkpoint_xml = xml.checkpoint(job.checkpoint, list(bases), skip)
+        # Export names nobody can guess: on a TCP endpoint shared by every job, the
+        # name is what selects a job's disk.
+        token = secrets.token_hex(16)
         for _ in range(len(bases) + 1):
             request = xml.BackupRequest(
                 socket=None if job.push else self.socket_path(job.id),
                 files={d: self._file(job, d) for d in bases},
+                exports={} if job.push else {d: f"{d}-{token}" for d in bases},
                 since={d: b.checkpoint for d, b in bases.items() if b.checkpoint},
                 skip=skip,
             )
@@ -978,8 +982,9 @@ class Jobs:
         """Open the job's endpoint for appliances, and watch its limits."""
         if self._tg is None:
             raise RuntimeError("jobs are not being served (follow_events is not running)")
-        endpoint = await self.exports.open(job.id, self._tg, self._on_session,
-                                           job.appliance.sessions if job.appliance else ())
+        endpoint = await self.exports.open(
+            job.id, {str(d.export): d.name for d in job.disks}, self._tg, self._on_session,
+            job.appliance.sessions if job.appliance else ())
         self._timers[job.id] = timer = anyio.CancelScope()
         self._tg.start_soon(self._expire, job, endpoint, timer)
         self._tg.start_soon(self._measure, job)

@@ -68,6 +68,8 @@ class BackupRequest:
     since: dict[str, str] = field(default_factory=dict)
     #: disks of the domain that are not to be backed up.
     skip: tuple[str, ...] = ()
+    #: Pull: disk target -> the NBD export name QEMU serves it under (default: the target).
+    exports: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ def backup(request: BackupRequest) -> str:
             ET.SubElement(disk, "target", file=str(path))
             ET.SubElement(disk, "driver", type="qcow2")
         else:
+            if name in request.exports:
+                disk.set("exportname", request.exports[name])
             ET.SubElement(disk, "scratch", file=str(path))
     # Every disk is named: libvirt backs up unlisted disks too when it can.
     for name in request.skip:
