@@ -44,6 +44,8 @@ def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
     ("[exports]\nmode = '0999'", "exports.mode must be an octal"),
     ("[exports]\nqemu_user = 'no-such-user-here'", "exports.qemu_user: no user"),
     ("[exports]\nconnections = 0", "exports.connections must be at least 1"),
+    ("[exports]\ntcp_listen = 'nope'", "exports.tcp_listen must be"),
+    ("[exports]\ntcp_listen = ':10809'", "exports.tls_certificates: no server-cert.pem"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "pullbackd.toml"

@@ -55,6 +55,18 @@ class Exports:
     idle_timeout: int = 3600
     #: Seconds a pull job may run at most; 0: no limit.
     max_lifetime: int = 0
+    #: "host:port" of the TCP endpoint for remote appliances (every job's disks on one
+    #: port, TLS only); empty: none.
+    tcp_listen: str = ""
+    #: The host name in the nbds:// URIs handed out; empty: this machine's name.
+    tcp_host: str = ""
+    #: A folder with server-cert.pem, server-key.pem and ca-cert.pem.
+    tls_certificates: str = ""
+    #: Ask remote appliances for a certificate signed by ca-cert.pem.
+    tls_verify_clients: bool = False
+    #: Allow the TCP endpoint without TLS. Backups are people's data: only on a network
+    #: nobody else can see.
+    insecure_tcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,6 +225,18 @@ def _validate(config: Config) -> None:
     if longest > 107:
         raise ConfigError(f"exports.dir is {longest - 107} characters too long: the Unix "
                           "sockets under it would not fit in 108 bytes")
+    if config.exports.tcp_listen:
+        port = config.exports.tcp_listen.rpartition(":")[2]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("exports.tcp_listen must be \"host:port\", e.g. \":10809\"")
+        if not config.exports.insecure_tcp:
+            folder = Path(config.exports.tls_certificates or "/nonexistent")
+            for name in ("server-cert.pem", "server-key.pem") + (
+                    ("ca-cert.pem",) if config.exports.tls_verify_clients else ()):
+                if not (folder / name).is_file():
+                    raise ConfigError(f"exports.tls_certificates: no {name} in "
+                                      f"{config.exports.tls_certificates!r} (the TCP endpoint "
+                                      "is TLS only, unless exports.insecure_tcp)")
     if config.exports.connections < 1:
         raise ConfigError("exports.connections must be at least 1")
     for key in ("request_size", "connections", "in_flight", "memory"):

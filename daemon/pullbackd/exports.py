@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -110,7 +110,7 @@ class Endpoint:
         resumed_ids = {h.session.id for h, _, _ in self._resumed}
         self._past = [s if s.ended else replace(s, ended=now())
                       for s in past if s.id not in resumed_ids]
-        self._live: dict[int, tuple[Session, _Relay]] = {}
+        self._live: dict[int, tuple[Session, Relay]] = {}
         self._next_id = max((s.id for s in (*past, *(h.session for h, _, _ in self._resumed))),
                             default=0) + 1
         self._idle_since = time.monotonic()
@@ -120,6 +120,7 @@ class Endpoint:
         self._accepting = anyio.CancelScope()
         self._over = anyio.Event()
         self._listener: socket.socket | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._store: StoreFds | None = None
         self._handed: list[Handed] = []
 
@@ -146,6 +147,7 @@ class Endpoint:
         self._listener = listener
         with self._scope, listener, _setting(self._over):
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 for handed, client, qemu in self._resumed:
                     relay = _Relay(client, qemu, Sniffer.from_state(handed.sniffer))
                     tg.start_soon(self._run, handed.session, relay, True)  # resumed
@@ -204,17 +206,31 @@ class Endpoint:
         """Serve a new connection; or, if the job has `limit` sessions open and none
         closes within ADMIT_WAIT (an appliance may close one and open the next at
         once), refuse it."""
-        with anyio.move_on_after(ADMIT_WAIT):
-            while len(self._live) >= self.limit:
-                await self._changed.wait()
-        if len(self._live) >= self.limit:
+        if not await self._room():
             return await self._refuse(client)
         session = Session(self._next_id, _peer(client), now())
         self._next_id += 1
-        qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        await self._run(session, _Relay(client, qemu, Sniffer()), resumed=False)
+        await self._run(session, _Relay(client, None, Sniffer()), resumed=False)
 
-    async def _run(self, session: Session, relay: _Relay, resumed: bool) -> None:
+    async def attach(self, peer: str, relay: Relay) -> bool:
+        """Take a session the remote endpoint opened for this job (it chose the job by
+        export name). False, and nothing taken, if the job has no room for it."""
+        if self._tg is None or not await self._room():
+            return False
+        session = Session(self._next_id, peer, now())
+        self._next_id += 1
+        self._tg.start_soon(self._run, session, relay, False)
+        return True
+
+    async def _room(self) -> bool:
+        """Whether one more session fits, waiting up to ADMIT_WAIT for one to close (an
+        appliance may close one session and open the next at once)."""
+        with anyio.move_on_after(ADMIT_WAIT):
+            while len(self._live) >= self.limit:
+                await self._changed.wait()
+        return len(self._live) < self.limit
+
+    async def _run(self, session: Session, relay: Relay, resumed: bool) -> None:
         # Counted at once: the next connection must see this one.
         self._live[session.id] = (session, relay)
         self._changed_now()
@@ -226,21 +242,18 @@ class Endpoint:
                      peer=session.peer)
         handed = False
         try:
-            with relay.client, relay.qemu:
-                if not resumed:
-                    try:
-                        await anyio.to_thread.run_sync(relay.qemu.connect, str(self.upstream))
-                    except OSError as e:
-                        relay.errors.append(f"cannot reach QEMU's NBD server: {e}")
-                    relay.qemu.setblocking(False)
-                if not relay.errors and await relay.run() and self._store is not None:
-                    h = Handed(self.job_id, self._snapshot(session, relay.sniffer),
-                               relay.sniffer.state())
-                    for name, sock in zip(h.names, (relay.client, relay.qemu), strict=True):
-                        self._store(name, [sock.fileno()])
-                    self._handed.append(h)
-                    handed = True
+            if not resumed:
+                await relay.connect(self.upstream)
+            if not relay.errors and await relay.run() and self._store is not None:
+                h = Handed(self.job_id, self._snapshot(session, relay.sniffer),
+                           relay.sniffer.state())
+                for name, fd in zip(h.names, relay.fds(), strict=True):
+                    self._store(name, [fd])
+                self._handed.append(h)
+                handed = True
         finally:
+            with anyio.CancelScope(shield=True):  # systemd holds copies of what was handed
+                await relay.aclose()
             del self._live[session.id]
             self._changed_now()
             if handed:
@@ -283,6 +296,31 @@ class Endpoint:
 
 
 
+class Relay(Protocol):
+    """One session's relay between its client and QEMU."""
+
+    sniffer: Sniffer
+    errors: list[str]
+
+    async def connect(self, upstream: Path) -> None:
+        """Reach QEMU's NBD server; a failure goes into `errors`."""
+
+    async def run(self) -> bool:
+        """Relay until either side closes (False), or until paused (True)."""
+
+    def pause(self) -> None:
+        """Stop where the session can be handed over; one that cannot be just stops."""
+
+    def stop(self) -> None:
+        """Stop at once."""
+
+    def fds(self) -> tuple[int, int]:
+        """A paused session's client and QEMU sockets, to hand over."""
+
+    async def aclose(self) -> None:
+        """Close both sides."""
+
+
 class _Relay:
     """Both directions of one session, in one thread of its own.
 
@@ -294,9 +332,10 @@ class _Relay:
     read left unsent) and `stop` (at once).
     """
 
-    def __init__(self, client: socket.socket, qemu: socket.socket, sniffer: Sniffer) -> None:
+    def __init__(self, client: socket.socket, qemu: socket.socket | None,
+                 sniffer: Sniffer) -> None:
         self.client = client
-        self.qemu = qemu
+        self.qemu = qemu or socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sniffer = sniffer
         self.errors: list[str] = []
         self._pausing = False
@@ -309,6 +348,20 @@ class _Relay:
                 break
         self._pause = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    async def connect(self, upstream: Path) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.qemu.connect, str(upstream))
+        except OSError as e:
+            self.errors.append(f"cannot reach QEMU's NBD server: {e}")
+        self.qemu.setblocking(False)
+
+    def fds(self) -> tuple[int, int]:
+        return self.client.fileno(), self.qemu.fileno()
+
+    async def aclose(self) -> None:
+        self.client.close()
+        self.qemu.close()
 
     async def run(self) -> bool:
         """Relay until either side closes (False), or until paused (True)."""
@@ -515,6 +568,10 @@ class Exports:
 
     def get(self, job_id: str) -> Endpoint | None:
         return self._endpoints.get(job_id)
+
+    def by_export(self, name: str) -> Endpoint | None:
+        """The endpoint of the job that exports `name` (names are unique per job)."""
+        return next((e for e in self._endpoints.values() if name in e.exports), None)
 
     def inherit(self, fds: dict[str, int], handed: list[Handed]) -> None:
         """Take what the previous run handed over: sockets by fd store name, and its

@@ -26,12 +26,20 @@ FLAG_NO_ZEROES = 2
 
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
+OPT_LIST = 3
 OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
+REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
+REP_ERR_UNKNOWN = (1 << 31) + 6
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -156,8 +164,30 @@ class Sniffer:
         return False
 
 
+OPTION = _OPTION
+REPLY = _REPLY
+GREETING = struct.Struct(">QQH")
+
+
 def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
     return _REPLY.pack(REPLY_MAGIC, option, reply, len(data)) + data
+
+
+def export_name(option: int, data: bytes) -> str | None:
+    """The export an option names, if it names one."""
+    if option == OPT_EXPORT_NAME:
+        return data.decode(errors="replace")
+    if option in (OPT_GO, OPT_INFO, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT) \
+            and len(data) >= 4:
+        (size,) = struct.unpack_from(">I", data)
+        if len(data) >= 4 + size:
+            return data[4:4 + size].decode(errors="replace")
+    return None
+
+
+def greeting() -> bytes:
+    """A fixed-newstyle server's first words."""
+    return GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
 
 
 class Refusal:
@@ -170,7 +200,7 @@ class Refusal:
         self._flags_read = False
 
     def greeting(self) -> bytes:
-        return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        return greeting()
 
     def feed(self, data: bytes) -> bytes:
         """What to send back; `done` once the connection should close."""

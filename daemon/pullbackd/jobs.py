@@ -109,6 +109,8 @@ class Disk:
     since: str | None = None
     fallback: str | None = None
     target: str | None = None
+    #: Pull, with [exports] tcp_listen: the disk on the TCP endpoint for remote appliances.
+    remote_url: str | None = None
     #: Bytes of data to transfer, once known; bytes done (streamed by pullbackd or
     #: read by appliances), bytes per second, seconds left.
     transfer: int | None = None
@@ -332,7 +334,7 @@ class Jobs:
                  end_timeout: float, repository: Repository,
                  tuning: stream.Tuning | None = None, scratch_reserve: int = 0,
                  keep_finished: float = 7 * 24 * 3600.0, limits: Limits | None = None,
-                 max_active: int = 0) -> None:
+                 max_active: int = 0, remote: str | None = None) -> None:
         self._virt = virt
         self._store = store
         self.chains = chains
@@ -341,6 +343,8 @@ class Jobs:
         self.exports = exports
         self.limits = limits or Limits()
         self._max_active = max_active
+        #: "nbds://host:port" of the TCP endpoint, if there is one.
+        self._remote = remote
         self._scratch = scratch
         self._scratch_reserve = scratch_reserve
         self._keep_finished = keep_finished
@@ -806,6 +810,9 @@ class Jobs:
                 export=d.export,
                 url=nbd_url(self.exports.endpoint_path(job.id), d.export)
                 if backup.socket and d.export and job.destination is None else None,
+                remote_url=f"{self._remote}/{quote(d.export, safe='')}"
+                if self._remote and backup.socket and d.export and job.destination is None
+                else None,
                 bitmap=f"qemu:dirty-bitmap:{d.bitmap}" if d.bitmap else None,
                 since=base.checkpoint,
                 fallback=base.fallback,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from .control.server import Service, bind
 from .errors import PullbackError
 from .exports import Exports
 from .jobs import Jobs, Limits
+from .remote import Remote, parse_listen, tls_context
 from .repository import Repository
 from .sdnotify import Notifier
 from .state import Store
@@ -75,9 +77,17 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         limits = Limits(drain_timeout=cfg.exports.drain_timeout,
                         idle_timeout=cfg.exports.idle_timeout,
                         max_lifetime=cfg.exports.max_lifetime)
+        remote, remote_base = None, None
+        if cfg.exports.tcp_listen:
+            host, port = parse_listen(cfg.exports.tcp_listen)
+            tls = None if cfg.exports.insecure_tcp else tls_context(
+                Path(cfg.exports.tls_certificates), cfg.exports.tls_verify_clients)
+            remote = Remote(exports, host, port, tls)
+            remote_base = f"{'nbd' if tls is None else 'nbds'}://" \
+                f"{cfg.exports.tcp_host or socket.getfqdn()}:{port}"
         jobs = Jobs(virt, store, Chains(virt, store), exports, cfg.scratch.dir,
                     cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
-                    cfg.jobs.keep_finished, limits, cfg.jobs.max_active)
+                    cfg.jobs.keep_finished, limits, cfg.jobs.max_active, remote_base)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(
@@ -93,6 +103,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier, jobs)
             # Events flow before recovery: ending a leftover job waits for libvirt's event.
             await tg.start(follow_libvirt)
+            if remote is not None:
+                await tg.start(remote.serve)
             await jobs.recover()
             # The sockets handed over are ours now: systemd's copies can go.
             notifier.remove_fds(list(inherited))
