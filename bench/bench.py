@@ -257,7 +257,10 @@ class Virtnbdbackup:
         restored = self.work / f"vnb-restored-{self.runs}"
         run("virtnbdrestore", "-U", self.uri, "-i", str(out), "-o", str(restored), "-n",
             "-L", str(self.work / "vnb-restore.log"))
-        # -U: the domain runs (idle); its disk is what the backup must hold.
+        # -U: the domain runs (idle); its disk is what the backup must hold, once QEMU
+        # has written out what it caches of the qcow2 (its L2 tables, for one).
+        run("virsh", "-q", "-c", self.uri, "qemu-monitor-command", "lab2", "--hmp",
+            'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"')
         run("qemu-img", "compare", "-q", "-U", str(restored / "lab2-vda.qcow2"),
             str(self.lab_dir / "disks" / "lab2-vda.qcow2"))
         shutil.rmtree(restored)

@@ -279,9 +279,10 @@ def stop_daemon(daemon: Daemon) -> None:
     assert not daemon.socket.exists()
 
 
-@pytest.fixture(scope="module")
-def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("pullbackd"), lab.uri)
+@contextmanager
+def serving(base: Path, uri: str, **options: Any) -> Iterator[Daemon]:
+    """A daemon for a module of tests (`start_daemon` options), left clean and checked."""
+    d = start_daemon(base, uri, **options)
     try:
         yield d
     finally:
@@ -291,3 +292,9 @@ def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
                 d.ctl.call("Abort", id=job["id"])
         stop_daemon(d)
         assert "call crashed" not in d.log_text()
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    with serving(tmp_path_factory.mktemp("pullbackd"), lab.uri) as d:
+        yield d

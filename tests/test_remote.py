@@ -11,7 +11,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from .conftest import Daemon, Lab, start_daemon, stop_daemon
+from .conftest import Daemon, Lab, serving
 from .images import Disk, MiB, assert_same
 from .test_streaming import pki  # noqa: F401 (a fixture)
 
@@ -48,17 +48,10 @@ def appliance_pki(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Path: 
 @pytest.fixture(scope="module")
 def daemon(lab: Lab, pki: Path,  # noqa: F811
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("pullbackd"), lab.uri, exports=(
-        f'tcp_listen = "127.0.0.1:{free_port()}"\ntcp_host = "localhost"\n'
-        f'tls_certificates = "{pki}"\ntls_verify_clients = true\n'))
-    try:
+    with serving(tmp_path_factory.mktemp("pullbackd"), lab.uri, exports=(
+            f'tcp_listen = "127.0.0.1:{free_port()}"\ntcp_host = "localhost"\n'
+            f'tls_certificates = "{pki}"\ntls_verify_clients = true\n')) as d:
         yield d
-    finally:
-        for job in d.ctl.call("List")["jobs"]:
-            if job["state"] == "ready":
-                d.ctl.call("Abort", id=job["id"])
-        stop_daemon(d)
-        assert "call crashed" not in d.log_text()
 
 
 @pytest.fixture
@@ -152,6 +145,11 @@ def test_an_unknown_export_is_refused_and_the_listing_is_empty(
     h.set_opt_mode(True)
     h.connect_uri(f"{base}/")
     listed: list[str] = []
-    h.opt_list(lambda name, description: listed.append(name) or 0)
+
+    def seen(name: str, description: str) -> int:
+        listed.append(name)
+        return 0
+
+    h.opt_list(seen)
     assert listed == []
     h.opt_abort()

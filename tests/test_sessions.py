@@ -16,7 +16,7 @@ import pytest
 from pullbackd import api
 from pullbackd.control.client import Client
 
-from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon
+from .conftest import DISK_SIZE, Daemon, Lab, serving, start_daemon, stop_daemon
 from .images import CHUNK, Disk, MiB, assert_same, connect, read_export
 from .test_backup import job_files
 
@@ -29,15 +29,8 @@ idle_timeout = 3
 
 @pytest.fixture(scope="module")
 def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("pullbackd"), lab.uri, exports=LIMITS)
-    try:
+    with serving(tmp_path_factory.mktemp("pullbackd"), lab.uri, exports=LIMITS) as d:
         yield d
-    finally:
-        for job in d.ctl.call("List")["jobs"]:
-            if job["state"] == "ready":
-                d.ctl.call("Abort", id=job["id"])
-        stop_daemon(d)
-        assert "call crashed" not in d.log_text()
 
 
 def checkpoints(lab: Lab, domain: str) -> list[str]:
