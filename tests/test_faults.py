@@ -36,6 +36,7 @@ class FakeVirt(Virt):
         self.running = {"d1": True, "d2": True}
         self.backups: dict[str, str] = {}
         self.checkpoint_xmls: dict[tuple[str, str], str] = {}
+        self.metadata_xmls: dict[str, str] = {}
         self.fail: dict[str, Exception] = {}
         self.stall: dict[str, anyio.Event] = {}
 
@@ -70,6 +71,18 @@ class FakeVirt(Virt):
 
     async def checkpoints(self, domain: str) -> list[str]:
         return [name for (d, name) in self.checkpoint_xmls if d == domain]
+
+    async def metadata(self, domain: str, namespace: str) -> str | None:
+        await self._hook("metadata")
+        return self.metadata_xmls.get(domain)
+
+    async def set_metadata(self, domain: str, element: str | None, prefix: str,
+                           namespace: str) -> None:
+        await self._hook("set_metadata")
+        if element is None:
+            self.metadata_xmls.pop(domain, None)
+        else:
+            self.metadata_xmls[domain] = element
 
     async def checkpoint_xml(self, domain: str, name: str) -> str:
         return self.checkpoint_xmls[domain, name]
@@ -222,6 +235,23 @@ async def test_checkpoint_libvirt_cannot_delete_is_retried_and_never_a_base(
         assert ("d1", failed.checkpoint) not in virt.checkpoint_xmls
         await jobs.finish(nxt.id)
         assert [c.name for c in jobs.chains.of("d1", "c")] == [full.checkpoint, nxt.checkpoint]
+
+
+@pytest.mark.asyncio
+async def test_a_chain_libvirt_cannot_mirror_still_grows(tmp_path: Path) -> None:
+    # The domain's metadata is for a pullbackd elsewhere (after a migration); our own
+    # database is what counts here.
+    virt = FakeVirt()
+    virt.fail["set_metadata"] = errors.LibvirtError(1, "internal error")
+    async with running(tmp_path, virt) as jobs:
+        job = await jobs.start(StartRequest("d1", consumer="c"))
+        assert (await jobs.finish(job.id)).state == JobState.COMPLETED
+        assert [c.name for c in jobs.chains.of("d1", "c")] == [job.checkpoint]
+        del virt.fail["set_metadata"]
+        nxt = await jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
+        assert nxt.since == job.checkpoint
+        await jobs.finish(nxt.id)
+    assert "pullbackd.c." in virt.metadata_xmls["d1"]
 
 
 @pytest.mark.asyncio

@@ -30,7 +30,7 @@ from .conftest import (
     stop_daemon,
     tmpfs,
 )
-from .images import Disk, MiB, assert_same, read_export
+from .images import Disk, MiB, apply_incremental, assert_image, assert_same, copy_full, read_export
 from .test_backup import job_files
 
 
@@ -101,6 +101,55 @@ def test_restart_adopts_a_ready_job_and_readers_never_notice(
         incr = second.ctl.job("Start", domain="lab1", disks=["vda"], mode="incremental")
         assert incr["since"] == job["checkpoint"]
         second.ctl.call("Finish", id=incr["id"])
+    finally:
+        stop_daemon(second)
+
+
+def test_a_new_pullbackd_takes_the_chain_from_the_domains_metadata(
+        lab: Lab, tmp_path: Path) -> None:
+    """What a migration leaves: the domain, with its metadata, and no checkpoint list in
+    libvirt; and, on the destination, a pullbackd that never saw the domain."""
+    vdb = Disk(lab, "lab4", "vdb")
+    vdb.write(0, 2 * MiB, 0x31)
+    image = tmp_path / "vdb.raw"
+    first = start_daemon(tmp_path / "first", lab.uri)
+    try:
+        full = first.ctl.job("Start", domain="lab4", disks=["vdb"], consumer="moved")
+        copy_full(full["disks"][0]["url"], image)
+        first.ctl.call("Finish", id=full["id"])
+    finally:
+        stop_daemon(first)
+    virsh = ["virsh", "-q", "-c", lab.uri]
+    metadata = subprocess.run([*virsh, "metadata", "lab4", "--config",
+                               "https://pullbackd.org/xmlns/chains/1"], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+    assert f'name="{full["checkpoint"]}"' in metadata and 'consumer="moved"' in metadata
+    assert "<domain " not in metadata  # the checkpoint, not a copy of the domain per backup
+    subprocess.run([*virsh, "checkpoint-delete", "lab4", full["checkpoint"], "--metadata"],
+                   check=True, capture_output=True, timeout=60)
+    vdb.mark()
+    vdb.write(5 * MiB, MiB, 0x32)
+    vdb.zero(MiB, 64 * 1024)
+
+    second = start_daemon(tmp_path / "second", lab.uri)
+    try:
+        incr = second.ctl.job("Start", domain="lab4", disks=["vdb"], consumer="moved",
+                              mode="incremental")
+        disk = incr["disks"][0]
+        assert incr["since"] == full["checkpoint"] and disk["mode"] == "incremental"
+        assert apply_incremental(disk["url"], disk["bitmap"], image) == vdb.dirty_since_mark()
+        second.ctl.call("Finish", id=incr["id"])
+        assert_image(image, vdb, tmp_path)
+        chain = second.ctl.call("ListCheckpoints", domain="lab4", consumer="moved")
+        assert [c["name"] for c in chain["checkpoints"]] == [full["checkpoint"],
+                                                            incr["checkpoint"]]
+        assert "took in a checkpoint from the domain's metadata" in second.log_text()
+        second.ctl.call("DeleteChain", domain="lab4", consumer="moved")
+        # With no chain left, the element is gone (virsh then says there is none).
+        left = subprocess.run(
+            [*virsh, "metadata", "lab4", "--config", "https://pullbackd.org/xmlns/chains/1"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert "moved" not in left.stdout and left.returncode != 0
     finally:
         stop_daemon(second)
 

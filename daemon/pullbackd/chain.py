@@ -26,10 +26,11 @@ from dataclasses import replace as _replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from . import xml
-from .errors import InvalidParameter, NoSuchCheckpoint
+from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
 from .virt import BrokenBitmap, Virt
 
 if TYPE_CHECKING:
@@ -93,12 +94,15 @@ class Chains:
         self._virt = virt
         self._store = store
         self._checkpoints: dict[str, Checkpoint] = {c.name: c for c in store.load_checkpoints()}
+        #: domain -> held while its chains are written into its metadata.
+        self._mirroring: dict[str, anyio.Lock] = {}
 
     def of(self, domain: str, consumer: str | None = None) -> list[Checkpoint]:
         """The confirmed checkpoints of a domain (one consumer's, or all), oldest first."""
-        return [c for c in self._checkpoints.values()
-                if c.domain == domain and c.state == CheckpointState.COMPLETE
-                and (consumer is None or c.consumer == consumer)]
+        return sorted((c for c in self._checkpoints.values()
+                       if c.domain == domain and c.state == CheckpointState.COMPLETE
+                       and (consumer is None or c.consumer == consumer)),
+                      key=lambda c: c.created)
 
     def get(self, name: str) -> Checkpoint | None:
         return self._checkpoints.get(name)
@@ -132,6 +136,7 @@ class Chains:
         for c in [c for c in self._checkpoints.values()
                   if c.domain == domain and c.state == CheckpointState.DISCARD]:
             await self.discard(c)
+        await self._import(domain)
         ours = self.of(domain)
         if not ours:
             return
@@ -153,6 +158,41 @@ class Chains:
             log.info("redefined lost checkpoint metadata", domain=domain, checkpoint=c.name)
             known.add(c.name)
 
+    async def _import(self, domain: str) -> None:
+        """Take in the chains the domain's metadata carries that we do not know: it was
+        backed up by a pullbackd elsewhere (and migrated here), or our database is new."""
+        try:
+            text = await self._virt.metadata(domain, xml.CHAINS_NS)
+            entries = xml.parse_chains(text) if text else []
+        except (LibvirtError, xml.XMLError) as error:
+            log.warning("cannot read the chains in the domain's metadata", domain=domain,
+                        error=str(error))
+            return
+        for entry in entries:
+            ours = CONSUMER.fullmatch(entry.consumer) and \
+                entry.name.startswith(f"pullbackd.{entry.consumer}.")
+            if ours and entry.name not in self._checkpoints:
+                await self._save(Checkpoint(entry.name, domain, entry.consumer, entry.job,
+                                            entry.created, CheckpointState.COMPLETE,
+                                            entry.disks, entry.xml))
+                log.info("took in a checkpoint from the domain's metadata", domain=domain,
+                         checkpoint=entry.name, consumer=entry.consumer)
+
+    async def _mirror(self, domain: str) -> None:
+        """Write the domain's confirmed chains into its own metadata, so that they travel
+        with it (a migration) and any pullbackd can take them in. Failing only costs a
+        full backup after a move: it is logged, not raised."""
+        async with self._mirroring.setdefault(domain, anyio.Lock()):
+            entries = [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
+                                      None if c.xml is None else xml.without_domain(c.xml))
+                       for c in self.of(domain)]
+            try:
+                await self._virt.set_metadata(domain, xml.chains(entries) if entries else None,
+                                              "pullbackd", xml.CHAINS_NS)
+            except (LibvirtError, NoSuchDomain) as e:
+                log.warning("cannot write the chains into the domain's metadata",
+                            domain=domain, error=str(e))
+
     async def add(self, checkpoint: Checkpoint) -> None:
         await self._save(checkpoint)
 
@@ -163,7 +203,9 @@ class Chains:
 
     async def complete(self, name: str) -> None:
         """The backup was confirmed: its checkpoint joins the chain."""
-        await self._save(_replace(self._checkpoints[name], state=CheckpointState.COMPLETE))
+        c = _replace(self._checkpoints[name], state=CheckpointState.COMPLETE)
+        await self._save(c)
+        await self._mirror(c.domain)
 
     async def discard(self, c: Checkpoint) -> None:
         """Delete a checkpoint whose backup was not confirmed. If libvirt cannot
@@ -191,6 +233,7 @@ class Chains:
             del self._checkpoints[c.name]
             deleted.append(c.name)
         log.info("deleted chain", domain=domain, consumer=consumer, checkpoints=deleted)
+        await self._mirror(domain)
         return deleted
 
     async def _save(self, c: Checkpoint) -> None:

@@ -262,6 +262,32 @@ class Virt:
 
         return await self._run(domain, get)
 
+    async def metadata(self, domain: str, namespace: str) -> str | None:
+        """The domain's metadata element in `namespace` (persistent definition), or None."""
+        def get(dom: Any) -> str | None:
+            try:
+                return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace,
+                                        libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return None
+                raise
+
+        return await self._run(domain, get)
+
+    async def set_metadata(self, domain: str, element: str | None, prefix: str,
+                           namespace: str) -> None:
+        """Set (None: remove) the domain's metadata element in `namespace`, in its running
+        state and its persistent definition, so that it travels with a migration."""
+        def set_(dom: Any) -> None:
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, prefix, namespace,
+                            flags)
+
+        await self._run(domain, set_)
+
     async def checkpoints(self, domain: str) -> list[str]:
         """The names of the checkpoints libvirt has metadata for."""
         return await self._run(domain, lambda dom: [c.getName() for c in dom.listAllCheckpoints()])

@@ -154,6 +154,58 @@ def parse_checkpoint(checkpoint_xml: str) -> CheckpointInfo:
     )
 
 
+#: The namespace of the chains pullbackd keeps in a domain's own <metadata>.
+CHAINS_NS = "https://pullbackd.org/xmlns/chains/1"
+
+
+@dataclass(frozen=True)
+class ChainEntry:
+    """A confirmed checkpoint as the domain's metadata carries it."""
+
+    name: str
+    consumer: str
+    job: str
+    created: str
+    disks: tuple[str, ...]
+    #: libvirt's checkpoint XML without the domain definition (enough to redefine it).
+    xml: str | None
+
+
+def chains(entries: list[ChainEntry]) -> str:
+    """The <chains> element for the domain's metadata."""
+    root = ET.Element("chains")
+    for e in entries:
+        item = ET.SubElement(root, "checkpoint", name=e.name, consumer=e.consumer, job=e.job,
+                             created=e.created, disks=",".join(e.disks))
+        if e.xml is not None:
+            item.append(_parse(e.xml))
+    return ET.tostring(root, encoding="unicode")
+
+
+def parse_chains(text: str) -> list[ChainEntry]:
+    root = _parse(text)
+    entries = []
+    for item in root.iterfind("checkpoint"):
+        inner = item.find("domaincheckpoint")
+        entries.append(ChainEntry(
+            name=item.get("name", ""), consumer=item.get("consumer", ""),
+            job=item.get("job", ""), created=item.get("created", ""),
+            disks=tuple(d for d in item.get("disks", "").split(",") if d),
+            xml=None if inner is None else ET.tostring(inner, encoding="unicode")))
+    if any(not e.name or not e.consumer for e in entries):
+        raise XMLError("a chain entry without a name or consumer")
+    return entries
+
+
+def without_domain(checkpoint_xml: str) -> str:
+    """The checkpoint without the copy of the domain's definition libvirt puts in it:
+    redefining does without, and the domain's metadata should not carry one per backup."""
+    root = _parse(checkpoint_xml)
+    for domain in root.findall("domain"):
+        root.remove(domain)
+    return ET.tostring(root, encoding="unicode")
+
+
 def without_parent(checkpoint_xml: str) -> str:
     """The checkpoint with no parent: for redefining it when its parent is gone.
 
