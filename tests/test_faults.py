@@ -21,6 +21,7 @@ from pullbackd.chain import Chains, Checkpoint, CheckpointState, checkpoint_name
 from pullbackd.control.codec import Call
 from pullbackd.exports import Exports
 from pullbackd.jobs import Job, Jobs, JobState, StartRequest, now
+from pullbackd.migration import Migrations
 from pullbackd.repository import Repository
 from pullbackd.state import Store
 from pullbackd.virt import Domain, JobEnded, Virt
@@ -199,7 +200,7 @@ async def test_unexpected_exception_becomes_internal_error_and_service_goes_on(
     virt = FakeVirt()
     virt.fail["domain"] = RuntimeError("boom: a bug")
     async with running(tmp_path, virt) as jobs:
-        service = api.service(jobs)
+        service = api.service(jobs, Migrations(jobs, virt, grace=1, drain_timeout=1))
 
         async def call(method: str, **params: Any) -> dict[str, Any]:
             [reply] = [r async for r in service.replies(Call(f"{api.INTERFACE}.{method}", params))]

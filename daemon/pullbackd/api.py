@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .control.server import Handler, Last, Service
 from .errors import BackupInProgress, InvalidParameter
 from .exports import Session
 from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
+from .migration import Migrations
 
 INTERFACE = "org.pullbackd.Backup"
 #: Progress events of a running job: at most one a second.
@@ -41,8 +43,9 @@ def _event(kind: str, job: Job, message: str | None = None,
 
 
 class BackupAPI:
-    def __init__(self, jobs: Jobs) -> None:
+    def __init__(self, jobs: Jobs, migrations: Migrations) -> None:
         self.jobs = jobs
+        self.migrations = migrations
 
     def handlers(self) -> dict[str, Handler]:
         return {name: getattr(self, name) for name in interface(INTERFACE).methods}
@@ -110,6 +113,20 @@ class BackupAPI:
     async def Abort(self, id: str) -> dict[str, Any]:
         return {"job": (await self.jobs.abort(id)).to_record()}
 
+    async def Migrate(self, domain: str, destination: str, live: bool | None = None,
+                      copy_storage: bool | None = None, unsafe: bool | None = None,
+                      drain_timeout: int | None = None, force: bool | None = None
+                      ) -> AsyncGenerator[dict[str, Any] | Last, None]:
+        if drain_timeout is not None and drain_timeout < 0:
+            raise InvalidParameter("drain_timeout", "seconds, at least 0")
+        steps = self.migrations.migrate(
+            domain, destination, live=live is not False, copy_storage=bool(copy_storage),
+            unsafe=bool(unsafe), drain_timeout=drain_timeout, force=bool(force))
+        async with aclosing(steps):
+            async for step in steps:
+                reply = {"step": dataclasses.asdict(step) | {"jobs": list(step.jobs)}}
+                yield Last(reply) if step.state in ("completed", "failed") else reply
+
     # Chains.
 
     async def ListCheckpoints(self, domain: str,
@@ -172,7 +189,7 @@ class BackupAPI:
                 async for disk in (root / name).iterdir()]
 
 
-def service(jobs: Jobs) -> Service:
+def service(jobs: Jobs, migrations: Migrations) -> Service:
     svc = Service(
         vendor="pullbackd",
         product="pullbackd",
@@ -181,5 +198,5 @@ def service(jobs: Jobs) -> Service:
         internal_error=f"{INTERFACE}.InternalError",
     )
     svc.add_service_interface(interface("org.varlink.service"))
-    svc.add(interface(INTERFACE), BackupAPI(jobs).handlers())
+    svc.add(interface(INTERFACE), BackupAPI(jobs, migrations).handlers())
     return svc

@@ -104,6 +104,16 @@ def format_job(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_step(step: dict[str, Any]) -> str:
+    line = str(step["state"])
+    if step["state"] == "draining":
+        line += (f": waiting for {', '.join(step['jobs'])} ({step['sessions']} sessions open)"
+                 if step["jobs"] else ": no backups running")
+    elif step.get("message"):
+        line += f": {step['message']}"
+    return line
+
+
 def format_checkpoints(checkpoints: list[dict[str, Any]]) -> str:
     rows = [["CHECKPOINT", "CONSUMER", "JOB", "CREATED", "DISKS"]]
     rows += [[c["name"], c["consumer"], c["job"], c["created"], ",".join(c["disks"])]
@@ -171,6 +181,7 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--consumer")
     watch = top.add_parser("watch", help="follow a job until it ends, or every job")
     watch.add_argument("id", nargs="?")
+    _add_migrate(top)
     checkpoints = top.add_parser("checkpoints", help="list a domain's checkpoint chains")
     checkpoints.add_argument("domain")
     checkpoints.add_argument("--consumer")
@@ -180,6 +191,22 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("domain")
     delete.add_argument("--consumer", required=True)
     return p
+
+
+def _add_migrate(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    migrate = top.add_parser("migrate", help="migrate a domain once its appliances are done "
+                                             "with it")
+    migrate.add_argument("domain")
+    migrate.add_argument("destination", metavar="DEST_URI", help="the destination's libvirt URI")
+    migrate.add_argument("--copy-storage", action="store_true", help="copy the disks too")
+    migrate.add_argument("--unsafe", action="store_true",
+                         help="let libvirt migrate disks it cannot check are shared safely")
+    migrate.add_argument("--offline", action="store_true", help="not live: pause the guest")
+    migrate.add_argument("--drain-timeout", type=int, metavar="S",
+                         help="seconds to wait for the backups (default: [migration] "
+                              "drain_timeout)")
+    migrate.add_argument("--force", action="store_true",
+                         help="past the drain timeout, abort the backups and migrate")
 
 
 def _given(**params: Any) -> dict[str, Any]:
@@ -238,6 +265,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return reply
             case "watch", _:
                 return {"job": follow(client, args.id, as_json=args.json)}
+            case "migrate", _:
+                step: dict[str, Any] = {}
+                for reply in client.stream(f"{IFACE}.Migrate", **_given(
+                        domain=args.domain, destination=args.destination,
+                        live=False if args.offline else None,
+                        copy_storage=args.copy_storage or None, unsafe=args.unsafe or None,
+                        drain_timeout=args.drain_timeout, force=args.force or None)):
+                    step = reply["step"]
+                    if args.json:
+                        print(json.dumps(reply), flush=True)
+                    else:
+                        print(format_step(step), file=sys.stderr, flush=True)
+                return {"step": step}
             case ("backup", "list") | ("jobs", _):
                 return client.call(f"{IFACE}.List",
                                    **_given(domain=args.domain, state=args.state))
@@ -270,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         reply = run(args)
+        if args.group == "migrate":
+            return 0 if reply["step"].get("state") == "completed" else 1
         if args.group == "watch" or getattr(args, "wait", False):
             # Exit 0 only for a job that completed; `watch --json` already printed events.
             job = reply["job"]

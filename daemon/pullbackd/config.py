@@ -120,6 +120,14 @@ class Jobs:
 
 
 @dataclass(frozen=True)
+class Migration:
+    #: Seconds a pull job must have had no session before the gate counts it as done.
+    grace: float = 10.0
+    #: Seconds Migrate waits for the gate by default (Migrate's drain_timeout overrides).
+    drain_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class Log:
     #: debug, info, warning or error.
     level: str = "info"
@@ -135,6 +143,7 @@ class Config:
     repository: Repository = field(default_factory=Repository)
     stream: Stream = field(default_factory=Stream)
     jobs: Jobs = field(default_factory=Jobs)
+    migration: Migration = field(default_factory=Migration)
     log: Log = field(default_factory=Log)
 
     @property

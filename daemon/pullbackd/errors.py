@@ -120,3 +120,18 @@ class TooManyJobs(PullbackError):
         super().__init__(
             f"{active} backups are running, the limit ([jobs] max_active) is {limit}; try "
             "again later, or leave queue on to wait in line", limit=limit, active=active)
+
+
+class MigrationPending(PullbackError):
+    def __init__(self, domain: str) -> None:
+        super().__init__(f"domain {domain!r} is being drained for a migration; back it up "
+                         "where it lands", domain=domain)
+
+
+class MigrationBlocked(PullbackError):
+    def __init__(self, domain: str, jobs: list[str], sessions: int) -> None:
+        super().__init__(
+            f"domain {domain!r} still has backups running ({', '.join(jobs)}; {sessions} "
+            "sessions open) after the drain timeout; the migration did not start. Wait for "
+            "them, or migrate with force to abort them", domain=domain, jobs=jobs,
+            sessions=sessions)

@@ -56,6 +56,7 @@ from .errors import (
     InvalidParameter,
     JobNotReady,
     LibvirtError,
+    MigrationPending,
     NoSuchDisk,
     NoSuchDomain,
     NoSuchJob,
@@ -371,6 +372,8 @@ class Jobs:
         self._requests: dict[str, StartRequest] = {}
         #: Pull job id -> disk -> bytes of data an appliance must read.
         self._transfers: dict[str, dict[str, int]] = {}
+        #: Domains being drained for a migration: no backup starts (see migration.py).
+        self.draining: set[str] = set()
 
     # Deterministic names.
 
@@ -454,6 +457,8 @@ class Jobs:
     async def start(self, request: StartRequest) -> Job:
         await anyio.to_thread.run_sync(request.check)  # it looks at target_dir
         domain = request.domain
+        if domain in self.draining:
+            raise MigrationPending(domain)
         if domain in self._active:
             raise BackupInProgress(domain, self._active[domain])
         if self._queue or self._full():
@@ -859,6 +864,13 @@ class Jobs:
 
     async def abort(self, job_id: str) -> Job:
         return await self._end(job_id, JobState.ABORTED)
+
+    async def end_for_migration(self, job_id: str) -> Job:
+        """The migration gate opened on a job no appliance was using: it fails, and its
+        checkpoint goes, as nobody confirmed the data."""
+        return await self._end(job_id, JobState.FAILED, (
+            "ended for the domain's migration: no appliance had used it for [migration] "
+            "grace, and nobody confirmed the data"))
 
     async def _end(self, job_id: str, state: JobState, error: str | None = None, *,
                    streamed: bool = False) -> Job:

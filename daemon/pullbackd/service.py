@@ -26,6 +26,7 @@ from .control.server import Service, bind
 from .errors import PullbackError
 from .exports import Exports
 from .jobs import Jobs, Limits
+from .migration import Migrations
 from .remote import Remote, parse_listen, tls_context
 from .repository import Repository
 from .sdnotify import Notifier
@@ -110,7 +111,9 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             notifier.remove_fds(list(inherited))
             exports.release()
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
-            tg.start_soon(_serve, listener, api.service(jobs), cfg.control.socket)
+            migrations = Migrations(jobs, virt, cfg.migration.grace,
+                                    cfg.migration.drain_timeout)
+            tg.start_soon(_serve, listener, api.service(jobs, migrations), cfg.control.socket)
             tg.start_soon(notifier.watchdog)
             tg.start_soon(jobs.watch_scratch)
             active = sum(not j.state.final for j in jobs.all())

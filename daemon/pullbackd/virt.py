@@ -333,6 +333,20 @@ class Virt:
 
         await self._run(domain, delete)
 
+    async def migrate(self, domain: str, destination: str, *, live: bool, copy_storage: bool,
+                      unsafe: bool) -> None:
+        """Migrate the domain to the libvirt at `destination` (peer to peer, its
+        definition and metadata moving with it). Blocks for as long as it takes."""
+        flags = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        if live:
+            flags |= libvirt.VIR_MIGRATE_LIVE
+        if copy_storage:
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
+        if unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
+        await self._run(domain, lambda dom: dom.migrateToURI3(destination, {}, flags))
+
     async def abort_job(self, domain: str) -> bool:
         """End the domain's job, False if it had none. For a pull backup this is the normal end."""
 
