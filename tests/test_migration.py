@@ -191,3 +191,41 @@ def test_pullbackctl_migrate(hosts: dict[str, tuple[Lab, Daemon]]) -> None:
         [sys.executable, "-m", "pullbackd.cli", "--socket", str(here.socket), "migrate", "lab1",
          destination(lab_there)], capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 1 and "NoSuchDomain" in again.stderr  # it left this host
+
+
+def test_a_migration_copying_the_storage_keeps_the_next_backup_exact(
+        hosts: dict[str, tuple[Lab, Daemon]], tmp_path_factory: pytest.TempPathFactory,
+        tmp_path: Path) -> None:
+    """Last in this module: lab1 ends on a third host that has disks of its own."""
+    (lab, here), _ = where(hosts)
+    disks = hosts["a"][0].dir / "disks"  # where lab1's disk files are, whichever host runs it
+    with lab_up(tmp_path_factory.mktemp("host-c"), "--domains", "1", "--own", str(disks)) as c, \
+            serving(tmp_path_factory.mktemp("pullbackd-c"), c.uri) as far:
+        virsh(c, "destroy", "lab1")
+        virsh(c, "undefine", "lab1")
+        for name in ("vda", "vdb"):  # what libvirt copies into, at the same paths
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                            str(c.dir / "own" / "0" / f"lab1-{name}.qcow2"), str(DISK_SIZE)],
+                           check=True)
+        vda = Disk(lab, "lab1", "vda")
+        vda.write(MiB, 2 * MiB, 0x51)
+        full = here.ctl.job("Start", domain="lab1", disks=["vda"], consumer="far")
+        image = tmp_path / "vda.raw"
+        image.write_bytes(read_export(full["disks"][0]["url"]))
+        here.ctl.call("Finish", id=full["id"])
+        vda.write(20 * MiB, MiB, 0x52)
+
+        moved = Migration(here, domain="lab1", destination=destination(c), copy_storage=True)
+        moved.join(300)
+        assert moved.error is None and moved.states() == ["draining", "migrating", "completed"]
+        vda.lab = c
+        vda.write(40 * MiB, MiB, 0x53)
+        nxt = far.ctl.job("Start", domain="lab1", disks=["vda"], consumer="far",
+                          mode="incremental")
+        disk = nxt["disks"][0]
+        # libvirt copies the bitmaps along with the disks; the chain came in the metadata.
+        assert disk["mode"] == "incremental" and nxt["since"] == full["checkpoint"], disk
+        assert apply_incremental(disk["url"], disk["bitmap"], image) == [
+            (20 * MiB, MiB), (40 * MiB, MiB)]
+        far.ctl.call("Finish", id=nxt["id"])
+        assert_image(image, vda, tmp_path)
