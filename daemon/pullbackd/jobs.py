@@ -653,7 +653,11 @@ class Jobs:
         for j in jobs:
             for path in self._scratch.glob(f"{j.id}.*.qcow2"):
                 key = path.name.removesuffix(".qcow2") if per_disk else j.id
-                sizes[key] = sizes.get(key, 0) + path.stat().st_blocks * 512
+                try:
+                    size = path.stat().st_blocks * 512
+                except FileNotFoundError:
+                    continue  # the job ended between the listing and now
+                sizes[key] = sizes.get(key, 0) + size
         return sizes
 
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
