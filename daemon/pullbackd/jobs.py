@@ -607,8 +607,7 @@ class Jobs:
         running = [j for j in self._jobs.values() if j.id != job_id and not j.state.final
                    and j.target_dir is None]
         needed = size + sum(d.size for j in running for d in j.disks)
-        used = sum(p.stat().st_blocks * 512 for j in running
-                   for p in self._scratch.glob(f"{j.id}.*.qcow2"))
+        used = sum(self._scratch_sizes(running).values())
         available = shutil.disk_usage(self._scratch).free - self._scratch_reserve + used
         if needed > available:
             raise InsufficientScratch(str(self._scratch), needed, max(available, 0))
