@@ -19,8 +19,8 @@ import pytest
 from pullbackd import api, errors, xml
 from pullbackd.chain import Chains, Checkpoint, CheckpointState, checkpoint_name
 from pullbackd.control.codec import Call
-from pullbackd.exports import Exports
-from pullbackd.jobs import Job, Jobs, JobState, StartRequest, now
+from pullbackd.exports import Exports, now
+from pullbackd.jobs import Job, Jobs, JobState, StartRequest
 from pullbackd.migration import Migrations
 from pullbackd.repository import Repository
 from pullbackd.state import Store

@@ -81,6 +81,8 @@ def test_sessions_are_counted_as_the_appliance_reads(
 
 def test_one_connection_over_the_limit_is_refused_with_a_reason(
         lab: Lab, daemon: Daemon) -> None:
+    vda = Disk(lab, "lab1", "vda")
+    vda.write(0, MiB, 0x5C)
     job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
     url = job["disks"][0]["url"]
     held = [connect(url), connect(url)]
@@ -89,10 +91,11 @@ def test_one_connection_over_the_limit_is_refused_with_a_reason(
         connect(url)
     assert "nbd connection refused: limit reached" in daemon.log_text()
     # The two open sessions are untouched, and a closed one frees its place.
-    assert held[0].pread(MiB, 0) == held[1].pread(MiB, 0)
+    for h in held:
+        assert_same(h.pread(MiB, 0), vda.expected[:MiB])
     held.pop().shutdown()
     third = connect(url)
-    assert third.pread(MiB, 0) == held[0].pread(MiB, 0)
+    assert_same(third.pread(2 * MiB, 0), vda.expected[:2 * MiB])
     appliance = daemon.ctl.job("Get", id=job["id"])["appliance"]
     assert appliance["total"] == 3 and appliance["active"] == 2  # the refused one is no session
     third.shutdown()
@@ -155,6 +158,8 @@ def test_a_job_nobody_uses_expires_and_its_checkpoint_is_rolled_back(
 
 
 def test_watch_tells_of_sessions_opening_and_closing(lab: Lab, daemon: Daemon) -> None:
+    vda = Disk(lab, "lab1", "vda")
+    vda.write(MiB, MiB, 0x5D)
     job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
     url = job["disks"][0]["url"]
     events: list[dict[str, Any]] = []
@@ -170,7 +175,7 @@ def test_watch_tells_of_sessions_opening_and_closing(lab: Lab, daemon: Daemon) -
     watcher.start()
     assert watching.wait(30)
     h = connect(url)
-    h.pread(CHUNK, 0)
+    assert_same(h.pread(CHUNK, 0), vda.expected[:CHUNK])
     h.shutdown()
     deadline = time.monotonic() + 30
     while len(events) < 3 and time.monotonic() < deadline:

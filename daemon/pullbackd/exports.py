@@ -51,6 +51,7 @@ _PEERCRED = struct.Struct("3i")
 
 
 def now() -> str:
+    """The time as every record of pullbackd's keeps it: RFC 3339, UTC, milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

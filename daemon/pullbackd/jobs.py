@@ -65,7 +65,7 @@ from .errors import (
     TargetNotWritable,
     TooManyJobs,
 )
-from .exports import Endpoint, Exports, Session, StoreFds
+from .exports import Endpoint, Exports, Session, StoreFds, now
 from .repository import Region, Repository, Writer, digest
 from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
 
@@ -317,10 +317,6 @@ def _check_target_dir(target_dir: str) -> None:
     # access(2) also says no for a read-only file system, even to root.
     if not os.access(path, os.W_OK | os.X_OK):
         raise TargetNotWritable(target_dir, "not writable")
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def nbd_url(socket: Path, export: str) -> str:
