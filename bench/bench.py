@@ -5,7 +5,8 @@ real pullbackd; every tool copies that same export, on QEMU's own socket (as
 pullbackd's streamed jobs read it), into the same kind of target (a fresh
 qcow2, or a qcow2 overlay on the full backup), each run is checked with
 `qemu-img compare` against the export, and the median of the repeats is
-reported. What pullbackd's endpoint for appliances adds is the relay case.
+reported; the tools of a case take turns, a run of each per round. What
+pullbackd's endpoint for appliances adds is the relay case.
 
     full      a 4 GiB disk holding 1 GiB of data, full backup
     incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
@@ -62,7 +63,7 @@ class Size:
     repeats: int
 
 
-FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655, repeats=3)
+FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655, repeats=5)
 SMOKE_SIZE = Size(disk=256 * MiB, big_disk=512 * MiB, data=32 * MiB, dirty_writes=16, repeats=1)
 CHUNK = 64 * MiB
 BLOCK = 64 << 10
@@ -188,22 +189,26 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def measure(case: str, tool: str, moved: int, repeats: int, prepare: Callable[[], Path],
-            copy: Callable[[str], object], export: str) -> Result:
-    """Time `copy` into a fresh target; for NBD tools the target is served by
-    qemu-nbd, started before the clock and stopped (flushing) after it."""
-    seconds = []
+def measure(case: str, copies: dict[str, Callable[[str], object]], moved: int, repeats: int,
+            prepare: Callable[[], Path], export: str) -> list[Result]:
+    """Time each tool's copy into a fresh target, the tools taking turns (a run of
+    each per round), so that the machine's drift weighs on all of them alike. For
+    NBD tools the target is served by qemu-nbd, started before the clock and
+    stopped (flushing) after it."""
+    seconds: dict[str, list[float]] = {tool: [] for tool in copies}
     for _ in range(repeats):
-        target = prepare()
-        if tool == "qemu-img":
-            seconds.append(timed(lambda target=target: copy(str(target))))  # type: ignore[misc]
-        else:
-            with qemu_nbd(target) as dest:
-                seconds.append(timed(lambda dest=dest: copy(dest)))  # type: ignore[misc]
-        # Every run is checked: a fast wrong copy is worth nothing.
-        run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(target), export)
-    log(f"{case:9} {tool:9} {statistics.median(seconds):7.3f} s")
-    return Result(case, tool, seconds, moved)
+        for tool, copy in copies.items():
+            target = prepare()
+            if tool == "qemu-img":
+                seconds[tool].append(timed(lambda: copy(str(target))))  # noqa: B023 (called here)
+            else:
+                with qemu_nbd(target) as dest:
+                    seconds[tool].append(timed(lambda: copy(dest)))  # noqa: B023 (called here)
+            # Every run is checked: a fast wrong copy is worth nothing.
+            run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(target), export)
+    for tool, runs in seconds.items():
+        log(f"{case:9} {tool:9} {statistics.median(runs):7.3f} s")
+    return [Result(case, tool, runs, moved) for tool, runs in seconds.items()]
 
 
 def engine(url: str, bitmap: str | None, zeroed: bool,
@@ -303,12 +308,11 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
         full = start(ctl, work / f"pullbackd-{label}", "full")
         base = work / f"{label}-full.qcow2"
         if label == "4g":
-            for tool, copy in (("pullbackd", engine(full["url"], None, True, tuning)),
-                               ("nbdcopy", nbdcopy(full["url"], True)),
-                               ("qemu-img", qemu_img(full["url"]))):
-                if tool in tools:
-                    results.append(measure("full", tool, size.data, size.repeats,
-                                           lambda: qcow2(base, disk_size), copy, full["url"]))
+            copies = {"pullbackd": engine(full["url"], None, True, tuning),
+                      "nbdcopy": nbdcopy(full["url"], True), "qemu-img": qemu_img(full["url"])}
+            results += measure("full", {t: c for t, c in copies.items() if t in tools},
+                               size.data, size.repeats, lambda: qcow2(base, disk_size),
+                               full["url"])
             if "relay" in tools:
                 results += relay(work, full, size)
         else:
@@ -321,13 +325,10 @@ def disk_cases(work: Path, size: Size, disk_size: int, label: str,
         incr = start(ctl, work / f"pullbackd-{label}", "incremental")
         case = "incr" if label == "4g" else "incr-16g"
         overlay = work / f"{label}-incr.qcow2"
-        for tool, copy in (("pullbackd", engine(incr["url"], incr["bitmap"], False, tuning)),
-                           ("nbdcopy", nbdcopy(incr["url"], False)),
-                           ("qemu-img", qemu_img(incr["url"]))):
-            if tool in tools:
-                results.append(measure(case, tool, moved, size.repeats,
-                                       lambda: qcow2(overlay, disk_size, base), copy,
-                                       incr["url"]))
+        copies = {"pullbackd": engine(incr["url"], incr["bitmap"], False, tuning),
+                  "nbdcopy": nbdcopy(incr["url"], False), "qemu-img": qemu_img(incr["url"])}
+        results += measure(case, {t: c for t, c in copies.items() if t in tools}, moved,
+                           size.repeats, lambda: qcow2(overlay, disk_size, base), incr["url"])
         ctl.call(f"{IFACE}.Finish", id=incr["id"])
         if vnb is not None:
             results.append(vnb.measure_incremental(size, moved))
@@ -345,7 +346,8 @@ def relay(work: Path, job: dict[str, str], size: Size) -> list[Result]:
     for path in copies.values():
         path.unlink()
     seconds: dict[str, list[float]] = {tool: [] for tool in urls}
-    for _ in range(max(size.repeats, 5)):
+    # Its runs are short and the machine noisy: more of them.
+    for _ in range(2 * size.repeats + 1):
         for tool, url in urls.items():
             seconds[tool].append(timed(lambda url=url: run(  # type: ignore[misc]
                 "nbdcopy", url, "null:")))

@@ -328,9 +328,9 @@ class _Relay:
     The data moves with splice(2) through a pipe, in a thread rather than on
     the event loop: a wakeup per chunk costs the loop more than the move costs
     the kernel. One thread polls both sockets, so that what is ready on both
-    sides at once costs one wakeup. It also polls two eventfds that, once
-    written, stay readable: `pause` (stop between two chunks, with nothing
-    read left unsent) and `stop` (at once).
+    sides at once costs one wakeup. It also polls an eventfd, written by
+    `pause` (stop between two chunks, with nothing read left unsent) and by
+    `stop` (at once) after each sets its flag.
     """
 
     def __init__(self, client: socket.socket, qemu: socket.socket | None,
@@ -347,8 +347,7 @@ class _Relay:
             with contextlib.suppress(OSError):
                 client.setsockopt(socket.SOL_SOCKET, option, 4 * CHUNK)
                 break
-        self._pause = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     async def connect(self, upstream: Path) -> None:
         try:
@@ -378,19 +377,18 @@ class _Relay:
                 await anyio.to_thread.run_sync(self._relay, limiter=_RELAY_THREADS)
                 tg.cancel_scope.cancel()
         finally:
-            os.close(self._pause)
-            os.close(self._stop)
+            os.close(self._wake)
         return self._paused and not self.errors
 
     def pause(self) -> None:
         self._pausing = True
-        os.eventfd_write(self._pause, 1)
+        os.eventfd_write(self._wake, 1)
 
     def stop(self) -> None:
         if not self._stopping:
             self._stopping = True
             with contextlib.suppress(OSError):
-                os.eventfd_write(self._stop, 1)
+                os.eventfd_write(self._wake, 1)
 
     def _relay(self) -> None:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -421,8 +419,7 @@ class _Loop:
         self.relay, self.read_end, self.write_end = relay, read_end, write_end
         self.client, self.qemu = relay.client.fileno(), relay.qemu.fileno()
         self.poller = select.poll()
-        self.poller.register(relay._stop, select.POLLIN)
-        self.poller.register(relay._pause, select.POLLIN)
+        self.poller.register(relay._wake, select.POLLIN)
         #: Bytes in the pipe on their way to the client; bytes on their way to QEMU.
         self.down = 0
         self.up = memoryview(b"")
@@ -432,7 +429,7 @@ class _Loop:
 
     def run(self) -> None:
         relay, poll = self.relay, self.poller.poll
-        qemu, client, stop = self.qemu, self.client, relay._stop
+        qemu, client = self.qemu, self.client
         interest = None
         while True:
             state = (self.down > 0, len(self.up) > 0, self.client_done, relay._pausing,
@@ -450,10 +447,10 @@ class _Loop:
                 elif fd == client:
                     if not self._from_client(events):
                         return
-                elif fd == stop:
-                    return
-                else:  # pause: seen, and it stays readable
-                    self.poller.unregister(fd)
+                else:  # woken: stop, or pause (the state above takes it from here)
+                    os.eventfd_read(fd)  # first: a stop from now on wakes the next poll
+                    if relay._stopping:
+                        return
 
     def _interest(self) -> None:
         """Read a side only once what came from it before is passed on."""
@@ -480,7 +477,7 @@ class _Loop:
         if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self.down \
                 and not self.relay._pausing:
             try:
-                self.down = os.splice(self.qemu, self.write_end, CHUNK, flags=self.FLAGS)
+                self.down = os.splice(self.qemu, self.write_end, CHUNK, None, None, self.FLAGS)
             except BlockingIOError:
                 return True
             if self.down == 0:
@@ -514,7 +511,7 @@ class _Loop:
 
     def _send_down(self) -> None:
         try:  # noqa: SIM105 (the hot path: contextlib.suppress costs more than the splice)
-            self.down -= os.splice(self.read_end, self.client, self.down, flags=self.FLAGS)
+            self.down -= os.splice(self.read_end, self.client, self.down, None, None, self.FLAGS)
         except BlockingIOError:
             pass  # the client is behind: the loop now waits for it to make room
 

@@ -92,13 +92,16 @@ class BufferPool:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Defaults measured with `scripts/bench --tuning` on 2 cores (see README): larger
-    requests beat nbdcopy's 256 KiB x 64 here (Python pays per request, not per byte),
-    and more than 2 connections only add GIL contention. At most
-    connections x in_flight x request_size (32 MiB) of buffers per copy."""
+    """Defaults measured on 2 cores (see README). Requests larger than nbdcopy's
+    256 KiB cost less here (Python pays per request, not per byte, and so does
+    the qcow2 destination), but not past 1 MiB: QEMU's NBD server allocates a
+    buffer per read, and at 2 MiB it gets fresh pages from the kernel each time
+    (a third of its CPU went to page faults). More than 2 connections only add
+    GIL contention. At most connections x in_flight x request_size (16 MiB) of
+    buffers per copy."""
 
     #: Bytes per read or write request.
-    request_size: int = 2 * MiB
+    request_size: int = 1 * MiB
     #: Connection pairs (source, destination) used when the source allows multi-conn.
     connections: int = 2
     #: Requests in flight per connection pair.
