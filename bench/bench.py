@@ -26,6 +26,7 @@ written exactly like lab1) into its own format; its runs are checked by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -189,26 +190,37 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def measure(case: str, copies: dict[str, Callable[[str], object]], moved: int, repeats: int,
-            prepare: Callable[[], Path], export: str) -> list[Result]:
-    """Time each tool's copy into a fresh target, the tools taking turns (a run of
-    each per round), so that the machine's drift weighs on all of them alike. For
-    NBD tools the target is served by qemu-nbd, started before the clock and
-    stopped (flushing) after it."""
-    seconds: dict[str, list[float]] = {tool: [] for tool in copies}
+@dataclass(frozen=True)
+class Run:
+    """One tool's copy in one case: into a target `prepare` makes fresh each time,
+    checked against `export`."""
+
+    case: str
+    tool: str
+    copy: Callable[[str], object]
+    prepare: Callable[[], Path]
+    export: str
+    moved: int
+
+
+def measure(runs: list[Run], repeats: int) -> list[Result]:
+    """Time each run, the runs taking turns (one of each per round), so that the
+    machine's drift weighs on all of them alike. For NBD tools the target is
+    served by qemu-nbd, started before the clock and stopped (flushing) after it."""
+    seconds: dict[Run, list[float]] = {r: [] for r in runs}
     for _ in range(repeats):
-        for tool, copy in copies.items():
-            target = prepare()
-            if tool == "qemu-img":
-                seconds[tool].append(timed(lambda: copy(str(target))))  # noqa: B023 (called here)
+        for r in runs:
+            target = r.prepare()
+            if r.tool == "qemu-img":
+                seconds[r].append(timed(lambda: r.copy(str(target))))  # noqa: B023 (called here)
             else:
                 with qemu_nbd(target) as dest:
-                    seconds[tool].append(timed(lambda: copy(dest)))  # noqa: B023 (called here)
+                    seconds[r].append(timed(lambda: r.copy(dest)))  # noqa: B023 (called here)
             # Every run is checked: a fast wrong copy is worth nothing.
-            run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(target), export)
-    for tool, runs in seconds.items():
-        log(f"{case:9} {tool:9} {statistics.median(runs):7.3f} s")
-    return [Result(case, tool, runs, moved) for tool, runs in seconds.items()]
+            run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(target), r.export)
+    for r, times in seconds.items():
+        log(f"{r.case:9} {r.tool:9} {statistics.median(times):7.3f} s")
+    return [Result(r.case, r.tool, times, r.moved) for r, times in seconds.items()]
 
 
 def engine(url: str, bitmap: str | None, zeroed: bool,
@@ -292,46 +304,82 @@ class Virtnbdbackup:
         return Result("incr", "virtnbdbackup", seconds, moved)
 
 
-def disk_cases(work: Path, size: Size, disk_size: int, label: str,
-               tools: tuple[str, ...], tuning: stream.Tuning) -> list[Result]:
-    results = []
-    lab_dir = work / f"lab-{label}"
-    twin = label == "4g" and "virtnbdbackup" in tools
-    with lab(lab_dir, disk_size, 2 if twin else 1) as uri, \
+@dataclass(frozen=True)
+class Host:
+    """A lab (its own libvirtd) with a pullbackd on it; its domain lab1 has a disk of
+    `disk_size`."""
+
+    label: str
+    disk_size: int
+    lab_dir: Path
+    daemon_dir: Path
+    uri: str
+    ctl: Client
+
+
+@contextmanager
+def host(work: Path, label: str, disk_size: int, domains: int) -> Iterator[Host]:
+    with lab(work / f"lab-{label}", disk_size, domains) as uri, \
             daemon(work / f"pullbackd-{label}", uri) as (ctl, _):
-        log(f"{label}: writing {size.data // MiB} MiB of data on a {disk_size // MiB} MiB disk")
-        fill(lab_dir, size, disk_size, "lab1")
+        yield Host(label, disk_size, work / f"lab-{label}", work / f"pullbackd-{label}", uri,
+                   ctl)
+
+
+def cases(work: Path, size: Size, tools: tuple[str, ...], tuning: stream.Tuning,
+          big: bool) -> list[Result]:
+    """Every case; with `big`, a second lab with a 16 GiB disk, up at the same time, so
+    that its incremental takes turns with the 4 GiB one."""
+    results = []
+    twin = "virtnbdbackup" in tools
+    with contextlib.ExitStack() as stack:
+        small = stack.enter_context(host(work, "4g", size.disk, 2 if twin else 1))
+        hosts = [small]
+        if big:
+            hosts.append(stack.enter_context(host(work, "16g", size.big_disk, 1)))
+        for h in hosts:
+            log(f"{h.label}: writing {size.data // MiB} MiB of data on a "
+                f"{h.disk_size // MiB} MiB disk")
+            fill(h.lab_dir, size, h.disk_size, "lab1")
         vnb = None
         if twin:
-            fill(lab_dir, size, disk_size, "lab2")
-            vnb = Virtnbdbackup(work, lab_dir, uri)
-        full = start(ctl, work / f"pullbackd-{label}", "full")
-        base = work / f"{label}-full.qcow2"
-        if label == "4g":
-            copies = {"pullbackd": engine(full["url"], None, True, tuning),
-                      "nbdcopy": nbdcopy(full["url"], True), "qemu-img": qemu_img(full["url"])}
-            results += measure("full", {t: c for t, c in copies.items() if t in tools},
-                               size.data, size.repeats, lambda: qcow2(base, disk_size),
-                               full["url"])
-            if "relay" in tools:
-                results += relay(work, full, size)
-        else:
-            engine_into(qcow2(base, disk_size), full["url"])
-        ctl.call(f"{IFACE}.Finish", id=full["id"])
+            fill(small.lab_dir, size, small.disk_size, "lab2")
+            vnb = Virtnbdbackup(work, small.lab_dir, small.uri)
+        bases = {h.label: work / f"{h.label}-full.qcow2" for h in hosts}
 
+        full = start(small.ctl, small.daemon_dir, "full")
+        copies = {"pullbackd": engine(full["url"], None, True, tuning),
+                  "nbdcopy": nbdcopy(full["url"], True), "qemu-img": qemu_img(full["url"])}
+        results += measure([Run("full", tool, copy, lambda: qcow2(bases["4g"], size.disk),
+                                full["url"], size.data)
+                            for tool, copy in copies.items() if tool in tools], size.repeats)
+        if "relay" in tools:
+            results += relay(work, full, size)
+        small.ctl.call(f"{IFACE}.Finish", id=full["id"])
+        for h in hosts[1:]:
+            job = start(h.ctl, h.daemon_dir, "full")
+            engine_into(qcow2(bases[h.label], h.disk_size), job["url"])
+            h.ctl.call(f"{IFACE}.Finish", id=job["id"])
         if vnb is not None:
             results.append(vnb.measure_full(size))
-        moved = dirty(lab_dir, size, seed=1, domain="lab1")
-        incr = start(ctl, work / f"pullbackd-{label}", "incremental")
-        case = "incr" if label == "4g" else "incr-16g"
-        overlay = work / f"{label}-incr.qcow2"
-        copies = {"pullbackd": engine(incr["url"], incr["bitmap"], False, tuning),
-                  "nbdcopy": nbdcopy(incr["url"], False), "qemu-img": qemu_img(incr["url"])}
-        results += measure(case, {t: c for t, c in copies.items() if t in tools}, moved,
-                           size.repeats, lambda: qcow2(overlay, disk_size, base), incr["url"])
-        ctl.call(f"{IFACE}.Finish", id=incr["id"])
+
+        runs = []
+        for h in hosts:
+            moved = dirty(h.lab_dir, size, seed=1, domain="lab1")
+            incr = start(h.ctl, h.daemon_dir, "incremental")
+            overlay = work / f"{h.label}-incr.qcow2"
+
+            def prepare(h: Host = h, overlay: Path = overlay) -> Path:
+                return qcow2(overlay, h.disk_size, bases[h.label])
+
+            copies = {"pullbackd": engine(incr["url"], incr["bitmap"], False, tuning)}
+            if h is small:
+                copies |= {"nbdcopy": nbdcopy(incr["url"], False),
+                           "qemu-img": qemu_img(incr["url"])}
+            runs += [Run("incr" if h is small else "incr-16g", tool, copy, prepare,
+                         incr["url"], moved) for tool, copy in copies.items() if tool in tools]
+        results += measure(runs, size.repeats)
         if vnb is not None:
-            results.append(vnb.measure_incremental(size, moved))
+            results.append(vnb.measure_incremental(size, runs[0].moved))
     return results
 
 
@@ -398,9 +446,7 @@ def main() -> int:
     tools = tuple(args.tools.split(","))
     with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
-        results = disk_cases(work, size, size.disk, "4g", tools, tuning)
-        if not args.only_4g:
-            results += disk_cases(work, size, size.big_disk, "16g", ("pullbackd",), tuning)
+        results = cases(work, size, tools, tuning, big=not args.only_4g and "pullbackd" in tools)
     print(table(results))
     if not (args.smoke or args.tuning or args.only_4g) and set(tools) == set(ALL_TOOLS):
         args.output.write_text(json.dumps({

@@ -342,10 +342,13 @@ class _Relay:
         self._pausing = False
         self._stopping = False
         self._paused = False
-        # Room for more than a chunk on the way to the client: fewer waits per chunk.
+        # Room for a chunk on the way to the client (the kernel doubles what it is
+        # told), a few of QEMU's bursts: fewer waits for the client. Not more: data
+        # that waits longer in the socket is no longer in the CPU's cache when the
+        # client copies it (measured: 8 MiB cost about 4 % of the relay's speed).
         for option in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
-                client.setsockopt(socket.SOL_SOCKET, option, 4 * CHUNK)
+                client.setsockopt(socket.SOL_SOCKET, option, CHUNK // 2)
                 break
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
