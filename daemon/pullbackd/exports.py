@@ -398,7 +398,8 @@ class _Relay:
         try:
             with contextlib.suppress(OSError):  # a smaller pipe only means more calls
                 fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
-            _Loop(self, read_end, write_end).run()
+            with contextlib.closing(_Loop(self, read_end, write_end)) as loop:
+                loop.run()
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.ECONNRESET):
                 self.errors.append(str(e))
@@ -421,14 +422,16 @@ class _Loop:
     def __init__(self, relay: _Relay, read_end: int, write_end: int) -> None:
         self.relay, self.read_end, self.write_end = relay, read_end, write_end
         self.client, self.qemu = relay.client.fileno(), relay.qemu.fileno()
-        self.poller = select.poll()
-        self.poller.register(relay._wake, select.POLLIN)
+        # epoll rather than poll: the kernel keeps what we wait for between two
+        # waits instead of taking it and hooking onto each socket per call.
+        self.poller = select.epoll(4)
+        self.poller.register(relay._wake, select.EPOLLIN)
+        self.interest: dict[int, int] = {}
         #: Bytes in the pipe on their way to the client; bytes on their way to QEMU.
         self.down = 0
         self.up = memoryview(b"")
         self.client_done = False
         self.qemu_hung_up = False
-        self.qemu_polled = False
 
     def run(self) -> None:
         relay, poll = self.relay, self.poller.poll
@@ -455,29 +458,41 @@ class _Loop:
                     if relay._stopping:
                         return
 
+    def close(self) -> None:
+        self.poller.close()
+
     def _interest(self) -> None:
         """Read a side only once what came from it before is passed on."""
         pausing = self.relay._pausing
-        self.poller.register(self.client, (
-            0 if self.up or self.client_done or pausing else select.POLLIN) | (
-            select.POLLOUT if self.down else 0))
-        want_qemu = (0 if self.down or pausing else select.POLLIN) | (
-            select.POLLOUT if self.up else 0)
-        if want_qemu or not self.qemu_hung_up:
-            self.poller.register(self.qemu, want_qemu)
-            self.qemu_polled = True
-        elif self.qemu_polled:
-            # Its hangup stays reported: wait for the client alone meanwhile.
-            self.poller.unregister(self.qemu)
-            self.qemu_polled = False
+        self._want(self.client, (
+            0 if self.up or self.client_done or pausing else select.EPOLLIN) | (
+            select.EPOLLOUT if self.down else 0))
+        want_qemu = (0 if self.down or pausing else select.EPOLLIN) | (
+            select.EPOLLOUT if self.up else 0)
+        # Its hangup stays reported: then wait for the client alone meanwhile.
+        self._want(self.qemu, want_qemu if want_qemu or not self.qemu_hung_up else None)
+
+    def _want(self, fd: int, events: int | None) -> None:
+        """Wait for `events` on `fd` (None: not at all)."""
+        if events == self.interest.get(fd):
+            return
+        if events is None:
+            self.poller.unregister(fd)
+            del self.interest[fd]
+        elif fd in self.interest:
+            self.poller.modify(fd, events)
+            self.interest[fd] = events
+        else:
+            self.poller.register(fd, events)
+            self.interest[fd] = events
 
     def _from_qemu(self, events: int) -> bool:
         """QEMU's replies and data, spliced through the pipe. False: the session is over."""
-        if events & select.POLLOUT and self.up:
+        if events & select.EPOLLOUT and self.up:
             self._send_up()
-        if events & (select.POLLHUP | select.POLLERR):
+        if events & (select.EPOLLHUP | select.EPOLLERR):
             self.qemu_hung_up = True
-        if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self.down \
+        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not self.down \
                 and not self.relay._pausing:
             try:
                 self.down = os.splice(self.qemu, self.write_end, CHUNK, None, None, self.FLAGS)
@@ -492,9 +507,9 @@ class _Loop:
 
     def _from_client(self, events: int) -> bool:
         """The client's options and requests, read as they pass. False: it is gone."""
-        if events & select.POLLOUT and self.down:
+        if events & select.EPOLLOUT and self.down:
             self._send_down()
-        if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self.up \
+        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not self.up \
                 and not self.client_done and not self.relay._pausing:
             try:
                 data = self.relay.client.recv(256 << 10)
@@ -508,7 +523,7 @@ class _Loop:
             self.relay.sniffer.feed(data)
             self.up = memoryview(data)
             self._send_up()
-        elif self.client_done and events & (select.POLLHUP | select.POLLERR):
+        elif self.client_done and events & (select.EPOLLHUP | select.EPOLLERR):
             return False  # gone altogether: nobody to answer
         return True
 
