@@ -205,12 +205,14 @@ class Run:
 
 def measure(runs: list[Run], repeats: int) -> list[Result]:
     """Time each run, the runs taking turns (one of each per round), so that the
-    machine's drift weighs on all of them alike. For NBD tools the target is
-    served by qemu-nbd, started before the clock and stopped (flushing) after it."""
+    machine's drift weighs on all of them alike. Each starts with nothing left
+    to write back from the one before (sync). For NBD tools the target is served
+    by qemu-nbd, started before the clock and stopped (flushing) after it."""
     seconds: dict[Run, list[float]] = {r: [] for r in runs}
     for _ in range(repeats):
         for r in runs:
             target = r.prepare()
+            run("sync")
             if r.tool == "qemu-img":
                 seconds[r].append(timed(lambda: r.copy(str(target))))  # noqa: B023 (called here)
             else:
@@ -362,9 +364,10 @@ def cases(work: Path, size: Size, tools: tuple[str, ...], tuning: stream.Tuning,
         if vnb is not None:
             results.append(vnb.measure_full(size))
 
-        runs = []
+        runs: list[Run] = []
+        moved = {}
         for h in hosts:
-            moved = dirty(h.lab_dir, size, seed=1, domain="lab1")
+            moved[h.label] = dirty(h.lab_dir, size, seed=1, domain="lab1")
             incr = start(h.ctl, h.daemon_dir, "incremental")
             overlay = work / f"{h.label}-incr.qcow2"
 
@@ -376,10 +379,14 @@ def cases(work: Path, size: Size, tools: tuple[str, ...], tuning: stream.Tuning,
                 copies |= {"nbdcopy": nbdcopy(incr["url"], False),
                            "qemu-img": qemu_img(incr["url"])}
             runs += [Run("incr" if h is small else "incr-16g", tool, copy, prepare,
-                         incr["url"], moved) for tool, copy in copies.items() if tool in tools]
+                         incr["url"], moved[h.label])
+                     for tool, copy in copies.items() if tool in tools]
+        # pullbackd's runs on both disks one after the other: what they compare
+        # should differ in the disk's size alone, not in the run before.
+        runs.sort(key=lambda r: r.tool != "pullbackd")
         results += measure(runs, size.repeats)
         if vnb is not None:
-            results.append(vnb.measure_incremental(size, runs[0].moved))
+            results.append(vnb.measure_incremental(size, moved["4g"]))
     return results
 
 
