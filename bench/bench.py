@@ -64,7 +64,7 @@ class Size:
     repeats: int
 
 
-FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655, repeats=5)
+FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655, repeats=7)
 SMOKE_SIZE = Size(disk=256 * MiB, big_disk=512 * MiB, data=32 * MiB, dirty_writes=16, repeats=1)
 CHUNK = 64 * MiB
 BLOCK = 64 << 10
