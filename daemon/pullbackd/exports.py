@@ -411,7 +411,7 @@ class _Relay:
 class _Loop:
     """The relay thread's loop over one session's two sockets.
 
-    A steady stream from QEMU costs one poll and two splices per burst and
+    A steady stream from QEMU costs one wait and two splices per burst and
     little Python: the poller's interest changes only when a side falls behind
     (or the session pauses), never per burst. That Python is a good part of
     what a relay costs the machine, so the hot path stays flat.
@@ -436,16 +436,16 @@ class _Loop:
     def run(self) -> None:
         relay, poll = self.relay, self.poller.poll
         qemu, client = self.qemu, self.client
-        interest = None
+        known = None  # the state the interest was last set for
         while True:
             state = (self.down > 0, len(self.up) > 0, self.client_done, relay._pausing,
                      self.qemu_hung_up)
-            if state != interest:
+            if state != known:
                 if relay._pausing and not self.down and not self.up:
                     relay._paused = True
                     return
                 self._interest()
-                interest = state
+                known = state
             for fd, events in poll():
                 if fd == qemu:
                     if not self._from_qemu(events):
