@@ -5,8 +5,9 @@ real pullbackd; every tool copies that same export, on QEMU's own socket (as
 pullbackd's streamed jobs read it), into the same kind of target (a fresh
 qcow2, or a qcow2 overlay on the full backup), each run is checked with
 `qemu-img compare` against the export, and the median of the repeats is
-reported; the tools of a case take turns, a run of each per round. What
-pullbackd's endpoint for appliances adds is the relay case.
+reported; the tools of a case take turns, a run of each per round, after a
+round that is not counted. What pullbackd's endpoint for appliances adds is
+the relay case.
 
     full      a 4 GiB disk holding 1 GiB of data, full backup
     incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
@@ -205,19 +206,23 @@ class Run:
 
 def measure(runs: list[Run], repeats: int) -> list[Result]:
     """Time each run, the runs taking turns (one of each per round), so that the
-    machine's drift weighs on all of them alike. Each starts with nothing left
-    to write back from the one before (sync). For NBD tools the target is served
-    by qemu-nbd, started before the clock and stopped (flushing) after it."""
+    machine's drift weighs on all of them alike, after a first round that is not
+    counted (it was often the slowest for every tool). Each starts with nothing
+    left to write back from the one before (sync). For NBD tools the target is
+    served by qemu-nbd, started before the clock and stopped (flushing) after it."""
     seconds: dict[Run, list[float]] = {r: [] for r in runs}
-    for _ in range(repeats):
+    warm_up = 1 if repeats > 1 else 0  # a smoke run's single round counts
+    for n in range(warm_up + repeats):
         for r in runs:
             target = r.prepare()
             run("sync")
             if r.tool == "qemu-img":
-                seconds[r].append(timed(lambda: r.copy(str(target))))  # noqa: B023 (called here)
+                took = timed(lambda: r.copy(str(target)))  # noqa: B023 (called here)
             else:
                 with qemu_nbd(target) as dest:
-                    seconds[r].append(timed(lambda: r.copy(dest)))  # noqa: B023 (called here)
+                    took = timed(lambda: r.copy(dest))  # noqa: B023 (called here)
+            if n >= warm_up:
+                seconds[r].append(took)
             # Every run is checked: a fast wrong copy is worth nothing.
             run("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(target), r.export)
     for r, times in seconds.items():
@@ -401,11 +406,13 @@ def relay(work: Path, job: dict[str, str], size: Size) -> list[Result]:
     for path in copies.values():
         path.unlink()
     seconds: dict[str, list[float]] = {tool: [] for tool in urls}
-    # Its runs are short and the machine noisy: more of them.
-    for _ in range(2 * size.repeats + 1):
+    # Its runs are short and the machine noisy: more of them, after a pair not counted.
+    warm_up = 1 if size.repeats > 1 else 0
+    for n in range(warm_up + 2 * size.repeats + 1):
         for tool, url in urls.items():
-            seconds[tool].append(timed(lambda url=url: run(  # type: ignore[misc]
-                "nbdcopy", url, "null:")))
+            took = timed(lambda url=url: run("nbdcopy", url, "null:"))  # type: ignore[misc]
+            if n >= warm_up:
+                seconds[tool].append(took)
     for tool in urls:
         log(f"{'relay':9} {tool:9} {statistics.median(seconds[tool]):7.3f} s")
     return [Result("relay", tool, seconds[tool], size.data) for tool in urls]
