@@ -235,9 +235,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"exports.dir is {longest - 107} characters too long: the Unix "
                           "sockets under it would not fit in 108 bytes")
     if config.exports.tcp_listen:
-        port = config.exports.tcp_listen.rpartition(":")[2]
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError("exports.tcp_listen must be \"host:port\", e.g. \":10809\"")
+        try:
+            parse_listen(config.exports.tcp_listen)
+        except ValueError:
+            raise ConfigError("exports.tcp_listen must be \"host:port\", e.g. \":10809\"") \
+                from None
         if not config.exports.insecure_tcp:
             folder = Path(config.exports.tls_certificates or "/nonexistent")
             for name in ("server-cert.pem", "server-key.pem") + (
@@ -253,3 +255,11 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"stream.{key} must be at least 1")
     if config.log.level not in LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(LEVELS)}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """"host:port", "[v6]:port" or ":port" (every address)."""
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: not host:port")
+    return host.strip("[]"), int(port)

@@ -204,9 +204,7 @@ class Endpoint:
     # Sessions.
 
     async def _admit(self, client: socket.socket) -> None:
-        """Serve a new connection; or, if the job has `limit` sessions open and none
-        closes within ADMIT_WAIT (an appliance may close one and open the next at
-        once), refuse it."""
+        """Serve a new connection, or refuse it if there is no room (see `_room`)."""
         if not await self._room():
             return await self._refuse(client)
         session = Session(self._next_id, _peer(client), now())
@@ -268,9 +266,12 @@ class Endpoint:
                          disk=ended.disk, bytes_read=ended.bytes_read,
                          error="; ".join(relay.errors) or None)
 
+    def full_message(self) -> str:
+        """What a client over the connection limit is told."""
+        return f"this backup already has {self.limit} connections, the limit: close one first"
+
     async def _refuse(self, client: socket.socket) -> None:
-        refusal = Refusal(f"this backup already has {self.limit} connections, the limit: "
-                          "close one first")
+        refusal = Refusal(self.full_message())
         log.warning("nbd connection refused: limit reached", job=self.job_id,
                     peer=_peer(client), limit=self.limit)
         with client, anyio.move_on_after(10):
@@ -293,8 +294,6 @@ class Endpoint:
     def _changed_now(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
-
-
 
 
 class Relay(Protocol):
@@ -640,8 +639,8 @@ class Exports:
 
     async def open(self, job_id: str, exports: dict[str, str], tg: anyio.abc.TaskGroup,
                    on_session: OnSession, past: tuple[Session, ...] = ()) -> Endpoint:
-        """Serve the job's endpoint; `exports` maps QEMU's export names to disk names."""
-        """Serve the job's endpoint: the socket the previous run handed over, or a new one."""
+        """Serve the job's endpoint: the socket the previous run handed over, or a new one.
+        `exports` maps QEMU's export names to disk names."""
         path = self.endpoint_path(job_id)
         listener = self._inherited.pop(f"{job_id}.listen", None)
         if listener is None:

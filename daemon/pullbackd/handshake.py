@@ -45,10 +45,11 @@ CMD_READ = 0
 CMD_WRITE = 1
 CMD_DISC = 2
 
-_OPTION = struct.Struct(">QII")
+OPTION = struct.Struct(">QII")
 _REQUEST = struct.Struct(">IHHQQI")
 _EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
-_REPLY = struct.Struct(">QIII")
+REPLY = struct.Struct(">QIII")
+GREETING = struct.Struct(">QQH")
 
 
 class Phase(Enum):
@@ -113,14 +114,14 @@ class Sniffer:
                 # The server accepted GO: requests follow.
                 self.phase = Phase.TRANSMISSION
                 return True
-            case Phase.OPTIONS if len(buf) >= _OPTION.size:
-                magic, option, length = _OPTION.unpack_from(buf)
+            case Phase.OPTIONS if len(buf) >= OPTION.size:
+                magic, option, length = OPTION.unpack_from(buf)
                 if magic != IHAVEOPT:
                     return self._give_up()
-                if len(buf) < _OPTION.size + length:
+                if len(buf) < OPTION.size + length:
                     return False
-                data = bytes(buf[_OPTION.size:_OPTION.size + length])
-                del buf[:_OPTION.size + length]
+                data = bytes(buf[OPTION.size:OPTION.size + length])
+                del buf[:OPTION.size + length]
                 self._option(option, data)
                 return True
             case Phase.TRANSMISSION if len(buf) >= 4:
@@ -148,12 +149,11 @@ class Sniffer:
         return False
 
     def _option(self, option: int, data: bytes) -> None:
-        if option == OPT_EXPORT_NAME:
-            self.export = data.decode(errors="replace")
-            self.phase = Phase.TRANSMISSION
-        elif option in (OPT_GO, OPT_INFO) and len(data) >= 4:
-            (size,) = struct.unpack_from(">I", data)
-            self.export = data[4:4 + size].decode(errors="replace")
+        if option in (OPT_EXPORT_NAME, OPT_GO, OPT_INFO):  # the options that open an export
+            if (name := export_name(option, data)) is not None:
+                self.export = name
+            if option == OPT_EXPORT_NAME:
+                self.phase = Phase.TRANSMISSION
         elif option == OPT_STARTTLS:
             # Whatever the server answers, what follows is not ours to read.
             self._give_up()
@@ -164,13 +164,8 @@ class Sniffer:
         return False
 
 
-OPTION = _OPTION
-REPLY = _REPLY
-GREETING = struct.Struct(">QQH")
-
-
 def option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
-    return _REPLY.pack(REPLY_MAGIC, option, reply, len(data)) + data
+    return REPLY.pack(REPLY_MAGIC, option, reply, len(data)) + data
 
 
 def export_name(option: int, data: bytes) -> str | None:
@@ -210,14 +205,14 @@ class Refusal:
         if not self._flags_read and len(buf) >= 4:
             del buf[:4]
             self._flags_read = True
-        while self._flags_read and not self.done and len(buf) >= _OPTION.size:
-            magic, option, length = _OPTION.unpack_from(buf)
+        while self._flags_read and not self.done and len(buf) >= OPTION.size:
+            magic, option, length = OPTION.unpack_from(buf)
             if magic != IHAVEOPT or option == OPT_EXPORT_NAME:
                 self.done = True  # no way to answer either but hanging up
                 break
-            if len(buf) < _OPTION.size + length:
+            if len(buf) < OPTION.size + length:
                 break
-            del buf[:_OPTION.size + length]
+            del buf[:OPTION.size + length]
             if option == OPT_ABORT:
                 out += option_reply(option, REP_ACK)
                 self.done = True

@@ -807,16 +807,16 @@ class Jobs:
         disks = []
         for d in backup.disks:
             base = bases[d.name]
+            # Appliances read it: a pull job, not one pullbackd streams itself.
+            read = d.export if backup.socket and job.destination is None else None
             disks.append(Disk(
                 name=d.name,
                 size=sizes[d.name],
                 mode="incremental" if base.checkpoint else "full",
                 export=d.export,
-                url=nbd_url(self.exports.endpoint_path(job.id), d.export)
-                if backup.socket and d.export and job.destination is None else None,
-                remote_url=f"{self._remote}/{quote(d.export, safe='')}"
-                if self._remote and backup.socket and d.export and job.destination is None
-                else None,
+                url=nbd_url(self.exports.endpoint_path(job.id), read) if read else None,
+                remote_url=f"{self._remote}/{quote(read, safe='')}"
+                if read and self._remote else None,
                 bitmap=f"qemu:dirty-bitmap:{d.bitmap}" if d.bitmap else None,
                 since=base.checkpoint,
                 fallback=base.fallback,

@@ -159,9 +159,8 @@ class Remote:
                                      OPTION.pack(magic, option, length) + data)
                 if await endpoint.attach(peer, relay):
                     return True
-                await conn.send(option_reply(option, REP_ERR_POLICY, (
-                    f"this backup already has {endpoint.limit} connections, the limit: "
-                    "close one first").encode()))
+                await conn.send(option_reply(option, REP_ERR_POLICY,
+                                             endpoint.full_message().encode()))
                 raise _Hangup("connection limit")
 
 
@@ -251,12 +250,3 @@ class _RemoteRelay:
             if stream is not None:
                 with contextlib.suppress(OSError, anyio.BrokenResourceError, ssl.SSLError):
                     await stream.aclose()
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """"host:port", "[v6]:port" or ":port" (every address)."""
-    host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r}: not host:port")
-    return host.strip("[]"), int(port)
-

@@ -27,7 +27,7 @@ from .errors import PullbackError
 from .exports import Exports
 from .jobs import Jobs, Limits
 from .migration import Migrations
-from .remote import Remote, parse_listen, tls_context
+from .remote import Remote, tls_context
 from .repository import Repository
 from .sdnotify import Notifier
 from .state import Store
@@ -80,7 +80,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                         max_lifetime=cfg.exports.max_lifetime)
         remote, remote_base = None, None
         if cfg.exports.tcp_listen:
-            host, port = parse_listen(cfg.exports.tcp_listen)
+            host, port = config.parse_listen(cfg.exports.tcp_listen)
             tls = None if cfg.exports.insecure_tcp else tls_context(
                 Path(cfg.exports.tls_certificates), cfg.exports.tls_verify_clients)
             remote = Remote(exports, host, port, tls)

@@ -254,7 +254,6 @@ def _close(h: nbd.NBD) -> None:
         h.shutdown()
 
 
-#: Told of each piece once it is written: the piece, and the data (None for zeroes).
 #: Told of each piece once written, with its data (None for zeroes): a view of a
 #: buffer that is reused as soon as the call returns, never to be kept.
 OnWritten = Callable[[Piece, bytearray | None], None]
