@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pullbackd import config, stream
+from pullbackd import config, repository, stream
 from pullbackd.control.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,9 +134,10 @@ def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
 
 @contextmanager
 def qemu_nbd(image: Path) -> Iterator[str]:
+    """`image` served as the repository serves a backup being written."""
     sock = image.with_suffix(".sock")
-    proc = subprocess.Popen(["qemu-nbd", "--socket", str(sock), "--format", "qcow2",
-                             "--shared", "16", "--persistent", str(image)])
+    proc = subprocess.Popen(repository.qemu_nbd(sock, image, "qcow2", writable=True),
+                            env=os.environ | repository.QEMU_NBD_ENV)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
@@ -191,6 +192,11 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+#: A tool's copy into a target: the URL it writes to (for qemu-img, the file itself),
+#: and the target's file.
+Copy = Callable[[str, Path], object]
+
+
 @dataclass(frozen=True)
 class Run:
     """One tool's copy in one case: into a target `prepare` makes fresh each time,
@@ -198,7 +204,7 @@ class Run:
 
     case: str
     tool: str
-    copy: Callable[[str], object]
+    copy: Copy
     prepare: Callable[[], Path]
     export: str
     moved: int
@@ -209,7 +215,9 @@ def measure(runs: list[Run], repeats: int) -> list[Result]:
     machine's drift weighs on all of them alike, after a first round that is not
     counted (it was often the slowest for every tool). Each starts with nothing
     left to write back from the one before (sync). For NBD tools the target is
-    served by qemu-nbd, started before the clock and stopped (flushing) after it."""
+    served by qemu-nbd, started before the clock and stopped after it; the clock
+    stops once the target is on disk (fsync), as when the repository commits a
+    backup."""
     seconds: dict[Run, list[float]] = {r: [] for r in runs}
     warm_up = 1 if repeats > 1 else 0  # a smoke run's single round counts
     for n in range(warm_up + repeats):
@@ -217,10 +225,10 @@ def measure(runs: list[Run], repeats: int) -> list[Result]:
             target = r.prepare()
             run("sync")
             if r.tool == "qemu-img":
-                took = timed(lambda: r.copy(str(target)))  # noqa: B023 (called here)
+                took = timed(lambda: r.copy(str(target), target))  # noqa: B023 (called here)
             else:
                 with qemu_nbd(target) as dest:
-                    took = timed(lambda: r.copy(dest))  # noqa: B023 (called here)
+                    took = timed(lambda: durable(r.copy, dest, target))  # noqa: B023
             if n >= warm_up:
                 seconds[r].append(took)
             # Every run is checked: a fast wrong copy is worth nothing.
@@ -230,10 +238,18 @@ def measure(runs: list[Run], repeats: int) -> list[Result]:
     return [Result(r.case, r.tool, times, r.moved) for r, times in seconds.items()]
 
 
-def engine(url: str, bitmap: str | None, zeroed: bool,
-           tuning: stream.Tuning) -> Callable[[str], object]:
-    return lambda dest: stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed,
-                                    tuning=tuning)
+def durable(copy: Copy, dest: str, target: Path) -> None:
+    copy(dest, target)
+    repository.fsync(target)
+
+
+def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) -> Copy:
+    """pullbackd's engine, writing as the repository does (with its write-behind)."""
+    def copy(dest: str, target: Path) -> None:
+        with repository.WriteBehind(target, config.Repository().write_behind) as behind:
+            stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed, tuning=tuning,
+                        on_progress=behind.progress)
+    return copy
 
 
 # Every tool ends with its copy durable, as a backup must: the engine flushes
@@ -241,21 +257,21 @@ def engine(url: str, bitmap: str | None, zeroed: bool,
 # close in writeback mode (its default for convert is "unsafe": no flush at all).
 
 
-def nbdcopy(url: str, zeroed: bool) -> Callable[[str], object]:
+def nbdcopy(url: str, zeroed: bool) -> Copy:
     flags = ["--flush"] + (["--destination-is-zero"] if zeroed else [])
-    return lambda dest: run("nbdcopy", *flags, url, dest)
+    return lambda dest, target: run("nbdcopy", *flags, url, dest)
 
 
-def qemu_img(url: str) -> Callable[[str], object]:
+def qemu_img(url: str) -> Copy:
     # convert writes the target file itself; -n keeps the qcow2 (and its backing) we made.
-    return lambda target: run("qemu-img", "convert", "-n", "-t", "writeback", "-f", "raw",
-                              "-O", "qcow2", url, target)
+    return lambda dest, target: run("qemu-img", "convert", "-n", "-t", "writeback", "-f",
+                                    "raw", "-O", "qcow2", url, dest)
 
 
 def engine_into(base: Path, url: str) -> None:
     """A full backup by the engine, when the case needs a base and does not time one."""
     with qemu_nbd(base) as dest:
-        engine(url, None, True, stream.Tuning())(dest)
+        engine(url, None, True, stream.Tuning())(dest, base)
 
 
 class Virtnbdbackup:

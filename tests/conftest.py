@@ -251,7 +251,8 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         f'[exports]\ndir = "{exports_dir}"\n{exports}\n'
         f'[scratch]\ndir = "{scratch or base / "scratch"}"\nreserve = {scratch_reserve}\n'
         f'[state]\ndir = "{base}/state"\n'
-        f'[repository]\ndir = "{repository or base / "repository"}"\n'
+        # Write-behind every MiB: many times in every copy into the repository here.
+        f'[repository]\ndir = "{repository or base / "repository"}"\nwrite_behind = {1 << 20}\n'
         f'[log]\nlevel = "debug"\n' + extra_config)
     manager = ServiceManager(base / "notify.sock")
     manager.fdstore.update(fdstore or {})

@@ -109,7 +109,7 @@ async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     exports = Exports(tmp_path / "exports")
     exports.prepare()
     jobs = Jobs(virt, store, Chains(virt, store), exports, tmp_path / "scratch",
-                end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd"))
+                end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20))
     async with anyio.create_task_group() as tg:
         await tg.start(jobs.follow_events)
         await jobs.recover()

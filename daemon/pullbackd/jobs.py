@@ -32,7 +32,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -365,6 +365,8 @@ class Jobs:
         self._timers: dict[str, anyio.CancelScope] = {}
         #: Queued jobs in order, and what each asked for.
         self._queue: list[str] = []
+        #: Queued jobs start one at a time, in their order (anyio's lock is fair).
+        self._starting_queued = anyio.Lock()
         self._requests: dict[str, StartRequest] = {}
         #: Pull job id -> disk -> bytes of data an appliance must read.
         self._transfers: dict[str, dict[str, int]] = {}
@@ -514,7 +516,10 @@ class Jobs:
         if request is None:
             return  # aborted meanwhile
         try:
-            await self._claimed_start(job_id, request, self._jobs[job_id])
+            # Each once the one before it started (or failed to): their histories
+            # show the queue's order even when several places free up at once.
+            async with self._starting_queued:
+                await self._claimed_start(job_id, request, self._jobs[job_id])
         except Exception as e:
             log.warning("queued backup could not start", job=job_id, error=str(e))
             job = self._jobs[job_id]
@@ -733,7 +738,7 @@ class Jobs:
                         source, target, bitmap=disk.bitmap,
                         zeroed_destination=writer is not None and disk.mode == "full",
                         tuning=self.tuning,
-                        on_progress=lambda p: setattr(live, "current", p),
+                        on_progress=_follower(live, writer),
                         on_written=_recorder(writer) if writer else None)
                     live.disk_done(result)
                 for writer in writers:
@@ -1233,6 +1238,15 @@ class Limits:
     idle_timeout: int = 3600
     #: Seconds a pull job may run at most; 0: no limit.
     max_lifetime: int = 0
+
+
+def _follower(live: _Live, writer: Writer | None) -> Callable[[stream.Progress], None]:
+    """The copy's progress, for the job's statistics and the repository's write-behind."""
+    def follow(progress: stream.Progress) -> None:
+        live.current = progress
+        if writer is not None:
+            writer.behind.progress(progress)
+    return follow
 
 
 def _recorder(writer: Writer) -> stream.OnWritten:
