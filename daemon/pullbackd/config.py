@@ -99,13 +99,13 @@ class Repository:
 @dataclass(frozen=True)
 class Stream:
     #: Bytes per request of pullbackd's own copy (measured defaults: see README).
-    request_size: int = 1 << 20
+    request_size: int = 512 << 10
     #: Connection pairs per disk, when the source allows several.
     connections: int = 2
     #: Requests in flight per connection pair.
     in_flight: int = 8
     #: Bytes of buffers all copies together may hold. One copy at full speed uses
-    #: connections x in_flight x request_size (16 MiB); 24 MiB keeps the daemon
+    #: connections x in_flight x request_size (8 MiB); 24 MiB keeps the daemon
     #: under 80 MiB however many copies run.
     memory: int = 24 << 20
     #: For nbds:// destinations: a folder with ca-cert.pem (and client-cert.pem and

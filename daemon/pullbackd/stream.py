@@ -93,15 +93,15 @@ class BufferPool:
 @dataclass(frozen=True)
 class Tuning:
     """Defaults measured on 2 cores (see README). Requests larger than nbdcopy's
-    256 KiB cost less here (Python pays per request, not per byte, and so does
-    the qcow2 destination), but not past 1 MiB: QEMU's NBD server allocates a
-    buffer per read, and at 2 MiB it gets fresh pages from the kernel each time
-    (a third of its CPU went to page faults). More than 2 connections only add
-    GIL contention. At most connections x in_flight x request_size (16 MiB) of
+    256 KiB cost less here (Python pays per request, not per byte), but not past
+    512 KiB: QEMU's NBD server allocates a buffer per read, and from 1 MiB on it
+    often gets fresh pages from the kernel each time (a page fault per 4 KiB
+    read, a third more CPU for QEMU). More than 2 connections only add GIL
+    contention. At most connections x in_flight x request_size (8 MiB) of
     buffers per copy."""
 
     #: Bytes per read or write request.
-    request_size: int = 1 * MiB
+    request_size: int = 512 * 1024
     #: Connection pairs (source, destination) used when the source allows multi-conn.
     connections: int = 2
     #: Requests in flight per connection pair.
@@ -387,13 +387,14 @@ class _Pump:
         self.errors: list[str] = []
         self.in_flight = 0
         self.last_progress = time.monotonic()
+        self.poller = _Poller(src, dst)
 
     def run(self, work: queue.Queue[Piece | None]) -> None:
         more = True
         while (more or self.in_flight or self.pending) and not self.copy.stopped():
             more = self.submit(work) if more else False
             if self.in_flight:
-                _wait((self.src, self.dst), 0.5)
+                self.poller.wait(0.5)
             if self.errors:
                 raise StreamError(self.errors[0])
             while self.read:
@@ -471,25 +472,30 @@ class _Pump:
         return done
 
 
-def _wait(handles: tuple[nbd.NBD, ...], timeout: float) -> None:
-    """Wait until a handle can make progress, and let libnbd make it."""
-    poller = select.poll()
-    for h in handles:
-        direction = h.aio_get_direction()
-        events = 0
-        if direction & nbd.AIO_DIRECTION_READ:
-            events |= select.POLLIN
-        if direction & nbd.AIO_DIRECTION_WRITE:
-            events |= select.POLLOUT
-        if events:
-            poller.register(h.aio_get_fd(), events)
-    by_fd = {h.aio_get_fd(): h for h in handles}
-    for fd, events in poller.poll(timeout * 1000):
-        h = by_fd[fd]
-        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-            h.aio_notify_read()
-        if events & select.POLLOUT:
-            h.aio_notify_write()
+class _Poller:
+    """Waits until one of a connection pair's handles can make progress, and lets
+    libnbd make it. Their sockets are looked up once: each call into libnbd lets go
+    of the GIL, and with several copies the way back costs."""
+
+    def __init__(self, *handles: nbd.NBD) -> None:
+        self.handles = {h.aio_get_fd(): h for h in handles}
+        self.poll = select.poll()
+
+    def wait(self, timeout: float) -> None:
+        for fd, h in self.handles.items():
+            direction = h.aio_get_direction()
+            events = 0
+            if direction & nbd.AIO_DIRECTION_READ:
+                events |= select.POLLIN
+            if direction & nbd.AIO_DIRECTION_WRITE:
+                events |= select.POLLOUT
+            self.poll.register(fd, events)
+        for fd, events in self.poll.poll(timeout * 1000):
+            h = self.handles[fd]
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                h.aio_notify_read()
+            if events & select.POLLOUT:
+                h.aio_notify_write()
 
 
 def copy(source: str, destination: str, *, bitmap: str | None = None,
