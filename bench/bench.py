@@ -252,9 +252,11 @@ def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) ->
     return copy
 
 
-# Every tool ends with its copy durable, as a backup must: the engine flushes
-# the destination, nbdcopy does only with --flush, qemu-img convert flushes on
-# close in writeback mode (its default for convert is "unsafe": no flush at all).
+# Every tool ends with its copy durable, as a backup must. The NBD tools' clock
+# stops after an fsync of the target (`durable`); before it, the engine flushes the
+# destination and nbdcopy does with --flush, so that qemu-nbd writes out the qcow2
+# metadata it holds. qemu-img convert syncs on close in writeback mode (its
+# default for convert is "unsafe": no sync at all).
 
 
 def nbdcopy(url: str, zeroed: bool) -> Copy:

@@ -71,7 +71,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         exports.inherit(inherited, store.take_handoff())
         await virt.connect()
         repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository",
-                            cfg.repository.write_behind)
+                                cfg.repository.write_behind)
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
                                connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
                                buffers=stream.BufferPool(cfg.stream.memory),

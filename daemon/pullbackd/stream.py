@@ -95,9 +95,9 @@ class Tuning:
     """Defaults measured on 2 cores (see README). Requests larger than nbdcopy's
     256 KiB cost less here (Python pays per request, not per byte), but not past
     512 KiB: QEMU's NBD server allocates a buffer per read, and from 1 MiB on it
-    often gets fresh pages from the kernel each time (a page fault per 4 KiB
-    read, a third more CPU for QEMU). More than 2 connections only add GIL
-    contention. At most connections x in_flight x request_size (8 MiB) of
+    often gets fresh pages from the kernel each time (on a fresh domain, 170,000
+    page faults per GiB copied and 40 % more CPU for QEMU). More than 2
+    connections only add GIL contention. At most connections x in_flight x request_size (8 MiB) of
     buffers per copy."""
 
     #: Bytes per read or write request.
@@ -233,7 +233,7 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
     h = nbd.NBD()
     # libnbd zeroes each read buffer first, in case a caller looks at it after a
     # failed read. We never do (a failed read fails the copy), and the memset
-    # cost as much CPU as a tenth of the whole copy.
+    # cost an eighth of the engine's CPU.
     h.set_pread_initialize(False)
     if tls_certificates is not None:
         # From our configuration, never from the URI: callers name servers, not files.
