@@ -350,14 +350,17 @@ class Repository:
         try:
             reader = await self._serve(source, "qcow2", f"{name}.src", writable=False)
             try:
-                writer = await self._serve(to, fmt, f"{name}.dst", writable=True)
                 behind = WriteBehind(to, self._write_behind)
                 try:
-                    await stream.stream(reader.url, writer.url, zeroed_destination=True,
-                                        tuning=tuning, on_progress=behind.progress)
+                    writer = await self._serve(to, fmt, f"{name}.dst", writable=True)
+                    try:
+                        await stream.stream(reader.url, writer.url, zeroed_destination=True,
+                                            tuning=tuning, on_progress=behind.progress)
+                    finally:
+                        with anyio.CancelScope(shield=True):  # the image must be closed
+                            await _stop(writer)
                 finally:
-                    with anyio.CancelScope(shield=True):  # the image must be closed
-                        await _stop(writer)
+                    with anyio.CancelScope(shield=True):  # its thread must end
                         await anyio.to_thread.run_sync(behind.close)
                 await anyio.to_thread.run_sync(fsync, to)
             finally:
