@@ -88,8 +88,9 @@ def digest(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-#: glibc's malloc gives a freed request buffer of 1 MiB back to the kernel, so
-#: qemu-nbd took a page fault on every page of every write, a third of its CPU.
+#: glibc's malloc gave each freed request buffer back to the kernel (nbdcopy's
+#: 256 KiB ones as our 1 MiB ones), so qemu-nbd took a page fault on every page of
+#: every write: a third of its CPU.
 #: Buffers up to NBD's largest request (32 MiB) stay on the heap, and freed heap
 #: memory waits there for the next request.
 QEMU_NBD_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
