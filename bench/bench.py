@@ -3,9 +3,10 @@
 Each case runs against one pull-backup export of a lab domain, started by a
 real pullbackd; every tool copies that same export, on QEMU's own socket (as
 pullbackd's streamed jobs read it), into the same kind of target (a fresh
-qcow2, or a qcow2 overlay on the full backup), each run is checked with
-`qemu-img compare` against the export, and the median of the repeats is
-reported; the tools of a case take turns, a run of each per round, after a
+qcow2, or a qcow2 overlay on the full backup, served as the repository serves a
+backup being written, and made durable with fsync before the clock stops),
+each run is checked with `qemu-img compare` against the export, and the median
+of the repeats is reported; the tools of a case take turns, a run of each per round, after a
 round that is not counted. What pullbackd's endpoint for appliances adds is
 the relay case.
 
