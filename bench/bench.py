@@ -6,9 +6,9 @@ pullbackd's streamed jobs read it), into the same kind of target (a fresh
 qcow2, or a qcow2 overlay on the full backup, served as the repository serves a
 backup being written, and made durable with fsync before the clock stops),
 each run is checked with `qemu-img compare` against the export, and the median
-of the repeats is reported; the tools of a case take turns, a run of each per round, after a
-round that is not counted. What pullbackd's endpoint for appliances adds is
-the relay case.
+of the repeats is reported; the tools of a case take turns, a run of each per
+round, after a round that is not counted. What pullbackd's endpoint for
+appliances adds is the relay case.
 
     full      a 4 GiB disk holding 1 GiB of data, full backup
     incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
