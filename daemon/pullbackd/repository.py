@@ -14,6 +14,7 @@ a manifest is not a backup.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import secrets
 import signal
 import subprocess
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,24 +351,18 @@ class Repository:
         await _run("qemu-img", "create", "-q", "-f", fmt, str(to), str(manifest.size))
         name = f"r-{secrets.token_hex(4)}"  # short: socket paths end at 108 bytes
         try:
-            reader = await self._serve(source, "qcow2", f"{name}.src", writable=False)
-            try:
+            # Undone in reverse, each shielded: the images must be closed, the
+            # write-behind's thread must end, before the file is synced (or deleted).
+            async with contextlib.AsyncExitStack() as undo:
+                reader = await self._serve(source, "qcow2", f"{name}.src", writable=False)
+                undo.push_async_callback(_shielded, _stop, reader)
                 behind = WriteBehind(to, self._write_behind)
-                try:
-                    writer = await self._serve(to, fmt, f"{name}.dst", writable=True)
-                    try:
-                        await stream.stream(reader.url, writer.url, zeroed_destination=True,
-                                            tuning=tuning, on_progress=behind.progress)
-                    finally:
-                        with anyio.CancelScope(shield=True):  # the image must be closed
-                            await _stop(writer)
-                finally:
-                    with anyio.CancelScope(shield=True):  # its thread must end
-                        await anyio.to_thread.run_sync(behind.close)
-                await anyio.to_thread.run_sync(fsync, to)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await _stop(reader)
+                undo.push_async_callback(_shielded, anyio.to_thread.run_sync, behind.close)
+                writer = await self._serve(to, fmt, f"{name}.dst", writable=True)
+                undo.push_async_callback(_shielded, _stop, writer)
+                await stream.stream(reader.url, writer.url, zeroed_destination=True,
+                                    tuning=tuning, on_progress=behind.progress)
+            await anyio.to_thread.run_sync(fsync, to)
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
                 await anyio.Path(to).unlink(missing_ok=True)
@@ -478,6 +474,11 @@ async def _until_listening(served: Served, image: Path) -> None:
                 raise RepositoryError(str(image),
                                       f"qemu-nbd exited with {served.process.returncode}")
             await anyio.sleep(0.01)
+
+
+async def _shielded(fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        await fn(*args)
 
 
 async def _stop(served: Served) -> None:
