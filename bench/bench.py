@@ -245,11 +245,13 @@ def durable(copy: Copy, dest: str, target: Path) -> None:
 
 
 def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) -> Copy:
-    """pullbackd's engine, writing as the repository does (with its write-behind)."""
+    """pullbackd's engine, doing what a streamed backup does: writing as the repository
+    does (with its write-behind) and checksumming each region for the manifest."""
     def copy(dest: str, target: Path) -> None:
+        regions: list[repository.Region] = []
         with repository.WriteBehind(target, config.Repository().write_behind) as behind:
             stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed, tuning=tuning,
-                        on_progress=behind.progress)
+                        on_progress=behind.progress, on_written=repository.recorder(regions))
     return copy
 
 

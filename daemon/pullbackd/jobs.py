@@ -66,7 +66,7 @@ from .errors import (
     TooManyJobs,
 )
 from .exports import Endpoint, Exports, Session, StoreFds, now
-from .repository import Region, Repository, Writer, digest
+from .repository import Repository, Writer, recorder
 from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
 
 if TYPE_CHECKING:
@@ -739,7 +739,7 @@ class Jobs:
                         zeroed_destination=writer is not None and disk.mode == "full",
                         tuning=self.tuning,
                         on_progress=_follower(live, writer),
-                        on_written=_recorder(writer) if writer else None)
+                        on_written=recorder(writer.regions) if writer else None)
                     live.disk_done(result)
                 for writer in writers:
                     await self.repository.commit(writer)
@@ -1247,14 +1247,6 @@ def _follower(live: _Live, writer: Writer | None) -> Callable[[stream.Progress],
         if writer is not None:
             writer.behind.progress(progress)
     return follow
-
-
-def _recorder(writer: Writer) -> stream.OnWritten:
-    """Keep a checksum of each region written, for the manifest (worker threads call it)."""
-    def record(piece: stream.Piece, data: bytearray | None) -> None:
-        writer.regions.append(Region(piece.offset, piece.length,
-                                     None if data is None else digest(data)))
-    return record
 
 
 def _failed(job: Job, error: str) -> Job:
