@@ -251,7 +251,7 @@ def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) ->
         regions: list[repository.Region] = []
         with repository.WriteBehind(target, config.Repository().write_behind) as behind:
             stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed, tuning=tuning,
-                        on_progress=behind.progress, on_written=repository.recorder(regions))
+                        on_progress=behind.progress, checksums=repository.recorder(regions))
     return copy
 
 

@@ -739,7 +739,7 @@ class Jobs:
                         zeroed_destination=writer is not None and disk.mode == "full",
                         tuning=self.tuning,
                         on_progress=_follower(live, writer),
-                        on_written=recorder(writer.regions) if writer else None)
+                        checksums=recorder(writer.regions) if writer else None)
                     live.disk_done(result)
                 for writer in writers:
                     await self.repository.commit(writer)

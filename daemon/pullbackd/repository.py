@@ -67,13 +67,12 @@ class Region:
     checksum: str | None
 
 
-def recorder(regions: list[Region]) -> stream.OnWritten:
-    """A copy's `on_written`: keeps a checksum of each region written in `regions`, for
-    the manifest (the copy's threads call it)."""
-    def record(piece: stream.Piece, data: bytearray | None) -> None:
-        regions.append(Region(piece.offset, piece.length,
-                              None if data is None else checksum(data)))
-    return record
+def recorder(regions: list[Region]) -> stream.Checksums:
+    """Keeps a checksum of each region a copy writes in `regions`, for the manifest
+    (the copy's threads call it)."""
+    def record(piece: stream.Piece, value: str | None) -> None:
+        regions.append(Region(piece.offset, piece.length, value))
+    return stream.Checksums(checksum, record)
 
 
 @dataclass(frozen=True)

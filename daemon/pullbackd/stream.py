@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 import nbd
@@ -38,6 +39,7 @@ ALLOCATION = "base:allocation"
 STATE_ZERO = 2
 STATE_DIRTY = 1
 MiB = 1 << 20
+_T = TypeVar("_T")
 
 
 class StreamError(Exception):
@@ -258,21 +260,27 @@ def _close(h: nbd.NBD) -> None:
         h.shutdown()
 
 
-#: Told of each piece once written, with its data (None for zeroes): a view of a
-#: buffer that is reused as soon as the call returns, never to be kept.
-OnWritten = Callable[[Piece, bytearray | None], None]
+@dataclass(frozen=True)
+class Checksums:
+    """A checksum of each piece of data, handed over once the piece is written."""
+
+    #: The checksum of a piece's data. Called once it is read, while the data is still
+    #: in the CPU's cache (by the time its write is done, it is not).
+    of: Callable[[bytearray], str]
+    #: Told of each piece once written, with its checksum (None for zeroes).
+    written: Callable[[Piece, str | None], None]
 
 
 class _Copy:
     def __init__(self, source: str, destination: str, bitmap: str | None,
                  zeroed_destination: bool, tuning: Tuning,
                  on_progress: Callable[[Progress], None] | None,
-                 on_written: OnWritten | None, cancel: threading.Event) -> None:
+                 checksums: Checksums | None, cancel: threading.Event) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
         self.zeroed_destination = zeroed_destination
         self.tuning = tuning
         self.on_progress = on_progress
-        self.on_written = on_written
+        self.checksums = checksums
         self.cancel = cancel
         self.errors: list[BaseException] = []
         self.failed = threading.Event()
@@ -383,7 +391,7 @@ class _Pump:
         # Filled by completion callbacks, emptied by the loop: callbacks must
         # not raise (libnbd would swallow it) nor call into the same handle.
         self.read: deque[tuple[Piece, nbd.Buffer]] = deque()
-        self.written: deque[tuple[Piece, nbd.Buffer | None]] = deque()
+        self.written: deque[tuple[Piece, nbd.Buffer | None, str | None]] = deque()
         self.errors: list[str] = []
         self.in_flight = 0
         self.last_progress = time.monotonic()
@@ -391,6 +399,7 @@ class _Pump:
 
     def run(self, work: queue.Queue[Piece | None]) -> None:
         more = True
+        checksums = self.copy.checksums
         while (more or self.in_flight or self.pending) and not self.copy.stopped():
             more = self.submit(work) if more else False
             if self.in_flight:
@@ -399,7 +408,9 @@ class _Pump:
                 raise StreamError(self.errors[0])
             while self.read:
                 piece, buf = self.read.popleft()
-                self.dst.aio_pwrite(buf, piece.offset, self._on(piece, buf, self.written))
+                checksum = None if checksums is None else checksums.of(buf.to_buffer())
+                self.dst.aio_pwrite(buf, piece.offset,
+                                    self._on(piece, self.written, (piece, buf, checksum)))
             self.reap()
 
     def submit(self, work: queue.Queue[Piece | None]) -> bool:
@@ -414,7 +425,8 @@ class _Pump:
                 if piece is None:
                     return False
             if piece.zero:
-                self.dst.aio_zero(piece.length, piece.offset, self._on(piece, None, self.written))
+                self.dst.aio_zero(piece.length, piece.offset,
+                                  self._on(piece, self.written, (piece, None, None)))
             else:
                 buf = self.pool.take(piece.length)
                 if buf is None:
@@ -424,16 +436,16 @@ class _Pump:
                         self.pool.wait(0.1)
                     return True
                 self.held[id(buf)] = buf
-                self.src.aio_pread(buf, piece.offset, self._on(piece, buf, self.read))
+                self.src.aio_pread(buf, piece.offset, self._on(piece, self.read, (piece, buf)))
             self.in_flight += 1
         return True
 
     def reap(self) -> None:
         done = 0
         while self.written:
-            piece, buf = self.written.popleft()
-            if self.copy.on_written is not None:
-                self.copy.on_written(piece, None if buf is None else buf.to_buffer())
+            piece, buf, checksum = self.written.popleft()
+            if self.copy.checksums is not None:
+                self.copy.checksums.written(piece, checksum)
             if buf is not None:
                 del self.held[id(buf)]
                 self.pool.give(buf)
@@ -457,9 +469,8 @@ class _Pump:
             self.pool.drop(buf)
         self.held.clear()
 
-    def _on(self, piece: Piece, buf: nbd.Buffer | None,
-            into: deque[tuple[Piece, nbd.Buffer]] | deque[tuple[Piece, nbd.Buffer | None]]
-            ) -> Callable[[object], int]:
+    def _on(self, piece: Piece, into: deque[_T], item: _T) -> Callable[[object], int]:
+        """A completion callback: `item` goes `into` the deque, or the error is kept."""
         def done(err: object) -> int:
             errno = getattr(err, "value", 0)
             if errno:
@@ -467,7 +478,7 @@ class _Pump:
                 self.errors.append(f"{what} {piece.length} bytes at {piece.offset} failed "
                                    f"(errno {errno})")
             else:
-                into.append((piece, buf))
+                into.append(item)
             return 1  # retire the command: we have all we need from it
         return done
 
@@ -501,7 +512,7 @@ class _Poller:
 def copy(source: str, destination: str, *, bitmap: str | None = None,
          zeroed_destination: bool = False, tuning: Tuning | None = None,
          on_progress: Callable[[Progress], None] | None = None,
-         on_written: OnWritten | None = None,
+         checksums: Checksums | None = None,
          cancel: threading.Event | None = None) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
@@ -510,13 +521,13 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
     as zero are skipped instead of written as zeros. Raises StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
-                 on_progress, on_written, cancel or threading.Event()).run()
+                 on_progress, checksums, cancel or threading.Event()).run()
 
 
 async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  zeroed_destination: bool = False, tuning: Tuning | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 on_written: OnWritten | None = None) -> Progress:
+                 checksums: Checksums | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone."""
     cancel = threading.Event()
@@ -535,7 +546,7 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
             # Not abandoned on cancel: we return only once the threads are gone.
             outcome = await anyio.to_thread.run_sync(lambda: copy(
                 source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
-                tuning=tuning, on_progress=on_progress, on_written=on_written, cancel=cancel))
+                tuning=tuning, on_progress=on_progress, checksums=checksums, cancel=cancel))
         except StreamError as e:
             outcome = e
         finally:
