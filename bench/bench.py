@@ -7,8 +7,8 @@ qcow2, or a qcow2 overlay on the full backup, served as the repository serves a
 backup being written, and made durable with fsync before the clock stops),
 each run is checked with `qemu-img compare` against the export, and the median
 of the repeats is reported; the tools of a case take turns, a run of each per
-round, after a round that is not counted. What pullbackd's endpoint for
-appliances adds is the relay case.
+round (every other round in reverse order), after a round that is not counted.
+What pullbackd's endpoint for appliances adds is the relay case.
 
     full      a 4 GiB disk holding 1 GiB of data, full backup
     incr      the same disk with 1 % of it rewritten in scattered 64 KiB blocks
@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pullbackd import config, repository, stream
 from pullbackd.control.client import Client
@@ -55,6 +55,7 @@ LAB = ROOT / "scripts" / "lab"
 IFACE = "org.pullbackd.Backup"
 MiB = 1 << 20
 GiB = 1 << 30
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -211,18 +212,24 @@ class Run:
     moved: int
 
 
+def turns(n: int, items: list[_T]) -> list[_T]:
+    """Round `n`'s order: every other round reversed, so that no tool always runs
+    first, or always after the same other one."""
+    return items if n % 2 == 0 else items[::-1]
+
+
 def measure(runs: list[Run], repeats: int) -> list[Result]:
-    """Time each run, the runs taking turns (one of each per round), so that the
-    machine's drift weighs on all of them alike, after a first round that is not
-    counted (it was often the slowest for every tool). Each starts with nothing
-    left to write back from the one before (sync). For NBD tools the target is
-    served by qemu-nbd, started before the clock and stopped after it; the clock
+    """Time each run, the runs taking turns (one of each per round, see `turns`), so
+    that the machine's drift weighs on all of them alike, after a first round that
+    is not counted (it was often the slowest for every tool). Each starts with
+    nothing left to write back from the one before (sync). For NBD tools the target
+    is served by qemu-nbd, started before the clock and stopped after it; the clock
     stops once the target is on disk (fsync), as when the repository commits a
     backup."""
     seconds: dict[Run, list[float]] = {r: [] for r in runs}
     warm_up = 1 if repeats > 1 else 0  # a smoke run's single round counts
     for n in range(warm_up + repeats):
-        for r in runs:
+        for r in turns(n, runs):
             target = r.prepare()
             run("sync")
             if r.tool == "qemu-img":
@@ -381,7 +388,7 @@ def cases(work: Path, size: Size, tools: tuple[str, ...], tuning: stream.Tuning,
                                 full["url"], size.data)
                             for tool, copy in copies.items() if tool in tools], size.repeats)
         if "relay" in tools:
-            results += relay(work, full, size)
+            results += relay(full, size)
         small.ctl.call(f"{IFACE}.Finish", id=full["id"])
         for h in hosts[1:]:
             job = start(h.ctl, h.daemon_dir, "full")
@@ -416,21 +423,18 @@ def cases(work: Path, size: Size, tools: tuple[str, ...], tuning: stream.Tuning,
     return results
 
 
-def relay(work: Path, job: dict[str, str], size: Size) -> list[Result]:
+def relay(job: dict[str, str], size: Size) -> list[Result]:
     """nbdcopy through pullbackd's endpoint against nbdcopy on QEMU's own socket."""
     urls = {"pullbackd": job["endpoint"], "nbdcopy": job["url"]}
-    # Both read the same bytes (checked once), then only the reading is timed.
-    copies = {tool: work / f"relay-{tool}.raw" for tool in urls}
-    for tool, url in urls.items():
-        run("nbdcopy", url, str(copies[tool]))
-    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", *map(str, copies.values()))
-    for path in copies.values():
-        path.unlink()
+    # Both read the same bytes (checked once, export against export: nothing is
+    # written that the disk would still be busy with while the runs are timed), then
+    # only the reading is timed.
+    run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", *urls.values())
     seconds: dict[str, list[float]] = {tool: [] for tool in urls}
     # Its runs are short and the machine noisy: more of them, after a pair not counted.
     warm_up = 1 if size.repeats > 1 else 0
     for n in range(warm_up + 2 * size.repeats + 1):
-        for tool, url in urls.items():
+        for tool, url in turns(n, list(urls.items())):
             took = timed(lambda url=url: run("nbdcopy", url, "null:"))  # type: ignore[misc]
             if n >= warm_up:
                 seconds[tool].append(took)
