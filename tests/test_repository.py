@@ -1,16 +1,20 @@
-"""The embedded repository's manifests and verify, on real qcow2 files (no lab needed)."""
+"""The embedded repository's manifests, verify and write-behind, on real files (no lab
+needed)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import anyio
 import xxhash
 
-from pullbackd.repository import Manifest, Region, Repository
+from pullbackd.repository import Manifest, Region, Repository, WriteBehind
+from pullbackd.stream import Progress
 
 from .images import MiB
 
@@ -72,3 +76,28 @@ def test_manifests_from_before_they_named_their_checksums_are_sha256(tmp_path: P
 def test_checksums_of_an_unknown_kind_are_a_problem_not_a_crash(tmp_path: Path) -> None:
     repository, _ = stored_backup(tmp_path, {"regions": [[MiB, MiB, "?"]], "checksums": "new"})
     assert verify(repository) == ["0001.qcow2: cannot check checksums of kind 'new'"]
+
+
+def resident(path: Path) -> int:
+    """Bytes of the file in the page cache."""
+    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                               str(path)], check=True, capture_output=True, text=True).stdout)
+
+
+def test_write_behind_gets_what_was_written_to_disk_and_out_of_the_page_cache(
+        tmp_path: Path) -> None:
+    path = tmp_path / "backup.partial"
+    data = os.urandom(16 * MiB)
+    path.write_bytes(data)  # dirty pages: the kernel would keep them 30 s before writing
+    assert resident(path) == len(data)
+    with WriteBehind(path, MiB) as behind:
+        done = 0
+        # The first request starts writing the pages back, a later one finds them
+        # clean and drops them: a copy asks every MiB it writes.
+        deadline = time.monotonic() + 30
+        while resident(path):
+            assert time.monotonic() < deadline, f"{resident(path)} bytes still cached"
+            done += MiB
+            behind.progress(Progress(len(data), len(data), len(data), done))
+            time.sleep(0.05)
+    assert path.read_bytes() == data

@@ -7,10 +7,8 @@ byte, with what the guest wrote at the time of each backup.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,6 @@ import pytest
 from pullbackd import api
 from pullbackd.control import idl
 from pullbackd.control.client import Client, VarlinkError
-from pullbackd.repository import WriteBehind
-from pullbackd.stream import Progress
 
 from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon, tmpfs
 from .images import Disk, MiB
@@ -224,31 +220,6 @@ def test_abort_mid_stream_leaves_nothing(
         aborted = daemon.ctl.job("Abort", id=job["id"])
     assert aborted["state"] == "aborted"
     assert job["checkpoint"] not in chain(daemon, "lab2", "faults")
-
-
-def resident(path: Path) -> int:
-    """Bytes of the file in the page cache."""
-    return int(subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
-                               str(path)], check=True, capture_output=True, text=True).stdout)
-
-
-def test_write_behind_gets_what_was_written_to_disk_and_out_of_the_page_cache(
-        tmp_path: Path) -> None:
-    path = tmp_path / "backup.partial"
-    data = os.urandom(16 * MiB)
-    path.write_bytes(data)  # dirty pages: the kernel would keep them 30 s before writing
-    assert resident(path) == len(data)
-    with WriteBehind(path, MiB) as behind:
-        done = 0
-        # The first request starts writing the pages back, a later one finds them
-        # clean and drops them: a copy asks every MiB it writes.
-        deadline = time.monotonic() + 30
-        while resident(path):
-            assert time.monotonic() < deadline, f"{resident(path)} bytes still cached"
-            done += MiB
-            behind.progress(Progress(len(data), len(data), len(data), done))
-            time.sleep(0.05)
-    assert path.read_bytes() == data
 
 
 @pytest.fixture

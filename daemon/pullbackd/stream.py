@@ -99,8 +99,8 @@ class Tuning:
     512 KiB: QEMU's NBD server allocates a buffer per read, and from 1 MiB on it
     often gets fresh pages from the kernel each time (on a fresh domain, 170,000
     page faults per GiB copied and 40 % more CPU for QEMU). More than 2
-    connections only add GIL contention. At most connections x in_flight x request_size (8 MiB) of
-    buffers per copy."""
+    connections only add GIL contention. At most connections x in_flight x
+    request_size (8 MiB) of buffers per copy."""
 
     #: Bytes per read or write request.
     request_size: int = 512 * 1024
