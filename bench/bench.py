@@ -138,14 +138,12 @@ def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
 def qemu_nbd(image: Path) -> Iterator[str]:
     """`image` served as the repository serves a backup being written."""
     sock = image.with_suffix(".sock")
+    # Its stderr muted as the repository's: the wait's probe connection makes it complain.
     proc = subprocess.Popen(repository.qemu_nbd(sock, image, "qcow2", writable=True),
-                            env=os.environ | repository.QEMU_NBD_ENV)
+                            env=os.environ | repository.QEMU_NBD_ENV,
+                            stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("qemu-nbd did not start")
-            time.sleep(0.01)
+        repository.wait_serving(sock, image, proc.poll, repository.SERVE_TIMEOUT)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         proc.terminate()
@@ -469,12 +467,20 @@ def main() -> int:
     parser.add_argument("--load", action="store_true",
                         help="the load benchmark instead: 1, 4, 8, 16 backups at once "
                              "(writes bench/load.json)")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="the checkpoints benchmark instead: guest writes with 0, 1 and "
+                             "100 checkpoints (writes bench/checkpoints.json)")
     args = parser.parse_args()
     if args.load:
         import load  # noqa: PLC0415 (bench/load.py imports this file: load it only here)
         with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
             return load.main(Path(tmp), args.smoke,
                              None if args.smoke else ROOT / "bench" / "load.json")
+    if args.checkpoints:
+        import checkpoints  # noqa: PLC0415 (it imports this file too: load it only here)
+        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+            return checkpoints.main(Path(tmp), args.smoke,
+                                    None if args.smoke else ROOT / "bench" / "checkpoints.json")
     settings: dict[str, Any] = {k: int(v) for k, v in
                                 (item.split("=") for item in args.tuning.split(",") if item)}
     # The engine as the daemon runs it: its buffers from one pool of [stream] memory.

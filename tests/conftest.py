@@ -8,28 +8,26 @@ faithful test there is (real socket, real signals, real readiness).
 
 from __future__ import annotations
 
-import array
 import hashlib
-import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from pullbackd import api
 from pullbackd.control import idl
 from pullbackd.control.client import Client, VarlinkError
+
+from .systemd import ServiceManager
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "scripts" / "lab"
@@ -139,71 +137,6 @@ class Control:
         return job
 
 
-class ServiceManager:
-    """The part of systemd pullbackd talks to: $NOTIFY_SOCKET, and the fd store.
-
-    Reads notifications as they come (the kernel queues only a few datagrams),
-    keeps descriptors sent with FDSTORE=1 by name, and passes them to the next
-    start as $LISTEN_FDS, as systemd does across a restart of the service.
-    """
-
-    def __init__(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.fdstore: dict[str, int] = {}
-        self.ready = threading.Event()
-        self.stopping = threading.Event()
-        self._done = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._done.is_set():
-            try:
-                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-            except TimeoutError:
-                continue
-            fds = array.array("i")
-            for level, kind, payload in ancdata:
-                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines()
-                          if "=" in line)
-            if fields.get("FDSTORE") == "1" and len(fds) == 1:
-                self._drop(fields["FDNAME"])
-                self.fdstore[fields["FDNAME"]] = fds.pop()
-            elif fields.get("FDSTOREREMOVE") == "1":
-                self._drop(fields["FDNAME"])
-            for fd in fds:
-                os.close(fd)
-            if fields.get("READY") == "1":
-                self.ready.set()
-            if fields.get("STOPPING") == "1":
-                self.stopping.set()
-
-    def _drop(self, name: str) -> None:
-        if name in self.fdstore:
-            os.close(self.fdstore.pop(name))
-
-    def spawn(self, argv: list[str], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-        """Start argv with the fd store's descriptors as 3, 4, ... and $LISTEN_*."""
-        names = list(self.fdstore)
-        fds = [self.fdstore[name] for name in names]
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "launch.py"), ",".join(map(str, fds)),
-             ":".join(names), *argv],
-            stderr=stderr, pass_fds=fds, env=os.environ | {"NOTIFY_SOCKET": str(self.path)})
-
-    def close(self) -> None:
-        """After the service exited: no more notifications; the fd store stays."""
-        self._done.set()
-        self._reader.join()
-        self.sock.close()
-
-
 #: What changes while a job runs: its statistics, sessions and place in the queue.
 LIVE_JOB_FIELDS = ("progress", "appliance", "position", "scratch")
 LIVE_DISK_FIELDS = ("transfer", "done", "rate", "eta", "scratch")
@@ -234,11 +167,13 @@ class Daemon:
 def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path | None = None,
                  scratch: Path | None = None, scratch_reserve: int = 0,
                  exports: str = "", extra_config: str = "",
-                 fdstore: dict[str, int] | None = None) -> Daemon:
+                 fdstore: dict[str, int] | None = None,
+                 env: dict[str, str] | None = None) -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own.
 
     `exports` is more of the [exports] section; `extra_config` more sections.
     `fdstore`: what the previous run handed over (`Daemon.manager.fdstore`).
+    `env`: more environment (e.g. a crash point, see pullbackd/crash.py).
     """
     base.mkdir(parents=True, exist_ok=True)
     config = base / "pullbackd.toml"
@@ -260,7 +195,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
     log = base / "pullbackd.log"
     with log.open("ab") as log_file:
         proc = manager.spawn([sys.executable, "-m", "pullbackd.service", "--config", str(config)],
-                             log_file)
+                             log_file, env)
     while not manager.ready.wait(0.2):
         if proc.poll() is not None or manager.stopping.is_set() or time.monotonic() > deadline:
             proc.kill()

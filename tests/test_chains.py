@@ -172,7 +172,7 @@ def test_two_consumers_interleave(
 
     # Deleting one chain leaves the other working.
     deleted = daemon.ctl.call("DeleteChain", domain="lab1", consumer="prod-b")["deleted"]
-    assert len(deleted) == 3
+    assert len(deleted) == 2  # [chains] keep = 1: its full backup's, and its newest
     assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="prod-b") == \
         {"checkpoints": []}
     vda.write(21 * MiB, MiB, 0x55)
@@ -209,6 +209,48 @@ def virsh(lab: Lab, *args: str) -> str:
 
 def libvirt_checkpoints(lab: Lab, domain: str) -> set[str]:
     return set(virsh(lab, "checkpoint-list", domain, "--name").split())
+
+
+def test_a_chain_keeps_what_incrementals_and_differentials_need(
+        daemon: Daemon, lab: Lab, disks: tuple[Disk, Disk], tmp_path: Path) -> None:
+    """[chains] keep = 1 (the default): per disk, the newest checkpoint and the one of
+    its newest full backup stay; older ones leave the chain and libvirt."""
+    vda, vdb = disks
+    app = Appliance(daemon, "lab1", "trim", tmp_path)
+
+    def chain() -> list[str]:
+        return [c["name"] for c in daemon.ctl.call("ListCheckpoints", domain="lab1",
+                                                   consumer="trim")["checkpoints"]]
+
+    def in_libvirt() -> list[str]:
+        return sorted(n for n in libvirt_checkpoints(lab, "lab1")
+                      if n.startswith("pullbackd.trim."))
+
+    full, _ = app.backup("full")
+    base = tmp_path / "vda.full.raw"
+    shutil.copyfile(app.image("vda"), base)
+    vda.mark()
+    vda.write(3 * MiB, MiB, 0x61)
+    first, _ = app.backup("incremental")
+    vdb.write(4 * MiB, MiB, 0x62)
+    only_vdb, _ = app.backup("incremental", disks=["vdb"])
+    # vda's newest is still `first`: it stays while only_vdb has no bitmap of vda.
+    assert chain() == [full["checkpoint"], first["checkpoint"], only_vdb["checkpoint"]]
+    vda.write(6 * MiB, MiB, 0x63)
+    last, extents = app.backup("incremental")
+    assert extents["vda"] == [(6 * MiB, MiB)]
+    assert chain() == [full["checkpoint"], last["checkpoint"]]
+    assert in_libvirt() == sorted(chain())
+    for d in disks:
+        assert_image(app.image(d.name), d, tmp_path)
+    # A differential since the full backup still covers everything since.
+    vda.write(8 * MiB, MiB, 0x64)
+    diff = app.start("differential", since=full["checkpoint"], disks=["vda"])
+    [export] = diff["disks"]
+    assert apply_incremental(export["url"], export["bitmap"], base) == vda.dirty_since_mark()
+    assert_image(base, vda, tmp_path)
+    daemon.ctl.call("Abort", id=diff["id"])
+    assert "trimmed a chain to [chains] keep" in daemon.log_text()
 
 
 def test_bad_chain_requests_change_nothing(daemon: Daemon, lab: Lab, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from pullbackd.exports import Exports, now
 from pullbackd.jobs import Job, Jobs, JobState, StartRequest
 from pullbackd.migration import Migrations
 from pullbackd.repository import Repository
-from pullbackd.state import Store
+from pullbackd.state import StateDamaged, Store
 from pullbackd.virt import Domain, JobEnded, Virt
 
 DOMAIN_XML = """<domain><devices>
@@ -55,6 +55,9 @@ class FakeVirt(Virt):
 
     async def job_operation(self, domain: str) -> str | None:
         return "backup" if domain in self.backups else None
+
+    async def running_domains(self) -> list[str]:
+        return [name for name, running in self.running.items() if running]
 
     async def capacity(self, domain: str, disk: str) -> int:
         return 1 << 30
@@ -111,11 +114,15 @@ async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
     jobs = Jobs(virt, store, Chains(virt, store), exports, tmp_path / "scratch",
                 end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20))
     async with anyio.create_task_group() as tg:
-        await tg.start(jobs.follow_events)
+        await tg.start(jobs.follow_events, _lost)
         await jobs.recover()
         yield jobs
         tg.cancel_scope.cancel()
     store.close()
+
+
+async def _lost(reason: str) -> None:
+    pass
 
 
 def stored(tmp_path: Path) -> list[Job]:
@@ -275,6 +282,62 @@ async def test_crash_while_starting_deletes_the_new_checkpoint(tmp_path: Path) -
         assert jobs.chains.get(job.checkpoint) is None
         assert ("d1", job.checkpoint) not in virt.checkpoint_xmls
         assert "d1" not in virt.backups
+
+
+@pytest.mark.asyncio
+async def test_a_chain_holding_a_failed_jobs_checkpoint_is_rolled_back_at_start(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # What the bug chain.py's invariant rules out would leave: a failed job whose
+    # checkpoint is in the chain (and in the domain's metadata).
+    virt = FakeVirt()
+    job = Job("0123456789ab", "d1", JobState.FAILED, "full", now(), "c",
+              checkpoint_name("c", "0123456789ab"), ended=now(), error="lost")
+    virt.checkpoint_xmls["d1", job.checkpoint] = xml.checkpoint(job.checkpoint, ["vda"], ())
+    virt.metadata_xmls["d1"] = xml.chains([xml.ChainEntry(
+        job.checkpoint, "c", job.id, job.created, ("vda",), None)])
+    store = Store(tmp_path / "state.db")
+    await store.save_job(job, Checkpoint(job.checkpoint, "d1", "c", job.id, job.created,
+                                         CheckpointState.COMPLETE, ("vda",)))
+    store.close()
+    async with running(tmp_path, virt) as jobs:
+        assert jobs.chains.of("d1") == []
+        assert ("d1", job.checkpoint) not in virt.checkpoint_xmls
+        assert job.checkpoint not in virt.metadata_xmls.get("d1", "")
+        # Nor is it taken back in from the metadata before the next backup.
+        virt.metadata_xmls["d1"] = xml.chains([xml.ChainEntry(
+            job.checkpoint, "c", job.id, job.created, ("vda",), None)])
+        nxt = await jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
+        assert nxt.mode == "full" and jobs.chains.get(job.checkpoint) is None
+    assert "BUG: a checkpoint is in its consumer's chain" in capfd.readouterr().out
+
+
+@pytest.mark.asyncio
+async def test_a_backup_of_ours_the_database_does_not_know_is_ended_at_start(
+        tmp_path: Path) -> None:
+    # The database was lost while a job was ready: libvirt still runs its backup
+    # on one of our QEMU sockets, with its new checkpoint.
+    virt = FakeVirt()
+    lost = "0123456789ab"
+    await virt.backup_begin("d1", xml.backup(xml.BackupRequest(
+        tmp_path / "exports" / ".qemu" / f"{lost}.sock", {"vda": tmp_path / "s.qcow2"})),
+        xml.checkpoint(checkpoint_name("c", lost), ["vda"], ()))
+    # One that is not ours stays.
+    await virt.backup_begin("d2", xml.backup(xml.BackupRequest(
+        tmp_path / "elsewhere.sock", {"vda": tmp_path / "t.qcow2"})))
+    async with running(tmp_path, virt) as jobs:
+        assert "d1" not in virt.backups and "d2" in virt.backups
+        assert await virt.checkpoints("d1") == []
+        job = await jobs.start(StartRequest("d1", consumer="c"))  # no BackupInProgress
+        assert job.state == JobState.READY
+
+
+def test_a_damaged_database_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4096)
+    with pytest.raises(StateDamaged) as e:
+        Store(path)
+    assert "move it aside" in str(e.value) and str(path) in str(e.value)
+    assert path.read_bytes().startswith(b"SQLite format 3")  # left for the operator
 
 
 class PushingVirt(FakeVirt):

@@ -236,18 +236,39 @@ def test_backup_not_started_by_pullbackd_is_refused_at_once(
 @pytest.fixture
 def own_lab(tmp_path: Path) -> Iterator[Lab]:
     """A lab of its own, for a test that kills its libvirtd."""
-    with lab_up(tmp_path / "lab", "--size", "16M") as lab:
+    with lab_up(tmp_path / "lab", "--size", str(DISK_SIZE)) as lab:
         yield lab
 
 
-def test_libvirtd_dying_makes_the_daemon_exit_for_a_restart(
+def test_libvirtd_dying_makes_the_daemon_exit_for_a_restart_and_readers_read_on(
         own_lab: Lab, daemon_dir: Path) -> None:
+    vda = Disk(own_lab, "lab1", "vda")
+    vda.write(2 * MiB, MiB, 0x3C)
     daemon = start_daemon(daemon_dir, own_lab.uri)
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"])
+    reader = nbd.NBD()
+    reader.connect_uri(job["disks"][0]["url"])
+    assert reader.pread(MiB, 2 * MiB) == b"\x3c" * MiB
     state = json.loads((own_lab.dir / "state.json").read_text())
     os.kill(state["libvirtd_pid"], 9)
     assert daemon.proc.wait(timeout=60) == 1
     assert "lost the libvirt connection" in daemon.log_text()
     assert not daemon.socket.exists()
+    # The reader was not cut off: its sockets wait in the fd store for the next run,
+    # as on a stop by SIGTERM.
+    daemon.manager.close()
+    assert {f"{job['id']}.listen", f"{job['id']}.1.client", f"{job['id']}.1.qemu"} <= set(
+        daemon.manager.fdstore)
+    own_lab.run("restart-libvirtd")  # what systemd does for libvirtd.service
+    second = start_daemon(daemon_dir, own_lab.uri, fdstore=daemon.manager.fdstore)
+    try:
+        assert reader.pread(MiB, 2 * MiB) == b"\x3c" * MiB
+        assert_same(b"".join(reader.pread(4 * MiB, o) for o in range(0, DISK_SIZE, 4 * MiB)),
+                    vda.expected)
+        reader.shutdown()
+        assert second.ctl.job("Finish", id=job["id"])["state"] == "completed"
+    finally:
+        stop_daemon(second)
 
 
 def pullbackctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,22 +1,40 @@
-"""The embedded repository's manifests, verify and write-behind, on real files (no lab
-needed)."""
+"""The embedded repository's manifests, verify, write-behind, qemu-nbd servers and
+recovery after a crash, on real files (no lab needed)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import anyio
+import nbd
+import pytest
 import xxhash
 
-from pullbackd.repository import Manifest, Region, Repository, WriteBehind
+from pullbackd import repository as repository_module
+from pullbackd.repository import (
+    QEMU_NBD_ENV,
+    Manifest,
+    Region,
+    Repository,
+    RepositoryError,
+    WriteBehind,
+    checksum,
+    qemu_nbd,
+    wait_serving,
+)
 from pullbackd.stream import Progress
 
-from .images import MiB
+from .images import MiB, assert_same
 
 CLEAN, DAMAGED = 0x5A, 0x5B
 
@@ -101,3 +119,228 @@ def test_write_behind_gets_what_was_written_to_disk_and_out_of_the_page_cache(
             behind.progress(Progress(len(data), len(data), len(data), done))
             time.sleep(0.05)
     assert path.read_bytes() == data
+
+
+SIZE = 4 * MiB
+
+
+def store(repository: Repository, data: bytes, offset: int) -> Manifest:
+    """A full backup of lab1's vda holding `data` at `offset`, written through the
+    repository's own qemu-nbd."""
+    async def run() -> Manifest:
+        writer = await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t", None)
+        try:
+            await anyio.to_thread.run_sync(pwrite, writer.url, data, offset)
+        except BaseException:
+            await repository.abort(writer)
+            raise
+        writer.regions.append(Region(offset, len(data), checksum(data)))
+        return await repository.commit(writer)
+    return anyio.run(run)
+
+
+def pwrite(url: str, data: bytes, offset: int) -> None:
+    h = nbd.NBD()
+    h.connect_uri(url)
+    try:
+        h.pwrite(data, offset)
+    finally:
+        h.shutdown()
+
+
+def assert_restores(repository: Repository, manifest: Manifest, expected: bytes,
+                    tmp_path: Path) -> None:
+    restored = tmp_path / "restored.raw"
+    restored.unlink(missing_ok=True)
+    anyio.run(repository.restore, manifest, restored, "raw")
+    assert_same(restored.read_bytes(), expected)
+
+
+def ended(pid: int) -> bool:
+    """Whether the process is gone (or a zombie: it serves nothing any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+
+
+#: A daemon beginning a backup: prints its qemu-nbd's pid, then dies as told on stdin.
+CRASHING = """
+import os, sys
+from pathlib import Path
+import anyio
+from pullbackd.repository import Repository
+
+async def main() -> None:
+    repository = Repository(Path(sys.argv[1]), Path(sys.argv[2]), 0)
+    writer = await repository.begin("lab1", "c", "vda", 4 << 20, "j", "cp", "t", None)
+    print(writer.server.process.pid, flush=True)
+    if sys.stdin.readline().strip() == "exit":
+        os._exit(1)
+    await anyio.sleep(3600)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("death", ["kill -9", "exit"])
+def test_the_qemu_nbd_of_a_crashed_daemon_dies_with_it(tmp_path: Path, death: str) -> None:
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    daemon = subprocess.Popen([sys.executable, "-c", CRASHING, str(repository.root),
+                               str(tmp_path / "sockets")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert daemon.stdin is not None and daemon.stdout is not None
+    try:
+        server = int(daemon.stdout.readline())
+        assert "qemu-nbd" in cmdline(server) and not ended(server)
+        if death == "kill -9":
+            daemon.kill()
+        else:
+            daemon.stdin.write("exit\n")
+            daemon.stdin.flush()
+        assert daemon.wait(timeout=30) in (-signal.SIGKILL, 1)
+        deadline = time.monotonic() + 5
+        while not ended(server):
+            assert time.monotonic() < deadline, f"qemu-nbd {server} outlived its daemon"
+            time.sleep(0.01)
+    finally:
+        daemon.kill()
+        daemon.wait()
+    # What the crash left: the partial backup, and the socket of a server killed with
+    # SIGKILL. Recovery removes them, and the repository stores again.
+    folder = repository.folder("lab1", "c", "vda")
+    assert [p.name for p in folder.iterdir()] == ["0001.qcow2.partial"]
+    assert len(list((tmp_path / "sockets").iterdir())) == 1
+    repository.recover()
+    assert list(folder.iterdir()) == []
+    assert list((tmp_path / "sockets").iterdir()) == []
+    data = os.urandom(MiB)
+    manifest = store(repository, data, MiB)
+    assert manifest.sequence == 1
+    assert_restores(repository, manifest, bytes(MiB) + data + bytes(2 * MiB), tmp_path)
+
+
+def serve(sock: Path, image: Path) -> subprocess.Popen[bytes]:
+    """`image` served the way the repository serves a backup being written, but by a
+    process of the test's, in a session of its own: an earlier run's server."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE)],
+                   check=True)
+    sock.parent.mkdir(mode=0o700, exist_ok=True)
+    process = subprocess.Popen(qemu_nbd(sock, image, "qcow2", writable=True),
+                               env=os.environ | QEMU_NBD_ENV, start_new_session=True,
+                               stderr=subprocess.DEVNULL)
+    wait_serving(sock, image, process.poll, 30)
+    return process
+
+
+def test_recover_ends_an_earlier_runs_servers_and_removes_its_leftovers(
+        tmp_path: Path) -> None:
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    data = os.urandom(MiB)
+    manifest = store(repository, data, 2 * MiB)
+    folder = repository.folder("lab1", "c", "vda")
+    backup = (folder / "0001.qcow2").read_bytes()
+    written = (folder / "0001.json").read_bytes()
+    leftovers = [folder / "0001.qcow2.flat.partial", folder / "0003.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
+    stale = tmp_path / "sockets" / "w-stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    orphan = serve(tmp_path / "sockets" / "w-orphan.sock", folder / "0002.qcow2.partial")
+    # A neighbour's, in a folder whose name starts with the sockets folder's: not ours.
+    neighbour = serve(tmp_path / "sockets-too" / "w-1.sock", tmp_path / "neighbour.qcow2")
+    try:
+        repository.recover()
+        # recover returns once the server is gone: reaped now, it would block otherwise.
+        assert orphan.poll() is not None
+        assert neighbour.poll() is None
+        assert (tmp_path / "sockets-too" / "w-1.sock").exists()
+    finally:
+        for process in (orphan, neighbour):
+            process.kill()
+            process.wait()
+    assert list((tmp_path / "sockets").iterdir()) == []
+    assert sorted(p.name for p in folder.iterdir()) == ["0001.json", "0001.qcow2"]
+    assert (folder / "0001.qcow2").read_bytes() == backup
+    assert (folder / "0001.json").read_bytes() == written
+    assert repository.manifests("lab1", "c", "vda") == [manifest]
+    assert anyio.run(repository.verify, manifest) == []
+    assert_restores(repository, manifest, bytes(2 * MiB) + data + bytes(MiB), tmp_path)
+
+
+#: Looks like a qemu-nbd of an earlier run, and shrugs off SIGTERM.
+STUBBORN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_recover_kills_a_server_that_ignores_sigterm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(repository_module, "ORPHAN_GRACE", 0.5)
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    stubborn = subprocess.Popen(["qemu-nbd", "-c", STUBBORN, "--socket",
+                                 str(tmp_path / "sockets" / "w-1.sock")],
+                                executable=sys.executable, stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == "ready\n"
+        assert cmdline(stubborn.pid)[0] == "qemu-nbd"
+        started = time.monotonic()
+        repository.recover()
+        assert stubborn.poll() == -signal.SIGKILL
+        assert 0.5 <= time.monotonic() - started < 5
+    finally:
+        stubborn.kill()
+        stubborn.wait()
+
+
+def test_a_server_counts_once_it_greets(tmp_path: Path) -> None:
+    sock, image = tmp_path / "s.sock", tmp_path / "image.qcow2"
+
+    def times_out(timeout: float) -> None:
+        started = time.monotonic()
+        with pytest.raises(RepositoryError, match="not serving"):
+            wait_serving(sock, image, lambda: None, timeout)
+        assert timeout <= time.monotonic() - started < timeout + 5
+
+    times_out(0.1)  # no socket file
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(sock))  # what qemu-nbd does first
+        times_out(0.2)
+        started = time.monotonic()
+        with pytest.raises(RepositoryError, match="qemu-nbd exited with 1"):
+            wait_serving(sock, image, lambda: 1, 30)  # at once, not after 30 s
+        assert time.monotonic() - started < 5
+        server.listen()  # then it listens, and opens the image: connections wait
+        times_out(0.2)
+        server.settimeout(5)
+
+        def greet() -> None:
+            for _ in range(2):  # the last wait's connection (closed), then this one's
+                client, _ = server.accept()
+                with client, contextlib.suppress(BrokenPipeError):
+                    client.sendall(b"NBDMAGIC")
+
+        greeter = threading.Thread(target=greet)
+        greeter.start()
+        wait_serving(sock, image, lambda: None, 5)
+        greeter.join()
+
+
+def test_a_qemu_nbd_that_cannot_start_fails_at_once(tmp_path: Path) -> None:
+    repository, image = stored_backup(tmp_path, {"regions": []})
+    [manifest] = repository.manifests("lab1", "c", "vda")
+    image.unlink()  # nothing for qemu-nbd to serve: it exits
+    started = time.monotonic()
+    with pytest.raises(RepositoryError, match="qemu-nbd exited with 1"):
+        anyio.run(repository.restore, manifest, tmp_path / "restored.raw", "raw")
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "restored.raw").exists()

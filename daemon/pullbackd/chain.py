@@ -16,11 +16,26 @@ consumers' chains interleave on one domain without affecting each other.
 pullbackd's own state is the truth about chains; libvirt's metadata is
 rebuilt from it (redefined) when libvirt lost it. A disk whose bitmap is gone
 or inconsistent is backed up in full, and its chain restarts there.
+
+The invariant, which holds after a crash at any instant:
+
+    a checkpoint is in its consumer's chain (complete) if and only if
+    its job is recorded as completed.
+
+A job's end and its checkpoint's new state are written in one transaction
+(`outcome`, then `Store.save_job`, then `settle`): complete with a completed
+job; otherwise marked for deletion, and deleted from libvirt after the
+transaction (at the next start, or the domain's next backup, if libvirt cannot
+now). Recovery checks the invariant at every start; a checkpoint in a chain
+whose job did not complete is a bug, logged as an error and rolled back. A
+checkpoint rolled back is also taken out of the domain's metadata, so that no
+pullbackd takes it in again.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 from enum import StrEnum
@@ -29,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from . import xml
+from . import crash, xml
 from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
 from .virt import BrokenBitmap, Virt
 
@@ -75,6 +90,8 @@ class Checkpoint:
     disks: tuple[str, ...]
     #: libvirt's XML for it, kept to redefine it when libvirt loses it.
     xml: str | None = None
+    #: Disks its backup copied in full: where their differentials may start.
+    full: tuple[str, ...] = ()
 
     def to_record(self) -> dict[str, Any]:
         return {"name": self.name, "consumer": self.consumer, "job": self.job,
@@ -90,9 +107,12 @@ class Base:
 
 
 class Chains:
-    def __init__(self, virt: Virt, store: Store) -> None:
+    def __init__(self, virt: Virt, store: Store, keep: int = 0) -> None:
+        """`keep`: checkpoints of each consumer's chain kept per disk (see `_over_keep`);
+        0 keeps them all."""
         self._virt = virt
         self._store = store
+        self._keep = keep
         self._checkpoints: dict[str, Checkpoint] = {c.name: c for c in store.load_checkpoints()}
         #: domain -> held while its chains are written into its metadata.
         self._mirroring: dict[str, anyio.Lock] = {}
@@ -109,6 +129,10 @@ class Chains:
 
     def pending(self) -> list[Checkpoint]:
         return [c for c in self._checkpoints.values() if c.state == CheckpointState.PENDING]
+
+    def all(self) -> list[Checkpoint]:
+        """Every checkpoint pullbackd knows, in any state, oldest first."""
+        return sorted(self._checkpoints.values(), key=lambda c: c.created)
 
     def bases(self, domain: str, consumer: str, mode: str, since: str | None,
               disks: list[str]) -> dict[str, Base]:
@@ -130,13 +154,15 @@ class Chains:
                 None, f"consumer {consumer} has no earlier backup of this disk")
         return bases
 
-    async def prepare(self, domain: str) -> None:
+    async def prepare(self, domain: str, refused: Callable[[str], bool]) -> None:
         """Before a backup: delete what failed backups left, and make sure libvirt
-        knows every checkpoint of ours it may be asked to start from."""
+        knows every checkpoint of ours it may be asked to start from. `refused`
+        tells the jobs known not to have completed: their checkpoints are never
+        taken in from the domain's metadata."""
         for c in [c for c in self._checkpoints.values()
                   if c.domain == domain and c.state == CheckpointState.DISCARD]:
             await self.discard(c)
-        await self._import(domain)
+        await self._import(domain, refused)
         ours = self.of(domain)
         if not ours:
             return
@@ -158,7 +184,7 @@ class Chains:
             log.info("redefined lost checkpoint metadata", domain=domain, checkpoint=c.name)
             known.add(c.name)
 
-    async def _import(self, domain: str) -> None:
+    async def _import(self, domain: str, refused: Callable[[str], bool]) -> None:
         """Take in the chains the domain's metadata carries that we do not know: it was
         backed up by a pullbackd elsewhere (and migrated here), or our database is new."""
         try:
@@ -171,10 +197,13 @@ class Chains:
         for entry in entries:
             ours = CONSUMER.fullmatch(entry.consumer) and \
                 entry.name.startswith(f"pullbackd.{entry.consumer}.")
-            if ours and entry.name not in self._checkpoints:
+            if ours and refused(entry.job):
+                log.warning("not taking in a checkpoint whose backup did not complete",
+                            domain=domain, checkpoint=entry.name)
+            elif ours and entry.name not in self._checkpoints:
                 await self._save(Checkpoint(entry.name, domain, entry.consumer, entry.job,
                                             entry.created, CheckpointState.COMPLETE,
-                                            entry.disks, entry.xml))
+                                            entry.disks, entry.xml, entry.full))
                 log.info("took in a checkpoint from the domain's metadata", domain=domain,
                          checkpoint=entry.name, consumer=entry.consumer)
 
@@ -184,7 +213,8 @@ class Chains:
         full backup after a move: it is logged, not raised."""
         async with self._mirroring.setdefault(domain, anyio.Lock()):
             entries = [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
-                                      None if c.xml is None else xml.without_domain(c.xml))
+                                      None if c.xml is None else xml.without_domain(c.xml),
+                                      c.full)
                        for c in self.of(domain)]
             try:
                 await self._virt.set_metadata(domain, xml.chains(entries) if entries else None,
@@ -196,44 +226,103 @@ class Chains:
     async def add(self, checkpoint: Checkpoint) -> None:
         await self._save(checkpoint)
 
-    async def remember_xml(self, name: str) -> None:
-        """Keep libvirt's XML of a checkpoint just created, to redefine it if libvirt loses it."""
+    async def begun(self, name: str, full: tuple[str, ...]) -> None:
+        """libvirt created the checkpoint with its backup: keep libvirt's XML of it,
+        to redefine it if libvirt loses it, and which disks are backed up in full."""
         c = self._checkpoints[name]
-        await self._save(_replace(c, xml=await self._virt.checkpoint_xml(c.domain, name)))
+        await self._save(_replace(c, xml=await self._virt.checkpoint_xml(c.domain, name),
+                                  full=full))
 
-    async def complete(self, name: str) -> None:
-        """The backup was confirmed: its checkpoint joins the chain."""
-        c = _replace(self._checkpoints[name], state=CheckpointState.COMPLETE)
-        await self._save(c)
-        await self._mirror(c.domain)
+    def outcome(self, name: str, completed: bool) -> Checkpoint | None:
+        """The checkpoint of a job that ends, as it is to be recorded in the same
+        transaction as the job's end: in the chain if the job completed, else
+        marked for deletion. None if the job has no checkpoint (yet)."""
+        c = self._checkpoints.get(name)
+        if c is None:
+            return None
+        return _replace(c, state=CheckpointState.COMPLETE if completed
+                        else CheckpointState.DISCARD)
 
-    async def discard(self, c: Checkpoint) -> None:
+    async def settle(self, c: Checkpoint) -> None:
+        """After the transaction that recorded `c` (from `outcome`): the chain
+        follows it here, and libvirt and the domain's metadata after it."""
+        before = self._checkpoints.get(c.name)
+        self._checkpoints[c.name] = c
+        if c.state == CheckpointState.COMPLETE:
+            await self._trim(c.domain, c.consumer)
+        else:
+            await self.discard(c, mirrored=before is not None
+                               and before.state == CheckpointState.COMPLETE)
+
+    async def discard(self, c: Checkpoint, *, mirrored: bool | None = None) -> None:
         """Delete a checkpoint whose backup was not confirmed. If libvirt cannot
-        now, remember to try again: it is never used as a base meanwhile."""
+        now, remember to try again: it is never used as a base meanwhile.
+        `mirrored`: whether the domain's metadata may list it (default: if it was
+        in a chain); then the metadata is rewritten without it."""
+        if mirrored is None:
+            mirrored = c.state == CheckpointState.COMPLETE
+        if c.state != CheckpointState.DISCARD:
+            # Out of the chain before anything else: never a base from here on.
+            await self._save(_replace(c, state=CheckpointState.DISCARD))
+        if mirrored:
+            await self._mirror(c.domain)
         try:
             await self._virt.delete_checkpoint(c.domain, c.name)
         except Exception as e:
             log.warning("cannot delete checkpoint yet; will retry", checkpoint=c.name,
                         error=str(e))
-            if c.state != CheckpointState.DISCARD:
-                await self._save(_replace(c, state=CheckpointState.DISCARD))
             return
+        crash.point("checkpoint.deleted")
         await self._store.delete_checkpoint(c.name)
         self._checkpoints.pop(c.name, None)
         log.info("deleted checkpoint", domain=c.domain, checkpoint=c.name)
 
-    async def delete_chain(self, domain: str, consumer: str) -> list[str]:
-        """Delete a consumer's checkpoints, oldest first. Stops at the first libvirt
-        refuses, leaving the rest (and every other consumer's) in place."""
-        deleted = []
-        for c in [c for c in self._checkpoints.values()
-                  if c.domain == domain and c.consumer == consumer]:
-            await self._virt.delete_checkpoint(domain, c.name)
-            await self._store.delete_checkpoint(c.name)
-            del self._checkpoints[c.name]
-            deleted.append(c.name)
-        log.info("deleted chain", domain=domain, consumer=consumer, checkpoints=deleted)
+    def _over_keep(self, domain: str, consumer: str) -> list[Checkpoint]:
+        """The checkpoints of a consumer's chain it no longer needs: each bitmap costs
+        QEMU work on every guest write. A checkpoint stays while, for one of its
+        disks, it is among the newest `keep` with that disk (incrementals start at
+        the newest), or it is the newest where that disk was backed up in full
+        (differentials start there)."""
+        if not self._keep:
+            return []
+        chain = self.of(domain, consumer)
+        needed: set[str] = set()
+        for disk in {d for c in chain for d in c.disks}:
+            having = [c for c in chain if disk in c.disks]
+            needed.update(c.name for c in having[-self._keep:])
+            needed.update(c.name for c in [c for c in having if disk in c.full][-1:])
+        return [c for c in chain if c.name not in needed]
+
+    async def _trim(self, domain: str, consumer: str) -> None:
+        """A checkpoint joined the chain: write the chains into the domain's metadata,
+        and delete what the chain no longer needs (out of the chain first)."""
+        doomed = self._over_keep(domain, consumer)
+        for c in doomed:
+            await self._save(_replace(c, state=CheckpointState.DISCARD))
+        if doomed:
+            crash.point("chain.trimmed")
         await self._mirror(domain)
+        for c in doomed:
+            await self.discard(self._checkpoints[c.name], mirrored=False)
+        if doomed:
+            log.info("trimmed a chain to [chains] keep", domain=domain, consumer=consumer,
+                     deleted=[c.name for c in doomed])
+
+    async def delete_chain(self, domain: str, consumer: str) -> list[str]:
+        """Delete a consumer's checkpoints. They leave the chain first (recorded, and
+        out of the domain's metadata), then libvirt deletes them, oldest first;
+        one libvirt cannot delete now is deleted at the domain's next backup or
+        the next start. Other consumers' chains are untouched."""
+        doomed = [c for c in self.all() if c.domain == domain and c.consumer == consumer]
+        for c in doomed:
+            if c.state != CheckpointState.DISCARD:
+                await self._save(_replace(c, state=CheckpointState.DISCARD))
+            crash.point("chain.deleting")
+        await self._mirror(domain)
+        for c in doomed:
+            await self.discard(self._checkpoints[c.name], mirrored=False)
+        deleted = [c.name for c in doomed]
+        log.info("deleted chain", domain=domain, consumer=consumer, checkpoints=deleted)
         return deleted
 
     async def _save(self, c: Checkpoint) -> None:

@@ -124,6 +124,15 @@ class Jobs:
 
 
 @dataclass(frozen=True)
+class Chains:
+    #: Checkpoints of each consumer's chain kept per disk, the newest; also kept: the
+    #: newest where the disk was backed up in full (where differentials start). Older
+    #: ones are deleted as new ones join: every checkpoint costs QEMU work on each
+    #: guest write. 0: keep every checkpoint.
+    keep: int = 1
+
+
+@dataclass(frozen=True)
 class Migration:
     #: Seconds a pull job must have had no session before the gate counts it as done.
     grace: float = 10.0
@@ -147,6 +156,7 @@ class Config:
     repository: Repository = field(default_factory=Repository)
     stream: Stream = field(default_factory=Stream)
     jobs: Jobs = field(default_factory=Jobs)
+    chains: Chains = field(default_factory=Chains)
     migration: Migration = field(default_factory=Migration)
     log: Log = field(default_factory=Log)
 

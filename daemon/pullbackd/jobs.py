@@ -12,7 +12,11 @@
                                                     Finish(success=false))
 
 Only `completed` makes the job's checkpoint part of its consumer's chain (see
-chain.py); every other end deletes it.
+chain.py); every other end deletes it. The end and the checkpoint's fate are
+one transaction (`_close`); what a job that did not complete stored (push
+targets, files in the repository) is removed before it, so that a crash
+anywhere leaves either a completed job with everything in place, or a job
+recovery ends (again) as failed with nothing of it left.
 
 Names derive from the job id alone, so a job's files can be found again from
 the state database after a crash: `<exports>/<id>.sock` (the appliances' endpoint,
@@ -32,7 +36,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -45,8 +49,16 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import stream, xml
-from .chain import DEFAULT_CONSUMER, Base, Chains, Checkpoint, CheckpointState, check_consumer
+from . import crash, stream, xml
+from .chain import (
+    DEFAULT_CONSUMER,
+    PREFIX,
+    Base,
+    Chains,
+    Checkpoint,
+    CheckpointState,
+    check_consumer,
+)
 from .chain import checkpoint_name as make_checkpoint_name
 from .errors import (
     BackupInProgress,
@@ -550,7 +562,7 @@ class Jobs:
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         if request.target_dir is None and not request.allow_scratch_overcommit:
             await anyio.to_thread.run_sync(self._check_scratch, job_id, sum(sizes.values()))
-        await self.chains.prepare(domain)
+        await self.chains.prepare(domain, refused=self._did_not_complete)
         bases = self.chains.bases(domain, request.consumer, request.mode, request.since, chosen)
         if request.destination == LOCAL:
             bases = await anyio.to_thread.run_sync(
@@ -564,6 +576,7 @@ class Jobs:
         await self._save(job)
         await self.chains.add(Checkpoint(job.checkpoint, domain, job.consumer, job_id,
                                          job.created, CheckpointState.PENDING, tuple(chosen)))
+        crash.point("start.recorded")
         # Shielded: once libvirt may have started the job, the outcome must be
         # recorded (and a half-started job ended) even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
@@ -573,8 +586,10 @@ class Jobs:
                 await self._discard_checkpoint(job)
                 await self._save(_failed(job, f"libvirt did not start the backup: {e}"))
                 raise
+            crash.point("start.begun")
             try:
-                await self.chains.remember_xml(job.checkpoint)
+                await self.chains.begun(job.checkpoint, tuple(
+                    d for d, b in bases.items() if b.checkpoint is None))
                 job = await self._started(job, bases, sizes)
             except Exception as e:
                 error = f"the backup started but could not be read: {e}"
@@ -593,6 +608,7 @@ class Jobs:
             elif not job.push:
                 await self._serve(job)
             job = await self._save(job)
+            crash.point("start.ready")
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
@@ -744,6 +760,7 @@ class Jobs:
                 for writer in writers:
                     await self.repository.commit(writer)
                 writers.clear()
+                crash.point("commit.stored")
         except Exception as e:
             error = f"streaming to {job.destination} failed: {e}"
             log.warning("streaming failed", job=job_id, error=str(e))
@@ -901,7 +918,10 @@ class Jobs:
                 endpoint = await self.exports.close(job.id)
                 if endpoint is not None:
                     job = dataclasses.replace(job, appliance=Appliance.of(endpoint))
-                if not await self._end_libvirt_job(job) and state == JobState.COMPLETED:
+                crash.point("end.sessions")
+                running = await self._end_libvirt_job(job)
+                crash.point("end.libvirt")
+                if not running and state == JobState.COMPLETED:
                     # The exports vanished before the appliance said it was
                     # done: nobody can vouch that it read everything.
                     state, error = JobState.FAILED, "the backup ended before Finish: " \
@@ -910,19 +930,21 @@ class Jobs:
         return job
 
     async def _close(self, job: Job, state: JobState, error: str | None) -> Job:
-        """Record a job's end, and settle its checkpoint: in the chain, or deleted."""
+        """Record a job's end and its checkpoint's fate in one transaction, then carry
+        the fate out: the checkpoint joins the chain, or is deleted (chain.py)."""
         self._streams.pop(job.id, None)
         if (timer := self._timers.pop(job.id, None)) is not None:
             timer.cancel()
-        if state == JobState.COMPLETED:
-            await self.chains.complete(job.checkpoint)
-        else:
-            await self._discard_checkpoint(job)
+        completed = state == JobState.COMPLETED
+        if not completed:
+            # Before the end is recorded: a crash until then ends the job again
+            # at the next start, which comes here again; after it, nothing is left.
             await anyio.to_thread.run_sync(self._remove_targets, job)
             if job.destination == LOCAL:
                 # Stored files of a job that did not complete are no backups.
                 await anyio.to_thread.run_sync(self.repository.forget_job, job.domain,
                                                job.consumer, job.id)
+            crash.point("end.cleaned")
         # What it came to: the last progress and per-disk statistics stay on record.
         final = self._view(job)
         self._live.pop(job.id, None)
@@ -931,11 +953,20 @@ class Jobs:
                                   progress=final.progress, disks=tuple(
                                       dataclasses.replace(d, rate=None, eta=None)
                                       for d in final.disks))
-        job = await self._save(job)
+        checkpoint = self.chains.outcome(job.checkpoint, completed)
+        job = await self._save(job, checkpoint)
+        crash.point("end.recorded")
+        if checkpoint is not None:
+            await self.chains.settle(checkpoint)
         self._release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         await self._forget_old()
         return job
+
+    def _did_not_complete(self, job_id: str) -> bool:
+        """Whether a job is known to have ended without completing, or to be running."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.state != JobState.COMPLETED
 
     async def _forget_old(self) -> None:
         """Drop ended jobs older than `keep_finished`: when a job ends, and at start."""
@@ -968,19 +999,25 @@ class Jobs:
 
         Returns whether it was still running.
         """
-        ended = self._ended[job.domain] = anyio.Event()
+        running = await self._runs_in_libvirt(job)
+        if running:
+            await self._abort_backup(job.domain)
+        if await self._runs_in_libvirt(job):
+            raise LibvirtError(
+                -1, f"libvirt has not ended the backup after {self._end_timeout:g} s")
+        await anyio.to_thread.run_sync(self._remove_leftovers, job.id)
+        return running
+
+    async def _abort_backup(self, domain: str) -> None:
+        """Ask libvirt to end the domain's backup job; wait for its word, at most
+        `end_timeout`."""
+        ended = self._ended[domain] = anyio.Event()
         try:
-            running = await self._runs_in_libvirt(job)
-            if running and await self._virt.abort_job(job.domain):
+            if await self._virt.abort_job(domain):
                 with anyio.move_on_after(self._end_timeout):
                     await ended.wait()
-            if await self._runs_in_libvirt(job):
-                raise LibvirtError(
-                    -1, f"libvirt has not ended the backup after {self._end_timeout:g} s")
         finally:
-            del self._ended[job.domain]
-        await anyio.to_thread.run_sync(self._remove_leftovers, job)
-        return running
+            del self._ended[domain]
 
     async def _runs_in_libvirt(self, job: Job) -> bool:
         try:
@@ -989,14 +1026,14 @@ class Jobs:
             return False
         return backup_xml is not None and self._is_ours(xml.parse_backup(backup_xml), job)
 
-    def _remove_leftovers(self, job: Job) -> None:
+    def _remove_leftovers(self, job_id: str) -> None:
         # libvirt removes both when the job ends; a crash of libvirtd or QEMU
         # may not. Nothing else ever uses these names.
-        leftovers = [self.socket_path(job.id), self.exports.endpoint_path(job.id),
-                     *self._scratch.glob(f"{job.id}.*.qcow2")]
+        leftovers = [self.socket_path(job_id), self.exports.endpoint_path(job_id),
+                     *self._scratch.glob(f"{job_id}.*.qcow2")]
         for path in leftovers:
             if path.exists():
-                log.warning("removing leftover file", job=job.id, path=str(path))
+                log.warning("removing leftover file", job=job_id, path=str(path))
                 path.unlink(missing_ok=True)
 
     # Appliances' sessions.
@@ -1071,17 +1108,20 @@ class Jobs:
     # Events and recovery.
 
     async def follow_events(
-            self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> str:
-        """Apply libvirt's domain events to the jobs until the libvirt connection is lost;
-        streamed backups run in here too. Returns why the connection was lost."""
+            self, lost: Callable[[str], Awaitable[None]], *,
+            task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Apply libvirt's domain events to the jobs until the libvirt connection is lost
+        (then `lost(reason)` runs, with every endpoint and copy still up, before they
+        are cancelled); streamed backups and the endpoints run in here too."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
             async for event in self._virt.events:
                 match event:
                     case ConnectionLost(reason=reason):
+                        await lost(reason)
                         tg.cancel_scope.cancel()
-                        return reason
+                        return
                     case JobEnded(domain=domain, operation="backup"):
                         if domain in self._ended:
                             self._ended[domain].set()
@@ -1097,7 +1137,6 @@ class Jobs:
                             self._ended[domain].set()
                         tg.start_soon(self._fail, self._active[domain],
                                       f"the domain stopped ({reason}) during the backup")
-        return "the event stream ended"
 
     async def _pushed(self, job_id: str, event: JobEnded) -> None:
         """libvirt finished a push backup: its word on success is the outcome.
@@ -1141,7 +1180,8 @@ class Jobs:
                           reason=reason)
 
     async def recover(self) -> None:
-        """Load the jobs of an earlier run; adopt those libvirt still runs, fail the others."""
+        """Load the jobs of an earlier run; adopt those libvirt still runs, fail the others;
+        then check chain.py's invariant and end what no job owns."""
         for job in self._store.load_jobs():
             self._jobs[job.id] = job
         await self._forget_old()
@@ -1155,24 +1195,82 @@ class Jobs:
                 await self._close(job, JobState.FAILED, "its request was lost")
         for job in [j for j in self._jobs.values()
                     if not j.state.final and j.state != JobState.QUEUED]:
+            running = await self._runs_in_libvirt(job)
             # A copy of pullbackd's own died with it: such a job cannot be adopted.
-            adoptable = job.state == JobState.READY or (
-                job.state == JobState.RUNNING and job.destination is None)
-            if adoptable and await self._runs_in_libvirt(job):
+            if running and (job.state == JobState.READY or (
+                    job.state == JobState.RUNNING and job.destination is None)):
                 self._active[job.domain] = job.id
                 if job.state == JobState.READY:
                     await self._serve(job)
                 log.info("adopted running backup", job=job.id, domain=job.domain)
                 continue
             await self._end_libvirt_job(job)
-            # A push whose end we missed is failed too: nobody saw libvirt confirm it.
-            await self._close(job, JobState.FAILED, "pullbackd restarted while the job was "
-                              + ("starting" if job.state == JobState.STARTING
-                                 else f"{job.state}, and libvirt no longer runs it"))
-        for checkpoint in self.chains.pending():
-            if checkpoint.job not in self._active.values():
-                await self.chains.discard(checkpoint)
+            await self._close(job, JobState.FAILED, _lost(job, running))
+        await self._check_chains()
+        await self._end_unowned()
         self._dequeue()
+
+    async def _check_chains(self) -> None:
+        """chain.py's invariant: a checkpoint is in a chain if and only if its job
+        completed. Also delete what an earlier run could not (or crashed before it
+        did), and what the repository holds of jobs that did not complete."""
+        for c in self.chains.all():
+            job = self._jobs.get(c.job)
+            if c.state == CheckpointState.COMPLETE and job is not None and \
+                    job.state != JobState.COMPLETED:
+                log.error("BUG: a checkpoint is in its consumer's chain but its backup did "
+                          "not complete; rolling it back (the next incremental covers its "
+                          "changes)", checkpoint=c.name, job=c.job, state=job.state)
+                await self.chains.discard(c)
+            elif c.state == CheckpointState.DISCARD or (
+                    c.state == CheckpointState.PENDING and c.job not in self._active.values()):
+                await self.chains.discard(c)
+        stored = await anyio.to_thread.run_sync(self.repository.stored_jobs)
+        for job_id in stored:
+            job = self._jobs.get(job_id)
+            if job is not None and job.state != JobState.COMPLETED and \
+                    job.id not in self._active.values():
+                log.error("BUG: the repository holds a backup of a job that did not "
+                          "complete; removing it", job=job_id, state=job.state)
+                await anyio.to_thread.run_sync(self.repository.forget_job, job.domain,
+                                               job.consumer, job.id)
+
+    async def _end_unowned(self) -> None:
+        """End the pull backups libvirt runs on QEMU sockets of ours that no job of
+        ours owns (the state database was lost or replaced), and delete their
+        checkpoints: nobody can Finish them, and each would block every Start of its
+        domain. Their appliances are cut off; the chains are not guessed. A domain
+        libvirt cannot tell about now is left as it is, and logged."""
+        try:
+            domains = await self._virt.running_domains()
+        except PullbackError as e:
+            log.warning("cannot look for backups nobody owns", error=str(e))
+            return
+        for domain in domains:
+            try:
+                await self._end_unowned_of(domain)
+            except PullbackError as e:
+                log.warning("cannot look for a backup nobody owns", domain=domain,
+                            error=str(e))
+
+    async def _end_unowned_of(self, domain: str) -> None:
+        backup_xml = await self._virt.backup_xml(domain)
+        socket = xml.parse_backup(backup_xml).socket if backup_xml else None
+        owned = {self.socket_path(job_id) for job_id in self._active.values()}
+        if socket is None or socket in owned or socket.parent != self.exports.private:
+            return
+        job_id = socket.name.removesuffix(".sock")
+        log.error("ending a backup of pullbackd's that the state database does not know "
+                  "(was the database lost?); its appliances must start again",
+                  domain=domain, job=job_id)
+        await self._abort_backup(domain)
+        await anyio.to_thread.run_sync(self._remove_leftovers, job_id)
+        for name in await self._virt.checkpoints(domain):
+            if name.startswith(PREFIX) and name.endswith(f".{job_id}") and \
+                    self.chains.get(name) is None:
+                await self._virt.delete_checkpoint(domain, name)
+                log.warning("deleted the checkpoint of a backup nobody owns", domain=domain,
+                            checkpoint=name)
 
     # Helpers.
 
@@ -1191,16 +1289,17 @@ class Jobs:
         """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
         return self._locks.setdefault(f"chain:{domain}", anyio.Lock())
 
-    async def _save(self, job: Job) -> Job:
-        """Record the job (a new state joins its history) and tell the watchers; the job
-        as recorded."""
+    async def _save(self, job: Job, checkpoint: Checkpoint | None = None) -> Job:
+        """Record the job (a new state joins its history), with its checkpoint's new
+        state in the same transaction if given, and tell the watchers; the job as
+        recorded."""
         before = self._jobs.get(job.id)
         history = before.history if before is not None and \
             len(before.history) > len(job.history) else job.history
         if before is None or before.state != job.state or not history:
             history = (*history, Transition(job.state, now()))
         job = dataclasses.replace(job, history=history)
-        await self._store.save_job(job)
+        await self._store.save_job(job, checkpoint)
         self._jobs[job.id] = job
         self._publish(Change("state", self._view(job)))
         return job
@@ -1247,6 +1346,16 @@ def _follower(live: _Live, writer: Writer | None) -> Callable[[stream.Progress],
         if writer is not None:
             writer.behind.progress(progress)
     return follow
+
+
+def _lost(job: Job, running: bool) -> str:
+    """Why a job that was not final when pullbackd stopped cannot go on."""
+    if job.state == JobState.STARTING:
+        return "pullbackd restarted while the job was starting"
+    if job.destination is not None:
+        return ("pullbackd restarted during its own copy, which cannot resume"
+                + ("" if running else ", and libvirt no longer runs the backup"))
+    return f"pullbackd restarted while the job was {job.state}, and libvirt no longer runs it"
 
 
 def _failed(job: Job, error: str) -> Job:

@@ -10,19 +10,32 @@ directly. A backup is written as `NNNN.qcow2.partial` and becomes `NNNN.qcow2`
 only once every byte arrived; its manifest (job, checkpoint, time, bytes, and a
 checksum of each region written) is written last, atomically. A file without
 a manifest is not a backup.
+
+Nothing outlives a crash. The kernel kills our qemu-nbd servers when the daemon
+dies (see TIED), and `Repository.recover`, run at start before anything is
+served, ends those that escaped (a daemon killed in the instant between starting
+one and tying it to itself, or a daemon from before they were tied) and removes
+what a crash leaves: after `recover()`, no qemu-nbd of an earlier run serves a
+repository file, no temporary file (`*.qcow2.partial`, `*.flat.partial`,
+`*.tmp`) exists, and neither does a backup file without its manifest (a commit
+or a prune cut short between the two).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import secrets
+import select
 import signal
+import socket
 import subprocess
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +45,7 @@ import nbd
 import structlog
 import xxhash
 
-from . import stream
+from . import crash, stream
 from .errors import NoSuchCheckpoint, PullbackError
 
 log = structlog.get_logger()
@@ -124,9 +137,20 @@ QEMU_NBD_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
                                   "glibc.malloc.trim_threshold=134217728"}
 
 
+#: Run before qemu-nbd: the kernel sends it SIGKILL when the thread that started it
+#: dies (PR_SET_PDEATHSIG, set by setpriv and kept across its exec of qemu-nbd),
+#: so a server of ours does not outlive a `kill -9` of the daemon. The signal follows
+#: the *thread* that forked, not the process: start it from a thread that lives as
+#: long as the process. The daemon does: anyio on asyncio spawns a process from the
+#: event loop's thread (the main thread, which runs `anyio.run`), never from a worker
+#: thread, which could end while qemu-nbd serves. A daemon killed between the fork
+#: and setpriv's prctl leaves its qemu-nbd untied: `Repository.recover` ends it.
+TIED = ("setpriv", "--pdeathsig", "KILL", "--")
+
+
 def qemu_nbd(socket: Path, image: Path, fmt: str, *, writable: bool) -> list[str]:
-    """How the repository serves an image (run with QEMU_NBD_ENV); the benchmark
-    serves its targets the same way.
+    """How the repository serves an image (run with QEMU_NBD_ENV), tied to the thread
+    that runs it (see TIED); the benchmark serves its targets the same way.
 
     A writable image is served with `--cache unsafe`, so qemu-nbd never flushes it
     to disk. Its caller does, once (`fsync`), before the file counts: a backup when
@@ -137,7 +161,7 @@ def qemu_nbd(socket: Path, image: Path, fmt: str, *, writable: bool) -> list[str
     while it holds the image's lock, so every write waits for the page cache to be
     written back.
     """
-    return ["qemu-nbd", "--socket", str(socket), "--format", fmt, "--shared", "16",
+    return [*TIED, "qemu-nbd", "--socket", str(socket), "--format", fmt, "--shared", "16",
             "--persistent", "--cache", "unsafe" if writable else "writeback",
             *([] if writable else ["--read-only"]), str(image)]
 
@@ -237,6 +261,29 @@ class Repository:
     def folder(self, domain: str, consumer: str, disk: str) -> Path:
         return self.root / domain / consumer / disk
 
+    def recover(self) -> None:
+        """Undo what a crash of an earlier run left, before anything is served
+        (blocking: run it in a worker thread).
+
+        Ends the qemu-nbd servers of an earlier run (SIGTERM; SIGKILL for any still
+        there after ORPHAN_GRACE), then removes their sockets and the temporary files
+        of backups, flattenings and manifests being written. Only the daemon that owns
+        the repository may call it: it ends every qemu-nbd serving on a socket in the
+        repository's sockets folder. Raises RepositoryError if a server cannot be ended.
+        """
+        _end(_orphans(self._sockets))
+        for sock in sorted(self._sockets.glob("*.sock")):
+            log.warning("removing a stale socket", path=str(sock))
+            sock.unlink(missing_ok=True)
+        for pattern in LEFTOVERS:
+            for leftover in sorted(self.root.glob(f"*/*/*/{pattern}")):
+                log.warning("removing a leftover of a crash", path=str(leftover))
+                leftover.unlink(missing_ok=True)
+        for image in sorted(self.root.glob("*/*/*/[0-9]*.qcow2")):
+            if not image.with_suffix(".json").exists():
+                log.warning("removing a backup file without its manifest", path=str(image))
+                image.unlink(missing_ok=True)
+
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         folder = self.folder(domain, consumer, disk)
         if not folder.is_dir():
@@ -288,12 +335,14 @@ class Repository:
         await anyio.Path(self._sockets).chmod(0o700)
         sock = self._sockets / f"{name}.sock"
         await anyio.Path(sock).unlink(missing_ok=True)
+        # Spawned from the event loop's thread, so tied to the daemon's life (see TIED).
         process = await anyio.open_process(
             qemu_nbd(sock, image, fmt, writable=writable), env=os.environ | QEMU_NBD_ENV,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         served = Served(process, sock)
         try:
-            await _until_listening(served, image)
+            for pause in _serving(sock, image, lambda: process.returncode, SERVE_TIMEOUT):
+                await anyio.sleep(pause)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await _stop(served)
@@ -308,6 +357,7 @@ class Repository:
             "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
         final = writer.folder / manifest.file
         await anyio.to_thread.run_sync(_durable_rename, writer.partial, final)
+        crash.point("commit.renamed")
         text = manifest.to_json()
         await anyio.to_thread.run_sync(
             _durable_write, writer.folder / f"{manifest.sequence:04d}.json", text)
@@ -318,6 +368,11 @@ class Repository:
         await _stop(writer.server)
         await anyio.to_thread.run_sync(writer.behind.close)
         await anyio.Path(writer.partial).unlink(missing_ok=True)
+
+    def stored_jobs(self) -> set[str]:
+        """The ids of every job with a backup in the repository."""
+        return {json.loads(p.read_text())["job"]
+                for p in self.root.glob("*/*/*/[0-9]*.json")}
 
     def forget_job(self, domain: str, consumer: str, job: str) -> None:
         """Remove what a job that did not complete stored: no backup may point to a
@@ -330,6 +385,7 @@ class Repository:
                 if m.job == job:
                     log.info("removing stored backup of a failed job", file=m.file, job=job)
                     (folder / f"{m.sequence:04d}.json").unlink(missing_ok=True)
+                    _fsync_dir(folder)  # never a manifest without its file
                     (folder / m.file).unlink(missing_ok=True)
 
     async def prune(self, domain: str, consumer: str, disk: str, keep: int) -> list[Manifest]:
@@ -363,10 +419,12 @@ class Repository:
                    str(folder / m.file), str(flat))
         regions = await anyio.to_thread.run_sync(_scan, flat)
         await anyio.to_thread.run_sync(_durable_rename, flat, folder / m.file)
+        crash.point("prune.flattened")
         flattened = Manifest(**asdict(m) | {"backing": None, "mode": "full",
                                             "regions": regions, "checksums": CHECKSUM})
         await anyio.to_thread.run_sync(
             _durable_write, folder / f"{m.sequence:04d}.json", flattened.to_json())
+        crash.point("prune.manifest")
 
     async def restore(self, manifest: Manifest, to: Path, fmt: str,
                       tuning: stream.Tuning | None = None) -> None:
@@ -424,6 +482,8 @@ def _drop(folder: Path, dropped: list[Manifest]) -> None:
     """Manifests first: a file without one is no backup, so a crash between is harmless."""
     for m in dropped:
         (folder / f"{m.sequence:04d}.json").unlink()
+    _fsync_dir(folder)
+    crash.point("prune.dropping")
     for m in dropped:
         (folder / m.file).unlink(missing_ok=True)
 
@@ -493,15 +553,175 @@ async def _run(*command: str) -> None:
                               or f"{command[0]} failed")
 
 
-async def _until_listening(served: Served, image: Path) -> None:
-    # qemu-nbd says nothing when its socket is bound; it binds within
-    # milliseconds, so look for the socket, with a bound.
-    with anyio.fail_after(30):
-        while not await anyio.Path(served.socket).exists():
-            if served.process.returncode is not None:
-                raise RepositoryError(str(image),
-                                      f"qemu-nbd exited with {served.process.returncode}")
-            await anyio.sleep(0.01)
+#: How long qemu-nbd may take to serve (it takes milliseconds), and how often we look.
+SERVE_TIMEOUT = 30.0
+_SERVE_POLL = 0.01
+
+
+def wait_serving(sock: Path, image: Path, returncode: Callable[[], int | None],
+                   timeout: float) -> None:
+    """Return once the qemu-nbd serving `image` on `sock` serves it.
+
+    `returncode` is the process's (None while it runs): an exit fails the wait at
+    once. Raises RepositoryError when it exits or `timeout` seconds pass first."""
+    for pause in _serving(sock, image, returncode, timeout):
+        time.sleep(pause)
+
+
+def _serving(sock: Path, image: Path, returncode: Callable[[], int | None],
+               timeout: float) -> Iterator[float]:
+    """The wait of `wait_serving`, for a synchronous or an asynchronous caller: the
+    pauses to sleep between looks.
+
+    Neither the socket file nor a connection is a sign: qemu-nbd binds the socket,
+    then listens (a connection in between is refused), then opens the image, and may
+    fail there and exit (a connection it queued meanwhile is dropped; the socket file
+    stays). It greets a client (NBD's first bytes) only once it serves the image. So
+    we connect, and wait on that connection for the greeting; then we close it.
+    qemu-nbd shrugs off a client gone before the handshake (with --persistent it
+    serves on, and the closed connection frees its place among the --shared ones).
+    Everything non-blocking, so that an asynchronous caller never blocks its loop.
+    """
+    deadline = time.monotonic() + timeout
+    probe: socket.socket | None = None
+    try:
+        while True:
+            if probe is None:
+                probe = _connect(sock)
+            if probe is not None:
+                greeted = _greeted(probe)
+                if greeted:
+                    return
+                if greeted is not None:  # closed on us: try again (or see it exited)
+                    probe.close()
+                    probe = None
+            if (code := returncode()) is not None:
+                raise RepositoryError(str(image), f"qemu-nbd exited with {code}")
+            if time.monotonic() > deadline:
+                raise RepositoryError(str(image), f"qemu-nbd not serving on {sock} after "
+                                                  f"{timeout:g} s")
+            yield _SERVE_POLL
+    finally:
+        if probe is not None:
+            probe.close()
+
+
+def _connect(sock: Path) -> socket.socket | None:
+    """A non-blocking connection to the Unix socket `sock`, or None if nobody listens
+    there (yet). A connection to a Unix socket completes or fails at once."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(str(sock))
+    except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+        # BlockingIOError: its backlog is full, as good as not listening yet.
+        probe.close()
+        return None
+    except BaseException:
+        probe.close()
+        raise
+    return probe
+
+
+def _greeted(probe: socket.socket) -> bool | None:
+    """Whether the server sent something on `probe` (True), closed it (False), or
+    neither yet (None)."""
+    try:
+        return bool(probe.recv(1))
+    except BlockingIOError:
+        return None
+    except ConnectionResetError:
+        return False
+
+
+#: What a crash can leave in a disk's folder: a backup being written (`begin`), a
+#: backup being flattened (`_flatten`), a manifest being written (`_durable_write`).
+#: None is a backup, and nothing builds on them.
+LEFTOVERS = ("*.qcow2.partial", "*.flat.partial", "*.tmp")
+
+#: How long `recover` gives a qemu-nbd of an earlier run to end after SIGTERM, and
+#: then after SIGKILL.
+ORPHAN_GRACE = 10.0
+
+
+def _orphans(sockets: Path) -> dict[int, str]:
+    """The qemu-nbd processes serving on a socket in `sockets`, each with its socket."""
+    folder = os.path.abspath(sockets)
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (sock := _served_socket(int(entry), folder)) is not None:
+            found[int(entry)] = sock
+    return found
+
+
+def _served_socket(pid: int, folder: str) -> str | None:
+    """The socket the process `pid` serves on if it is a qemu-nbd serving on one in
+    `folder`, else None."""
+    try:
+        argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:  # gone meanwhile, or not ours to look at
+        return None
+    if os.path.basename(argv[0]) != "qemu-nbd":
+        return None
+    # cmdline ends in a NUL: the last argument too has a following (empty) one.
+    for arg, following in itertools.pairwise(argv):
+        if arg == "--socket":
+            sock = following
+        elif arg.startswith("--socket="):
+            sock = arg.removeprefix("--socket=")
+        else:
+            continue
+        if sock and os.path.dirname(os.path.abspath(sock)) == folder:
+            return sock
+    return None
+
+
+def _end(orphans: dict[int, str]) -> None:
+    """End the processes `orphans` (pid: socket): SIGTERM, then SIGKILL for those
+    still there after ORPHAN_GRACE. Through pidfds, so a pid that a new process took
+    over meanwhile is never signalled."""
+    pidfds: dict[int, int] = {}
+    try:
+        for pid, sock in orphans.items():
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            # The pid is held now: look again that it is still the qemu-nbd we found.
+            if _served_socket(pid, os.path.dirname(os.path.abspath(sock))) != sock:
+                os.close(fd)
+                continue
+            pidfds[pid] = fd
+            log.warning("ending a qemu-nbd of an earlier run", pid=pid, socket=sock)
+            _signal(fd, pid, sock, signal.SIGTERM)
+        deadline = time.monotonic() + ORPHAN_GRACE
+        stubborn = [pid for pid, fd in pidfds.items() if not _exits(fd, deadline)]
+        for pid in stubborn:
+            log.warning("killing a qemu-nbd of an earlier run", pid=pid, socket=orphans[pid])
+            _signal(pidfds[pid], pid, orphans[pid], signal.SIGKILL)
+        deadline = time.monotonic() + ORPHAN_GRACE
+        for pid in stubborn:
+            if not _exits(pidfds[pid], deadline):
+                raise RepositoryError(orphans[pid], f"qemu-nbd {pid} of an earlier run "
+                                                    "does not end")
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
+def _signal(pidfd: int, pid: int, sock: str, sig: signal.Signals) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
+    except PermissionError as e:
+        raise RepositoryError(sock, f"cannot end qemu-nbd {pid}: {e.strerror}") from e
+
+
+def _exits(pidfd: int, deadline: float) -> bool:
+    """Whether the process ends before `deadline` (its pidfd becomes readable)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
 
 
 async def _shielded(fn: Callable[..., Awaitable[object]], *args: Any) -> None:

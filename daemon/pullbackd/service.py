@@ -30,7 +30,7 @@ from .migration import Migrations
 from .remote import Remote, tls_context
 from .repository import Repository
 from .sdnotify import Notifier
-from .state import Store
+from .state import StateDamaged, Store
 from .virt import Virt
 
 log = structlog.get_logger()
@@ -72,6 +72,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         await virt.connect()
         repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository",
                                 cfg.repository.write_behind)
+        # What a crash of the last run left: its qemu-nbds, its half-written files.
+        await anyio.to_thread.run_sync(repository.recover)
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
                                connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
                                buffers=stream.BufferPool(cfg.stream.memory),
@@ -79,15 +81,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         limits = Limits(drain_timeout=cfg.exports.drain_timeout,
                         idle_timeout=cfg.exports.idle_timeout,
                         max_lifetime=cfg.exports.max_lifetime)
-        remote, remote_base = None, None
-        if cfg.exports.tcp_listen:
-            host, port = config.parse_listen(cfg.exports.tcp_listen)
-            tls = None if cfg.exports.insecure_tcp else tls_context(
-                Path(cfg.exports.tls_certificates), cfg.exports.tls_verify_clients)
-            remote = Remote(exports, host, port, tls)
-            remote_base = f"{'nbd' if tls is None else 'nbds'}://" \
-                f"{cfg.exports.tcp_host or socket.getfqdn()}:{port}"
-        jobs = Jobs(virt, store, Chains(virt, store), exports, cfg.scratch.dir,
+        remote, remote_base = _remote(cfg, exports)
+        jobs = Jobs(virt, store, Chains(virt, store, cfg.chains.keep), exports, cfg.scratch.dir,
                     cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
                     cfg.jobs.keep_finished, limits, cfg.jobs.max_active, remote_base)
         async with anyio.create_task_group() as tg:
@@ -96,9 +91,13 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                     *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
             ) -> None:
                 nonlocal status
-                reason = await jobs.follow_events(task_status=task_status)
-                log.error("lost the libvirt connection; exiting so that a restart reconnects",
-                          reason=reason)
+
+                async def lost(reason: str) -> None:
+                    log.error("lost the libvirt connection; exiting so that a restart "
+                              "reconnects", reason=reason)
+                    await _hand_off(notifier, jobs)
+
+                await jobs.follow_events(lost, task_status=task_status)
                 status = 1
                 tg.cancel_scope.cancel()
 
@@ -127,6 +126,17 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
     return status
 
 
+def _remote(cfg: config.Config, exports: Exports) -> tuple[Remote | None, str | None]:
+    """The TCP endpoint for remote appliances, and the base of its URIs, if configured."""
+    if not cfg.exports.tcp_listen:
+        return None, None
+    host, port = config.parse_listen(cfg.exports.tcp_listen)
+    tls = None if cfg.exports.insecure_tcp else tls_context(
+        Path(cfg.exports.tls_certificates), cfg.exports.tls_verify_clients)
+    base = f"{'nbd' if tls is None else 'nbds'}://{cfg.exports.tcp_host or socket.getfqdn()}:{port}"
+    return Remote(exports, host, port, tls), base
+
+
 async def _serve(listener: SocketListener, service: Service, path: Path) -> None:
     try:
         await listener.serve(partial(
@@ -142,14 +152,19 @@ async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier, jobs: Jo
         async for signum in signals:
             log.info("stopping; running backups stay up and are adopted at the next start",
                      signal=signal.Signals(signum).name)
-            if notifier.enabled:
-                # Appliances reading now keep their sessions: systemd holds the
-                # sockets until the next run takes them back.
-                with anyio.move_on_after(HANDOFF_TIMEOUT):
-                    await jobs.hand_off(notifier.store_fds)
-            notifier.stopping()
+            await _hand_off(notifier, jobs)
             scope.cancel()
             return
+
+
+async def _hand_off(notifier: Notifier, jobs: Jobs) -> None:
+    """On the way down, for whatever reason (a signal, libvirt lost): appliances
+    reading now keep their sessions, as systemd holds the sockets until the next
+    run takes them back."""
+    if notifier.enabled:
+        with anyio.move_on_after(HANDOFF_TIMEOUT):
+            await jobs.hand_off(notifier.store_fds)
+    notifier.stopping()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(cfg.log.level)
     try:
         return anyio.run(run, cfg, Notifier(), backend="asyncio")
+    except StateDamaged as e:
+        # Not for a restart to fix: the unit does not restart on this status.
+        log.error("cannot run", error=str(e))
+        return 2
     except (PullbackError, OSError) as e:
         log.error("cannot run", error=str(e))
         return 1

@@ -3,6 +3,13 @@
 Together with what libvirt reports, it is enough to rebuild every job after a
 crash: a job is written before libvirt is asked to start it, and again at each
 change of state. Writes are durable before the caller hears of the change.
+
+A job's end and its checkpoint's fate are one transaction (`save_job` with a
+checkpoint): after a crash the database never holds a job that ended one way
+and a checkpoint that went the other (see chain.py).
+
+A database that cannot be read is never replaced silently: `Store` raises
+`StateDamaged`, which names the file and what the operator can do.
 """
 
 from __future__ import annotations
@@ -44,19 +51,47 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created TEXT NOT NULL,
     state TEXT NOT NULL,
     disks TEXT NOT NULL,
-    xml TEXT
+    xml TEXT,
+    full_disks TEXT NOT NULL DEFAULT '[]'
 );
 """
+#: Columns added since a table was first created: added to an older database at start.
+COLUMNS = {"checkpoints": {"full_disks": "TEXT NOT NULL DEFAULT '[]'"}}
+
+
+class StateDamaged(Exception):
+    """The daemon cannot start on this database (never a client's error: it does not
+    cross the control socket)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"the state database {path} cannot be used ({reason}); pullbackd will not guess "
+            "its jobs and chains: restore the file from a backup, or move it aside to start "
+            "afresh (running backups of pullbackd are then ended and every consumer's next "
+            "backup is full, unless the domains' metadata carries their chains)")
 
 
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection, used from one worker thread at a time (the limiter).
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            # One connection, used from one worker thread at a time (the limiter).
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            (result,) = self._db.execute("PRAGMA quick_check").fetchone()
+            if result != "ok":
+                raise sqlite3.DatabaseError(result)
+            self._db.executescript(SCHEMA)
+            for table, columns in COLUMNS.items():
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in columns.items():
+                    if column not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self.load_jobs()
+            self.load_checkpoints()
+        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as e:
+            raise StateDamaged(path, str(e) or type(e).__name__) from None
         self._limiter = anyio.CapacityLimiter(1)
 
     def close(self) -> None:
@@ -68,18 +103,14 @@ class Store:
 
     def load_checkpoints(self) -> list[Checkpoint]:
         rows = self._db.execute(
-            "SELECT name, domain, consumer, job, created, state, disks, xml FROM checkpoints"
-            " ORDER BY created, rowid")
+            "SELECT name, domain, consumer, job, created, state, disks, xml, full_disks"
+            " FROM checkpoints ORDER BY created, rowid")
         return [Checkpoint(name, domain, consumer, job, created, CheckpointState(state),
-                           tuple(json.loads(disks)), xml)
-                for name, domain, consumer, job, created, state, disks, xml in rows]
+                           tuple(json.loads(disks)), xml, tuple(json.loads(full)))
+                for name, domain, consumer, job, created, state, disks, xml, full in rows]
 
     async def save_checkpoint(self, c: Checkpoint) -> None:
-        await self._write(
-            "INSERT INTO checkpoints (name, domain, consumer, job, created, state, disks, xml)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
-            " state = excluded.state, xml = excluded.xml",
-            (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml))
+        await self._write(_SAVE_CHECKPOINT, _checkpoint_row(c))
 
     async def save_handoff(self, handed: list[Handed]) -> None:
         """What the next run needs to resume the sessions whose sockets systemd keeps."""
@@ -116,8 +147,31 @@ class Store:
     async def _write(self, sql: str, args: tuple[object, ...]) -> None:
         await anyio.to_thread.run_sync(self._db.execute, sql, args, limiter=self._limiter)
 
-    async def save_job(self, job: Job) -> None:
-        await self._write(
-            "INSERT INTO jobs (id, domain, state, created, record) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record",
-            (job.id, job.domain, job.state, job.created, json.dumps(job.to_record())))
+    async def save_job(self, job: Job, checkpoint: Checkpoint | None = None) -> None:
+        """Record a job; with `checkpoint`, the checkpoint's new state in the same
+        transaction (a job's end and its checkpoint's fate are one decision)."""
+        writes: list[tuple[str, tuple[object, ...]]] = [
+            (_SAVE_JOB, (job.id, job.domain, job.state, job.created,
+                         json.dumps(job.to_record())))]
+        if checkpoint is not None:
+            writes.append((_SAVE_CHECKPOINT, _checkpoint_row(checkpoint)))
+        await anyio.to_thread.run_sync(self._transaction, writes, limiter=self._limiter)
+
+    def _transaction(self, writes: list[tuple[str, tuple[object, ...]]]) -> None:
+        with self._db:  # commits, or rolls back on an exception
+            self._db.execute("BEGIN IMMEDIATE")
+            for sql, args in writes:
+                self._db.execute(sql, args)
+
+
+_SAVE_JOB = ("INSERT INTO jobs (id, domain, state, created, record) VALUES (?, ?, ?, ?, ?)"
+             " ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record")
+_SAVE_CHECKPOINT = (
+    "INSERT INTO checkpoints (name, domain, consumer, job, created, state, disks, xml,"
+    " full_disks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+    " state = excluded.state, xml = excluded.xml, full_disks = excluded.full_disks")
+
+
+def _checkpoint_row(c: Checkpoint) -> tuple[object, ...]:
+    return (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml,
+            json.dumps(c.full))

@@ -183,6 +183,17 @@ class Virt:
             error=params.get("errmsg") or None,
         ))
 
+    async def running_domains(self) -> list[str]:
+        """The names of the domains that run now."""
+        def names() -> list[str]:
+            flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+            return [dom.name() for dom in self._conn.listAllDomains(flags)]
+
+        try:
+            return await anyio.to_thread.run_sync(names)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(e.get_error_code(), e.get_error_message()) from None
+
     # Domain calls.
 
     async def _run(self, domain: str, fn: Callable[[Any], T], bitmaps: bool = False) -> T:

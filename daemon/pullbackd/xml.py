@@ -169,6 +169,8 @@ class ChainEntry:
     disks: tuple[str, ...]
     #: libvirt's checkpoint XML without the domain definition (enough to redefine it).
     xml: str | None
+    #: Disks its backup copied in full (where differentials start).
+    full: tuple[str, ...] = ()
 
 
 def chains(entries: list[ChainEntry]) -> str:
@@ -177,6 +179,8 @@ def chains(entries: list[ChainEntry]) -> str:
     for e in entries:
         item = ET.SubElement(root, "checkpoint", name=e.name, consumer=e.consumer, job=e.job,
                              created=e.created, disks=",".join(e.disks))
+        if e.full:
+            item.set("full", ",".join(e.full))
         if e.xml is not None:
             item.append(_parse(e.xml))
     return ET.tostring(root, encoding="unicode")
@@ -191,7 +195,8 @@ def parse_chains(text: str) -> list[ChainEntry]:
             name=item.get("name", ""), consumer=item.get("consumer", ""),
             job=item.get("job", ""), created=item.get("created", ""),
             disks=tuple(d for d in item.get("disks", "").split(",") if d),
-            xml=None if inner is None else ET.tostring(inner, encoding="unicode")))
+            xml=None if inner is None else ET.tostring(inner, encoding="unicode"),
+            full=tuple(d for d in item.get("full", "").split(",") if d)))
     if any(not e.name or not e.consumer for e in entries):
         raise XMLError("a chain entry without a name or consumer")
     return entries
