@@ -298,23 +298,34 @@ def check_repository(d: Daemon, consumer: str, states: dict[str, bytes],
     return [m["checkpoint"] for m in manifests]
 
 
-def test_a_lost_database_ends_the_backups_nobody_owns(lab: Lab, tmp_path: Path) -> None:
-    """state.db deleted while a job is ready: the next start ends libvirt's backup and
-    deletes its checkpoint, instead of leaving every Start refused."""
-    base = tmp_path / "pullbackd"
-    d = start_daemon(base, lab.uri)
-    job = d.ctl.job("Start", domain=DOMAIN, disks=["vda"], consumer="lost")
+def test_a_lost_database_is_rebuilt_from_libvirt(lab: Lab, tmp_path: Path) -> None:
+    """state.db deleted while a job is ready: the next start rebuilds the job from
+    libvirt's backup and checkpoint, the appliance reads on and finishes it, and the
+    next incremental starts there."""
+    s = Scenario(lab, tmp_path, "lost", local=False)
+    s.vda.write(MiB, MiB, 0x44)
+    with daemon_at(s.base, lab) as d:
+        s.backup(d, "full")
+    s.vda.write(3 * MiB, MiB, 0x45)
+    d = start_daemon(s.base, lab.uri)
+    job = s.start(d, "incremental")
     d.proc.kill()
     d.proc.wait()
     d.manager.close()
-    for path in (base / "state").glob("state.db*"):
+    for path in (s.base / "state").glob("state.db*"):
         path.unlink()
-    with daemon_at(base, lab) as d:
-        assert "the state database does not know" in d.log_text()
-        assert job["checkpoint"] not in libvirt_checkpoints(lab, "lost")
-        nxt = d.ctl.job("Start", domain=DOMAIN, disks=["vda"], consumer="lost")
-        assert nxt["mode"] == "full" and nxt["state"] == "ready"
-        d.ctl.call("Abort", id=nxt["id"])
+    with daemon_at(s.base, lab) as d:
+        assert "rebuilt a running backup" in d.log_text()
+        rebuilt = d.ctl.job("Get", id=job["id"])
+        assert rebuilt["state"] == "ready" and rebuilt["consumer"] == "lost"
+        assert [(x["name"], x["mode"], x["since"], x["url"]) for x in rebuilt["disks"]] == \
+            [(x["name"], x["mode"], x["since"], x["url"]) for x in job["disks"]]
+        copy = s.app.read(rebuilt)
+        s.app.settle(d.ctl.job("Finish", id=job["id"]), copy)
+        assert_image(s.app.image, s.vda, tmp_path)
+        assert chain(d, "lost")[-1] == job["checkpoint"]
+        s.vda.write(5 * MiB, MiB, 0x46)
+        s.backup(d, "incremental")
         assert_nothing_left(d, lab, "lost")
 
 

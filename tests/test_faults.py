@@ -312,23 +312,30 @@ async def test_a_chain_holding_a_failed_jobs_checkpoint_is_rolled_back_at_start(
 
 
 @pytest.mark.asyncio
-async def test_a_backup_of_ours_the_database_does_not_know_is_ended_at_start(
+async def test_a_backup_of_ours_the_database_does_not_know_is_rebuilt_or_ended_at_start(
         tmp_path: Path) -> None:
-    # The database was lost while a job was ready: libvirt still runs its backup
-    # on one of our QEMU sockets, with its new checkpoint.
+    # The database was lost while jobs were ready: libvirt still runs their backups on
+    # our QEMU sockets. d1's has the checkpoint named after its job: it is rebuilt.
+    # d2's has none (someone deleted it): it cannot be finished, so it is ended.
     virt = FakeVirt()
-    lost = "0123456789ab"
+    lost, lone = "0123456789ab", "ba9876543210"
     await virt.backup_begin("d1", xml.backup(xml.BackupRequest(
         tmp_path / "exports" / ".qemu" / f"{lost}.sock", {"vda": tmp_path / "s.qcow2"})),
         xml.checkpoint(checkpoint_name("c", lost), ["vda"], ()))
-    # One that is not ours stays.
     await virt.backup_begin("d2", xml.backup(xml.BackupRequest(
-        tmp_path / "elsewhere.sock", {"vda": tmp_path / "t.qcow2"})))
+        tmp_path / "exports" / ".qemu" / f"{lone}.sock", {"vda": tmp_path / "t.qcow2"})))
     async with running(tmp_path, virt) as jobs:
-        assert "d1" not in virt.backups and "d2" in virt.backups
-        assert await virt.checkpoints("d1") == []
-        job = await jobs.start(StartRequest("d1", consumer="c"))  # no BackupInProgress
-        assert job.state == JobState.READY
+        job = jobs.get(lost)
+        assert (job.state, job.domain, job.consumer, job.checkpoint) == (
+            JobState.READY, "d1", "c", checkpoint_name("c", lost))
+        assert [d.mode for d in job.disks] == ["full"]
+        with pytest.raises(errors.BackupInProgress):
+            await jobs.start(StartRequest("d1", consumer="c"))
+        assert (await jobs.finish(lost)).state == JobState.COMPLETED
+        assert [c.name for c in jobs.chains.of("d1", "c")] == [job.checkpoint]
+        assert "d2" not in virt.backups
+        fresh = await jobs.start(StartRequest("d2", consumer="c"))  # no BackupInProgress
+        assert fresh.state == JobState.READY
 
 
 def test_a_damaged_database_is_refused_with_what_to_do(tmp_path: Path) -> None:

@@ -74,16 +74,16 @@ def test_checkpoint_round_trip() -> None:
                     "<creationTime>1</creationTime><disks><disk name='vda' checkpoint='bitmap' "
                     "bitmap='c2'/><disk name='vdb' checkpoint='no'/></disks></domaincheckpoint>")
     info = xml.parse_checkpoint(libvirt_says)
-    assert info == xml.CheckpointInfo("c2", "c1", ("vda",))
+    assert info == xml.CheckpointInfo("c2", "c1", ("vda",), created=1)
     orphan = xml.parse_checkpoint(xml.without_parent(libvirt_says))
-    assert orphan == xml.CheckpointInfo("c2", None, ("vda",))
+    assert orphan == xml.CheckpointInfo("c2", None, ("vda",), created=1)
 
 
 def test_parse_backup_reads_what_libvirt_chose() -> None:
     job = xml.parse_backup(LIBVIRT_BACKUP)
     assert job.socket == Path("/e/j1.sock")
     assert job.disks == (
-        xml.BackupDisk("vda", "vda", "backup-vda", Path("/s/j1.vda.qcow2")),
+        xml.BackupDisk("vda", "vda", "backup-vda", Path("/s/j1.vda.qcow2"), since="c1"),
         xml.BackupDisk("vdb", "vdb", None, Path("/s/j1.vdb.qcow2")),
     )
 

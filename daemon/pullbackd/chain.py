@@ -162,7 +162,7 @@ class Chains:
         for c in [c for c in self._checkpoints.values()
                   if c.domain == domain and c.state == CheckpointState.DISCARD]:
             await self.discard(c)
-        await self._import(domain, refused)
+        await self.take_in(domain, refused)
         ours = self.of(domain)
         if not ours:
             return
@@ -184,7 +184,7 @@ class Chains:
             log.info("redefined lost checkpoint metadata", domain=domain, checkpoint=c.name)
             known.add(c.name)
 
-    async def _import(self, domain: str, refused: Callable[[str], bool]) -> None:
+    async def take_in(self, domain: str, refused: Callable[[str], bool]) -> None:
         """Take in the chains the domain's metadata carries that we do not know: it was
         backed up by a pullbackd elsewhere (and migrated here), or our database is new."""
         try:

@@ -51,6 +51,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import crash, stream, xml
 from .chain import (
+    CONSUMER,
     DEFAULT_CONSUMER,
     PREFIX,
     Base,
@@ -1026,6 +1027,17 @@ class Jobs:
             return False
         return backup_xml is not None and self._is_ours(xml.parse_backup(backup_xml), job)
 
+    def _sweep(self) -> None:
+        """At start: remove the endpoints, QEMU sockets and scratch files of every job
+        that does not run (a job failed at recovery had its own removed already; these
+        are what a lost database or a crash of libvirtd left)."""
+        running = set(self._active.values())
+        found = {p.name.split(".")[0] for p in (
+            *self.exports.dir.glob("*.sock"), *self.exports.private.glob("*.sock"),
+            *self._scratch.glob("*.qcow2"))}
+        for job_id in sorted(found - running):
+            self._remove_leftovers(job_id)
+
     def _remove_leftovers(self, job_id: str) -> None:
         # libvirt removes both when the job ends; a crash of libvirtd or QEMU
         # may not. Nothing else ever uses these names.
@@ -1207,7 +1219,8 @@ class Jobs:
             await self._end_libvirt_job(job)
             await self._close(job, JobState.FAILED, _lost(job, running))
         await self._check_chains()
-        await self._end_unowned()
+        await self._take_in_unowned()
+        await anyio.to_thread.run_sync(self._sweep)
         self._dequeue()
 
     async def _check_chains(self) -> None:
@@ -1235,12 +1248,13 @@ class Jobs:
                 await anyio.to_thread.run_sync(self.repository.forget_job, job.domain,
                                                job.consumer, job.id)
 
-    async def _end_unowned(self) -> None:
-        """End the pull backups libvirt runs on QEMU sockets of ours that no job of
-        ours owns (the state database was lost or replaced), and delete their
-        checkpoints: nobody can Finish them, and each would block every Start of its
-        domain. Their appliances are cut off; the chains are not guessed. A domain
-        libvirt cannot tell about now is left as it is, and logged."""
+    async def _take_in_unowned(self) -> None:
+        """Pull backups libvirt runs on QEMU sockets of ours that no job of ours owns
+        (the state database was lost or replaced): rebuild each job from libvirt's
+        word (the backup's XML, the checkpoint named after the job), so that its
+        appliance can read on and Finish it; end those that cannot be rebuilt, as
+        nobody could Finish them and each would block every Start of its domain.
+        A domain libvirt cannot tell about now is left as it is, and logged."""
         try:
             domains = await self._virt.running_domains()
         except PullbackError as e:
@@ -1248,29 +1262,63 @@ class Jobs:
             return
         for domain in domains:
             try:
-                await self._end_unowned_of(domain)
+                await self._take_in_unowned_of(domain)
             except PullbackError as e:
                 log.warning("cannot look for a backup nobody owns", domain=domain,
                             error=str(e))
 
-    async def _end_unowned_of(self, domain: str) -> None:
+    async def _take_in_unowned_of(self, domain: str) -> None:
         backup_xml = await self._virt.backup_xml(domain)
-        socket = xml.parse_backup(backup_xml).socket if backup_xml else None
-        owned = {self.socket_path(job_id) for job_id in self._active.values()}
-        if socket is None or socket in owned or socket.parent != self.exports.private:
+        backup = xml.parse_backup(backup_xml) if backup_xml else None
+        if backup is None or backup.socket is None or domain in self._active or \
+                backup.socket.parent != self.exports.private:
             return
-        job_id = socket.name.removesuffix(".sock")
-        log.error("ending a backup of pullbackd's that the state database does not know "
-                  "(was the database lost?); its appliances must start again",
-                  domain=domain, job=job_id)
-        await self._abort_backup(domain)
-        await anyio.to_thread.run_sync(self._remove_leftovers, job_id)
-        for name in await self._virt.checkpoints(domain):
-            if name.startswith(PREFIX) and name.endswith(f".{job_id}") and \
-                    self.chains.get(name) is None:
+        job_id = backup.socket.name.removesuffix(".sock")
+        ours = [name for name in await self._virt.checkpoints(domain)
+                if name.startswith(PREFIX) and name.endswith(f".{job_id}")]
+        consumer = ours[0][len(PREFIX):-len(job_id) - 1] if len(ours) == 1 else ""
+        if job_id in self._jobs or not CONSUMER.fullmatch(consumer):
+            log.error("ending a backup of pullbackd's that no job owns; its appliances "
+                      "must start again", domain=domain, job=job_id, checkpoints=ours)
+            await self._abort_backup(domain)
+            await anyio.to_thread.run_sync(self._remove_leftovers, job_id)
+            for name in ours:
                 await self._virt.delete_checkpoint(domain, name)
-                log.warning("deleted the checkpoint of a backup nobody owns", domain=domain,
-                            checkpoint=name)
+            return
+        job = await self._rebuilt(domain, job_id, consumer, backup)
+        log.error("rebuilt a running backup the state database did not know (was the "
+                  "database lost?) from libvirt: appliances can read on and finish it",
+                  domain=domain, job=job_id, consumer=consumer)
+        self._active[domain] = job.id
+        await self._serve(job)
+
+    async def _rebuilt(self, domain: str, job_id: str, consumer: str,
+                       backup: xml.BackupJob) -> Job:
+        """A pull job as libvirt runs it, recorded as ready with a pending checkpoint."""
+        name = make_checkpoint_name(consumer, job_id)
+        checkpoint_xml = await self._virt.checkpoint_xml(domain, name)
+        info = xml.parse_checkpoint(checkpoint_xml)
+        created = now() if info.created is None else datetime.fromtimestamp(
+            info.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        disks = tuple([Disk(
+            name=d.name, size=await self._virt.capacity(domain, d.name),
+            mode="incremental" if d.since else "full", export=d.export,
+            url=nbd_url(self.exports.endpoint_path(job_id), str(d.export)),
+            remote_url=f"{self._remote}/{quote(str(d.export), safe='')}" if self._remote
+            else None,
+            bitmap=f"qemu:dirty-bitmap:{d.bitmap}" if d.bitmap else None, since=d.since)
+            for d in backup.disks])
+        since = next((d.since for d in disks if d.since), None)
+        # Taken in first, so that what is written into the domain's metadata later
+        # (when this job completes) holds the chains it carries.
+        await self.chains.take_in(domain, refused=self._did_not_complete)
+        job = await self._save(Job(job_id, domain, JobState.READY,
+                                   "incremental" if since else "full", created, consumer,
+                                   name, since=since, disks=disks))
+        await self.chains.add(Checkpoint(
+            name, domain, consumer, job_id, created, CheckpointState.PENDING, info.disks,
+            checkpoint_xml, tuple(d.name for d in disks if d.since is None)))
+        return job
 
     # Helpers.
 

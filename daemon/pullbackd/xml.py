@@ -43,6 +43,8 @@ class BackupDisk:
     bitmap: str | None
     scratch: Path | None
     target: Path | None = None
+    #: An incremental disk: the checkpoint it starts from.
+    since: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class CheckpointInfo:
     parent: str | None
     #: disks with a bitmap in this checkpoint.
     disks: tuple[str, ...]
+    #: When libvirt created it, seconds since the epoch (None if it does not say).
+    created: int | None = None
 
 
 def parse_disks(domain_xml: str) -> list[DomainDisk]:
@@ -151,6 +155,7 @@ def parse_checkpoint(checkpoint_xml: str) -> CheckpointInfo:
         parent=root.findtext("parent/name"),
         disks=tuple(d.get("name", "") for d in root.iterfind("disks/disk")
                     if d.get("checkpoint", "bitmap") == "bitmap"),
+        created=int(text) if (text := root.findtext("creationTime", "")).isdigit() else None,
     )
 
 
@@ -246,6 +251,7 @@ def parse_backup(backup_xml: str) -> BackupJob:
             bitmap=disk.get("exportbitmap"),
             scratch=_file(disk, "scratch"),
             target=_file(disk, "target"),
+            since=disk.get("incremental") if disk.get("backupmode") == "incremental" else None,
         ))
     return BackupJob(socket=socket, disks=tuple(disks))
 
