@@ -60,9 +60,10 @@ CASES = [
 def test_every_crash_point_is_tested() -> None:
     tested = {point for point, _ in CASES}
     assert tested == set(crash.POINTS)
-    source = "".join(p.read_text() for p in (Path(crash.__file__).parent).glob("*.py"))
-    for point in crash.POINTS:
-        assert f'crash.point("{point}")' in source, point
+    source = "".join(p.read_text() for p in (Path(crash.__file__).parent).glob("*.py")
+                     if p.name != "crash.py")
+    for point in crash.POINTS:  # each named where the daemon reaches it
+        assert f'"{point}"' in source, point
 
 
 class Appliance:

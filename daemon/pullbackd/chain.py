@@ -295,35 +295,33 @@ class Chains:
 
     async def _trim(self, domain: str, consumer: str) -> None:
         """A checkpoint joined the chain: write the chains into the domain's metadata,
-        and delete what the chain no longer needs (out of the chain first)."""
+        and delete what the chain no longer needs."""
         doomed = self._over_keep(domain, consumer)
-        for c in doomed:
-            await self._save(_replace(c, state=CheckpointState.DISCARD))
-        if doomed:
-            crash.point("chain.trimmed")
-        await self._mirror(domain)
-        for c in doomed:
-            await self.discard(self._checkpoints[c.name], mirrored=False)
+        await self._drop(domain, doomed, "chain.trimmed")
         if doomed:
             log.info("trimmed a chain to [chains] keep", domain=domain, consumer=consumer,
                      deleted=[c.name for c in doomed])
 
     async def delete_chain(self, domain: str, consumer: str) -> list[str]:
-        """Delete a consumer's checkpoints. They leave the chain first (recorded, and
-        out of the domain's metadata), then libvirt deletes them, oldest first;
-        one libvirt cannot delete now is deleted at the domain's next backup or
-        the next start. Other consumers' chains are untouched."""
+        """Delete a consumer's checkpoints; other consumers' chains are untouched."""
         doomed = [c for c in self.all() if c.domain == domain and c.consumer == consumer]
-        for c in doomed:
-            if c.state != CheckpointState.DISCARD:
-                await self._save(_replace(c, state=CheckpointState.DISCARD))
-            crash.point("chain.deleting")
-        await self._mirror(domain)
-        for c in doomed:
-            await self.discard(self._checkpoints[c.name], mirrored=False)
+        await self._drop(domain, doomed, "chain.deleting")
         deleted = [c.name for c in doomed]
         log.info("deleted chain", domain=domain, consumer=consumer, checkpoints=deleted)
         return deleted
+
+    async def _drop(self, domain: str, doomed: list[Checkpoint], point: str) -> None:
+        """Take checkpoints out of the domain's chains: recorded first (never a base
+        from then on), the domain's metadata rewritten (with or without them), then
+        libvirt deletes them, oldest first; one libvirt cannot delete now is deleted
+        at the domain's next backup or the next start."""
+        for c in doomed:
+            if c.state != CheckpointState.DISCARD:
+                await self._save(_replace(c, state=CheckpointState.DISCARD))
+            crash.point(point)
+        await self._mirror(domain)
+        for c in doomed:
+            await self.discard(self._checkpoints[c.name], mirrored=False)
 
     async def _save(self, c: Checkpoint) -> None:
         await self._store.save_checkpoint(c)

@@ -1193,7 +1193,8 @@ class Jobs:
 
     async def recover(self) -> None:
         """Load the jobs of an earlier run; adopt those libvirt still runs, fail the others;
-        then check chain.py's invariant and end what no job owns."""
+        then check chain.py's invariant, rebuild (or end) the backups of ours libvirt runs
+        for no job we know, and remove what belongs to no running job."""
         for job in self._store.load_jobs():
             self._jobs[job.id] = job
         await self._forget_old()
