@@ -13,8 +13,11 @@ measured overwrite allocated clusters). Per domain and round:
                 bitmap costs per request. Each is an HMP `qemu-io` write on the
                 guest's own block backend (the path of a guest's writes, bitmaps
                 included), all over one libvirt connection. Reported: writes/s as
-                the caller sees them, and QEMU's own time for a request (the median
-                of qemu-io's reports in QEMU's log: the monitor's round trip left out)
+                the caller sees them, QEMU's own time for a request (the median of
+                qemu-io's reports in QEMU's log: the monitor's round trip left out),
+                and the CPU time QEMU's process (all threads; the vCPU idles) spent
+                per write: bitmaps cost CPU, and CPU time is not stretched by the
+                waits that other work on the machine causes
     large       256 MiB in 4 MiB requests, MiB/s
     backup      backupBegin of a full pull backup, then abortJob, ms
     checkpoint  checkpointCreateXML of one more checkpoint, and deleting it, ms
@@ -52,6 +55,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 from bench import BLOCK, LAB, GiB, MiB, lab, log, run, turns
+from load import cpu_seconds
 
 #: qemu-io on the first virtio disk's block backend: the guest's own path.
 DEVICE = "/machine/peripheral/virtio-disk0/virtio-backend"
@@ -87,6 +91,7 @@ class Case:
     domains: list[str] = field(default_factory=list)  # which domain had it, round by round
     small_seconds: list[float] = field(default_factory=list)
     small_qemu_us: list[float] = field(default_factory=list)  # QEMU's own, per request
+    small_cpu_us: list[float] = field(default_factory=list)  # QEMU's CPU, per request
     large_seconds: list[float] = field(default_factory=list)
     backup_ms: list[float] = field(default_factory=list)
     create_ms: list[float] = field(default_factory=list)
@@ -95,12 +100,13 @@ class Case:
 
 @dataclass
 class Guest:
-    """A lab domain, its QEMU log (where qemu-io reports), and its checkpoints, named
+    """A lab domain, its QEMU (log, where qemu-io reports, and pid), and its checkpoints, named
     chain-000, chain-001, ... (each the child of the one before)."""
 
     name: str
     dom: Any  # libvirt.virDomain
     qemu_log: Path
+    pid: int  # QEMU's
     checkpoints: int = 0
 
 
@@ -119,17 +125,24 @@ def qemu_io(verb: str, byte: int, request: Request) -> str:
     return f'qemu-io -d {DEVICE} "{verb} -P 0x{byte:02x} {offset} {length}"'
 
 
-def issue(guest: Guest, verb: str, byte: int, requests: list[Request]
-          ) -> tuple[float, list[float]]:
-    """`requests` one after the other, each checked by qemu-io's report: the caller's
-    seconds for all of them, and QEMU's own seconds for each."""
+@dataclass(frozen=True)
+class Timing:
+    seconds: float  # the caller's, for all the requests
+    requests: list[float]  # QEMU's own seconds for each request, as qemu-io reports them
+    cpu: float  # the QEMU process's CPU seconds (all its threads) meanwhile
+
+
+def issue(guest: Guest, verb: str, byte: int, requests: list[Request]) -> Timing:
+    """`requests` one after the other, each checked by qemu-io's report."""
     mark = guest.qemu_log.stat().st_size
     commands = [qemu_io(verb, byte, r) for r in requests]
+    cpu = cpu_seconds(guest.pid)
     t = time.perf_counter()
     for command in commands:
         hmp(guest.dom, command)
     seconds = time.perf_counter() - t
-    return seconds, confirmed(guest, mark, verb, requests)
+    cpu = cpu_seconds(guest.pid) - cpu
+    return Timing(seconds, confirmed(guest, mark, verb, requests), cpu)
 
 
 def confirmed(guest: Guest, mark: int, verb: str, requests: list[Request]) -> list[float]:
@@ -161,12 +174,12 @@ def large_requests(size: Size, n: int) -> list[Request]:
     return [(start + i, LARGE_REQUEST) for i in range(0, size.large, LARGE_REQUEST)]
 
 
-def writes(guest: Guest, requests: list[Request], byte: int) -> tuple[float, list[float]]:
+def writes(guest: Guest, requests: list[Request], byte: int) -> Timing:
     """The writes, timed, then read back through the guest with the same pattern."""
     run("sync")  # nothing left to write back from the run before
-    seconds, qemu = issue(guest, "write", byte, requests)
+    timing = issue(guest, "write", byte, requests)
     issue(guest, "read", byte, requests)
-    return seconds, qemu
+    return timing
 
 
 def backup_xml(work: Path, guest: Guest) -> str:
@@ -230,7 +243,8 @@ def prepare(conn: Any, lab_dir: Path, size: Size, name: str) -> Guest:
     """A domain whose disk is written in full."""
     run(str(LAB), "--dir", str(lab_dir), "write", name, "vda", "0", str(size.disk),
         str(FILL_BYTE))
-    return Guest(name, conn.lookupByName(name), lab_dir / "log" / "qemu" / f"{name}.log")
+    pid = int((lab_dir / "run" / "libvirt" / "qemu" / f"{name}.pid").read_text())
+    return Guest(name, conn.lookupByName(name), lab_dir / "log" / "qemu" / f"{name}.log", pid)
 
 
 @dataclass(frozen=True)
@@ -241,13 +255,14 @@ class Round:
 
 
 def small(guest: Guest, case: Case, r: Round) -> None:
-    seconds, qemu = writes(guest, small_requests(r.size, r.n), 0x20 + r.n)
-    case.small_seconds.append(seconds)
-    case.small_qemu_us.append(statistics.median(qemu) * 1e6)
+    timing = writes(guest, small_requests(r.size, r.n), 0x20 + r.n)
+    case.small_seconds.append(timing.seconds)
+    case.small_qemu_us.append(statistics.median(timing.requests) * 1e6)
+    case.small_cpu_us.append(timing.cpu / r.size.small_writes * 1e6)
 
 
 def large(guest: Guest, case: Case, r: Round) -> None:
-    case.large_seconds.append(writes(guest, large_requests(r.size, r.n), 0xa0 + r.n)[0])
+    case.large_seconds.append(writes(guest, large_requests(r.size, r.n), 0xa0 + r.n).seconds)
 
 
 def backup_step(guest: Guest, case: Case, r: Round) -> None:
@@ -300,6 +315,7 @@ class Summary:
     writes_per_second: float
     small_mib_per_second: float
     qemu_us_per_write: float
+    cpu_us_per_write: float
     large_mib_per_second: float
     backup_ms: float
     create_ms: float
@@ -310,24 +326,27 @@ def summary(case: Case, size: Size) -> Summary:
     med = statistics.median
     return Summary(case.checkpoints, size.small_writes / med(case.small_seconds),
                    size.small_writes * BLOCK / MiB / med(case.small_seconds),
-                   med(case.small_qemu_us), size.large / MiB / med(case.large_seconds),
+                   med(case.small_qemu_us), med(case.small_cpu_us),
+                   size.large / MiB / med(case.large_seconds),
                    med(case.backup_ms), med(case.create_ms), med(case.delete_ms))
 
 
 def paired(cases: dict[int, Case], a: int, b: int) -> dict[str, list[float]]:
     """Round by round, the ratio of chain `b`'s figure to chain `a`'s (same round,
-    so the machine's drift weighs on both): writes/s, QEMU's time per write, and
-    large writes' MiB/s."""
+    so the machine's drift weighs on both): small writes' writes/s, QEMU's time and
+    CPU time per write, and large writes' MiB/s."""
     def ratios(x: list[float], y: list[float]) -> list[float]:
         return [q / p for p, q in zip(x, y, strict=True)]
     return {"writes_per_second": ratios(cases[b].small_seconds, cases[a].small_seconds),
             "qemu_us_per_write": ratios(cases[a].small_qemu_us, cases[b].small_qemu_us),
+            "cpu_us_per_write": ratios(cases[a].small_cpu_us, cases[b].small_cpu_us),
             "large_mib_per_second": ratios(cases[b].large_seconds, cases[a].large_seconds)}
 
 
 #: The table's columns after the first: heading, Summary field, format.
 COLUMNS = (("writes/s", "writes_per_second", "9.0f"), ("MiB/s", "small_mib_per_second", "7.1f"),
            ("QEMU us/write", "qemu_us_per_write", "14.1f"),
+           ("CPU us/write", "cpu_us_per_write", "13.1f"),
            ("large MiB/s", "large_mib_per_second", "12.0f"), ("backup ms", "backup_ms", "10.1f"),
            ("create ms", "create_ms", "10.1f"), ("delete ms", "delete_ms", "10.1f"))
 

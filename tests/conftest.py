@@ -168,13 +168,16 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
                  scratch: Path | None = None, scratch_reserve: int = 0,
                  exports: str = "", extra_config: str = "",
                  fdstore: dict[str, int] | None = None,
-                 env: dict[str, str] | None = None) -> Daemon:
+                 env: dict[str, str] | None = None, control: str = "",
+                 socket: Path | None = None) -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own.
 
     `exports` is more of the [exports] section; `extra_config` more sections.
     `fdstore`: what the previous run handed over (`Daemon.manager.fdstore`).
     `env`: more environment (e.g. a crash point, see pullbackd/crash.py).
+    `control`: more of the [control] section; `socket`: the control socket's path.
     """
+    socket = socket or base / "control.sock"
     base.mkdir(parents=True, exist_ok=True)
     config = base / "pullbackd.toml"
     # Short, as socket paths must be; the same for the same base, as a restart needs.
@@ -182,7 +185,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         f"pbx-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
     config.write_text(
         f'[libvirt]\nuri = "{uri}"\n'
-        f'[control]\nsocket = "{base}/control.sock"\n'
+        f'[control]\nsocket = "{socket}"\n{control}\n'
         f'[exports]\ndir = "{exports_dir}"\n{exports}\n'
         f'[scratch]\ndir = "{scratch or base / "scratch"}"\nreserve = {scratch_reserve}\n'
         f'[state]\ndir = "{base}/state"\n'
@@ -202,8 +205,8 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
             proc.wait()
             manager.close()
             raise AssertionError(f"pullbackd did not get ready:\n{log.read_text()}")
-    return Daemon(proc, base / "control.sock", exports_dir, scratch or base / "scratch", log,
-                  Control(base / "control.sock"), repository or base / "repository", manager)
+    return Daemon(proc, socket, exports_dir, scratch or base / "scratch", log,
+                  Control(socket), repository or base / "repository", manager)
 
 
 def stop_daemon(daemon: Daemon) -> None:

@@ -30,7 +30,11 @@ def test_partial_message_is_kept() -> None:
     assert decoder.feed(b'B"}\0') == [b'{"method": "a.B"}']
 
 
-@pytest.mark.parametrize("raw", [b"{not json\0", b"[1, 2]\0", b"\xff\xfe\0", b'"str"\0'])
+@pytest.mark.parametrize("raw", [
+    b"{not json\0", b"[1, 2]\0", b"\xff\xfe\0", b'"str"\0',
+    b'{"method": "a.B", "parameters": {"id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}\0",
+    b'{"method": "a.B", "parameters": {"id": ' + b"9" * 5000 + b"}}\0",
+], ids=["not-json", "array", "not-utf8", "string", "deep", "huge-int"])
 def test_not_an_object_is_a_protocol_error(raw: bytes) -> None:
     [frame] = Decoder().feed(raw)
     with pytest.raises(ProtocolError):

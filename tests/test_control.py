@@ -107,14 +107,21 @@ def test_finish_and_abort_are_idempotent(daemon: Daemon) -> None:
     assert daemon.ctl.job("Finish", id=job["id"]) == aborted
 
 
-@pytest.mark.parametrize("payload", [b"{this is not json\0", b"[1,2,3]\0",
-                                     b'{"method": 5}\0', b'{"method": "x.Y", "more": 3}\0'])
+@pytest.mark.parametrize("payload", [
+    b"{this is not json\0", b"[1,2,3]\0", b'{"method": 5}\0', b'{"method": "x.Y", "more": 3}\0',
+    # Each of these took the whole daemon down once: nested 100,000 deep, 5,000 digits.
+    b'{"method": "org.pullbackd.Backup.Get", "parameters": {"id": ' + b"[" * 100_000
+    + b"]" * 100_000 + b"}}\0",
+    b'{"method": "org.pullbackd.Backup.Get", "parameters": {"id": ' + b"9" * 5000 + b"}}\0",
+], ids=["not-json", "array", "method-type", "flag-type", "deep", "huge-int"])
 def test_malformed_messages_get_an_error_and_the_connection_closes(
         daemon: Daemon, payload: bytes) -> None:
     replies, closed = raw_exchange(daemon, payload, 1)
     assert [error_of(r) for r in replies] == ["ProtocolViolation"]
     assert replies[0]["error"] == f"{api.INTERFACE}.ProtocolViolation"
     assert closed
+    assert daemon.proc.poll() is None
+    daemon.ctl.call("List")  # still serving (a dead daemon fails the call)
 
 
 def test_calls_before_a_malformed_one_are_answered(daemon: Daemon) -> None:

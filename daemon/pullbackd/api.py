@@ -25,6 +25,7 @@ from .errors import BackupInProgress, InvalidParameter
 from .exports import Session
 from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
 from .migration import Migrations
+from .roles import Roles
 
 INTERFACE = "org.pullbackd.Backup"
 #: Progress events of a running job: at most one a second.
@@ -189,13 +190,14 @@ class BackupAPI:
                 async for disk in (root / name).iterdir()]
 
 
-def service(jobs: Jobs, migrations: Migrations) -> Service:
+def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None) -> Service:
     svc = Service(
         vendor="pullbackd",
         product="pullbackd",
         version=__version__,
         url="",
         internal_error=f"{INTERFACE}.InternalError",
+        roles=roles or Roles(),
     )
     svc.add_service_interface(interface("org.varlink.service"))
     svc.add(interface(INTERFACE), BackupAPI(jobs, migrations).handlers())

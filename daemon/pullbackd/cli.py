@@ -319,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(reply, indent=2) if args.json else format_job(job))
             return 0 if job is None or job["state"] == "completed" else 1
     except VarlinkError as e:
+        if e.short_name == "PermissionDenied":
+            print(f"pullbackctl: refused: your role ({e.parameters.get('role')}) does not "
+                  f"allow {e.parameters.get('method')}; ask the host's administrator for "
+                  "one in [roles] of pullbackd's configuration", file=sys.stderr)
+            return 1
         print(f"error: {e.name} {json.dumps(e.parameters)}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -38,6 +38,21 @@ class Control:
 
 
 @dataclass(frozen=True)
+class Roles:
+    """Who may do what on the control socket (see roles.py): user names, and groups as
+    "@group". Root is admin."""
+
+    #: Everything: also Migrate, DeleteChain, Prune, Restore.
+    admin: tuple[str, ...] = ()
+    #: Start, Finish, Abort, and what `look` may.
+    backup: tuple[str, ...] = ()
+    #: Get, List, Watch, ListCheckpoints, Verify.
+    look: tuple[str, ...] = ()
+    #: The role of whoever reaches the socket and is in no list: none, look, backup, admin.
+    default: str = "backup"
+
+
+@dataclass(frozen=True)
 class Exports:
     #: Per-job NBD endpoints, `<dir>/<job-id>.sock`; QEMU's own sockets are in
     #: `<dir>/.qemu`, for pullbackd and the QEMU user alone.
@@ -150,6 +165,7 @@ class Log:
 class Config:
     libvirt: Libvirt = field(default_factory=Libvirt)
     control: Control = field(default_factory=Control)
+    roles: Roles = field(default_factory=Roles)
     exports: Exports = field(default_factory=Exports)
     scratch: Scratch = field(default_factory=Scratch)
     state: State = field(default_factory=State)
@@ -173,6 +189,7 @@ class Config:
 
 
 LEVELS = ("debug", "info", "warning", "error")
+ROLES = ("none", "look", "backup", "admin")
 
 
 def load(path: Path | None) -> Config:
@@ -210,6 +227,11 @@ def _build(cls: Any, data: Any, where: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{key} must be a whole number")
             values[name] = value
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) and v.strip("@") for v in value):
+                raise ConfigError(f"{key} must be a list of names")
+            values[name] = tuple(value)
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ConfigError(f"{key} must be a positive number")
@@ -267,6 +289,8 @@ def _validate(config: Config) -> None:
     for key in ("request_size", "connections", "in_flight", "memory"):
         if getattr(config.stream, key) < 1:
             raise ConfigError(f"stream.{key} must be at least 1")
+    if config.roles.default not in ROLES:
+        raise ConfigError(f"roles.default must be one of {', '.join(ROLES)}")
     if config.log.level not in LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(LEVELS)}")
 

@@ -135,3 +135,11 @@ class MigrationBlocked(PullbackError):
             "sessions open) after the drain timeout; the migration did not start. Wait for "
             "them, or migrate with force to abort them", domain=domain, jobs=jobs,
             sessions=sessions)
+
+
+class PermissionDenied(PullbackError):
+    def __init__(self, method: str, role: str) -> None:
+        super().__init__(
+            f"{method} needs a role that yours ({role}) does not include; ask the host's "
+            "administrator for one in [roles] of pullbackd's configuration",
+            method=method, role=role)

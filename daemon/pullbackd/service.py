@@ -20,7 +20,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config, sdnotify, stream
+from . import api, config, roles, sdnotify, stream
 from .chain import Chains
 from .control.server import Service, bind
 from .errors import PullbackError
@@ -113,7 +113,10 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
             migrations = Migrations(jobs, virt, cfg.migration.grace,
                                     cfg.migration.drain_timeout)
-            tg.start_soon(_serve, listener, api.service(jobs, migrations), cfg.control.socket)
+            access = roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
+                                 roles.parse(cfg.roles.default))
+            tg.start_soon(_serve, listener, api.service(jobs, migrations, access),
+                          cfg.control.socket)
             tg.start_soon(notifier.watchdog)
             tg.start_soon(jobs.watch_scratch)
             active = sum(not j.state.final for j in jobs.all())

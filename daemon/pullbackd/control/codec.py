@@ -101,8 +101,10 @@ class Decoder:
 def decode(raw: bytes) -> dict[str, Any]:
     try:
         message = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"malformed JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError: not UTF-8, not JSON, or an integer of more digits than Python
+        # converts (sys.get_int_max_str_digits); RecursionError: nested too deep.
+        raise ProtocolError(f"malformed JSON: {str(e)[:200]}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     return message

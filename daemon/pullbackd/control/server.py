@@ -26,6 +26,7 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from ..errors import InvalidParameter, PullbackError
+from ..roles import Role, Roles
 from . import idl
 from .codec import Call, Decoder, ProtocolError, Reply, decode, encode, parse_call
 
@@ -77,6 +78,8 @@ class Service:
     url: str
     #: The error a handler's unexpected exception becomes, fully qualified.
     internal_error: str
+    #: Who may call what (org.varlink.service is open to everyone who connects).
+    roles: Roles = field(default_factory=Roles)
     _interfaces: dict[str, tuple[idl.Interface, Mapping[str, Handler]]] = field(
         default_factory=dict
     )
@@ -105,10 +108,17 @@ class Service:
             raise _Error(f"{SERVICE}.InterfaceNotFound", {"interface": interface})
         return {"description": self._interfaces[interface][0].description}
 
-    async def replies(self, call: Call) -> AsyncGenerator[Reply, None]:
+    async def replies(self, call: Call, role: Role = Role.ADMIN,
+                      peer: Peer | None = None) -> AsyncGenerator[Reply, None]:
         """Answer one call: one reply, or several for a streaming method called with `more`."""
         try:
             handler = self._resolve(call)
+            if call.interface != SERVICE:
+                self.roles.check(role, call.member)
+                if self.roles.changes(call.member):
+                    log.info("call", method=call.method, uid=peer and peer.uid,
+                             pid=peer and peer.pid, role=role.label,
+                             parameters=call.parameters)
             result = handler(**call.parameters)
             if isinstance(result, AsyncGenerator):
                 if not call.more:
@@ -165,8 +175,10 @@ class Service:
         """Serve one connection until the peer closes it or breaks the protocol."""
         conn = next(self._ids)
         peer = peer_of(stream)
+        role = Role.NONE if peer is None else await anyio.to_thread.run_sync(
+            self.roles.of, peer.uid, peer.gid)
         clog = log.bind(conn=conn, peer_pid=peer and peer.pid, peer_uid=peer and peer.uid)
-        clog.debug("connected")
+        clog.debug("connected", role=role.label)
         decoder = Decoder()
         async with stream:
             try:
@@ -183,12 +195,16 @@ class Service:
                         clog.debug("call", method=call.method)
                         # Closed here, not by the garbage collector, when the peer
                         # hangs up in the middle of a stream of replies.
-                        async with aclosing(self.replies(call)) as replies:
+                        async with aclosing(self.replies(call, role, peer)) as replies:
                             async for reply in replies:
                                 if not call.oneway:
                                     await stream.send(encode(reply.to_message()))
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 clog.debug("disconnected", unread=decoder.pending)
+            except Exception:
+                # No client may take the daemon down: whatever one connection
+                # did, it ends that connection alone.
+                clog.exception("connection crashed; closing it")
 
 
 async def _violation(stream: SocketStream, clog: structlog.typing.FilteringBoundLogger,

@@ -1,0 +1,98 @@
+"""Who may do what on the control socket.
+
+Reaching the socket ([control] mode and group) lets a process talk; its role,
+from its peer credentials (SO_PEERCRED) and [roles] in the configuration,
+decides which methods answer:
+
+    look     Get, List, Watch, ListCheckpoints, Verify (and varlink's GetInfo)
+    backup   look, and Start, Finish, Abort
+    admin    backup, and Migrate, DeleteChain, Prune, Restore
+
+Root is admin. Anyone else gets the highest role that lists their user name or
+one of their groups ("@group"), else [roles] default. A call beyond the
+caller's role is refused with PermissionDenied, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .errors import PermissionDenied
+
+
+class Role(IntEnum):
+    NONE = 0
+    LOOK = 1
+    BACKUP = 2
+    ADMIN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+#: The role each method of org.pullbackd.Backup needs.
+METHODS = {
+    "Get": Role.LOOK, "List": Role.LOOK, "Watch": Role.LOOK, "ListCheckpoints": Role.LOOK,
+    "Verify": Role.LOOK,
+    "Start": Role.BACKUP, "Finish": Role.BACKUP, "Abort": Role.BACKUP,
+    "Migrate": Role.ADMIN, "DeleteChain": Role.ADMIN, "Prune": Role.ADMIN,
+    "Restore": Role.ADMIN,
+}
+
+
+def parse(label: str) -> Role:
+    """A role by its name in the configuration ("none", "look", "backup", "admin")."""
+    return Role[label.upper()]
+
+
+@dataclass(frozen=True)
+class Roles:
+    """[roles]: user names and "@group" names per role, and the role of everyone else."""
+
+    admin: tuple[str, ...] = ()
+    backup: tuple[str, ...] = ()
+    look: tuple[str, ...] = ()
+    default: Role = Role.BACKUP
+
+    def of(self, uid: int, gid: int) -> Role:
+        """The role of a peer (blocking: user and group lookups may ask NSS)."""
+        if uid == 0:
+            return Role.ADMIN
+        names = _names(uid, gid)
+        for role, members in ((Role.ADMIN, self.admin), (Role.BACKUP, self.backup),
+                              (Role.LOOK, self.look)):
+            if names & set(members):
+                return role
+        return self.default
+
+    @staticmethod
+    def check(role: Role, method: str) -> None:
+        """Raise PermissionDenied unless `role` may call `method`."""
+        if role < METHODS.get(method, Role.ADMIN):
+            raise PermissionDenied(method, role.label)
+
+    @staticmethod
+    def changes(method: str) -> bool:
+        """Whether a method changes something (and so is written to the log)."""
+        return METHODS.get(method, Role.ADMIN) > Role.LOOK
+
+
+def _names(uid: int, gid: int) -> set[str]:
+    """The user's name and "@group" for each group the user is in."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return {f"@{_group(gid)}"}  # a uid without a name: its primary group only
+    return {user, *(f"@{_group(g)}" for g in os.getgrouplist(user, gid))}
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

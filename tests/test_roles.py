@@ -1,0 +1,129 @@
+"""Roles on the control socket, tried by real users who are not root.
+
+Three users reach the socket through [control] group: one listed as `look`, one
+in a group listed as `admin`, and one listed nowhere, who gets [roles] default
+(`backup`). Each calls beyond its role through pullbackctl and through the raw
+protocol; every such call is refused with PermissionDenied, and nothing changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Daemon, Lab, start_daemon, stop_daemon
+
+GROUP = "pbtest"
+LOOK, BACKUP, ADMIN = "pbtest-look", "pbtest-backup", "pbtest-admin"
+ADMINS = "pbtest-admins"
+
+
+def ensure_user(name: str, *groups: str) -> None:
+    for group in groups:
+        subprocess.run(["groupadd", "-f", "--system", group], check=True)
+    if subprocess.run(["getent", "passwd", name], capture_output=True,
+                      check=False).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name], check=True)
+    subprocess.run(["usermod", "-a", "-G", ",".join(groups), name], check=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    ensure_user(LOOK, GROUP)
+    ensure_user(BACKUP, GROUP)
+    ensure_user(ADMIN, GROUP, ADMINS)
+    base = tmp_path_factory.mktemp("pullbackd")
+    # A folder the users may enter (the tests' own are root's alone).
+    folder = Path(tempfile.gettempdir()) / \
+        f"pbc-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    d = start_daemon(base, lab.uri, socket=folder / "control.sock",
+                     control=f'group = "{GROUP}"',
+                     extra_config=f'[roles]\nadmin = ["@{ADMINS}"]\nlook = ["{LOOK}"]\n')
+    try:
+        yield d
+    finally:
+        for job in d.ctl.call("List")["jobs"]:
+            if job["state"] == "ready":
+                d.ctl.call("Abort", id=job["id"])
+        stop_daemon(d)
+
+
+def as_user(user: str, d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """pullbackctl as `user`, with that user's groups."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={user}", f"--regid={GROUP}", "--init-groups",
+         sys.executable, "-m", "pullbackd.cli", "--socket", str(d.socket), "--json", *args],
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+def call_as(user: str, d: Daemon, method: str, **params: Any) -> dict[str, Any]:
+    """One varlink call as `user`: the reply's parameters, or {"error": ..., ...}."""
+    code = ("import json, sys\n"
+            "from pullbackd.control.client import Client, VarlinkError\n"
+            "try:\n"
+            "    with Client(sys.argv[1], timeout=60) as c:\n"
+            "        print(json.dumps(c.call(sys.argv[2], **json.loads(sys.argv[3]))))\n"
+            "except VarlinkError as e:\n"
+            "    print(json.dumps({'error': e.short_name, **e.parameters}))\n")
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={user}", f"--regid={GROUP}", "--init-groups",
+         sys.executable, "-c", code, str(d.socket), f"org.pullbackd.Backup.{method}",
+         json.dumps(params)], capture_output=True, text=True, timeout=120, check=True)
+    reply: dict[str, Any] = json.loads(proc.stdout)
+    return reply
+
+
+def test_look_may_read_and_nothing_else(daemon: Daemon) -> None:
+    before = daemon.ctl.call("List")
+    assert call_as(LOOK, daemon, "List") == before
+    refusals: list[tuple[str, dict[str, Any]]] = [
+        ("Start", {"domain": "lab1"}), ("Abort", {"id": "x"}),
+        ("DeleteChain", {"domain": "lab1", "consumer": "default"}),
+        ("Prune", {"domain": "lab1", "keep": 1})]
+    for method, params in refusals:
+        assert call_as(LOOK, daemon, method, **params) == {
+            "error": "PermissionDenied", "method": method, "role": "look"}
+    refused = as_user(LOOK, daemon, "backup", "start", "lab1")
+    assert refused.returncode == 1
+    assert "your role (look) does not allow Start" in refused.stderr
+    assert daemon.ctl.call("List") == before
+
+
+def test_backup_runs_backups_but_does_not_administer(daemon: Daemon, tmp_path: Path) -> None:
+    job = call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"], consumer="roles")["job"]
+    assert job["state"] == "ready"
+    assert call_as(BACKUP, daemon, "Finish", id=job["id"])["job"]["state"] == "completed"
+    chain = daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="roles")
+    assert [c["name"] for c in chain["checkpoints"]] == [job["checkpoint"]]
+    assert call_as(BACKUP, daemon, "DeleteChain", domain="lab1", consumer="roles") == {
+        "error": "PermissionDenied", "method": "DeleteChain", "role": "backup"}
+    target = tmp_path / "restored.raw"
+    assert call_as(BACKUP, daemon, "Restore", domain="lab1", disk="vda", to=str(target)) == {
+        "error": "PermissionDenied", "method": "Restore", "role": "backup"}
+    assert not target.exists()
+    assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="roles") == chain
+    # What changed is on record: who, and what they asked for.
+    calls = [json.loads(line) for line in daemon.log_text().splitlines()
+             if '"event": "call"' in line and '"level": "info"' in line]
+    starts = [c for c in calls if c["method"].endswith(".Start")]
+    assert starts and starts[-1]["role"] == "backup" and starts[-1]["uid"] > 0
+    assert starts[-1]["parameters"]["consumer"] == "roles"
+
+
+def test_admin_by_group_administers(daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="admin")
+    daemon.ctl.call("Finish", id=job["id"])
+    assert call_as(ADMIN, daemon, "DeleteChain", domain="lab1", consumer="admin") == {
+        "deleted": [job["checkpoint"]]}
+    assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="admin") == {
+        "checkpoints": []}
