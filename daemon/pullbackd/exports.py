@@ -597,8 +597,11 @@ class Exports:
         self._handed: dict[str, list[Handed]] = {}
 
     def prepare(self) -> None:
-        """Create the folders: QEMU's is for QEMU and us alone (root reaches it anyway)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Create the folders: QEMU's is for QEMU and us alone (root reaches it anyway);
+        the endpoints' is open to every user (each endpoint has its own mode and group)."""
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            os.chmod(self.dir, 0o755)  # the daemon's umask is 0077
         self.private.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.private, 0o700)
         if self._qemu_uid is not None:

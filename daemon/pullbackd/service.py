@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -63,7 +64,10 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                       qemu_user=cfg.exports.qemu_user, limit=cfg.exports.connections)
     exports.prepare()
     inherited = sdnotify.listen_fds()
-    cfg.scratch.dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.scratch.dir.is_dir():
+        cfg.scratch.dir.mkdir(parents=True)
+        # QEMU opens its scratch files there by name, as whatever user it runs as.
+        cfg.scratch.dir.chmod(0o711)
     store = Store(cfg.state.dir / "state.db")
     virt = Virt(cfg.libvirt.uri)
     status = 0
@@ -189,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_json())
         return 0
     configure_logging(cfg.log.level)
+    # What pullbackd writes is root's alone (the state database holds export names, the
+    # repository people's disks) unless it says otherwise: sockets and the folders
+    # others must reach get their modes explicitly.
+    os.umask(0o077)
     try:
         return anyio.run(run, cfg, Notifier(), backend="asyncio")
     except StateDamaged as e:

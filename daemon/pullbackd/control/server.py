@@ -225,7 +225,9 @@ class _Error(Exception):
 async def bind(path: Path, mode: int, group: str | None) -> SocketListener:
     """Listen on `path`, replacing a stale socket but never a live one."""
     apath = anyio.Path(path)
-    await apath.parent.mkdir(parents=True, exist_ok=True)
+    if not await apath.parent.is_dir():
+        await apath.parent.mkdir(parents=True)
+        await apath.parent.chmod(0o755)  # the daemon's umask is 0077; the socket has its mode
     if await apath.exists() or await apath.is_symlink():
         if not stat.S_ISSOCK((await apath.lstat()).st_mode):
             raise FileExistsError(f"{path} exists and is not a socket; remove it")

@@ -1,4 +1,5 @@
-"""Roles on the control socket, tried by real users who are not root.
+"""Trust, tried by real users who are not root: roles on the control socket, and
+files nobody but root may read.
 
 Three users reach the socket through [control] group: one listed as `look`, one
 in a group listed as `admin`, and one listed nowhere, who gets [roles] default
@@ -127,3 +128,19 @@ def test_admin_by_group_administers(daemon: Daemon) -> None:
         "deleted": [job["checkpoint"]]}
     assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="admin") == {
         "checkpoints": []}
+
+
+def test_what_pullbackd_writes_is_roots_alone(daemon: Daemon, tmp_path: Path) -> None:
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="private",
+                         destination="local")
+    assert daemon.ctl.wait(job["id"])["state"] == "completed"
+    restored = tmp_path / "restored.raw"
+    daemon.ctl.call("Restore", domain="lab1", disk="vda", consumer="private", to=str(restored))
+    state = daemon.log.parent / "state" / "state.db"
+    stored = sorted((daemon.repository / "lab1" / "private" / "vda").iterdir())
+    assert stored and all(p.name.endswith((".qcow2", ".json")) for p in stored)
+    for path in [state, *stored, restored, daemon.repository]:
+        assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+    # What others must reach still lets them: the socket, and the endpoints' folder.
+    assert daemon.exports.stat().st_mode & 0o755 == 0o755
+    assert call_as(LOOK, daemon, "Get", id=job["id"])["job"]["state"] == "completed"
