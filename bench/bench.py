@@ -115,7 +115,8 @@ def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
     config = folder / "pullbackd.toml"
     config.write_text(f'[libvirt]\nuri = "{uri}"\n[control]\nsocket = "{folder}/control.sock"\n'
                       f'[exports]\ndir = "{folder}/exports"\n[scratch]\ndir = "{folder}/scratch"\n'
-                      f'[state]\ndir = "{folder}/state"\n')
+                      f'[state]\ndir = "{folder}/state"\n'
+                      f'[restore]\ndirs = ["{folder.parent}"]\n')
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(folder / "notify.sock"))
     notify.settimeout(60)

@@ -347,6 +347,7 @@ class Daemon:
             f'[scratch]\ndir = "{self.scratch}"\nreserve = 0\n'
             f'[state]\ndir = "{base / "state"}"\n'
             f'[repository]\ndir = "{self.repository}"\nwrite_behind = {1 << 20}\n'
+            f'[restore]\ndirs = ["{base.parent}"]\n'
             f'[log]\nlevel = "debug"\n')
 
     @property

@@ -191,6 +191,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         f'[state]\ndir = "{base}/state"\n'
         # Write-behind every MiB: many times in every copy into the repository here.
         f'[repository]\ndir = "{repository or base / "repository"}"\nwrite_behind = {1 << 20}\n'
+        f'[restore]\ndirs = ["/tmp", "/var/tmp"]\n'  # where the tests' folders are
         f'[log]\nlevel = "debug"\n' + extra_config)
     manager = ServiceManager(base / "notify.sock")
     manager.fdstore.update(fdstore or {})

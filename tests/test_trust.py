@@ -144,3 +144,31 @@ def test_what_pullbackd_writes_is_roots_alone(daemon: Daemon, tmp_path: Path) ->
     # What others must reach still lets them: the socket, and the endpoints' folder.
     assert daemon.exports.stat().st_mode & 0o755 == 0o755
     assert call_as(LOOK, daemon, "Get", id=job["id"])["job"]["state"] == "completed"
+
+
+def test_names_and_paths_from_clients_stay_where_they_belong(daemon: Daemon) -> None:
+    """What a member of the control group tried: repository paths built from names with
+    "..", a restore outside [restore] dirs, and one through a planted symlink."""
+    def invalid(parameter: str) -> dict[str, str]:
+        return {"error": "InvalidParameter", "parameter": parameter}
+
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="paths",
+                         destination="local")
+    assert daemon.ctl.wait(job["id"])["state"] == "completed"
+
+    assert call_as(LOOK, daemon, "Verify", domain="../../../tmp") == invalid("domain")
+    assert call_as(ADMIN, daemon, "Prune", domain="..", keep=1) == invalid("domain")
+    folder = Path(tempfile.mkdtemp(prefix="pbt-"))
+    folder.chmod(0o777)  # the attacker's own folder, inside [restore] dirs
+    assert call_as(ADMIN, daemon, "Restore", domain="lab1", disk="../../../etc",
+                   to=str(folder / "a.raw")) == invalid("disk")
+    assert call_as(ADMIN, daemon, "Restore", domain="lab1", disk="vda", consumer="paths",
+                   to="/etc/pbtest-restored.raw") == invalid("to")
+    assert not Path("/etc/pbtest-restored.raw").exists()
+    victim = Path("/etc/pbtest-victim")
+    (folder / "b.raw").symlink_to(victim)
+    assert call_as(ADMIN, daemon, "Restore", domain="lab1", disk="vda", consumer="paths",
+                   to=str(folder / "b.raw")) == invalid("to")
+    assert not victim.exists()
+    assert call_as(ADMIN, daemon, "Restore", domain="lab1", disk="vda", consumer="paths",
+                   to=str(folder / "c.raw"))["file"] == str(folder / "c.raw")

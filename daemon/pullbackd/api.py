@@ -44,9 +44,12 @@ def _event(kind: str, job: Job, message: str | None = None,
 
 
 class BackupAPI:
-    def __init__(self, jobs: Jobs, migrations: Migrations) -> None:
+    def __init__(self, jobs: Jobs, migrations: Migrations,
+                 restore_dirs: tuple[Path, ...] = ()) -> None:
+        """`restore_dirs`: the folders Restore may write into ([restore] dirs)."""
         self.jobs = jobs
         self.migrations = migrations
+        self.restore_dirs = restore_dirs
 
     def handlers(self) -> dict[str, Handler]:
         return {name: getattr(self, name) for name in interface(INTERFACE).methods}
@@ -148,12 +151,25 @@ class BackupAPI:
         target = Path(to)
         if not target.is_absolute():
             raise InvalidParameter("to", "not an absolute path")
-        if await anyio.Path(target).exists():
+        await anyio.to_thread.run_sync(self._check_restore_folder, target)
+        if await anyio.Path(target).exists() or await anyio.Path(target).is_symlink():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.jobs.repository
         manifest = await anyio.to_thread.run_sync(repository.at, domain, consumer, disk, at)
         await repository.restore(manifest, target, format or "raw", self.jobs.tuning)
         return {"file": str(target), "checkpoint": manifest.checkpoint}
+
+    def _check_restore_folder(self, target: Path) -> None:
+        """Restore writes only into [restore] dirs: pullbackd writes as root."""
+        try:
+            folder = target.parent.resolve(strict=True)
+        except OSError:
+            raise InvalidParameter("to", "its folder does not exist") from None
+        allowed = [d.resolve() for d in self.restore_dirs]
+        if not any(folder == d or d in folder.parents for d in allowed):
+            raise InvalidParameter("to", (
+                f"not inside [restore] dirs ({', '.join(map(str, self.restore_dirs)) or 'none'});"
+                " restore into one of them, or have the host's administrator add the folder"))
 
     async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []
@@ -181,7 +197,7 @@ class BackupAPI:
 
     async def _disks(self, domain: str, consumer: str | None) -> list[tuple[str, str]]:
         """(consumer, disk) pairs with backups of the domain in the repository."""
-        root = anyio.Path(self.jobs.repository.root / domain)
+        root = anyio.Path(self.jobs.repository.domain_folder(domain))
         if consumer is not None:
             consumers = [check_consumer(consumer)]
         else:
@@ -190,7 +206,8 @@ class BackupAPI:
                 async for disk in (root / name).iterdir()]
 
 
-def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None) -> Service:
+def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None,
+            restore_dirs: tuple[Path, ...] = ()) -> Service:
     svc = Service(
         vendor="pullbackd",
         product="pullbackd",
@@ -200,5 +217,5 @@ def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None) -> S
         roles=roles or Roles(),
     )
     svc.add_service_interface(interface("org.varlink.service"))
-    svc.add(interface(INTERFACE), BackupAPI(jobs, migrations).handlers())
+    svc.add(interface(INTERFACE), BackupAPI(jobs, migrations, restore_dirs).handlers())
     return svc

@@ -112,6 +112,13 @@ class Repository:
 
 
 @dataclass(frozen=True)
+class Restore:
+    #: Folders Restore may write into (a new file, never through a symlink): pullbackd
+    #: writes as root, so a Restore anywhere else is refused.
+    dirs: tuple[str, ...] = ("/var/lib/pullbackd/restore",)
+
+
+@dataclass(frozen=True)
 class Stream:
     #: Bytes per request of pullbackd's own copy (measured defaults: see README).
     request_size: int = 512 << 10
@@ -170,6 +177,7 @@ class Config:
     scratch: Scratch = field(default_factory=Scratch)
     state: State = field(default_factory=State)
     repository: Repository = field(default_factory=Repository)
+    restore: Restore = field(default_factory=Restore)
     stream: Stream = field(default_factory=Stream)
     jobs: Jobs = field(default_factory=Jobs)
     chains: Chains = field(default_factory=Chains)
@@ -289,6 +297,8 @@ def _validate(config: Config) -> None:
     for key in ("request_size", "connections", "in_flight", "memory"):
         if getattr(config.stream, key) < 1:
             raise ConfigError(f"stream.{key} must be at least 1")
+    if not all(d.startswith("/") for d in config.restore.dirs):
+        raise ConfigError("restore.dirs must hold absolute paths")
     if config.roles.default not in ROLES:
         raise ConfigError(f"roles.default must be one of {', '.join(ROLES)}")
     if config.log.level not in LEVELS:

@@ -46,7 +46,7 @@ import structlog
 import xxhash
 
 from . import crash, stream
-from .errors import NoSuchCheckpoint, PullbackError
+from .errors import InvalidParameter, NoSuchCheckpoint, PullbackError
 
 log = structlog.get_logger()
 
@@ -259,7 +259,13 @@ class Repository:
         self._write_behind = write_behind
 
     def folder(self, domain: str, consumer: str, disk: str) -> Path:
-        return self.root / domain / consumer / disk
+        """A disk's folder; raises InvalidParameter for a name that would not stay a
+        single folder inside the repository."""
+        return self.root / component("domain", domain) / component("consumer", consumer) / \
+            component("disk", disk)
+
+    def domain_folder(self, domain: str) -> Path:
+        return self.root / component("domain", domain)
 
     def recover(self) -> None:
         """Undo what a crash of an earlier run left, before anything is served
@@ -431,7 +437,20 @@ class Repository:
         """Rebuild the disk as it was at a backup into a new file, with the engine: the
         chain point read through one qemu-nbd, the new image written through another."""
         source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
-        await _run("qemu-img", "create", "-q", "-f", fmt, str(to), str(manifest.size))
+        try:
+            # A new file of ours, never one that exists, never through a symlink.
+            os.close(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            raise InvalidParameter("to", "exists; restore never overwrites a file") from None
+        except OSError as e:
+            raise InvalidParameter("to", f"cannot be created: {e.strerror}") from None
+        try:
+            await _run("qemu-img", "create", "-q", "-f", fmt, str(to), str(manifest.size))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(to).unlink(missing_ok=True)
+            raise
         name = f"r-{secrets.token_hex(4)}"  # short: socket paths end at 108 bytes
         try:
             # Undone in reverse, each shielded: the images must be closed, the
@@ -455,6 +474,16 @@ class Repository:
         """Re-read every region a backup wrote; return what does not match."""
         source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
         return await anyio.to_thread.run_sync(_verify, source, manifest)
+
+
+def component(parameter: str, name: str) -> str:
+    """`name` if it is one path component that stays inside its folder (names come
+    from clients: "../../etc" must never become a path); InvalidParameter if not."""
+    if not name or len(name.encode()) > 255 or "/" in name or "\0" in name or \
+            name.startswith("."):
+        raise InvalidParameter(parameter, "must be a name, without '/' and not starting "
+                                          "with '.'")
+    return name
 
 
 def _verify(source: Path, manifest: Manifest) -> list[str]:

@@ -119,7 +119,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
                                     cfg.migration.drain_timeout)
             access = roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
                                  roles.parse(cfg.roles.default))
-            tg.start_soon(_serve, listener, api.service(jobs, migrations, access),
+            restore_dirs = tuple(Path(d) for d in cfg.restore.dirs)
+            tg.start_soon(_serve, listener, api.service(jobs, migrations, access, restore_dirs),
                           cfg.control.socket)
             tg.start_soon(notifier.watchdog)
             tg.start_soon(jobs.watch_scratch)
