@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pullbackd.control.server import BACKOFF
+
 from .conftest import Daemon, Lab, start_daemon, stop_daemon
 
 GROUP = "pbtest"
 LOOK, BACKUP, ADMIN = "pbtest-look", "pbtest-backup", "pbtest-admin"
 ADMINS = "pbtest-admins"
+#: The test daemon's [control] idle_timeout.
+IDLE = 3.0
 
 
 def ensure_user(name: str, *groups: str) -> None:
@@ -48,7 +54,8 @@ def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
         f"pbc-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
     folder.mkdir(mode=0o755, exist_ok=True)
     d = start_daemon(base, lab.uri, socket=folder / "control.sock",
-                     control=f'group = "{GROUP}"',
+                     control=f'group = "{GROUP}"\nconnections = 12\n'
+                             f'connections_per_user = 8\nidle_timeout = {IDLE}',
                      extra_config=f'[roles]\nadmin = ["@{ADMINS}"]\nlook = ["{LOOK}"]\n')
     try:
         yield d
@@ -172,3 +179,78 @@ def test_names_and_paths_from_clients_stay_where_they_belong(daemon: Daemon) -> 
     assert not victim.exists()
     assert call_as(ADMIN, daemon, "Restore", domain="lab1", disk="vda", consumer="paths",
                    to=str(folder / "c.raw"))["file"] == str(folder / "c.raw")
+
+
+HOLD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+def closed():
+    count = 0
+    for s in held:
+        s.setblocking(False)
+        try:
+            count += s.recv(1) == b""
+        except BlockingIOError:
+            pass
+    return count
+time.sleep(1)
+print(closed(), flush=True)
+time.sleep(float(sys.argv[3]))
+print(closed(), flush=True)
+"""
+
+
+def hold(user: str, d: Daemon, count: int, then: float) -> subprocess.Popen[str]:
+    """`count` connections as `user`, saying nothing: prints how many the daemon closed
+    after a second, and again `then` seconds later."""
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={user}", f"--regid={GROUP}", "--init-groups",
+         sys.executable, "-c", HOLD, str(d.socket), str(count), str(then)],
+        stdout=subprocess.PIPE, text=True)
+
+
+def test_connections_are_capped_per_user_and_idle_ones_closed(daemon: Daemon) -> None:
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="flood")
+    flood = hold(BACKUP, daemon, 40, IDLE + 2)
+    assert flood.stdout is not None
+    assert int(flood.stdout.readline()) == 40 - 8  # its own 8, no more
+    other = hold(LOOK, daemon, 8, IDLE + 2)
+    assert other.stdout is not None
+    assert int(other.stdout.readline()) == 8 - 4  # what is left of the 12 in all
+    # Root always gets in, and a running backup keeps being served.
+    assert daemon.ctl.job("Get", id=job["id"])["state"] == "ready"
+    # Saying nothing for [control] idle_timeout, they are closed.
+    assert int(flood.stdout.readline()) == 40
+    assert int(other.stdout.readline()) == 8
+    assert flood.wait(30) == 0 and other.wait(30) == 0
+    assert call_as(BACKUP, daemon, "Abort", id=job["id"])["job"]["state"] == "aborted"
+    assert "refusing connections" in daemon.log_text()
+
+
+def test_running_out_of_descriptors_does_not_stop_the_daemon(daemon: Daemon) -> None:
+    pid = daemon.proc.pid
+    fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    soft, hard = subprocess.run(["prlimit", f"--pid={pid}", "--nofile", "--raw", "--noheadings",
+                                 "--output=SOFT,HARD"], check=True, capture_output=True,
+                                text=True).stdout.split()
+    # The soft limit only: lowering the hard one could not be undone here.
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={fds + 8}:{hard}"], check=True)
+    try:
+        held = []
+        for _ in range(30):  # root is not capped: only the descriptors run out
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(daemon.socket))
+            held.append(s)
+        time.sleep(2)
+        for s in held:
+            s.close()
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
+    time.sleep(2 * BACKOFF)
+    assert daemon.proc.poll() is None
+    daemon.ctl.call("List")  # serving again (a dead daemon fails the call)
+    assert "Too many open files" in daemon.log_text()

@@ -20,7 +20,7 @@ import anyio
 from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
-from .control.server import Handler, Last, Service
+from .control.server import Handler, Last, Limits, Service
 from .errors import BackupInProgress, InvalidParameter
 from .exports import Session
 from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
@@ -207,7 +207,7 @@ class BackupAPI:
 
 
 def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None,
-            restore_dirs: tuple[Path, ...] = ()) -> Service:
+            restore_dirs: tuple[Path, ...] = (), limits: Limits | None = None) -> Service:
     svc = Service(
         vendor="pullbackd",
         product="pullbackd",
@@ -215,6 +215,7 @@ def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None,
         url="",
         internal_error=f"{INTERFACE}.InternalError",
         roles=roles or Roles(),
+        limits=limits or Limits(),
     )
     svc.add_service_interface(interface("org.varlink.service"))
     svc.add(interface(INTERFACE), BackupAPI(jobs, migrations, restore_dirs).handlers())

@@ -33,8 +33,13 @@ class Control:
     socket: Path = Path("/run/pullbackd/control.sock")
     #: Its permissions, an octal string.
     mode: str = "0660"
-    #: Its group (who may drive backups); empty keeps the daemon's group.
+    #: Its group (who may reach it; what each may do: [roles]); empty: the daemon's group.
     group: str = ""
+    #: Connections open at once from users other than root, in all and per user.
+    connections: int = 256
+    connections_per_user: int = 32
+    #: Seconds a connection may wait between calls saying nothing before it is closed.
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True)

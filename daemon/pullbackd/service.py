@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -23,6 +22,7 @@ from anyio.abc import SocketListener
 
 from . import api, config, roles, sdnotify, stream
 from .chain import Chains
+from .control import server
 from .control.server import Service, bind
 from .errors import PullbackError
 from .exports import Exports
@@ -117,10 +117,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
             migrations = Migrations(jobs, virt, cfg.migration.grace,
                                     cfg.migration.drain_timeout)
-            access = roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
-                                 roles.parse(cfg.roles.default))
-            restore_dirs = tuple(Path(d) for d in cfg.restore.dirs)
-            tg.start_soon(_serve, listener, api.service(jobs, migrations, access, restore_dirs),
+            tg.start_soon(_serve, listener, _control(cfg, jobs, migrations),
                           cfg.control.socket)
             tg.start_soon(notifier.watchdog)
             tg.start_soon(jobs.watch_scratch)
@@ -132,6 +129,17 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             await virt.close()
             store.close()
     return status
+
+
+def _control(cfg: config.Config, jobs: Jobs, migrations: Migrations) -> Service:
+    """The control socket's service, with its roles and limits."""
+    return api.service(
+        jobs, migrations,
+        roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
+                    roles.parse(cfg.roles.default)),
+        tuple(Path(d) for d in cfg.restore.dirs),
+        server.Limits(cfg.control.connections, cfg.control.connections_per_user,
+                      cfg.control.idle_timeout))
 
 
 def _remote(cfg: config.Config, exports: Exports) -> tuple[Remote | None, str | None]:
@@ -147,8 +155,7 @@ def _remote(cfg: config.Config, exports: Exports) -> tuple[Remote | None, str | 
 
 async def _serve(listener: SocketListener, service: Service, path: Path) -> None:
     try:
-        await listener.serve(partial(
-            service.handle, protocol_error=f"{api.INTERFACE}.ProtocolViolation"))
+        await service.serve(listener, f"{api.INTERFACE}.ProtocolViolation")
     finally:
         with anyio.CancelScope(shield=True):  # the socket must go even when cancelled
             await listener.aclose()

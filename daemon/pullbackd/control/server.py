@@ -8,12 +8,14 @@ caller vanished still leaves a job that `List` shows, never half of one.
 
 from __future__ import annotations
 
+import errno
 import grp
 import itertools
 import os
 import socket
 import stat
 import struct
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -68,6 +70,25 @@ def peer_of(stream: SocketStream) -> Peer | None:
     return Peer(*struct.unpack("3i", raw))
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one client can hold of the daemon ([control] in the configuration)."""
+
+    #: Connections open at once from users other than root, in all and per user;
+    #: one more is closed at once. Root is never refused: it must always get in.
+    connections: int = 256
+    per_user: int = 32
+    #: Seconds a connection may wait between calls saying nothing; then it is closed.
+    idle_timeout: float = 60.0
+
+
+#: accept() errors that say the process or the system is out of something: the
+#: connection waits in the backlog while we back off, and nothing else is harmed.
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Seconds to wait before accepting again after running out of descriptors.
+BACKOFF = 0.5
+
+
 @dataclass
 class Service:
     """The interfaces a socket serves, with `org.varlink.service` built in."""
@@ -80,6 +101,12 @@ class Service:
     internal_error: str
     #: Who may call what (org.varlink.service is open to everyone who connects).
     roles: Roles = field(default_factory=Roles)
+    limits: Limits = field(default_factory=Limits)
+    #: Connections open now, per uid (root's not counted).
+    _open: dict[int, int] = field(default_factory=dict)
+    #: When a refusal was last logged, and how many came since.
+    _refused_at: float = 0.0
+    _refused: int = 0
     _interfaces: dict[str, tuple[idl.Interface, Mapping[str, Handler]]] = field(
         default_factory=dict
     )
@@ -171,8 +198,54 @@ class Service:
         log.error("call crashed", method=call.method, reference=reference, exc_info=exc)
         return Reply({"reference": reference}, error=self.internal_error)
 
+    async def serve(self, listener: SocketListener, protocol_error: str) -> None:
+        """Accept connections until cancelled, each served in a task of its own.
+
+        Out of file descriptors, it backs off and accepts again; over the limits, a
+        connection is closed at once. Neither ends the loop or touches the others.
+        """
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.BrokenResourceError as e:  # anyio's word for accept()'s OSError
+                    cause = e.__cause__
+                    if not isinstance(cause, OSError) or cause.errno not in _EXHAUSTED:
+                        raise
+                    self._note_refusal(f"cannot accept: {cause.strerror}")
+                    await anyio.sleep(BACKOFF)
+                    continue
+                peer = peer_of(stream)
+                uid = -1 if peer is None else peer.uid
+                if uid != 0 and (sum(self._open.values()) >= self.limits.connections or
+                                 self._open.get(uid, 0) >= self.limits.per_user):
+                    self._note_refusal("too many connections", uid=uid)
+                    await stream.aclose()
+                    continue
+                tg.start_soon(self._counted, stream, uid, protocol_error)
+
+    async def _counted(self, stream: SocketStream, uid: int, protocol_error: str) -> None:
+        if uid != 0:
+            self._open[uid] = self._open.get(uid, 0) + 1
+        try:
+            await self.handle(stream, protocol_error)
+        finally:
+            if uid != 0:
+                self._open[uid] -= 1
+                if not self._open[uid]:
+                    del self._open[uid]
+
+    def _note_refusal(self, reason: str, **details: object) -> None:
+        """Log refusals at most once a second, with how many there were."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_at >= 1.0:
+            log.warning("refusing connections", reason=reason, refused=self._refused, **details)
+            self._refused_at, self._refused = now, 0
+
     async def handle(self, stream: SocketStream, protocol_error: str) -> None:
-        """Serve one connection until the peer closes it or breaks the protocol."""
+        """Serve one connection until the peer closes it, breaks the protocol, or says
+        nothing for `limits.idle_timeout` between calls."""
         conn = next(self._ids)
         peer = peer_of(stream)
         role = Role.NONE if peer is None else await anyio.to_thread.run_sync(
@@ -184,9 +257,14 @@ class Service:
             try:
                 while True:
                     try:
-                        frames = decoder.feed(await stream.receive())
+                        with anyio.fail_after(self.limits.idle_timeout):
+                            data = await stream.receive()
+                        frames = decoder.feed(data)
                     except ProtocolError as e:
                         return await _violation(stream, clog, e, protocol_error)
+                    except TimeoutError:
+                        clog.debug("idle, closing", seconds=self.limits.idle_timeout)
+                        return
                     for frame in frames:
                         try:
                             call = parse_call(decode(frame))
