@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 
-from pullbackd.control.server import BACKOFF
+from pullbackd.accepting import BACKOFF
+from pullbackd.jobs import nbd_url
 
 from .conftest import Daemon, Lab, start_daemon, stop_daemon
+from .images import assert_same, read_export
 
 GROUP = "pbtest"
 LOOK, BACKUP, ADMIN = "pbtest-look", "pbtest-backup", "pbtest-admin"
@@ -232,6 +234,10 @@ def test_connections_are_capped_per_user_and_idle_ones_closed(daemon: Daemon) ->
 
 
 def test_running_out_of_descriptors_does_not_stop_the_daemon(daemon: Daemon) -> None:
+    """Floods of connections to the control socket and to a job's endpoint while the
+    daemon has no descriptor to spare: it backs off, then serves both again."""
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="fds")
+    [disk] = job["disks"]
     pid = daemon.proc.pid
     fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
     soft, hard = subprocess.run(["prlimit", f"--pid={pid}", "--nofile", "--raw", "--noheadings",
@@ -241,9 +247,10 @@ def test_running_out_of_descriptors_does_not_stop_the_daemon(daemon: Daemon) -> 
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={fds + 8}:{hard}"], check=True)
     try:
         held = []
-        for _ in range(30):  # root is not capped: only the descriptors run out
+        endpoint = daemon.exports / f"{job['id']}.sock"
+        for path in [daemon.socket] * 30 + [endpoint] * 30:  # root: only descriptors limit it
             s = socket.socket(socket.AF_UNIX)
-            s.connect(str(daemon.socket))
+            s.connect(str(path))
             held.append(s)
         time.sleep(2)
         for s in held:
@@ -252,5 +259,8 @@ def test_running_out_of_descriptors_does_not_stop_the_daemon(daemon: Daemon) -> 
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
     time.sleep(2 * BACKOFF)
     assert daemon.proc.poll() is None
-    daemon.ctl.call("List")  # serving again (a dead daemon fails the call)
+    assert daemon.ctl.job("Get", id=job["id"])["state"] == "ready"
+    qemu = nbd_url(daemon.exports / ".qemu" / f"{job['id']}.sock", disk["export"])
+    assert_same(read_export(disk["url"]), read_export(qemu))  # through the relay, exactly
+    daemon.ctl.call("Abort", id=job["id"])
     assert "Too many open files" in daemon.log_text()

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import anyio
 import structlog
 
+from .accepting import Refusals, backing_off, exhausted
 from .handshake import Refusal, Sniffer
 
 log = structlog.get_logger()
@@ -124,6 +125,7 @@ class Endpoint:
         self._tg: anyio.abc.TaskGroup | None = None
         self._store: StoreFds | None = None
         self._handed: list[Handed] = []
+        self._refusals = Refusals(f"endpoint of job {job_id}")
 
     # What Get shows.
 
@@ -160,6 +162,11 @@ class Endpoint:
                         try:
                             client, _ = listener.accept()
                         except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError as e:
+                            if (cause := exhausted(e)) is None:
+                                raise
+                            await backing_off(cause, self._refusals)
                             continue
                         client.setblocking(False)
                         tg.start_soon(self._admit, client)
@@ -204,12 +211,21 @@ class Endpoint:
     # Sessions.
 
     async def _admit(self, client: socket.socket) -> None:
-        """Serve a new connection, or refuse it if there is no room (see `_room`)."""
-        if not await self._room():
-            return await self._refuse(client)
-        session = Session(self._next_id, _peer(client), now())
-        self._next_id += 1
-        await self._run(session, _Relay(client, None, Sniffer()), resumed=False)
+        """Serve a new connection, or refuse it if there is no room (see `_room`).
+        Whatever goes wrong ends this connection alone."""
+        try:
+            if not await self._room():
+                return await self._refuse(client)
+            relay = _Relay(client, None, Sniffer())  # its pipes take descriptors too
+            session = Session(self._next_id, _peer(client), now())
+            self._next_id += 1
+            await self._run(session, relay, resumed=False)
+        except Exception as e:
+            if exhausted(e):
+                self._refusals.note(f"cannot serve: {e}")
+            else:
+                log.exception("nbd connection failed", job=self.job_id)
+            client.close()
 
     async def attach(self, peer: str, relay: Relay) -> bool:
         """Take a session the remote endpoint opened for this job (it chose the job by

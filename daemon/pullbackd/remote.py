@@ -20,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import structlog
-from anyio.abc import SocketAttribute
+from anyio.abc import SocketAttribute, SocketListener
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from .accepting import Refusals, accepted
 from .exports import Exports
 from .handshake import (
     GREETING,
@@ -82,6 +83,7 @@ class Remote:
         self.host, self.port = host, port
         #: None: plain TCP, allowed only by `[exports] insecure_tcp`.
         self._tls = tls
+        self._refusals = Refusals("tcp")
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -91,8 +93,13 @@ class Remote:
         log.info("remote endpoint listening", host=self.host, port=self.port,
                  tls=self._tls is not None)
         task_status.started()
-        async with listener:
-            await listener.serve(self._connection)
+        async with listener, anyio.create_task_group() as tg:
+            for one in listener.listeners:  # an address family each: SocketListeners
+                tg.start_soon(self._accept, cast(SocketListener, one), tg)
+
+    async def _accept(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        async for stream in accepted(listener, self._refusals):
+            tg.start_soon(self._connection, stream)
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         address = stream.extra(SocketAttribute.remote_address)

@@ -8,14 +8,12 @@ caller vanished still leaves a job that `List` shows, never half of one.
 
 from __future__ import annotations
 
-import errno
 import grp
 import itertools
 import os
 import socket
 import stat
 import struct
-import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -27,6 +25,7 @@ import anyio
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
+from ..accepting import Refusals, accepted
 from ..errors import InvalidParameter, PullbackError
 from ..roles import Role, Roles
 from . import idl
@@ -82,13 +81,6 @@ class Limits:
     idle_timeout: float = 60.0
 
 
-#: accept() errors that say the process or the system is out of something: the
-#: connection waits in the backlog while we back off, and nothing else is harmed.
-_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-#: Seconds to wait before accepting again after running out of descriptors.
-BACKOFF = 0.5
-
-
 @dataclass
 class Service:
     """The interfaces a socket serves, with `org.varlink.service` built in."""
@@ -104,9 +96,7 @@ class Service:
     limits: Limits = field(default_factory=Limits)
     #: Connections open now, per uid (root's not counted).
     _open: dict[int, int] = field(default_factory=dict)
-    #: When a refusal was last logged, and how many came since.
-    _refused_at: float = 0.0
-    _refused: int = 0
+    _refusals: Refusals = field(default_factory=lambda: Refusals("control"))
     _interfaces: dict[str, tuple[idl.Interface, Mapping[str, Handler]]] = field(
         default_factory=dict
     )
@@ -205,21 +195,12 @@ class Service:
         connection is closed at once. Neither ends the loop or touches the others.
         """
         async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except anyio.BrokenResourceError as e:  # anyio's word for accept()'s OSError
-                    cause = e.__cause__
-                    if not isinstance(cause, OSError) or cause.errno not in _EXHAUSTED:
-                        raise
-                    self._note_refusal(f"cannot accept: {cause.strerror}")
-                    await anyio.sleep(BACKOFF)
-                    continue
+            async for stream in accepted(listener, self._refusals):
                 peer = peer_of(stream)
                 uid = -1 if peer is None else peer.uid
                 if uid != 0 and (sum(self._open.values()) >= self.limits.connections or
                                  self._open.get(uid, 0) >= self.limits.per_user):
-                    self._note_refusal("too many connections", uid=uid)
+                    self._refusals.note("too many connections", uid=uid)
                     await stream.aclose()
                     continue
                 tg.start_soon(self._counted, stream, uid, protocol_error)
@@ -234,14 +215,6 @@ class Service:
                 self._open[uid] -= 1
                 if not self._open[uid]:
                     del self._open[uid]
-
-    def _note_refusal(self, reason: str, **details: object) -> None:
-        """Log refusals at most once a second, with how many there were."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_at >= 1.0:
-            log.warning("refusing connections", reason=reason, refused=self._refused, **details)
-            self._refused_at, self._refused = now, 0
 
     async def handle(self, stream: SocketStream, protocol_error: str) -> None:
         """Serve one connection until the peer closes it, breaks the protocol, or says
