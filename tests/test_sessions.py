@@ -15,6 +15,8 @@ import pytest
 
 from pullbackd import api
 from pullbackd.control.client import Client
+from pullbackd.control.codec import encode
+from pullbackd.exports import KEEP_SESSIONS
 
 from .conftest import DISK_SIZE, Daemon, Lab, serving, start_daemon, stop_daemon
 from .images import CHUNK, Disk, MiB, assert_same, connect, read_export
@@ -201,3 +203,49 @@ def test_max_lifetime_ends_a_job_even_while_it_is_read(lab: Lab, tmp_path: Path)
         assert job["checkpoint"] not in checkpoints(lab, "lab2")
     finally:
         stop_daemon(d)
+
+
+def test_a_job_lists_its_last_sessions_and_counts_them_all(lab: Lab, tmp_path: Path) -> None:
+    """Appliances connecting and closing hundreds of times: the record (and List's reply)
+    stays small, the totals stay exact, across a restart too."""
+    base = tmp_path / "pullbackd"
+    first = start_daemon(base, lab.uri)
+    job = first.ctl.job("Start", domain="lab2", disks=["vda"], consumer="chatty")
+    [disk] = job["disks"]
+    cycles = 3 * KEEP_SESSIONS
+    for _ in range(cycles):
+        h = connect(disk["url"])
+        h.pread(4096, 0)
+        h.shutdown()
+    expected = read_export(disk["url"])  # one more, reading everything
+    cycles += 1
+
+    def appliance(d: Daemon) -> dict[str, Any]:
+        deadline = time.monotonic() + 30
+        while (a := d.ctl.job("Get", id=job["id"])["appliance"])["active"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        return a  # type: ignore[no-any-return]
+
+    seen = appliance(first)
+    assert seen["total"] == cycles and len(seen["sessions"]) == KEEP_SESSIONS
+    assert seen["bytes_read"] == (cycles - 1) * 4096 + DISK_SIZE
+    assert [s["id"] for s in seen["sessions"]] == list(range(cycles - KEEP_SESSIONS + 1,
+                                                             cycles + 1))
+    assert len(encode({"parameters": first.ctl.call("List")})) < 64 * 1024
+    stop_daemon(first)
+    second = start_daemon(base, lab.uri, fdstore=first.manager.fdstore)
+    try:
+        now_seen = appliance(second)
+        assert {k: v for k, v in now_seen.items() if k != "idle_since"} == \
+            {k: v for k, v in seen.items() if k != "idle_since"}
+        again = connect(disk["url"])
+        assert_same(b"".join(again.pread(CHUNK, o) for o in range(0, DISK_SIZE, CHUNK)),
+                    expected)
+        again.shutdown()
+        after = appliance(second)
+        assert (after["total"], after["bytes_read"]) == (cycles + 1,
+                                                         seen["bytes_read"] + DISK_SIZE)
+        second.ctl.call("Abort", id=job["id"])
+    finally:
+        stop_daemon(second)

@@ -56,6 +56,12 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: Ended sessions a job lists; older ones only count in its totals. Appliances that
+#: connect and close thousands of times must not grow a job's record (and every
+#: List reply) without bound.
+KEEP_SESSIONS = 64
+
+
 @dataclass(frozen=True)
 class Session:
     """One client connection to a job's endpoint."""
@@ -98,7 +104,10 @@ class Endpoint:
     def __init__(self, job_id: str, path: Path, upstream: Path, limit: int,
                  on_session: OnSession, past: tuple[Session, ...] = (),
                  resumed: list[tuple[Handed, socket.socket, socket.socket]] | None = None,
-                 exports: dict[str, str] | None = None) -> None:
+                 exports: dict[str, str] | None = None,
+                 earlier: tuple[int, int] = (0, 0)) -> None:
+        """`past`: the sessions on record; `earlier`: how many sessions, and bytes read,
+        the record counts beyond them (see KEEP_SESSIONS)."""
         self.job_id = job_id
         self.path = path
         self.upstream = upstream
@@ -112,6 +121,9 @@ class Endpoint:
         resumed_ids = {h.session.id for h, _, _ in self._resumed}
         self._past = [s if s.ended else replace(s, ended=now())
                       for s in past if s.id not in resumed_ids]
+        #: Ended sessions no longer listed (KEEP_SESSIONS): how many, and what they read.
+        self._dropped, self._dropped_bytes = earlier
+        self._dropped_by_disk: dict[str, int] = {}
         self._live: dict[int, tuple[Session, Relay]] = {}
         self._next_id = max((s.id for s in (*past, *(h.session for h, _, _ in self._resumed))),
                             default=0) + 1
@@ -138,8 +150,20 @@ class Endpoint:
         return None if self._live else self._idle_wall
 
     def sessions(self) -> list[Session]:
+        """The sessions open now, and the last KEEP_SESSIONS that ended."""
         live = [self._snapshot(s, relay.sniffer) for s, relay in self._live.values()]
         return sorted(self._past + live, key=lambda s: s.id)
+
+    @property
+    def total(self) -> int:
+        """Sessions so far, listed or not."""
+        return self._dropped + len(self._past) + len(self._live)
+
+    def bytes_read(self, disk: str | None = None) -> int:
+        """Bytes read by every session so far (of one disk: since this run started)."""
+        listed = sum(s.bytes_read for s in self.sessions() if disk is None or s.disk == disk)
+        return listed + (self._dropped_bytes if disk is None
+                         else self._dropped_by_disk.get(disk, 0))
 
     # Lifetime.
 
@@ -276,6 +300,13 @@ class Endpoint:
             else:
                 ended = replace(self._snapshot(session, relay.sniffer), ended=now())
                 self._past.append(ended)
+                if len(self._past) > KEEP_SESSIONS:  # a job's record stays small
+                    dropped = self._past.pop(0)
+                    self._dropped += 1
+                    self._dropped_bytes += dropped.bytes_read
+                    if dropped.disk is not None:
+                        self._dropped_by_disk[dropped.disk] = \
+                            self._dropped_by_disk.get(dropped.disk, 0) + dropped.bytes_read
                 self._idle_since, self._idle_wall = time.monotonic(), now()
                 self._on_session(self.job_id, ended)
                 log.info("nbd session closed", job=self.job_id, session=session.id,
@@ -657,9 +688,11 @@ class Exports:
         return names
 
     async def open(self, job_id: str, exports: dict[str, str], tg: anyio.abc.TaskGroup,
-                   on_session: OnSession, past: tuple[Session, ...] = ()) -> Endpoint:
+                   on_session: OnSession, past: tuple[Session, ...] = (),
+                   earlier: tuple[int, int] = (0, 0)) -> Endpoint:
         """Serve the job's endpoint: the socket the previous run handed over, or a new one.
-        `exports` maps QEMU's export names to disk names."""
+        `exports` maps QEMU's export names to disk names; `past` and `earlier` are the
+        sessions on record (see Endpoint)."""
         path = self.endpoint_path(job_id)
         listener = self._inherited.pop(f"{job_id}.listen", None)
         if listener is None:
@@ -674,7 +707,7 @@ class Exports:
                     if sock is not None:
                         sock.close()
         endpoint = Endpoint(job_id, path, self.qemu_path(job_id), self.limit, on_session, past,
-                            resumed, exports)
+                            resumed, exports, earlier)
         self._endpoints[job_id] = endpoint
         await tg.start(endpoint.serve, listener)
         return endpoint

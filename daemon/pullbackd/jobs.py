@@ -222,9 +222,14 @@ class Appliance:
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> Appliance:
-        sessions = tuple(endpoint.sessions())
-        return cls(endpoint.active, len(sessions), sum(s.bytes_read for s in sessions),
-                   endpoint.idle_since, sessions)
+        return cls(endpoint.active, endpoint.total, endpoint.bytes_read(),
+                   endpoint.idle_since, tuple(endpoint.sessions()))
+
+    @property
+    def earlier(self) -> tuple[int, int]:
+        """Sessions, and bytes read, counted but no longer listed."""
+        return (self.total - len(self.sessions),
+                self.bytes_read - sum(s.bytes_read for s in self.sessions))
 
 
 @dataclass(frozen=True)
@@ -433,8 +438,10 @@ class Jobs:
         else:
             # Read by appliances, since the exports were up.
             transfer = self._transfers.get(job.id, {}).get(disk.name)
-            done = sum(s.bytes_read for s in (job.appliance.sessions if job.appliance else ())
-                       if s.disk == disk.name)
+            endpoint = self.exports.get(job.id)
+            done = endpoint.bytes_read(disk.name) if endpoint is not None else sum(
+                s.bytes_read for s in (job.appliance.sessions if job.appliance else ())
+                if s.disk == disk.name)
             ready = next((t.at for t in job.history if t.state == JobState.READY), None)
             seconds = (datetime.now(UTC) - datetime.fromisoformat(ready)).total_seconds() \
                 if ready else 0.0
@@ -1056,7 +1063,8 @@ class Jobs:
             raise RuntimeError("jobs are not being served (follow_events is not running)")
         endpoint = await self.exports.open(
             job.id, {str(d.export): d.name for d in job.disks}, self._tg, self._on_session,
-            job.appliance.sessions if job.appliance else ())
+            job.appliance.sessions if job.appliance else (),
+            job.appliance.earlier if job.appliance else (0, 0))
         self._timers[job.id] = timer = anyio.CancelScope()
         self._tg.start_soon(self._expire, job, endpoint, timer)
         self._tg.start_soon(self._measure, job)
