@@ -112,3 +112,22 @@ def test_refusal_hangs_up_on_export_name() -> None:
     refusal = Refusal("too many")
     assert refusal.feed(FLAGS + option(OPT_EXPORT_NAME, b"vda")) == b""
     assert refusal.done
+
+
+def test_an_option_the_sniffer_does_not_read_passes_unheld() -> None:
+    """32 MiB of an unknown option held per session took the daemon to 366 MiB once."""
+    sniffer = Sniffer()
+    huge = 32 << 20
+    sniffer.feed(FLAGS + struct.pack(">QII", IHAVEOPT, 98, huge))
+    for _ in range(huge // (1 << 20)):
+        sniffer.feed(b"\xff" * (1 << 20))
+        assert len(sniffer.state()["buffer"]) < 2 * 8192  # hex: two characters a byte
+    # Past it, the client goes on as usual.
+    sniffer.feed(go("vda") + request(CMD_READ, 0, 4096))
+    assert (sniffer.export, sniffer.phase, sniffer.read) == ("vda", Phase.TRANSMISSION, 4096)
+
+
+def test_a_refused_client_cannot_make_us_hold_a_huge_option() -> None:
+    refusal = Refusal("no room")
+    assert refusal.feed(FLAGS + struct.pack(">QII", IHAVEOPT, OPT_GO, 32 << 20)) == b""
+    assert refusal.done

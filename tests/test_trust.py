@@ -31,8 +31,9 @@ from .images import assert_same, read_export
 GROUP = "pbtest"
 LOOK, BACKUP, ADMIN = "pbtest-look", "pbtest-backup", "pbtest-admin"
 ADMINS = "pbtest-admins"
-#: The test daemon's [control] idle_timeout.
+#: The test daemon's [control] idle_timeout, and [exports] handshake_timeout.
 IDLE = 3.0
+HANDSHAKE = 1.0
 
 
 def ensure_user(name: str, *groups: str) -> None:
@@ -56,6 +57,7 @@ def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
         f"pbc-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
     folder.mkdir(mode=0o755, exist_ok=True)
     d = start_daemon(base, lab.uri, socket=folder / "control.sock",
+                     exports=f"handshake_timeout = {HANDSHAKE}",
                      control=f'group = "{GROUP}"\nconnections = 12\n'
                              f'connections_per_user = 8\nidle_timeout = {IDLE}',
                      extra_config=f'[roles]\nadmin = ["@{ADMINS}"]\nlook = ["{LOOK}"]\n')
@@ -264,3 +266,25 @@ def test_running_out_of_descriptors_does_not_stop_the_daemon(daemon: Daemon) -> 
     assert_same(read_export(disk["url"]), read_export(qemu))  # through the relay, exactly
     daemon.ctl.call("Abort", id=job["id"])
     assert "Too many open files" in daemon.log_text()
+
+
+def test_silent_clients_do_not_hold_a_jobs_places(daemon: Daemon) -> None:
+    """As many clients as the job has places connect and say nothing: each is cut after
+    [exports] handshake_timeout, and an appliance then reads."""
+    job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="silent")
+    [disk] = job["disks"]
+    silent = []
+    for _ in range(8):  # [exports] connections
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(daemon.exports / f"{job['id']}.sock"))
+        silent.append(s)
+    time.sleep(HANDSHAKE + 1)
+    for s in silent:
+        s.settimeout(5)
+        while s.recv(65536):  # the greeting, then the end
+            pass
+        s.close()
+    qemu = nbd_url(daemon.exports / ".qemu" / f"{job['id']}.sock", disk["export"])
+    assert_same(read_export(disk["url"]), read_export(qemu))
+    assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
+    assert "no export opened in time" in daemon.log_text()

@@ -69,6 +69,8 @@ class Exports:
     qemu_user: str = ""
     #: Sessions one job may have open at once.
     connections: int = 8
+    #: Seconds a new session may take to open an export (NBD_OPT_GO) before it is cut.
+    handshake_timeout: float = 5.0
     #: Seconds Finish waits for open sessions to close.
     drain_timeout: float = 30.0
     #: Seconds a pull job may go without any session before it expires; 0: never.

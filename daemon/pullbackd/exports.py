@@ -37,7 +37,7 @@ import anyio
 import structlog
 
 from .accepting import Refusals, backing_off, exhausted
-from .handshake import Refusal, Sniffer
+from .handshake import Phase, Refusal, Sniffer
 
 log = structlog.get_logger()
 
@@ -105,13 +105,16 @@ class Endpoint:
                  on_session: OnSession, past: tuple[Session, ...] = (),
                  resumed: list[tuple[Handed, socket.socket, socket.socket]] | None = None,
                  exports: dict[str, str] | None = None,
-                 earlier: tuple[int, int] = (0, 0)) -> None:
+                 earlier: tuple[int, int] = (0, 0), handshake_timeout: float = 5.0) -> None:
         """`past`: the sessions on record; `earlier`: how many sessions, and bytes read,
         the record counts beyond them (see KEEP_SESSIONS)."""
         self.job_id = job_id
         self.path = path
         self.upstream = upstream
         self.limit = limit
+        #: Seconds a new session may take to open an export before it is cut: silent
+        #: clients must not hold the job's places.
+        self.handshake_timeout = handshake_timeout
         #: QEMU's export name -> the disk it is.
         self.exports = exports or {}
         self._on_session = on_session
@@ -243,7 +246,7 @@ class Endpoint:
             relay = _Relay(client, None, Sniffer())  # its pipes take descriptors too
             session = Session(self._next_id, _peer(client), now())
             self._next_id += 1
-            await self._run(session, relay, resumed=False)
+            await self._run(session, relay, resumed=False, handshake=True)
         except Exception as e:
             if exhausted(e):
                 self._refusals.note(f"cannot serve: {e}")
@@ -269,7 +272,10 @@ class Endpoint:
                 await self._changed.wait()
         return len(self._live) < self.limit
 
-    async def _run(self, session: Session, relay: Relay, resumed: bool) -> None:
+    async def _run(self, session: Session, relay: Relay, resumed: bool,
+                   handshake: bool = False) -> None:
+        """`handshake`: the client has yet to open an export (a new Unix session; the TCP
+        endpoint hands over its sessions with the export chosen)."""
         # Counted at once: the next connection must see this one.
         self._live[session.id] = (session, relay)
         self._changed_now()
@@ -283,7 +289,8 @@ class Endpoint:
         try:
             if not resumed:
                 await relay.connect(self.upstream)
-            if not relay.errors and await relay.run() and self._store is not None:
+            if not relay.errors and await self._relayed(session, relay, handshake) and \
+                    self._store is not None:
                 h = Handed(self.job_id, self._snapshot(session, relay.sniffer),
                            relay.sniffer.state())
                 for name, fd in zip(h.names, relay.fds(), strict=True):
@@ -312,6 +319,25 @@ class Endpoint:
                 log.info("nbd session closed", job=self.job_id, session=session.id,
                          disk=ended.disk, bytes_read=ended.bytes_read,
                          error="; ".join(relay.errors) or None)
+
+    async def _relayed(self, session: Session, relay: Relay, handshake: bool) -> bool:
+        """Relay (see Relay.run); with `handshake`, a session that has not opened an
+        export within the handshake timeout is cut."""
+        async with anyio.create_task_group() as tg:
+            if handshake:
+                tg.start_soon(self._handshake_deadline, session, relay)
+            paused = await relay.run()
+            tg.cancel_scope.cancel()
+        return paused
+
+    async def _handshake_deadline(self, session: Session, relay: Relay) -> None:
+        await anyio.sleep(self.handshake_timeout)
+        # An export named (GO, EXPORT_NAME) is opened: the client may take its time to
+        # read; before that, a client has no reason to wait.
+        if relay.sniffer.export is None and relay.sniffer.phase in (Phase.FLAGS, Phase.OPTIONS):
+            log.warning("nbd session cut: no export opened in time", job=self.job_id,
+                        session=session.id, seconds=self.handshake_timeout)
+            relay.stop()
 
     def full_message(self) -> str:
         """What a client over the connection limit is told."""
@@ -632,8 +658,9 @@ class Exports:
     """Every job's endpoint, and the private folder QEMU's servers listen in."""
 
     def __init__(self, dir: Path, *, mode: int = 0o660, group: str = "", qemu_user: str = "",
-                 limit: int = 8) -> None:
+                 limit: int = 8, handshake_timeout: float = 5.0) -> None:
         self.dir = dir
+        self.handshake_timeout = handshake_timeout
         self.private = dir / ".qemu"
         self._mode = mode
         self._gid = grp.getgrnam(group).gr_gid if group else None
@@ -707,7 +734,7 @@ class Exports:
                     if sock is not None:
                         sock.close()
         endpoint = Endpoint(job_id, path, self.qemu_path(job_id), self.limit, on_session, past,
-                            resumed, exports, earlier)
+                            resumed, exports, earlier, self.handshake_timeout)
         self._endpoints[job_id] = endpoint
         await tg.start(endpoint.serve, listener)
         return endpoint

@@ -45,6 +45,12 @@ CMD_READ = 0
 CMD_WRITE = 1
 CMD_DISC = 2
 
+#: The options that open an export: the only ones whose data the sniffer reads.
+NAMING = (OPT_EXPORT_NAME, OPT_GO, OPT_INFO)
+#: The most of one such option it holds: a name of NBD's longest (4096 bytes), and room
+#: for the information requests that may follow it. A longer one passes unread.
+MAX_OPTION = 8192
+
 OPTION = struct.Struct(">QII")
 _REQUEST = struct.Struct(">IHHQQI")
 _EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
@@ -118,6 +124,16 @@ class Sniffer:
                 magic, option, length = OPTION.unpack_from(buf)
                 if magic != IHAVEOPT:
                     return self._give_up()
+                if option not in NAMING or length > MAX_OPTION:
+                    # Nothing in it is ours to read: it passes by, never held here
+                    # (a client may send up to 32 MiB of an option QEMU refuses).
+                    del buf[:OPTION.size]
+                    taken = min(length, len(buf))
+                    del buf[:taken]
+                    self._skip = length - taken
+                    if option == OPT_STARTTLS:  # what follows is TLS: not ours to read
+                        self._give_up()
+                    return True
                 if len(buf) < OPTION.size + length:
                     return False
                 data = bytes(buf[OPTION.size:OPTION.size + length])
@@ -149,14 +165,10 @@ class Sniffer:
         return False
 
     def _option(self, option: int, data: bytes) -> None:
-        if option in (OPT_EXPORT_NAME, OPT_GO, OPT_INFO):  # the options that open an export
-            if (name := export_name(option, data)) is not None:
-                self.export = name
-            if option == OPT_EXPORT_NAME:
-                self.phase = Phase.TRANSMISSION
-        elif option == OPT_STARTTLS:
-            # Whatever the server answers, what follows is not ours to read.
-            self._give_up()
+        if (name := export_name(option, data)) is not None:
+            self.export = name
+        if option == OPT_EXPORT_NAME:
+            self.phase = Phase.TRANSMISSION
 
     def _give_up(self) -> bool:
         self.phase = Phase.OPAQUE
@@ -207,8 +219,8 @@ class Refusal:
             self._flags_read = True
         while self._flags_read and not self.done and len(buf) >= OPTION.size:
             magic, option, length = OPTION.unpack_from(buf)
-            if magic != IHAVEOPT or option == OPT_EXPORT_NAME:
-                self.done = True  # no way to answer either but hanging up
+            if magic != IHAVEOPT or option == OPT_EXPORT_NAME or length > MAX_OPTION:
+                self.done = True  # no way to answer either but hanging up; nor to hold it
                 break
             if len(buf) < OPTION.size + length:
                 break

@@ -61,6 +61,7 @@ def configure_logging(level: str) -> None:
 async def run(cfg: config.Config, notifier: Notifier) -> int:
     """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart us)."""
     exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
+                      handshake_timeout=cfg.exports.handshake_timeout,
                       qemu_user=cfg.exports.qemu_user, limit=cfg.exports.connections)
     exports.prepare()
     inherited = sdnotify.listen_fds()
