@@ -3,6 +3,7 @@ QEMU exports into real qemu-nbd and nbdkit servers, and end in a byte-for-byte c
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -231,3 +232,38 @@ def test_cancelling_the_async_stream_stops_the_copy(export: str, tmp_path: Path)
         assert anyio.run(cancel_soon, url)
         left = {t.name for t in threading.enumerate()} - threads
         assert not {name for name in left if name.startswith("pullbackd-")}, left
+
+
+@contextmanager
+def silent_server(path: Path) -> Iterator[str]:
+    """A Unix socket that accepts (the kernel does, into the backlog) and never says a word."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(16)
+    try:
+        yield f"nbd+unix:///?socket={path}"
+    finally:
+        server.close()
+
+
+def test_a_destination_that_never_answers_fails_the_copy_in_time(tmp_path: Path) -> None:
+    image = tmp_path / "source.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(MiB)],
+                   check=True)
+    with qemu_nbd(image) as source, silent_server(tmp_path / "silent.sock") as silent, \
+            pytest.raises(stream.StreamError, match="no NBD handshake within 1 s"):
+        stream.copy(source, silent, tuning=Tuning(connect_timeout=1))
+
+
+@pytest.mark.asyncio
+async def test_a_copy_stuck_on_a_silent_destination_is_cancelled_at_once(
+        tmp_path: Path) -> None:
+    """Abort cancels the copy: it must not wait for the other side (before, it waited
+    until that side died: for ever, here)."""
+    image = tmp_path / "source.qcow2"
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(MiB)])
+    with qemu_nbd(image) as source, silent_server(tmp_path / "silent.sock") as silent:
+        with anyio.fail_after(30):  # a hang fails the test instead of stalling it
+            with anyio.move_on_after(1) as waited:
+                await stream.stream(source, silent)
+        assert waited.cancelled_caught

@@ -137,6 +137,9 @@ class Stream:
     #: connections x in_flight x request_size (8 MiB); 24 MiB keeps the daemon
     #: under 80 MiB however many copies run.
     memory: int = 24 << 20
+    #: Seconds a connection of pullbackd's own copy may take, its NBD handshake included
+    #: (a destination that accepts and never answers fails the job then).
+    connect_timeout: float = 30.0
     #: For nbds:// destinations: a folder with ca-cert.pem (and client-cert.pem and
     #: client-key.pem if the appliance checks clients). Empty: libnbd's default.
     tls_certificates: str = ""

@@ -82,7 +82,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         tuning = stream.Tuning(request_size=cfg.stream.request_size,
                                connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
                                buffers=stream.BufferPool(cfg.stream.memory),
-                               tls_certificates=cfg.stream.tls_certificates or None)
+                               tls_certificates=cfg.stream.tls_certificates or None,
+                               connect_timeout=cfg.stream.connect_timeout)
         limits = Limits(drain_timeout=cfg.exports.drain_timeout,
                         idle_timeout=cfg.exports.idle_timeout,
                         max_lifetime=cfg.exports.max_lifetime)

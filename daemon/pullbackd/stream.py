@@ -42,6 +42,11 @@ MiB = 1 << 20
 _T = TypeVar("_T")
 
 
+#: Seconds a thread of the copy waits at most before it looks whether the copy was
+#: cancelled (how long Abort may wait for it).
+POLL = 0.5
+
+
 class StreamError(Exception):
     """The copy failed; nothing it wrote may be trusted as a backup."""
 
@@ -112,6 +117,8 @@ class Tuning:
     window: int = 1024 * MiB
     #: Seconds without any progress after which a silent server counts as gone.
     stall_timeout: float = 60.0
+    #: Seconds a connection may take, its NBD handshake included.
+    connect_timeout: float = 30.0
     #: For nbds:// destinations: the folder with ca-cert.pem (and client-cert.pem,
     #: client-key.pem when the server checks clients); None: libnbd's default.
     tls_certificates: str | None = None
@@ -230,8 +237,11 @@ def split(piece: Piece, request_size: int) -> Iterator[Piece]:
         yield Piece(offset, min(request_size, piece.offset + piece.length - offset), piece.zero)
 
 
-def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | None = None
+def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | None = None,
+             timeout: float = Tuning.connect_timeout, cancel: threading.Event | None = None
              ) -> nbd.NBD:
+    """A handle connected to `url`, its handshake done within `timeout` seconds (a
+    server may accept and never answer); StreamError if not, or once `cancel` is set."""
     h = nbd.NBD()
     # libnbd zeroes each read buffer first, in case a caller looks at it after a
     # failed read. We never do (a failed read fails the copy), and the memset
@@ -242,8 +252,25 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
         h.set_tls_certificates(tls_certificates)
     for context in contexts:
         h.add_meta_context(context)
-    h.connect_uri(url)
+    h.aio_connect_uri(url)
+    _until(h, h.aio_is_ready, timeout, cancel, f"{url}: no NBD handshake")
     return h
+
+
+def _until(h: nbd.NBD, done: Callable[[], bool], timeout: float,
+           cancel: threading.Event | None, what: str) -> None:
+    """Drive `h` until `done()`: StreamError after `timeout` seconds, or once `cancel` is
+    set; nbd.Error if the connection fails."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if h.aio_is_dead() or h.aio_is_closed():
+            raise StreamError(f"{what}: the connection ended")
+        if cancel is not None and cancel.is_set():
+            raise StreamError("cancelled")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StreamError(f"{what} within {timeout:g} s")
+        h.poll(max(1, int(min(left, POLL) * 1000)))
 
 
 def reachable(url: str) -> bool:
@@ -296,7 +323,8 @@ class _Copy:
 
     def run(self) -> Progress:
         contexts = (ALLOCATION,) + ((self.bitmap,) if self.bitmap else ())
-        planner_handle = _connect(self.source, contexts)
+        planner_handle = _connect(self.source, contexts, timeout=self.tuning.connect_timeout,
+                                  cancel=self.cancel)
         try:
             for context in contexts:
                 if not planner_handle.can_meta_context(context):
@@ -352,7 +380,7 @@ class _Copy:
             if self.stopped() and not force:
                 return
             try:
-                work.put(item, timeout=0.5)
+                work.put(item, timeout=POLL)
                 return
             except queue.Full:
                 if force and self.stopped():
@@ -361,15 +389,19 @@ class _Copy:
                         work.get_nowait()
 
     def _work(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
-        src = _connect(self.source)
+        src = _connect(self.source, timeout=self.tuning.connect_timeout, cancel=self.cancel)
         pump = None
         try:
-            dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates)
+            dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates,
+                           timeout=self.tuning.connect_timeout, cancel=self.cancel)
             try:
                 pump = _Pump(self, src, dst, counters)
                 pump.run(work)
                 if not self.stopped():
-                    dst.flush()
+                    cookie = dst.aio_flush()
+                    _until(dst, lambda: bool(dst.aio_command_completed(cookie)),
+                           self.tuning.stall_timeout, self.cancel,
+                           "the destination did not confirm its flush")
             finally:
                 _close(dst)
         finally:
@@ -403,7 +435,7 @@ class _Pump:
         while (more or self.in_flight or self.pending) and not self.copy.stopped():
             more = self.submit(work) if more else False
             if self.in_flight:
-                self.poller.wait(0.5)
+                self.poller.wait(POLL)
             if self.errors:
                 raise StreamError(self.errors[0])
             while self.read:
@@ -419,7 +451,7 @@ class _Pump:
             piece, self.pending = self.pending, None
             if piece is None:
                 try:
-                    piece = work.get(block=self.in_flight == 0, timeout=0.5)
+                    piece = work.get(block=self.in_flight == 0, timeout=POLL)
                 except queue.Empty:
                     return True
                 if piece is None:
