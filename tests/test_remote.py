@@ -152,3 +152,31 @@ def test_an_unknown_export_is_refused_and_the_listing_is_empty(
     h.opt_list(seen)
     assert listed == []
     h.opt_abort()
+
+
+def test_unauthenticated_connections_are_capped_per_address(
+        daemon: Daemon, job: tuple[dict[str, str], Disk], appliance_pki: Path) -> None:
+    """Someone on the network opens connections and says nothing: 8 from their address
+    wait for their handshake to time out, the rest are closed at once; an appliance
+    from another address reads meanwhile."""
+    disk, vda = job
+    port = int(disk["remote_url"].split(":")[2].split("/")[0])
+    flood = []
+    for _ in range(40):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.connect(("127.0.0.1", port))
+        s.settimeout(5)
+        flood.append(s)
+    greeted = closed = 0
+    for s in flood:
+        data = s.recv(18)  # the greeting, or the end
+        greeted += len(data) == 18
+        closed += data == b""
+    assert (greeted, closed) == (8, 32)
+    h = connect(disk["remote_url"], appliance_pki)
+    assert_same(read_all(h), vda.expected)
+    h.shutdown()
+    for s in flood:
+        s.close()
+    assert "too many connections in their handshake" in daemon.log_text()

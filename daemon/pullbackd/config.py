@@ -86,6 +86,10 @@ class Exports:
     tls_certificates: str = ""
     #: Ask remote appliances for a certificate signed by ca-cert.pem.
     tls_verify_clients: bool = False
+    #: Connections to the TCP endpoint that may be in their handshake at once (nobody
+    #: authenticated yet), in all and from one address; one more is closed at once.
+    tcp_handshakes: int = 64
+    tcp_handshakes_per_address: int = 8
     #: Allow the TCP endpoint without TLS. Backups are people's data: only on a network
     #: nobody else can see.
     insecure_tcp: bool = False

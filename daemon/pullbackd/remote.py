@@ -78,12 +78,20 @@ class Remote:
     """The TCP listener, and the handshake up to the export name."""
 
     def __init__(self, exports: Exports, host: str, port: int,
-                 tls: ssl.SSLContext | None) -> None:
+                 tls: ssl.SSLContext | None, handshakes: int = 64, per_address: int = 8
+                 ) -> None:
+        """`handshakes`, `per_address`: connections that may be in their handshake (not
+        yet a job's session, maybe not even TLS) at once, in all and from one address;
+        one more is closed at once. Nobody has been authenticated yet: they must not
+        take every descriptor, nor every place, of the daemon."""
         self._exports = exports
         self.host, self.port = host, port
         #: None: plain TCP, allowed only by `[exports] insecure_tcp`.
         self._tls = tls
         self._refusals = Refusals("tcp")
+        self._handshakes, self._per_address = handshakes, per_address
+        #: Connections in their handshake now, per address.
+        self._shaking: dict[str, int] = {}
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -99,9 +107,17 @@ class Remote:
 
     async def _accept(self, listener: SocketListener, tg: anyio.abc.TaskGroup) -> None:
         async for stream in accepted(listener, self._refusals):
-            tg.start_soon(self._connection, stream)
+            address = stream.extra(SocketAttribute.remote_address)
+            host = str(address[0]) if isinstance(address, tuple) else "?"
+            if sum(self._shaking.values()) >= self._handshakes or \
+                    self._shaking.get(host, 0) >= self._per_address:
+                self._refusals.note("too many connections in their handshake", address=host)
+                await stream.aclose()
+                continue
+            self._shaking[host] = self._shaking.get(host, 0) + 1
+            tg.start_soon(self._connection, stream, host)
 
-    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+    async def _connection(self, stream: anyio.abc.SocketStream, host: str) -> None:
         address = stream.extra(SocketAttribute.remote_address)
         peer = f"tcp {address[0]}:{address[1]}" if isinstance(address, tuple) else "tcp"
         handed = False
@@ -112,6 +128,9 @@ class Remote:
                 anyio.BrokenResourceError, anyio.IncompleteRead, _Hangup) as e:
             log.info("remote connection ended in the handshake", peer=peer, reason=repr(e))
         finally:
+            self._shaking[host] -= 1
+            if not self._shaking[host]:
+                del self._shaking[host]
             if not handed:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()

@@ -152,7 +152,8 @@ def _remote(cfg: config.Config, exports: Exports) -> tuple[Remote | None, str | 
     tls = None if cfg.exports.insecure_tcp else tls_context(
         Path(cfg.exports.tls_certificates), cfg.exports.tls_verify_clients)
     base = f"{'nbd' if tls is None else 'nbds'}://{cfg.exports.tcp_host or socket.getfqdn()}:{port}"
-    return Remote(exports, host, port, tls), base
+    return Remote(exports, host, port, tls, cfg.exports.tcp_handshakes,
+                  cfg.exports.tcp_handshakes_per_address), base
 
 
 async def _serve(listener: SocketListener, service: Service, path: Path) -> None:
