@@ -195,13 +195,15 @@ class Whole:
 
 
 def exchange(address: str | tuple[str, int], data: bytes) -> None:
-    """Send `data`, read what comes back for a moment, hang up."""
+    """Send `data` and nothing more, read what comes back until the other side is done
+    (or a moment passed), hang up."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     with socket.socket(family) as s:
         s.settimeout(0.2)
         s.connect(address)
         try:
             s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
             while s.recv(65536):
                 pass
         except (TimeoutError, ConnectionError):
