@@ -32,6 +32,10 @@ from .systemd import ServiceManager
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "scripts" / "lab"
 DISK_SIZE = 64 << 20
+#: [stream] destinations that let the tests' NBD servers be written to.
+ANY_DESTINATION = 'destinations = [' + ", ".join(
+    f'"{scheme}:///?socket={folder}"' for scheme in ("nbd+unix", "nbds+unix")
+    for folder in ("/tmp", "/var/tmp")) + "]"
 
 
 @dataclass
@@ -169,13 +173,14 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
                  exports: str = "", extra_config: str = "",
                  fdstore: dict[str, int] | None = None,
                  env: dict[str, str] | None = None, control: str = "",
+                 stream: str = ANY_DESTINATION,
                  socket: Path | None = None) -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own.
 
     `exports` is more of the [exports] section; `extra_config` more sections.
     `fdstore`: what the previous run handed over (`Daemon.manager.fdstore`).
     `env`: more environment (e.g. a crash point, see pullbackd/crash.py).
-    `control`: more of the [control] section; `socket`: the control socket's path.
+    `control`, `stream`: more of those sections; `socket`: the control socket's path.
     """
     socket = socket or base / "control.sock"
     base.mkdir(parents=True, exist_ok=True)
@@ -191,7 +196,9 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
         f'[state]\ndir = "{base}/state"\n'
         # Write-behind every MiB: many times in every copy into the repository here.
         f'[repository]\ndir = "{repository or base / "repository"}"\nwrite_behind = {1 << 20}\n'
-        f'[restore]\ndirs = ["/tmp", "/var/tmp"]\n'  # where the tests' folders are
+        # Where the tests' folders and NBD servers are.
+        f'[restore]\ndirs = ["/tmp", "/var/tmp"]\n[push]\ndirs = ["/tmp", "/var/tmp"]\n'
+        f'[stream]\n{stream}\n'
         f'[log]\nlevel = "debug"\n' + extra_config)
     manager = ServiceManager(base / "notify.sock")
     manager.fdstore.update(fdstore or {})

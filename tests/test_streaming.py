@@ -19,7 +19,7 @@ from pullbackd import api
 from pullbackd.control import idl
 from pullbackd.control.client import Client, VarlinkError
 
-from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon, tmpfs
+from .conftest import ANY_DESTINATION, DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon, tmpfs
 from .images import Disk, MiB
 from .test_stream import nbdkit, qemu_nbd
 
@@ -406,7 +406,7 @@ def test_tls_destination(lab: Lab, pki: Path, tmp_path: Path) -> None:
     client_pki.mkdir()
     (client_pki / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
     daemon = start_daemon(tmp_path / "pullbackd", lab.uri,
-                          extra_config=f'[stream]\ntls_certificates = "{client_pki}"\n')
+                          stream=f'{ANY_DESTINATION}\ntls_certificates = "{client_pki}"')
     try:
         with nbdkit(tmp_path, "--tls=require", f"--tls-certificates={pki}", "file",
                     str(target)) as url:

@@ -34,6 +34,8 @@ ADMINS = "pbtest-admins"
 #: The test daemon's [control] idle_timeout, and [exports] handshake_timeout.
 IDLE = 3.0
 HANDSHAKE = 1.0
+#: The only place the test daemon may send its copies to.
+APPLIANCES = "/var/tmp/pbtest-appliances"
 
 
 def ensure_user(name: str, *groups: str) -> None:
@@ -58,6 +60,7 @@ def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
     folder.mkdir(mode=0o755, exist_ok=True)
     d = start_daemon(base, lab.uri, socket=folder / "control.sock",
                      exports=f"handshake_timeout = {HANDSHAKE}",
+                     stream=f'destinations = ["nbd+unix:///?socket={APPLIANCES}"]',
                      control=f'group = "{GROUP}"\nconnections = 12\n'
                              f'connections_per_user = 8\nidle_timeout = {IDLE}',
                      extra_config=f'[roles]\nadmin = ["@{ADMINS}"]\nlook = ["{LOOK}"]\n')
@@ -288,3 +291,19 @@ def test_silent_clients_do_not_hold_a_jobs_places(daemon: Daemon) -> None:
     assert_same(read_export(disk["url"]), read_export(qemu))
     assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
     assert "no export opened in time" in daemon.log_text()
+
+
+def test_push_targets_and_destinations_only_where_the_configuration_says(
+        daemon: Daemon) -> None:
+    """pullbackd writes and connects as root: a member of the control group must not
+    point it at /etc, or at another service's socket."""
+    before = daemon.ctl.call("List")
+    refused = call_as(BACKUP, daemon, "Start", domain="lab1", target_dir="/etc")
+    assert refused["error"] == "TargetNotWritable" and "[push] dirs" in refused["reason"]
+    refused = call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
+                      destination="nbd+unix:///?socket=/run/libvirt/libvirt-sock")
+    assert refused == {"error": "InvalidParameter", "parameter": "destination"}
+    sneaky = f"nbd+unix:///?socket={APPLIANCES}/../../run/x.sock"
+    assert call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
+                   destination=sneaky)["error"] == "InvalidParameter"
+    assert daemon.ctl.call("List") == before

@@ -130,6 +130,12 @@ class Restore:
 
 
 @dataclass(frozen=True)
+class Push:
+    #: Folders a push backup's target_dir may be in: pullbackd writes as root.
+    dirs: tuple[str, ...] = ("/var/lib/pullbackd/push",)
+
+
+@dataclass(frozen=True)
 class Stream:
     #: Bytes per request of pullbackd's own copy (measured defaults: see README).
     request_size: int = 512 << 10
@@ -141,6 +147,10 @@ class Stream:
     #: connections x in_flight x request_size (8 MiB); 24 MiB keeps the daemon
     #: under 80 MiB however many copies run.
     memory: int = 24 << 20
+    #: NBD servers pullbackd's own copy may write to: "nbd+unix:///?socket=FOLDER" (a
+    #: socket in FOLDER), "nbds://HOST:PORT" (any export there); pullbackd connects as
+    #: root. "local" (the repository) is always allowed.
+    destinations: tuple[str, ...] = ()
     #: Seconds a connection of pullbackd's own copy may take, its NBD handshake included
     #: (a destination that accepts and never answers fails the job then).
     connect_timeout: float = 30.0
@@ -192,6 +202,7 @@ class Config:
     state: State = field(default_factory=State)
     repository: Repository = field(default_factory=Repository)
     restore: Restore = field(default_factory=Restore)
+    push: Push = field(default_factory=Push)
     stream: Stream = field(default_factory=Stream)
     jobs: Jobs = field(default_factory=Jobs)
     chains: Chains = field(default_factory=Chains)
@@ -311,8 +322,10 @@ def _validate(config: Config) -> None:
     for key in ("request_size", "connections", "in_flight", "memory"):
         if getattr(config.stream, key) < 1:
             raise ConfigError(f"stream.{key} must be at least 1")
-    if not all(d.startswith("/") for d in config.restore.dirs):
-        raise ConfigError("restore.dirs must hold absolute paths")
+    for key, folders in (("restore.dirs", config.restore.dirs),
+                         ("push.dirs", config.push.dirs)):
+        if not all(d.startswith("/") for d in folders):
+            raise ConfigError(f"{key} must hold absolute paths")
     if config.roles.default not in ROLES:
         raise ConfigError(f"roles.default must be one of {', '.join(ROLES)}")
     if config.log.level not in LEVELS:

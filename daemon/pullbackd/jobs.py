@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import anyio
 import structlog
@@ -337,6 +337,48 @@ def _check_target_dir(target_dir: str) -> None:
         raise TargetNotWritable(target_dir, "not writable")
 
 
+@dataclass(frozen=True)
+class Places:
+    """Where a client may have pullbackd (root) write or connect: push targets only into
+    `push_dirs` ([push] dirs), copies only to NBD URIs starting with one of
+    `destinations` ([stream] destinations). The repository ("local") is always allowed."""
+
+    push_dirs: tuple[Path, ...] = ()
+    destinations: tuple[str, ...] = ()
+
+    def check(self, request: StartRequest) -> None:
+        """Raise TargetNotWritable or InvalidParameter, naming the setting. Blocks."""
+        if request.target_dir is not None:
+            folder = Path(request.target_dir).resolve()
+            allowed = [d.resolve() for d in self.push_dirs]
+            if not any(folder == d or d in folder.parents for d in allowed):
+                raise TargetNotWritable(request.target_dir, (
+                    f"not inside [push] dirs ({', '.join(map(str, self.push_dirs)) or 'none'});"
+                    " have the host's administrator add the folder"))
+        if request.destination not in (None, LOCAL) and not any(
+                _within(str(request.destination), allowed) for allowed in self.destinations):
+            raise InvalidParameter("destination", (
+                "not allowed by [stream] destinations "
+                f"({', '.join(self.destinations) or 'none'}); have the host's administrator "
+                "add it, or use \"local\""))
+
+
+def _within(url: str, allowed: str) -> bool:
+    """Whether an NBD URI is one `allowed` covers: the same scheme, and for a Unix
+    socket a path inside the allowed one (resolved: no "..", no symlink out of it),
+    for TCP the same host and port. Blocks (it resolves paths)."""
+    u, a = urlsplit(url), urlsplit(allowed)
+    if u.scheme != a.scheme:
+        return False
+    if u.scheme.endswith("+unix"):
+        sockets = [parse_qs(x.query).get("socket", [""])[0] for x in (u, a)]
+        if not all(sockets):
+            return False
+        path, folder = (Path(s).resolve() for s in sockets)
+        return path == folder or folder in path.parents
+    return bool(u.hostname) and (u.hostname, u.port) == (a.hostname, a.port)
+
+
 def nbd_url(socket: Path, export: str) -> str:
     """An NBD URI for a Unix socket: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/uri.md"""
     return f"nbd+unix:///{quote(export, safe='')}?socket={quote(str(socket), safe='/')}"
@@ -349,9 +391,12 @@ class Jobs:
                  end_timeout: float, repository: Repository,
                  tuning: stream.Tuning | None = None, scratch_reserve: int = 0,
                  keep_finished: float = 7 * 24 * 3600.0, limits: Limits | None = None,
-                 max_active: int = 0, remote: str | None = None) -> None:
+                 max_active: int = 0, remote: str | None = None,
+                 places: Places | None = None) -> None:
+        """`places`: where clients may have us write (None: anywhere, for tests)."""
         self._virt = virt
         self._store = store
+        self._places = places
         self.chains = chains
         self.repository = repository
         self.tuning = tuning or stream.Tuning()
@@ -473,7 +518,7 @@ class Jobs:
     # Changes.
 
     async def start(self, request: StartRequest) -> Job:
-        await anyio.to_thread.run_sync(request.check)  # it looks at target_dir
+        await anyio.to_thread.run_sync(self._check, request)  # it looks at target_dir
         domain = request.domain
         if domain in self.draining:
             raise MigrationPending(domain)
@@ -486,6 +531,11 @@ class Jobs:
         # fails at once instead of racing us to libvirt.
         self._active[domain] = job_id
         return await self._claimed_start(job_id, request)
+
+    def _check(self, request: StartRequest) -> None:
+        request.check()
+        if self._places is not None:
+            self._places.check(request)
 
     async def _claimed_start(self, job_id: str, request: StartRequest,
                              queued: Job | None = None) -> Job:

@@ -26,7 +26,7 @@ from .control import server
 from .control.server import Service, bind
 from .errors import PullbackError
 from .exports import Exports
-from .jobs import Jobs, Limits
+from .jobs import Jobs, Limits, Places
 from .migration import Migrations
 from .remote import Remote, tls_context
 from .repository import Repository
@@ -90,7 +90,8 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         remote, remote_base = _remote(cfg, exports)
         jobs = Jobs(virt, store, Chains(virt, store, cfg.chains.keep), exports, cfg.scratch.dir,
                     cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
-                    cfg.jobs.keep_finished, limits, cfg.jobs.max_active, remote_base)
+                    cfg.jobs.keep_finished, limits, cfg.jobs.max_active, remote_base,
+                    Places(tuple(Path(d) for d in cfg.push.dirs), cfg.stream.destinations))
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(
