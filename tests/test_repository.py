@@ -344,3 +344,17 @@ def test_a_qemu_nbd_that_cannot_start_fails_at_once(tmp_path: Path) -> None:
         anyio.run(repository.restore, manifest, tmp_path / "restored.raw", "raw")
     assert time.monotonic() - started < 10
     assert not (tmp_path / "restored.raw").exists()
+
+
+def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
+    """A temporary name with a symlink on it (the attack on Prune): the link goes, the
+    file it pointed to stays as it was."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's")
+    (folder / "0001.tmp").symlink_to(victim)
+    repository_module._durable_write(folder / "0001.json", '{"a": 1}')
+    assert victim.read_text() == "root's"
+    assert (folder / "0001.json").read_text() == '{"a": 1}'
+    assert not (folder / "0001.tmp").exists() and not (folder / "0001.tmp").is_symlink()

@@ -311,7 +311,7 @@ class Repository:
         manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
                             "incremental" if base else "full", size,
                             base.file if base else None)
-        partial = folder / f"{manifest.file}.partial"
+        partial = folder / f"{manifest.file}.partial"  # _next_sequence removed any there
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if base is not None:  # relative, so the folder can move as a whole
             create += ["-b", base.file, "-F", "qcow2"]
@@ -421,6 +421,8 @@ class Repository:
 
     async def _flatten(self, folder: Path, m: Manifest) -> None:
         flat = folder / f"{m.file}.flat.partial"
+        # qemu-img creates it, following a symlink there: none may be left in the way.
+        await anyio.Path(flat).unlink(missing_ok=True)
         await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2",
                    str(folder / m.file), str(flat))
         regions = await anyio.to_thread.run_sync(_scan, flat)
@@ -559,7 +561,10 @@ def _durable_rename(src: Path, dst: Path) -> None:
 
 def _durable_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+    tmp.unlink(missing_ok=True)  # a crash's leftover (or anything planted: never followed)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with open(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
