@@ -835,8 +835,7 @@ class Stress:
 
     def lost_start(self, plan: Plan) -> Job | None:
         """Start's answer was lost to a restart: the job, if pullbackd made one."""
-        fresh = [j for j in self.ctl.call("List", domain=plan.domain)["jobs"]
-                 if j["id"] not in self.seen]
+        fresh = [j for j in self.jobs(domain=plan.domain) if j["id"] not in self.seen]
         note = f"Start's answer was lost; List shows {len(fresh)} new job(s)"
         if fresh:
             note += f": {fresh[-1]['id']} {fresh[-1]['state']}"
@@ -1016,6 +1015,16 @@ class Stress:
 
     def get(self, job_id: str) -> Job:
         return self.ctl.job("Get", id=job_id)
+
+    def jobs(self, **filters: str) -> list[Job]:
+        """Every job List shows, page after page."""
+        jobs: list[Job] = []
+        after = None
+        while True:
+            page = self.ctl.call("List", **filters, **({"after": after} if after else {}))
+            jobs += page["jobs"]
+            if (after := page["next"]) is None:
+                return jobs
 
     def settle(self, plan: Plan, job: Job, images: dict[str, Path] | None,
                snapshot: dict[str, bytes], outcome: str | None = None) -> None:
@@ -1227,7 +1236,7 @@ class Stress:
             code = self.daemon.wait(0)
             self.error(f"cycle {self.cycle}: pullbackd exited by itself (status {code})")
             self.daemon.start()
-        for job in self.ctl.call("List")["jobs"]:
+        for job in self.jobs():
             if job["state"] not in FINAL:
                 self.error(f"cycle {self.cycle}: job {job['id']} still {job['state']} at the "
                            "end of its cycle; aborted")
@@ -1239,7 +1248,7 @@ class Stress:
         self.event = self.inflight = None
 
     def check(self, where: str) -> None:
-        jobs = {j["id"]: j for j in self.ctl.call("List")["jobs"]}
+        jobs = {j["id"]: j for j in self.jobs()}
         context = "; ".join(e.describe() for e in self.unchecked) or "no fault since the " \
             "last check"
         self.check_chains(jobs, f"{where}: {context}")

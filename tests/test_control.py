@@ -232,7 +232,7 @@ def test_list_filters(daemon: Daemon) -> None:
     assert lab1 == [j for j in everything if j["domain"] == "lab1"] and lab1
     completed = daemon.ctl.call("List", domain="lab1", state="completed")["jobs"]
     assert completed == [j for j in lab1 if j["state"] == "completed"] and completed
-    assert daemon.ctl.call("List", domain="no-such-domain") == {"jobs": []}
+    assert daemon.ctl.call("List", domain="no-such-domain") == {"jobs": [], "next": None}
     e = daemon.ctl.error("List", state="finished")
     assert (e.name, e.parameters) == ("org.varlink.service.InvalidParameter",
                                       {"parameter": "state"})
@@ -242,3 +242,19 @@ def test_domains_stay_usable(lab: Lab, daemon: Daemon) -> None:
     """After all of the above, a normal backup still works."""
     job = daemon.ctl.job("Start", domain="lab1")
     assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
+
+
+def test_list_pages_and_its_replies_stay_small(daemon: Daemon) -> None:
+    for _ in range(3):
+        daemon.ctl.call("Abort", id=daemon.ctl.job("Start", domain="lab1")["id"])
+    everything = daemon.ctl.call("List")["jobs"]
+    assert len(everything) >= 3
+    first = daemon.ctl.call("List", limit=2)
+    assert [j["id"] for j in first["jobs"]] == [j["id"] for j in everything[:2]]
+    assert first["next"] == everything[1]["id"]
+    rest = daemon.ctl.call("List", after=first["next"], limit=200)
+    assert [j["id"] for j in first["jobs"] + rest["jobs"]] == [j["id"] for j in everything]
+    assert rest["next"] is None
+    assert all(not j["appliance"] or j["appliance"]["sessions"] == [] for j in everything)
+    assert daemon.ctl.error("List", limit=201).parameters == {"parameter": "limit"}
+    assert daemon.ctl.error("List", after="nope").short_name == "NoSuchJob"

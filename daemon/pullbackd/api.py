@@ -21,13 +21,15 @@ from . import __version__
 from .chain import DEFAULT_CONSUMER, check_consumer
 from .control import idl
 from .control.server import Handler, Last, Limits, Service
-from .errors import BackupInProgress, InvalidParameter
+from .errors import BackupInProgress, InvalidParameter, NoSuchJob
 from .exports import Session
 from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
 from .migration import Migrations
 from .roles import Roles
 
 INTERFACE = "org.pullbackd.Backup"
+#: Jobs in one List reply, at most (about 3 KiB each: far under varlink's 1 MiB).
+PAGE = 200
 #: Progress events of a running job: at most one a second.
 PROGRESS_INTERVAL = 1.0
 
@@ -35,6 +37,14 @@ PROGRESS_INTERVAL = 1.0
 def interface(name: str) -> idl.Interface:
     """One of the interface definitions shipped in the package."""
     return idl.parse(files(__package__).joinpath(f"{name}.varlink").read_text())
+
+
+def _listed(job: Job) -> dict[str, Any]:
+    """A job as List shows it: its appliance's totals, without the sessions."""
+    record = job.to_record()
+    if record["appliance"] is not None:
+        record["appliance"]["sessions"] = []
+    return record
 
 
 def _event(kind: str, job: Job, message: str | None = None,
@@ -70,11 +80,23 @@ class BackupAPI:
     async def Get(self, id: str) -> dict[str, Any]:
         return {"job": (await self.jobs.details(id)).to_record()}
 
-    async def List(self, domain: str | None = None, state: str | None = None) -> dict[str, Any]:
+    async def List(self, domain: str | None = None, state: str | None = None,
+                   after: str | None = None, limit: int | None = None) -> dict[str, Any]:
         if state is not None and state not in {s.value for s in JobState}:
             raise InvalidParameter("state", f"one of {', '.join(s.value for s in JobState)}")
-        return {"jobs": [job.to_record() for job in self.jobs.all()
-                         if domain in (None, job.domain) and state in (None, job.state)]}
+        limit = PAGE if limit is None else limit
+        if not 1 <= limit <= PAGE:
+            raise InvalidParameter("limit", f"from 1 to {PAGE}")
+        jobs = [job for job in self.jobs.all()
+                if domain in (None, job.domain) and state in (None, job.state)]
+        if after is not None:
+            ids = [job.id for job in self.jobs.all()]
+            if after not in ids:
+                raise NoSuchJob(after)
+            later = set(ids[ids.index(after) + 1:])
+            jobs = [job for job in jobs if job.id in later]
+        page = [_listed(job) for job in jobs[:limit]]
+        return {"jobs": page, "next": page[-1]["id"] if len(jobs) > limit else None}
 
     async def Watch(self, id: str | None = None
                     ) -> AsyncGenerator[dict[str, Any] | Last, None]:

@@ -279,8 +279,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         print(format_step(step), file=sys.stderr, flush=True)
                 return {"step": step}
             case ("backup", "list") | ("jobs", _):
-                return client.call(f"{IFACE}.List",
-                                   **_given(domain=args.domain, state=args.state))
+                jobs: list[dict[str, Any]] = []
+                after = None
+                while True:  # every page
+                    page = client.call(f"{IFACE}.List", **_given(
+                        domain=args.domain, state=args.state, after=after))
+                    jobs += page["jobs"]
+                    if (after := page["next"]) is None:
+                        return {"jobs": jobs}
             case ("backup", "show") | ("show", _):
                 return client.call(f"{IFACE}.Get", id=args.id)
             case "backup", "finish":
