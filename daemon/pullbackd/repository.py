@@ -32,6 +32,7 @@ import secrets
 import select
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -294,7 +295,8 @@ class Repository:
         folder = self.folder(domain, consumer, disk)
         if not folder.is_dir():
             return []
-        return [Manifest.from_json(p.read_text()) for p in sorted(folder.glob("[0-9]*.json"))]
+        return [Manifest.from_json(owned(p).read_text())
+                for p in sorted(folder.glob("[0-9]*.json"))]
 
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
         """The backup of a disk at a checkpoint (the newest without one)."""
@@ -438,7 +440,8 @@ class Repository:
                       tuning: stream.Tuning | None = None) -> None:
         """Rebuild the disk as it was at a backup into a new file, with the engine: the
         chain point read through one qemu-nbd, the new image written through another."""
-        source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
+        source = owned(self.folder(manifest.domain, manifest.consumer, manifest.disk)
+                       / manifest.file)
         try:
             # A new file of ours, never one that exists, never through a symlink.
             os.close(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -474,8 +477,23 @@ class Repository:
 
     async def verify(self, manifest: Manifest) -> list[str]:
         """Re-read every region a backup wrote; return what does not match."""
-        source = self.folder(manifest.domain, manifest.consumer, manifest.disk) / manifest.file
+        source = owned(self.folder(manifest.domain, manifest.consumer, manifest.disk)
+                       / manifest.file)
         return await anyio.to_thread.run_sync(_verify, source, manifest)
+
+
+def owned(path: Path) -> Path:
+    """`path`, if it is a regular file of ours (not a link, not someone else's file that
+    found its way in); RepositoryError if not. What pullbackd reads as root and hands on
+    must be what it wrote."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise RepositoryError(str(path), "missing: the repository lost this file") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        raise RepositoryError(str(path), "not a file pullbackd wrote (a link, or another "
+                                         "user's); move it out of the repository")
+    return path
 
 
 def component(parameter: str, name: str) -> str:
