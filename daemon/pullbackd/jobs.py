@@ -1086,8 +1086,10 @@ class Jobs:
             del self._ended[domain]
 
     async def _backing_up(self, domain: str) -> bool:
+        # backupGetXMLDesc takes no job lock: jobStats does, and waiting on it while
+        # libvirt's event thread ends the backup held that thread for minutes.
         try:
-            return await self._virt.job_operation(domain) == "backup"
+            return await self._virt.backup_xml(domain) is not None
         except NoSuchDomain:
             return False
 
