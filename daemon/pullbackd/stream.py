@@ -252,9 +252,22 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
         h.set_tls_certificates(tls_certificates)
     for context in contexts:
         h.add_meta_context(context)
-    h.aio_connect_uri(url)
-    _until(h, h.aio_is_ready, timeout, cancel, f"{url}: no NBD handshake")
+    try:
+        h.aio_connect_uri(url)
+        _until(h, h.aio_is_ready, timeout, cancel, f"{url}: no NBD handshake")
+    except BaseException:
+        _drop(h)
+        raise
     return h
+
+
+def _drop(h: nbd.NBD) -> None:
+    """Close a handle, and its connection, now. Left to the garbage collector, a handle
+    an exception's traceback holds stays connected for as long as the exception lives:
+    and QEMU's NBD server waits for every client before libvirt can end a backup (a
+    copy cancelled while it connected held libvirt's job lock for minutes)."""
+    h.__del__()  # nbd_close(3)
+    del h._o  # what __del__ closes: the collector's own call then does nothing
 
 
 def _until(h: nbd.NBD, done: Callable[[], bool], timeout: float,
