@@ -91,8 +91,6 @@ MODES = ("full", "incremental", "differential")
 #: Measuring a disk blocks a thread for a while: a few at a time, apart from
 #: the threads libvirt and the database calls need.
 _MEASURE = anyio.CapacityLimiter(4)
-#: Seconds between two looks at whether libvirt ended a backup we asked it to end.
-END_POLL = 0.5
 #: Job changes a watcher may fall behind by before it is cut off.
 WATCH_BUFFER = 1024
 LOCAL = "local"
@@ -1075,23 +1073,9 @@ class Jobs:
         try:
             if await self._virt.abort_job(domain):
                 with anyio.move_on_after(self._end_timeout):
-                    while not ended.is_set():
-                        # While the daemon stops (a Finish in flight on SIGTERM),
-                        # libvirt's events no longer reach us: ask libvirt as well.
-                        with anyio.move_on_after(END_POLL):
-                            await ended.wait()
-                        if not await self._backing_up(domain):
-                            break
+                    await ended.wait()
         finally:
             del self._ended[domain]
-
-    async def _backing_up(self, domain: str) -> bool:
-        # backupGetXMLDesc takes no job lock: jobStats does, and waiting on it while
-        # libvirt's event thread ends the backup held that thread for minutes.
-        try:
-            return await self._virt.backup_xml(domain) is not None
-        except NoSuchDomain:
-            return False
 
     async def _runs_in_libvirt(self, job: Job) -> bool:
         try:

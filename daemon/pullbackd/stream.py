@@ -238,10 +238,13 @@ def split(piece: Piece, request_size: int) -> Iterator[Piece]:
 
 
 def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | None = None,
-             timeout: float = Tuning.connect_timeout, cancel: threading.Event | None = None
+             timeout: float | None = None, cancel: threading.Event | None = None
              ) -> nbd.NBD:
-    """A handle connected to `url`, its handshake done within `timeout` seconds (a
-    server may accept and never answer); StreamError if not, or once `cancel` is set."""
+    """A handle connected to `url`. With `timeout` (a destination: a server that may
+    accept and never answer), its handshake done within that many seconds, StreamError
+    if not or once `cancel` is set. Without (QEMU's own export), as libnbd connects:
+    driving the connection ourselves while libvirt ended the backup left libvirt's
+    event thread waiting on QEMU for minutes."""
     h = nbd.NBD()
     # libnbd zeroes each read buffer first, in case a caller looks at it after a
     # failed read. We never do (a failed read fails the copy), and the memset
@@ -252,6 +255,9 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
         h.set_tls_certificates(tls_certificates)
     for context in contexts:
         h.add_meta_context(context)
+    if timeout is None:
+        h.connect_uri(url)
+        return h
     try:
         h.aio_connect_uri(url)
         _until(h, h.aio_is_ready, timeout, cancel, f"{url}: no NBD handshake")
@@ -336,8 +342,7 @@ class _Copy:
 
     def run(self) -> Progress:
         contexts = (ALLOCATION,) + ((self.bitmap,) if self.bitmap else ())
-        planner_handle = _connect(self.source, contexts, timeout=self.tuning.connect_timeout,
-                                  cancel=self.cancel)
+        planner_handle = _connect(self.source, contexts)
         try:
             for context in contexts:
                 if not planner_handle.can_meta_context(context):
@@ -402,7 +407,7 @@ class _Copy:
                         work.get_nowait()
 
     def _work(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
-        src = _connect(self.source, timeout=self.tuning.connect_timeout, cancel=self.cancel)
+        src = _connect(self.source)
         pump = None
         try:
             dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates,
