@@ -1012,10 +1012,13 @@ class Jobs:
                                       dataclasses.replace(d, rate=None, eta=None)
                                       for d in final.disks))
         checkpoint = self.chains.outcome(job.checkpoint, completed)
-        job = await self._save(job, checkpoint)
+        job = await self._save(job, checkpoint, tell=False)
         crash.point("end.recorded")
         if checkpoint is not None:
             await self.chains.settle(checkpoint)
+        # Watchers hear of the end once libvirt has followed it (the checkpoint deleted,
+        # or in the chain and the domain's metadata).
+        self._publish(Change("state", self._view(job)))
         self._release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         await self._forget_old()
@@ -1396,10 +1399,11 @@ class Jobs:
         """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
         return self._locks.setdefault(f"chain:{domain}", anyio.Lock())
 
-    async def _save(self, job: Job, checkpoint: Checkpoint | None = None) -> Job:
+    async def _save(self, job: Job, checkpoint: Checkpoint | None = None, *,
+                    tell: bool = True) -> Job:
         """Record the job (a new state joins its history), with its checkpoint's new
-        state in the same transaction if given, and tell the watchers; the job as
-        recorded."""
+        state in the same transaction if given, and (unless not `tell`) tell the
+        watchers; the job as recorded."""
         before = self._jobs.get(job.id)
         history = before.history if before is not None and \
             len(before.history) > len(job.history) else job.history
@@ -1408,7 +1412,8 @@ class Jobs:
         job = dataclasses.replace(job, history=history)
         await self._store.save_job(job, checkpoint)
         self._jobs[job.id] = job
-        self._publish(Change("state", self._view(job)))
+        if tell:
+            self._publish(Change("state", self._view(job)))
         return job
 
     def _publish(self, change: Change) -> None:
