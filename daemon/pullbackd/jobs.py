@@ -1012,13 +1012,13 @@ class Jobs:
                                       dataclasses.replace(d, rate=None, eta=None)
                                       for d in final.disks))
         checkpoint = self.chains.outcome(job.checkpoint, completed)
-        job = await self._save(job, checkpoint, tell=False)
+        job = await self._save(job, checkpoint, show=False)
         crash.point("end.recorded")
         if checkpoint is not None:
             await self.chains.settle(checkpoint)
-        # Watchers hear of the end once libvirt has followed it (the checkpoint deleted,
-        # or in the chain and the domain's metadata).
-        self._publish(Change("state", self._view(job)))
+        # Shown once libvirt has followed it (the checkpoint deleted, or in the chain and
+        # the domain's metadata): whoever sees the end can start the next backup.
+        self._show(job)
         self._release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
         await self._forget_old()
@@ -1400,10 +1400,10 @@ class Jobs:
         return self._locks.setdefault(f"chain:{domain}", anyio.Lock())
 
     async def _save(self, job: Job, checkpoint: Checkpoint | None = None, *,
-                    tell: bool = True) -> Job:
+                    show: bool = True) -> Job:
         """Record the job (a new state joins its history), with its checkpoint's new
-        state in the same transaction if given, and (unless not `tell`) tell the
-        watchers; the job as recorded."""
+        state in the same transaction if given, and (unless not `show`) show it: to
+        Get and List, and to the watchers. The job as recorded."""
         before = self._jobs.get(job.id)
         history = before.history if before is not None and \
             len(before.history) > len(job.history) else job.history
@@ -1411,10 +1411,13 @@ class Jobs:
             history = (*history, Transition(job.state, now()))
         job = dataclasses.replace(job, history=history)
         await self._store.save_job(job, checkpoint)
-        self._jobs[job.id] = job
-        if tell:
-            self._publish(Change("state", self._view(job)))
+        if show:
+            self._show(job)
         return job
+
+    def _show(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        self._publish(Change("state", self._view(job)))
 
     def _publish(self, change: Change) -> None:
         for watcher in list(self._watchers):
