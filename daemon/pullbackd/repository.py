@@ -317,7 +317,12 @@ class Repository:
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if base is not None:  # relative, so the folder can move as a whole
             create += ["-b", base.file, "-F", "qcow2"]
-        await _run(*create, str(partial), str(size))
+        try:
+            await _run(*create, str(partial), str(size))
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # an Abort as the file was being made
+                await anyio.Path(partial).unlink(missing_ok=True)
+            raise
         behind = WriteBehind(partial, self._write_behind)
         try:
             # Short: socket paths end at 108 bytes.
