@@ -25,7 +25,7 @@ import pytest
 from pullbackd.accepting import BACKOFF
 from pullbackd.jobs import nbd_url
 
-from .conftest import Daemon, Lab, start_daemon, stop_daemon
+from .conftest import Daemon, Lab, serving
 from .images import assert_same, read_export
 
 GROUP = "pbtest"
@@ -58,19 +58,13 @@ def daemon(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
     folder = Path(tempfile.gettempdir()) / \
         f"pbc-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
     folder.mkdir(mode=0o755, exist_ok=True)
-    d = start_daemon(base, lab.uri, socket=folder / "control.sock",
-                     exports=f"handshake_timeout = {HANDSHAKE}",
-                     stream=f'destinations = ["nbd+unix:///?socket={APPLIANCES}"]',
-                     control=f'group = "{GROUP}"\nconnections = 12\n'
-                             f'connections_per_user = 8\nidle_timeout = {IDLE}',
-                     extra_config=f'[roles]\nadmin = ["@{ADMINS}"]\nlook = ["{LOOK}"]\n')
-    try:
+    with serving(base, lab.uri, socket=folder / "control.sock",
+                 exports=f"handshake_timeout = {HANDSHAKE}",
+                 stream=f'destinations = ["nbd+unix:///?socket={APPLIANCES}"]',
+                 control=f'group = "{GROUP}"\nconnections = 12\n'
+                         f'connections_per_user = 8\nidle_timeout = {IDLE}',
+                 extra_config=f'[roles]\nadmin = ["@{ADMINS}"]\nlook = ["{LOOK}"]\n') as d:
         yield d
-    finally:
-        for job in d.ctl.call("List")["jobs"]:
-            if job["state"] == "ready":
-                d.ctl.call("Abort", id=job["id"])
-        stop_daemon(d)
 
 
 def as_user(user: str, d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:

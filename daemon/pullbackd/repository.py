@@ -445,8 +445,8 @@ class Repository:
                       tuning: stream.Tuning | None = None) -> None:
         """Rebuild the disk as it was at a backup into a new file, with the engine: the
         chain point read through one qemu-nbd, the new image written through another."""
-        source = owned(self.folder(manifest.domain, manifest.consumer, manifest.disk)
-                       / manifest.file)
+        source = await anyio.to_thread.run_sync(owned, self.folder(
+            manifest.domain, manifest.consumer, manifest.disk) / manifest.file)
         try:
             # A new file of ours, never one that exists, never through a symlink.
             os.close(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -482,8 +482,8 @@ class Repository:
 
     async def verify(self, manifest: Manifest) -> list[str]:
         """Re-read every region a backup wrote; return what does not match."""
-        source = owned(self.folder(manifest.domain, manifest.consumer, manifest.disk)
-                       / manifest.file)
+        source = await anyio.to_thread.run_sync(owned, self.folder(
+            manifest.domain, manifest.consumer, manifest.disk) / manifest.file)
         return await anyio.to_thread.run_sync(_verify, source, manifest)
 
 
