@@ -57,9 +57,11 @@ or not its head; a chain out of order; a job seen `completed` that no longer is.
 qemu-nbd processes on pullbackd's folders while no streamed job runs, `*.partial` and `*.tmp`
 files in the repository, scratch files and sockets of jobs that do not run, libvirt backup jobs
 pullbackd does not list as running, and libvirt checkpoints `pullbackd.*` neither in a chain nor
-of a running job. A checkpoint of a job that ended while its domain was down is only deferred:
-pullbackd deletes it before the domain's next backup, and the driver checks that it did (at the
-end, with one more backup of such a domain, aborted). At the end pullbackd is stopped with
+of a running job. A checkpoint pullbackd took out of a chain (its job failed, or `[chains] keep`
+trimmed it) while libvirt could not delete it (its domain was down) is only deferred: its
+database records it `discard`, pullbackd deletes it before the domain's next backup, and the
+driver checks that it did (once a later backup of that domain started, and at the end, with one
+more backup of such a domain, aborted). At the end pullbackd is stopped with
 SIGTERM: it must exit 0 and leave no qemu-nbd behind. A read that a SIGTERM cut is reported too
 (under systemd sessions are to survive a restart), but does not fail the run.
 
@@ -82,6 +84,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -350,6 +353,16 @@ class Daemon:
             f'[restore]\ndirs = ["{base.parent}"]\n'
             f'[log]\nlevel = "debug"\n')
 
+    def discarding(self, checkpoint: str) -> bool:
+        """Whether pullbackd's database holds `checkpoint` out of every chain, to be
+        deleted (read-only, as a second reader of its SQLite database)."""
+        db = self.base / "state" / "state.db"
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=10)) as conn:
+            row = conn.execute("SELECT state FROM checkpoints WHERE name = ?",
+                               (checkpoint,)).fetchone()
+        return row is not None and row[0] == "discard"
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -558,14 +571,17 @@ class Finding:
 
 @dataclass
 class Deferred:
-    """A checkpoint of a job that ended while its domain was down: pullbackd deletes it
-    before the domain's next backup."""
+    """A checkpoint pullbackd took out of a chain (its job failed, or `[chains] keep`
+    trimmed it) while libvirt could not delete it (its domain was down): pullbackd
+    deletes it before the domain's next backup."""
 
     checkpoint: str
     domain: str
     job: str
     detail: str
     cycle: int
+    #: The domain's newest job when it was found: a later one must not find it.
+    before: str | None
     deleted: str | None = None
 
 
@@ -617,7 +633,6 @@ class Stress:
         self.needs_full: set[tuple[str, str]] = set()
         self.unrestorable: set[str] = set()  # checkpoints the driver could not rebuild
         self.last_job: dict[str, str] = {}  # domain -> its newest job
-        self.down_during: set[str] = set()  # jobs whose domain went down while they ran
         self.cycle = 0
         #: The cycle's job while it runs: a check in the middle of a cycle (after a restart)
         #: may find it completed before the driver heard so.
@@ -1138,9 +1153,9 @@ class Stress:
         elif fault.kind in ("sigterm", "kill9"):
             self.restart(fault.kind)
         elif fault.kind == "qemu":
-            self.kill_qemu(plan.domain, job_id)
+            self.kill_qemu(plan.domain)
         elif fault.kind == "libvirtd":
-            self.kill_libvirtd(job_id)
+            self.kill_libvirtd()
 
     def note(self, text: str) -> None:
         log(f"  {text}")
@@ -1162,7 +1177,7 @@ class Stress:
         self.note(f"pullbackd restarted in {time.monotonic() - began:.2f} s")
         self.check(f"the restart after {how}")
 
-    def kill_qemu(self, domain: str, job_id: str | None) -> None:
+    def kill_qemu(self, domain: str) -> None:
         self.virt.flush(domain)
         pid = self.lab.qemu_pid(domain)
         if not any(f"guest={domain}," in arg for arg in cmdline(pid)):
@@ -1173,8 +1188,6 @@ class Stress:
             if time.monotonic() > deadline:
                 raise StressError(f"libvirt still sees {domain} running after its QEMU died")
             time.sleep(0.05)
-        if job_id is not None:
-            self.down_during.add(job_id)
         self.lab.run("start", domain)
         self.note(f"{domain}'s QEMU killed and started again")
         self.check_disks(domain)
@@ -1198,7 +1211,7 @@ class Stress:
                 self.model[domain, disk][:] = reference.read_bytes()
             reference.unlink()
 
-    def kill_libvirtd(self, job_id: str | None) -> None:
+    def kill_libvirtd(self) -> None:
         began = time.monotonic()
         pid = int(self.lab.state()["libvirtd_pid"])
         if str(self.lab.dir / "etc" / "libvirtd.conf") not in cmdline(pid):
@@ -1219,10 +1232,6 @@ class Stress:
             if not self.virt.active(domain):
                 self.note(f"{domain} was not running after libvirtd's restart; started")
                 self.lab.run("start", domain)
-                if self.last_job.get(domain) is not None:
-                    self.down_during.add(self.last_job[domain])
-        if job_id is not None:
-            self.down_during.add(job_id)
         self.restarts["libvirtd"] += 1
         self.daemon.start()
         self.note(f"libvirtd and pullbackd restarted in {time.monotonic() - began:.2f} s")
@@ -1367,11 +1376,18 @@ class Stress:
                 state = job["state"] if job else "unknown to pullbackd"
                 detail = f"libvirt has checkpoint {name} of {domain}; its job {job_id} is " \
                     f"{state}" + (f" ({job['error']})" if job and job.get("error") else "")
-                if job_id in self.down_during and self.last_job.get(domain) == job_id:
-                    # Deleted before the domain's next backup: the sweep sees to it.
-                    self.deferred.setdefault(name, Deferred(name, domain, job_id, detail,
-                                                            self.cycle))
+                deferred = self.deferred.get(name)
+                if deferred is None and self.cycle <= self.args.cycles and \
+                        self.daemon.discarding(name):
+                    # pullbackd took it out of the chain and could not delete it yet (its
+                    # domain was down): it goes before the domain's next backup.
+                    deferred = self.deferred[name] = Deferred(
+                        name, domain, job_id, detail, self.cycle, self.last_job.get(domain))
+                if deferred is not None and deferred.before == self.last_job.get(domain) \
+                        and self.cycle <= self.args.cycles:
                     continue
+                if deferred is not None:
+                    detail += "; not deleted before the domain's next backup"
                 self.leak("libvirt-checkpoint", name, detail, job_id, context)
 
     def violation(self, kind: str, what: str, detail: str, job: str | None,
