@@ -139,16 +139,8 @@ def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
 def qemu_nbd(image: Path) -> Iterator[str]:
     """`image` served as the repository serves a backup being written."""
     sock = image.with_suffix(".sock")
-    # Its stderr muted as the repository's: the wait's probe connection makes it complain.
-    proc = subprocess.Popen(repository.qemu_nbd(sock, image, "qcow2", writable=True),
-                            env=os.environ | repository.QEMU_NBD_ENV,
-                            stderr=subprocess.DEVNULL)
-    try:
-        repository.wait_serving(sock, image, proc.poll, repository.SERVE_TIMEOUT)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with repository.image_server(image, "qcow2", sock, writable=True) as server:
+        yield server.url
 
 
 def qcow2(path: Path, size: int, backing: Path | None = None) -> Path:

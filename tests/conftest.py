@@ -74,9 +74,33 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+#: Fixtures that bring up a lab. A test using one, itself or through another fixture, is
+#: marked `lab` (pyproject.toml), so that `pytest -m "not lab"` runs the fast tests alone.
+LAB_FIXTURES = frozenset({"lab", "own_lab", "lab_with_small_scratch", "lab8", "hosts"})
+#: The test being set up, run or torn down: lab_up checks it is marked `lab`.
+_CURRENT: dict[str, pytest.Item] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if LAB_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lab)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> None:
+    _CURRENT["item"] = item
+
+
 @contextmanager
 def lab_up(lab_dir: Path, *args: str) -> Iterator[Lab]:
     """`scripts/lab up ARGS` in lab_dir, and `down` afterwards whatever happens."""
+    item = _CURRENT.get("item")
+    if item is not None and item.get_closest_marker("lab") is None:
+        # Or `pytest -m "not lab"` would start labs, and slowly.
+        raise AssertionError(f"{item.nodeid} brings up a lab but is not marked lab: give the "
+                             "fixture that does it a name in conftest.LAB_FIXTURES, or mark "
+                             "the test @pytest.mark.lab")
     try:
         proc = subprocess.run([str(LAB), "--dir", str(lab_dir), "up", *args],
                               capture_output=True, text=True, timeout=300, check=False)

@@ -33,6 +33,12 @@ def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
     ("[control]\nmode = '9'", "octal"),
     ("[control]\ngroup = 'no-such-group-here'", "no group"),
     ("[jobs]\nend_timeout = -1", "positive"),
+    ("[jobs]\nend_timeout = nan", "jobs.end_timeout must be a positive number$"),
+    ("[exports]\ndrain_timeout = 0", "exports.drain_timeout must be a positive number$"),
+    ("[exports]\nidle_timeout = -0.5", "exports.idle_timeout must be a positive number or 0"),
+    ("[exports]\nidle_timeout = true", "exports.idle_timeout must be a positive number or 0"),
+    ("[exports]\nmax_lifetime = '1h'", "exports.max_lifetime must be a positive number or 0"),
+    ("[exports]\nmax_lifetime = inf", "exports.max_lifetime must be a positive number or 0"),
     ("[stream]\nconnections = 0", "stream.connections must be at least 1"),
     ("[scratch]\nreserve = -5", "scratch.reserve must be a whole number"),
     ("[stream]\nin_flight = 2.5", "stream.in_flight must be a whole number"),
@@ -40,7 +46,7 @@ def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
     ("[log]\nlevel = 'loud'", "log.level"),
     ("control = 1", r"\[control\] must be a table"),
     ("[control", "pullbackd.toml"),
-    (f"[exports]\ndir = '/{'x' * 80}'", "exports.dir is 2 characters too long"),
+    (f"[exports]\ndir = '/{'x' * 80}'", "exports.dir is too long by 6 bytes"),
     ("[exports]\nmode = '0999'", "exports.mode must be an octal"),
     ("[exports]\nqemu_user = 'no-such-user-here'", "exports.qemu_user: no user"),
     ("[exports]\nconnections = 0", "exports.connections must be at least 1"),
@@ -52,6 +58,20 @@ def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> No
     path.write_text(toml)
     with pytest.raises(config.ConfigError, match=message):
         config.load(path)
+
+
+def test_seconds_may_be_fractions(tmp_path: Path) -> None:
+    """Every timeout is in seconds, a TOML integer or float; 0 turns the expiries off."""
+    path = tmp_path / "pullbackd.toml"
+    path.write_text("[exports]\nidle_timeout = 0.5\nmax_lifetime = 2\ndrain_timeout = 0.25\n"
+                    "[migration]\ngrace = 0.1\n")
+    cfg = config.load(path)
+    assert (cfg.exports.idle_timeout, cfg.exports.max_lifetime, cfg.exports.drain_timeout,
+            cfg.migration.grace) == (0.5, 2.0, 0.25, 0.1)
+    assert type(cfg.exports.max_lifetime) is float
+    path.write_text("[exports]\nidle_timeout = 0\nmax_lifetime = 0.0\n")
+    cfg = config.load(path)
+    assert (cfg.exports.idle_timeout, cfg.exports.max_lifetime) == (0.0, 0.0)
 
 
 def test_show_config(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import varlink
 from pullbackd import api
 from pullbackd.control.codec import Decoder, decode, encode
 
-from .conftest import Daemon, Lab
+from .conftest import Daemon
 
 
 @pytest.fixture(autouse=True)
@@ -107,13 +108,20 @@ def test_finish_and_abort_are_idempotent(daemon: Daemon) -> None:
     assert daemon.ctl.job("Finish", id=job["id"]) == aborted
 
 
-@pytest.mark.parametrize("payload", [
-    b"{this is not json\0", b"[1,2,3]\0", b'{"method": 5}\0', b'{"method": "x.Y", "more": 3}\0',
+MALFORMED = {
+    "not-json": b"{this is not json\0", "array": b"[1,2,3]\0", "method-type": b'{"method": 5}\0',
+    "flag-type": b'{"method": "x.Y", "more": 3}\0',
     # Each of these took the whole daemon down once: nested 100,000 deep, 5,000 digits.
-    b'{"method": "org.pullbackd.Backup.Get", "parameters": {"id": ' + b"[" * 100_000
+    "deep": b'{"method": "org.pullbackd.Backup.Get", "parameters": {"id": ' + b"[" * 100_000
     + b"]" * 100_000 + b"}}\0",
-    b'{"method": "org.pullbackd.Backup.Get", "parameters": {"id": ' + b"9" * 5000 + b"}}\0",
-], ids=["not-json", "array", "method-type", "flag-type", "deep", "huge-int"])
+    "huge-int": b'{"method": "org.pullbackd.Backup.Get", "parameters": {"id": ' + b"9" * 5000
+    + b"}}\0",
+}
+#: A Start of lab1 cut off before its end: no call at all.
+HALF_A_START = b'{"method": "org.pullbackd.Backup.Start", "parameters": {"domain": "lab1"'
+
+
+@pytest.mark.parametrize("payload", list(MALFORMED.values()), ids=list(MALFORMED))
 def test_malformed_messages_get_an_error_and_the_connection_closes(
         daemon: Daemon, payload: bytes) -> None:
     replies, closed = raw_exchange(daemon, payload, 1)
@@ -179,11 +187,32 @@ def test_oneway_gets_no_reply_and_pipelined_calls_answer_in_order(daemon: Daemon
     assert not closed
 
 
-def test_client_gone_mid_message(daemon: Daemon) -> None:
+def dropped_halves(daemon: Daemon) -> int:
+    """How many connections the daemon saw end in the middle of HALF_A_START."""
+    events = (json.loads(line) for line in daemon.log_text().splitlines()
+              if '"disconnected"' in line)
+    return sum(1 for e in events
+               if e.get("event") == "disconnected" and e.get("unread") == len(HALF_A_START))
+
+
+def send_half_a_start(daemon: Daemon) -> None:
+    """Connect, send HALF_A_START, hang up; return once the daemon dropped the connection."""
+    seen = dropped_halves(daemon)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(daemon.socket))
-        sock.sendall(b'{"method": "org.pullbackd.Backup.Sta')
-    assert daemon.ctl.call("List")
+        sock.sendall(HALF_A_START)
+    deadline = time.monotonic() + 30
+    while dropped_halves(daemon) == seen:  # bounded: the daemon logs it at once
+        assert time.monotonic() < deadline, "the daemon did not see the client go"
+        time.sleep(0.05)
+
+
+def test_client_gone_mid_message(daemon: Daemon) -> None:
+    known = [j["id"] for j in daemon.ctl.call("List")["jobs"]]
+    send_half_a_start(daemon)
+    # The half call started nothing, and the daemon serves on.
+    assert daemon.proc.poll() is None
+    assert [j["id"] for j in daemon.ctl.call("List")["jobs"]] == known
 
 
 def test_client_gone_before_its_reply_still_gets_a_whole_job(daemon: Daemon) -> None:
@@ -238,9 +267,15 @@ def test_list_filters(daemon: Daemon) -> None:
                                       {"parameter": "state"})
 
 
-def test_domains_stay_usable(lab: Lab, daemon: Daemon) -> None:
-    """After all of the above, a normal backup still works."""
+def test_domains_stay_usable_after_bad_input(daemon: Daemon) -> None:
+    """After every kind of malformed message and a Start cut off mid-message, a normal
+    backup of the domain that Start named works."""
+    for payload in MALFORMED.values():
+        replies, closed = raw_exchange(daemon, payload, 1)
+        assert [error_of(r) for r in replies] == ["ProtocolViolation"] and closed
+    send_half_a_start(daemon)
     job = daemon.ctl.job("Start", domain="lab1")
+    assert job["state"] == "ready"
     assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
 
 

@@ -10,19 +10,26 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from pullbackd import api, errors, xml
-from pullbackd.chain import Chains, Checkpoint, CheckpointState, checkpoint_name
+from pullbackd import api, errors, stream, xml
+from pullbackd.admission import Admission
+from pullbackd.chain import Chains
 from pullbackd.control.codec import Call
-from pullbackd.exports import Exports, now
-from pullbackd.jobs import Job, Jobs, JobState, StartRequest
+from pullbackd.exports import Exports
+from pullbackd.jobs import Jobs
 from pullbackd.migration import Migrations
+from pullbackd.model import Checkpoint, CheckpointState, Job, JobState, StartRequest, now
+from pullbackd.names import Layout, checkpoint_name
 from pullbackd.repository import Repository
+from pullbackd.scratch import ScratchSpace
+from pullbackd.serving import Limits, Serving
+from pullbackd.source import LibvirtSource
 from pullbackd.state import StateDamaged, Store
 from pullbackd.virt import Domain, JobEnded, Virt
 
@@ -106,17 +113,33 @@ class FakeVirt(Virt):
         return True
 
 
+@dataclass
+class Rig:
+    """The jobs over the fake libvirt, and what the tests look into."""
+
+    jobs: Jobs
+    chains: Chains
+    parts: api.Parts
+
+
 @asynccontextmanager
-async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Jobs]:
+async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Rig]:
     store = Store(tmp_path / "state.db")
     exports = Exports(tmp_path / "exports")
     exports.prepare()
-    jobs = Jobs(virt, store, Chains(virt, store), exports, tmp_path / "scratch",
-                end_timeout=5, repository=Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20))
+    layout = Layout(tmp_path / "exports", tmp_path / "scratch")
+    source = LibvirtSource(virt, layout, end_timeout=5)
+    chains = Chains(virt, store)
+    repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
+    admission = Admission()
+    jobs = Jobs(source, store, chains, Serving(exports, source, Limits()),
+                ScratchSpace(layout, 0), repository, admission=admission)
+    parts = api.Parts(jobs, Migrations(jobs, admission, virt, grace=1, drain_timeout=1),
+                      chains, repository, stream.Tuning())
     async with anyio.create_task_group() as tg:
         await tg.start(jobs.follow_events, _lost)
         await jobs.recover()
-        yield jobs
+        yield Rig(jobs, chains, parts)
         tg.cancel_scope.cancel()
     store.close()
 
@@ -138,7 +161,8 @@ async def test_libvirt_refusing_the_backup_leaves_a_failed_job_and_a_free_domain
         tmp_path: Path) -> None:
     virt = FakeVirt()
     virt.fail["backup_begin"] = errors.LibvirtError(1, "internal error: no space left")
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         with pytest.raises(errors.LibvirtError):
             await jobs.start(StartRequest("d1"))
         [failed] = jobs.all()
@@ -155,7 +179,8 @@ async def test_backup_that_cannot_be_read_back_is_failed_and_says_what_to_do(
         tmp_path: Path) -> None:
     virt = FakeVirt()
     virt.fail["backup_xml"] = errors.LibvirtError(1, "flaky")
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         with pytest.raises(errors.LibvirtError):
             await jobs.start(StartRequest("d1"))
         [job] = jobs.all()
@@ -172,12 +197,14 @@ async def test_backup_that_cannot_be_read_back_is_failed_and_says_what_to_do(
 @pytest.mark.asyncio
 async def test_crash_recovery_adopts_live_jobs_and_fails_lost_ones(tmp_path: Path) -> None:
     virt = FakeVirt()
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         live = await jobs.start(StartRequest("d1"))
         lost = await jobs.start(StartRequest("d2"))
     # The daemon "crashed" with both jobs ready; meanwhile d2's libvirt job vanished.
     del virt.backups["d2"]
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         assert jobs.get(live.id).state == JobState.READY
         assert jobs.get(lost.id).state == JobState.FAILED
         with pytest.raises(errors.BackupInProgress) as e:
@@ -190,7 +217,8 @@ async def test_crash_recovery_adopts_live_jobs_and_fails_lost_ones(tmp_path: Pat
 async def test_concurrent_start_is_refused_at_once(tmp_path: Path) -> None:
     virt = FakeVirt()
     virt.stall["backup_begin"] = anyio.Event()
-    async with running(tmp_path, virt) as jobs, anyio.create_task_group() as tg:
+    async with running(tmp_path, virt) as rig, anyio.create_task_group() as tg:
+        jobs = rig.jobs
         tg.start_soon(jobs.start, StartRequest("d1"))
         await anyio.wait_all_tasks_blocked()
         with pytest.raises(errors.BackupInProgress):
@@ -206,8 +234,8 @@ async def test_unexpected_exception_becomes_internal_error_and_service_goes_on(
         tmp_path: Path) -> None:
     virt = FakeVirt()
     virt.fail["domain"] = RuntimeError("boom: a bug")
-    async with running(tmp_path, virt) as jobs:
-        service = api.service(jobs, Migrations(jobs, virt, grace=1, drain_timeout=1))
+    async with running(tmp_path, virt) as rig:
+        service = api.service(rig.parts)
 
         async def call(method: str, **params: Any) -> dict[str, Any]:
             [reply] = [r async for r in service.replies(Call(f"{api.INTERFACE}.{method}", params))]
@@ -226,23 +254,24 @@ async def test_unexpected_exception_becomes_internal_error_and_service_goes_on(
 async def test_checkpoint_libvirt_cannot_delete_is_retried_and_never_a_base(
         tmp_path: Path) -> None:
     virt = FakeVirt()
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         full = await jobs.start(StartRequest("d1", consumer="c"))
         await jobs.finish(full.id)
         failed = await jobs.start(StartRequest("d1", mode="incremental", consumer="c"))
         virt.fail["delete_checkpoint"] = errors.LibvirtError(84, "domain is not running")
         await jobs.finish(failed.id, success=False)
-        leftover = jobs.chains.get(failed.checkpoint)
+        leftover = rig.chains.get(failed.checkpoint)
         assert leftover is not None and leftover.state == "discard"
         assert ("d1", failed.checkpoint) in virt.checkpoint_xmls
         del virt.fail["delete_checkpoint"]
         # The next backup deletes it first, and starts from the last good checkpoint.
         nxt = await jobs.start(StartRequest("d1", mode="incremental", consumer="c"))
         assert nxt.since == full.checkpoint
-        assert jobs.chains.get(failed.checkpoint) is None
+        assert rig.chains.get(failed.checkpoint) is None
         assert ("d1", failed.checkpoint) not in virt.checkpoint_xmls
         await jobs.finish(nxt.id)
-        assert [c.name for c in jobs.chains.of("d1", "c")] == [full.checkpoint, nxt.checkpoint]
+        assert [c.name for c in rig.chains.of("d1", "c")] == [full.checkpoint, nxt.checkpoint]
 
 
 @pytest.mark.asyncio
@@ -251,10 +280,11 @@ async def test_a_chain_libvirt_cannot_mirror_still_grows(tmp_path: Path) -> None
     # database is what counts here.
     virt = FakeVirt()
     virt.fail["set_metadata"] = errors.LibvirtError(1, "internal error")
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         job = await jobs.start(StartRequest("d1", consumer="c"))
         assert (await jobs.finish(job.id)).state == JobState.COMPLETED
-        assert [c.name for c in jobs.chains.of("d1", "c")] == [job.checkpoint]
+        assert [c.name for c in rig.chains.of("d1", "c")] == [job.checkpoint]
         del virt.fail["set_metadata"]
         nxt = await jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
         assert nxt.since == job.checkpoint
@@ -277,9 +307,10 @@ async def test_crash_while_starting_deletes_the_new_checkpoint(tmp_path: Path) -
     await store.save_checkpoint(Checkpoint(job.checkpoint, "d1", "c", job.id, job.created,
                                            CheckpointState.PENDING, ("vda",)))
     store.close()
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         assert jobs.get(job.id).state == JobState.FAILED
-        assert jobs.chains.get(job.checkpoint) is None
+        assert rig.chains.get(job.checkpoint) is None
         assert ("d1", job.checkpoint) not in virt.checkpoint_xmls
         assert "d1" not in virt.backups
 
@@ -299,15 +330,16 @@ async def test_a_chain_holding_a_failed_jobs_checkpoint_is_rolled_back_at_start(
     await store.save_job(job, Checkpoint(job.checkpoint, "d1", "c", job.id, job.created,
                                          CheckpointState.COMPLETE, ("vda",)))
     store.close()
-    async with running(tmp_path, virt) as jobs:
-        assert jobs.chains.of("d1") == []
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
+        assert rig.chains.of("d1") == []
         assert ("d1", job.checkpoint) not in virt.checkpoint_xmls
         assert job.checkpoint not in virt.metadata_xmls.get("d1", "")
         # Nor is it taken back in from the metadata before the next backup.
         virt.metadata_xmls["d1"] = xml.chains([xml.ChainEntry(
             job.checkpoint, "c", job.id, job.created, ("vda",), None)])
         nxt = await jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
-        assert nxt.mode == "full" and jobs.chains.get(job.checkpoint) is None
+        assert nxt.mode == "full" and rig.chains.get(job.checkpoint) is None
     assert "BUG: a checkpoint is in its consumer's chain" in capfd.readouterr().out
 
 
@@ -324,7 +356,8 @@ async def test_a_backup_of_ours_the_database_does_not_know_is_rebuilt_or_ended_a
         xml.checkpoint(checkpoint_name("c", lost), ["vda"], ()))
     await virt.backup_begin("d2", xml.backup(xml.BackupRequest(
         tmp_path / "exports" / ".qemu" / f"{lone}.sock", {"vda": tmp_path / "t.qcow2"})))
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         job = jobs.get(lost)
         assert (job.state, job.domain, job.consumer, job.checkpoint) == (
             JobState.READY, "d1", "c", checkpoint_name("c", lost))
@@ -332,7 +365,7 @@ async def test_a_backup_of_ours_the_database_does_not_know_is_rebuilt_or_ended_a
         with pytest.raises(errors.BackupInProgress):
             await jobs.start(StartRequest("d1", consumer="c"))
         assert (await jobs.finish(lost)).state == JobState.COMPLETED
-        assert [c.name for c in jobs.chains.of("d1", "c")] == [job.checkpoint]
+        assert [c.name for c in rig.chains.of("d1", "c")] == [job.checkpoint]
         assert "d2" not in virt.backups
         fresh = await jobs.start(StartRequest("d2", consumer="c"))  # no BackupInProgress
         assert fresh.state == JobState.READY
@@ -370,18 +403,19 @@ async def test_push_that_ends_before_start_returns(tmp_path: Path, success: bool
     virt = PushingVirt(success)
     target = tmp_path / "push"
     target.mkdir()
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         job = await jobs.start(StartRequest("d1", target_dir=str(target)))
         assert job.state == JobState.RUNNING
         await anyio.wait_all_tasks_blocked()  # the event's handler has run
         ended = jobs.get(job.id)
         if success:
             assert ended.state == JobState.COMPLETED
-            assert [c.name for c in jobs.chains.of("d1")] == [job.checkpoint]
+            assert [c.name for c in rig.chains.of("d1")] == [job.checkpoint]
             assert [p.name for p in target.iterdir()] == [f"{job.id}.vda.qcow2"]
         else:
             assert ended.state == JobState.FAILED and "No space" in (ended.error or "")
-            assert jobs.chains.of("d1") == [] and jobs.chains.get(job.checkpoint) is None
+            assert rig.chains.of("d1") == [] and rig.chains.get(job.checkpoint) is None
             assert list(target.iterdir()) == [], "nothing half-written may look like a backup"
 
 
@@ -390,12 +424,13 @@ async def test_finish_of_a_running_push_is_refused(tmp_path: Path) -> None:
     virt = FakeVirt()
     target = tmp_path / "push"
     target.mkdir()
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         job = await jobs.start(StartRequest("d1", target_dir=str(target)))
         with pytest.raises(errors.JobNotReady):
             await jobs.finish(job.id)
         assert (await jobs.abort(job.id)).state == JobState.ABORTED
-        assert jobs.chains.get(job.checkpoint) is None
+        assert rig.chains.get(job.checkpoint) is None
 
 
 @pytest.mark.asyncio
@@ -408,7 +443,8 @@ async def test_ended_jobs_are_forgotten_after_keep_finished(tmp_path: Path) -> N
         await store.save_job(job)
     store.close()
     virt = FakeVirt()
-    async with running(tmp_path, virt) as jobs:
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
         assert [j.id for j in jobs.all()] == [recent.id]
         with pytest.raises(errors.NoSuchJob):
             jobs.get(old.id)

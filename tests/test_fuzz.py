@@ -37,7 +37,7 @@ from pullbackd.handshake import (
     Refusal,
     Sniffer,
 )
-from pullbackd.jobs import nbd_url
+from pullbackd.model import nbd_url
 
 from .conftest import Daemon, Lab, serving
 from .images import MiB, connect

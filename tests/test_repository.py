@@ -3,7 +3,6 @@ recovery after a crash, on real files (no lab needed)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -11,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,16 +19,14 @@ import pytest
 import xxhash
 
 from pullbackd import repository as repository_module
+from pullbackd.qemu_nbd import Server
 from pullbackd.repository import (
-    QEMU_NBD_ENV,
     Manifest,
     Region,
     Repository,
     RepositoryError,
     WriteBehind,
     checksum,
-    qemu_nbd,
-    wait_serving,
 )
 from pullbackd.stream import Progress
 
@@ -179,7 +175,7 @@ from pullbackd.repository import Repository
 async def main() -> None:
     repository = Repository(Path(sys.argv[1]), Path(sys.argv[2]), 0)
     writer = await repository.begin("lab1", "c", "vda", 4 << 20, "j", "cp", "t", None)
-    print(writer.server.process.pid, flush=True)
+    print(writer.server.pid, flush=True)
     if sys.stdin.readline().strip() == "exit":
         os._exit(1)
     await anyio.sleep(3600)
@@ -225,17 +221,15 @@ def test_the_qemu_nbd_of_a_crashed_daemon_dies_with_it(tmp_path: Path, death: st
     assert_restores(repository, manifest, bytes(MiB) + data + bytes(2 * MiB), tmp_path)
 
 
-def serve(sock: Path, image: Path) -> subprocess.Popen[bytes]:
-    """`image` served the way the repository serves a backup being written, but by a
-    process of the test's, in a session of its own: an earlier run's server."""
+def serve(sock: Path, image: Path) -> Server:
+    """`image` served the way the repository serves a backup being written, but by
+    the test: an earlier run's server."""
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE)],
                    check=True)
     sock.parent.mkdir(mode=0o700, exist_ok=True)
-    process = subprocess.Popen(qemu_nbd(sock, image, "qcow2", writable=True),
-                               env=os.environ | QEMU_NBD_ENV, start_new_session=True,
-                               stderr=subprocess.DEVNULL)
-    wait_serving(sock, image, process.poll, 30)
-    return process
+    server = repository_module.image_server(image, "qcow2", sock, writable=True)
+    server.start()
+    return server
 
 
 def test_recover_ends_an_earlier_runs_servers_and_removes_its_leftovers(
@@ -258,13 +252,12 @@ def test_recover_ends_an_earlier_runs_servers_and_removes_its_leftovers(
     try:
         repository.recover()
         # recover returns once the server is gone: reaped now, it would block otherwise.
-        assert orphan.poll() is not None
-        assert neighbour.poll() is None
+        assert orphan.returncode is not None
+        assert neighbour.returncode is None
         assert (tmp_path / "sockets-too" / "w-1.sock").exists()
     finally:
-        for process in (orphan, neighbour):
-            process.kill()
-            process.wait()
+        for server in (orphan, neighbour):
+            server.stop()
     assert list((tmp_path / "sockets").iterdir()) == []
     assert sorted(p.name for p in folder.iterdir()) == ["0001.json", "0001.qcow2"]
     assert (folder / "0001.qcow2").read_bytes() == backup
@@ -300,39 +293,6 @@ def test_recover_kills_a_server_that_ignores_sigterm(
     finally:
         stubborn.kill()
         stubborn.wait()
-
-
-def test_a_server_counts_once_it_greets(tmp_path: Path) -> None:
-    sock, image = tmp_path / "s.sock", tmp_path / "image.qcow2"
-
-    def times_out(timeout: float) -> None:
-        started = time.monotonic()
-        with pytest.raises(RepositoryError, match="not serving"):
-            wait_serving(sock, image, lambda: None, timeout)
-        assert timeout <= time.monotonic() - started < timeout + 5
-
-    times_out(0.1)  # no socket file
-    with socket.socket(socket.AF_UNIX) as server:
-        server.bind(str(sock))  # what qemu-nbd does first
-        times_out(0.2)
-        started = time.monotonic()
-        with pytest.raises(RepositoryError, match="qemu-nbd exited with 1"):
-            wait_serving(sock, image, lambda: 1, 30)  # at once, not after 30 s
-        assert time.monotonic() - started < 5
-        server.listen()  # then it listens, and opens the image: connections wait
-        times_out(0.2)
-        server.settimeout(5)
-
-        def greet() -> None:
-            for _ in range(2):  # the last wait's connection (closed), then this one's
-                client, _ = server.accept()
-                with client, contextlib.suppress(BrokenPipeError):
-                    client.sendall(b"NBDMAGIC")
-
-        greeter = threading.Thread(target=greet)
-        greeter.start()
-        wait_serving(sock, image, lambda: None, 5)
-        greeter.join()
 
 
 def test_a_qemu_nbd_that_cannot_start_fails_at_once(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,12 @@ from .test_backup import job_files
 LIMITS = """
 connections = 2
 drain_timeout = 1.0
-idle_timeout = 3
 """
+#: [exports] idle_timeout and max_lifetime of the daemons that expire jobs: seconds, but
+#: fractions of one, so that the tests need not wait whole seconds. From a job's creation
+#: to its first session (Start, then connect) took 0.045 to 0.075 s on the lab.
+IDLE = 0.5
+LIFETIME = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +48,11 @@ def checkpoints(lab: Lab, domain: str) -> list[str]:
 def events_until_end(daemon: Daemon, job_id: str, timeout: float = 60) -> list[dict[str, Any]]:
     with Client(daemon.socket, timeout=timeout) as client:
         return [r["event"] for r in client.stream(f"{api.INTERFACE}.Watch", id=job_id)]
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    """Between two of the daemon's timestamps (UTC, to the millisecond)."""
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
 
 
 def test_sessions_are_counted_as_the_appliance_reads(
@@ -139,24 +149,34 @@ def test_abort_cuts_the_sessions_at_once(lab: Lab, daemon: Daemon) -> None:
 
 
 def test_a_job_nobody_uses_expires_and_its_checkpoint_is_rolled_back(
-        lab: Lab, daemon: Daemon) -> None:
-    job = daemon.ctl.job("Start", domain="lab2", disks=["vda"])
-    assert job["checkpoint"] in checkpoints(lab, "lab2")
-    # A session holds it off, however long it stays open.
-    reader = connect(job["disks"][0]["url"])
-    time.sleep(4)
-    assert daemon.ctl.job("Get", id=job["id"])["state"] == "ready"
-    reader.shutdown()
+        lab: Lab, tmp_path: Path) -> None:
+    d = start_daemon(tmp_path / "pullbackd", lab.uri, exports=f"idle_timeout = {IDLE}")
+    try:
+        job = d.ctl.job("Start", domain="lab2", disks=["vda"])
+        assert job["checkpoint"] in checkpoints(lab, "lab2")
+        # A session holds it off, however long it stays open.
+        reader = connect(job["disks"][0]["url"])
+        time.sleep(3 * IDLE)
+        assert d.ctl.job("Get", id=job["id"])["state"] == "ready"
 
-    events = events_until_end(daemon, job["id"])
-    end = events[-1]["job"]
-    assert end["state"] == "expired" and "idle_timeout" in end["error"]
-    # (The reader's session may be seen closing after the Watch began.)
-    assert [e["kind"] for e in events if e["kind"] == "state"] == ["state", "state"]
-    assert job["checkpoint"] not in checkpoints(lab, "lab2")
-    assert job["checkpoint"] not in [
-        c["name"] for c in daemon.ctl.call("ListCheckpoints", domain="lab2")["checkpoints"]]
-    assert job_files(daemon, job["id"]) == []
+        with Client(d.socket, timeout=60) as client:
+            watch = (r["event"] for r in client.stream(f"{api.INTERFACE}.Watch", id=job["id"]))
+            events = [next(watch)]  # watching from here on, before the session closes
+            reader.shutdown()
+            events += watch
+        end = events[-1]["job"]
+        assert end["state"] == "expired" and "idle_timeout" in end["error"]
+        assert [e["job"]["state"] for e in events if e["kind"] == "state"] == [
+            "ready", "expired"]
+        # Its clock ran from the end of the last session.
+        [session] = end["appliance"]["sessions"]
+        assert seconds_between(session["ended"], end["ended"]) >= IDLE - 0.01, end
+        assert job["checkpoint"] not in checkpoints(lab, "lab2")
+        assert job["checkpoint"] not in [
+            c["name"] for c in d.ctl.call("ListCheckpoints", domain="lab2")["checkpoints"]]
+        assert job_files(d, job["id"]) == []
+    finally:
+        stop_daemon(d)
 
 
 def test_watch_tells_of_sessions_opening_and_closing(lab: Lab, daemon: Daemon) -> None:
@@ -192,12 +212,14 @@ def test_watch_tells_of_sessions_opening_and_closing(lab: Lab, daemon: Daemon) -
 
 def test_max_lifetime_ends_a_job_even_while_it_is_read(lab: Lab, tmp_path: Path) -> None:
     d = start_daemon(tmp_path / "pullbackd", lab.uri,
-                     exports="max_lifetime = 2")
+                     exports=f"max_lifetime = {LIFETIME}")
     try:
         job = d.ctl.job("Start", domain="lab2", disks=["vdb"])
         reader = connect(job["disks"][0]["url"])
         end = events_until_end(d, job["id"])[-1]["job"]
         assert end["state"] == "expired" and "max_lifetime" in end["error"]
+        assert end["appliance"]["total"] == 1  # the reader's session was open all along
+        assert seconds_between(end["created"], end["ended"]) >= LIFETIME - 0.01, end
         with pytest.raises(nbd.Error):
             reader.pread(MiB, 0)
         assert job["checkpoint"] not in checkpoints(lab, "lab2")

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from pullbackd import stream
+from pullbackd.qemu_nbd import Server
 from pullbackd.stream import Piece, Tuning, merge_extents
 
 from .conftest import DISK_SIZE, Daemon, Lab
@@ -70,10 +71,11 @@ def serve(command: list[str], sock: Path) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def qemu_nbd(image: Path) -> AbstractContextManager[str]:
-    sock = image.with_suffix(".sock")
-    return serve(["qemu-nbd", "--socket", str(sock), "--format", "qcow2", "--shared", "16",
-                  "--persistent", str(image)], sock)
+@contextmanager
+def qemu_nbd(image: Path) -> Iterator[str]:
+    """`image` served by qemu-nbd, writable, for several connections at once; its URI."""
+    with Server(image, "qcow2", image.with_suffix(".sock")) as server:
+        yield server.url
 
 
 def compare(image: Path, disk: Disk, tmp_path: Path) -> None:

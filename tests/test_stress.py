@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from bench import stress
 
+from pullbackd.qemu_nbd import Server
+
 from .conftest import DISK_SIZE, Lab, lab_up
 
 CYCLES = 12
@@ -66,7 +68,7 @@ def test_the_checks_see_what_is_planted(own_lab: Lab, tmp_path: Path) -> None:
                                              "--consumers", "1"])
     run = stress.Stress(args, lab, tmp_path / "stress")
     run.daemon.start()
-    qemu_nbd: subprocess.Popen[bytes] | None = None
+    planted: Server | None = None
     try:
         job = run.ctl.job("Start", domain="lab1", consumer="c1")
         image = tmp_path / "vda.raw"
@@ -81,9 +83,8 @@ def test_the_checks_see_what_is_planted(own_lab: Lab, tmp_path: Path) -> None:
         (folder / "0001.qcow2.partial").write_bytes(b"")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(folder / "x.qcow2"),
                         "1M"], check=True)
-        qemu_nbd = subprocess.Popen(["qemu-nbd", "--persistent", "--socket",
-                                     str(folder / "x.sock"), str(folder / "x.qcow2")],
-                                    stderr=subprocess.DEVNULL)
+        planted = Server(folder / "x.qcow2", "qcow2", folder / "x.sock")
+        planted.start()
         (run.daemon.scratch / "0123456789ab.vda.qcow2").write_bytes(b"")
         subprocess.run(["virsh", "-q", "-c", lab.uri, "checkpoint-create-as", "lab2",
                         "pullbackd.c1.0123456789ab"], check=True, capture_output=True)
@@ -101,9 +102,8 @@ def test_the_checks_see_what_is_planted(own_lab: Lab, tmp_path: Path) -> None:
         wrong.write_bytes(bytes(DISK_SIZE - 1))
         assert stress.count_wrong(wrong, bytes(DISK_SIZE)) == (1, DISK_SIZE - 1)
     finally:
-        if qemu_nbd is not None:
-            qemu_nbd.kill()
-            qemu_nbd.wait()
+        if planted is not None:
+            planted.stop()
         run.stop()
         run.close()
 
@@ -118,6 +118,7 @@ def lab_processes(lab: Lab) -> list[int]:
     return found
 
 
+@pytest.mark.lab  # brings up a lab of its own, in its body
 def test_lab_restarts_a_killed_libvirtd_and_it_takes_the_domains_back(
         tmp_path: Path) -> None:
     with lab_up(tmp_path / "lab", "--size", "16M") as lab:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pullbackd.accepting import BACKOFF
-from pullbackd.jobs import nbd_url
+from pullbackd.model import nbd_url
 
 from .conftest import Daemon, Lab, serving
 from .images import assert_same, read_export

@@ -11,20 +11,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from . import __version__
-from .chain import DEFAULT_CONSUMER, check_consumer
+from . import __version__, stream
+from .chain import DEFAULT_CONSUMER, Chains, check_consumer
 from .control import idl
 from .control.server import Handler, Last, Limits, Service
 from .errors import BackupInProgress, InvalidParameter, NoSuchJob
-from .exports import Session
-from .jobs import LOCAL, Change, Job, Jobs, JobState, StartRequest
+from .jobs import Jobs
 from .migration import Migrations
+from .model import LOCAL, Change, Job, JobState, Session, StartRequest
+from .repository import Repository
 from .roles import Roles
 
 INTERFACE = "org.pullbackd.Backup"
@@ -39,9 +41,14 @@ def interface(name: str) -> idl.Interface:
     return idl.parse(files(__package__).joinpath(f"{name}.varlink").read_text())
 
 
+def _job(job: Job) -> dict[str, Any]:
+    """A job as the varlink `Job` type."""
+    return dataclasses.asdict(job)
+
+
 def _listed(job: Job) -> dict[str, Any]:
     """A job as List shows it: its appliance's totals, without the sessions."""
-    record = job.to_record()
+    record = _job(job)
     if record["appliance"] is not None:
         record["appliance"]["sessions"] = []
     return record
@@ -49,17 +56,31 @@ def _listed(job: Job) -> dict[str, Any]:
 
 def _event(kind: str, job: Job, message: str | None = None,
            session: Session | None = None) -> dict[str, Any]:
-    return {"event": {"kind": kind, "job": job.to_record(), "message": message,
+    return {"event": {"kind": kind, "job": _job(job), "message": message,
                       "session": dataclasses.asdict(session) if session else None}}
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What the methods act on."""
+
+    jobs: Jobs
+    migrations: Migrations
+    chains: Chains
+    repository: Repository
+    tuning: stream.Tuning
+    #: The folders Restore may write into ([restore] dirs).
+    restore_dirs: tuple[Path, ...] = ()
+
+
 class BackupAPI:
-    def __init__(self, jobs: Jobs, migrations: Migrations,
-                 restore_dirs: tuple[Path, ...] = ()) -> None:
-        """`restore_dirs`: the folders Restore may write into ([restore] dirs)."""
-        self.jobs = jobs
-        self.migrations = migrations
-        self.restore_dirs = restore_dirs
+    def __init__(self, parts: Parts) -> None:
+        self.jobs = parts.jobs
+        self.migrations = parts.migrations
+        self.chains = parts.chains
+        self.repository = parts.repository
+        self.tuning = parts.tuning
+        self.restore_dirs = parts.restore_dirs
 
     def handlers(self) -> dict[str, Handler]:
         return {name: getattr(self, name) for name in interface(INTERFACE).methods}
@@ -75,10 +96,10 @@ class BackupAPI:
         request = StartRequest(domain, disks, mode or "full", since,
                                DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
                                destination, bool(allow_scratch_overcommit), queue is not False)
-        return {"job": (await self.jobs.start(request)).to_record()}
+        return {"job": _job(await self.jobs.start(request))}
 
     async def Get(self, id: str) -> dict[str, Any]:
-        return {"job": (await self.jobs.details(id)).to_record()}
+        return {"job": _job(await self.jobs.details(id))}
 
     async def List(self, domain: str | None = None, state: str | None = None,
                    after: str | None = None, limit: int | None = None) -> dict[str, Any]:
@@ -134,10 +155,10 @@ class BackupAPI:
                     yield event
 
     async def Finish(self, id: str, success: bool | None = None) -> dict[str, Any]:
-        return {"job": (await self.jobs.finish(id, success is not False)).to_record()}
+        return {"job": _job(await self.jobs.finish(id, success is not False))}
 
     async def Abort(self, id: str) -> dict[str, Any]:
-        return {"job": (await self.jobs.abort(id)).to_record()}
+        return {"job": _job(await self.jobs.abort(id))}
 
     async def Migrate(self, domain: str, destination: str, live: bool | None = None,
                       copy_storage: bool | None = None, unsafe: bool | None = None,
@@ -159,7 +180,9 @@ class BackupAPI:
                               consumer: str | None = None) -> dict[str, Any]:
         if consumer is not None:
             check_consumer(consumer)
-        return {"checkpoints": [c.to_record() for c in self.jobs.chains.of(domain, consumer)]}
+        return {"checkpoints": [{"name": c.name, "consumer": c.consumer, "job": c.job,
+                                 "created": c.created, "disks": list(c.disks)}
+                                for c in self.chains.of(domain, consumer)]}
 
     async def DeleteChain(self, domain: str, consumer: str) -> dict[str, Any]:
         return {"deleted": await self.jobs.delete_chain(domain, consumer)}
@@ -176,9 +199,9 @@ class BackupAPI:
         await anyio.to_thread.run_sync(self._check_restore_folder, target)
         if await anyio.Path(target).exists() or await anyio.Path(target).is_symlink():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
-        repository = self.jobs.repository
+        repository = self.repository
         manifest = await anyio.to_thread.run_sync(repository.at, domain, consumer, disk, at)
-        await repository.restore(manifest, target, format or "raw", self.jobs.tuning)
+        await repository.restore(manifest, target, format or "raw", self.tuning)
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 
     def _check_restore_folder(self, target: Path) -> None:
@@ -197,9 +220,9 @@ class BackupAPI:
         checked, problems = 0, []
         for name, disk in await self._disks(domain, consumer):
             manifests = await anyio.to_thread.run_sync(
-                self.jobs.repository.manifests, domain, name, disk)
+                self.repository.manifests, domain, name, disk)
             for manifest in manifests:
-                problems += await self.jobs.repository.verify(manifest)
+                problems += await self.repository.verify(manifest)
                 checked += 1
         return {"checked": checked, "problems": problems}
 
@@ -212,14 +235,14 @@ class BackupAPI:
             raise BackupInProgress(domain, job_id)  # it writes into the same chains
         dropped: list[str] = []
         for name, disk in await self._disks(domain, consumer):
-            for m in await self.jobs.repository.prune(domain, name, disk, keep):
+            for m in await self.repository.prune(domain, name, disk, keep):
                 if m.checkpoint not in dropped:
                     dropped.append(m.checkpoint)
         return {"dropped": dropped}
 
     async def _disks(self, domain: str, consumer: str | None) -> list[tuple[str, str]]:
         """(consumer, disk) pairs with backups of the domain in the repository."""
-        root = anyio.Path(self.jobs.repository.domain_folder(domain))
+        root = anyio.Path(self.repository.domain_folder(domain))
         if consumer is not None:
             consumers = [check_consumer(consumer)]
         else:
@@ -228,8 +251,7 @@ class BackupAPI:
                 async for disk in (root / name).iterdir()]
 
 
-def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None,
-            restore_dirs: tuple[Path, ...] = (), limits: Limits | None = None) -> Service:
+def service(parts: Parts, roles: Roles | None = None, limits: Limits | None = None) -> Service:
     svc = Service(
         vendor="pullbackd",
         product="pullbackd",
@@ -240,5 +262,5 @@ def service(jobs: Jobs, migrations: Migrations, roles: Roles | None = None,
         limits=limits or Limits(),
     )
     svc.add_service_interface(interface("org.varlink.service"))
-    svc.add(interface(INTERFACE), BackupAPI(jobs, migrations, restore_dirs).handlers())
+    svc.add(interface(INTERFACE), BackupAPI(parts).handlers())
     return svc

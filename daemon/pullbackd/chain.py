@@ -34,68 +34,35 @@ pullbackd takes it in again.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from . import crash, xml
 from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
+from .model import Checkpoint, CheckpointState
+from .names import CONSUMER, DEFAULT_CONSUMER, PREFIX, checkpoint_name
 from .virt import BrokenBitmap, Virt
 
 if TYPE_CHECKING:
     from .state import Store
 
+# CONSUMER, DEFAULT_CONSUMER, PREFIX and checkpoint_name are named in names.py, and
+# re-exported for the modules that take them from here.
+__all__ = ["CONSUMER", "DEFAULT_CONSUMER", "PREFIX", "Base", "Chains", "Checkpoint",
+           "CheckpointState", "check_consumer", "checkpoint_name"]
+
 log = structlog.get_logger()
-
-CONSUMER = re.compile(r"[a-z0-9_-]{1,32}")
-DEFAULT_CONSUMER = "default"
-PREFIX = "pullbackd."
-
-
-def checkpoint_name(consumer: str, job_id: str) -> str:
-    return f"{PREFIX}{consumer}.{job_id}"
 
 
 def check_consumer(consumer: str) -> str:
     if not CONSUMER.fullmatch(consumer):
         raise InvalidParameter("consumer", "must match [a-z0-9_-]{1,32}")
     return consumer
-
-
-class CheckpointState(StrEnum):
-    #: Created with a backup that has not ended yet.
-    PENDING = "pending"
-    #: Its backup was confirmed: part of the consumer's chain.
-    COMPLETE = "complete"
-    #: Its backup failed, but libvirt could not delete it yet (the domain was
-    #: off, libvirt was busy). Never used as a base; deleted at the next chance.
-    DISCARD = "discard"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str
-    domain: str
-    consumer: str
-    job: str
-    created: str
-    state: CheckpointState
-    #: Disks with a bitmap in this checkpoint.
-    disks: tuple[str, ...]
-    #: libvirt's XML for it, kept to redefine it when libvirt loses it.
-    xml: str | None = None
-    #: Disks its backup copied in full: where their differentials may start.
-    full: tuple[str, ...] = ()
-
-    def to_record(self) -> dict[str, Any]:
-        return {"name": self.name, "consumer": self.consumer, "job": self.job,
-                "created": self.created, "disks": list(self.disks)}
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import grp
 import json
+import math
 import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .names import Layout
 
 
 class ConfigError(ValueError):
@@ -74,9 +77,9 @@ class Exports:
     #: Seconds Finish waits for open sessions to close.
     drain_timeout: float = 30.0
     #: Seconds a pull job may go without any session before it expires; 0: never.
-    idle_timeout: int = 3600
+    idle_timeout: float = 3600.0
     #: Seconds a pull job may run at most; 0: no limit.
-    max_lifetime: int = 0
+    max_lifetime: float = 0.0
     #: "host:port" of the TCP endpoint for remote appliances (every job's disks on one
     #: port, TLS only); empty: none.
     tcp_listen: str = ""
@@ -223,6 +226,8 @@ class Config:
 
 LEVELS = ("debug", "info", "warning", "error")
 ROLES = ("none", "look", "backup", "admin")
+#: The seconds settings where 0 turns the limit off; every other one must be positive.
+ZERO_TURNS_OFF = frozenset({"exports.idle_timeout", "exports.max_lifetime"})
 
 
 def load(path: Path | None) -> Config:
@@ -265,9 +270,11 @@ def _build(cls: Any, data: Any, where: str) -> Any:
                     isinstance(v, str) and v.strip("@") for v in value):
                 raise ConfigError(f"{key} must be a list of names")
             values[name] = tuple(value)
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{key} must be a positive number")
+        elif isinstance(default, float):  # seconds: a TOML integer or float
+            off = key in ZERO_TURNS_OFF
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    not math.isfinite(value) or value < 0 or (value == 0 and not off):
+                raise ConfigError(f"{key} must be a positive number" + (" or 0" if off else ""))
             values[name] = float(value)
         elif not isinstance(value, type(default)):
             raise ConfigError(f"{key} must be a {type(default).__name__}")
@@ -297,12 +304,10 @@ def _validate(config: Config) -> None:
         except KeyError:
             raise ConfigError(f"exports.qemu_user: no user {config.exports.qemu_user!r}") \
                 from None
-    # The longest socket path under it: .repository/w-XXXXXXXX.sock (see repository.py);
-    # sun_path holds 107 bytes and a NUL.
-    longest = len(str(config.exports.dir)) + len("/.repository/w-12345678.sock")
-    if longest > 107:
-        raise ConfigError(f"exports.dir is {longest - 107} characters too long: the Unix "
-                          "sockets under it would not fit in 108 bytes")
+    try:  # every socket under it fits in sun_path, the longest of all included
+        Layout(config.exports.dir, config.scratch.dir).check()
+    except ValueError as e:
+        raise ConfigError(f"exports.dir is {e}") from None
     if config.exports.tcp_listen:
         try:
             parse_listen(config.exports.tcp_listen)

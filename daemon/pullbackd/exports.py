@@ -28,16 +28,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 import structlog
 
+from . import names
 from .accepting import Refusals, backing_off, exhausted
 from .handshake import Phase, Refusal, Sniffer
+from .model import Handed, Session, now
 
 log = structlog.get_logger()
 
@@ -51,51 +52,16 @@ ADMIT_WAIT = 1.0
 _PEERCRED = struct.Struct("3i")
 
 
-def now() -> str:
-    """The time as every record of pullbackd's keeps it: RFC 3339, UTC, milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 #: Ended sessions a job lists; older ones only count in its totals. Appliances that
 #: connect and close thousands of times must not grow a job's record (and every
 #: List reply) without bound.
 KEEP_SESSIONS = 64
 
 
-@dataclass(frozen=True)
-class Session:
-    """One client connection to a job's endpoint."""
-
-    id: int
-    #: Who: "pid P uid U gid G" for a Unix socket.
-    peer: str
-    started: str
-    #: The export (disk) it opened, once it did.
-    disk: str | None = None
-    ended: str | None = None
-    #: Bytes the client asked to read.
-    bytes_read: int = 0
-
-
 #: A session opened (ended is None) or closed.
 OnSession = Callable[[str, Session], None]
 #: Gives file descriptors to the service manager to keep, under a name (sd_notify FDSTORE).
 StoreFds = Callable[[str, list[int]], None]
-
-
-@dataclass(frozen=True)
-class Handed:
-    """A session passed on to the next run of the daemon, its sockets in systemd's fd store."""
-
-    job: str
-    session: Session
-    #: Where the relay was in the client's side of the protocol (Sniffer.state()).
-    sniffer: dict[str, Any]
-
-    @property
-    def names(self) -> tuple[str, str]:
-        """The fd store names of its client and QEMU sockets."""
-        return f"{self.job}.{self.session.id}.client", f"{self.job}.{self.session.id}.qemu"
 
 
 class Endpoint:
@@ -210,7 +176,7 @@ class Endpoint:
         sent, so that the next run can go on relaying where this one stopped.
         """
         if self._listener is not None:
-            store(f"{self.job_id}.listen", [self._listener.fileno()])
+            store(names.fd_listener(self.job_id), [self._listener.fileno()])
         self._accepting.cancel()
         self._store = store
         for _, relay in self._live.values():
@@ -661,7 +627,7 @@ class Exports:
                  limit: int = 8, handshake_timeout: float = 5.0) -> None:
         self.dir = dir
         self.handshake_timeout = handshake_timeout
-        self.private = dir / ".qemu"
+        self.private = names.qemu_folder(dir)
         self._mode = mode
         self._gid = grp.getgrnam(group).gr_gid if group else None
         self._qemu_uid = pwd.getpwnam(qemu_user).pw_uid if qemu_user else None
@@ -682,10 +648,10 @@ class Exports:
             os.chown(self.private, self._qemu_uid, -1)
 
     def endpoint_path(self, job_id: str) -> Path:
-        return self.dir / f"{job_id}.sock"
+        return names.endpoint(self.dir, job_id)
 
     def qemu_path(self, job_id: str) -> Path:
-        return self.private / f"{job_id}.sock"
+        return names.qemu_socket(self.dir, job_id)
 
     def get(self, job_id: str) -> Endpoint | None:
         return self._endpoints.get(job_id)
@@ -709,10 +675,10 @@ class Exports:
         for name, sock in self._inherited.items():
             log.info("closing a handed-over socket of an ended job", name=name)
             sock.close()
-        names = list(self._inherited)
+        closed = list(self._inherited)
         self._inherited.clear()
         self._handed.clear()
-        return names
+        return closed
 
     async def open(self, job_id: str, exports: dict[str, str], tg: anyio.abc.TaskGroup,
                    on_session: OnSession, past: tuple[Session, ...] = (),
@@ -721,7 +687,7 @@ class Exports:
         `exports` maps QEMU's export names to disk names; `past` and `earlier` are the
         sessions on record (see Endpoint)."""
         path = self.endpoint_path(job_id)
-        listener = self._inherited.pop(f"{job_id}.listen", None)
+        listener = self._inherited.pop(names.fd_listener(job_id), None)
         if listener is None:
             listener = await anyio.to_thread.run_sync(listen, path, self._mode, self._gid)
         resumed = []

@@ -25,8 +25,10 @@ from datetime import UTC, datetime
 import anyio
 import structlog
 
-from .errors import DomainNotRunning, MigrationBlocked, MigrationPending, PullbackError
-from .jobs import Job, Jobs, JobState
+from .admission import Admission
+from .errors import DomainNotRunning, MigrationBlocked, PullbackError
+from .jobs import Jobs
+from .model import Job, JobState
 from .virt import Virt
 
 log = structlog.get_logger()
@@ -45,8 +47,10 @@ class Step:
 
 
 class Migrations:
-    def __init__(self, jobs: Jobs, virt: Virt, grace: float, drain_timeout: float) -> None:
+    def __init__(self, jobs: Jobs, admission: Admission, virt: Virt, grace: float,
+                 drain_timeout: float) -> None:
         self._jobs = jobs
+        self._admission = admission
         self._virt = virt
         self.grace = grace
         self.drain_timeout = drain_timeout
@@ -57,10 +61,7 @@ class Migrations:
                       ) -> AsyncGenerator[Step, None]:
         if not (await self._virt.domain(domain)).running:
             raise DomainNotRunning(domain)
-        if domain in self._jobs.draining:
-            raise MigrationPending(domain)
-        self._jobs.draining.add(domain)
-        try:
+        with self._admission.draining(domain):
             deadline = time.monotonic() + (self.drain_timeout if drain_timeout is None
                                            else drain_timeout)
             open_jobs, sessions, _ = self._blockers(domain)
@@ -87,8 +88,6 @@ class Migrations:
                 return
             log.info("migrated", domain=domain, destination=destination)
             yield Step("completed")
-        finally:
-            self._jobs.draining.discard(domain)
 
     def _blockers(self, domain: str) -> tuple[list[Job], int, float]:
         """The domain's jobs still open, their open sessions, and the seconds until the

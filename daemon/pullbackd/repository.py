@@ -11,14 +11,16 @@ only once every byte arrived; its manifest (job, checkpoint, time, bytes, and a
 checksum of each region written) is written last, atomically. A file without
 a manifest is not a backup.
 
+Every name in it comes from names.py, every qemu-nbd from qemu_nbd.py.
+
 Nothing outlives a crash. The kernel kills our qemu-nbd servers when the daemon
-dies (see TIED), and `Repository.recover`, run at start before anything is
-served, ends those that escaped (a daemon killed in the instant between starting
-one and tying it to itself, or a daemon from before they were tied) and removes
-what a crash leaves: after `recover()`, no qemu-nbd of an earlier run serves a
-repository file, no temporary file (`*.qcow2.partial`, `*.flat.partial`,
-`*.tmp`) exists, and neither does a backup file without its manifest (a commit
-or a prune cut short between the two).
+dies (see qemu_nbd.TIED), and `Repository.recover`, run at start before anything
+is served, ends those that escaped (a daemon killed in the instant between
+starting one and tying it to itself, or a daemon from before they were tied) and
+removes what a crash leaves: after `recover()`, no qemu-nbd of an earlier run
+serves a repository file, no temporary file (`*.qcow2.partial`,
+`*.flat.partial`, `*.tmp`) exists, and neither does a backup file without its
+manifest (a commit or a prune cut short between the two).
 """
 
 from __future__ import annotations
@@ -28,26 +30,24 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
 import select
 import signal
-import socket
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
-import nbd
 import structlog
 import xxhash
 
-from . import crash, stream
+from . import crash, names, qemu_nbd, stream
 from .errors import InvalidParameter, NoSuchCheckpoint, PullbackError
+from .names import Served
 
 log = structlog.get_logger()
 
@@ -109,7 +109,7 @@ class Manifest:
 
     @property
     def file(self) -> str:
-        return f"{self.sequence:04d}.qcow2"
+        return names.backup_name(self.sequence)
 
     @property
     def bytes(self) -> int:
@@ -129,29 +129,9 @@ class Manifest:
         return cls(**data | {"regions": tuple(Region(*r) for r in data["regions"])})
 
 
-#: glibc's malloc gave each freed request buffer back to the kernel (nbdcopy's
-#: 256 KiB ones as our 1 MiB ones), so qemu-nbd took a page fault on every page of
-#: every write: a third of its CPU.
-#: Buffers up to NBD's largest request (32 MiB) stay on the heap, and freed heap
-#: memory waits there for the next request.
-QEMU_NBD_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
-                                  "glibc.malloc.trim_threshold=134217728"}
-
-
-#: Run before qemu-nbd: the kernel sends it SIGKILL when the thread that started it
-#: dies (PR_SET_PDEATHSIG, set by setpriv and kept across its exec of qemu-nbd),
-#: so a server of ours does not outlive a `kill -9` of the daemon. The signal follows
-#: the *thread* that forked, not the process: start it from a thread that lives as
-#: long as the process. The daemon does: anyio on asyncio spawns a process from the
-#: event loop's thread (the main thread, which runs `anyio.run`), never from a worker
-#: thread, which could end while qemu-nbd serves. A daemon killed between the fork
-#: and setpriv's prctl leaves its qemu-nbd untied: `Repository.recover` ends it.
-TIED = ("setpriv", "--pdeathsig", "KILL", "--")
-
-
-def qemu_nbd(socket: Path, image: Path, fmt: str, *, writable: bool) -> list[str]:
-    """How the repository serves an image (run with QEMU_NBD_ENV), tied to the thread
-    that runs it (see TIED); the benchmark serves its targets the same way.
+def image_server(image: Path, fmt: str, sock: Path, *, writable: bool) -> qemu_nbd.Server:
+    """How the repository serves an image on `sock` (not started yet), tied to the
+    thread that starts it; the benchmark serves its targets the same way.
 
     A writable image is served with `--cache unsafe`, so qemu-nbd never flushes it
     to disk. Its caller does, once (`fsync`), before the file counts: a backup when
@@ -160,23 +140,11 @@ def qemu_nbd(socket: Path, image: Path, fmt: str, *, writable: bool) -> list[str
     never reported done), so qemu-nbd's flushes would buy nothing. And they cost:
     qcow2 flushes each time it adds an L2 table (every 512 MiB of disk touched)
     while it holds the image's lock, so every write waits for the page cache to be
-    written back.
+    written back. Raises nothing.
     """
-    return [*TIED, "qemu-nbd", "--socket", str(socket), "--format", fmt, "--shared", "16",
-            "--persistent", "--cache", "unsafe" if writable else "writeback",
-            *([] if writable else ["--read-only"]), str(image)]
-
-
-@dataclass(frozen=True)
-class Served:
-    """An image served by a qemu-nbd of ours, on a socket in a folder only we can enter."""
-
-    process: anyio.abc.Process
-    socket: Path
-
-    @property
-    def url(self) -> str:
-        return f"nbd+unix:///?socket={self.socket}"
+    return qemu_nbd.Server(image, fmt, sock, read_only=not writable, shared=16,
+                           cache="unsafe" if writable else "writeback", persistent=True,
+                           tied=True)
 
 
 class WriteBehind:
@@ -240,7 +208,7 @@ class Writer:
 
     manifest: Manifest
     folder: Path
-    server: Served
+    server: qemu_nbd.Server
     behind: WriteBehind
     regions: list[Region] = field(default_factory=list)
 
@@ -250,7 +218,7 @@ class Writer:
 
     @property
     def partial(self) -> Path:
-        return self.folder / f"{self.manifest.file}.partial"
+        return names.partial(self.folder, self.manifest.sequence)
 
 
 class Repository:
@@ -262,11 +230,11 @@ class Repository:
     def folder(self, domain: str, consumer: str, disk: str) -> Path:
         """A disk's folder; raises InvalidParameter for a name that would not stay a
         single folder inside the repository."""
-        return self.root / component("domain", domain) / component("consumer", consumer) / \
-            component("disk", disk)
+        return names.disk_folder(self.root, domain, consumer, disk)
 
     def domain_folder(self, domain: str) -> Path:
-        return self.root / component("domain", domain)
+        """Raises InvalidParameter as `folder` does."""
+        return names.domain_folder(self.root, domain)
 
     def recover(self) -> None:
         """Undo what a crash of an earlier run left, before anything is served
@@ -282,12 +250,11 @@ class Repository:
         for sock in sorted(self._sockets.glob("*.sock")):
             log.warning("removing a stale socket", path=str(sock))
             sock.unlink(missing_ok=True)
-        for pattern in LEFTOVERS:
-            for leftover in sorted(self.root.glob(f"*/*/*/{pattern}")):
-                log.warning("removing a leftover of a crash", path=str(leftover))
-                leftover.unlink(missing_ok=True)
-        for image in sorted(self.root.glob("*/*/*/[0-9]*.qcow2")):
-            if not image.with_suffix(".json").exists():
+        for leftover in names.every_leftover(self.root):
+            log.warning("removing a leftover of a crash", path=str(leftover))
+            leftover.unlink(missing_ok=True)
+        for image in names.every_backup(self.root):
+            if not names.manifest_of(image).exists():
                 log.warning("removing a backup file without its manifest", path=str(image))
                 image.unlink(missing_ok=True)
 
@@ -295,8 +262,7 @@ class Repository:
         folder = self.folder(domain, consumer, disk)
         if not folder.is_dir():
             return []
-        return [Manifest.from_json(owned(p).read_text())
-                for p in sorted(folder.glob("[0-9]*.json"))]
+        return [Manifest.from_json(owned(p).read_text()) for p in names.manifests(folder)]
 
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
         """The backup of a disk at a checkpoint (the newest without one)."""
@@ -313,7 +279,7 @@ class Repository:
         manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
                             "incremental" if base else "full", size,
                             base.file if base else None)
-        partial = folder / f"{manifest.file}.partial"  # _next_sequence removed any there
+        partial = names.partial(folder, sequence)  # _next_sequence removed any there
         create = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if base is not None:  # relative, so the folder can move as a whole
             create += ["-b", base.file, "-F", "qcow2"]
@@ -325,8 +291,7 @@ class Repository:
             raise
         behind = WriteBehind(partial, self._write_behind)
         try:
-            # Short: socket paths end at 108 bytes.
-            server = await self._serve(partial, "qcow2", f"w-{secrets.token_hex(4)}",
+            server = await self._serve(partial, "qcow2", Served.BACKUP, names.socket_token(),
                                        writable=True)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -339,32 +304,28 @@ class Repository:
         folder = self.folder(domain, consumer, disk)
         folder.mkdir(parents=True, exist_ok=True)
         # Leftovers of a crash are not backups: nothing may build on them.
-        for leftover in folder.glob("*.partial"):
+        for leftover in names.partials(folder):
             leftover.unlink()
         return max([m.sequence for m in self.manifests(domain, consumer, disk)], default=0) + 1
 
-    async def _serve(self, image: Path, fmt: str, name: str, writable: bool) -> Served:
+    async def _serve(self, image: Path, fmt: str, served: Served, token: str,
+                     writable: bool) -> qemu_nbd.Server:
+        """`image` served by a qemu-nbd of ours (see `image_server`), on a socket in a folder
+        only we can enter; raises RepositoryError if qemu-nbd does not serve it."""
         await anyio.Path(self._sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
         await anyio.Path(self._sockets).chmod(0o700)
-        sock = self._sockets / f"{name}.sock"
-        await anyio.Path(sock).unlink(missing_ok=True)
-        # Spawned from the event loop's thread, so tied to the daemon's life (see TIED).
-        process = await anyio.open_process(
-            qemu_nbd(sock, image, fmt, writable=writable), env=os.environ | QEMU_NBD_ENV,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        served = Served(process, sock)
+        sock = names.repository_socket(self._sockets, served, token)
+        server = image_server(image, fmt, sock, writable=writable)
         try:
-            for pause in _serving(sock, image, lambda: process.returncode, SERVE_TIMEOUT):
-                await anyio.sleep(pause)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _stop(served)
-            raise
-        return served
+            # From the event loop's thread, so tied to the daemon's life (qemu_nbd.TIED).
+            await server.astart()
+        except qemu_nbd.ServeError as e:
+            raise RepositoryError(str(e.image), e.reason) from None
+        return server
 
     async def commit(self, writer: Writer) -> Manifest:
         """Every byte arrived: the partial file becomes a backup, its manifest last."""
-        await _stop(writer.server)
+        await writer.server.astop()
         await anyio.to_thread.run_sync(writer.behind.close)
         manifest = Manifest(**asdict(writer.manifest) | {
             "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
@@ -373,19 +334,18 @@ class Repository:
         crash.point("commit.renamed")
         text = manifest.to_json()
         await anyio.to_thread.run_sync(
-            _durable_write, writer.folder / f"{manifest.sequence:04d}.json", text)
+            _durable_write, names.manifest(writer.folder, manifest.sequence), text)
         log.info("backup stored", file=str(final), bytes=manifest.bytes, job=manifest.job)
         return manifest
 
     async def abort(self, writer: Writer) -> None:
-        await _stop(writer.server)
+        await writer.server.astop()
         await anyio.to_thread.run_sync(writer.behind.close)
         await anyio.Path(writer.partial).unlink(missing_ok=True)
 
     def stored_jobs(self) -> set[str]:
         """The ids of every job with a backup in the repository."""
-        return {json.loads(p.read_text())["job"]
-                for p in self.root.glob("*/*/*/[0-9]*.json")}
+        return {json.loads(p.read_text())["job"] for p in names.every_manifest(self.root)}
 
     def forget_job(self, domain: str, consumer: str, job: str) -> None:
         """Remove what a job that did not complete stored: no backup may point to a
@@ -397,7 +357,7 @@ class Repository:
             for m in self.manifests(domain, consumer, folder.name):
                 if m.job == job:
                     log.info("removing stored backup of a failed job", file=m.file, job=job)
-                    (folder / f"{m.sequence:04d}.json").unlink(missing_ok=True)
+                    names.manifest(folder, m.sequence).unlink(missing_ok=True)
                     _fsync_dir(folder)  # never a manifest without its file
                     (folder / m.file).unlink(missing_ok=True)
 
@@ -427,7 +387,7 @@ class Repository:
         return dropped
 
     async def _flatten(self, folder: Path, m: Manifest) -> None:
-        flat = folder / f"{m.file}.flat.partial"
+        flat = names.flat_partial(folder, m.sequence)
         # qemu-img creates it, following a symlink there: none may be left in the way.
         await anyio.Path(flat).unlink(missing_ok=True)
         await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2",
@@ -438,7 +398,7 @@ class Repository:
         flattened = Manifest(**asdict(m) | {"backing": None, "mode": "full",
                                             "regions": regions, "checksums": CHECKSUM})
         await anyio.to_thread.run_sync(
-            _durable_write, folder / f"{m.sequence:04d}.json", flattened.to_json())
+            _durable_write, names.manifest(folder, m.sequence), flattened.to_json())
         crash.point("prune.manifest")
 
     async def restore(self, manifest: Manifest, to: Path, fmt: str,
@@ -461,17 +421,19 @@ class Repository:
             with anyio.CancelScope(shield=True):
                 await anyio.Path(to).unlink(missing_ok=True)
             raise
-        name = f"r-{secrets.token_hex(4)}"  # short: socket paths end at 108 bytes
+        token = names.socket_token()
         try:
             # Undone in reverse, each shielded: the images must be closed, the
             # write-behind's thread must end, before the file is synced (or deleted).
             async with contextlib.AsyncExitStack() as undo:
-                reader = await self._serve(source, "qcow2", f"{name}.src", writable=False)
-                undo.push_async_callback(_shielded, _stop, reader)
+                reader = await self._serve(source, "qcow2", Served.RESTORE_SOURCE, token,
+                                           writable=False)
+                undo.push_async_callback(reader.astop)  # shielded itself
                 behind = WriteBehind(to, self._write_behind)
                 undo.push_async_callback(_shielded, anyio.to_thread.run_sync, behind.close)
-                writer = await self._serve(to, fmt, f"{name}.dst", writable=True)
-                undo.push_async_callback(_shielded, _stop, writer)
+                writer = await self._serve(to, fmt, Served.RESTORE_TARGET, token,
+                                           writable=True)
+                undo.push_async_callback(writer.astop)
                 await stream.stream(reader.url, writer.url, zeroed_destination=True,
                                     tuning=tuning, on_progress=behind.progress)
             await anyio.to_thread.run_sync(fsync, to)
@@ -501,25 +463,11 @@ def owned(path: Path) -> Path:
     return path
 
 
-def component(parameter: str, name: str) -> str:
-    """`name` if it is one path component that stays inside its folder (names come
-    from clients: "../../etc" must never become a path); InvalidParameter if not."""
-    if not name or len(name.encode()) > 255 or "/" in name or "\0" in name or \
-            name.startswith("."):
-        raise InvalidParameter(parameter, "must be a name, without '/' and not starting "
-                                          "with '.'")
-    return name
-
-
 def _verify(source: Path, manifest: Manifest) -> list[str]:
     if manifest.checksums not in _CHECKSUMS:  # written by a newer pullbackd
         return [f"{manifest.file}: cannot check checksums of kind {manifest.checksums!r}"]
     problems = []
-    h = nbd.NBD()
-    # qemu-nbd's own reader, through the backing chain, read-only.
-    h.connect_systemd_socket_activation(["qemu-nbd", "--read-only", "--format", "qcow2",
-                                         str(source)])
-    try:
+    with qemu_nbd.connect(source, "qcow2") as h:  # through the backing chain
         for region in manifest.regions:
             data = h.pread(region.length, region.offset) if region.length else b""
             ok = not any(data) if region.checksum is None else \
@@ -527,15 +475,13 @@ def _verify(source: Path, manifest: Manifest) -> list[str]:
             if not ok:
                 problems.append(f"{manifest.file}: {region.length} bytes at {region.offset} "
                                 "differ from what was written")
-    finally:
-        h.shutdown()
     return problems
 
 
 def _drop(folder: Path, dropped: list[Manifest]) -> None:
     """Manifests first: a file without one is no backup, so a crash between is harmless."""
     for m in dropped:
-        (folder / f"{m.sequence:04d}.json").unlink()
+        names.manifest(folder, m.sequence).unlink()
     _fsync_dir(folder)
     crash.point("prune.dropping")
     for m in dropped:
@@ -548,10 +494,7 @@ def _scan(image: Path) -> tuple[Region, ...]:
         ["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)],
         check=True, capture_output=True, text=True).stdout)
     regions = []
-    h = nbd.NBD()
-    h.connect_systemd_socket_activation(["qemu-nbd", "--read-only", "--format", "qcow2",
-                                         str(image)])
-    try:
+    with qemu_nbd.connect(image, "qcow2") as h:
         for extent in mapping:
             if not extent["present"]:
                 continue
@@ -562,8 +505,6 @@ def _scan(image: Path) -> tuple[Region, ...]:
             for offset in range(start, start + length, SCAN_CHUNK):
                 n = min(SCAN_CHUNK, start + length - offset)
                 regions.append(Region(offset, n, checksum(h.pread(n, offset))))
-    finally:
-        h.shutdown()
     return tuple(regions)
 
 
@@ -583,7 +524,7 @@ def _durable_rename(src: Path, dst: Path) -> None:
 
 
 def _durable_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = names.temporary(path)
     tmp.unlink(missing_ok=True)  # a crash's leftover (or anything planted: never followed)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
@@ -610,91 +551,6 @@ async def _run(*command: str) -> None:
                               or f"{command[0]} failed")
 
 
-#: How long qemu-nbd may take to serve (it takes milliseconds), and how often we look.
-SERVE_TIMEOUT = 30.0
-_SERVE_POLL = 0.01
-
-
-def wait_serving(sock: Path, image: Path, returncode: Callable[[], int | None],
-                   timeout: float) -> None:
-    """Return once the qemu-nbd serving `image` on `sock` serves it.
-
-    `returncode` is the process's (None while it runs): an exit fails the wait at
-    once. Raises RepositoryError when it exits or `timeout` seconds pass first."""
-    for pause in _serving(sock, image, returncode, timeout):
-        time.sleep(pause)
-
-
-def _serving(sock: Path, image: Path, returncode: Callable[[], int | None],
-               timeout: float) -> Iterator[float]:
-    """The wait of `wait_serving`, for a synchronous or an asynchronous caller: the
-    pauses to sleep between looks.
-
-    Neither the socket file nor a connection is a sign: qemu-nbd binds the socket,
-    then listens (a connection in between is refused), then opens the image, and may
-    fail there and exit (a connection it queued meanwhile is dropped; the socket file
-    stays). It greets a client (NBD's first bytes) only once it serves the image. So
-    we connect, and wait on that connection for the greeting; then we close it.
-    qemu-nbd shrugs off a client gone before the handshake (with --persistent it
-    serves on, and the closed connection frees its place among the --shared ones).
-    Everything non-blocking, so that an asynchronous caller never blocks its loop.
-    """
-    deadline = time.monotonic() + timeout
-    probe: socket.socket | None = None
-    try:
-        while True:
-            if probe is None:
-                probe = _connect(sock)
-            if probe is not None:
-                greeted = _greeted(probe)
-                if greeted:
-                    return
-                if greeted is not None:  # closed on us: try again (or see it exited)
-                    probe.close()
-                    probe = None
-            if (code := returncode()) is not None:
-                raise RepositoryError(str(image), f"qemu-nbd exited with {code}")
-            if time.monotonic() > deadline:
-                raise RepositoryError(str(image), f"qemu-nbd not serving on {sock} after "
-                                                  f"{timeout:g} s")
-            yield _SERVE_POLL
-    finally:
-        if probe is not None:
-            probe.close()
-
-
-def _connect(sock: Path) -> socket.socket | None:
-    """A non-blocking connection to the Unix socket `sock`, or None if nobody listens
-    there (yet). A connection to a Unix socket completes or fails at once."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    try:
-        probe.connect(str(sock))
-    except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
-        # BlockingIOError: its backlog is full, as good as not listening yet.
-        probe.close()
-        return None
-    except BaseException:
-        probe.close()
-        raise
-    return probe
-
-
-def _greeted(probe: socket.socket) -> bool | None:
-    """Whether the server sent something on `probe` (True), closed it (False), or
-    neither yet (None)."""
-    try:
-        return bool(probe.recv(1))
-    except BlockingIOError:
-        return None
-    except ConnectionResetError:
-        return False
-
-
-#: What a crash can leave in a disk's folder: a backup being written (`begin`), a
-#: backup being flattened (`_flatten`), a manifest being written (`_durable_write`).
-#: None is a backup, and nothing builds on them.
-LEFTOVERS = ("*.qcow2.partial", "*.flat.partial", "*.tmp")
-
 #: How long `recover` gives a qemu-nbd of an earlier run to end after SIGTERM, and
 #: then after SIGKILL.
 ORPHAN_GRACE = 10.0
@@ -719,7 +575,8 @@ def _served_socket(pid: int, folder: str) -> str | None:
         return None
     if os.path.basename(argv[0]) != "qemu-nbd":
         return None
-    # cmdline ends in a NUL: the last argument too has a following (empty) one.
+    # As qemu_nbd.command writes it, or by hand. cmdline ends in a NUL: the last
+    # argument too has a following (empty) one.
     for arg, following in itertools.pairwise(argv):
         if arg == "--socket":
             sock = following
@@ -784,15 +641,3 @@ def _exits(pidfd: int, deadline: float) -> bool:
 async def _shielded(fn: Callable[..., Awaitable[object]], *args: Any) -> None:
     with anyio.CancelScope(shield=True):
         await fn(*args)
-
-
-async def _stop(served: Served) -> None:
-    """Stop qemu-nbd and wait until it closed the image (its qcow2 metadata written)."""
-    if served.process.returncode is None:
-        served.process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(30):
-            await served.process.wait()
-        if served.process.returncode is None:
-            served.process.kill()
-            await served.process.wait()
-    await anyio.Path(served.socket).unlink(missing_ok=True)

@@ -20,17 +20,23 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config, roles, sdnotify, stream
+from . import api, config, names, roles, sdnotify, stream
+from .admission import Admission
 from .chain import Chains
 from .control import server
 from .control.server import Service, bind
 from .errors import PullbackError
 from .exports import Exports
-from .jobs import Jobs, Limits, Places
+from .jobs import Jobs
 from .migration import Migrations
+from .names import Layout
+from .places import Places
 from .remote import Remote, tls_context
 from .repository import Repository
+from .scratch import ScratchSpace
 from .sdnotify import Notifier
+from .serving import Limits, Serving
+from .source import LibvirtSource
 from .state import StateDamaged, Store
 from .virt import Virt
 
@@ -69,29 +75,19 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         cfg.scratch.dir.mkdir(parents=True)
         # QEMU opens its scratch files there by name, as whatever user it runs as.
         cfg.scratch.dir.chmod(0o711)
-    store = Store(cfg.state.dir / "state.db")
+    store = Store(cfg.state.dir / names.DATABASE)
     virt = Virt(cfg.libvirt.uri)
     status = 0
     try:
         exports.inherit(inherited, store.take_handoff())
         await virt.connect()
-        repository = Repository(cfg.repository.dir, cfg.exports.dir / ".repository",
+        repository = Repository(cfg.repository.dir, names.repository_sockets(cfg.exports.dir),
                                 cfg.repository.write_behind)
         # What a crash of the last run left: its qemu-nbds, its half-written files.
         await anyio.to_thread.run_sync(repository.recover)
-        tuning = stream.Tuning(request_size=cfg.stream.request_size,
-                               connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
-                               buffers=stream.BufferPool(cfg.stream.memory),
-                               tls_certificates=cfg.stream.tls_certificates or None,
-                               connect_timeout=cfg.stream.connect_timeout)
-        limits = Limits(drain_timeout=cfg.exports.drain_timeout,
-                        idle_timeout=cfg.exports.idle_timeout,
-                        max_lifetime=cfg.exports.max_lifetime)
         remote, remote_base = _remote(cfg, exports)
-        jobs = Jobs(virt, store, Chains(virt, store, cfg.chains.keep), exports, cfg.scratch.dir,
-                    cfg.jobs.end_timeout, repository, tuning, cfg.scratch.reserve,
-                    cfg.jobs.keep_finished, limits, cfg.jobs.max_active, remote_base,
-                    Places(tuple(Path(d) for d in cfg.push.dirs), cfg.stream.destinations))
+        parts = _assemble(cfg, virt, store, exports, repository, remote_base)
+        jobs = parts.jobs
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(
@@ -118,10 +114,7 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             notifier.remove_fds(list(inherited))
             exports.release()
             listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
-            migrations = Migrations(jobs, virt, cfg.migration.grace,
-                                    cfg.migration.drain_timeout)
-            tg.start_soon(_serve, listener, _control(cfg, jobs, migrations),
-                          cfg.control.socket)
+            tg.start_soon(_serve, listener, _control(cfg, parts), cfg.control.socket)
             tg.start_soon(notifier.watchdog)
             tg.start_soon(jobs.watch_scratch)
             active = sum(not j.state.final for j in jobs.all())
@@ -134,13 +127,38 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
     return status
 
 
-def _control(cfg: config.Config, jobs: Jobs, migrations: Migrations) -> Service:
+def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
+              repository: Repository, remote: str | None) -> api.Parts:
+    """The jobs and what acts on them, as the configuration has them."""
+    tuning = stream.Tuning(request_size=cfg.stream.request_size,
+                           connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
+                           buffers=stream.BufferPool(cfg.stream.memory),
+                           tls_certificates=cfg.stream.tls_certificates or None,
+                           connect_timeout=cfg.stream.connect_timeout)
+    limits = Limits(drain_timeout=cfg.exports.drain_timeout,
+                    idle_timeout=cfg.exports.idle_timeout,
+                    max_lifetime=cfg.exports.max_lifetime)
+    layout = Layout(cfg.exports.dir, cfg.scratch.dir)
+    source = LibvirtSource(virt, layout, cfg.jobs.end_timeout)
+    chains = Chains(virt, store, cfg.chains.keep)
+    admission = Admission(cfg.jobs.max_active)
+    jobs = Jobs(source, store, chains, Serving(exports, source, limits),
+                ScratchSpace(layout, cfg.scratch.reserve), repository,
+                admission=admission, tuning=tuning, keep_finished=cfg.jobs.keep_finished,
+                remote=remote,
+                places=Places(tuple(Path(d) for d in cfg.push.dirs), cfg.stream.destinations))
+    migrations = Migrations(jobs, admission, virt, cfg.migration.grace,
+                            cfg.migration.drain_timeout)
+    return api.Parts(jobs, migrations, chains, repository, tuning,
+                     tuple(Path(d) for d in cfg.restore.dirs))
+
+
+def _control(cfg: config.Config, parts: api.Parts) -> Service:
     """The control socket's service, with its roles and limits."""
     return api.service(
-        jobs, migrations,
+        parts,
         roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
                     roles.parse(cfg.roles.default)),
-        tuple(Path(d) for d in cfg.restore.dirs),
         server.Limits(cfg.control.connections, cfg.control.connections_per_user,
                       cfg.control.idle_timeout))
 

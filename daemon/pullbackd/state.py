@@ -22,9 +22,18 @@ from typing import Any
 
 import anyio
 
-from .chain import Checkpoint, CheckpointState
-from .exports import Handed, Session
-from .jobs import Job
+from .model import (
+    Appliance,
+    Checkpoint,
+    CheckpointState,
+    Disk,
+    Handed,
+    Job,
+    JobState,
+    Progress,
+    Session,
+    Transition,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -99,7 +108,7 @@ class Store:
 
     def load_jobs(self) -> list[Job]:
         rows = self._db.execute("SELECT record FROM jobs ORDER BY created, rowid")
-        return [Job.from_record(json.loads(record)) for (record,) in rows]
+        return [_job(json.loads(record)) for (record,) in rows]
 
     def load_checkpoints(self) -> list[Checkpoint]:
         rows = self._db.execute(
@@ -152,7 +161,7 @@ class Store:
         transaction (a job's end and its checkpoint's fate are one decision)."""
         writes: list[tuple[str, tuple[object, ...]]] = [
             (_SAVE_JOB, (job.id, job.domain, job.state, job.created,
-                         json.dumps(job.to_record())))]
+                         json.dumps(_job_record(job))))]
         if checkpoint is not None:
             writes.append((_SAVE_CHECKPOINT, _checkpoint_row(checkpoint)))
         await anyio.to_thread.run_sync(self._transaction, writes, limiter=self._limiter)
@@ -175,3 +184,37 @@ _SAVE_CHECKPOINT = (
 def _checkpoint_row(c: Checkpoint) -> tuple[object, ...]:
     return (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml,
             json.dumps(c.full))
+
+
+#: What is shown of a job but never stored (records of earlier versions may hold
+#: them: they are ignored).
+_SHOWN_ONLY = ("position", "scratch")
+_SHOWN_ONLY_DISK = ("scratch", "rate", "eta")
+
+
+def _job_record(job: Job) -> dict[str, Any]:
+    """A job as stored: its own record, not the varlink type (api.py shows that)."""
+    record = dataclasses.asdict(job)
+    for key in _SHOWN_ONLY:
+        del record[key]
+    for disk in record["disks"]:
+        for key in _SHOWN_ONLY_DISK:
+            del disk[key]
+    return record
+
+
+def _job(record: dict[str, Any]) -> Job:
+    """A stored job. Raises KeyError, TypeError or ValueError for a record that is not one."""
+    record = {k: v for k, v in record.items() if k not in _SHOWN_ONLY}
+    progress = record.get("progress")
+    appliance = record.get("appliance")
+    return Job(**record | {
+        "state": JobState(record["state"]),
+        "disks": tuple(Disk(**{k: v for k, v in d.items() if k not in _SHOWN_ONLY_DISK})
+                       for d in record["disks"]),
+        "progress": Progress(**progress) if progress else None,
+        "history": tuple(Transition(JobState(t["state"]), t["at"])
+                         for t in record.get("history", ())),
+        "appliance": Appliance(**appliance | {"sessions": tuple(
+            Session(**s) for s in appliance["sessions"])}) if appliance else None,
+    })

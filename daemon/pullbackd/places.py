@@ -1,0 +1,71 @@
+"""Where a client may have pullbackd (root) write or connect.
+
+A push backup's files go only into `[push] dirs`, a copy only to an NBD URI
+`[stream] destinations` covers; the repository ("local") is always allowed.
+Paths are resolved first: no "..", no symlink leads out of an allowed folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from .errors import InvalidParameter, TargetNotWritable
+from .model import LOCAL, StartRequest
+
+
+@dataclass(frozen=True)
+class Places:
+    """`push_dirs` ([push] dirs) and `destinations` ([stream] destinations); None
+    for either allows anything (tests)."""
+
+    push_dirs: tuple[Path, ...] | None = ()
+    destinations: tuple[str, ...] | None = ()
+
+    def check(self, request: StartRequest) -> None:
+        """Raise TargetNotWritable or InvalidParameter, naming the setting. Blocks
+        (it looks at the file system)."""
+        if request.target_dir is not None:
+            _check_target_dir(request.target_dir)
+            folder = Path(request.target_dir).resolve()
+            if self.push_dirs is not None and not any(
+                    folder == d or d in folder.parents
+                    for d in (d.resolve() for d in self.push_dirs)):
+                raise TargetNotWritable(request.target_dir, (
+                    f"not inside [push] dirs ({', '.join(map(str, self.push_dirs)) or 'none'});"
+                    " have the host's administrator add the folder"))
+        if request.destination not in (None, LOCAL) and self.destinations is not None and \
+                not any(_within(str(request.destination), a) for a in self.destinations):
+            raise InvalidParameter("destination", (
+                "not allowed by [stream] destinations "
+                f"({', '.join(self.destinations) or 'none'}); have the host's administrator "
+                "add it, or use \"local\""))
+
+
+def _check_target_dir(target_dir: str) -> None:
+    path = Path(target_dir)
+    if not path.is_absolute():
+        raise TargetNotWritable(target_dir, "not an absolute path")
+    if not path.is_dir():
+        raise TargetNotWritable(target_dir, "no such folder")
+    # access(2) also says no for a read-only file system, even to root.
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise TargetNotWritable(target_dir, "not writable")
+
+
+def _within(url: str, allowed: str) -> bool:
+    """Whether an NBD URI is one `allowed` covers: the same scheme, and for a Unix
+    socket a path inside the allowed one (resolved: no "..", no symlink out of it),
+    for TCP the same host and port. Blocks (it resolves paths)."""
+    u, a = urlsplit(url), urlsplit(allowed)
+    if u.scheme != a.scheme:
+        return False
+    if u.scheme.endswith("+unix"):
+        sockets = [parse_qs(x.query).get("socket", [""])[0] for x in (u, a)]
+        if not all(sockets):
+            return False
+        path, folder = (Path(s).resolve() for s in sockets)
+        return path == folder or folder in path.parents
+    return bool(u.hostname) and (u.hostname, u.port) == (a.hostname, a.port)

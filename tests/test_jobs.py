@@ -1,0 +1,1055 @@
+"""The job state machine (jobs.py) against the fake source (fakes.py): start, finish,
+abort, the queue, a migration's drain, every failure of the source, what its events
+tell, and recovery after a restart.
+
+Everything else is real: the state database (SQLite in tmp), the chains, admission,
+serving (each pull job's endpoint is a real socket, relaying to nothing until an
+appliance comes), scratch accounting. Nothing here moves data: the lab tests do,
+each ending in a byte comparison. A "restart" is a new `Jobs` over the same
+database and the same source, as after `kill -9`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import pytest
+
+from pullbackd import errors
+from pullbackd.admission import Admission
+from pullbackd.chain import Chains
+from pullbackd.exports import Exports
+from pullbackd.jobs import Jobs
+from pullbackd.migration import Migrations, Step
+from pullbackd.model import Checkpoint, CheckpointState, Job, JobState, Scratch, StartRequest, now
+from pullbackd.names import Layout, checkpoint_name
+from pullbackd.repository import Repository
+from pullbackd.scratch import ScratchSpace
+from pullbackd.serving import Limits, Serving
+from pullbackd.source import Begun, Exported
+from pullbackd.state import Store
+
+from .fakes import Backup, FakeSource, FakeVirt
+
+pytestmark = pytest.mark.asyncio
+
+#: Where a migration goes (the fake virt only records it).
+ELSEWHERE = "qemu+ssh://elsewhere/system"
+
+
+@dataclass
+class Rig:
+    """The jobs over the fake source, and what the tests look into."""
+
+    jobs: Jobs
+    source: FakeSource
+    store: Store
+    chains: Chains
+    exports: Exports
+    migrations: Migrations
+    #: What `follow_events`'s `lost` was told, and the job endpoints open at that moment.
+    lost: list[tuple[str, list[str]]] = field(default_factory=list)
+    lost_told: anyio.Event = field(default_factory=anyio.Event)
+    #: Where a test runs what it waits for (Start held in the source, a migration).
+    tg: anyio.abc.TaskGroup = field(init=False)
+
+    @property
+    def virt(self) -> FakeVirt:
+        return self.source.virt
+
+    def checkpoints(self, domain: str = "d1") -> list[str]:
+        """The checkpoints libvirt has of the domain."""
+        return [name for (d, name) in self.virt.checkpoint_xmls if d == domain]
+
+    def chain(self, domain: str = "d1", consumer: str | None = None) -> list[str]:
+        return [c.name for c in self.chains.of(domain, consumer)]
+
+    def endpoint(self, job: Job) -> Path:
+        return self.exports.endpoint_path(job.id)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, source: FakeSource, *, max_active: int = 0,
+                  limits: Limits | None = None, drain_timeout: float = 2.0,
+                  recover: bool = True) -> AsyncIterator[Rig]:
+    """The daemon's job machinery, as service.py assembles it, with `source`."""
+    store = Store(tmp_path / "state.db")
+    exports = Exports(tmp_path / "exports")
+    exports.prepare()
+    layout = Layout(tmp_path / "exports", tmp_path / "scratch")
+    chains = Chains(source.virt, store)
+    admission = Admission(max_active)
+    jobs = Jobs(source, store, chains, Serving(exports, source, limits or Limits()),
+                ScratchSpace(layout, 0), Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20),
+                admission=admission)
+    migrations = Migrations(jobs, admission, source.virt, grace=0.05,
+                            drain_timeout=drain_timeout)
+    rig = Rig(jobs, source, store, chains, exports, migrations)
+
+    async def lost(reason: str) -> None:
+        rig.lost.append((reason, sorted(p.name for p in exports.dir.glob("*.sock"))))
+        rig.lost_told.set()
+
+    try:
+        async with anyio.create_task_group() as rig.tg:
+            await rig.tg.start(jobs.follow_events, lost)
+            if recover:
+                await jobs.recover()
+            try:
+                yield rig
+            finally:
+                source.release()
+            rig.tg.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> FakeSource:
+    (tmp_path / "source").mkdir()
+    return FakeSource(FakeVirt(), tmp_path / "source")
+
+
+@pytest.fixture
+def push_dir(tmp_path: Path) -> Path:
+    (tmp_path / "push").mkdir()
+    return tmp_path / "push"
+
+
+async def until(jobs: Jobs, job_id: str, done: Callable[[Job], bool]) -> Job:
+    """The job once `done(job)` (within 2 s): for what happens in the background (the
+    source's events, the queue, a copy, expiry)."""
+    with jobs.watch() as changes, anyio.fail_after(2):
+        while not done(job := jobs.get(job_id)):
+            await changes.receive()
+    return job
+
+
+async def ended(jobs: Jobs, job_id: str) -> Job:
+    return await until(jobs, job_id, lambda j: j.state.final)
+
+
+def states(job: Job) -> list[str]:
+    return [t.state for t in job.history]
+
+
+def stored(tmp_path: Path) -> list[Job]:
+    """The jobs in the state database (the rig closed)."""
+    store = Store(tmp_path / "state.db")
+    try:
+        return store.load_jobs()
+    finally:
+        store.close()
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# Start, Finish.
+
+
+async def test_a_pull_backup_is_served_then_finished_into_its_chain(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", consumer="c"))
+        assert (job.state, job.mode, job.since) == (JobState.READY, "full", None)
+        assert [(d.name, d.mode, d.bitmap) for d in job.disks] == [
+            ("vda", "full", None), ("vdb", "full", None)]
+        assert all(str(rig.endpoint(job)) in str(d.url) for d in job.disks)
+        assert rig.endpoint(job).is_socket()
+        assert job.checkpoint == checkpoint_name("c", job.id) and rig.chain() == []
+        assert [j.state for j in rig.store.load_jobs()] == [JobState.READY]
+
+        done = await rig.jobs.finish(job.id)
+        assert (done.state, done.error) == (JobState.COMPLETED, None) and done.ended
+        assert states(done) == ["starting", "ready", "completed"]
+        assert rig.chain(consumer="c") == [job.checkpoint] == rig.checkpoints()
+        assert source.backups == {} and not rig.endpoint(job).exists()
+        assert rig.jobs.active("d1") is None
+
+        nxt = await rig.jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
+        assert (nxt.mode, nxt.since) == ("incremental", job.checkpoint)
+        assert [(d.mode, d.since) for d in nxt.disks] == [("incremental", job.checkpoint)] * 2
+        assert all(d.bitmap for d in nxt.disks)
+    assert [j.state for j in stored(tmp_path)] == [JobState.COMPLETED, JobState.READY]
+
+
+async def test_finish_with_failure_rolls_the_checkpoint_back(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        full = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1"))).id)
+        incr = await rig.jobs.start(StartRequest("d1", mode="incremental"))
+        failed = await rig.jobs.finish(incr.id, success=False)
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "the appliance reported the backup failed")
+        assert rig.chain() == [full.checkpoint] == rig.checkpoints()
+        assert rig.chains.get(incr.checkpoint) is None
+        # The next incremental covers what the failed one held.
+        nxt = await rig.jobs.start(StartRequest("d1", mode="incremental"))
+        assert nxt.since == full.checkpoint
+
+
+async def test_watchers_see_every_state_in_order(tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        with rig.jobs.watch() as changes:
+            job = await rig.jobs.start(StartRequest("d1"))
+            done = await rig.jobs.finish(job.id)
+            seen = [changes.receive_nowait() for _ in range(3)]
+            with pytest.raises(anyio.WouldBlock):
+                changes.receive_nowait()
+        assert [(c.kind, c.job.id, c.job.state) for c in seen] == [
+            ("state", job.id, "starting"), ("state", job.id, "ready"),
+            ("state", job.id, "completed")]
+        assert states(done) == [c.job.state for c in seen]
+
+
+async def test_a_disk_whose_bitmap_cannot_be_used_alone_is_backed_up_in_full(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        both = await rig.jobs.start(StartRequest("d1"))
+        await rig.jobs.finish(both.id)
+        vdb = await rig.jobs.start(StartRequest("d1", disks=["vdb"]))
+        await rig.jobs.finish(vdb.id)
+        source.broken.add(vdb.checkpoint)
+        incr = await rig.jobs.start(StartRequest("d1", mode="incremental"))
+        assert [(d.name, d.mode, d.since) for d in incr.disks] == [
+            ("vda", "incremental", both.checkpoint), ("vdb", "full", None)]
+        assert incr.disks[1].fallback == f"the bitmap of {vdb.checkpoint} cannot be used"
+        assert (incr.mode, incr.since) == ("incremental", both.checkpoint)
+        await rig.jobs.finish(incr.id)
+        source.broken.add(incr.checkpoint)
+        # No disk could start from its base: the backup is full.
+        last = await rig.jobs.start(StartRequest("d1", disks=["vda"], mode="incremental"))
+        assert (last.mode, last.since) == ("full", None)
+        assert last.disks[0].fallback == f"the bitmap of {incr.checkpoint} cannot be used"
+
+
+# Abort, idempotence, refusals.
+
+
+async def test_abort_of_a_ready_job_ends_it_and_rolls_back(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        aborted = await rig.jobs.abort(job.id)
+        assert (aborted.state, aborted.error) == (JobState.ABORTED, None)
+        assert states(aborted) == ["starting", "ready", "aborted"]
+        assert source.called("end") == ["d1"] and source.backups == {}
+        assert rig.checkpoints() == [] and rig.chains.get(job.checkpoint) is None
+        assert not rig.endpoint(job).exists()
+        assert (await rig.jobs.start(StartRequest("d1"))).state == JobState.READY
+
+
+async def test_a_push_cannot_be_finished_and_abort_removes_its_files(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        assert job.state == JobState.RUNNING and job.disks[0].url is None
+        assert files(push_dir) == [f"{job.id}.vda.qcow2", f"{job.id}.vdb.qcow2"]
+        with pytest.raises(errors.JobNotReady) as e:
+            await rig.jobs.finish(job.id)
+        assert e.value.parameters == {"id": job.id, "state": "running"}
+        assert rig.jobs.get(job.id).state == JobState.RUNNING
+        assert (await rig.jobs.abort(job.id)).state == JobState.ABORTED
+        assert files(push_dir) == [], "nothing half-written may look like a backup"
+        assert rig.checkpoints() == []
+
+
+async def test_finish_and_abort_are_idempotent(tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        finished = await rig.jobs.finish(job.id)
+        assert await rig.jobs.finish(job.id) == finished
+        assert await rig.jobs.abort(job.id) == finished  # ended is ended
+        assert await rig.jobs.finish(job.id, success=False) == finished
+
+        job = await rig.jobs.start(StartRequest("d1"))
+        aborted = await rig.jobs.abort(job.id)
+        assert aborted.state == JobState.ABORTED
+        assert await rig.jobs.abort(job.id) == aborted
+        assert await rig.jobs.finish(job.id) == aborted
+        assert source.called("end") == ["d1", "d1"]  # once a job
+        assert rig.chain() == [finished.checkpoint]
+
+
+async def test_an_abort_while_finish_ends_the_job_finds_it_completed(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        stall = source.stall("end")
+        rig.tg.start_soon(rig.jobs.finish, job.id)
+        await stall.reached.wait()
+
+        async def release_once_abort_waits() -> None:
+            await anyio.wait_all_tasks_blocked()
+            stall.release()
+
+        rig.tg.start_soon(release_once_abort_waits)
+        aborted = await rig.jobs.abort(job.id)
+        assert aborted.state == JobState.COMPLETED, "ended once, by Finish"
+        assert source.called("end") == ["d1"]
+        assert rig.chain() == [job.checkpoint]
+
+
+async def test_unknown_jobs(tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.NoSuchJob):
+            rig.jobs.get("0123456789ab")
+        with pytest.raises(errors.NoSuchJob):
+            await rig.jobs.finish("0123456789ab")
+        with pytest.raises(errors.NoSuchJob) as e:
+            await rig.jobs.abort("0123456789ab")
+        assert e.value.parameters == {"id": "0123456789ab"}
+
+
+async def test_a_second_start_of_a_domain_is_refused_at_once(
+        tmp_path: Path, source: FakeSource) -> None:
+    stall = source.stall("begin")
+    async with running(tmp_path, source) as rig:
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1"))
+        await stall.reached.wait()
+        [starting] = rig.jobs.all()
+        assert starting.state == JobState.STARTING
+        with pytest.raises(errors.BackupInProgress) as e:
+            await rig.jobs.start(StartRequest("d1", disks=["vdb"]))
+        assert e.value.parameters == {"domain": "d1", "id": starting.id}
+        assert source.called("plan") == ["d1"], "refused before the source is asked"
+        stall.release()
+        ready = await until(rig.jobs, starting.id, lambda j: j.state == JobState.READY)
+        with pytest.raises(errors.BackupInProgress) as e:
+            await rig.jobs.start(StartRequest("d1"))
+        assert e.value.parameters == {"domain": "d1", "id": ready.id}
+        assert [j.id for j in rig.jobs.all()] == [ready.id]
+        assert (await rig.jobs.start(StartRequest("d2"))).state == JobState.READY
+
+
+async def test_abort_while_starting_waits_for_the_start_then_ends_the_job(
+        tmp_path: Path, source: FakeSource) -> None:
+    stall = source.stall("begin")
+    async with running(tmp_path, source) as rig:
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1"))
+        await stall.reached.wait()
+        [job] = rig.jobs.all()
+        rig.tg.start_soon(rig.jobs.abort, job.id)
+        await anyio.wait_all_tasks_blocked()
+        assert rig.jobs.get(job.id).state == JobState.STARTING
+        stall.release()
+        aborted = await ended(rig.jobs, job.id)
+        assert states(aborted) == ["starting", "ready", "aborted"]
+        assert source.backups == {} and rig.checkpoints() == []
+
+
+@pytest.mark.parametrize(("request_", "error", "parameters"), [
+    (StartRequest("d1", mode="sideways"), errors.InvalidParameter, {"parameter": "mode"}),
+    (StartRequest("d1", mode="differential"), errors.InvalidParameter, {"parameter": "since"}),
+    (StartRequest("d1", mode="incremental", since="pullbackd.default.x"),
+     errors.InvalidParameter, {"parameter": "since"}),
+    (StartRequest("d1", consumer="Has Caps"), errors.InvalidParameter, {"parameter": "consumer"}),
+    (StartRequest("d1", consumer="x" * 33), errors.InvalidParameter, {"parameter": "consumer"}),
+    (StartRequest("d1", consumer=""), errors.InvalidParameter, {"parameter": "consumer"}),
+    (StartRequest("d1", target_dir="relative/dir"), errors.TargetNotWritable,
+     {"target_dir": "relative/dir", "reason": "not an absolute path"}),
+    (StartRequest("d1", target_dir="/nonexistent/pullbackd"), errors.TargetNotWritable,
+     {"target_dir": "/nonexistent/pullbackd", "reason": "no such folder"}),
+    (StartRequest("d1", destination="ftp://x"), errors.InvalidParameter,
+     {"parameter": "destination"}),
+], ids=["mode", "differential-without-since", "since-without-differential", "consumer-caps",
+        "consumer-long", "consumer-empty", "target-dir-relative", "target-dir-missing",
+        "destination"])
+async def test_bad_requests_are_refused_before_the_source_hears_of_them(
+        tmp_path: Path, source: FakeSource, request_: StartRequest,
+        error: type[errors.PullbackError], parameters: dict[str, str]) -> None:
+    async with running(tmp_path, source) as rig:
+        source.calls.clear()  # recovery's
+        with pytest.raises(error) as e:
+            await rig.jobs.start(request_)
+        assert e.value.parameters == parameters
+        assert source.calls == []
+        assert rig.jobs.all() == [] and rig.store.load_jobs() == []
+        assert rig.jobs.active("d1") is None
+
+
+@pytest.mark.parametrize(("request_", "error", "parameters"), [
+    (StartRequest("nope"), errors.NoSuchDomain, {"domain": "nope"}),
+    (StartRequest("off"), errors.DomainNotRunning, {"domain": "off"}),
+    (StartRequest("d1", disks=["vdz"]), errors.NoSuchDisk, {"domain": "d1", "disk": "vdz"}),
+    (StartRequest("d1", mode="differential", since="pullbackd.default.nope"),
+     errors.NoSuchCheckpoint,
+     {"domain": "d1", "consumer": "default", "checkpoint": "pullbackd.default.nope"}),
+], ids=["domain", "not-running", "disk", "checkpoint"])
+async def test_what_the_source_or_the_chain_refuses_records_nothing(
+        tmp_path: Path, source: FakeSource, request_: StartRequest,
+        error: type[errors.PullbackError], parameters: dict[str, str]) -> None:
+    source.virt.running["off"] = False
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(error) as e:
+            await rig.jobs.start(request_)
+        assert e.value.parameters == parameters
+        assert source.called("plan") == [request_.domain]
+        assert rig.jobs.all() == [] and rig.store.load_jobs() == []
+        assert rig.chains.all() == [] and rig.checkpoints() == []
+        assert source.called("begin") == [] and rig.jobs.active(request_.domain) is None
+
+
+async def test_a_differential_starts_only_at_a_checkpoint_of_its_own_consumer(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        theirs = await rig.jobs.finish((await rig.jobs.start(StartRequest(
+            "d1", consumer="other"))).id)
+        with pytest.raises(errors.NoSuchCheckpoint) as e:
+            await rig.jobs.start(StartRequest("d1", consumer="strict", mode="differential",
+                                              since=theirs.checkpoint))
+        assert e.value.parameters == {"domain": "d1", "consumer": "strict",
+                                      "checkpoint": theirs.checkpoint}
+        assert len(rig.jobs.all()) == 1 and rig.chain() == [theirs.checkpoint]
+        diff = await rig.jobs.start(StartRequest("d1", consumer="other", mode="differential",
+                                                 since=theirs.checkpoint))
+        assert (diff.mode, diff.since) == ("differential", theirs.checkpoint)
+
+
+async def test_scratch_that_cannot_hold_a_pull_backup_refuses_it_up_front(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    source.sizes["vda"] = 1 << 60  # no file system holds that in the worst case
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.InsufficientScratch) as e:
+            await rig.jobs.start(StartRequest("d1"))
+        assert e.value.parameters["dir"] == str(tmp_path / "scratch")
+        assert e.value.parameters["needed"] == (1 << 60) + source.sizes["vdb"]
+        assert rig.jobs.all() == [] and rig.chains.all() == []
+        job = await rig.jobs.start(StartRequest("d1", allow_scratch_overcommit=True))
+        assert job.state == JobState.READY
+        push = await rig.jobs.start(StartRequest("d2", target_dir=str(push_dir)))
+        assert push.state == JobState.RUNNING  # a push needs no scratch
+
+
+async def test_a_chain_is_not_deleted_under_its_running_backup(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        other = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1",
+                                                                         consumer="o"))).id)
+        job = await rig.jobs.start(StartRequest("d1", consumer="c"))
+        with pytest.raises(errors.BackupInProgress) as e:
+            await rig.jobs.delete_chain("d1", "c")
+        assert e.value.parameters == {"domain": "d1", "id": job.id}
+        assert await rig.jobs.delete_chain("d1", "o") == [other.checkpoint]
+        assert rig.checkpoints() == [job.checkpoint]
+
+
+# The queue.
+
+
+async def test_the_queue_starts_jobs_in_order_as_places_free(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=1) as rig:
+        jobs = rig.jobs
+        first = await jobs.start(StartRequest("d1"))
+        second = await jobs.start(StartRequest("d2"))
+        third = await jobs.start(StartRequest("d3"))
+        assert first.state == JobState.READY
+        assert [(j.state, j.position) for j in (second, third)] == [
+            (JobState.QUEUED, 1), (JobState.QUEUED, 2)]
+        assert sorted(rig.store.load_requests()) == sorted([second.id, third.id])
+        with pytest.raises(errors.TooManyJobs) as too_many:
+            await jobs.start(StartRequest("d4", queue=False))
+        assert too_many.value.parameters == {"limit": 1, "active": 1}
+        with pytest.raises(errors.BackupInProgress) as busy:
+            await jobs.start(StartRequest("d2"))  # queued claims its domain too
+        assert busy.value.parameters == {"domain": "d2", "id": second.id}
+
+        await jobs.finish(first.id)
+        assert (await until(jobs, second.id, lambda j: j.state == JobState.READY)).position \
+            is None
+        assert (jobs.get(third.id).state, jobs.get(third.id).position) == (JobState.QUEUED, 1)
+        await jobs.abort(second.id)
+        await until(jobs, third.id, lambda j: j.state == JobState.READY)
+        assert source.called("begin") == ["d1", "d2", "d3"]
+        assert states(jobs.get(third.id)) == ["queued", "starting", "ready"]
+
+
+async def test_places_freed_at_once_start_the_queue_in_order(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=2) as rig:
+        jobs = rig.jobs
+        running_ = [await jobs.start(StartRequest(d)) for d in ("d1", "d2")]
+        queued = [await jobs.start(StartRequest(d)) for d in ("d3", "d4")]
+        planned = len(source.called("plan"))
+        stall = source.stall("plan")
+        for job in running_:
+            await jobs.abort(job.id)
+        await stall.reached.wait()
+        await anyio.wait_all_tasks_blocked()
+        # One at a time: the first waits in the source, the second for it.
+        assert source.called("plan")[planned:] == ["d3"]
+        assert [jobs.get(j.id).state for j in queued] == [JobState.QUEUED, JobState.QUEUED]
+        stall.release()
+        for job in queued:
+            await until(jobs, job.id, lambda j: j.state == JobState.READY)
+        assert source.called("begin") == ["d1", "d2", "d3", "d4"]
+
+
+async def test_an_aborted_queued_job_never_starts(tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=1) as rig:
+        jobs = rig.jobs
+        first = await jobs.start(StartRequest("d1"))
+        second = await jobs.start(StartRequest("d2"))
+        third = await jobs.start(StartRequest("d3"))
+        aborted = await jobs.abort(second.id)
+        assert states(aborted) == ["queued", "aborted"] and aborted.position is None
+        assert jobs.get(third.id).position == 1
+        assert list(rig.store.load_requests()) == [third.id]
+        assert jobs.active("d2") is None
+        with pytest.raises(errors.JobNotReady):
+            await jobs.finish(third.id)  # a queued job has nothing to finish
+        await jobs.finish(first.id)
+        await until(jobs, third.id, lambda j: j.state == JobState.READY)
+        assert source.called("begin") == ["d1", "d3"]
+        assert rig.chains.get(second.checkpoint) is None
+
+
+async def test_a_queued_job_that_cannot_start_fails_and_the_next_one_starts(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=1) as rig:
+        jobs = rig.jobs
+        first = await jobs.start(StartRequest("d1"))
+        second = await jobs.start(StartRequest("d2"))
+        third = await jobs.start(StartRequest("d3"))
+        source.stopped("d2")  # its job has not started: nothing to fail yet
+        await anyio.wait_all_tasks_blocked()
+        assert jobs.get(second.id).state == JobState.QUEUED
+        await jobs.finish(first.id)
+        failed = await ended(jobs, second.id)
+        assert failed.state == JobState.FAILED and failed.error == (
+            "the backup could not start: domain 'd2' is not running; start it first")
+        await until(jobs, third.id, lambda j: j.state == JobState.READY)
+        assert jobs.active("d2") is None
+
+
+# A migration's drain.
+
+
+async def test_a_drained_domain_takes_no_backup_and_an_unread_one_ends_after_the_grace(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        async with aclosing(rig.migrations.migrate("d1", ELSEWHERE)) as steps:
+            assert await anext(steps) == Step("draining", (job.id,), 0)
+            with pytest.raises(errors.MigrationPending) as e:
+                await rig.jobs.start(StartRequest("d1"))
+            assert e.value.parameters == {"domain": "d1"}
+            other = await rig.jobs.start(StartRequest("d2"))  # other domains go on
+            assert [s.state async for s in steps] == ["migrating", "completed"]
+        failed = rig.jobs.get(job.id)
+        assert failed.state == JobState.FAILED
+        assert failed.error == ("ended for the domain's migration: no appliance had used it "
+                                "for [migration] grace, and nobody confirmed the data")
+        assert rig.chains.get(job.checkpoint) is None and rig.checkpoints() == []
+        assert source.virt.migrated == [("d1", ELSEWHERE)]
+        assert rig.jobs.get(other.id).state == JobState.READY
+
+
+async def test_the_gate_waits_for_a_push_to_end(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    async with running(tmp_path, source) as rig:
+        push = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        seen: list[str] = []
+        done = anyio.Event()
+
+        async def migrate() -> None:
+            async with aclosing(rig.migrations.migrate("d1", ELSEWHERE)) as steps:
+                seen.extend([s.state async for s in steps])
+            done.set()
+
+        rig.tg.start_soon(migrate)
+        await anyio.wait_all_tasks_blocked()
+        assert not done.is_set() and source.virt.migrated == []
+        source.ended("d1", success=True)
+        with anyio.fail_after(2):
+            await done.wait()
+        assert seen == ["draining", "migrating", "completed"]
+        assert rig.jobs.get(push.id).state == JobState.COMPLETED
+        assert rig.chain() == [push.checkpoint]
+
+
+async def test_a_blocked_migration_leaves_the_backup_alone_unless_forced(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    async with running(tmp_path, source, drain_timeout=0.1) as rig:
+        push = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        with pytest.raises(errors.MigrationBlocked) as e:
+            async with aclosing(rig.migrations.migrate("d1", ELSEWHERE)) as steps:
+                async for _ in steps:
+                    pass
+        assert e.value.parameters == {"domain": "d1", "jobs": [push.id], "sessions": 0}
+        assert rig.jobs.get(push.id).state == JobState.RUNNING
+        assert source.virt.migrated == []
+        with pytest.raises(errors.BackupInProgress):  # drained no more
+            await rig.jobs.start(StartRequest("d1"))
+
+        async with aclosing(rig.migrations.migrate("d1", ELSEWHERE, force=True)) as steps:
+            assert [s.state async for s in steps] == ["draining", "migrating", "completed"]
+        assert rig.jobs.get(push.id).state == JobState.ABORTED
+        assert source.virt.migrated == [("d1", ELSEWHERE)]
+
+
+# Each failure of the source.
+
+
+async def test_plan_failing_records_nothing(tmp_path: Path, source: FakeSource) -> None:
+    source.errors["plan"] = errors.DomainBusy("d1", "snapshot")
+    async with running(tmp_path, source, max_active=1) as rig:
+        with pytest.raises(errors.DomainBusy):
+            await rig.jobs.start(StartRequest("d1"))
+        assert rig.jobs.all() == [] and rig.store.load_jobs() == [] and rig.chains.all() == []
+        assert rig.jobs.active("d1") is None
+        del source.errors["plan"]
+        await rig.jobs.start(StartRequest("d1"))
+        source.errors["plan"] = errors.DomainBusy("d2", "snapshot")
+        with pytest.raises(errors.DomainBusy):  # nor is it queued
+            await rig.jobs.start(StartRequest("d2"))
+        assert len(rig.jobs.all()) == 1 and rig.store.load_requests() == {}
+        assert rig.jobs.active("d2") is None
+
+
+async def test_begin_failing_fails_the_job_and_frees_the_domain(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.errors["begin"] = errors.LibvirtError(1, "internal error: no space left")
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.start(StartRequest("d1"))
+        [failed] = rig.jobs.all()
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "libvirt did not start the backup: libvirt error 1: "
+                             "internal error: no space left")
+        assert states(failed) == ["starting", "failed"]
+        assert rig.chains.all() == [] and rig.checkpoints() == []
+        assert source.called("end") == []  # nothing began
+        del source.errors["begin"]
+        assert (await rig.jobs.start(StartRequest("d1"))).state == JobState.READY
+
+
+async def test_exports_failing_ends_the_backup_and_fails_the_job(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.errors["exports"] = errors.LibvirtError(1, "flaky")
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.start(StartRequest("d1"))
+        [failed] = rig.jobs.all()
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "the backup started but could not be read: libvirt error 1: flaky")
+        assert source.called("end") == ["d1"] and source.backups == {}
+        assert rig.chains.all() == [] and rig.checkpoints() == []
+        assert not rig.endpoint(failed).exists()
+        del source.errors["exports"]
+        assert (await rig.jobs.start(StartRequest("d1"))).state == JobState.READY
+
+
+async def test_a_backup_that_can_be_neither_read_nor_ended_says_so_and_goes_at_restart(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.errors["exports"] = errors.LibvirtError(1, "flaky")
+    source.errors["end"] = errors.LibvirtError(1, "stuck")
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.start(StartRequest("d1"))
+        [failed] = rig.jobs.all()
+        assert failed.state == JobState.FAILED
+        assert failed.error == (
+            "the backup started but could not be read: libvirt error 1: flaky; ending it "
+            "failed too (libvirt error 1: stuck): end it with `virsh domjobabort d1`")
+        assert rig.checkpoints() == []
+        # The source still runs it: the domain is refused by the source, not by us.
+        with pytest.raises(errors.BackupInProgress) as e:
+            await rig.jobs.start(StartRequest("d1"))
+        assert e.value.parameters == {"domain": "d1", "id": ""}
+    source.errors.clear()
+    async with running(tmp_path, source) as rig:
+        # A backup of ours that only a failed job owns: ended at start.
+        assert source.called("end_unowned") == ["d1"] and source.backups == {}
+        assert (await rig.jobs.start(StartRequest("d1"))).state == JobState.READY
+
+
+async def test_end_failing_leaves_the_job_to_be_ended_again(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        source.errors["end"] = errors.LibvirtError(1, "stuck")
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.finish(job.id)
+        assert rig.jobs.get(job.id).state == JobState.READY
+        assert rig.jobs.active("d1") == job.id
+        assert rig.chains.get(job.checkpoint) is not None and rig.chain() == []
+        del source.errors["end"]
+        assert (await rig.jobs.finish(job.id)).state == JobState.COMPLETED
+        assert rig.chain() == [job.checkpoint]
+
+
+async def test_an_end_nobody_waits_on_is_tried_again_until_it_ends(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        source.errors["end"] = errors.LibvirtError(1, "stuck")
+        source.ended("d1", success=False, error="I/O error")
+        await anyio.sleep(0.1)
+        assert rig.jobs.get(job.id).state == JobState.READY  # it could not end yet
+        del source.errors["end"]
+        failed = await ended(rig.jobs, job.id)  # the retry, a second later
+        assert failed.state == JobState.FAILED and rig.jobs.active("d1") is None
+
+
+async def test_get_shows_the_scratch_the_source_reports(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert (await rig.jobs.details(job.id)).scratch == Scratch(4096, 3 << 20)
+        (tmp_path / "scratch").mkdir(exist_ok=True)
+        (tmp_path / "scratch" / f"{job.id}.vda.qcow2").write_bytes(b"x" * 8192)
+        vda, vdb = (await rig.jobs.details(job.id)).disks
+        assert (vda.scratch or 0) >= 8192 and vdb.scratch == 0
+        done = await rig.jobs.finish(job.id)
+        assert (await rig.jobs.details(done.id)).scratch is None  # ended: not asked
+
+
+async def test_running_failing_at_a_restart_stops_the_recovery_and_changes_nothing(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+    source.errors["running"] = errors.LibvirtError(1, "connection reset")
+    async with running(tmp_path, source, recover=False) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.recover()
+        assert [j.state for j in rig.store.load_jobs()] == [JobState.READY]
+        assert source.called("end") == []
+    del source.errors["running"]
+    async with running(tmp_path, source) as rig:
+        assert rig.jobs.get(job.id).state == JobState.READY
+        assert (await rig.jobs.finish(job.id)).state == JobState.COMPLETED
+
+
+async def test_unowned_failing_at_a_restart_stops_the_recovery(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.errors["unowned"] = errors.LibvirtError(1, "connection reset")
+    async with running(tmp_path, source, recover=False) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.recover()
+        assert source.swept == []
+
+
+# What the source's events tell.
+
+
+async def test_a_pull_backup_the_source_ended_fails_with_the_sources_why(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        source.ended("d1", success=True, error="Operation canceled")
+        failed = await ended(rig.jobs, job.id)
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "the fake source ended the backup: Operation canceled")
+        assert rig.checkpoints() == [] and not rig.endpoint(job).exists()
+        assert rig.jobs.active("d1") is None
+
+
+@pytest.mark.parametrize(("success", "error", "outcome", "why"), [
+    (True, None, JobState.COMPLETED, None),
+    (False, "No space left on device", JobState.FAILED, "No space left on device"),
+    (False, None, JobState.FAILED, "libvirt: push failed"),
+], ids=["completed", "failed", "failed-without-why"])
+async def test_a_push_ends_with_the_sources_word(
+        tmp_path: Path, source: FakeSource, push_dir: Path, success: bool, error: str | None,
+        outcome: JobState, why: str | None) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        source.ended("d1", success, error)
+        done = await ended(rig.jobs, job.id)
+        assert (done.state, done.error) == (outcome, why)
+        if success:
+            assert rig.chain() == [job.checkpoint]
+            assert files(push_dir) == [f"{job.id}.vda.qcow2", f"{job.id}.vdb.qcow2"]
+        else:
+            assert rig.chain() == [] and rig.checkpoints() == []
+            assert files(push_dir) == []
+
+
+async def test_a_push_that_ends_before_start_returns(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    stall = source.stall("exports")
+    async with running(tmp_path, source) as rig:
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1", target_dir=str(push_dir)))
+        await stall.reached.wait()
+        [job] = rig.jobs.all()
+        source.ended("d1", success=True)  # while Start still holds the job
+        await anyio.wait_all_tasks_blocked()
+        assert rig.jobs.get(job.id).state == JobState.STARTING
+        stall.release()
+        done = await ended(rig.jobs, job.id)
+        assert states(done) == ["starting", "running", "completed"]
+        assert rig.chain() == [job.checkpoint]
+
+
+async def test_a_stopped_domain_fails_its_job_and_the_checkpoint_goes_once_it_runs(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        full = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1"))).id)
+        cut = await rig.jobs.start(StartRequest("d1", mode="incremental"))
+        source.stopped("d1", "destroyed")
+        failed = await ended(rig.jobs, cut.id)
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "the domain stopped (destroyed) during the backup")
+        # libvirt cannot delete a shut-off domain's checkpoint: it is out of the chain,
+        # and deleted before the domain's next backup.
+        leftover = rig.chains.get(cut.checkpoint)
+        assert leftover is not None and leftover.state == CheckpointState.DISCARD
+        assert rig.chain() == [full.checkpoint] and cut.checkpoint in rig.checkpoints()
+        source.virt.running["d1"] = True
+        nxt = await rig.jobs.start(StartRequest("d1", mode="incremental"))
+        assert nxt.since == full.checkpoint
+        assert rig.chains.get(cut.checkpoint) is None
+        assert cut.checkpoint not in rig.checkpoints()
+
+
+async def test_finish_after_the_backup_vanished_fails(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        del source.backups["d1"]  # ended, and its event lost
+        failed = await rig.jobs.finish(job.id)
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "the backup ended before Finish: the domain stopped or the "
+                             "libvirt job was ended outside pullbackd")
+        assert rig.chain() == [] and rig.checkpoints() == []
+
+
+async def test_a_lost_source_is_told_with_every_endpoint_still_up(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        source.lose("libvirtd closed the connection")
+        with anyio.fail_after(2):
+            await rig.lost_told.wait()
+        assert rig.lost == [("libvirtd closed the connection", [f"{job.id}.sock"])]
+        assert rig.jobs.get(job.id).state == JobState.READY  # for the next run to adopt
+
+
+async def test_events_of_domains_without_a_running_job_change_nothing(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1"))).id)
+        source.ended("d1", success=False, error="late")
+        source.stopped("d2")
+        await anyio.wait_all_tasks_blocked()
+        assert rig.jobs.all() == [job] and source.called("why_ended") == []
+
+
+# pullbackd's own copy; expiry.
+
+
+@pytest.mark.parametrize("cause", [None, "the domain stopped during the backup"])
+async def test_a_copy_that_fails_fails_its_job(
+        tmp_path: Path, source: FakeSource, cause: str | None) -> None:
+    if cause:
+        source.causes["d1"] = cause
+    destination = f"nbd+unix:///{{disk}}?socket={tmp_path}/appliance.sock"
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", destination=destination))
+        assert job.state == JobState.RUNNING and all(d.url is None for d in job.disks)
+        failed = await ended(rig.jobs, job.id)
+        assert failed.state == JobState.FAILED
+        prefix = f"{cause} (the copy failed: " if cause else f"streaming to {destination} failed"
+        assert failed.error is not None and failed.error.startswith(prefix), failed.error
+        assert source.called("end") == ["d1"] and rig.checkpoints() == []
+
+
+async def test_a_job_nobody_reads_expires(tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, limits=Limits(idle_timeout=0.1)) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        expired = await ended(rig.jobs, job.id)
+        assert (expired.state, expired.error) == (
+            JobState.EXPIRED, "no appliance used it for [exports] idle_timeout (0.1 s)")
+        assert rig.checkpoints() == [] and source.backups == {}
+
+
+async def test_a_job_that_outlives_max_lifetime_expires(
+        tmp_path: Path, source: FakeSource) -> None:
+    limits = Limits(idle_timeout=0, max_lifetime=0.1)
+    async with running(tmp_path, source, limits=limits) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        expired = await ended(rig.jobs, job.id)
+        assert expired.state == JobState.EXPIRED
+        assert expired.error == ("it ran for [exports] max_lifetime (0.1 s); appliances must "
+                                 "finish sooner, or the limit be raised")
+
+
+# Recovery.
+
+
+async def test_a_restart_adopts_what_the_source_runs_and_fails_the_rest(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    async with running(tmp_path, source) as rig:
+        kept = await rig.jobs.start(StartRequest("d1"))
+        gone = await rig.jobs.start(StartRequest("d2"))
+        push = await rig.jobs.start(StartRequest("d3", target_dir=str(push_dir)))
+    del source.backups["d2"]  # ended while pullbackd was down
+    async with running(tmp_path, source) as rig:
+        assert rig.jobs.get(kept.id).state == JobState.READY
+        assert rig.endpoint(kept).is_socket(), "served again"
+        with pytest.raises(errors.BackupInProgress) as e:
+            await rig.jobs.start(StartRequest("d1"))
+        assert e.value.parameters == {"domain": "d1", "id": kept.id}
+        failed = rig.jobs.get(gone.id)
+        assert (failed.state, failed.error) == (
+            JobState.FAILED, "pullbackd restarted while the job was ready, and libvirt no "
+                             "longer runs it")
+        assert rig.checkpoints("d2") == [] and rig.chains.get(gone.checkpoint) is None
+        assert rig.jobs.get(push.id).state == JobState.RUNNING
+        assert source.swept[-1] == {kept.id, push.id}
+        assert (await rig.jobs.finish(kept.id)).state == JobState.COMPLETED
+        source.ended("d3", success=True)
+        assert (await ended(rig.jobs, push.id)).state == JobState.COMPLETED
+        assert rig.chain("d1") == [kept.checkpoint] and rig.chain("d3") == [push.checkpoint]
+
+
+def _recorded(job: Job, checkpoint: CheckpointState) -> Checkpoint:
+    return Checkpoint(job.checkpoint, job.domain, job.consumer, job.id, job.created,
+                      checkpoint, ("vda",))
+
+
+@pytest.mark.parametrize(("state", "destination", "runs", "why"), [
+    (JobState.STARTING, None, False, "pullbackd restarted while the job was starting"),
+    (JobState.STARTING, None, True, "pullbackd restarted while the job was starting"),
+    (JobState.RUNNING, "local", True,
+     "pullbackd restarted during its own copy, which cannot resume"),
+    (JobState.RUNNING, "local", False,
+     "pullbackd restarted during its own copy, which cannot resume, and libvirt no longer "
+     "runs the backup"),
+], ids=["starting", "starting-begun", "copying", "copying-ended"])
+async def test_jobs_that_cannot_go_on_after_a_restart_fail_and_lose_their_checkpoint(
+        tmp_path: Path, source: FakeSource, state: JobState, destination: str | None,
+        runs: bool, why: str) -> None:
+    """What a crash leaves mid-start, or during pullbackd's own copy."""
+    job_id = "0123456789ab"
+    job = Job(job_id, "d1", state, "full", now(), "c", checkpoint_name("c", job_id),
+              destination=destination)
+    store = Store(tmp_path / "state.db")
+    await store.save_job(job)
+    await store.save_checkpoint(_recorded(job, CheckpointState.PENDING))
+    store.close()
+    if runs:
+        source.virt.checkpoint_xmls["d1", job.checkpoint] = "<domaincheckpoint/>"
+        source.backups["d1"] = Backup(job_id, job.checkpoint, Begun(
+            source.socket(job), (Exported("vda", "vda-x", None, None, None),)))
+    async with running(tmp_path, source) as rig:
+        failed = rig.jobs.get(job_id)
+        assert (failed.state, failed.error) == (JobState.FAILED, why)
+        assert source.called("end") == ["d1"] and source.backups == {}
+        assert rig.chains.all() == [] and rig.checkpoints() == []
+        assert rig.jobs.active("d1") is None
+
+
+async def test_checkpoints_of_jobs_that_did_not_complete_are_deleted_at_start(
+        tmp_path: Path, source: FakeSource) -> None:
+    # A crash between recording a job's end and deleting its checkpoint, and a
+    # checkpoint libvirt could not delete then.
+    pending = Job("00000000000a", "d1", JobState.FAILED, "full", now(), "c",
+                  checkpoint_name("c", "00000000000a"), ended=now(), error="x")
+    discard = Job("00000000000b", "d2", JobState.ABORTED, "full", now(), "c",
+                  checkpoint_name("c", "00000000000b"), ended=now())
+    completed = Job("00000000000c", "d3", JobState.COMPLETED, "full", now(), "c",
+                    checkpoint_name("c", "00000000000c"), ended=now())
+    store = Store(tmp_path / "state.db")
+    for job, checkpoint in [(pending, CheckpointState.PENDING),
+                            (discard, CheckpointState.DISCARD),
+                            (completed, CheckpointState.COMPLETE)]:
+        await store.save_job(job, _recorded(job, checkpoint))
+        source.virt.checkpoint_xmls[job.domain, job.checkpoint] = "<domaincheckpoint/>"
+    store.close()
+    async with running(tmp_path, source) as rig:
+        assert [c.name for c in rig.chains.all()] == [completed.checkpoint]
+        assert list(source.virt.checkpoint_xmls) == [("d3", completed.checkpoint)]
+
+
+async def test_queued_jobs_keep_their_place_across_a_restart(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=1) as rig:
+        first = await rig.jobs.start(StartRequest("d1"))
+        queued = [await rig.jobs.start(StartRequest(d, consumer="q")) for d in ("d2", "d3", "d4")]
+        await rig.store.delete_request(queued[1].id)  # what a damaged record would be
+    async with running(tmp_path, source, max_active=1) as rig:
+        jobs = rig.jobs
+        lost = jobs.get(queued[1].id)
+        assert (lost.state, lost.error) == (JobState.FAILED, "its request was lost")
+        assert [(jobs.get(j.id).state, jobs.get(j.id).position)
+                for j in (queued[0], queued[2])] == [(JobState.QUEUED, 1), (JobState.QUEUED, 2)]
+        with pytest.raises(errors.BackupInProgress):
+            await jobs.start(StartRequest("d2"))
+        await jobs.finish(first.id)
+        second = await until(jobs, queued[0].id, lambda j: j.state == JobState.READY)
+        assert second.consumer == "q"  # started as it was asked
+        await jobs.abort(second.id)
+        await until(jobs, queued[2].id, lambda j: j.state == JobState.READY)
+        assert source.called("begin") == ["d1", "d2", "d4"]
+
+
+def lose_the_database(tmp_path: Path) -> None:
+    for path in tmp_path.glob("state.db*"):
+        path.unlink()
+
+
+async def test_backups_the_state_database_lost_are_rebuilt_or_ended(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        kept = await rig.jobs.start(StartRequest("d1", consumer="c"))
+        lone = await rig.jobs.start(StartRequest("d2", consumer="c"))
+    lose_the_database(tmp_path)
+    del source.virt.checkpoint_xmls["d2", lone.checkpoint]  # nothing tells its consumer
+    async with running(tmp_path, source) as rig:
+        rebuilt = rig.jobs.get(kept.id)
+        assert (rebuilt.state, rebuilt.domain, rebuilt.consumer, rebuilt.checkpoint) == (
+            JobState.READY, "d1", "c", kept.checkpoint)
+        assert [(d.name, d.mode, d.export) for d in rebuilt.disks] == [
+            (d.name, d.mode, d.export) for d in kept.disks]
+        assert rig.endpoint(rebuilt).is_socket()
+        with pytest.raises(errors.NoSuchJob):
+            rig.jobs.get(lone.id)
+        assert source.called("end_unowned") == ["d2"] and "d2" not in source.backups
+        assert (await rig.jobs.finish(kept.id)).state == JobState.COMPLETED
+        assert rig.chain("d1", "c") == [kept.checkpoint]
+        assert (await rig.jobs.start(StartRequest("d2"))).state == JobState.READY
+
+
+# A source that cannot tell why does not stop the jobs.
+
+
+async def test_why_ended_failing_still_fails_the_job(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.errors["why_ended"] = errors.LibvirtError(1, "connection reset")
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        source.ended("d1", success=True, error="Operation canceled")
+        failed = await ended(rig.jobs, job.id)
+        assert failed.state == JobState.FAILED
+        assert failed.error == "the backup ended without pullbackd (Operation canceled)"
+        assert rig.jobs.active("d1") is None
+
+
+async def test_cause_failing_still_fails_the_copy(tmp_path: Path, source: FakeSource) -> None:
+    source.errors["cause"] = errors.LibvirtError(1, "connection reset")
+    destination = f"nbd+unix:///{{disk}}?socket={tmp_path}/appliance.sock"
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", destination=destination))
+        failed = await ended(rig.jobs, job.id)
+        assert failed.state == JobState.FAILED
+        assert (failed.error or "").startswith(f"streaming to {destination} failed: ")
+
+
+async def test_a_job_failed_at_a_restart_leaves_no_endpoint(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+    del source.backups["d1"]
+    async with running(tmp_path, source) as rig:
+        assert rig.jobs.get(job.id).state == JobState.FAILED
+        assert not rig.endpoint(job).exists(), "the endpoint of a job that ended is left"
