@@ -244,6 +244,21 @@ class Chains:
         self._checkpoints.pop(c.name, None)
         log.info("deleted checkpoint", domain=c.domain, checkpoint=c.name)
 
+    async def check(self, did_not_complete: Callable[[str], bool], running: set[str]) -> None:
+        """At start: the invariant. A checkpoint in a chain whose job `did_not_complete`
+        is a bug: logged, and rolled back. Also delete what an earlier run could not
+        (or crashed before it did): discarded checkpoints, and pending ones whose job
+        is not `running`."""
+        for c in self.all():
+            if c.state == CheckpointState.COMPLETE and did_not_complete(c.job):
+                log.error("BUG: a checkpoint is in its consumer's chain but its backup did "
+                          "not complete; rolling it back (the next incremental covers its "
+                          "changes)", checkpoint=c.name, job=c.job)
+                await self.discard(c)
+            elif c.state == CheckpointState.DISCARD or (
+                    c.state == CheckpointState.PENDING and c.job not in running):
+                await self.discard(c)
+
     def _over_keep(self, domain: str, consumer: str) -> list[Checkpoint]:
         """The checkpoints of a consumer's chain it no longer needs: each bitmap costs
         QEMU work on every guest write. A checkpoint stays while, for one of its

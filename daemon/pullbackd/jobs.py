@@ -87,6 +87,36 @@ class Running:
     #: Stream: pullbackd's copy, while running.
     copy: Copy | None = None
 
+    def view(self, job: Job) -> Job:
+        """The job with what changes too often to be stored: progress, sessions, and
+        each disk's statistics."""
+        if self.copy is not None:
+            job = dataclasses.replace(job, progress=self.copy.live.view())
+        if self.served is not None:
+            job = dataclasses.replace(job, appliance=appliance(self.served.endpoint))
+        if job.disks and job.kind != Kind.PUSH:
+            job = dataclasses.replace(job, disks=tuple(
+                self._disk(job, i, disk) for i, disk in enumerate(job.disks)))
+        return job
+
+    def _disk(self, job: Job, i: int, disk: Disk) -> Disk:
+        if self.copy is not None:
+            transfer, done, seconds = self.copy.live.disk(i)
+        else:
+            # Read by appliances, since the exports were up.
+            served = self.served
+            transfer = served.transfers.get(disk.name) if served else None
+            done = served.endpoint.bytes_read(disk.name) if served else sum(
+                s.bytes_read for s in (job.appliance.sessions if job.appliance else ())
+                if s.disk == disk.name)
+            ready = next((t.at for t in job.history if t.state == JobState.READY), None)
+            seconds = (datetime.now(UTC) - datetime.fromisoformat(ready)).total_seconds() \
+                if ready else 0.0
+        rate = int(done / seconds) if seconds > 0 else 0
+        left = None if transfer is None else max(transfer - done, 0)
+        eta = None if left is None else 0 if not left else int(left / rate) if rate else None
+        return dataclasses.replace(disk, transfer=transfer, done=done, rate=rate, eta=eta)
+
 
 class Jobs:
     """Every job the daemon knows."""
@@ -136,40 +166,13 @@ class Jobs:
         return self._admission.holder(domain)
 
     def _view(self, job: Job) -> Job:
-        """The job with what changes too often to be stored: progress, sessions, place
-        in the queue, and each disk's statistics."""
+        """The job as shown: with its place in the queue, and what its `Running` knows."""
         running = self._running.get(job.id)
         if running is None or job.state.final:
             return job
-        if running.copy is not None:
-            job = dataclasses.replace(job, progress=running.copy.live.view())
-        if running.served is not None:
-            job = dataclasses.replace(job, appliance=appliance(running.served.endpoint))
         if job.state == JobState.QUEUED:
             job = dataclasses.replace(job, position=self._admission.position(job.id))
-        if job.disks and job.kind != Kind.PUSH:
-            job = dataclasses.replace(job, disks=tuple(
-                self._disk_view(job, running, i, disk) for i, disk in enumerate(job.disks)))
-        return job
-
-    @staticmethod
-    def _disk_view(job: Job, running: Running, i: int, disk: Disk) -> Disk:
-        if running.copy is not None:
-            transfer, done, seconds = running.copy.live.disk(i)
-        else:
-            # Read by appliances, since the exports were up.
-            served = running.served
-            transfer = served.transfers.get(disk.name) if served else None
-            done = served.endpoint.bytes_read(disk.name) if served else sum(
-                s.bytes_read for s in (job.appliance.sessions if job.appliance else ())
-                if s.disk == disk.name)
-            ready = next((t.at for t in job.history if t.state == JobState.READY), None)
-            seconds = (datetime.now(UTC) - datetime.fromisoformat(ready)).total_seconds() \
-                if ready else 0.0
-        rate = int(done / seconds) if seconds > 0 else 0
-        left = None if transfer is None else max(transfer - done, 0)
-        eta = None if left is None else 0 if not left else int(left / rate) if rate else None
-        return dataclasses.replace(disk, transfer=transfer, done=done, rate=rate, eta=eta)
+        return running.view(job)
 
     async def details(self, job_id: str) -> Job:
         """The job as Get shows it: with its scratch files, as the file system and
@@ -656,17 +659,7 @@ class Jobs:
         completed. Also delete what an earlier run could not (or crashed before it
         did), and what the repository holds of jobs that did not complete."""
         claimed = self._admission.claimed()
-        for c in self._chains.all():
-            job = self._records.get(c.job)
-            if c.state == CheckpointState.COMPLETE and job is not None and \
-                    job.state != JobState.COMPLETED:
-                log.error("BUG: a checkpoint is in its consumer's chain but its backup did "
-                          "not complete; rolling it back (the next incremental covers its "
-                          "changes)", checkpoint=c.name, job=c.job, state=job.state)
-                await self._chains.discard(c)
-            elif c.state == CheckpointState.DISCARD or (
-                    c.state == CheckpointState.PENDING and c.job not in claimed):
-                await self._chains.discard(c)
+        await self._chains.check(self._did_not_complete, claimed)
         stored = await anyio.to_thread.run_sync(self._repository.stored_jobs)
         for job_id in stored:
             job = self._records.get(job_id)
