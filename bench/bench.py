@@ -110,10 +110,13 @@ def lab(folder: Path, disk_size: int, domains: int) -> Iterator[str]:
 
 @contextmanager
 def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
-    """pullbackd with its defaults on the lab: a client of it, and its pid."""
+    """pullbackd with its defaults on the lab: a client of it, and its pid. The client
+    holds one connection across minutes of copying: the control socket's idle timeout
+    is raised for it."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "pullbackd.toml"
     config.write_text(f'[libvirt]\nuri = "{uri}"\n[control]\nsocket = "{folder}/control.sock"\n'
+                      'idle_timeout = 86400.0\n'
                       f'[exports]\ndir = "{folder}/exports"\n[scratch]\ndir = "{folder}/scratch"\n'
                       f'[state]\ndir = "{folder}/state"\n'
                       f'[restore]\ndirs = ["{folder.parent}"]\n')

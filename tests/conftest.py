@@ -81,9 +81,17 @@ LAB_FIXTURES = frozenset({"lab", "own_lab", "lab_with_small_scratch", "lab8", "h
 _CURRENT: dict[str, pytest.Item] = {}
 
 
+#: Fixtures that bring up the host lab (`scripts/lab host`): a test using one is marked
+#: `host`, and `lab` too (it needs a real libvirt and QEMU: `-m "not lab"` stays fast).
+HOST_FIXTURES = frozenset({"host"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if LAB_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if HOST_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.host)
+        if LAB_FIXTURES.intersection(fixtures) or HOST_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.lab)
 
 
@@ -92,15 +100,20 @@ def pytest_runtest_protocol(item: pytest.Item) -> None:
     _CURRENT["item"] = item
 
 
+def require_marker(marker: str, what: str, fixtures: str) -> None:
+    """Fail the current test if it brings up `what` without being marked `marker`."""
+    item = _CURRENT.get("item")
+    if item is not None and item.get_closest_marker(marker) is None:
+        # Or `pytest -m "not MARKER"` would start them, and slowly.
+        raise AssertionError(f"{item.nodeid} brings up {what} but is not marked {marker}: "
+                             f"give the fixture that does it a name in conftest.{fixtures}, "
+                             f"or mark the test @pytest.mark.{marker}")
+
+
 @contextmanager
 def lab_up(lab_dir: Path, *args: str) -> Iterator[Lab]:
     """`scripts/lab up ARGS` in lab_dir, and `down` afterwards whatever happens."""
-    item = _CURRENT.get("item")
-    if item is not None and item.get_closest_marker("lab") is None:
-        # Or `pytest -m "not lab"` would start labs, and slowly.
-        raise AssertionError(f"{item.nodeid} brings up a lab but is not marked lab: give the "
-                             "fixture that does it a name in conftest.LAB_FIXTURES, or mark "
-                             "the test @pytest.mark.lab")
+    require_marker("lab", "a lab", "LAB_FIXTURES")
     try:
         proc = subprocess.run([str(LAB), "--dir", str(lab_dir), "up", *args],
                               capture_output=True, text=True, timeout=300, check=False)

@@ -1,0 +1,268 @@
+"""pullbackd as a host runs it: under a real systemd (PID 1), beside Debian's libvirtd, with
+QEMU as `libvirt-qemu`.
+
+The host lab (`scripts/lab host`) boots Debian on an overlay of `/`; pullbackd is installed the
+way an operator would with what exists today: the unit from `systemd/`, a drop-in pointing
+ExecStart at the shared venv (no package yet), a minimal `/etc/pullbackd/pullbackd.toml`. The
+tests drive it only as an operator and an appliance would: `systemctl`, `pullbackctl`, `kill`,
+`nbdcopy`, and compare bytes with `qemu-img compare`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import require_marker
+
+pytestmark = pytest.mark.host
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB = ROOT / "scripts" / "lab"
+VENV = (ROOT / ".venv").resolve()
+UNIT = ROOT / "systemd" / "pullbackd.service"
+#: The host lab's folder, one per checkout (a CI clone's tests may run beside the work tree's);
+#: it keeps the prepared layer, so only a checkout's first run installs libvirt-daemon-system.
+HOST_DIR = Path("/var/tmp") / f"pullbackd-host-{hashlib.sha1(bytes(ROOT)).hexdigest()[:8]}"
+HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: Inside the host: the tests' files (on the overlay, a real disk), and lab1's disk.
+WORK = Path("/srv/pullbackd-test")
+DISK = "/var/lib/libvirt/lab/disks/lab1-vda.qcow2"
+SIZE = 256 << 20
+#: Defaults but for the one key a Debian host needs: QEMU runs as libvirt-qemu and binds its
+#: NBD sockets in <exports>/.qemu, which pullbackd gives to that user.
+CONFIG = '[libvirt]\nuri = "qemu:///system"\n[exports]\nqemu_user = "libvirt-qemu"\n'
+DROP_IN = (f"[Service]\nExecStart=\nExecStart={VENV}/bin/pullbackd "
+           "--config /etc/pullbackd/pullbackd.toml\n")
+#: An appliance that reads slowly: nbdcopy into a pipe drained at about 64 MiB/s.
+SLOW_READER = ("import sys, time\n"
+               "while chunk := sys.stdin.buffer.read(1 << 20):\n"
+               "    sys.stdout.buffer.write(chunk)\n"
+               "    time.sleep(0.015)\n")
+
+
+@dataclass
+class Host:
+    pid: int  # the host's systemd, PID 1 inside
+
+    def argv(self, *command: str) -> list[str]:
+        """A command run inside the host as its root would (what `scripts/lab host run` does)."""
+        return ["nsenter", "-t", str(self.pid), "-m", "-p", "-r", "-w", "--", "/usr/bin/env",
+                "-i", f"PATH={HOST_PATH}", "HOME=/root", "LANG=C.UTF-8", *command]
+
+    def run(self, *command: str, input: str | None = None, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(*command), input=input, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"in the host: {command} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}{proc.stderr}\n{self.journal()}")
+        return proc
+
+    def path(self, inside: Path | str) -> Path:
+        """A path of the host's, seen from the machine."""
+        return Path(f"/proc/{self.pid}/root") / str(inside).lstrip("/")
+
+    def journal(self) -> str:
+        proc = subprocess.run(self.argv("journalctl", "-u", "pullbackd", "-n", "40",
+                                        "--no-pager", "-o", "cat"),
+                              capture_output=True, text=True, timeout=30, check=False)
+        return f"--- journalctl -u pullbackd ---\n{proc.stdout}{proc.stderr}"
+
+    def ctl(self, *args: str) -> dict[str, Any]:
+        """The shared venv's pullbackctl, as the host's root."""
+        reply: dict[str, Any] = json.loads(
+            self.run(f"{VENV}/bin/pullbackctl", "--json", *args).stdout)
+        return reply
+
+    def main_pid(self) -> int:
+        return int(self.run("systemctl", "show", "-p", "MainPID", "--value",
+                            "pullbackd").stdout)
+
+    def write(self, offset: int, length: int, byte: int) -> None:
+        """Write through lab1's own block backend, as its guest would (lab-facts.md)."""
+        io = f'write -P {byte:#x} {offset} {length}'
+        reply = self.run("virsh", "qemu-monitor-command", "lab1", "--hmp",
+                         f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "{io}"')
+        assert reply.stdout.strip() == "", reply.stdout  # HMP errors come back as text
+
+    def snapshot(self, name: str) -> Path:
+        """The disk as it is now (the guest writes nothing meanwhile), raw."""
+        path = WORK / name
+        self.run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", DISK, str(path))
+        return path
+
+    def same(self, copy: Path, reference: Path) -> None:
+        proc = self.run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(copy),
+                        str(reference), check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[Host]:
+    """The host lab with lab1 (one 256 MiB disk), pullbackd installed but not started."""
+    require_marker("host", "the host lab", "HOST_FIXTURES")
+    shares = ["--share", str(ROOT)]
+    if not VENV.is_relative_to(ROOT):
+        shares += ["--share", str(VENV)]
+    lab = [str(LAB), "host", "--dir", str(HOST_DIR)]
+    try:
+        # The first run in a checkout prepares the layer (apt): a minute at most, with a network.
+        up = subprocess.run([*lab, "up", "--domains", "1", "--disks", "1", "--size", str(SIZE),
+                             *shares], capture_output=True, text=True, timeout=1200, check=False)
+        assert up.returncode == 0, f"scripts/lab host up failed:\n{up.stderr}"
+        env = dict(line.split("=", 1) for line in up.stdout.split())
+        h = Host(int(env["HOST_PID"]))
+        install(h)
+        yield h
+        h.run("systemctl", "stop", "pullbackd")
+        assert h.run("systemctl", "is-failed", "pullbackd", check=False).stdout.strip() \
+            == "inactive", h.journal()
+    finally:
+        down = subprocess.run([*lab, "down"], capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert down.returncode == 0, f"scripts/lab host down failed:\n{down.stderr}"
+
+
+def install(h: Host) -> None:
+    """What an operator does today: the unit, a drop-in for where pullbackd is, a config."""
+    # A fresh host: what the machine has at these paths shows through the overlay's lower
+    # layer (removed here, in the host's upper layer alone).
+    h.run("rm", "-rf", "/var/lib/pullbackd", "/etc/pullbackd", "/run/pullbackd")
+    h.run("mkdir", "-p", "/etc/pullbackd", "/etc/systemd/system/pullbackd.service.d",
+          str(WORK))
+    h.run("cp", str(UNIT), "/etc/systemd/system/pullbackd.service")
+    h.run("sh", "-c", "cat > /etc/pullbackd/pullbackd.toml", input=CONFIG)
+    if h.run("test", "-x", "/usr/bin/pullbackd", check=False).returncode != 0:
+        h.run("sh", "-c", "cat > /etc/systemd/system/pullbackd.service.d/venv.conf",
+              input=DROP_IN)
+    h.run("systemctl", "daemon-reload")
+
+
+def start_backup(h: Host) -> tuple[str, str]:
+    h.run("systemctl", "start", "pullbackd")  # started already, unless the test runs alone
+    job = h.ctl("backup", "start", "lab1")["job"]
+    assert job["state"] == "ready", job
+    return job["id"], job["disks"][0]["url"]
+
+
+def finish(h: Host, job_id: str) -> None:
+    assert h.ctl("backup", "finish", job_id)["job"]["state"] == "completed"
+
+
+def slow_read(h: Host, url: str, out: Path) -> subprocess.Popen[str]:
+    """An appliance reading the export slowly into `out`; returns once 32 MiB are there."""
+    reader = subprocess.Popen(
+        h.argv("bash", "-o", "pipefail", "-c", f"nbdcopy {shlex.quote(url)} - | python3 -c "
+               f"{shlex.quote(SLOW_READER)} > {out}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (h.path(out).exists() and h.path(out).stat().st_size >= 32 << 20):
+        if reader.poll() is not None or time.monotonic() > deadline:
+            reader.kill()
+            raise AssertionError(f"the slow read: {reader.communicate()}")
+        time.sleep(0.02)
+    return reader
+
+
+def test_start_returns_once_the_socket_answers(host: Host) -> None:
+    assert host.run("systemctl", "show", "-p", "Type", "--value", "pullbackd").stdout.strip() \
+        == "notify"
+    assert not host.path("/run/pullbackd/control.sock").exists()
+    host.run("systemctl", "start", "pullbackd")
+    # Right after start returns: no wait, no retry.
+    assert host.ctl("jobs") == {"jobs": []}
+    assert host.run("systemctl", "is-active", "pullbackd").stdout.strip() == "active"
+
+
+def test_pull_backup_as_libvirt_qemu(host: Host) -> None:
+    """A full pull backup of lab1, QEMU running as libvirt-qemu: its scratch file is under
+    pullbackd's state folder, which QEMU must be able to reach (issue 16)."""
+    assert host.run("pgrep", "-u", "libvirt-qemu", "qemu-system", check=False).returncode == 0
+    stripe = SIZE // 8  # all of it data: every byte an appliance reads crosses the relay
+    for i in range(8):
+        host.write(i * stripe, stripe, 0x11 * (i + 1))
+    before = host.snapshot("before.raw")
+    job_id, url = start_backup(host)
+    host.write(0, 1 << 20, 0x77)  # after the backup began: into the scratch file, not the export
+    copy = WORK / "full.raw"
+    host.run("nbdcopy", url, str(copy))
+    host.same(copy, before)
+    finish(host, job_id)
+    # The state folder lets QEMU through to the scratch folder, and no one list it.
+    assert host.run("stat", "-c", "%a %U", "/var/lib/pullbackd", "/var/lib/pullbackd/scratch"
+                    ).stdout.split("\n")[:2] == ["711 root", "711 root"]
+
+
+def test_restart_while_an_appliance_reads(host: Host) -> None:
+    """`systemctl restart` mid-read: the session goes through systemd's fd store and back."""
+    reference = host.snapshot("restart-ref.raw")
+    job_id, url = start_backup(host)
+    old_pid = host.main_pid()
+    out = WORK / "slow.raw"
+    reader = slow_read(host, url, out)
+    try:
+        began = time.monotonic()
+        host.run("systemctl", "restart", "pullbackd")
+        took = time.monotonic() - began
+        assert host.path(out).stat().st_size < SIZE, "the read ended before the restart"
+        assert reader.poll() is None, "the read ended during the restart"
+        stdout, stderr = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 0, stdout + stderr + host.journal()
+    host.same(out, reference)
+    assert host.main_pid() != old_pid
+    job = host.ctl("show", job_id)["job"]
+    assert job["state"] == "ready", job
+    assert job["appliance"]["total"] == 1, job["appliance"]  # one session, never cut
+    assert job["appliance"]["bytes_read"] == SIZE, job["appliance"]
+    print(f"systemctl restart took {took:.2f} s")
+    finish(host, job_id)
+
+
+def test_kill_9_then_systemd_restarts_and_adopts(host: Host) -> None:
+    """kill -9 mid-read: Restart=on-failure brings pullbackd back, it adopts the job, and the
+    appliance's new read of the same URI is identical."""
+    reference = host.snapshot("kill-ref.raw")
+    job_id, url = start_backup(host)
+    old_pid = host.main_pid()
+    reader = slow_read(host, url, WORK / "cut.raw")
+    try:
+        host.run("kill", "-9", str(old_pid))
+        _, said = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    # A crash cuts the sessions (nothing was handed to systemd); the appliance reads again.
+    assert reader.returncode != 0, "the read went on through a kill -9"
+    print(f"the appliance, cut: {said.strip()}")
+    deadline = time.monotonic() + 30
+    while True:  # Restart=on-failure (RestartSec 100 ms), then READY=1
+        state = host.run("systemctl", "show", "-p", "ActiveState,SubState,MainPID",
+                         "pullbackd").stdout.split()
+        if f"MainPID={old_pid}" not in state and "SubState=running" in state:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+    assert host.run("systemctl", "show", "-p", "NRestarts", "--value",
+                    "pullbackd").stdout.strip() != "0"
+    job = host.ctl("show", job_id)["job"]
+    assert job["state"] == "ready", job
+    assert job["disks"][0]["url"] == url
+    copy = WORK / "after-kill.raw"
+    host.run("nbdcopy", url, str(copy))
+    host.same(copy, reference)
+    finish(host, job_id)
