@@ -198,6 +198,15 @@ def test_pull_backup_as_libvirt_qemu(host: Host) -> None:
     host.run("nbdcopy", url, str(copy))
     host.same(copy, before)
     finish(host, job_id)
+    # The job's story, told by the journal alone: its entries carry its id as a field.
+    story = [json.loads(line) for line in host.run(
+        "journalctl", "-u", "pullbackd", f"PULLBACKD_JOB={job_id}", "-o", "json",
+        "--no-pager").stdout.splitlines()]
+    told = [entry["MESSAGE"].split(" job=")[0] for entry in story]
+    assert "backup started" in told and "backup ended" in told, told
+    ended = story[told.index("backup ended")]
+    assert (ended["PULLBACKD_DOMAIN"], ended["PULLBACKD_STATE"], ended["PRIORITY"]) == (
+        "lab1", "completed", "6")
     # The state folder lets QEMU through to the scratch folder, and no one list it.
     assert host.run("stat", "-c", "%a %U", "/var/lib/pullbackd", "/var/lib/pullbackd/scratch"
                     ).stdout.split("\n")[:2] == ["711 root", "711 root"]

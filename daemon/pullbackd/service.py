@@ -9,7 +9,6 @@ reading; the next start adopts them from the state database.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config, names, roles, sdnotify, stream
+from . import api, config, logs, names, roles, sdnotify, stream
 from .admission import Admission
 from .chain import Chains
 from .control import server
@@ -45,23 +44,6 @@ log = structlog.get_logger()
 DEFAULT_CONFIG = Path("/etc/pullbackd/pullbackd.toml")
 #: Seconds to let the appliances' sessions reach a point where they can be handed over.
 HANDOFF_TIMEOUT = 5.0
-
-
-def configure_logging(level: str) -> None:
-    """structlog JSON lines on stderr: the journal keeps them, `jq` reads them."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
 
 
 async def run(cfg: config.Config, notifier: Notifier) -> int:
@@ -222,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(cfg.to_json())
         return 0
-    configure_logging(cfg.log.level)
+    logs.configure(cfg.log.level)
     # What pullbackd writes is root's alone (the state database holds export names, the
     # repository people's disks) unless it says otherwise: sockets and the folders
     # others must reach get their modes explicitly.
