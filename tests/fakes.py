@@ -145,7 +145,8 @@ class FakeSource:
       until the entry is removed (the async methods, and `sweep`);
     - `stall(method)`: that method waits until the stall is released;
     - `ended`, `stopped`, `lose`: what libvirt's events tell, through `follow`'s sink;
-    - `causes[domain]`: what `cause` answers, after a copy failed.
+    - `causes[domain]`: what `cause` answers, after a copy failed;
+    - `unreachable`: domains whose exports nothing reaches (their socket went).
     `calls` records every call as (method, domain).
     """
 
@@ -155,6 +156,7 @@ class FakeSource:
     backups: dict[str, Backup] = field(default_factory=dict)
     broken: set[str] = field(default_factory=set)
     causes: dict[str, str] = field(default_factory=dict)
+    unreachable: set[str] = field(default_factory=set)
     errors: dict[str, Exception] = field(default_factory=dict)
     stalls: dict[str, Stall] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -245,6 +247,10 @@ class FakeSource:
         await self._enter("running", job.domain)
         backup = self.backups.get(job.domain)
         return backup is not None and backup.job == job.id
+
+    async def reachable(self, job: Job) -> bool:
+        await self._enter("reachable", job.domain)
+        return job.domain not in self.unreachable
 
     async def end(self, job: Job) -> bool:
         await self._enter("end", job.domain)

@@ -7,6 +7,8 @@ stall one call by name.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -75,6 +77,11 @@ class FakeVirt(Virt):
         root = ET.fromstring(backup_xml)
         for disk in root.iterfind("disks/disk"):
             disk.set("exportname", disk.get("name", ""))
+        if (server := root.find("server")) is not None:
+            # QEMU listens there: the socket file is what appliances (and recovery) find.
+            with socket.socket(socket.AF_UNIX) as listening, \
+                    contextlib.suppress(FileNotFoundError):  # a test's folder of none
+                listening.bind(server.get("socket", ""))
         self.backups[domain] = ET.tostring(root, encoding="unicode")
         if checkpoint_xml is not None:
             name = ET.fromstring(checkpoint_xml).findtext("name", "")

@@ -275,3 +275,85 @@ def test_kill_9_then_systemd_restarts_and_adopts(host: Host) -> None:
     host.run("nbdcopy", url, str(copy))
     host.same(copy, reference)
     finish(host, job_id)
+
+
+def test_stop_then_start_adopts_the_ready_job(host: Host) -> None:
+    """`systemctl stop` with a ready job, then `start`: the job is adopted, and reads the same."""
+    reference = host.snapshot("stop-ref.raw")
+    job_id, url = start_backup(host)
+    host.run("systemctl", "stop", "pullbackd")
+    assert host.run("systemctl", "is-active", "pullbackd", check=False).stdout.strip() \
+        == "inactive"
+    host.run("systemctl", "start", "pullbackd")
+    job = host.ctl("show", job_id)["job"]
+    assert (job["state"], job["disks"][0]["url"]) == ("ready", url), job
+    copy = WORK / "after-stop.raw"
+    host.run("nbdcopy", url, str(copy))
+    host.same(copy, reference)
+    finish(host, job_id)
+
+
+def wait_running(host: Host, old_pid: int, seconds: float = 60) -> None:
+    """Until systemd runs pullbackd again, in a process other than `old_pid`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = host.run("systemctl", "show", "-p", "ActiveState,SubState,MainPID",
+                         "pullbackd").stdout.split()
+        if f"MainPID={old_pid}" not in state and "SubState=running" in state:
+            return
+        assert time.monotonic() < deadline, f"{state}\n{host.journal()}"
+        time.sleep(0.1)
+
+
+def test_a_restart_of_libvirtd_is_survived(host: Host) -> None:
+    """`systemctl restart libvirtd` during a ready backup: pullbackd exits for a restart,
+    systemd starts it again, and the job is adopted (libvirt kept it) or ended honestly with
+    nothing of it left."""
+    reference = host.snapshot("libvirtd-ref.raw")
+    job_id, url = start_backup(host)
+    old_pid = host.main_pid()
+    host.run("systemctl", "restart", "libvirtd")
+    wait_running(host, old_pid)
+    job = host.ctl("show", job_id)["job"]
+    if job["state"] == "ready":
+        copy = WORK / "after-libvirtd.raw"
+        host.run("nbdcopy", url, str(copy))
+        host.same(copy, reference)
+        finish(host, job_id)
+    else:
+        assert job["state"] == "failed" and job["error"], job
+        assert host.run("virsh", "domjobinfo", "lab1").stdout.split()[:3] == \
+            ["Job", "type:", "None"]
+        assert job["checkpoint"] not in host.run("virsh", "checkpoint-list", "lab1",
+                                                 "--name").stdout
+        assert not list(host.path("/var/lib/pullbackd/scratch").glob(f"{job_id}.*"))
+    print(f"after libvirtd's restart the job was {job['state']}")
+    # And the next backup works.
+    job_id, url = start_backup(host)
+    copy = WORK / "next.raw"
+    host.run("nbdcopy", url, str(copy))
+    host.same(copy, host.snapshot("next-ref.raw"))
+    finish(host, job_id)
+
+
+def test_a_hung_pullbackd_is_restarted_by_the_watchdog(host: Host) -> None:
+    """SIGSTOP: the watchdog pings stop, systemd restarts pullbackd. (The test shortens
+    WatchdogSec, and the wait for the hung process's abort, by a drop-in.)"""
+    drop_in = "/etc/systemd/system/pullbackd.service.d/watchdog.conf"
+    host.run("sh", "-c", f"cat > {drop_in}", input="[Service]\nWatchdogSec=2\n"
+                                                     "TimeoutAbortSec=2\n")
+    try:
+        host.run("systemctl", "daemon-reload")
+        host.run("systemctl", "restart", "pullbackd")
+        old_pid = host.main_pid()
+        time.sleep(3)  # pings keep it alive past WatchdogSec
+        assert host.main_pid() == old_pid, host.journal()
+        host.run("kill", "-STOP", str(old_pid))
+        wait_running(host, old_pid, seconds=30)
+        assert "Watchdog timeout" in host.run("journalctl", "-u", "pullbackd", "--no-pager",
+                                              "-n", "50").stdout
+        assert host.ctl("jobs")["jobs"] is not None
+    finally:
+        host.run("rm", "-f", drop_in)
+        host.run("systemctl", "daemon-reload")
+        host.run("systemctl", "restart", "pullbackd")

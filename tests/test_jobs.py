@@ -1053,3 +1053,18 @@ async def test_a_job_failed_at_a_restart_leaves_no_endpoint(
     async with running(tmp_path, source) as rig:
         assert rig.jobs.get(job.id).state == JobState.FAILED
         assert not rig.endpoint(job).exists(), "the endpoint of a job that ended is left"
+
+
+async def test_a_ready_job_whose_socket_went_is_ended_at_a_restart_not_adopted(
+        tmp_path: Path, source: FakeSource) -> None:
+    """Its source still runs it, but nothing reaches its exports (the runtime folder was
+    removed while pullbackd was down): adopted, it could never be read."""
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+    source.unreachable.add("d1")
+    async with running(tmp_path, source) as rig:
+        failed = rig.jobs.get(job.id)
+        assert failed.state == JobState.FAILED
+        assert "NBD socket was removed while pullbackd was down" in (failed.error or "")
+        assert "d1" not in source.backups and rig.jobs.active("d1") is None
+        assert rig.chain() == [] and rig.checkpoints() == []

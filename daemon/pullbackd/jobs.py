@@ -636,6 +636,13 @@ class Jobs:
         for job in [j for j in self._records.all()
                     if not j.state.final and j.state != JobState.QUEUED]:
             runs = await self._source.running(job)
+            if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
+                # Adopted, it could not be read: nothing reaches QEMU's exports.
+                await self._source.end(job)
+                await self._close(job, JobState.FAILED, (
+                    "the source's NBD socket was removed while pullbackd was down (was its "
+                    "runtime folder removed?); the appliance must start a new backup"))
+                continue
             # A copy of pullbackd's own died with it: such a job cannot be adopted.
             if runs and (job.state == JobState.READY or (
                     job.state == JobState.RUNNING and job.kind == Kind.PUSH)):

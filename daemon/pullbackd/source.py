@@ -125,6 +125,9 @@ class BackupSource(Protocol):
         """Whether the source still runs the job's backup. Raises PullbackError if
         it cannot tell now."""
 
+    async def reachable(self, job: Job) -> bool:
+        """Whether the job's exports can be reached (at `socket(job)`) while it runs."""
+
     async def end(self, job: Job) -> bool:
         """End the job's backup and wait until it ended; remove what it left. Whether
         it was still running. Raises LibvirtError if it would not end."""
@@ -244,6 +247,11 @@ class LibvirtSource:
         except NoSuchDomain:
             return False
         return backup_xml is not None and self._is_ours(xml.parse_backup(backup_xml), job)
+
+    async def reachable(self, job: Job) -> bool:
+        # QEMU listens on a socket file: if it went (its folder was removed), nothing
+        # reaches the exports, though QEMU still serves them.
+        return await anyio.Path(self.socket(job)).is_socket()
 
     async def end(self, job: Job) -> bool:
         running = await self.running(job)
