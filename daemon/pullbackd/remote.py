@@ -4,7 +4,7 @@ pullbackd speaks the start of the NBD handshake itself: the greeting, then
 options until the client has started TLS (NBD_OPT_STARTTLS, answered and ended
 here with `[exports] tls_certificates`; any other option before it gets
 NBD_REP_ERR_TLS_REQD), then options until one names an export. Export names are
-unguessable and unique per job (see jobs.py), so the name picks the job and the
+unguessable and unique per job (names.export_token), so the name picks the job and the
 disk; the connection then becomes a session of that job's endpoint (counted,
 limited, cut by Abort like any other) and is relayed to QEMU's NBD server:
 pullbackd replays the client's flags and structured-reply choice to QEMU,
