@@ -128,27 +128,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     top = p.add_subparsers(dest="group", required=True)
     backup = top.add_parser("backup", help="backup jobs").add_subparsers(dest="cmd", required=True)
-    start = backup.add_parser("start", help="start a backup of a running domain")
-    start.add_argument("domain")
-    start.add_argument("--disk", action="append", dest="disks", metavar="DISK",
-                       help="a disk to back up (repeatable; default: every disk)")
-    start.add_argument("--mode", choices=("full", "incremental", "differential"),
-                       help="default: full")
-    start.add_argument("--since", metavar="CHECKPOINT", help="for --mode differential")
-    start.add_argument("--consumer", help="the backup product's chain (default: default)")
-    start.add_argument("--target-dir", metavar="DIR",
-                       help="push: libvirt writes qcow2 files here instead of serving NBD")
-    start.add_argument("--destination", metavar="local|URI",
-                       help="pullbackd copies the backup itself: into the local repository, "
-                            "or to an NBD URI ({disk} is replaced by each disk's name)")
-    start.add_argument("--allow-scratch-overcommit", action="store_true",
-                       help="start even if the scratch folder cannot hold the worst case")
-    start.add_argument("--no-queue", action="store_true",
-                       help="fail with TooManyJobs instead of waiting when [jobs] max_active "
-                            "backups run")
-    start.add_argument("--wait", action="store_true",
-                       help="follow the job until it ends, with a progress bar; exit 1 "
-                            "unless it completed")
+    _add_start(backup)
     for where, name in ((backup, "list"), (top, "jobs")):
         listing = where.add_parser(name, help="list jobs")
         listing.add_argument("--domain")
@@ -191,6 +171,30 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("domain")
     delete.add_argument("--consumer", required=True)
     return p
+
+
+def _add_start(backup: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    start = backup.add_parser("start", help="start a backup of a running domain")
+    start.add_argument("domain")
+    start.add_argument("--disk", action="append", dest="disks", metavar="DISK",
+                       help="a disk to back up (repeatable; default: every disk)")
+    start.add_argument("--mode", choices=("full", "incremental", "differential"),
+                       help="default: full")
+    start.add_argument("--since", metavar="CHECKPOINT", help="for --mode differential")
+    start.add_argument("--consumer", help="the backup product's chain (default: default)")
+    start.add_argument("--target-dir", metavar="DIR",
+                       help="push: libvirt writes qcow2 files here instead of serving NBD")
+    start.add_argument("--destination", metavar="local|URI",
+                       help="pullbackd copies the backup itself: into the local repository, "
+                            "or to an NBD URI ({disk} is replaced by each disk's name)")
+    start.add_argument("--allow-scratch-overcommit", action="store_true",
+                       help="start even if the scratch folder cannot hold the worst case")
+    start.add_argument("--no-queue", action="store_true",
+                       help="fail with TooManyJobs instead of waiting when [jobs] max_active "
+                            "backups run")
+    start.add_argument("--wait", action="store_true",
+                       help="follow the job until it ends, with a progress bar; exit 1 "
+                            "unless it completed")
 
 
 def _add_migrate(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

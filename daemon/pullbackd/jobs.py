@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 import anyio
 import anyio.abc
@@ -59,7 +58,6 @@ from .model import (
     Session,
     StartRequest,
     lost,
-    nbd_url,
     now,
 )
 from .names import checkpoint_name, job_files
@@ -125,9 +123,8 @@ class Jobs:
                  serving: Serving, scratch: ScratchSpace, repository: Repository, *,
                  admission: Admission | None = None, places: Places | None = None,
                  tuning: stream.Tuning | None = None,
-                 keep_finished: float = 7 * 24 * 3600.0, remote: str | None = None) -> None:
-        """`places`: where clients may have us write (default: anywhere, for tests);
-        `remote`: "nbds://host:port" of the TCP endpoint, if there is one."""
+                 keep_finished: float = 7 * 24 * 3600.0) -> None:
+        """`places`: where clients may have us write (default: anywhere, for tests)."""
         self._source = source
         self._store = store
         self._chains = chains
@@ -138,7 +135,6 @@ class Jobs:
         self._places = places or Places(None, None)
         self._tuning = tuning or stream.Tuning()
         self._keep_finished = keep_finished
-        self._remote = remote
         self._records = Records(store, self._view)
         #: Jobs that have not ended, by id.
         self._running: dict[str, Running] = {}
@@ -332,7 +328,8 @@ class Jobs:
     def _started(self, job: Job, begun: Begun, bases: dict[str, Base],
                  sizes: dict[str, int]) -> Job:
         """The job as the source began it: ready to serve (pull), or running."""
-        disks = self._disks(job, begun, sizes, {d: b.fallback for d, b in bases.items()})
+        disks = self._serving.disks(job, begun, sizes,
+                                    {d: b.fallback for d, b in bases.items()})
         # The newest checkpoint any disk starts from: the chain's order is creation order.
         used = {d.since for d in disks if d.since}
         order = [c.name for c in self._chains.of(job.domain, job.consumer)]
@@ -340,23 +337,6 @@ class Jobs:
             job, state=JobState.READY if job.kind == Kind.PULL else JobState.RUNNING,
             mode=job.mode if used else "full",
             since=max(used, key=order.index) if used else None, disks=disks)
-
-    def _disks(self, job: Job, begun: Begun, sizes: dict[str, int],
-               fallbacks: dict[str, str | None]) -> tuple[Disk, ...]:
-        disks = []
-        for d in begun.disks:
-            # Appliances read it: a pull job, not one pullbackd streams itself.
-            read = d.export if job.kind == Kind.PULL else None
-            disks.append(Disk(
-                name=d.name, size=sizes[d.name],
-                mode="incremental" if d.since else "full",
-                export=d.export,
-                url=nbd_url(self._serving.exports.endpoint_path(job.id), read) if read else None,
-                remote_url=f"{self._remote}/{quote(read, safe='')}"
-                if read and self._remote else None,
-                bitmap=d.bitmap, since=d.since, fallback=fallbacks.get(d.name),
-                target=str(d.target) if d.target else None))
-        return tuple(disks)
 
     # pullbackd's own copy; appliances' sessions.
 
@@ -696,7 +676,7 @@ class Jobs:
             name = checkpoint_name(found.consumer, found.job_id)
             job = Job(found.job_id, found.domain, JobState.READY, "full", found.created,
                       found.consumer, name)
-            disks = self._disks(job, found.begun, found.sizes, {})
+            disks = self._serving.disks(job, found.begun, found.sizes, {})
             since = next((d.since for d in disks if d.since), None)
             job = await self._records.save(dataclasses.replace(
                 job, mode="incremental" if since else "full", since=since, disks=disks))

@@ -124,10 +124,9 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     source = LibvirtSource(virt, layout, cfg.jobs.end_timeout)
     chains = Chains(virt, store, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
-    jobs = Jobs(source, store, chains, Serving(exports, source, limits),
+    jobs = Jobs(source, store, chains, Serving(exports, source, limits, remote),
                 ScratchSpace(layout, cfg.scratch.reserve), repository,
                 admission=admission, tuning=tuning, keep_finished=cfg.jobs.keep_finished,
-                remote=remote,
                 places=Places(tuple(Path(d) for d in cfg.push.dirs), cfg.stream.destinations))
     migrations = Migrations(jobs, admission, virt, cfg.migration.grace,
                             cfg.migration.drain_timeout)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import anyio
 import anyio.abc
@@ -21,8 +22,8 @@ import structlog
 from . import stream
 from .errors import SessionsActive
 from .exports import Endpoint, Exports, OnSession
-from .model import Appliance, Job, nbd_url
-from .source import BackupSource
+from .model import Appliance, Disk, Job, Kind, nbd_url
+from .source import BackupSource, Begun
 
 log = structlog.get_logger()
 
@@ -78,10 +79,32 @@ class Served:
 
 
 class Serving:
-    def __init__(self, exports: Exports, source: BackupSource, limits: Limits) -> None:
+    def __init__(self, exports: Exports, source: BackupSource, limits: Limits,
+                 remote: str | None = None) -> None:
+        """`remote`: "nbds://host:port" of the TCP endpoint, if there is one."""
         self.exports = exports
         self.limits = limits
         self._source = source
+        self._remote = remote
+
+    def disks(self, job: Job, begun: Begun, sizes: dict[str, int],
+              fallbacks: dict[str, str | None]) -> tuple[Disk, ...]:
+        """A job's disks as the source began them; a pull job's with the URIs its
+        appliances read them at (its endpoint, and the TCP endpoint if there is one)."""
+        disks = []
+        for d in begun.disks:
+            # Appliances read it: a pull job, not one pullbackd streams itself.
+            read = d.export if job.kind == Kind.PULL else None
+            disks.append(Disk(
+                name=d.name, size=sizes[d.name],
+                mode="incremental" if d.since else "full",
+                export=d.export,
+                url=nbd_url(self.exports.endpoint_path(job.id), read) if read else None,
+                remote_url=f"{self._remote}/{quote(read, safe='')}"
+                if read and self._remote else None,
+                bitmap=d.bitmap, since=d.since, fallback=fallbacks.get(d.name),
+                target=str(d.target) if d.target else None))
+        return tuple(disks)
 
     async def open(self, job: Job, tg: anyio.abc.TaskGroup, on_session: OnSession,
                    expire: Expire) -> Served:
