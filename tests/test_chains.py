@@ -308,7 +308,8 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 def test_push_to_a_read_only_folder_is_refused(daemon: Daemon, read_only_dir: Path) -> None:
     e = daemon.ctl.error("Start", domain="lab1", target_dir=str(read_only_dir))
     assert e.short_name == "TargetNotWritable"
-    assert e.parameters == {"target_dir": str(read_only_dir), "reason": "not writable"}
+    assert e.parameters == {"target_dir": str(read_only_dir),
+                            "reason": "not writable by pullbackd's user (root)"}
 
 
 def test_lost_checkpoint_metadata_is_redefined(

@@ -48,7 +48,7 @@ def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
     ("[control", "pullbackd.toml"),
     (f"[exports]\ndir = '/{'x' * 80}'", "exports.dir is too long by 6 bytes"),
     ("[exports]\nmode = '0999'", "exports.mode must be an octal"),
-    ("[exports]\nqemu_user = 'no-such-user-here'", "exports.qemu_user: no user"),
+    ("[exports]\nqemu_group = 'no-such-group-here'", "exports.qemu_group: no group"),
     ("[exports]\nconnections = 0", "exports.connections must be at least 1"),
     ("[exports]\ntcp_listen = 'nope'", "exports.tcp_listen must be"),
     ("[exports]\ntcp_listen = ':10809'", "exports.tls_certificates: no server-cert.pem"),
@@ -92,3 +92,18 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "unknown key x" in proc.stderr
+
+
+def test_drop_ins_replace_keys_in_the_order_of_their_names(tmp_path: Path) -> None:
+    path = tmp_path / "pullbackd.toml"
+    path.write_text('[roles]\ndefault = "admin"\nlook = ["ann"]\n[jobs]\nmax_active = 4\n')
+    drop_ins = tmp_path / "pullbackd.toml.d"
+    drop_ins.mkdir()
+    (drop_ins / "20-late.toml").write_text('[roles]\nlook = ["cid"]\n')
+    (drop_ins / "10-early.toml").write_text('[roles]\ndefault = "look"\nlook = ["bob", "x"]\n')
+    (drop_ins / "not-toml.conf").write_text("ignored: not *.toml")
+    cfg = config.load(path)
+    assert (cfg.roles.default, cfg.roles.look, cfg.jobs.max_active) == ("look", ("cid",), 4)
+    (drop_ins / "30-bad.toml").write_text("[roles\n")
+    with pytest.raises(config.ConfigError, match=r"30-bad\.toml"):
+        config.load(path)

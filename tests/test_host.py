@@ -1,17 +1,17 @@
-"""pullbackd as a host runs it: under a real systemd (PID 1), beside Debian's libvirtd, with
-QEMU as `libvirt-qemu`.
+"""pullbackd as a host runs it: installed from its Debian package under a real systemd
+(PID 1), beside Debian's libvirtd, with QEMU as `libvirt-qemu` and pullbackd as its own user.
 
-The host lab (`scripts/lab host`) boots Debian on an overlay of `/`; pullbackd is installed the
-way an operator would with what exists today: the unit from `systemd/`, a drop-in pointing
-ExecStart at the shared venv (no package yet), a minimal `/etc/pullbackd/pullbackd.toml`. The
-tests drive it only as an operator and an appliance would: `systemctl`, `pullbackctl`, `kill`,
-`nbdcopy`, and compare bytes with `qemu-img compare`.
+The host lab (`scripts/lab host`) boots Debian on an overlay of `/`; the tests build the
+package (`scripts/package`) and install it there with apt, as an operator would, with the
+configuration it ships. They drive it only as an operator and an appliance would:
+`systemctl`, `pullbackctl`, `kill`, `nbdcopy`, and compare bytes with `qemu-img compare`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import subprocess
 import time
@@ -28,21 +28,19 @@ pytestmark = pytest.mark.host
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "scripts" / "lab"
-VENV = (ROOT / ".venv").resolve()
-UNIT = ROOT / "systemd" / "pullbackd.service"
 #: The host lab's folder, one per checkout (a CI clone's tests may run beside the work tree's);
 #: it keeps the prepared layer, so only a checkout's first run installs libvirt-daemon-system.
 HOST_DIR = Path("/var/tmp") / f"pullbackd-host-{hashlib.sha1(bytes(ROOT)).hexdigest()[:8]}"
+#: Where the package is built: the host sees it through its overlay's lower layer (the
+#: machine's `/`).
+PACKAGE_DIR = HOST_DIR / "package"
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 #: Inside the host: the tests' files (on the overlay, a real disk), and lab1's disk.
 WORK = Path("/srv/pullbackd-test")
 DISK = "/var/lib/libvirt/lab/disks/lab1-vda.qcow2"
 SIZE = 256 << 20
-#: Defaults but for the one key a Debian host needs: QEMU runs as libvirt-qemu and binds its
-#: NBD sockets in <exports>/.qemu, which pullbackd gives to that user.
-CONFIG = '[libvirt]\nuri = "qemu:///system"\n[exports]\nqemu_user = "libvirt-qemu"\n'
-DROP_IN = (f"[Service]\nExecStart=\nExecStart={VENV}/bin/pullbackd "
-           "--config /etc/pullbackd/pullbackd.toml\n")
+#: A drop-in of the tests' own, removed after each use.
+TEST_DROP_IN = "/etc/pullbackd/pullbackd.toml.d/50-test.toml"
 #: An appliance that reads slowly: nbdcopy into a pipe drained at about 64 MiB/s.
 SLOW_READER = ("import sys, time\n"
                "while chunk := sys.stdin.buffer.read(1 << 20):\n"
@@ -78,10 +76,17 @@ class Host:
                               capture_output=True, text=True, timeout=30, check=False)
         return f"--- journalctl -u pullbackd ---\n{proc.stdout}{proc.stderr}"
 
-    def ctl(self, *args: str) -> dict[str, Any]:
-        """The shared venv's pullbackctl, as the host's root."""
+    def entries(self, *match: str) -> list[dict[str, str]]:
+        """pullbackd's journal entries (JSON) that match every FIELD=VALUE of `match`."""
+        return [json.loads(line) for line in self.run(
+            "journalctl", "-u", "pullbackd", *match, "-o", "json", "--no-pager"
+        ).stdout.splitlines()]
+
+    def ctl(self, *args: str, user: str = "root") -> dict[str, Any]:
+        """The installed pullbackctl, as `user`."""
+        as_user = () if user == "root" else ("runuser", "-u", user, "--")
         reply: dict[str, Any] = json.loads(
-            self.run(f"{VENV}/bin/pullbackctl", "--json", *args).stdout)
+            self.run(*as_user, "pullbackctl", "--json", *args).stdout)
         return reply
 
     def main_pid(self) -> int:
@@ -101,28 +106,36 @@ class Host:
         self.run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", DISK, str(path))
         return path
 
-    def same(self, copy: Path, reference: Path) -> None:
-        proc = self.run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(copy),
+    def same(self, copy: Path | str, reference: Path, fmt: str = "raw") -> None:
+        proc = self.run("qemu-img", "compare", "-f", fmt, "-F", "raw", str(copy),
                         str(reference), check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def host() -> Iterator[Host]:
-    """The host lab with lab1 (one 256 MiB disk), pullbackd installed but not started."""
+def package() -> Path:
+    """pullbackd's Debian package, built from this tree (scripts/package)."""
     require_marker("host", "the host lab", "HOST_FIXTURES")
-    shares = ["--share", str(ROOT)]
-    if not VENV.is_relative_to(ROOT):
-        shares += ["--share", str(VENV)]
+    built = subprocess.run([str(ROOT / "scripts" / "package"), str(PACKAGE_DIR)],
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert built.returncode == 0, f"scripts/package failed:\n{built.stderr}"
+    return Path(built.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def host(package: Path) -> Iterator[Host]:
+    """The host lab with lab1 (one 256 MiB disk), pullbackd installed from its package (which
+    starts it)."""
+    require_marker("host", "the host lab", "HOST_FIXTURES")
     lab = [str(LAB), "host", "--dir", str(HOST_DIR)]
     try:
         # The first run in a checkout prepares the layer (apt): a minute at most, with a network.
-        up = subprocess.run([*lab, "up", "--domains", "1", "--disks", "1", "--size", str(SIZE),
-                             *shares], capture_output=True, text=True, timeout=1200, check=False)
+        up = subprocess.run([*lab, "up", "--domains", "1", "--disks", "1", "--size", str(SIZE)],
+                            capture_output=True, text=True, timeout=1200, check=False)
         assert up.returncode == 0, f"scripts/lab host up failed:\n{up.stderr}"
         env = dict(line.split("=", 1) for line in up.stdout.split())
         h = Host(int(env["HOST_PID"]))
-        install(h)
+        install(h, package)
         yield h
         h.run("systemctl", "stop", "pullbackd")
         assert h.run("systemctl", "is-failed", "pullbackd", check=False).stdout.strip() \
@@ -133,19 +146,16 @@ def host() -> Iterator[Host]:
         assert down.returncode == 0, f"scripts/lab host down failed:\n{down.stderr}"
 
 
-def install(h: Host) -> None:
-    """What an operator does today: the unit, a drop-in for where pullbackd is, a config."""
-    # A fresh host: what the machine has at these paths shows through the overlay's lower
-    # layer (removed here, in the host's upper layer alone).
-    h.run("rm", "-rf", "/var/lib/pullbackd", "/etc/pullbackd", "/run/pullbackd")
-    h.run("mkdir", "-p", "/etc/pullbackd", "/etc/systemd/system/pullbackd.service.d",
-          str(WORK))
-    h.run("cp", str(UNIT), "/etc/systemd/system/pullbackd.service")
-    h.run("sh", "-c", "cat > /etc/pullbackd/pullbackd.toml", input=CONFIG)
-    if h.run("test", "-x", "/usr/bin/pullbackd", check=False).returncode != 0:
-        h.run("sh", "-c", "cat > /etc/systemd/system/pullbackd.service.d/venv.conf",
-              input=DROP_IN)
-    h.run("systemctl", "daemon-reload")
+def install(h: Host, package: Path, fresh: bool = True) -> None:
+    """What an operator does: apt-get install the package (its dependencies are in the host
+    lab's layer: no download)."""
+    if fresh:
+        # What the machine has at these paths shows through the overlay's lower layer
+        # (removed here, in the host's upper layer alone).
+        h.run("rm", "-rf", "/var/lib/pullbackd", "/etc/pullbackd", "/run/pullbackd")
+        h.run("mkdir", "-p", str(WORK))
+    h.run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(package),
+          timeout=300)
 
 
 def start_backup(h: Host) -> tuple[str, str]:
@@ -174,14 +184,66 @@ def slow_read(h: Host, url: str, out: Path) -> subprocess.Popen[str]:
     return reader
 
 
+def test_the_package_installs_and_starts(host: Host) -> None:
+    """apt-get install gives the programs, the units (enabled and started), the user, the
+    conffile, the manual pages and the completion; pullbackd runs as its own user."""
+    for program in ("pullbackd", "pullbackctl"):
+        assert host.run("sh", "-c", f"command -v {program}").stdout.strip() == \
+            f"/usr/bin/{program}"
+    for unit in ("pullbackd.service", "pullbackd.socket"):
+        assert host.run("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
+        assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
+    groups = host.run("id", "-nG", "pullbackd").stdout.split()
+    assert {"pullbackd", "libvirt", "libvirt-qemu"} <= set(groups), groups
+    assert host.run("ps", "-o", "user=", "-p", str(host.main_pid())).stdout.strip() \
+        == "pullbackd"
+    conffiles = host.run("dpkg-query", "-W", "-f", "${Conffiles}", "pullbackd").stdout
+    assert "/etc/pullbackd/pullbackd.toml " in conffiles, conffiles
+    assert host.path("/etc/pullbackd/pullbackd.toml.d").is_dir()
+    for page in ("man8/pullbackd.8.gz", "man1/pullbackctl.1.gz", "man5/pullbackd.toml.5.gz"):
+        assert host.path(f"/usr/share/man/{page}").stat().st_size > 1000, page
+    assert host.path("/usr/share/bash-completion/completions/pullbackctl").stat().st_size
+    # The control socket is the socket unit's: root's, for the group pullbackd.
+    assert host.run("stat", "-c", "%a %U %G", "/run/pullbackd/control.sock").stdout.split() \
+        == ["660", "root", "pullbackd"]
+
+
+def test_the_unit_is_hardened(host: Host) -> None:
+    """`systemd-analyze security` rates the unit at most 2.0 (the README lists each setting
+    not at its safest, and why)."""
+    report = host.run("systemd-analyze", "security", "--no-pager", "pullbackd.service").stdout
+    score = re.search(r"Overall exposure level for pullbackd.service: ([0-9.]+)", report)
+    assert score is not None, report
+    print(report)
+    assert float(score.group(1)) <= 2.0, report
+
+
 def test_start_returns_once_the_socket_answers(host: Host) -> None:
     assert host.run("systemctl", "show", "-p", "Type", "--value", "pullbackd").stdout.strip() \
         == "notify"
-    assert not host.path("/run/pullbackd/control.sock").exists()
+    host.run("systemctl", "stop", "pullbackd")
     host.run("systemctl", "start", "pullbackd")
     # Right after start returns: no wait, no retry.
     assert host.ctl("jobs") == {"jobs": []}
     assert host.run("systemctl", "is-active", "pullbackd").stdout.strip() == "active"
+
+
+def test_calls_wait_while_pullbackd_restarts(host: Host) -> None:
+    """The socket is systemd's (pullbackd.socket): a call made while pullbackd is stopped
+    starts it, and calls made during a restart wait for the new run; none fails."""
+    host.run("systemctl", "stop", "pullbackd")
+    assert host.ctl("jobs") == {"jobs": []}  # the call itself started pullbackd
+    assert host.run("systemctl", "is-active", "pullbackd").stdout.strip() == "active"
+    old_pid = host.main_pid()
+    loop = ("for i in $(seq 40); do pullbackctl --json jobs >/dev/null || "
+            "{ echo \"call $i failed\"; exit 1; }; done")
+    calls = subprocess.Popen(host.argv("sh", "-c", loop), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.3)
+    host.run("systemctl", "restart", "pullbackd")
+    output, _ = calls.communicate(timeout=120)
+    assert calls.returncode == 0, output + host.journal()
+    assert host.main_pid() != old_pid
 
 
 def test_pull_backup_as_libvirt_qemu(host: Host) -> None:
@@ -199,17 +261,88 @@ def test_pull_backup_as_libvirt_qemu(host: Host) -> None:
     host.same(copy, before)
     finish(host, job_id)
     # The job's story, told by the journal alone: its entries carry its id as a field.
-    story = [json.loads(line) for line in host.run(
-        "journalctl", "-u", "pullbackd", f"PULLBACKD_JOB={job_id}", "-o", "json",
-        "--no-pager").stdout.splitlines()]
+    story = host.entries(f"PULLBACKD_JOB={job_id}")
     told = [entry["MESSAGE"].split(" job=")[0] for entry in story]
     assert "backup started" in told and "backup ended" in told, told
+    assert any(t.startswith("nbd session opened") for t in told), told
     ended = story[told.index("backup ended")]
     assert (ended["PULLBACKD_DOMAIN"], ended["PULLBACKD_STATE"], ended["PRIORITY"]) == (
         "lab1", "completed", "6")
+    # Every line of the job's story names its domain and consumer too.
+    assert all((e["PULLBACKD_DOMAIN"], e["PULLBACKD_CONSUMER"]) == ("lab1", "default")
+               for e in story), [e["MESSAGE"] for e in story]
     # The state folder lets QEMU through to the scratch folder, and no one list it.
     assert host.run("stat", "-c", "%a %U", "/var/lib/pullbackd", "/var/lib/pullbackd/scratch"
-                    ).stdout.split("\n")[:2] == ["711 root", "711 root"]
+                    ).stdout.split("\n")[:2] == ["711 pullbackd", "711 pullbackd"]
+
+
+def test_push_and_local_backups_as_pullbackd(host: Host) -> None:
+    """The other paths, pullbackd not root and QEMU libvirt-qemu: a push backup QEMU writes
+    into the default [push] dir, and a copy pullbackd makes into its repository."""
+    for i in range(4):
+        host.write(i * (SIZE // 4), 1 << 20, 0x21 + i)
+    reference = host.snapshot("paths-ref.raw")
+    push = host.ctl("backup", "start", "lab1", "--target-dir", "/var/lib/pullbackd/push",
+                    "--wait")["job"]
+    assert push["state"] == "completed", push
+    host.same(f"/var/lib/pullbackd/push/{push['id']}.vda.qcow2", reference, fmt="qcow2")
+    local = host.ctl("backup", "start", "lab1", "--destination", "local", "--wait")["job"]
+    assert local["state"] == "completed", local
+    stored = sorted(host.path("/var/lib/pullbackd/repository/lab1/default/vda").glob("*.qcow2"))
+    assert stored, local
+    host.same(f"/var/lib/pullbackd/repository/lab1/default/vda/{stored[-1].name}", reference,
+              fmt="qcow2")
+
+
+def test_reload_applies_what_it_can_and_names_the_rest(host: Host) -> None:
+    """`systemctl reload`: [roles] change live (a member of the group pullbackd loses the right
+    to start backups), a key that needs a restart is named, a drop-in that does not load
+    changes nothing; the daemon is the same process throughout."""
+    if host.run("id", "appliance", check=False).returncode != 0:
+        host.run("useradd", "--system", "--groups", "pullbackd", "appliance")
+    host.run("systemctl", "start", "pullbackd")
+    pid = host.main_pid()
+    # The packaged default role, backup: the appliance may start and abort.
+    job = host.ctl("backup", "start", "lab1", user="appliance")["job"]
+    host.ctl("backup", "abort", job["id"], user="appliance")
+    try:
+        host.run("sh", "-c", f"cat > {TEST_DROP_IN}",
+                 input='[roles]\ndefault = "look"\n[stream]\nrequest_size = 1048576\n')
+        reloaded = reload(host, "reloaded")
+        assert "roles.default" in json.loads(reloaded["PULLBACKD_APPLIED"]), reloaded
+        assert json.loads(reloaded["PULLBACKD_RESTART_NEEDED"]) == ["stream.request_size"]
+        refused = host.run("runuser", "-u", "appliance", "--", "pullbackctl", "backup",
+                           "start", "lab1", check=False)
+        assert refused.returncode != 0 and "role (look) does not allow Start" in refused.stderr, \
+            refused
+        assert host.ctl("jobs", user="appliance")["jobs"] is not None  # look still may
+        host.run("sh", "-c", f"cat > {TEST_DROP_IN}", input='[roles]\ndefault = "everything"\n')
+        failed = reload(host, "reload failed")
+        assert "roles.default" in failed["PULLBACKD_ERROR"], failed
+        refused = host.run("runuser", "-u", "appliance", "--", "pullbackctl", "backup",
+                           "start", "lab1", check=False)
+        assert "role (look) does not allow Start" in refused.stderr, refused
+        assert host.main_pid() == pid
+    finally:
+        host.run("rm", "-f", TEST_DROP_IN)
+        reload(host, "reloaded")
+    job = host.ctl("backup", "start", "lab1", user="appliance")["job"]
+    host.ctl("backup", "abort", job["id"], user="appliance")
+
+
+def reload(host: Host, message: str) -> dict[str, str]:
+    """`systemctl reload pullbackd`, then the journal entry that tells how it went."""
+    cursor = host.run("journalctl", "-u", "pullbackd", "-n", "0", "--show-cursor",
+                      "--no-pager").stdout.split("cursor: ")[-1].strip()
+    host.run("systemctl", "reload", "pullbackd")
+    deadline = time.monotonic() + 30
+    while True:
+        after = host.entries(f"--after-cursor={cursor}")
+        found = [e for e in after if e["MESSAGE"].startswith(message)]
+        if found:
+            return found[-1]
+        assert time.monotonic() < deadline, [e["MESSAGE"] for e in after]
+        time.sleep(0.1)
 
 
 def test_restart_while_an_appliance_reads(host: Host) -> None:
@@ -340,6 +473,7 @@ def test_a_hung_pullbackd_is_restarted_by_the_watchdog(host: Host) -> None:
     """SIGSTOP: the watchdog pings stop, systemd restarts pullbackd. (The test shortens
     WatchdogSec, and the wait for the hung process's abort, by a drop-in.)"""
     drop_in = "/etc/systemd/system/pullbackd.service.d/watchdog.conf"
+    host.run("mkdir", "-p", "/etc/systemd/system/pullbackd.service.d")
     host.run("sh", "-c", f"cat > {drop_in}", input="[Service]\nWatchdogSec=2\n"
                                                      "TimeoutAbortSec=2\n")
     try:
@@ -357,3 +491,29 @@ def test_a_hung_pullbackd_is_restarted_by_the_watchdog(host: Host) -> None:
         host.run("rm", "-f", drop_in)
         host.run("systemctl", "daemon-reload")
         host.run("systemctl", "restart", "pullbackd")
+
+
+def test_purge_keeps_the_backups(host: Host, package: Path) -> None:
+    """apt-get purge removes what the package and pullbackd made for themselves, and keeps the
+    repository's backups (they go only when asked); installing again works."""
+    assert list(host.path("/var/lib/pullbackd/repository").rglob("*.qcow2")), \
+        "no backup in the repository to keep (test_push_and_local_backups_as_pullbackd)"
+    host.run("apt-get", "purge", "-y", "-q", "pullbackd", timeout=300)
+    for unit in ("pullbackd.service", "pullbackd.socket"):
+        assert host.run("systemctl", "is-active", unit, check=False).stdout.strip() \
+            == "inactive"
+    assert host.run("pgrep", "-u", "pullbackd", check=False).returncode == 1
+    for gone in ("/etc/pullbackd", "/usr/bin/pullbackd", "/var/lib/pullbackd/state.db",
+                 "/var/lib/pullbackd/scratch", "/run/pullbackd",
+                 "/lib/systemd/system/pullbackd.service"):
+        assert not host.path(gone).exists(), gone
+    kept = sorted(host.path("/var/lib/pullbackd/repository").rglob("*.qcow2"))
+    assert kept
+    # Installed again over the kept repository: it serves, and asked to, purge takes all.
+    install(host, package, fresh=False)
+    assert host.ctl("jobs")["jobs"] == []
+    assert sorted(host.path("/var/lib/pullbackd/repository").rglob("*.qcow2")) == kept
+    host.run("env", "PULLBACKD_PURGE_BACKUPS=yes", "apt-get", "purge", "-y", "-q", "pullbackd",
+             timeout=300)
+    assert not host.path("/var/lib/pullbackd").exists()
+    install(host, package, fresh=False)  # for the module's end: stop pullbackd

@@ -52,6 +52,8 @@ class Rig:
     chains: Chains
     exports: Exports
     migrations: Migrations
+    serving: Serving
+    scratch: ScratchSpace
     #: What `follow_events`'s `lost` was told, and the job endpoints open at that moment.
     lost: list[tuple[str, list[str]]] = field(default_factory=list)
     lost_told: anyio.Event = field(default_factory=anyio.Event)
@@ -84,12 +86,13 @@ async def running(tmp_path: Path, source: FakeSource, *, max_active: int = 0,
     layout = Layout(tmp_path / "exports", tmp_path / "scratch")
     chains = Chains(source.virt, store)
     admission = Admission(max_active)
-    jobs = Jobs(source, store, chains, Serving(exports, source, limits or Limits()),
-                ScratchSpace(layout, 0), Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20),
-                admission=admission)
+    serving = Serving(exports, source, limits or Limits())
+    scratch = ScratchSpace(layout, 0)
+    jobs = Jobs(source, store, chains, serving, scratch,
+                Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20), admission=admission)
     migrations = Migrations(jobs, admission, source.virt, grace=0.05,
                             drain_timeout=drain_timeout)
-    rig = Rig(jobs, source, store, chains, exports, migrations)
+    rig = Rig(jobs, source, store, chains, exports, migrations, serving, scratch)
 
     async def lost(reason: str) -> None:
         rig.lost.append((reason, sorted(p.name for p in exports.dir.glob("*.sock"))))

@@ -49,3 +49,20 @@ def test_the_journal_only_when_stderr_is_systemds_stream(
         assert not logs.journal_stream()  # inherited by a child whose stderr went elsewhere
         monkeypatch.setenv("JOURNAL_STREAM", "garbage")
         assert not logs.journal_stream()
+
+
+def test_every_event_about_a_job_names_its_domain_and_consumer() -> None:
+    known = {"0123456789ab": {"domain": "lab1", "consumer": "nightly"}}
+    logs.name_jobs(lambda job_id: known.get(job_id, {}))
+    try:
+        event = logs._add_job_fields(None, "info", {"event": "nbd session opened",
+                                                     "job": "0123456789ab", "session": 1})
+        assert (event["domain"], event["consumer"]) == ("lab1", "nightly")
+        # What the event says itself stays; a job nobody knows gets nothing.
+        said = logs._add_job_fields(None, "info", {"event": "x", "job": "0123456789ab",
+                                                   "domain": "other"})
+        assert (said["domain"], said["consumer"]) == ("other", "nightly")
+        assert logs._add_job_fields(None, "info", {"event": "x", "job": "ffffffffffff"}) \
+            == {"event": "x", "job": "ffffffffffff"}
+    finally:
+        logs.name_jobs(None)

@@ -205,7 +205,8 @@ class BackupAPI:
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 
     def _check_restore_folder(self, target: Path) -> None:
-        """Restore writes only into [restore] dirs: pullbackd writes as root."""
+        """Restore writes only into [restore] dirs: pullbackd writes with its own rights, for
+        whoever may call Restore."""
         try:
             folder = target.parent.resolve(strict=True)
         except OSError:

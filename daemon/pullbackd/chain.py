@@ -79,7 +79,7 @@ class Chains:
         0 keeps them all."""
         self._virt = virt
         self._store = store
-        self._keep = keep
+        self.keep = keep
         self._checkpoints: dict[str, Checkpoint] = {c.name: c for c in store.load_checkpoints()}
         #: domain -> held while its chains are written into its metadata.
         self._mirroring: dict[str, anyio.Lock] = {}
@@ -265,13 +265,13 @@ class Chains:
         disks, it is among the newest `keep` with that disk (incrementals start at
         the newest), or it is the newest where that disk was backed up in full
         (differentials start there)."""
-        if not self._keep:
+        if not self.keep:
             return []
         chain = self.of(domain, consumer)
         needed: set[str] = set()
         for disk in {d for c in chain for d in c.disks}:
             having = [c for c in chain if disk in c.disks]
-            needed.update(c.name for c in having[-self._keep:])
+            needed.update(c.name for c in having[-self.keep:])
             needed.update(c.name for c in [c for c in having if disk in c.full][-1:])
         return [c for c in chain if c.name not in needed]
 

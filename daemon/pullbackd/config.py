@@ -11,7 +11,6 @@ import dataclasses
 import grp
 import json
 import math
-import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +67,9 @@ class Exports:
     #: The endpoints' permissions, an octal string, and group (empty: the daemon's).
     mode: str = "0660"
     group: str = ""
-    #: The user QEMU runs as (qemu.conf `user`), who owns `<dir>/.qemu`; empty: the daemon's.
-    qemu_user: str = ""
+    #: The group QEMU runs as (qemu.conf `group`): `<dir>/.qemu` is the daemon's and this
+    #: group's, so QEMU binds its NBD sockets there; empty: the daemon's own group.
+    qemu_group: str = ""
     #: Sessions one job may have open at once.
     connections: int = 8
     #: Seconds a new session may take to open an export (NBD_OPT_GO) before it is cut.
@@ -127,14 +127,15 @@ class Repository:
 
 @dataclass(frozen=True)
 class Restore:
-    #: Folders Restore may write into (a new file, never through a symlink): pullbackd
-    #: writes as root, so a Restore anywhere else is refused.
+    #: Folders Restore may write into (a new file, never through a symlink), as the
+    #: daemon's user; a Restore anywhere else is refused.
     dirs: tuple[str, ...] = ("/var/lib/pullbackd/restore",)
 
 
 @dataclass(frozen=True)
 class Push:
-    #: Folders a push backup's target_dir may be in: pullbackd writes as root.
+    #: Folders a push backup's target_dir may be in (the daemon's user writes there, QEMU's
+    #: passes through).
     dirs: tuple[str, ...] = ("/var/lib/pullbackd/push",)
 
 
@@ -151,8 +152,8 @@ class Stream:
     #: under 80 MiB however many copies run.
     memory: int = 24 << 20
     #: NBD servers pullbackd's own copy may write to: "nbd+unix:///?socket=FOLDER" (a
-    #: socket in FOLDER), "nbds://HOST:PORT" (any export there); pullbackd connects as
-    #: root. "local" (the repository) is always allowed.
+    #: socket in FOLDER), "nbds://HOST:PORT" (any export there), with the daemon's rights.
+    #: "local" (the repository) is always allowed.
     destinations: tuple[str, ...] = ()
     #: Seconds a connection of pullbackd's own copy may take, its NBD handshake included
     #: (a destination that accepts and never answers fails the job then).
@@ -231,16 +232,30 @@ ZERO_TURNS_OFF = frozenset({"exports.idle_timeout", "exports.max_lifetime"})
 
 
 def load(path: Path | None) -> Config:
-    """Read `path` (or nothing: all defaults) and check every value."""
+    """Read `path` (or nothing: all defaults), then its drop-ins, and check every value.
+
+    The drop-ins are `<path>.d/*.toml`, read in the order of their names: a key in one
+    replaces the same key read before it (a list is replaced whole)."""
     data: dict[str, Any] = {}
-    if path is not None:
+    for file in [] if path is None else [path, *drop_ins(path)]:
         try:
-            data = tomllib.loads(path.read_text())
+            read = tomllib.loads(file.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{file}: {e}") from None
+        for section, table in read.items():
+            if isinstance(table, dict) and isinstance(data.get(section), dict):
+                data[section].update(table)
+            else:
+                data[section] = table
     config: Config = _build(Config, data, "")
     _validate(config)
     return config
+
+
+def drop_ins(path: Path) -> list[Path]:
+    """The drop-ins of the configuration file `path`, in the order they are read."""
+    folder = path.with_name(path.name + ".d")
+    return sorted(folder.glob("*.toml")) if folder.is_dir() else []
 
 
 def _build(cls: Any, data: Any, where: str) -> Any:
@@ -298,11 +313,11 @@ def _validate(config: Config) -> None:
                 grp.getgrnam(group)
             except KeyError:
                 raise ConfigError(f"{section}.group: no group {group!r}") from None
-    if config.exports.qemu_user:
+    if config.exports.qemu_group:
         try:
-            pwd.getpwnam(config.exports.qemu_user)
+            grp.getgrnam(config.exports.qemu_group)
         except KeyError:
-            raise ConfigError(f"exports.qemu_user: no user {config.exports.qemu_user!r}") \
+            raise ConfigError(f"exports.qemu_group: no group {config.exports.qemu_group!r}") \
                 from None
     try:  # every socket under it fits in sun_path, the longest of all included
         Layout(config.exports.dir, config.scratch.dir).check()

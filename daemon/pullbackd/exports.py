@@ -22,7 +22,6 @@ import fcntl
 import grp
 import math
 import os
-import pwd
 import select
 import socket
 import struct
@@ -623,29 +622,32 @@ def listen(path: Path, mode: int, gid: int | None) -> socket.socket:
 class Exports:
     """Every job's endpoint, and the private folder QEMU's servers listen in."""
 
-    def __init__(self, dir: Path, *, mode: int = 0o660, group: str = "", qemu_user: str = "",
+    def __init__(self, dir: Path, *, mode: int = 0o660, group: str = "", qemu_group: str = "",
                  limit: int = 8, handshake_timeout: float = 5.0) -> None:
         self.dir = dir
         self.handshake_timeout = handshake_timeout
         self.private = names.qemu_folder(dir)
         self._mode = mode
         self._gid = grp.getgrnam(group).gr_gid if group else None
-        self._qemu_uid = pwd.getpwnam(qemu_user).pw_uid if qemu_user else None
+        self._qemu_gid = grp.getgrnam(qemu_group).gr_gid if qemu_group else None
         self.limit = limit
         self._endpoints: dict[str, Endpoint] = {}
         self._inherited: dict[str, socket.socket] = {}
         self._handed: dict[str, list[Handed]] = {}
 
     def prepare(self) -> None:
-        """Create the folders: QEMU's is for QEMU and us alone (root reaches it anyway);
-        the endpoints' is open to every user (each endpoint has its own mode and group)."""
+        """Create the folders: QEMU's is ours and QEMU's group's alone (QEMU creates its
+        sockets there, we connect to them: its umask leaves them group-writable); the
+        endpoints' is open to every user (each endpoint has its own mode and group)."""
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True)
             os.chmod(self.dir, 0o755)  # the daemon's umask is 0077
         self.private.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.private, 0o700)
-        if self._qemu_uid is not None:
-            os.chown(self.private, self._qemu_uid, -1)
+        if self._qemu_gid is None:
+            os.chmod(self.private, 0o700)
+        else:
+            os.chown(self.private, -1, self._qemu_gid)
+            os.chmod(self.private, 0o770)
 
     def endpoint_path(self, job_id: str) -> Path:
         return names.endpoint(self.dir, job_id)

@@ -147,6 +147,11 @@ class Jobs:
 
     # Queries.
 
+    def log_fields(self, job_id: str) -> dict[str, str]:
+        """What every log event about the job names besides its id (logs.name_jobs)."""
+        job = self._records.get(job_id)
+        return {} if job is None else {"domain": job.domain, "consumer": job.consumer}
+
     def get(self, job_id: str) -> Job:
         """Raises NoSuchJob."""
         job = self._records.get(job_id)
@@ -214,6 +219,14 @@ class Jobs:
         log.info("backup queued", job=job_id, domain=request.domain, position=position,
                  max_active=self._admission.max_active)
         return self._view(job)
+
+    def reconfigure(self, *, max_active: int, keep_finished: float, places: Places) -> None:
+        """New settings (a reload): they apply from the next Start; more room under
+        `max_active` starts queued jobs now."""
+        self._admission.max_active = max_active
+        self._keep_finished = keep_finished
+        self._places = places
+        self._dequeue()
 
     def _dequeue(self) -> None:
         """Start queued jobs, oldest first, while there is room."""

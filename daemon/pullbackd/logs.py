@@ -10,6 +10,9 @@ event then goes to the journal as an entry of its own (python3-systemd's
   PULLBACKD_JOB, `domain` PULLBACKD_DOMAIN, `consumer` PULLBACKD_CONSUMER. So
   `journalctl -u pullbackd PULLBACKD_JOB=<id>` tells one job's story.
 
+Every event that names a job (`job`) also names its domain and consumer, whichever
+module logs it: `name_jobs` gives logging the way to look them up (jobs.py's).
+
 Anywhere else (a terminal, the tests), or without python3-systemd, each event
 is a JSON line on stderr.
 """
@@ -34,6 +37,29 @@ PREFIX = "PULLBACKD_"
 _NOT_FIELD = re.compile(r"[^A-Z0-9_]")
 
 Send = Callable[..., None]
+#: A job's id -> the fields every event about it carries besides (set by name_jobs).
+JobFields = Callable[[str], dict[str, str]]
+
+
+class _AddJobFields:
+    """The processor that adds them."""
+
+    lookup: JobFields | None = None
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        job, lookup = event.get("job"), self.lookup
+        if isinstance(job, str) and lookup is not None:
+            for key, value in lookup(job).items():
+                event.setdefault(key, value)
+        return event
+
+
+_add_job_fields = _AddJobFields()
+
+
+def name_jobs(job_fields: JobFields | None) -> None:
+    """From now on events with a `job` also carry what `job_fields` says of it."""
+    _add_job_fields.lookup = job_fields
 
 
 def configure(level: str) -> None:
@@ -44,6 +70,7 @@ def configure(level: str) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_job_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -59,6 +59,9 @@ PREFIX = "pullbackd."
 MAX_SOCKET_PATH = 107
 #: The state database in [state] dir.
 DATABASE = "state.db"
+#: The control socket's name among the descriptors systemd passes (pullbackd.socket's
+#: FileDescriptorName=); the fd store's names are fd_listener's and fd_session's.
+CONTROL_FD = "control"
 
 
 def new_job_id() -> str:

@@ -1,4 +1,4 @@
-"""Where a client may have pullbackd (root) write or connect.
+"""Where a client may have pullbackd write or connect.
 
 A push backup's files go only into `[push] dirs`, a copy only to an NBD URI
 `[stream] destinations` covers; the repository ("local") is always allowed.
@@ -8,6 +8,7 @@ Paths are resolved first: no "..", no symlink leads out of an allowed folder.
 from __future__ import annotations
 
 import os
+import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -52,7 +53,14 @@ def _check_target_dir(target_dir: str) -> None:
         raise TargetNotWritable(target_dir, "no such folder")
     # access(2) also says no for a read-only file system, even to root.
     if not os.access(path, os.W_OK | os.X_OK):
-        raise TargetNotWritable(target_dir, "not writable")
+        raise TargetNotWritable(target_dir, f"not writable by pullbackd's user ({_user()})")
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def _within(url: str, allowed: str) -> bool:

@@ -451,7 +451,7 @@ class Repository:
 
 def owned(path: Path) -> Path:
     """`path`, if it is a regular file of ours (not a link, not someone else's file that
-    found its way in); RepositoryError if not. What pullbackd reads as root and hands on
+    found its way in); RepositoryError if not. What pullbackd reads and hands on
     must be what it wrote."""
     try:
         st = path.lstat()

@@ -63,6 +63,10 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
 
+    def reloading(self) -> None:
+        """A reload began (READY=1 tells it ended)."""
+        self.notify("RELOADING=1", "STATUS=reloading the configuration")
+
     def status(self, status: str) -> None:
         self.notify(f"STATUS={status}")
 

@@ -19,7 +19,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config, logs, names, roles, sdnotify, stream
+from . import api, config, logs, names, reload, roles, sdnotify, stream
 from .admission import Admission
 from .chain import Chains
 from .control import server
@@ -29,7 +29,7 @@ from .exports import Exports
 from .jobs import Jobs
 from .migration import Migrations
 from .names import Layout
-from .places import Places
+from .reload import Tunables
 from .remote import Remote, tls_context
 from .repository import Repository
 from .scratch import ScratchSpace
@@ -46,13 +46,15 @@ DEFAULT_CONFIG = Path("/etc/pullbackd/pullbackd.toml")
 HANDOFF_TIMEOUT = 5.0
 
 
-async def run(cfg: config.Config, notifier: Notifier) -> int:
-    """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart us)."""
+async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) -> int:
+    """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart
+    us). `path`: the configuration file, read again at SIGHUP (reload.py)."""
     exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
                       handshake_timeout=cfg.exports.handshake_timeout,
-                      qemu_user=cfg.exports.qemu_user, limit=cfg.exports.connections)
+                      qemu_group=cfg.exports.qemu_group, limit=cfg.exports.connections)
     exports.prepare()
     inherited = sdnotify.listen_fds()
+    activated = inherited.pop(names.CONTROL_FD, None)  # pullbackd.socket's, if it started us
     if not cfg.scratch.dir.is_dir():
         cfg.scratch.dir.mkdir(parents=True)
         # QEMU opens its scratch files there by name, as whatever user it runs as.
@@ -68,8 +70,9 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
         # What a crash of the last run left: its qemu-nbds, its half-written files.
         await anyio.to_thread.run_sync(repository.recover)
         remote, remote_base = _remote(cfg, exports)
-        parts = _assemble(cfg, virt, store, exports, repository, remote_base)
+        parts, tunables = _assemble(cfg, virt, store, exports, repository, remote_base)
         jobs = parts.jobs
+        logs.name_jobs(jobs.log_fields)
         async with anyio.create_task_group() as tg:
 
             async def follow_libvirt(
@@ -95,13 +98,16 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
             # The sockets handed over are ours now: systemd's copies can go.
             notifier.remove_fds(list(inherited))
             exports.release()
-            listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
-            tg.start_soon(_serve, listener, _control(cfg, parts), cfg.control.socket)
+            listener, socket_path = await _control_listener(cfg, activated)
+            tg.start_soon(_serve, listener, tunables.service,
+                          None if activated else socket_path)
+            tg.start_soon(_reload_on_signal, path, cfg, tunables, notifier)
             tg.start_soon(notifier.watchdog)
             tg.start_soon(jobs.watch_scratch)
             active = sum(not j.state.final for j in jobs.all())
-            notifier.ready(f"serving {cfg.control.socket}; {active} backups running")
-            log.info("ready", socket=str(cfg.control.socket), running=active)
+            notifier.ready(f"serving {socket_path}; {active} backups running")
+            log.info("ready", socket=str(socket_path), running=active,
+                     activated=activated is not None)
     finally:
         with anyio.CancelScope(shield=True):  # close libvirt and the database cleanly
             await virt.close()
@@ -110,8 +116,9 @@ async def run(cfg: config.Config, notifier: Notifier) -> int:
 
 
 def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
-              repository: Repository, remote: str | None) -> api.Parts:
-    """The jobs and what acts on them, as the configuration has them."""
+              repository: Repository, remote: str | None) -> tuple[api.Parts, Tunables]:
+    """The jobs and what acts on them, as the configuration has them; and what holds the
+    settings a reload changes."""
     tuning = stream.Tuning(request_size=cfg.stream.request_size,
                            connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
                            buffers=stream.BufferPool(cfg.stream.memory),
@@ -124,14 +131,17 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     source = LibvirtSource(virt, layout, cfg.jobs.end_timeout)
     chains = Chains(virt, store, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
-    jobs = Jobs(source, store, chains, Serving(exports, source, limits, remote),
-                ScratchSpace(layout, cfg.scratch.reserve), repository,
+    serving = Serving(exports, source, limits, remote)
+    scratch = ScratchSpace(layout, cfg.scratch.reserve)
+    jobs = Jobs(source, store, chains, serving, scratch, repository,
                 admission=admission, tuning=tuning, keep_finished=cfg.jobs.keep_finished,
-                places=Places(tuple(Path(d) for d in cfg.push.dirs), cfg.stream.destinations))
+                places=reload.places(cfg))
     migrations = Migrations(jobs, admission, virt, cfg.migration.grace,
                             cfg.migration.drain_timeout)
-    return api.Parts(jobs, migrations, chains, repository, tuning,
-                     tuple(Path(d) for d in cfg.restore.dirs))
+    parts = api.Parts(jobs, migrations, chains, repository, tuning,
+                      tuple(Path(d) for d in cfg.restore.dirs))
+    return parts, Tunables(_control(cfg, parts), exports, chains, serving, scratch, jobs,
+                           migrations)
 
 
 def _control(cfg: config.Config, parts: api.Parts) -> Service:
@@ -156,13 +166,40 @@ def _remote(cfg: config.Config, exports: Exports) -> tuple[Remote | None, str | 
                   cfg.exports.tcp_handshakes_per_address), base
 
 
-async def _serve(listener: SocketListener, service: Service, path: Path) -> None:
+async def _control_listener(cfg: config.Config, activated: int | None
+                            ) -> tuple[SocketListener, Path]:
+    """The control socket: pullbackd.socket's (its path, mode and group are the socket
+    unit's; calls made while we restart wait in its queue), or one we bind ([control])."""
+    if activated is None:
+        listener = await bind(cfg.control.socket, cfg.control_mode, cfg.control.group or None)
+        return listener, cfg.control.socket
+    sock = socket.socket(fileno=activated)
+    path = Path(os.fsdecode(sock.getsockname()))
+    if path != cfg.control.socket:
+        log.warning("the control socket systemd passed is not [control] socket; pullbackctl "
+                    "needs --socket", passed=str(path), configured=str(cfg.control.socket))
+    return await SocketListener.from_socket(sock), path
+
+
+async def _serve(listener: SocketListener, service: Service, path: Path | None) -> None:
+    """Serve the control socket; remove it at the end if we bound it (systemd's stays)."""
     try:
         await service.serve(listener, f"{api.INTERFACE}.ProtocolViolation")
     finally:
         with anyio.CancelScope(shield=True):  # the socket must go even when cancelled
             await listener.aclose()
-            await anyio.Path(path).unlink(missing_ok=True)
+            if path is not None:
+                await anyio.Path(path).unlink(missing_ok=True)
+
+
+async def _reload_on_signal(path: Path | None, cfg: config.Config, tunables: Tunables,
+                            notifier: Notifier) -> None:
+    """SIGHUP (`systemctl reload pullbackd`): read the configuration again (reload.py)."""
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            notifier.reloading()
+            cfg = await reload.reload(path, cfg, tunables)
+            notifier.ready("reloaded")
 
 
 async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier, jobs: Jobs) -> None:
@@ -186,7 +223,9 @@ async def _hand_off(notifier: Notifier, jobs: Jobs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pullbackd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pullbackd", description="Pull-mode backups of libvirt domains, driven over "
+        "varlink (see pullbackd(8)); systemd runs it as pullbackd.service.")
     parser.add_argument("--config", type=Path,
                         help=f"TOML configuration file (default: {DEFAULT_CONFIG} if it exists)")
     parser.add_argument("--show-config", action="store_true",
@@ -204,12 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_json())
         return 0
     logs.configure(cfg.log.level)
-    # What pullbackd writes is root's alone (the state database holds export names, the
+    # What pullbackd writes is its user's alone (the state database holds export names, the
     # repository people's disks) unless it says otherwise: sockets and the folders
     # others must reach get their modes explicitly.
     os.umask(0o077)
+    # A reload before we serve has nothing to do (the configuration was just read), and
+    # SIGHUP's default would end the daemon: ignored until _reload_on_signal takes it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        return anyio.run(run, cfg, Notifier(), backend="asyncio")
+        return anyio.run(run, cfg, Notifier(), path, backend="asyncio")
     except StateDamaged as e:
         # Not for a restart to fix: the unit does not restart on this status.
         log.error("cannot run", error=str(e))

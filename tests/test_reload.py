@@ -1,0 +1,87 @@
+"""`systemctl reload` (reload.py): the live keys change what the daemon does next, every
+other key is named as needing a restart, and a configuration that does not load changes
+nothing. Against the job machinery of test_jobs.py (the fake source); the host lab test
+reloads the installed service for real."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from pullbackd import api, config, reload, stream
+from pullbackd.model import JobState, StartRequest
+from pullbackd.repository import Repository
+from pullbackd.roles import Role
+
+from .fakes import FakeSource, FakeVirt
+from .test_jobs import Rig, running, until
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> FakeSource:
+    (tmp_path / "source").mkdir()
+    return FakeSource(FakeVirt(), tmp_path / "source")
+
+
+def tunables(rig: Rig, tmp_path: Path) -> reload.Tunables:
+    parts = api.Parts(rig.jobs, rig.migrations, rig.chains,
+                      Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20), stream.Tuning())
+    return reload.Tunables(api.service(parts), rig.exports, rig.chains, rig.serving,
+                           rig.scratch, rig.jobs, rig.migrations)
+
+
+@pytest.mark.asyncio
+async def test_the_live_keys_apply_at_once_and_the_rest_wait_for_a_restart(
+        tmp_path: Path, source: FakeSource) -> None:
+    started = config.load(None)
+    started = dataclasses.replace(started, jobs=dataclasses.replace(started.jobs, max_active=1))
+    path = tmp_path / "pullbackd.toml"
+    path.write_text("[jobs]\nmax_active = 1\n")
+    (tmp_path / "pullbackd.toml.d").mkdir()
+    (tmp_path / "pullbackd.toml.d" / "10-night.toml").write_text(
+        '[jobs]\nmax_active = 2\n[roles]\ndefault = "look"\n[chains]\nkeep = 3\n'
+        "[exports]\nconnections = 3\nidle_timeout = 60.0\n[scratch]\nreserve = 5\n"
+        "[stream]\nrequest_size = 1048576\n")
+    async with running(tmp_path, source, max_active=1) as rig:
+        live = tunables(rig, tmp_path)
+        first = await rig.jobs.start(StartRequest("d1"))
+        second = await rig.jobs.start(StartRequest("d2"))
+        assert (first.state, second.state) == (JobState.READY, JobState.QUEUED)
+        with capture_logs() as logged:
+            effective = await reload.reload(path, started, live)
+        # A place more: the queued job starts now, not at the next job's end.
+        await until(rig.jobs, second.id, lambda j: j.state == JobState.READY)
+        assert live.service.roles.default == Role.LOOK
+        assert (rig.chains.keep, rig.exports.limit, rig.scratch.reserve) == (3, 3, 5)
+        assert rig.serving.limits.idle_timeout == 60.0
+        assert [e for e in logged if e["event"].startswith("reloaded")] == [{
+            "event": "reloaded; these keys change only at a restart (systemctl restart "
+                     "pullbackd)",
+            "log_level": "warning",
+            "applied": ["roles.default", "exports.connections", "exports.idle_timeout",
+                        "scratch.reserve", "jobs.max_active", "chains.keep"],
+            "restart_needed": ["stream.request_size"]}]
+        # In effect: the live keys as read now, the others as at start.
+        assert (effective.jobs.max_active, effective.stream.request_size) == (
+            2, started.stream.request_size)
+
+        (tmp_path / "pullbackd.toml.d" / "20-typo.toml").write_text("[chains]\nkeep = -1\n")
+        with capture_logs() as logged:
+            assert await reload.reload(path, effective, live) is effective
+        assert [e["event"] for e in logged] == [
+            "reload failed: the configuration does not load; nothing changed"]
+        assert "chains.keep" in logged[0]["error"]
+        assert rig.chains.keep == 3
+
+
+def test_every_key_is_known_and_the_live_ones_exist() -> None:
+    keys = {f"{s.name}.{k.name}" for s in dataclasses.fields(config.Config)
+            for k in dataclasses.fields(getattr(config.Config(), s.name))}
+    sections = {k.partition(".")[0] for k in keys}
+    for key in reload.LIVE:
+        section, _, name = key.partition(".")
+        assert (name == "*" and section in sections) or key in keys, key
+    assert reload.is_live("roles.admin") and not reload.is_live("libvirt.uri")
