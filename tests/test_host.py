@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,9 +32,9 @@ LAB = ROOT / "scripts" / "lab"
 #: The host lab's folder, one per checkout (a CI clone's tests may run beside the work tree's);
 #: it keeps the prepared layer, so only a checkout's first run installs libvirt-daemon-system.
 HOST_DIR = Path("/var/tmp") / f"pullbackd-host-{hashlib.sha1(bytes(ROOT)).hexdigest()[:8]}"
-#: Where the package is built: the host sees it through its overlay's lower layer (the
-#: machine's `/`).
-PACKAGE_DIR = HOST_DIR / "package"
+#: Where the package is built, per checkout too: the host sees it through its overlay's lower
+#: layer (the machine's `/`). Not in HOST_DIR, which `scripts/lab host up` claims empty.
+PACKAGE_DIR = Path("/var/tmp") / f"pullbackd-package-{hashlib.sha1(bytes(ROOT)).hexdigest()[:8]}"
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 #: Inside the host: the tests' files (on the overlay, a real disk), and lab1's disk.
 WORK = Path("/srv/pullbackd-test")
@@ -41,11 +42,11 @@ DISK = "/var/lib/libvirt/lab/disks/lab1-vda.qcow2"
 SIZE = 256 << 20
 #: A drop-in of the tests' own, removed after each use.
 TEST_DROP_IN = "/etc/pullbackd/pullbackd.toml.d/50-test.toml"
-#: An appliance that reads slowly: nbdcopy into a pipe drained at about 64 MiB/s.
+#: An appliance that reads slowly: nbdcopy into a pipe drained at 1 MiB per argv[1] seconds.
 SLOW_READER = ("import sys, time\n"
                "while chunk := sys.stdin.buffer.read(1 << 20):\n"
                "    sys.stdout.buffer.write(chunk)\n"
-               "    time.sleep(0.015)\n")
+               "    time.sleep(float(sys.argv[1]))\n")
 
 
 @dataclass
@@ -113,13 +114,15 @@ class Host:
 
 
 @pytest.fixture(scope="module")
-def package() -> Path:
+def package() -> Iterator[Path]:
     """pullbackd's Debian package, built from this tree (scripts/package)."""
     require_marker("host", "the host lab", "HOST_FIXTURES")
+    shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
     built = subprocess.run([str(ROOT / "scripts" / "package"), str(PACKAGE_DIR)],
                            capture_output=True, text=True, timeout=600, check=False)
     assert built.returncode == 0, f"scripts/package failed:\n{built.stderr}"
-    return Path(built.stdout.strip().splitlines()[-1])
+    yield Path(built.stdout.strip().splitlines()[-1])
+    shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +172,12 @@ def finish(h: Host, job_id: str) -> None:
     assert h.ctl("backup", "finish", job_id)["job"]["state"] == "completed"
 
 
-def slow_read(h: Host, url: str, out: Path) -> subprocess.Popen[str]:
-    """An appliance reading the export slowly into `out`; returns once 32 MiB are there."""
+def slow_read(h: Host, url: str, out: Path, pace: float = 0.015) -> subprocess.Popen[str]:
+    """An appliance reading the export into `out` at 1 MiB per `pace` seconds (by default
+    about 64 MiB/s); returns once 32 MiB are there."""
     reader = subprocess.Popen(
         h.argv("bash", "-o", "pipefail", "-c", f"nbdcopy {shlex.quote(url)} - | python3 -c "
-               f"{shlex.quote(SLOW_READER)} > {out}"),
+               f"{shlex.quote(SLOW_READER)} {pace} > {out}"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not (h.path(out).exists() and h.path(out).stat().st_size >= 32 << 20):
@@ -345,16 +349,22 @@ def reload(host: Host, message: str) -> dict[str, str]:
         time.sleep(0.1)
 
 
-def test_restart_while_an_appliance_reads(host: Host) -> None:
-    """`systemctl restart` mid-read: the session goes through systemd's fd store and back."""
+@pytest.mark.parametrize("how", ["systemctl", "upgrade"])
+def test_restart_while_an_appliance_reads(host: Host, package: Path, how: str) -> None:
+    """`systemctl restart`, or the restart of an upgrade (`apt-get install --reinstall`: the
+    service restarts, the socket does not), mid-read: the session goes through systemd's fd
+    store and back."""
     reference = host.snapshot("restart-ref.raw")
     job_id, url = start_backup(host)
     old_pid = host.main_pid()
-    out = WORK / "slow.raw"
-    reader = slow_read(host, url, out)
+    out = WORK / f"slow-{how}.raw"
+    # apt takes seconds more than systemctl: a slower appliance is still reading by then.
+    reader = slow_read(host, url, out, pace=0.015 if how == "systemctl" else 0.06)
+    restart = ["systemctl", "restart", "pullbackd"] if how == "systemctl" else [
+        "apt-get", "install", "-y", "-q", "--reinstall", str(package)]
     try:
         began = time.monotonic()
-        host.run("systemctl", "restart", "pullbackd")
+        host.run(*restart, timeout=300)
         took = time.monotonic() - began
         assert host.path(out).stat().st_size < SIZE, "the read ended before the restart"
         assert reader.poll() is None, "the read ended during the restart"
@@ -370,7 +380,7 @@ def test_restart_while_an_appliance_reads(host: Host) -> None:
     assert job["state"] == "ready", job
     assert job["appliance"]["total"] == 1, job["appliance"]  # one session, never cut
     assert job["appliance"]["bytes_read"] == SIZE, job["appliance"]
-    print(f"systemctl restart took {took:.2f} s")
+    print(f"{shlex.join(restart)} took {took:.2f} s")
     finish(host, job_id)
 
 
