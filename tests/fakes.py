@@ -31,7 +31,7 @@ from pullbackd.errors import (
 from pullbackd.model import Job, Kind, Scratch, now
 from pullbackd.names import CONSUMER, PREFIX, job_file
 from pullbackd.source import Begun, Exported, Plan, Sink, Unowned
-from pullbackd.virt import Domain, Virt
+from pullbackd.virt import Domain, ShutOff, Virt
 
 #: Every domain's disks and their size in bytes (small: the scratch check is real).
 DISKS = {"vda": 1 << 20, "vdb": 2 << 20}
@@ -75,11 +75,11 @@ class FakeVirt(Virt):
         name = xml.parse_checkpoint(checkpoint_xml).name
         self.checkpoint_xmls[domain, name] = checkpoint_xml
 
-    async def delete_checkpoint(self, domain: str, name: str) -> None:
+    async def delete_checkpoint(self, domain: str, name: str, *,
+                                metadata_only: bool = False) -> None:
         self._fail("delete_checkpoint")
-        if not self.running.get(domain, False):
-            raise LibvirtError(84, "Operation not supported: cannot delete checkpoint of "
-                                   "inactive domain")
+        if not metadata_only and not self.running.get(domain, False):
+            raise ShutOff(domain)  # the bitmaps are in images, which a fake domain has not
         self.checkpoint_xmls.pop((domain, name), None)
 
     async def metadata(self, domain: str, namespace: str) -> str | None:
@@ -193,7 +193,7 @@ class FakeSource:
 
     # BackupSource.
 
-    async def plan(self, domain: str, wanted: list[str] | None) -> Plan:
+    async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
         await self._enter("plan", domain)
         if domain not in self.virt.running:
             raise NoSuchDomain(domain)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -364,16 +365,22 @@ def test_removed_bitmap_makes_that_disk_alone_full(
         assert_image(app.image(d.name), d, tmp_path)
 
 
-def test_checkpoint_of_a_backup_cut_short_is_deleted_once_the_domain_runs(
+def test_checkpoint_of_a_backup_cut_short_is_deleted_while_the_domain_is_off(
         daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
+    """libvirt deletes no checkpoint of a shut-off domain: pullbackd takes its bitmap out of
+    the image, then libvirt's metadata, at once; the chain goes on exactly."""
     vda = Disk(lab, "lab4", "vda")
     app = Appliance(daemon, "lab4", "cut", tmp_path)
     app.backup("full", disks=["vda"])
     vda.mark()
     vda.write(8 * MiB, MiB, 0x81)
     cut = app.start("incremental", disks=["vda"])
-    lab.run("stop", "lab4")  # libvirt cannot delete checkpoints of a shut-off domain
+    lab.run("stop", "lab4")
     assert daemon.ctl.job("Finish", id=cut["id"])["state"] == "failed"
+    assert cut["checkpoint"] not in libvirt_checkpoints(lab, "lab4")
+    info = subprocess.run(["qemu-img", "info", "-U", str(lab.dir / "disks" / "lab4-vda.qcow2")],
+                          check=True, capture_output=True, text=True).stdout
+    assert cut["checkpoint"] not in info and "pullbackd.cut." in info, info
     lab.run("start", "lab4")
     assert cut["checkpoint"] not in [c["name"] for c in daemon.ctl.call(
         "ListCheckpoints", domain="lab4", consumer="cut")["checkpoints"]]
@@ -381,8 +388,6 @@ def test_checkpoint_of_a_backup_cut_short_is_deleted_once_the_domain_runs(
     _, extents = app.backup("incremental", disks=["vda"])
     assert extents == {"vda": vda.dirty_since_mark()}
     assert_image(app.image("vda"), vda, tmp_path)
-    # The next backup of the domain deleted the leftover in libvirt too.
-    assert cut["checkpoint"] not in libvirt_checkpoints(lab, "lab4")
 
 
 def qemu_img_compare(image: Path, disk: Disk, tmp_path: Path) -> None:
@@ -419,3 +424,58 @@ def test_push_full_and_incremental_into_qcow2(
     qemu_img_compare(incr_file, vda, tmp_path)
     chain = daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="pusher")["checkpoints"]
     assert [c["name"] for c in chain] == [full["checkpoint"], incr["checkpoint"]]
+
+
+@pytest.fixture
+def raw_domain(lab: Lab, tmp_path: Path) -> Iterator[tuple[Disk, Disk]]:
+    """A domain like lab1 but that its vdb is a raw file ("rawlab"), for the test's length:
+    its vda (qcow2) and vdb (raw)."""
+    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", "lab1"))
+    domain.find("name").text = "rawlab"  # type: ignore[union-attr]
+    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
+    for disk in domain.iterfind("devices/disk"):
+        target = disk.find("target").get("dev")  # type: ignore[union-attr]
+        path = tmp_path / f"rawlab-{target}.{'qcow2' if target == 'vda' else 'raw'}"
+        if target == "vda":
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
+                            str(DISK_SIZE)], check=True)
+        else:
+            subprocess.run(["truncate", "-s", str(DISK_SIZE), str(path)], check=True)
+            disk.find("driver").set("type", "raw")  # type: ignore[union-attr]
+        disk.find("source").set("file", str(path))  # type: ignore[union-attr]
+    (tmp_path / "rawlab.xml").write_bytes(ET.tostring(domain))
+    virsh(lab, "define", str(tmp_path / "rawlab.xml"))
+    try:
+        virsh(lab, "start", "rawlab")
+        yield Disk(lab, "rawlab", "vda"), Disk(lab, "rawlab", "vdb")
+    finally:
+        subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", "rawlab"], check=False,
+                       capture_output=True, timeout=60)
+        virsh(lab, "undefine", "rawlab", "--checkpoints-metadata")
+
+
+def test_a_raw_disk_is_backed_up_in_full_every_time(
+        daemon: Daemon, lab: Lab, raw_domain: tuple[Disk, Disk], tmp_path: Path) -> None:
+    """A raw disk cannot hold a dirty bitmap: it takes no part in the checkpoint, each backup
+    of it is full and says why, and the qcow2 disk beside it goes on incrementally."""
+    vda, vdb = raw_domain
+    app = Appliance(daemon, "rawlab", "raw", tmp_path)
+    vda.write(0, MiB, 0x31)
+    vdb.write(2 * MiB, MiB, 0x32)
+    full, _ = app.backup("full")
+    assert [(d["name"], d["mode"]) for d in full["disks"]] == [("vda", "full"), ("vdb", "full")]
+    assert "cannot hold a dirty bitmap" in full["disks"][1]["fallback"], full["disks"][1]
+    checkpoint = virsh(lab, "checkpoint-dumpxml", "rawlab", full["checkpoint"])
+    assert "name='vdb' checkpoint='no'" in checkpoint.replace('"', "'"), checkpoint
+
+    for d in raw_domain:
+        d.mark()
+    vda.write(5 * MiB, 64 << 10, 0x33)
+    vdb.write(7 * MiB, 64 << 10, 0x34)
+    incr, extents = app.backup("incremental")
+    assert [(d["name"], d["mode"]) for d in incr["disks"]] == [
+        ("vda", "incremental"), ("vdb", "full")]
+    assert "cannot hold a dirty bitmap" in incr["disks"][1]["fallback"]
+    assert extents == {"vda": vda.dirty_since_mark()}
+    for d in raw_domain:
+        assert_image(app.image(d.name), d, tmp_path)

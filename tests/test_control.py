@@ -60,9 +60,11 @@ def test_unknown_domain(daemon: Daemon) -> None:
     assert e.short_name == "NoSuchDomain" and e.parameters == {"domain": "no-such-domain"}
 
 
-def test_domain_not_running(daemon: Daemon) -> None:
-    e = daemon.ctl.error("Start", domain="lab3")
-    assert e.short_name == "DomainNotRunning" and e.parameters == {"domain": "lab3"}
+def test_a_shut_off_domain_is_checked_too(daemon: Daemon) -> None:
+    """lab3 is shut off: its backups are pullbackd's own (test_offline.py), and a request
+    they cannot serve is refused the same way."""
+    e = daemon.ctl.error("Start", domain="lab3", disks=["vda", "vdz"])
+    assert e.short_name == "NoSuchDisk" and e.parameters == {"domain": "lab3", "disk": "vdz"}
 
 
 def test_unknown_disk(daemon: Daemon) -> None:

@@ -36,7 +36,8 @@ from pullbackd.state import StateDamaged, Store
 from pullbackd.virt import Domain, JobEnded, Virt
 
 DOMAIN_XML = """<domain><devices>
-<disk type='file' device='disk'><source file='/d/a.qcow2'/><target dev='vda'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='/d/a.qcow2'/><target dev='vda'/></disk>
 </devices></domain>"""
 
 
@@ -105,7 +106,8 @@ class FakeVirt(Virt):
     async def checkpoint_xml(self, domain: str, name: str) -> str:
         return self.checkpoint_xmls[domain, name]
 
-    async def delete_checkpoint(self, domain: str, name: str) -> None:
+    async def delete_checkpoint(self, domain: str, name: str, *,
+                                metadata_only: bool = False) -> None:
         await self._hook("delete_checkpoint")
         self.checkpoint_xmls.pop((domain, name), None)
 

@@ -793,7 +793,7 @@ async def test_a_push_that_ends_before_start_returns(
         assert rig.chain() == [job.checkpoint]
 
 
-async def test_a_stopped_domain_fails_its_job_and_the_checkpoint_goes_once_it_runs(
+async def test_a_stopped_domain_fails_its_job_and_its_checkpoint_goes_offline(
         tmp_path: Path, source: FakeSource) -> None:
     async with running(tmp_path, source) as rig:
         full = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1"))).id)
@@ -802,16 +802,13 @@ async def test_a_stopped_domain_fails_its_job_and_the_checkpoint_goes_once_it_ru
         failed = await ended(rig.jobs, cut.id)
         assert (failed.state, failed.error) == (
             JobState.FAILED, "the domain stopped (destroyed) during the backup")
-        # libvirt cannot delete a shut-off domain's checkpoint: it is out of the chain,
-        # and deleted before the domain's next backup.
-        leftover = rig.chains.get(cut.checkpoint)
-        assert leftover is not None and leftover.state == CheckpointState.DISCARD
-        assert rig.chain() == [full.checkpoint] and cut.checkpoint in rig.checkpoints()
+        # libvirt deletes no checkpoint of a shut-off domain: its bitmaps go out of the
+        # images (the fake domain has none; the lab tests have), then libvirt's metadata.
+        assert rig.chains.get(cut.checkpoint) is None
+        assert rig.chain() == [full.checkpoint] and cut.checkpoint not in rig.checkpoints()
         source.virt.running["d1"] = True
         nxt = await rig.jobs.start(StartRequest("d1", mode="incremental"))
         assert nxt.since == full.checkpoint
-        assert rig.chains.get(cut.checkpoint) is None
-        assert cut.checkpoint not in rig.checkpoints()
 
 
 async def test_finish_after_the_backup_vanished_fails(

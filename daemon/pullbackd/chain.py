@@ -37,16 +37,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-from . import crash, xml
+from . import bitmaps, crash, xml
 from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
 from .model import Checkpoint, CheckpointState
 from .names import CONSUMER, DEFAULT_CONSUMER, PREFIX, checkpoint_name
-from .virt import BrokenBitmap, Virt
+from .virt import BrokenBitmap, ShutOff, Virt
 
 if TYPE_CHECKING:
     from .state import Store
@@ -71,6 +72,8 @@ class Base:
 
     checkpoint: str | None
     fallback: str | None = None
+    #: Whether the disk gets a bitmap in the new checkpoint (only qcow2 images can).
+    bitmap: bool = True
 
 
 class Chains:
@@ -197,8 +200,10 @@ class Chains:
         """libvirt created the checkpoint with its backup: keep libvirt's XML of it,
         to redefine it if libvirt loses it, and which disks are backed up in full."""
         c = self._checkpoints[name]
-        await self._save(_replace(c, xml=await self._virt.checkpoint_xml(c.domain, name),
-                                  full=full))
+        # A backup of disks none of which holds a bitmap has no checkpoint in libvirt
+        # (only qcow2 images hold bitmaps): nothing to keep, and nothing to start from.
+        text = await self._virt.checkpoint_xml(c.domain, name) if c.disks else None
+        await self._save(_replace(c, xml=text, full=full))
 
     def outcome(self, name: str, completed: bool) -> Checkpoint | None:
         """The checkpoint of a job that ends, as it is to be recorded in the same
@@ -234,7 +239,10 @@ class Chains:
         if mirrored:
             await self._mirror(c.domain)
         try:
-            await self._virt.delete_checkpoint(c.domain, c.name)
+            try:
+                await self._virt.delete_checkpoint(c.domain, c.name)
+            except ShutOff:
+                await self._delete_offline(c)
         except Exception as e:
             log.warning("cannot delete checkpoint yet; will retry", checkpoint=c.name,
                         error=str(e))
@@ -243,6 +251,18 @@ class Chains:
         await self._store.delete_checkpoint(c.name)
         self._checkpoints.pop(c.name, None)
         log.info("deleted checkpoint", domain=c.domain, checkpoint=c.name)
+
+    async def _delete_offline(self, c: Checkpoint) -> None:
+        """libvirt deletes no bitmap of a shut-off domain: they go out of its images
+        first, then libvirt's metadata of the checkpoint (a crash between leaves metadata
+        whose bitmaps are gone, which the next delete takes as it is)."""
+        dom = await self._virt.domain(c.domain)
+        images = {d.target: Path(d.source) for d in xml.parse_disks(dom.xml)
+                  if d.source is not None and d.no_bitmap is None}
+        for disk in c.disks:
+            if disk in images:
+                await bitmaps.remove(images[disk], c.name)
+        await self._virt.delete_checkpoint(c.domain, c.name, metadata_only=True)
 
     async def check(self, did_not_complete: Callable[[str], bool], running: set[str]) -> None:
         """At start: the invariant. A checkpoint in a chain whose job `did_not_complete`

@@ -207,7 +207,7 @@ class Jobs:
         self._places.check(request)
 
     async def _enqueue(self, request: StartRequest) -> Job:
-        await self._source.plan(request.domain, request.disks)  # what cannot work fails now
+        await self._source.plan(request.domain, request.disks, request.kind)  # fails now
         job_id = self._records.new_id()
         position = self._admission.enqueue(request.domain, job_id, request)
         self._running[job_id] = Running()
@@ -268,8 +268,8 @@ class Jobs:
 
     async def _start(self, job_id: str, request: StartRequest, queued: Job | None) -> Job:
         domain = request.domain
-        plan = await self._source.plan(domain, request.disks)
-        if request.kind != Kind.PUSH and not request.allow_scratch_overcommit:
+        plan = await self._source.plan(domain, request.disks, request.kind)
+        if request.kind != Kind.PUSH and not plan.offline and not request.allow_scratch_overcommit:
             # QEMU keeps what the guest overwrites in scratch files (pull mode).
             others = [j for j in self._scratch_users() if j.id != job_id]
             await anyio.to_thread.run_sync(self._scratch.check, sum(plan.sizes.values()),
@@ -280,15 +280,18 @@ class Jobs:
         if request.destination == LOCAL:
             bases = await anyio.to_thread.run_sync(
                 self._local_bases, domain, request.consumer, bases)
+        bases |= {disk: Base(None, why, bitmap=False) for disk, why in plan.full.items()}
         job = Job(job_id, domain, JobState.STARTING, request.mode,
                   queued.created if queued else now(), request.consumer,
                   checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
-                  destination=request.destination, history=queued.history if queued else ())
+                  destination=request.destination, history=queued.history if queued else (),
+                  offline=plan.offline)
         # Recorded before the source hears of them: after a crash, the database
         # knows which backup and checkpoint are ours.
         await self._records.save(job)
         await self._chains.add(Checkpoint(job.checkpoint, domain, job.consumer, job_id,
-                                          job.created, CheckpointState.PENDING, plan.disks))
+                                          job.created, CheckpointState.PENDING,
+                                          tuple(d for d in plan.disks if d not in plan.full)))
         crash.point("start.recorded")
         # Shielded: once the source may have begun, the outcome must be recorded
         # (and a half-started backup ended) even if our caller is cancelled.
@@ -603,9 +606,10 @@ class Jobs:
         await self._scratch.watch(self._scratch_users, warn, self._fail, interval)
 
     def _scratch_users(self) -> list[Job]:
-        """The jobs whose backups keep scratch files: pull and stream (pull mode)."""
+        """The jobs whose backups keep scratch files: pull and stream (pull mode) of running
+        domains (nothing writes a shut-off domain's disks: no scratch)."""
         return [j for j in self._records.all() if not j.state.final and j.disks
-                and j.kind != Kind.PUSH]
+                and j.kind != Kind.PUSH and not j.offline]
 
     # Recovery.
 

@@ -191,6 +191,8 @@ class Job:
     position: int | None = None
     #: Shown by Get only, never stored.
     scratch: Scratch | None = None
+    #: The domain was shut off: offline.py serves its disks.
+    offline: bool = False
 
     @property
     def kind(self) -> Kind:

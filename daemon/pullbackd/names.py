@@ -130,6 +130,16 @@ def qemu_socket(exports: Path, job_id: str) -> Path:
     return qemu_folder(exports) / f"{job_id}.sock"
 
 
+def qsd_monitor(exports: Path, job_id: str) -> Path:
+    """The QMP socket of the qemu-storage-daemon serving a shut-off domain's job."""
+    return qemu_folder(exports) / f"{job_id}.qmp"
+
+
+def qsd_pidfile(exports: Path, job_id: str) -> Path:
+    """Its PID file: how a later run of pullbackd finds it."""
+    return qemu_folder(exports) / f"{job_id}.pid"
+
+
 def repository_sockets(exports: Path) -> Path:
     """The repository's qemu-nbd sockets: a folder for us alone."""
     return exports / ".repository"
@@ -272,6 +282,16 @@ class Layout:
 
     def qemu_socket(self, job_id: str) -> Path:
         return qemu_socket(self.exports, job_id)
+
+    def qsd_monitor(self, job_id: str) -> Path:
+        return qsd_monitor(self.exports, job_id)
+
+    def qsd_pidfile(self, job_id: str) -> Path:
+        return qsd_pidfile(self.exports, job_id)
+
+    def qsd_jobs(self) -> set[str]:
+        """The ids of jobs a qemu-storage-daemon was started for (its PID file is here)."""
+        return {job_of(p) for p in self.qemu.glob("*.pid")}
 
     def repository_socket(self, served: Served, token: str) -> Path:
         return repository_socket(self.repository_sockets, served, token)

@@ -29,6 +29,7 @@ from .exports import Exports
 from .jobs import Jobs
 from .migration import Migrations
 from .names import Layout
+from .offline import OfflineSource
 from .reload import Tunables
 from .remote import Remote, tls_context
 from .repository import Repository
@@ -36,6 +37,7 @@ from .scratch import ScratchSpace
 from .sdnotify import Notifier
 from .serving import Limits, Serving
 from .source import LibvirtSource
+from .sources import Sources
 from .state import StateDamaged, Store
 from .virt import Virt
 
@@ -128,7 +130,8 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
                     idle_timeout=cfg.exports.idle_timeout,
                     max_lifetime=cfg.exports.max_lifetime)
     layout = Layout(cfg.exports.dir, cfg.scratch.dir)
-    source = LibvirtSource(virt, layout, cfg.jobs.end_timeout)
+    source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout),
+                     OfflineSource(virt, layout))
     chains = Chains(virt, store, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
     serving = Serving(exports, source, limits, remote)

@@ -14,7 +14,7 @@ through the job's endpoint (exports.py), never the source's socket.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -43,11 +43,15 @@ log = structlog.get_logger()
 
 @dataclass(frozen=True)
 class Plan:
-    """What a backup of a domain covers: its disks, the disks left out, their sizes."""
+    """What a backup of a domain covers: its disks, the disks left out, their sizes, and
+    the disks that can only be backed up in full (no dirty bitmap), with why."""
 
     disks: tuple[str, ...]
     skip: tuple[str, ...]
     sizes: dict[str, int]
+    full: dict[str, str] = field(default_factory=dict)
+    #: The domain is shut off (offline.py serves it).
+    offline: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,9 +108,9 @@ class Sink(Protocol):
 
 
 class BackupSource(Protocol):
-    async def plan(self, domain: str, wanted: list[str] | None) -> Plan:
-        """Which disks a backup of `domain` covers (`wanted`, or every disk that can
-        be backed up). Raises NoSuchDomain, DomainNotRunning, BackupInProgress,
+    async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
+        """Which disks a backup of `domain` of `kind` covers (`wanted`, or every disk
+        that can be backed up). Raises NoSuchDomain, DomainNotRunning, BackupInProgress,
         DomainBusy, NoSuchDisk, InvalidParameter."""
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
@@ -174,7 +178,7 @@ class LibvirtSource:
         #: domain -> set when libvirt reports the domain's backup ended, while we wait.
         self._ended: dict[str, anyio.Event] = {}
 
-    async def plan(self, domain: str, wanted: list[str] | None) -> Plan:
+    async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
         dom = await self._virt.domain(domain)
         if not dom.running:
             raise DomainNotRunning(domain)
@@ -183,12 +187,19 @@ class LibvirtSource:
             raise BackupInProgress(domain, "")
         if operation is not None:
             raise DomainBusy(domain, operation)
-        chosen, skip = select_disks(domain, xml.parse_disks(dom.xml), wanted)
+        disks = xml.parse_disks(dom.xml)
+        chosen, skip = select_disks(domain, disks, wanted)
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
-        return Plan(tuple(chosen), skip, sizes)
+        full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
+        return Plan(tuple(chosen), skip, sizes, full)
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
-        checkpoint_xml = xml.checkpoint(job.checkpoint, list(bases), skip)
+        bitmaps = [d for d, b in bases.items() if b.bitmap]
+        # A disk without a bitmap takes no part in the checkpoint; with no bitmap at all
+        # there is no checkpoint (libvirt would refuse an empty one).
+        checkpoint_xml = xml.checkpoint(
+            job.checkpoint, bitmaps, skip + tuple(d for d in bases if d not in bitmaps)
+        ) if bitmaps else None
         token = export_token()
         pull = job.kind != Kind.PUSH
         for _ in range(len(bases) + 1):

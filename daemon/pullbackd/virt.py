@@ -105,6 +105,10 @@ class BrokenBitmap(Exception):
         self.disk = disk
 
 
+class ShutOff(Exception):
+    """What was asked needs the domain running (libvirt's part of it); the domain is off."""
+
+
 # libvirt: "missing or broken bitmap 'NAME' for disk 'vdb'".
 _BITMAP_DISK = re.compile(r"for disk '([^']+)'")
 
@@ -316,11 +320,13 @@ class Virt:
         await self._run(domain, lambda dom: dom.checkpointCreateXML(checkpoint_xml, flags),
                         bitmaps=True)
 
-    async def delete_checkpoint(self, domain: str, name: str) -> None:
+    async def delete_checkpoint(self, domain: str, name: str, *,
+                                metadata_only: bool = False) -> None:
         """Delete a checkpoint and its bitmaps; one that does not exist is already deleted.
 
-        libvirt refuses for a shut-off domain (VIR_ERR_OPERATION_UNSUPPORTED): the
-        caller retries when it runs again.
+        libvirt deletes the bitmaps of a running domain only: for a shut-off one this raises
+        ShutOff, and the caller removes them from the images (bitmaps.py), then the
+        checkpoint's metadata alone (`metadata_only`).
         """
 
         def delete(dom: Any) -> None:
@@ -330,6 +336,11 @@ class Virt:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
                     return
                 raise
+            if metadata_only:
+                checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+                return
+            if not dom.isActive():
+                raise ShutOff(domain)
             try:
                 checkpoint.delete(0)
             except libvirt.libvirtError as e:

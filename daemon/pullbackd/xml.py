@@ -33,6 +33,14 @@ class DomainDisk:
         """Whether a backup can include it: a writable disk, not removable media."""
         return self.device in ("disk", "lun") and not self.readonly
 
+    @property
+    def no_bitmap(self) -> str | None:
+        """Why it cannot hold a dirty bitmap (only qcow2 images can), if it cannot."""
+        if self.format == "qcow2":
+            return None
+        return (f"a {self.format or 'raw'} disk cannot hold a dirty bitmap (only qcow2 can): "
+                "it is backed up in full every time")
+
 
 @dataclass(frozen=True)
 class BackupDisk:
@@ -140,6 +148,24 @@ def checkpoint(name: str, bitmaps: list[str], skip: tuple[str, ...]) -> str:
     disks = ET.SubElement(root, "disks")
     for disk in bitmaps:
         ET.SubElement(disks, "disk", name=disk, checkpoint="bitmap")
+    for disk in skip:
+        ET.SubElement(disks, "disk", name=disk, checkpoint="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def made_checkpoint(name: str, parent: str | None, created: int, bitmaps: list[str],
+                    skip: tuple[str, ...]) -> str:
+    """A checkpoint pullbackd made itself (a shut-off domain's, offline.py), for libvirt to
+    take in by redefinition: a bitmap named after it on each of `bitmaps` (they exist
+    already), none on `skip`; `created` in seconds since the epoch."""
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    if parent is not None:
+        ET.SubElement(ET.SubElement(root, "parent"), "name").text = parent
+    ET.SubElement(root, "creationTime").text = str(created)
+    disks = ET.SubElement(root, "disks")
+    for disk in bitmaps:
+        ET.SubElement(disks, "disk", name=disk, checkpoint="bitmap", bitmap=name)
     for disk in skip:
         ET.SubElement(disks, "disk", name=disk, checkpoint="no")
     return ET.tostring(root, encoding="unicode")

@@ -1,0 +1,282 @@
+"""qemu-storage-daemon: how pullbackd serves the disks of a domain that is shut off.
+
+One process per job (offline.py). It opens each disk's qcow2 image (a `file` node and a
+`qcow2` node named after the disk), listens for QMP on a Unix socket, and serves NBD on
+another; pullbackd drives it over QMP:
+
+1. one transaction adds the job's checkpoint bitmap to every qcow2 disk (persistent, recording,
+   named after the checkpoint, as libvirt names its own) and, for a disk backed up since an
+   earlier checkpoint, a temporary bitmap `backup-<disk>` (not persistent, disabled) merged
+   from that checkpoint's bitmap: libvirt keeps every checkpoint's bitmap recording, so
+   that one alone holds every change since it;
+2. each image is reopened read-only: the bitmaps are written into it now, and a process
+   killed from here on leaves no bitmap in use (an image open read-write at a kill marks
+   every bitmap inconsistent: every consumer's chain would restart);
+3. one read-only export per disk (`<disk>-<token>`, the meta context
+   `qemu:dirty-bitmap:backup-<disk>` as QEMU's own pull backups have it).
+
+While it holds the images, QEMU cannot open them for writing: a start of the domain fails
+("Failed to get "write" lock"). `quit` ends it. It writes its PID to a file, and is not
+tied to pullbackd's life: like QEMU's backups, it outlives a restart of pullbackd, which
+finds it again by that file and its QMP socket.
+
+The QMP calls are blocking socket calls: they run in worker threads (`anyio.to_thread`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+
+PROGRAM = "qemu-storage-daemon"
+#: Seconds QMP may take to answer one command (a transaction writes bitmaps: fsync).
+QMP_TIMEOUT = 30.0
+#: Seconds the daemon may take to come up (its QMP socket there), and to end at `quit`.
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+
+
+class StorageDaemonError(Exception):
+    """qemu-storage-daemon failed; the message is its own (offline.py passes it on to the
+    caller as LibvirtError: it is libvirt's QEMU, run by us)."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A disk to serve: its name (the domain's target, e.g. vda), its file and format, and
+    whether it gets the checkpoint's bitmap (only a qcow2 image can hold one)."""
+
+    disk: str
+    path: Path
+    format: str = "qcow2"
+    bitmap: bool = True
+
+
+@dataclass(frozen=True)
+class Export:
+    """One disk to export, since the checkpoint `since` (None: in full)."""
+
+    disk: str
+    name: str
+    since: str | None
+
+    @property
+    def bitmap(self) -> str | None:
+        return None if self.since is None else f"backup-{self.disk}"
+
+
+class Monitor:
+    """A QMP connection (blocking: use it from a worker thread)."""
+
+    def __init__(self, path: Path, timeout: float = QMP_TIMEOUT) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(path))
+            self._file = self._sock.makefile("rwb")
+            self._read()  # the greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self._file.write(json.dumps(message).encode() + b"\n")
+        self._file.flush()
+        while True:
+            reply = self._read()
+            if "error" in reply:
+                raise StorageDaemonError(
+                    f"qemu-storage-daemon refused {command}: {reply['error'].get('desc')}")
+            if "return" in reply:
+                return reply["return"]
+            # An event: nothing waits for one.
+
+    def _read(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise StorageDaemonError("qemu-storage-daemon closed its monitor")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._sock.close()
+
+
+class StorageDaemon:
+    """The qemu-storage-daemon of one job: `qmp` and `nbd` sockets, `pidfile`."""
+
+    def __init__(self, qmp: Path, nbd: Path, pidfile: Path) -> None:
+        self.qmp = qmp
+        self.nbd = nbd
+        self.pidfile = pidfile
+        #: The process, if this run of pullbackd started it (to reap it when it ends).
+        self._proc: Process | None = None
+
+    def command(self, images: Sequence[Image]) -> list[str]:
+        argv = [PROGRAM, "--chardev", f"socket,id=qmp,path={self.qmp},server=on,wait=off",
+                "--monitor", "chardev=qmp", "--pidfile", str(self.pidfile)]
+        for image in images:
+            argv += ["--blockdev", f"driver=file,node-name=file-{image.disk},"
+                                   f"filename={_escape(image.path)},cache.direct=off",
+                     "--blockdev", f"driver={image.format},node-name={image.disk},"
+                                   f"file=file-{image.disk},read-only=off"]
+        argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
+        return argv
+
+    async def start(self, images: Sequence[Image], checkpoint: str,
+                    exports: Sequence[Export]) -> None:
+        """Start it, add the bitmaps, reopen the images read-only, export each disk.
+        Raises StorageDaemonError (with what it said) and leaves nothing running."""
+        for path in (self.qmp, self.nbd, self.pidfile):
+            path.unlink(missing_ok=True)
+        # Its own session: not in pullbackd's process group, not killed with it.
+        proc = await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True)
+        try:
+            await self._wait_up(proc)
+            await anyio.to_thread.run_sync(self._prepare, images, checkpoint, exports)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):  # never leave it holding the images
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+                said = await _said(proc)
+                for path in (self.qmp, self.nbd, self.pidfile):
+                    path.unlink(missing_ok=True)
+            if isinstance(e, StorageDaemonError) and said:
+                raise StorageDaemonError(f"{e} ({said})") from None
+            raise
+        # Nobody reads what it says from now on: it must not block on a full pipe.
+        if proc.stderr is not None:
+            await proc.stderr.aclose()
+        self._proc = proc
+
+    async def _wait_up(self, proc: Process) -> None:
+        with anyio.move_on_after(START_TIMEOUT):
+            while proc.returncode is None:
+                if await anyio.Path(self.qmp).is_socket():
+                    return
+                await anyio.sleep(0.01)
+        raise StorageDaemonError("qemu-storage-daemon did not start" + (
+            "" if proc.returncode is not None else f" within {START_TIMEOUT:g} s"))
+
+    def _prepare(self, images: Sequence[Image], checkpoint: str,
+                 exports: Sequence[Export]) -> None:
+        monitor = Monitor(self.qmp)
+        try:
+            actions: list[dict[str, Any]] = []
+            for image in images:
+                if image.bitmap:
+                    actions.append({"type": "block-dirty-bitmap-add", "data": {
+                        "node": image.disk, "name": checkpoint, "persistent": True}})
+            for export in exports:
+                if export.since is not None:
+                    actions += [
+                        {"type": "block-dirty-bitmap-add", "data": {
+                            "node": export.disk, "name": export.bitmap, "persistent": False,
+                            "disabled": True}},
+                        {"type": "block-dirty-bitmap-merge", "data": {
+                            "node": export.disk, "target": export.bitmap,
+                            "bitmaps": [export.since]}}]
+            if actions:
+                monitor.execute("transaction", actions=actions)
+            monitor.execute("blockdev-reopen", options=[
+                {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
+                 "read-only": True} for image in images])
+            for export in exports:
+                monitor.execute(
+                    "block-export-add", type="nbd", id=f"export-{export.disk}",
+                    **{"node-name": export.disk}, name=export.name, writable=False,
+                    **({"bitmaps": [export.bitmap]} if export.bitmap else {}))
+        finally:
+            monitor.close()
+
+    def pid(self) -> int | None:
+        """Its PID, if it runs (by its PID file, checked against /proc)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        if os.path.basename(os.fsdecode(cmdline[0])) != PROGRAM or \
+                os.fsencode(str(self.pidfile)) not in cmdline:
+            return None
+        return pid
+
+    async def running(self) -> bool:
+        return await anyio.to_thread.run_sync(self.pid) is not None
+
+    async def stop(self) -> None:
+        """`quit`, or SIGKILL if it does not answer (its images are read-only by then);
+        then its files go."""
+        pid = await anyio.to_thread.run_sync(self.pid)
+        if pid is not None:
+            try:
+                await anyio.to_thread.run_sync(_quit, self.qmp)
+            except (OSError, StorageDaemonError):
+                _kill(pid)
+            with anyio.move_on_after(STOP_TIMEOUT):
+                await self._gone()
+            if await anyio.to_thread.run_sync(self.pid) is not None:
+                _kill(pid)
+        if self._proc is not None:
+            await self._proc.wait()  # ours: reaped, not left a zombie
+            self._proc = None
+        for path in (self.qmp, self.nbd, self.pidfile):
+            path.unlink(missing_ok=True)
+
+    async def _gone(self) -> None:
+        if self._proc is not None:
+            await self._proc.wait()
+            return
+        # Started by an earlier run of pullbackd: not our child, nothing to wait on.
+        while await anyio.to_thread.run_sync(self.pid) is not None:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+async def _said(proc: Process) -> str:
+    """What a failed start wrote on stderr (it has ended)."""
+    if proc.stderr is None:
+        return ""
+    said = b""
+    with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+        while len(said) < 8192:
+            said += await proc.stderr.receive()
+    return said.decode(errors="replace").strip()
+
+
+def _quit(qmp: Path) -> None:
+    monitor = Monitor(qmp, timeout=5.0)
+    try:
+        with contextlib.suppress(StorageDaemonError):  # it may close before it answers
+            monitor.execute("quit")
+    finally:
+        monitor.close()
+
+
+def _escape(path: Path) -> str:
+    """A path as a value of QEMU's key=value options (a comma is doubled)."""
+    return str(path).replace(",", ",,")

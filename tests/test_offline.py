@@ -1,0 +1,167 @@
+"""Backups of shut-off domains (offline.py: qemu-storage-daemon), on the real lab.
+
+Every step rebuilds the disk from what the backups export and compares it byte for byte with
+what the guest wrote; chains go on across power states both ways.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Daemon, Lab, start_daemon, stop_daemon
+from .images import Disk, MiB, assert_image
+from .test_chains import Appliance, libvirt_checkpoints, virsh
+
+DOMAIN = "lab3"
+
+
+@pytest.fixture
+def vda(lab: Lab) -> Iterator[Disk]:
+    """lab3's vda, zeroed (through the guest: lab3 runs for it); lab3 is shut off again
+    after the test, as the lab fixture keeps it, whatever happened."""
+    if "running" not in virsh(lab, "domstate", DOMAIN):
+        lab.run("start", DOMAIN)
+    disk = Disk(lab, DOMAIN, "vda")
+    try:
+        yield disk
+    finally:
+        if "shut off" not in virsh(lab, "domstate", DOMAIN):
+            lab.run("stop", DOMAIN)
+
+
+def image(lab: Lab) -> Path:
+    return lab.dir / "disks" / f"{DOMAIN}-vda.qcow2"
+
+
+def image_bitmaps(lab: Lab) -> str:
+    return subprocess.run(["qemu-img", "info", "-U", str(image(lab))], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_chains_go_on_across_power_states_both_ways(
+        daemon: Daemon, lab: Lab, vda: Disk, tmp_path: Path) -> None:
+    app = Appliance(daemon, DOMAIN, "offline", tmp_path)
+    vda.write(0, 2 * MiB, 0x41)
+    lab.run("stop", DOMAIN)
+
+    full, _ = app.backup("full", disks=["vda"])  # off
+    assert full["offline"] and full["disks"][0]["mode"] == "full"
+    assert_image(app.image("vda"), vda, tmp_path)
+    assert full["checkpoint"] in libvirt_checkpoints(lab, DOMAIN)
+    assert full["checkpoint"] in image_bitmaps(lab)
+    (tmp_path / "fresh" / "offline").mkdir(parents=True)
+    shutil.copy(app.image("vda"), tmp_path / "fresh" / "offline" / "vda.raw")
+
+    lab.run("start", DOMAIN)  # off -> on: an incremental since the offline checkpoint
+    vda.mark()
+    vda.write(5 * MiB, 64 << 10, 0x42)
+    vda.write(40 * MiB - 100, 300, 0x43)
+    running, extents = app.backup("incremental", disks=["vda"])
+    assert not running["offline"] and running["since"] == full["checkpoint"]
+    assert extents == {"vda": vda.dirty_since_mark()}
+    assert_image(app.image("vda"), vda, tmp_path)
+
+    vda.mark()  # on -> off: an incremental since the running one's checkpoint
+    vda.write(9 * MiB, MiB, 0x44)
+    lab.run("stop", DOMAIN)
+    off, extents = app.backup("incremental", disks=["vda"])
+    assert off["offline"] and off["since"] == running["checkpoint"]
+    assert extents == {"vda": vda.dirty_since_mark()}
+    assert_image(app.image("vda"), vda, tmp_path)
+
+    # A differential while off covers everything since the full backup.
+    diff = app.start("differential", disks=["vda"], since=full["checkpoint"])
+    assert diff["offline"] and diff["disks"][0]["since"] == full["checkpoint"]
+    # An appliance that kept only the full backup: it plus the differential is the disk.
+    fresh = Appliance(daemon, DOMAIN, "offline", tmp_path / "fresh")
+    fresh.read(diff)
+    assert daemon.ctl.job("Finish", id=diff["id"])["state"] == "completed"
+    assert_image(fresh.image("vda"), vda, tmp_path)
+
+    lab.run("start", DOMAIN)  # and once more while running
+    vda.mark()
+    vda.write(60 * MiB, 64 << 10, 0x45)
+    again, extents = app.backup("incremental", disks=["vda"])
+    assert extents == {"vda": vda.dirty_since_mark()}
+    assert_image(app.image("vda"), vda, tmp_path)
+    assert again["since"] == diff["checkpoint"]
+
+
+def test_the_domain_cannot_start_under_its_backup(
+        daemon: Daemon, lab: Lab, vda: Disk, tmp_path: Path) -> None:
+    vda.write(MiB, MiB, 0x51)
+    lab.run("stop", DOMAIN)
+    job = daemon.ctl.job("Start", domain=DOMAIN, disks=["vda"], consumer="guard")
+    start = subprocess.run(["virsh", "-q", "-c", lab.uri, "start", DOMAIN], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert start.returncode != 0 and 'Failed to get "write" lock' in start.stderr, start.stderr
+    # The backup is as it was, and reads the disk.
+    app = Appliance(daemon, DOMAIN, "guard", tmp_path)
+    app.read(job)
+    assert_image(app.image("vda"), vda, tmp_path)
+    aborted = daemon.ctl.job("Abort", id=job["id"])
+    assert aborted["state"] == "aborted"
+    assert job["checkpoint"] not in libvirt_checkpoints(lab, DOMAIN)
+    assert job["checkpoint"] not in image_bitmaps(lab)
+    lab.run("start", DOMAIN)  # now it may
+
+
+def test_a_push_of_a_shut_off_domain_is_refused_and_changes_nothing(
+        daemon: Daemon, lab: Lab, vda: Disk, tmp_path: Path) -> None:
+    lab.run("stop", DOMAIN)
+    before = (libvirt_checkpoints(lab, DOMAIN), image_bitmaps(lab),
+              daemon.ctl.call("List")["jobs"])
+    e = daemon.ctl.error("Start", domain=DOMAIN, target_dir=str(tmp_path))
+    assert (e.short_name, e.parameters) == ("InvalidParameter", {"parameter": "target_dir"})
+    assert (libvirt_checkpoints(lab, DOMAIN), image_bitmaps(lab),
+            daemon.ctl.call("List")["jobs"]) == before
+
+
+def test_a_restart_of_pullbackd_adopts_an_offline_backup(
+        lab: Lab, vda: Disk, tmp_path: Path) -> None:
+    vda.write(7 * MiB, MiB, 0x61)
+    lab.run("stop", DOMAIN)
+    first = start_daemon(tmp_path / "pullbackd", lab.uri)
+    job = first.ctl.job("Start", domain=DOMAIN, disks=["vda"], consumer="adopt")
+    stop_daemon(first)
+    second = start_daemon(tmp_path / "pullbackd", lab.uri)
+    try:
+        adopted = second.ctl.job("Get", id=job["id"])
+        assert adopted["state"] == "ready" and adopted["offline"], adopted
+        app = Appliance(second, DOMAIN, "adopt", tmp_path)
+        app.read(adopted)
+        assert_image(app.image("vda"), vda, tmp_path)
+        assert second.ctl.job("Finish", id=job["id"])["state"] == "completed"
+    finally:
+        stop_daemon(second)
+
+
+def test_a_killed_storage_daemon_fails_the_job_and_the_chain_holds(
+        daemon: Daemon, lab: Lab, vda: Disk, tmp_path: Path) -> None:
+    app = Appliance(daemon, DOMAIN, "killed", tmp_path)
+    vda.write(0, MiB, 0x71)
+    lab.run("stop", DOMAIN)
+    full, _ = app.backup("full", disks=["vda"])
+    lab.run("start", DOMAIN)
+    vda.mark()
+    vda.write(3 * MiB, 64 << 10, 0x72)
+    lab.run("stop", DOMAIN)
+    cut = app.start("incremental", disks=["vda"])
+    pid = int((daemon.exports / ".qemu" / f"{cut['id']}.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    failed = daemon.ctl.wait(cut["id"], timeout=30)
+    assert failed["state"] == "failed" and "qemu-storage-daemon" in failed["error"], failed
+    assert cut["checkpoint"] not in libvirt_checkpoints(lab, DOMAIN)
+    assert "in-use" not in image_bitmaps(lab)
+    # The next incremental starts from the last good checkpoint, and misses nothing.
+    nxt, extents = app.backup("incremental", disks=["vda"])
+    assert nxt["since"] == full["checkpoint"]
+    assert extents == {"vda": vda.dirty_since_mark()}
+    assert_image(app.image("vda"), vda, tmp_path)

@@ -1,0 +1,167 @@
+"""qemu-storage-daemon as pullbackd drives it (qsd.py), on real qcow2 images: what it
+serves is the image byte for byte, its dirty bitmap names exactly what changed since a
+checkpoint, a refused start leaves nothing behind, a kill -9 once it serves leaves every
+bitmap usable, and QEMU cannot write the image while it serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import anyio
+import nbd
+import pytest
+
+from pullbackd.qsd import Export, Image, StorageDaemon, StorageDaemonError
+
+pytestmark = pytest.mark.asyncio
+
+SIZE = 64 << 20
+
+
+def qemu_io(image: Path, *commands: str) -> None:
+    argv = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        argv += ["-c", command]
+    subprocess.run([*argv, str(image)], check=True, capture_output=True)
+
+
+def bitmaps(image: Path) -> dict[str, list[str]]:
+    """The image's persistent bitmaps and their flags."""
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(image)], check=True,
+        capture_output=True, text=True).stdout)
+    return {b["name"]: b["flags"] for b in info["format-specific"]["data"].get("bitmaps", [])}
+
+
+def read_all(url: str) -> bytes:
+    h = nbd.NBD()
+    h.connect_uri(url)
+    try:
+        size, chunk = h.get_size(), 4 << 20
+        return b"".join(bytes(h.pread(min(chunk, size - at), at))
+                        for at in range(0, size, chunk))
+    finally:
+        h.shutdown()
+
+
+def dirty(url: str, context: str) -> list[tuple[int, int]]:
+    """The extents the bitmap `context` marks dirty: (offset, length)."""
+    h = nbd.NBD()
+    h.add_meta_context(context)
+    h.connect_uri(url)
+    found: list[tuple[int, int]] = []
+    try:
+        size, offset = h.get_size(), 0
+        while offset < size:
+            def extent(meta: str, at: int, entries: list[int], err: int) -> int:
+                nonlocal offset
+                if meta == context:
+                    for length, flags in zip(entries[0::2], entries[1::2], strict=True):
+                        if flags & 1:
+                            found.append((at, length))
+                        at += length
+                    offset = at
+                return 0
+            h.block_status(size - offset, offset, extent)
+    finally:
+        h.shutdown()
+    return found
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(SIZE)],
+                   check=True)
+    qemu_io(path, "write -q -P 0x11 0 1M", "write -q -P 0x22 32M 3M")
+    return path
+
+
+def daemon(tmp_path: Path) -> StorageDaemon:
+    return StorageDaemon(tmp_path / "qmp.sock", tmp_path / "nbd.sock", tmp_path / "qsd.pid")
+
+
+def url(d: StorageDaemon, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={d.nbd}"
+
+
+async def test_a_full_export_is_the_image_and_adds_the_checkpoint(
+        tmp_path: Path, image: Path) -> None:
+    reference = tmp_path / "ref.raw"
+    await anyio.run_process(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image),
+                             str(reference)])
+    d = daemon(tmp_path)
+    await d.start([Image("vda", image)], "pullbackd.default.a", [Export("vda", "vda-t", None)])
+    try:
+        assert await d.running()
+        assert await anyio.to_thread.run_sync(read_all, url(d, "vda-t")) == \
+            reference.read_bytes()
+    finally:
+        await d.stop()
+    assert not await d.running()
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile))
+    # The checkpoint's bitmap is in the image, recording (libvirt's own would be "auto").
+    assert bitmaps(image) == {"pullbackd.default.a": ["auto"]}
+
+
+async def test_an_incremental_export_marks_exactly_what_changed(
+        tmp_path: Path, image: Path) -> None:
+    d = daemon(tmp_path)
+    await d.start([Image("vda", image)], "c1", [Export("vda", "vda-1", None)])
+    await d.stop()
+    qemu_io(image, "write -q -P 0x33 4M 64k", "write -q -P 0x44 40M 128k")
+    await d.start([Image("vda", image)], "c2", [Export("vda", "vda-2", "c1")])
+    try:
+        assert await anyio.to_thread.run_sync(
+            dirty, url(d, "vda-2"), "qemu:dirty-bitmap:backup-vda") == [
+            (4 << 20, 64 << 10), (40 << 20, 128 << 10)]
+        data = await anyio.to_thread.run_sync(read_all, url(d, "vda-2"))
+        assert data[4 << 20:(4 << 20) + (64 << 10)] == b"\x33" * (64 << 10)
+    finally:
+        await d.stop()
+    assert set(bitmaps(image)) == {"c1", "c2"}
+
+
+async def test_a_refused_start_leaves_nothing(tmp_path: Path, image: Path) -> None:
+    d = daemon(tmp_path)
+    with pytest.raises(StorageDaemonError, match="'nope' not found"):
+        await d.start([Image("vda", image)], "c1", [Export("vda", "vda-t", "nope")])
+    assert not await d.running()
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile))
+    assert bitmaps(image) == {}  # the transaction is all or nothing
+    with pytest.raises(StorageDaemonError, match="did not start"):
+        await d.start([Image("vda", tmp_path / "missing.qcow2")], "c1",
+                      [Export("vda", "vda-t", None)])
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile))
+
+
+async def test_kill_9_while_it_serves_leaves_the_bitmaps_usable(
+        tmp_path: Path, image: Path) -> None:
+    """Once it serves, the images are read-only: a kill -9 marks no bitmap in use (a
+    process killed with an image open read-write leaves every bitmap inconsistent)."""
+    d = daemon(tmp_path)
+    await d.start([Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    pid = d.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await d.stop()  # reaps it, removes its files
+    assert bitmaps(image) == {"c1": ["auto"]}
+    # And the next backup since c1 works.
+    await d.start([Image("vda", image)], "c2", [Export("vda", "vda-t", "c1")])
+    await d.stop()
+
+
+async def test_nothing_writes_the_image_while_it_serves(tmp_path: Path, image: Path) -> None:
+    d = daemon(tmp_path)
+    await d.start([Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    try:
+        refused = await anyio.run_process(
+            ["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image)], check=False)
+        assert refused.returncode != 0
+        assert b'Failed to get "write" lock' in refused.stderr, refused.stderr
+    finally:
+        await d.stop()
