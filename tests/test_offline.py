@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,3 +166,26 @@ def test_a_killed_storage_daemon_fails_the_job_and_the_chain_holds(
     assert nxt["since"] == full["checkpoint"]
     assert extents == {"vda": vda.dirty_since_mark()}
     assert_image(app.image("vda"), vda, tmp_path)
+
+
+def test_an_image_pullbackd_cannot_open_is_refused_up_front(
+        daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
+    """A shut-off domain whose image is gone: a typed error naming disk and image, and
+    nothing recorded, in libvirt or in pullbackd."""
+    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", DOMAIN))
+    domain.find("name").text = "ghost"  # type: ignore[union-attr]
+    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
+    missing = tmp_path / "gone.qcow2"
+    for disk in domain.iterfind("devices/disk"):
+        disk.find("source").set("file", str(missing))  # type: ignore[union-attr]
+    (tmp_path / "ghost.xml").write_bytes(ET.tostring(domain))
+    virsh(lab, "define", str(tmp_path / "ghost.xml"))
+    try:
+        jobs = daemon.ctl.call("List")["jobs"]
+        e = daemon.ctl.error("Start", domain="ghost", disks=["vda"])
+        assert (e.short_name, e.parameters) == ("ImageNotReachable", {
+            "domain": "ghost", "disk": "vda", "path": str(missing), "reason": "no such file"})
+        assert daemon.ctl.call("List")["jobs"] == jobs
+        assert libvirt_checkpoints(lab, "ghost") == set()
+    finally:
+        virsh(lab, "undefine", "ghost")

@@ -71,6 +71,14 @@ class TargetNotWritable(PullbackError):
                          target_dir=target_dir, reason=reason)
 
 
+class ImageNotReachable(PullbackError):
+    def __init__(self, domain: str, disk: str, path: str, reason: str) -> None:
+        super().__init__(
+            f"{domain!r} is shut off and pullbackd cannot open {disk}'s image {path}: {reason}; "
+            "back it up while it runs, or let pullbackd's user read and write the image",
+            domain=domain, disk=disk, path=path, reason=reason)
+
+
 class JobNotReady(PullbackError):
     def __init__(self, id: str, state: str) -> None:
         super().__init__(f"job {id} is {state}: a push backup ends by itself; Abort stops it",

@@ -26,6 +26,7 @@ Push backups (`target_dir`) of a shut-off domain are not offered yet.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +36,11 @@ import structlog
 
 from . import bitmaps, xml
 from .chain import Base
-from .errors import DomainNotRunning, InvalidParameter, LibvirtError
+from .errors import DomainNotRunning, ImageNotReachable, InvalidParameter, LibvirtError
 from .model import Job, Kind, Scratch
 from .names import Layout, export_token
 from .qsd import Export, Image, StorageDaemon, StorageDaemonError
+from .roles import user_name
 from .source import Begun, Exported, Plan, Sink, Unowned, select_disks
 from .virt import Virt
 
@@ -80,6 +82,11 @@ class OfflineSource:
                     f"{disk.target} of the shut-off domain {domain!r} is a {disk.type} disk: "
                     "only file disks are served while a domain is off; start it, or leave "
                     "the disk out"))
+        for disk in disks:
+            if disk.target in chosen and disk.source is not None:
+                why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
+                if why is not None:
+                    raise ImageNotReachable(domain, disk.target, disk.source, why)
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
         return Plan(tuple(chosen), skip, sizes, full, offline=True)
@@ -199,3 +206,13 @@ class OfflineSource:
     async def end_unowned(self, backup: Unowned) -> None:
         await self._stop(backup.job_id)
 
+
+
+def _unreachable(image: Path) -> str | None:
+    """Why this process cannot read and write the image (the bitmap goes into it), if it
+    cannot. Blocks."""
+    if not image.exists():
+        return "no such file"
+    if not os.access(image, os.R_OK | os.W_OK):
+        return f"not readable and writable by pullbackd's user ({user_name(os.geteuid())})"
+    return None

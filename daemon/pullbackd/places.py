@@ -8,13 +8,13 @@ Paths are resolved first: no "..", no symlink leads out of an allowed folder.
 from __future__ import annotations
 
 import os
-import pwd
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from .errors import InvalidParameter, TargetNotWritable
 from .model import LOCAL, StartRequest
+from .roles import user_name
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,10 @@ def _check_target_dir(target_dir: str) -> None:
         raise TargetNotWritable(target_dir, "no such folder")
     # access(2) also says no for a read-only file system, even to root.
     if not os.access(path, os.W_OK | os.X_OK):
-        raise TargetNotWritable(target_dir, f"not writable by pullbackd's user ({_user()})")
+        raise TargetNotWritable(
+            target_dir, f"not writable by pullbackd's user ({user_name(os.geteuid())})")
 
 
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
 
 
 def _within(url: str, allowed: str) -> bool:

@@ -151,8 +151,11 @@ class StorageDaemon:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True)
         try:
-            await self._wait_up(proc)
-            await anyio.to_thread.run_sync(self._prepare, images, checkpoint, exports)
+            monitor = await self._connect(proc)
+            try:
+                await anyio.to_thread.run_sync(_prepare, monitor, images, checkpoint, exports)
+            finally:
+                monitor.close()
         except BaseException as e:
             with anyio.CancelScope(shield=True):  # never leave it holding the images
                 if proc.returncode is None:
@@ -169,45 +172,18 @@ class StorageDaemon:
             await proc.stderr.aclose()
         self._proc = proc
 
-    async def _wait_up(self, proc: Process) -> None:
+    async def _connect(self, proc: Process) -> Monitor:
+        """Its monitor, once it listens (the socket file comes a moment before)."""
         with anyio.move_on_after(START_TIMEOUT):
             while proc.returncode is None:
-                if await anyio.Path(self.qmp).is_socket():
-                    return
-                await anyio.sleep(0.01)
+                try:
+                    return await anyio.to_thread.run_sync(Monitor, self.qmp)
+                except (OSError, StorageDaemonError):
+                    # Not listening yet, or ending: it listens before it opens the images,
+                    # and an image it cannot open ends it.
+                    await anyio.sleep(0.01)
         raise StorageDaemonError("qemu-storage-daemon did not start" + (
             "" if proc.returncode is not None else f" within {START_TIMEOUT:g} s"))
-
-    def _prepare(self, images: Sequence[Image], checkpoint: str,
-                 exports: Sequence[Export]) -> None:
-        monitor = Monitor(self.qmp)
-        try:
-            actions: list[dict[str, Any]] = []
-            for image in images:
-                if image.bitmap:
-                    actions.append({"type": "block-dirty-bitmap-add", "data": {
-                        "node": image.disk, "name": checkpoint, "persistent": True}})
-            for export in exports:
-                if export.since is not None:
-                    actions += [
-                        {"type": "block-dirty-bitmap-add", "data": {
-                            "node": export.disk, "name": export.bitmap, "persistent": False,
-                            "disabled": True}},
-                        {"type": "block-dirty-bitmap-merge", "data": {
-                            "node": export.disk, "target": export.bitmap,
-                            "bitmaps": [export.since]}}]
-            if actions:
-                monitor.execute("transaction", actions=actions)
-            monitor.execute("blockdev-reopen", options=[
-                {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
-                 "read-only": True} for image in images])
-            for export in exports:
-                monitor.execute(
-                    "block-export-add", type="nbd", id=f"export-{export.disk}",
-                    **{"node-name": export.disk}, name=export.name, writable=False,
-                    **({"bitmaps": [export.bitmap]} if export.bitmap else {}))
-        finally:
-            monitor.close()
 
     def pid(self) -> int | None:
         """Its PID, if it runs (by its PID file, checked against /proc)."""
@@ -266,6 +242,35 @@ async def _said(proc: Process) -> str:
         while len(said) < 8192:
             said += await proc.stderr.receive()
     return said.decode(errors="replace").strip()
+
+
+def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
+             exports: Sequence[Export]) -> None:
+    """The bitmaps, the images reopened read-only, the exports (the module's steps)."""
+    actions: list[dict[str, Any]] = []
+    for image in images:
+        if image.bitmap:
+            actions.append({"type": "block-dirty-bitmap-add", "data": {
+                "node": image.disk, "name": checkpoint, "persistent": True}})
+    for export in exports:
+        if export.since is not None:
+            actions += [
+                {"type": "block-dirty-bitmap-add", "data": {
+                    "node": export.disk, "name": export.bitmap, "persistent": False,
+                    "disabled": True}},
+                {"type": "block-dirty-bitmap-merge", "data": {
+                    "node": export.disk, "target": export.bitmap,
+                    "bitmaps": [export.since]}}]
+    if actions:
+        monitor.execute("transaction", actions=actions)
+    monitor.execute("blockdev-reopen", options=[
+        {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
+         "read-only": True} for image in images])
+    for export in exports:
+        monitor.execute(
+            "block-export-add", type="nbd", id=f"export-{export.disk}",
+            **{"node-name": export.disk}, name=export.name, writable=False,
+            **({"bitmaps": [export.bitmap]} if export.bitmap else {}))
 
 
 def _quit(qmp: Path) -> None:

@@ -91,6 +91,14 @@ def _names(uid: int, gid: int) -> set[str]:
     return {user, *(f"@{_group(g)}" for g in os.getgrouplist(user, gid))}
 
 
+def user_name(uid: int) -> str:
+    """A user's name, or "uid N" for a uid without one (as in what pullbackd runs as)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _group(gid: int) -> str:
     try:
         return grp.getgrgid(gid).gr_name
