@@ -146,7 +146,8 @@ class FakeSource:
     - `stall(method)`: that method waits until the stall is released;
     - `ended`, `stopped`, `lose`: what libvirt's events tell, through `follow`'s sink;
     - `causes[domain]`: what `cause` answers, after a copy failed;
-    - `unreachable`: domains whose exports nothing reaches (their socket went).
+    - `unreachable`: domains whose exports nothing reaches (their socket went);
+    - `agents`: domains whose guest agent is connected; `frozen`, those frozen now.
     `calls` records every call as (method, domain).
     """
 
@@ -157,6 +158,8 @@ class FakeSource:
     broken: set[str] = field(default_factory=set)
     causes: dict[str, str] = field(default_factory=dict)
     unreachable: set[str] = field(default_factory=set)
+    agents: set[str] = field(default_factory=set)
+    frozen: set[str] = field(default_factory=set)
     errors: dict[str, Exception] = field(default_factory=dict)
     stalls: dict[str, Stall] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -206,7 +209,15 @@ class FakeSource:
                 raise NoSuchDisk(domain, disk)
         chosen = tuple(wanted) if wanted else tuple(self.sizes)
         return Plan(chosen, tuple(d for d in self.sizes if d not in chosen),
-                    {d: self.sizes[d] for d in chosen})
+                    {d: self.sizes[d] for d in chosen}, agent=domain in self.agents)
+
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+        await self._enter("freeze", job.domain)
+        self.frozen.add(job.domain)
+
+    async def thaw(self, job: Job) -> None:
+        await self._enter("thaw", job.domain)
+        self.frozen.discard(job.domain)
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         await self._enter("begin", job.domain)

@@ -22,7 +22,7 @@ import pytest
 
 from pullbackd import errors
 from pullbackd.admission import Admission
-from pullbackd.chain import Chains
+from pullbackd.chain import Base, Chains
 from pullbackd.exports import Exports
 from pullbackd.jobs import Jobs
 from pullbackd.migration import Migrations, Step
@@ -33,6 +33,7 @@ from pullbackd.scratch import ScratchSpace
 from pullbackd.serving import Limits, Serving
 from pullbackd.source import Begun, Exported
 from pullbackd.state import Store
+from pullbackd.virt import AgentError
 
 from .fakes import Backup, FakeSource, FakeVirt
 
@@ -203,13 +204,16 @@ async def test_watchers_see_every_state_in_order(tmp_path: Path, source: FakeSou
         with rig.jobs.watch() as changes:
             job = await rig.jobs.start(StartRequest("d1"))
             done = await rig.jobs.finish(job.id)
-            seen = [changes.receive_nowait() for _ in range(3)]
+            seen = [changes.receive_nowait() for _ in range(4)]
             with pytest.raises(anyio.WouldBlock):
                 changes.receive_nowait()
+        # d1 has no guest agent: quiesce "auto" warns that the backup is crash-consistent.
         assert [(c.kind, c.job.id, c.job.state) for c in seen] == [
-            ("state", job.id, "starting"), ("state", job.id, "ready"),
-            ("state", job.id, "completed")]
-        assert states(done) == [c.job.state for c in seen]
+            ("state", job.id, "starting"), ("warning", job.id, "starting"),
+            ("state", job.id, "ready"), ("state", job.id, "completed")]
+        assert seen[1].message == "no guest agent is connected; the backup is crash-consistent"
+        assert states(done) == [c.job.state for c in seen if c.kind == "state"]
+        assert (done.quiesce, done.consistency, done.frozen) == ("auto", "crash", None)
 
 
 async def test_a_disk_whose_bitmap_cannot_be_used_alone_is_backed_up_in_full(
@@ -626,7 +630,7 @@ async def test_begin_failing_fails_the_job_and_frees_the_domain(
             await rig.jobs.start(StartRequest("d1"))
         [failed] = rig.jobs.all()
         assert (failed.state, failed.error) == (
-            JobState.FAILED, "libvirt did not start the backup: libvirt error 1: "
+            JobState.FAILED, "the backup did not start: libvirt error 1: "
                              "internal error: no space left")
         assert states(failed) == ["starting", "failed"]
         assert rig.chains.all() == [] and rig.checkpoints() == []
@@ -1068,3 +1072,80 @@ async def test_a_ready_job_whose_socket_went_is_ended_at_a_restart_not_adopted(
         assert "NBD socket was removed while pullbackd was down" in (failed.error or "")
         assert "d1" not in source.backups and rig.jobs.active("d1") is None
         assert rig.chain() == [] and rig.checkpoints() == []
+
+
+async def test_quiesce_freezes_the_guest_only_while_the_backup_begins(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.agents.add("d1")
+    seen: list[tuple[str, bool]] = []
+    real_begin = source.begin
+
+    async def begin(job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
+        seen.append(("begin", job.domain in source.frozen))
+        await real_begin(job, bases, skip)
+
+    source.begin = begin  # type: ignore[method-assign]
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", quiesce="required",
+                                                mountpoints=["/data"]))
+        assert seen == [("begin", True)] and source.frozen == set()
+        assert [m for m in source.called("freeze") + source.called("thaw")] == ["d1", "d1"]
+        assert (job.quiesce, job.consistency) == ("required", "filesystem")
+        assert job.frozen is not None and 0 <= job.frozen < 5
+        assert (await rig.jobs.finish(job.id)).consistency == "filesystem"
+        assert stored(tmp_path)[0].consistency == "filesystem"
+
+
+async def test_required_without_an_agent_changes_nothing(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.QuiesceFailed) as e:
+            await rig.jobs.start(StartRequest("d1", quiesce="required"))
+        assert e.value.parameters == {"domain": "d1", "reason": "no guest agent is connected"}
+        assert rig.jobs.all() == [] and rig.chains.all() == []
+        assert source.called("begin") == [] and source.called("freeze") == []
+        # Nor does a queued one: refused before it waits.
+        with pytest.raises(errors.QuiesceFailed):
+            await rig.jobs.start(StartRequest("d2", quiesce="required", queue=True))
+        assert rig.jobs.all() == []
+
+
+async def test_an_agent_that_does_not_freeze(tmp_path: Path, source: FakeSource) -> None:
+    """"required" fails the job (nothing began); "auto" goes on crash-consistent, warned."""
+    source.agents.add("d1")
+    source.errors["freeze"] = AgentError("guest agent is not responding")
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.QuiesceFailed) as e:
+            await rig.jobs.start(StartRequest("d1", quiesce="required"))
+        assert "not responding" in e.value.parameters["reason"]
+        [failed] = rig.jobs.all()
+        assert failed.state == JobState.FAILED and "did not freeze" in (failed.error or "")
+        assert source.called("begin") == [] and rig.checkpoints() == []
+        with rig.jobs.watch() as changes:
+            job = await rig.jobs.start(StartRequest("d1"))
+            kinds = [(c.kind, c.message) for c in (changes.receive_nowait() for _ in range(3))]
+        assert kinds[1] == ("warning", "the guest agent did not freeze the filesystems: guest "
+                                       "agent is not responding; the backup is crash-consistent")
+        assert (job.state, job.consistency, job.frozen) == (JobState.READY, "crash", None)
+
+
+async def test_a_begin_that_fails_while_frozen_still_thaws(
+        tmp_path: Path, source: FakeSource) -> None:
+    source.agents.add("d1")
+    source.errors["begin"] = errors.LibvirtError(1, "internal error: no space left")
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.start(StartRequest("d1"))
+        assert source.called("thaw") == ["d1"] and source.frozen == set()
+
+
+async def test_quiesce_off_never_asks_the_agent(tmp_path: Path, source: FakeSource) -> None:
+    source.agents.add("d1")
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", quiesce="off"))
+        assert source.called("freeze") == [] and job.consistency == "crash"
+        for bad in (StartRequest("d2", quiesce="sometimes"),
+                    StartRequest("d2", quiesce="off", mountpoints=["/"]),
+                    StartRequest("d2", mountpoints=["data"]), StartRequest("d2", mountpoints=[])):
+            with pytest.raises(errors.InvalidParameter):
+                await rig.jobs.start(bad)

@@ -92,10 +92,12 @@ class BackupAPI:
                     consumer: str | None = None, target_dir: str | None = None,
                     destination: str | None = None,
                     allow_scratch_overcommit: bool | None = None,
-                    queue: bool | None = None) -> dict[str, Any]:
+                    queue: bool | None = None, quiesce: str | None = None,
+                    mountpoints: list[str] | None = None) -> dict[str, Any]:
         request = StartRequest(domain, disks, mode or "full", since,
                                DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
-                               destination, bool(allow_scratch_overcommit), queue is not False)
+                               destination, bool(allow_scratch_overcommit), queue is not False,
+                               quiesce or "auto", mountpoints)
         return {"job": _job(await self.jobs.start(request))}
 
     async def Get(self, id: str) -> dict[str, Any]:

@@ -68,6 +68,9 @@ def format_job(job: dict[str, Any]) -> str:
               "destination", "created", "ended", "error"]
     lines = [f"{'id':<12}{job['id']}", f"{'state':<12}{_state(job)}"]
     lines += [f"{name:<12}{job[name]}" for name in fields if job.get(name) is not None]
+    if job.get("consistency"):
+        frozen = f", frozen {job['frozen']:.3f} s" if job.get("frozen") is not None else ""
+        lines.append(f"{'consistent':<12}{job['consistency']}{frozen}")
     if job.get("progress"):
         lines.append(f"{'progress':<12}{bar(job['progress'])}")
     if job.get("scratch"):
@@ -189,6 +192,12 @@ def _add_start(backup: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                             "or to an NBD URI ({disk} is replaced by each disk's name)")
     start.add_argument("--allow-scratch-overcommit", action="store_true",
                        help="start even if the scratch folder cannot hold the worst case")
+    start.add_argument("--quiesce", choices=("auto", "required", "off"),
+                       help="freeze the guest's filesystems through its agent as the backup "
+                            "begins (default: auto, crash-consistent with a warning if the "
+                            "agent does not answer)")
+    start.add_argument("--mountpoint", action="append", dest="mountpoints", metavar="PATH",
+                       help="a mount point in the guest to freeze (repeatable; default: all)")
     start.add_argument("--no-queue", action="store_true",
                        help="fail with TooManyJobs instead of waiting when [jobs] max_active "
                             "backups run")
@@ -263,7 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     consumer=args.consumer, target_dir=args.target_dir,
                     destination=args.destination,
                     allow_scratch_overcommit=args.allow_scratch_overcommit or None,
-                    queue=False if args.no_queue else None))
+                    queue=False if args.no_queue else None, quiesce=args.quiesce,
+                    mountpoints=args.mountpoints))
                 if args.wait:
                     reply = {"job": follow(client, reply["job"]["id"], as_json=False)}
                 return reply

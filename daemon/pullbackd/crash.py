@@ -24,6 +24,7 @@ STATUS = 137
 #: Every point, in the order a backup meets them.
 POINTS = (
     "start.recorded",      # the job and its pending checkpoint are in the database
+    "start.frozen",        # the guest agent froze the guest's filesystems (quiesce)
     "start.begun",         # libvirt runs the backup and created the checkpoint
     "start.ready",         # the job is recorded ready (or running)
     "end.sessions",        # a job that ends: its appliances' sessions are closed

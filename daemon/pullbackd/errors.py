@@ -79,6 +79,14 @@ class ImageNotReachable(PullbackError):
             domain=domain, disk=disk, path=path, reason=reason)
 
 
+class QuiesceFailed(PullbackError):
+    def __init__(self, domain: str, reason: str) -> None:
+        super().__init__(
+            f"the guest agent of {domain!r} did not freeze its filesystems: {reason}; start "
+            "with quiesce \"auto\" for a crash-consistent backup, or fix the agent",
+            domain=domain, reason=reason)
+
+
 class JobNotReady(PullbackError):
     def __init__(self, id: str, state: str) -> None:
         super().__init__(f"job {id} is {state}: a push backup ends by itself; Abort stops it",

@@ -40,7 +40,7 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import crash, stream
+from . import crash, quiesce, stream
 from .admission import Admission
 from .chain import Base, Chains, check_consumer
 from .copying import Copy
@@ -207,13 +207,16 @@ class Jobs:
         self._places.check(request)
 
     async def _enqueue(self, request: StartRequest) -> Job:
-        await self._source.plan(request.domain, request.disks, request.kind)  # fails now
+        # What cannot work fails now.
+        quiesce.check(request, await self._source.plan(request.domain, request.disks,
+                                                        request.kind))
         job_id = self._records.new_id()
         position = self._admission.enqueue(request.domain, job_id, request)
         self._running[job_id] = Running()
         job = Job(job_id, request.domain, JobState.QUEUED, request.mode, now(), request.consumer,
                   checkpoint_name(request.consumer, job_id), since=request.since,
-                  target_dir=request.target_dir, destination=request.destination)
+                  target_dir=request.target_dir, destination=request.destination,
+                  quiesce=request.quiesce)
         await self._store.save_request(job_id, dataclasses.asdict(request))
         job = await self._records.save(job)
         log.info("backup queued", job=job_id, domain=request.domain, position=position,
@@ -269,6 +272,7 @@ class Jobs:
     async def _start(self, job_id: str, request: StartRequest, queued: Job | None) -> Job:
         domain = request.domain
         plan = await self._source.plan(domain, request.disks, request.kind)
+        quiesce.check(request, plan)
         if request.kind != Kind.PUSH and not plan.offline and not request.allow_scratch_overcommit:
             # QEMU keeps what the guest overwrites in scratch files (pull mode).
             others = [j for j in self._scratch_users() if j.id != job_id]
@@ -285,7 +289,7 @@ class Jobs:
                   queued.created if queued else now(), request.consumer,
                   checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
                   destination=request.destination, history=queued.history if queued else (),
-                  offline=plan.offline)
+                  offline=plan.offline, quiesce=request.quiesce)
         # Recorded before the source hears of them: after a crash, the database
         # knows which backup and checkpoint are ours.
         await self._records.save(job)
@@ -297,12 +301,19 @@ class Jobs:
         # (and a half-started backup ended) even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
             try:
-                await self._source.begin(job, bases, plan.skip)
+                quiesced = await quiesce.begin(
+                    self._source, job, request, plan,
+                    lambda: self._source.begin(job, bases, plan.skip))
             except Exception as e:
                 await self._discard_checkpoint(job)
-                await self._records.save(job.failed(f"libvirt did not start the backup: {e}"))
+                await self._records.save(job.failed(f"the backup did not start: {e}"))
                 raise
             crash.point("start.begun")
+            job = dataclasses.replace(job, consistency=quiesced.consistency,
+                                      frozen=quiesced.frozen)
+            if quiesced.warning is not None:
+                log.warning("not frozen", job=job.id, reason=quiesced.warning)
+                self._records.publish(Change("warning", self._view(job), quiesced.warning))
             try:
                 await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
@@ -649,6 +660,9 @@ class Jobs:
                     await self._serve(job)
                 log.info("adopted running backup", job=job.id, domain=job.domain)
                 continue
+            if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline:
+                # A crash may have come while the guest was frozen (quiesce.py).
+                await quiesce.thaw(self._source, job, attempts=1)
             await self._source.end(job)
             await self._close(job, JobState.FAILED, lost(job, runs))
         await self._check_chains()

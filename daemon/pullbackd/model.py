@@ -30,6 +30,9 @@ from .errors import InvalidParameter
 from .names import CONSUMER, DEFAULT_CONSUMER, fd_session
 
 MODES = ("full", "incremental", "differential")
+#: Start's `quiesce`: freeze the guest's filesystems through its agent around the backup's
+#: start, or go on crash-consistent ("auto"), or fail ("required"); or never try ("off").
+QUIESCE = ("auto", "required", "off")
 #: `destination` for the embedded repository.
 LOCAL = "local"
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
@@ -193,6 +196,12 @@ class Job:
     scratch: Scratch | None = None
     #: The domain was shut off: offline.py serves its disks.
     offline: bool = False
+    #: What Start asked (QUIESCE), and what the backup is: "filesystem" (the agent froze the
+    #: guest's filesystems as it began), "crash" (as if the power went) or "shut off".
+    quiesce: str = "auto"
+    consistency: str | None = None
+    #: Seconds the guest was frozen.
+    frozen: float | None = None
 
     @property
     def kind(self) -> Kind:
@@ -229,6 +238,9 @@ class StartRequest:
     allow_scratch_overcommit: bool = False
     #: Wait in the queue when [jobs] max_active are running (else TooManyJobs).
     queue: bool = True
+    quiesce: str = "auto"
+    #: The mount points to freeze (None: every one the agent knows).
+    mountpoints: list[str] | None = None
 
     @property
     def kind(self) -> Kind:
@@ -247,6 +259,13 @@ class StartRequest:
             raise InvalidParameter("since", "a differential backup needs a checkpoint to start at")
         if self.since is not None and self.mode != "differential":
             raise InvalidParameter("since", "only a differential backup takes since")
+        if self.quiesce not in QUIESCE:
+            raise InvalidParameter("quiesce", f"one of {', '.join(QUIESCE)}")
+        if self.mountpoints is not None and (
+                self.quiesce == "off" or not self.mountpoints
+                or not all(m.startswith("/") for m in self.mountpoints)):
+            raise InvalidParameter("mountpoints", "absolute paths in the guest, not empty, "
+                                                  "and only with quiesce")
         if self.destination is not None:
             if self.target_dir is not None:
                 raise InvalidParameter("destination", "a push backup writes its own files")

@@ -42,7 +42,7 @@ from .names import Layout, export_token
 from .qsd import Export, Image, StorageDaemon, StorageDaemonError
 from .roles import user_name
 from .source import Begun, Exported, Plan, Sink, Unowned, select_disks
-from .virt import Virt
+from .virt import AgentError, Virt
 
 log = structlog.get_logger()
 
@@ -141,6 +141,12 @@ class OfflineSource:
             if newest is None or (info.created or 0) >= newest[0]:
                 newest = (info.created or 0, name)
         return None if newest is None else newest[1]
+
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+        raise AgentError("the domain is shut off: nothing to freeze")
+
+    async def thaw(self, job: Job) -> None:
+        pass  # nothing was frozen
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         exports = self._exports.pop(job.id, None)

@@ -52,6 +52,8 @@ class Plan:
     full: dict[str, str] = field(default_factory=dict)
     #: The domain is shut off (offline.py serves it).
     offline: bool = False
+    #: Its guest agent is connected (it can freeze the filesystems).
+    agent: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,13 @@ class BackupSource(Protocol):
         """Begin the backup, creating `job.checkpoint`. A disk whose base cannot be
         used is backed up in full instead: `bases` is updated with why. Raises
         LibvirtError (and PullbackError) when it did not begin."""
+
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+        """Freeze the guest's filesystems for the job's backup to begin. Raises
+        AgentError."""
+
+    async def thaw(self, job: Job) -> None:
+        """Thaw them (nothing frozen: nothing to do). Raises AgentError."""
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         """The backup the source began: how it serves each disk. Raises LibvirtError
@@ -191,7 +200,14 @@ class LibvirtSource:
         chosen, skip = select_disks(domain, disks, wanted)
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full)
+        return Plan(tuple(chosen), skip, sizes, full, agent=xml.agent_connected(dom.xml))
+
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+        count = await self._virt.fs_freeze(job.domain, mountpoints)
+        log.info("froze the guest's filesystems", job=job.id, filesystems=count)
+
+    async def thaw(self, job: Job) -> None:
+        await self._virt.fs_thaw(job.domain)
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         bitmaps = [d for d, b in bases.items() if b.bitmap]

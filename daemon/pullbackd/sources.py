@@ -37,6 +37,12 @@ class Sources:
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         await self._of(job).begin(job, bases, skip)
 
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+        await self._of(job).freeze(job, mountpoints)
+
+    async def thaw(self, job: Job) -> None:
+        await self._of(job).thaw(job)
+
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         return await self._of(job).exports(job, bases)
 

@@ -105,6 +105,10 @@ class BrokenBitmap(Exception):
         self.disk = disk
 
 
+class AgentError(Exception):
+    """The guest agent did not do what was asked; the message is libvirt's."""
+
+
 class ShutOff(Exception):
     """What was asked needs the domain running (libvirt's part of it); the domain is off."""
 
@@ -368,6 +372,21 @@ class Virt:
         if unsafe:
             flags |= libvirt.VIR_MIGRATE_UNSAFE
         await self._run(domain, lambda dom: dom.migrateToURI3(destination, {}, flags))
+
+    async def fs_freeze(self, domain: str, mountpoints: list[str] | None) -> int:
+        """Freeze the guest's filesystems (`mountpoints`, or all) through its agent: how
+        many. Raises AgentError."""
+        return await self._agent(domain, lambda dom: dom.fsFreeze(mountpoints, 0))
+
+    async def fs_thaw(self, domain: str) -> int:
+        """Thaw every frozen filesystem of the guest (none frozen: 0). Raises AgentError."""
+        return await self._agent(domain, lambda dom: dom.fsThaw(None, 0))
+
+    async def _agent(self, domain: str, fn: Callable[[Any], int]) -> int:
+        try:
+            return int(await self._run(domain, fn))
+        except LibvirtError as e:
+            raise AgentError(e.parameters["message"]) from None
 
     async def abort_job(self, domain: str) -> bool:
         """End the domain's job, False if it had none. For a pull backup this is the normal end."""

@@ -153,6 +153,13 @@ def checkpoint(name: str, bitmaps: list[str], skip: tuple[str, ...]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def agent_connected(domain_xml: str) -> bool:
+    """Whether the domain's guest agent is connected (its channel's live state)."""
+    root = _parse(domain_xml)
+    return any(t.get("name") == "org.qemu.guest_agent.0" and t.get("state") == "connected"
+               for t in root.iterfind("./devices/channel/target"))
+
+
 def made_checkpoint(name: str, parent: str | None, created: int, bitmaps: list[str],
                     skip: tuple[str, ...]) -> str:
     """A checkpoint pullbackd made itself (a shut-off domain's, offline.py), for libvirt to

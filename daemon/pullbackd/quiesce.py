@@ -1,0 +1,105 @@
+"""Consistent backups: the guest's filesystems frozen through its agent while the backup
+begins, and thawed right after.
+
+The freeze lasts as long as the source takes to begin (libvirt's backup begin: the
+checkpoint's bitmaps and the point in time are taken then), never while data is read: a
+guest's own software (Windows' VSS) holds a freeze for about 10 s at most.
+
+Invariants:
+- A guest frozen by pullbackd is thawed on every path: after the begin, whether it worked or
+  not, shielded from cancellation; at a restart after a crash, for every job that was still
+  starting (recovery in jobs.py); a thaw that fails is retried, then logged with what the
+  operator can do.
+- "required" changes nothing when no agent is connected (checked before anything is
+  recorded) and fails the job when the agent does not freeze; "auto" goes on
+  crash-consistent, with a warning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import structlog
+
+from . import crash
+from .errors import QuiesceFailed
+from .model import Job, StartRequest
+from .source import BackupSource, Plan
+from .virt import AgentError
+
+log = structlog.get_logger()
+
+#: A failed thaw is tried again this many times, a second apart.
+THAW_ATTEMPTS = 5
+NO_AGENT = "no guest agent is connected"
+
+
+@dataclass(frozen=True)
+class Quiesced:
+    """How consistent the backup is, how long the guest was frozen, and the warning to
+    give if it was meant to be frozen and was not."""
+
+    consistency: str
+    frozen: float | None = None
+    warning: str | None = None
+
+
+def check(request: StartRequest, plan: Plan) -> None:
+    """Before anything is recorded: "required" with no agent to ask is refused."""
+    if request.quiesce == "required" and not plan.offline and not plan.agent:
+        raise QuiesceFailed(request.domain, NO_AGENT)
+
+
+async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Plan,
+                begin: Callable[[], Awaitable[None]]) -> Quiesced:
+    """`begin` (the source beginning the job's backup), frozen as `request` asks.
+    Raises QuiesceFailed ("required" and the agent did not freeze), and what `begin`
+    raises."""
+    if plan.offline:
+        await begin()
+        return Quiesced("shut off")
+    if request.quiesce == "off":
+        await begin()
+        return Quiesced("crash")
+    why = NO_AGENT
+    if plan.agent:
+        try:
+            await source.freeze(job, request.mountpoints)
+        except AgentError as e:
+            why = f"the guest agent did not freeze the filesystems: {e}"
+        else:
+            return await _frozen(source, job, begin)
+    if request.quiesce == "required":
+        raise QuiesceFailed(job.domain, why)
+    await begin()
+    return Quiesced("crash", warning=f"{why}; the backup is crash-consistent")
+
+
+async def _frozen(source: BackupSource, job: Job,
+                  begin: Callable[[], Awaitable[None]]) -> Quiesced:
+    began = time.monotonic()
+    try:
+        crash.point("start.frozen")
+        await begin()
+    finally:
+        with anyio.CancelScope(shield=True):  # a guest must never stay frozen
+            await thaw(source, job)
+    return Quiesced("filesystem", round(time.monotonic() - began, 3))
+
+
+async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS) -> None:
+    """Thaw the job's guest, trying again a few times; logs what it could not do."""
+    for attempt in range(1, attempts + 1):
+        try:
+            await source.thaw(job)
+            return
+        except AgentError as e:
+            log.warning("cannot thaw the guest's filesystems", job=job.id, attempt=attempt,
+                        error=str(e))
+            if attempt < attempts:
+                await anyio.sleep(1)
+    log.error("the guest's filesystems may still be frozen: thaw them with `virsh domfsthaw "
+              f"{job.domain}`", job=job.id)

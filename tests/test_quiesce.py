@@ -1,0 +1,110 @@
+"""Consistent backups through the guest agent (quiesce.py), on the lab's agent guest: a file
+written in the guest without a sync is in the backup; the guest is thawed right after the
+backup began, and after a crash while it was frozen; without an agent, "required" changes
+nothing and "auto" warns."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from pullbackd import crash
+
+from .conftest import DISK_SIZE, Lab, lab_up, start_daemon, stop_daemon
+from .test_agent_guest import Guest
+from .test_crash import crashed
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def agent_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Guest]]:
+    """lab1 (no agent) and guest1 (an agent, ext4 on vda)."""
+    with lab_up(tmp_path_factory.mktemp("quiesce-lab"), "--domains", "1", "--size",
+                str(DISK_SIZE), "--agent-guests", "1") as lab:
+        conn = libvirt.open(lab.uri)
+        try:
+            yield lab, Guest(conn.lookupByName("guest1"), lab.dir / "disks" / "guest1-vda.qcow2")
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def guest(agent_lab: tuple[Lab, Guest]) -> Iterator[Guest]:
+    """The guest, thawed after the test whatever happened."""
+    yield agent_lab[1]
+    if agent_lab[1].agent("guest-fsfreeze-status") != "thawed":
+        agent_lab[1].agent("guest-fsfreeze-thaw")
+
+
+def backed_up_file(url: str, path: str, tmp_path: Path) -> bytes:
+    """The file `path` of the ext4 filesystem in the backup at `url` (nbdcopy, debugfs)."""
+    raw = tmp_path / "backup.raw"
+    subprocess.run(["nbdcopy", url, str(raw)], check=True, timeout=120)
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True,
+                          check=True).stdout
+
+
+def test_a_file_not_yet_synced_is_in_a_quiesced_backup(
+        agent_lab: tuple[Lab, Guest], guest: Guest, tmp_path: Path) -> None:
+    lab = agent_lab[0]
+    name, token = f"q-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    assert guest.run("/bin/sh", "-c", f"printf %s {token} > /data/{name}") == (0, b"")
+    assert guest.host_view(f"/{name}", tmp_path) == b""  # in the page cache only
+    d = start_daemon(tmp_path / "pullbackd", lab.uri)
+    try:
+        job = d.ctl.job("Start", domain="guest1", quiesce="required")
+        assert (job["quiesce"], job["consistency"]) == ("required", "filesystem"), job
+        assert 0 < job["frozen"] < 30, job
+        assert guest.agent("guest-fsfreeze-status") == "thawed"
+        assert backed_up_file(job["disks"][0]["url"], f"/{name}", tmp_path) == token.encode()
+        assert d.ctl.job("Finish", id=job["id"])["state"] == "completed"
+        log = d.log_text()
+        assert "froze the guest's filesystems" in log
+    finally:
+        stop_daemon(d)
+
+
+def test_a_crash_while_frozen_is_thawed_at_the_restart(
+        agent_lab: tuple[Lab, Guest], guest: Guest, tmp_path: Path) -> None:
+    lab = agent_lab[0]
+    base = tmp_path / "pullbackd"
+    d = start_daemon(base, lab.uri, env={crash.ENV: "start.frozen"})
+    with pytest.raises(Exception):  # noqa: B017 (the daemon dies under the call)
+        d.ctl.call("Start", domain="guest1")
+    crashed(d)
+    assert guest.agent("guest-fsfreeze-status") == "frozen"  # what a crash leaves
+    again = start_daemon(base, lab.uri)
+    try:
+        assert guest.agent("guest-fsfreeze-status") == "thawed"
+        [job] = again.ctl.call("List")["jobs"]
+        assert job["state"] == "failed", job
+        # And the next backup works, frozen and thawed again.
+        nxt = again.ctl.job("Start", domain="guest1")
+        assert nxt["consistency"] == "filesystem"
+        assert again.ctl.job("Abort", id=nxt["id"])["state"] == "aborted"
+    finally:
+        stop_daemon(again)
+
+
+def test_without_an_agent(agent_lab: tuple[Lab, Guest], tmp_path: Path) -> None:
+    """lab1 has no agent: "required" is refused and nothing is recorded; "auto" warns and
+    goes on crash-consistent."""
+    lab = agent_lab[0]
+    d = start_daemon(tmp_path / "pullbackd", lab.uri)
+    try:
+        e = d.ctl.error("Start", domain="lab1", quiesce="required")
+        assert (e.short_name, e.parameters) == (
+            "QuiesceFailed", {"domain": "lab1", "reason": "no guest agent is connected"})
+        assert d.ctl.call("List")["jobs"] == []
+        job = d.ctl.job("Start", domain="lab1")
+        assert (job["quiesce"], job["consistency"], job["frozen"]) == ("auto", "crash", None)
+        assert "no guest agent is connected; the backup is crash-consistent" in d.log_text()
+        assert d.ctl.job("Abort", id=job["id"])["state"] == "aborted"
+    finally:
+        stop_daemon(d)
