@@ -479,3 +479,55 @@ def test_a_raw_disk_is_backed_up_in_full_every_time(
     assert extents == {"vda": vda.dirty_since_mark()}
     for d in raw_domain:
         assert_image(app.image(d.name), d, tmp_path)
+
+
+@pytest.fixture
+def own_domain(lab: Lab, tmp_path: Path) -> Iterator[Disk]:
+    """A domain of the test's own like lab1 with vda alone ("ownlab"), running; its vda."""
+    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", "lab1"))
+    domain.find("name").text = "ownlab"  # type: ignore[union-attr]
+    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
+    devices = domain.find("devices")
+    for disk in list(domain.iterfind("devices/disk")):
+        if disk.find("target").get("dev") != "vda":  # type: ignore[union-attr]
+            devices.remove(disk)  # type: ignore[union-attr]
+        else:
+            path = tmp_path / "ownlab-vda.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
+                            str(DISK_SIZE)], check=True)
+            disk.find("source").set("file", str(path))  # type: ignore[union-attr]
+    (tmp_path / "ownlab.xml").write_bytes(ET.tostring(domain))
+    virsh(lab, "define", str(tmp_path / "ownlab.xml"))
+    try:
+        virsh(lab, "start", "ownlab")
+        yield Disk(lab, "ownlab", "vda")
+    finally:
+        subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", "ownlab"], check=False,
+                       capture_output=True, timeout=60)
+        virsh(lab, "undefine", "ownlab", "--checkpoints-metadata")
+
+
+def test_an_external_snapshot_between_two_backups_loses_nothing(
+        daemon: Daemon, lab: Lab, own_domain: Disk, tmp_path: Path) -> None:
+    """virsh snapshot-create-as --disk-only puts an overlay on the disk: libvirt carries the
+    checkpoint's bitmap into it, and the next incremental is exact."""
+    vda = own_domain
+    app = Appliance(daemon, "ownlab", "snap", tmp_path)
+    vda.write(0, MiB, 0x61)
+    full, _ = app.backup("full")
+    vda.mark()
+    vda.write(2 * MiB, 64 << 10, 0x62)  # before the overlay: in the base image
+    overlay = tmp_path / "ownlab-vda.s1.qcow2"
+    virsh(lab, "snapshot-create-as", "ownlab", "s1", "--disk-only", "--no-metadata",
+          "--diskspec", f"vda,file={overlay}")
+    vda.write(6 * MiB, 64 << 10, 0x63)  # after: in the overlay
+    incr, extents = app.backup("incremental")
+    [disk] = incr["disks"]
+    if disk["mode"] == "incremental":
+        assert disk["since"] == full["checkpoint"]
+        assert extents == {"vda": vda.dirty_since_mark()}
+    else:  # or a full backup of that disk, saying why
+        assert disk["fallback"], disk
+    assert_image(app.image("vda"), vda, tmp_path)
+    print(f"after an external snapshot the disk was backed up {disk['mode']}"
+          f"{': ' + disk['fallback'] if disk['fallback'] else ''}")
