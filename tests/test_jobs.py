@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from pullbackd import errors
+from pullbackd import errors, quiesce
 from pullbackd.admission import Admission
 from pullbackd.chain import Base, Chains
 from pullbackd.exports import Exports
@@ -1149,3 +1149,21 @@ async def test_quiesce_off_never_asks_the_agent(tmp_path: Path, source: FakeSour
                     StartRequest("d2", mountpoints=["data"]), StartRequest("d2", mountpoints=[])):
             with pytest.raises(errors.InvalidParameter):
                 await rig.jobs.start(bad)
+
+
+async def test_a_thaw_that_fails_hides_nothing_and_a_failed_freeze_is_thawed(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A thaw that raises (the domain went, say) is logged, and the backup that began is
+    served; a freeze that failed may have frozen all the same: it is thawed once."""
+    source.agents.add("d1")
+    source.errors["thaw"] = errors.NoSuchDomain("d1")
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert (job.state, job.consistency) == (JobState.READY, "filesystem")
+        assert source.called("thaw") == ["d1"] * quiesce.THAW_ATTEMPTS
+        await rig.jobs.abort(job.id)
+        del source.errors["thaw"]
+        source.errors["freeze"] = AgentError("timed out")
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert job.consistency == "crash"
+        assert source.called("thaw")[quiesce.THAW_ATTEMPTS:] == ["d1"]

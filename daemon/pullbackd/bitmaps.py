@@ -31,8 +31,17 @@ async def of(image: Path) -> dict[str, tuple[str, ...]]:
 
 
 def usable(flags: tuple[str, ...] | None) -> bool:
-    """Whether a bitmap with these flags (None: no such bitmap) can start a backup."""
-    return flags is not None and "in-use" not in flags
+    """Whether a bitmap with these flags (None: no such bitmap) can start a backup: it is
+    there, it recorded every write ("auto"), and no QEMU left it open ("in-use"), as
+    libvirt requires of a checkpoint's bitmap."""
+    return flags is not None and "auto" in flags and "in-use" not in flags
+
+
+async def backing(image: Path) -> str | None:
+    """The image's backing file, if it has one. Raises LibvirtError."""
+    info = json.loads(await _qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(image)))
+    backing_file: str | None = info.get("backing-filename")
+    return backing_file
 
 
 async def remove(image: Path, name: str) -> None:

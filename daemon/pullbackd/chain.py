@@ -137,6 +137,9 @@ class Chains:
         if not ours:
             return
         known = set(await self._virt.checkpoints(domain))
+        # libvirt validates bitmaps in a running domain only (offline.py checks each in
+        # the image itself before it starts from one).
+        validate = (await self._virt.domain(domain)).running
         for c in ours:  # oldest first: a parent is redefined before its children
             if c.name in known or c.xml is None:
                 continue
@@ -144,7 +147,7 @@ class Chains:
             if (parent := xml.parse_checkpoint(text).parent) and parent not in known:
                 text = xml.without_parent(text)
             try:
-                await self._virt.redefine_checkpoint(domain, text, validate=True)
+                await self._virt.redefine_checkpoint(domain, text, validate=validate)
             except BrokenBitmap as e:
                 # Define it all the same: the backup itself checks each disk's
                 # bitmap and falls back to full for the broken ones alone.
@@ -254,8 +257,8 @@ class Chains:
 
     async def _delete_offline(self, c: Checkpoint) -> None:
         """libvirt deletes no bitmap of a shut-off domain: they go out of its images
-        first, then libvirt's metadata of the checkpoint (a crash between leaves metadata
-        whose bitmaps are gone, which the next delete takes as it is)."""
+        first, then libvirt's metadata of the checkpoint (after a crash between the two,
+        the next delete finds the bitmaps gone and deletes the metadata alone)."""
         dom = await self._virt.domain(c.domain)
         images = {d.target: Path(d.source) for d in xml.parse_disks(dom.xml)
                   if d.source is not None and d.no_bitmap is None}

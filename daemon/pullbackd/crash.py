@@ -25,6 +25,7 @@ STATUS = 137
 POINTS = (
     "start.recorded",      # the job and its pending checkpoint are in the database
     "start.frozen",        # the guest agent froze the guest's filesystems (quiesce)
+    "start.served",        # a shut-off domain's qemu-storage-daemon serves, no checkpoint yet
     "start.begun",         # libvirt runs the backup and created the checkpoint
     "start.ready",         # the job is recorded ready (or running)
     "end.sessions",        # a job that ends: its appliances' sessions are closed

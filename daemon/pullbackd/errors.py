@@ -74,8 +74,7 @@ class TargetNotWritable(PullbackError):
 class ImageNotReachable(PullbackError):
     def __init__(self, domain: str, disk: str, path: str, reason: str) -> None:
         super().__init__(
-            f"{domain!r} is shut off and pullbackd cannot open {disk}'s image {path}: {reason}; "
-            "back it up while it runs, or let pullbackd's user read and write the image",
+            f"{domain!r} is shut off and pullbackd cannot serve {disk}'s image {path}: {reason}",
             domain=domain, disk=disk, path=path, reason=reason)
 
 

@@ -13,19 +13,23 @@ a restart of pullbackd would cut every reader.
 Invariants:
 - A job's daemon holds every image of the job's disks, read-only once it serves: QEMU cannot
   open them for writing, so the domain cannot start under the backup ("Failed to get "write"
-  lock"), and a kill of the daemon leaves no bitmap in use.
-- A disk backed up since a checkpoint starts from that checkpoint's own bitmap, present and
-  consistent in its image (bitmaps.py); else in full, with why.
+  lock"), and a kill of the daemon from then on leaves no bitmap in use (a start that fails
+  before quits it, and takes the new bitmap out again).
+- Only images without a backing file are served: in a chain of layers a checkpoint's bitmap
+  is spread over them all (libvirt merges every layer's), and the top one alone would miss
+  writes.
+- A disk backed up since a checkpoint starts from that checkpoint's own bitmap, present,
+  recording and consistent in its image (bitmaps.py); else in full, with why.
 - The checkpoint exists in libvirt only once its bitmaps exist in the images; a start that
   fails leaves neither.
 - The daemon outlives pullbackd (its own session): a later run finds it by its PID file.
 
-Push backups (`target_dir`) of a shut-off domain are not offered yet.
+A push backup (`target_dir`) runs a backup job per disk in the daemon, into new qcow2
+files named as libvirt names its own; the job ends when they all ended.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -34,12 +38,12 @@ from pathlib import Path
 import anyio
 import structlog
 
-from . import bitmaps, xml
+from . import bitmaps, crash, xml
 from .chain import Base
-from .errors import DomainNotRunning, ImageNotReachable, InvalidParameter, LibvirtError
+from .errors import ImageNotReachable, InvalidParameter, LibvirtError
 from .model import Job, Kind, Scratch
-from .names import Layout, export_token
-from .qsd import Export, Image, StorageDaemon, StorageDaemonError
+from .names import Layout, export_token, job_file
+from .qsd import Export, Image, StorageDaemon, StorageDaemonError, Target, pushed
 from .roles import user_name
 from .source import Begun, Exported, Plan, Sink, Unowned, select_disks
 from .virt import AgentError, Virt
@@ -57,23 +61,24 @@ class OfflineSource:
     def __init__(self, virt: Virt, layout: Layout) -> None:
         self._virt = virt
         self._layout = layout
-        #: Jobs whose daemon runs (or ran) in this run of pullbackd: job id -> domain.
-        self._watched: dict[str, str] = {}
+        #: Jobs whose daemon runs (or ran) in this run of pullbackd: job id -> the job.
+        self._watched: dict[str, Job] = {}
         #: Each job's export names, from `begin` to `exports`.
         self._exports: dict[str, list[Export]] = {}
+        #: Each job's daemon (the one this run started keeps its process, to reap it).
+        self._daemons: dict[str, StorageDaemon] = {}
 
     def _daemon(self, job_id: str) -> StorageDaemon:
-        return StorageDaemon(self._layout.qsd_monitor(job_id), self._layout.qemu_socket(job_id),
-                             self._layout.qsd_pidfile(job_id))
+        if (daemon := self._daemons.get(job_id)) is None:
+            daemon = self._daemons[job_id] = StorageDaemon(
+                self._layout.qsd_monitor(job_id), self._layout.qemu_socket(job_id),
+                self._layout.qsd_pidfile(job_id))
+        return daemon
 
     async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
         dom = await self._virt.domain(domain)
-        if dom.running:
-            raise DomainNotRunning(domain)  # the router never asks: the other source's
-        if kind == Kind.PUSH:
-            raise InvalidParameter("target_dir", (
-                f"{domain!r} is shut off: push backups of a shut-off domain are not offered "
-                "yet; use a pull backup, or a destination"))
+        if dom.running:  # the router asked while it was off
+            raise LibvirtError(-1, f"{domain!r} started meanwhile; start the backup again")
         disks = xml.parse_disks(dom.xml)
         chosen, skip = select_disks(domain, disks, wanted)
         for disk in disks:
@@ -85,6 +90,12 @@ class OfflineSource:
         for disk in disks:
             if disk.target in chosen and disk.source is not None:
                 why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
+                if why is None and disk.no_bitmap is None and \
+                        await bitmaps.backing(Path(disk.source)) is not None:
+                    # Its checkpoints' bitmaps are spread over the chain's layers (libvirt
+                    # merges them all); served alone, the top layer's would miss writes.
+                    why = ("it has a backing file (an external snapshot's overlay): back it "
+                           "up while the domain runs, or commit the snapshot")
                 if why is not None:
                     raise ImageNotReachable(domain, disk.target, disk.source, why)
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
@@ -96,6 +107,9 @@ class OfflineSource:
         if dom.running:
             raise LibvirtError(-1, f"{job.domain!r} started meanwhile; start the backup again")
         found = {d.target: d for d in xml.parse_disks(dom.xml)}
+        if missing := [d for d in bases if d not in found or found[d].source is None]:
+            raise LibvirtError(-1, f"disk {missing[0]} of {job.domain!r} changed meanwhile; "
+                                   "start the backup again")
         images = [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap)
                   for d, b in bases.items()]
         for image in images:
@@ -108,15 +122,29 @@ class OfflineSource:
                                                    f"image {state}; this disk's chain "
                                                    "restarts here")
         token = export_token()
-        exports = [Export(d, f"{d}-{token}", b.checkpoint) for d, b in bases.items()]
+        if job.target_dir is None:
+            exports, targets = [Export(d, f"{d}-{token}", b.checkpoint)
+                                for d, b in bases.items()], []
+        else:
+            exports, targets = [], [Target(d, job_file(Path(job.target_dir), job.id, d),
+                                           b.checkpoint) for d, b in bases.items()]
+            for target in targets:  # new files, like libvirt's push targets
+                await _create(target.path, await self._virt.capacity(job.domain, target.disk))
         with_bitmap = [i.disk for i in images if i.bitmap]
         daemon = self._daemon(job.id)
         try:
-            await daemon.start(images, job.checkpoint, exports)
-        except StorageDaemonError as e:
-            raise LibvirtError(-1, str(e)) from None
-        self._watched[job.id] = job.domain
+            await daemon.start(images, job.checkpoint, exports, targets)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                for target in targets:  # no file that looks like a backup
+                    await anyio.Path(target.path).unlink(missing_ok=True)
+                await self._forget_bitmaps(images, job.checkpoint)
+            if isinstance(e, StorageDaemonError):
+                raise LibvirtError(-1, str(e)) from None
+            raise
+        self._watched[job.id] = job
         self._exports[job.id] = exports
+        crash.point("start.served")
         if not with_bitmap:
             return
         try:
@@ -126,11 +154,19 @@ class OfflineSource:
         except BaseException:
             with anyio.CancelScope(shield=True):  # the bitmaps must not outlive the failure
                 await self._stop(job.id)
-                for image in images:
-                    if image.bitmap:
-                        with contextlib.suppress(LibvirtError):
-                            await bitmaps.remove(image.path, job.checkpoint)
+                await self._forget_bitmaps(images, job.checkpoint)
             raise
+
+    @staticmethod
+    async def _forget_bitmaps(images: list[Image], checkpoint: str) -> None:
+        """The checkpoint's bitmaps out of the images, after a start that failed."""
+        for image in images:
+            if image.bitmap:
+                try:
+                    await bitmaps.remove(image.path, checkpoint)
+                except LibvirtError as e:
+                    log.warning("cannot remove the bitmap of a backup that did not start",
+                                image=str(image.path), checkpoint=checkpoint, error=str(e))
 
     async def _newest(self, domain: str) -> str | None:
         """The domain's newest checkpoint: the parent of one made now (libvirt's own next
@@ -149,6 +185,10 @@ class OfflineSource:
         pass  # nothing was frozen
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
+        if job.target_dir is not None:
+            return Begun(None, tuple(
+                Exported(d, None, None, job_file(Path(job.target_dir), job.id, d),
+                         bases[d].checkpoint) for d in bases))
         exports = self._exports.pop(job.id, None)
         if exports is None:
             raise LibvirtError(-1, "the exports of this backup are not known in this run")
@@ -161,7 +201,7 @@ class OfflineSource:
 
     async def running(self, job: Job) -> bool:
         if await self._daemon(job.id).running():
-            self._watched[job.id] = job.domain  # adopted: watched from now on
+            self._watched[job.id] = job  # adopted: watched from now on
             return True
         return False
 
@@ -177,6 +217,7 @@ class OfflineSource:
         self._watched.pop(job_id, None)
         self._exports.pop(job_id, None)
         await self._daemon(job_id).stop()
+        self._daemons.pop(job_id, None)
 
     async def why_ended(self, job: Job, error: str | None) -> str:
         reason = "the qemu-storage-daemon serving the shut-off domain's disks ended"
@@ -196,15 +237,32 @@ class OfflineSource:
         return None  # no scratch: nothing writes the images while they are served
 
     async def follow(self, sink: Sink, started: Callable[[], None]) -> None:
-        """A daemon that ended without pullbackd asking ends its job (`Sink.ended`)."""
+        """A daemon that ended without pullbackd asking ends its job, and so does the end
+        of a push backup's copy (`Sink.ended`)."""
         started()
         while True:
             await anyio.sleep(WATCH_INTERVAL)
-            for job_id, domain in list(self._watched.items()):
-                if not await self._daemon(job_id).running() and \
-                        self._watched.get(job_id) == domain:
+            for job_id, job in list(self._watched.items()):
+                outcome = await self._outcome(job)
+                if outcome is not None and self._watched.get(job_id) is job:
                     del self._watched[job_id]
-                    sink.ended(domain, False, "qemu-storage-daemon ended")
+                    # A push's daemon has nothing more to do: the images go back to the
+                    # domain before the job ends.
+                    await self._stop(job_id)
+                    sink.ended(job.domain, *outcome)
+
+    async def _outcome(self, job: Job) -> tuple[bool, str | None] | None:
+        """How the job's backup ended, if it did: its daemon is gone, or it pushed all."""
+        daemon = self._daemon(job.id)
+        if not await daemon.running():
+            return False, "qemu-storage-daemon ended"
+        if job.target_dir is None:
+            return None
+        try:
+            done, error = await anyio.to_thread.run_sync(pushed, daemon.qmp)
+        except (OSError, StorageDaemonError):
+            return None  # asked again at the next look
+        return (error is None, error) if done else None
 
     async def unowned(self, busy: Callable[[str], bool]) -> list[Unowned]:
         return []  # a daemon no job owns is stopped by `sweep`
@@ -220,5 +278,17 @@ def _unreachable(image: Path) -> str | None:
     if not image.exists():
         return "no such file"
     if not os.access(image, os.R_OK | os.W_OK):
-        return f"not readable and writable by pullbackd's user ({user_name(os.geteuid())})"
+        return (f"not readable and writable by pullbackd's user ({user_name(os.geteuid())}): "
+                "back it up while the domain runs, or let that user read and write it")
     return None
+
+
+async def _create(path: Path, size: int) -> None:
+    """A new qcow2 file of `size` bytes for a push target; one already there is refused."""
+    if await anyio.Path(path).exists():
+        raise LibvirtError(-1, f"{path} exists already")
+    proc = await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
+                                    str(size)], check=False)
+    if proc.returncode != 0:
+        raise LibvirtError(-1, f"cannot create {path}: "
+                               f"{proc.stderr.decode(errors='replace').strip()}")

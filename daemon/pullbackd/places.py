@@ -58,7 +58,6 @@ def _check_target_dir(target_dir: str) -> None:
 
 
 
-
 def _within(url: str, allowed: str) -> bool:
     """Whether an NBD URI is one `allowed` covers: the same scheme, and for a Unix
     socket a path inside the allowed one (resolved: no "..", no symlink out of it),

@@ -13,7 +13,9 @@ another; pullbackd drives it over QMP:
    killed from here on leaves no bitmap in use (an image open read-write at a kill marks
    every bitmap inconsistent: every consumer's chain would restart);
 3. one read-only export per disk (`<disk>-<token>`, the meta context
-   `qemu:dirty-bitmap:backup-<disk>` as QEMU's own pull backups have it).
+   `qemu:dirty-bitmap:backup-<disk>` as QEMU's own pull backups have it); or, for a push
+   backup, a backup job per disk into its target file (all of it, or the clusters the
+   temporary bitmap marks), as libvirt's push backups do.
 
 While it holds the images, QEMU cannot open them for writing: a start of the domain fails
 ("Failed to get "write" lock"). `quit` ends it. It writes its PID to a file, and is not
@@ -69,6 +71,19 @@ class Export:
 
     disk: str
     name: str
+    since: str | None
+
+    @property
+    def bitmap(self) -> str | None:
+        return None if self.since is None else f"backup-{self.disk}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One disk to push into a new qcow2 file, since the checkpoint `since` (None: full)."""
+
+    disk: str
+    path: Path
     since: str | None
 
     @property
@@ -141,9 +156,10 @@ class StorageDaemon:
         return argv
 
     async def start(self, images: Sequence[Image], checkpoint: str,
-                    exports: Sequence[Export]) -> None:
-        """Start it, add the bitmaps, reopen the images read-only, export each disk.
-        Raises StorageDaemonError (with what it said) and leaves nothing running."""
+                    exports: Sequence[Export], targets: Sequence[Target] = ()) -> None:
+        """Start it, add the bitmaps, reopen the images read-only, export each disk, or
+        push it into its target (a qcow2 file made already). Raises StorageDaemonError
+        (with what it said) and leaves nothing running."""
         for path in (self.qmp, self.nbd, self.pidfile):
             path.unlink(missing_ok=True)
         # Its own session: not in pullbackd's process group, not killed with it.
@@ -153,13 +169,22 @@ class StorageDaemon:
         try:
             monitor = await self._connect(proc)
             try:
-                await anyio.to_thread.run_sync(_prepare, monitor, images, checkpoint, exports)
+                served: list[Export | Target] = [*exports, *targets]
+                await anyio.to_thread.run_sync(_prepare, monitor, images, checkpoint, served)
+                await anyio.to_thread.run_sync(_push, monitor, targets)
             finally:
                 monitor.close()
         except BaseException as e:
             with anyio.CancelScope(shield=True):  # never leave it holding the images
                 if proc.returncode is None:
-                    proc.kill()
+                    # `quit` closes the images as they should be: killed while they are
+                    # open for writing, it would leave every bitmap in them inconsistent.
+                    with anyio.move_on_after(STOP_TIMEOUT):
+                        with contextlib.suppress(OSError, StorageDaemonError):
+                            await anyio.to_thread.run_sync(_quit, self.qmp)
+                        await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
                 await proc.wait()
                 said = await _said(proc)
                 for path in (self.qmp, self.nbd, self.pidfile):
@@ -245,14 +270,14 @@ async def _said(proc: Process) -> str:
 
 
 def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
-             exports: Sequence[Export]) -> None:
+             served: Sequence[Export | Target]) -> None:
     """The bitmaps, the images reopened read-only, the exports (the module's steps)."""
     actions: list[dict[str, Any]] = []
     for image in images:
         if image.bitmap:
             actions.append({"type": "block-dirty-bitmap-add", "data": {
                 "node": image.disk, "name": checkpoint, "persistent": True}})
-    for export in exports:
+    for export in served:
         if export.since is not None:
             actions += [
                 {"type": "block-dirty-bitmap-add", "data": {
@@ -266,11 +291,47 @@ def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
     monitor.execute("blockdev-reopen", options=[
         {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
          "read-only": True} for image in images])
-    for export in exports:
+    for export in served:
+        if isinstance(export, Target):
+            continue
         monitor.execute(
             "block-export-add", type="nbd", id=f"export-{export.disk}",
             **{"node-name": export.disk}, name=export.name, writable=False,
             **({"bitmaps": [export.bitmap]} if export.bitmap else {}))
+
+
+def _push(monitor: Monitor, targets: Sequence[Target]) -> None:
+    """A backup job per target: the whole disk, or the clusters its bitmap marks."""
+    for target in targets:
+        monitor.execute("blockdev-add", driver="qcow2", **{"node-name": f"target-{target.disk}"},
+                        file={"driver": "file", "filename": str(target.path)})
+        monitor.execute(
+            "blockdev-backup", **{"job-id": f"push-{target.disk}", "auto-dismiss": False},
+            device=target.disk, target=f"target-{target.disk}",
+            sync="full" if target.bitmap is None else "bitmap",
+            **({} if target.bitmap is None else {"bitmap": target.bitmap,
+                                                  "bitmap-mode": "never"}))
+
+
+def pushed(qmp: Path) -> tuple[bool, str | None]:
+    """Whether every push job of the daemon ended, and the first error if one failed. A
+    push that ended well has its target closed here (written through and flushed) before
+    it counts as done. Blocks; raises OSError or StorageDaemonError if it cannot ask."""
+    monitor = Monitor(qmp, timeout=QMP_TIMEOUT)
+    try:
+        jobs = monitor.execute("query-jobs")
+        if any(j["status"] != "concluded" for j in jobs):
+            return False, None
+        errors = [f"{j['id']}: {j['error']}" for j in jobs if j.get("error")]
+        if errors:
+            return True, errors[0]
+        for job in jobs:
+            monitor.execute("job-dismiss", id=job["id"])
+            monitor.execute("blockdev-del", **{"node-name": "target-" + job["id"].removeprefix(
+                "push-")})
+        return True, None
+    finally:
+        monitor.close()
 
 
 def _quit(qmp: Path) -> None:

@@ -25,7 +25,7 @@ import anyio
 import structlog
 
 from . import crash
-from .errors import QuiesceFailed
+from .errors import PullbackError, QuiesceFailed
 from .model import Job, StartRequest
 from .source import BackupSource, Plan
 from .virt import AgentError
@@ -68,8 +68,11 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
     if plan.agent:
         try:
             await source.freeze(job, request.mountpoints)
-        except AgentError as e:
+        except (AgentError, PullbackError) as e:
             why = f"the guest agent did not freeze the filesystems: {e}"
+            # It may have frozen them all the same (libvirt stopped waiting first).
+            with anyio.CancelScope(shield=True):
+                await thaw(source, job, attempts=1)
         else:
             return await _frozen(source, job, begin)
     if request.quiesce == "required":
@@ -91,15 +94,18 @@ async def _frozen(source: BackupSource, job: Job,
 
 
 async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS) -> None:
-    """Thaw the job's guest, trying again a few times; logs what it could not do."""
+    """Thaw the job's guest (nothing frozen: nothing done), trying again a few times; logs
+    what it could not do, and never raises: a thaw that fails must not hide the result of
+    what it follows."""
     for attempt in range(1, attempts + 1):
         try:
             await source.thaw(job)
             return
-        except AgentError as e:
+        except (AgentError, PullbackError) as e:
             log.warning("cannot thaw the guest's filesystems", job=job.id, attempt=attempt,
                         error=str(e))
             if attempt < attempts:
                 await anyio.sleep(1)
-    log.error("the guest's filesystems may still be frozen: thaw them with `virsh domfsthaw "
-              f"{job.domain}`", job=job.id)
+    if attempts > 1:  # one attempt: after a crash, or a freeze that failed (maybe nothing)
+        log.error("the guest's filesystems may still be frozen: thaw them with `virsh "
+                  f"domfsthaw {job.domain}`", job=job.id)

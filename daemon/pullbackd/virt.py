@@ -337,9 +337,13 @@ class Virt:
             try:
                 checkpoint = dom.checkpointLookupByName(name)
             except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-                    return
-                raise
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                    raise
+                # Unknown to libvirt. A shut-off domain's images may still hold its bitmap
+                # (pullbackd died before libvirt took the checkpoint in): the caller's.
+                if not metadata_only and not dom.isActive():
+                    raise ShutOff(domain) from None
+                return
             if metadata_only:
                 checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
                 return
