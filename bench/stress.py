@@ -548,11 +548,14 @@ class Plan:
     during: list[Write]
     fault: Fault | None
     sample: bool
+    #: The domain is shut off for the cycle: pullbackd serves its disks itself (offline.py).
+    offline: bool = False
 
     def describe(self) -> str:
         fault = f" [{self.fault.kind} @ {self.fault.phase}]" if self.fault else ""
         disks = f" {','.join(self.disks)}" if self.disks else ""
-        return f"{self.domain} {self.consumer} {self.kind} {self.mode}{disks}{fault}"
+        off = " (shut off)" if self.offline else ""
+        return f"{self.domain} {self.consumer} {self.kind} {self.mode}{disks}{off}{fault}"
 
 
 @dataclass
@@ -642,6 +645,8 @@ class Stress:
         # The report.
         self.outcomes: Counter[str] = Counter()
         self.kinds: Counter[str] = Counter()
+        #: Backups started with the domain running, and shut off.
+        self.power: Counter[str] = Counter()
         self.modes: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self.events: list[Event] = []
@@ -730,13 +735,20 @@ class Stress:
         chosen = forced or (drawn if with_fault and self.faults else None)
         phase_draw, delay = rng.random(), rng.uniform(0.0, 0.85)
         sample = rng.random() < 0.3
+        offline = rng.random() < self.args.offline_rate
+        if offline:
+            # Nothing writes a shut-off domain, and it has no QEMU to kill.
+            during = [w for w in during if w.domain != domain]
+            if chosen == "qemu":
+                chosen = None
         fault = None
         if chosen is not None:
             if chosen == "fail":
                 kind = "pull"
             phases = PHASES[chosen, kind]
             fault = Fault(chosen, phases[int(phase_draw * len(phases))], delay)
-        return Plan(n, domain, consumer, kind, mode, disks, pick, before, during, fault, sample)
+        return Plan(n, domain, consumer, kind, mode, disks, pick, before, during, fault, sample,
+                    offline)
 
     def draw_writes(self, focus: str, count: int) -> list[Write]:
         rng, size = self.rng, self.lab.size
@@ -779,6 +791,16 @@ class Stress:
 
     def run_cycle(self, plan: Plan) -> None:
         self.guest(plan.before)
+        if not plan.offline:
+            self.backup(plan)
+            return
+        self.lab.run("stop", plan.domain)
+        try:
+            self.backup(plan)
+        finally:
+            self.lab.run("start", plan.domain)
+
+    def backup(self, plan: Plan) -> None:
         if plan.fault is not None and plan.fault.phase == "idle":
             self.inject(plan.fault, plan, None, "between cycles")
         key = plan.domain, plan.consumer
@@ -841,6 +863,7 @@ class Stress:
         self.last_job[plan.domain] = job["id"]
         self.inflight = job
         self.kinds[plan.kind] += 1
+        self.power["shut off" if plan.offline else "running"] += 1
         self.modes[job["mode"]] += 1
         if self.event is not None:
             self.event.job = job["id"]
@@ -1496,6 +1519,7 @@ class Stress:
                 "completed": self.outcomes["completed"],
                 "by_outcome": dict(self.outcomes),
                 "by_kind": dict(self.kinds),
+                "by_power": dict(self.power),
                 "by_mode": dict(self.modes),
                 "fallbacks": dict(self.fallbacks),
             },
@@ -1547,7 +1571,7 @@ def table(report: dict[str, Any]) -> str:
         f"{report['seconds']:.0f} s (daemon: {report['daemon_source']})",
         "",
         f"  {'backups started':<22}{backups['started']} ({counts(backups['by_kind'])}; "
-        f"{counts(backups['by_mode'])})",
+        f"{counts(backups['by_mode'])}; {counts(backups.get('by_power', {}))})",
         f"  {'completed':<22}{backups['completed']}",
         f"  {'by outcome':<22}{counts(backups['by_outcome'])}",
     ]
@@ -1633,6 +1657,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="part of each disk the guest writes first (default 0.5)")
     parser.add_argument("--keep-images", type=int, default=3,
                         help="images an appliance keeps per disk (default 3)")
+    parser.add_argument("--offline-rate", type=float, default=0.2,
+                        help="share of cycles whose domain is shut off for the backup "
+                             "(default 0.2)")
     parser.add_argument("--report", type=Path, help="write the report here as JSON")
     parser.add_argument("--lab", type=Path,
                         help="use this lab, up already and fresh (not torn down at the end)")

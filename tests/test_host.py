@@ -207,6 +207,8 @@ def test_the_package_installs_and_starts(host: Host) -> None:
     for page in ("man8/pullbackd.8.gz", "man1/pullbackctl.1.gz", "man5/pullbackd.toml.5.gz"):
         assert host.path(f"/usr/share/man/{page}").stat().st_size > 1000, page
     assert host.path("/usr/share/bash-completion/completions/pullbackctl").stat().st_size
+    # libvirt's hook that names the job when a start of a domain backed up shut off is refused
+    assert host.path("/etc/libvirt/hooks/qemu.d/pullbackd").stat().st_mode & 0o111
     # The control socket is the socket unit's: root's, for the group pullbackd.
     assert host.run("stat", "-c", "%a %U %G", "/run/pullbackd/control.sock").stdout.split() \
         == ["660", "root", "pullbackd"]

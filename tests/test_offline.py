@@ -6,6 +6,7 @@ what the guest wrote; chains go on across power states both ways.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from .test_chains import Appliance, libvirt_checkpoints, qemu_img_compare, virsh
 from .test_crash import crashed
 
 DOMAIN = "lab3"
+HOOK = Path(__file__).resolve().parent.parent / "libvirt-hooks" / "qemu.d" / "pullbackd"
 
 
 @pytest.fixture
@@ -266,3 +268,31 @@ def test_a_disk_with_a_backing_file_is_refused_while_off(
         assert daemon.ctl.call("List")["jobs"] == jobs
     finally:
         virsh(lab, "undefine", "layered")
+
+
+def test_the_hook_refuses_a_start_under_a_backup_naming_the_job(
+        daemon: Daemon, lab: Lab, vda: Disk, tmp_path: Path) -> None:
+    """libvirt's qemu hook of the package (libvirt/hooks/qemu.d/pullbackd), pointed at this
+    daemon's folder: the start is refused with the job's id and what to do; once the backup
+    ended, the domain starts."""
+    hooks = lab.dir / "etc" / "hooks" / "qemu.d"
+    hooks.mkdir(parents=True, exist_ok=True)
+    hook = hooks / "pullbackd"
+    hook.write_text(HOOK.read_text().replace("/run/pullbackd/exports/.qemu",
+                                             str(daemon.exports / ".qemu")))
+    hook.chmod(0o755)
+    libvirtd = json.loads((lab.dir / "state.json").read_text())["libvirtd_pid"]
+    os.kill(libvirtd, signal.SIGHUP)  # libvirt reads qemu.d/ again at a reload
+    try:
+        lab.run("stop", DOMAIN)
+        job = daemon.ctl.job("Start", domain=DOMAIN, disks=["vda"], consumer="hook")
+        start = subprocess.run(["virsh", "-q", "-c", lab.uri, "start", DOMAIN],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert start.returncode != 0, start
+        assert f"(job {job['id']})" in start.stderr, start.stderr
+        assert f"pullbackctl backup abort {job['id']}" in start.stderr, start.stderr
+        assert daemon.ctl.job("Abort", id=job["id"])["state"] == "aborted"
+        lab.run("start", DOMAIN)  # the hook lets it through now
+    finally:
+        hook.unlink()
+        os.kill(libvirtd, signal.SIGHUP)

@@ -95,7 +95,8 @@ async def test_a_full_export_is_the_image_and_adds_the_checkpoint(
     await anyio.run_process(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image),
                              str(reference)])
     d = daemon(tmp_path)
-    await d.start([Image("vda", image)], "pullbackd.default.a", [Export("vda", "vda-t", None)])
+    await d.start("vm", [Image("vda", image)], "pullbackd.default.a",
+                  [Export("vda", "vda-t", None)])
     try:
         assert await d.running()
         assert await anyio.to_thread.run_sync(read_all, url(d, "vda-t")) == \
@@ -103,7 +104,7 @@ async def test_a_full_export_is_the_image_and_adds_the_checkpoint(
     finally:
         await d.stop()
     assert not await d.running()
-    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile))
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile, d.log, d.marker))
     # The checkpoint's bitmap is in the image, recording (libvirt's own would be "auto").
     assert bitmaps(image) == {"pullbackd.default.a": ["auto"]}
 
@@ -111,10 +112,10 @@ async def test_a_full_export_is_the_image_and_adds_the_checkpoint(
 async def test_an_incremental_export_marks_exactly_what_changed(
         tmp_path: Path, image: Path) -> None:
     d = daemon(tmp_path)
-    await d.start([Image("vda", image)], "c1", [Export("vda", "vda-1", None)])
+    await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-1", None)])
     await d.stop()
     qemu_io(image, "write -q -P 0x33 4M 64k", "write -q -P 0x44 40M 128k")
-    await d.start([Image("vda", image)], "c2", [Export("vda", "vda-2", "c1")])
+    await d.start("vm", [Image("vda", image)], "c2", [Export("vda", "vda-2", "c1")])
     try:
         assert await anyio.to_thread.run_sync(
             dirty, url(d, "vda-2"), "qemu:dirty-bitmap:backup-vda") == [
@@ -132,14 +133,14 @@ async def test_a_refused_start_leaves_nothing(tmp_path: Path, image: Path) -> No
     await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "old"])
     d = daemon(tmp_path)
     with pytest.raises(StorageDaemonError, match="'nope' not found"):
-        await d.start([Image("vda", image)], "c1", [Export("vda", "vda-t", "nope")])
+        await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-t", "nope")])
     assert not await d.running()
-    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile))
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile, d.log, d.marker))
     assert bitmaps(image) == {"old": ["auto"]}  # the transaction is all or nothing
     with pytest.raises(StorageDaemonError, match="did not start"):
-        await d.start([Image("vda", tmp_path / "missing.qcow2")], "c1",
+        await d.start("vm", [Image("vda", tmp_path / "missing.qcow2")], "c1",
                       [Export("vda", "vda-t", None)])
-    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile))
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile, d.log, d.marker))
 
 
 async def test_kill_9_while_it_serves_leaves_the_bitmaps_usable(
@@ -147,20 +148,20 @@ async def test_kill_9_while_it_serves_leaves_the_bitmaps_usable(
     """Once it serves, the images are read-only: a kill -9 marks no bitmap in use (a
     process killed with an image open read-write leaves every bitmap inconsistent)."""
     d = daemon(tmp_path)
-    await d.start([Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
     pid = d.pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     await d.stop()  # reaps it, removes its files
     assert bitmaps(image) == {"c1": ["auto"]}
     # And the next backup since c1 works.
-    await d.start([Image("vda", image)], "c2", [Export("vda", "vda-t", "c1")])
+    await d.start("vm", [Image("vda", image)], "c2", [Export("vda", "vda-t", "c1")])
     await d.stop()
 
 
 async def test_nothing_writes_the_image_while_it_serves(tmp_path: Path, image: Path) -> None:
     d = daemon(tmp_path)
-    await d.start([Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
     try:
         refused = await anyio.run_process(
             ["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image)], check=False)

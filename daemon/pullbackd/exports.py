@@ -388,6 +388,8 @@ class _Relay:
                 client.setsockopt(socket.SOL_SOCKET, option, CHUNK // 2)
                 break
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        #: `run` has returned and closed `_wake`: its number may be another file's now.
+        self._done = False
 
     async def connect(self, upstream: Path) -> None:
         try:
@@ -417,18 +419,22 @@ class _Relay:
                 await anyio.to_thread.run_sync(self._relay, limiter=_RELAY_THREADS)
                 tg.cancel_scope.cancel()
         finally:
+            self._done = True
             os.close(self._wake)
         return self._paused and not self.errors
 
     def pause(self) -> None:
+        """(On the event loop, as `run`'s end: a relay that ended is told nothing.)"""
         self._pausing = True
-        os.eventfd_write(self._wake, 1)
+        if not self._done:
+            os.eventfd_write(self._wake, 1)
 
     def stop(self) -> None:
         if not self._stopping:
             self._stopping = True
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self._wake, 1)
+            if not self._done:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self._wake, 1)
 
     def _relay(self) -> None:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

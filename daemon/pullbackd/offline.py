@@ -128,16 +128,18 @@ class OfflineSource:
         else:
             exports, targets = [], [Target(d, job_file(Path(job.target_dir), job.id, d),
                                            b.checkpoint) for d, b in bases.items()]
-            for target in targets:  # new files, like libvirt's push targets
-                await _create(target.path, await self._virt.capacity(job.domain, target.disk))
         with_bitmap = [i.disk for i in images if i.bitmap]
         daemon = self._daemon(job.id)
+        created: list[Path] = []
         try:
-            await daemon.start(images, job.checkpoint, exports, targets)
+            for target in targets:  # new files, like libvirt's push targets
+                await _create(target.path, await self._virt.capacity(job.domain, target.disk))
+                created.append(target.path)
+            await daemon.start(job.domain, images, job.checkpoint, exports, targets)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
-                for target in targets:  # no file that looks like a backup
-                    await anyio.Path(target.path).unlink(missing_ok=True)
+                for path in created:  # no file that looks like a backup
+                    await anyio.Path(path).unlink(missing_ok=True)
                 await self._forget_bitmaps(images, job.checkpoint)
             if isinstance(e, StorageDaemonError):
                 raise LibvirtError(-1, str(e)) from None

@@ -18,9 +18,10 @@ another; pullbackd drives it over QMP:
    temporary bitmap marks), as libvirt's push backups do.
 
 While it holds the images, QEMU cannot open them for writing: a start of the domain fails
-("Failed to get "write" lock"). `quit` ends it. It writes its PID to a file, and is not
-tied to pullbackd's life: like QEMU's backups, it outlives a restart of pullbackd, which
-finds it again by that file and its QMP socket.
+("Failed to get "write" lock"). `quit` ends it. Its output goes to a file beside its PID
+file (logged when it stops, quoted when a start fails). It is not tied to pullbackd's life:
+like QEMU's backups, it outlives a restart of pullbackd, which finds it again by its PID
+file and its QMP socket.
 
 The QMP calls are blocking socket calls: they run in worker threads (`anyio.to_thread`).
 """
@@ -39,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 from anyio.abc import Process
+
+log = structlog.get_logger()
 
 PROGRAM = "qemu-storage-daemon"
 #: Seconds QMP may take to answer one command (a transaction writes bitmaps: fsync).
@@ -141,6 +145,10 @@ class StorageDaemon:
         self.qmp = qmp
         self.nbd = nbd
         self.pidfile = pidfile
+        #: What it writes on stderr, read when a start fails and logged when it stops.
+        self.log = pidfile.with_suffix(".log")
+        #: The domain whose images it holds, for libvirt's hook (libvirt-hooks/qemu.d).
+        self.marker = pidfile.with_suffix(".domain")
         #: The process, if this run of pullbackd started it (to reap it when it ends).
         self._proc: Process | None = None
 
@@ -155,17 +163,21 @@ class StorageDaemon:
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
-    async def start(self, images: Sequence[Image], checkpoint: str,
+    async def start(self, domain: str, images: Sequence[Image], checkpoint: str,
                     exports: Sequence[Export], targets: Sequence[Target] = ()) -> None:
         """Start it, add the bitmaps, reopen the images read-only, export each disk, or
         push it into its target (a qcow2 file made already). Raises StorageDaemonError
         (with what it said) and leaves nothing running."""
-        for path in (self.qmp, self.nbd, self.pidfile):
+        for path in self._files():
             path.unlink(missing_ok=True)
+        await anyio.to_thread.run_sync(_write_new, self.marker, domain)
         # Its own session: not in pullbackd's process group, not killed with it.
-        proc = await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        start_new_session=True)
+        fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            proc = await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
+                                            stdout=fd, stderr=fd, start_new_session=True)
+        finally:
+            os.close(fd)
         try:
             monitor = await self._connect(proc)
             try:
@@ -186,16 +198,25 @@ class StorageDaemon:
                     if proc.returncode is None:
                         proc.kill()
                 await proc.wait()
-                said = await _said(proc)
-                for path in (self.qmp, self.nbd, self.pidfile):
+                said = await anyio.to_thread.run_sync(self._said)
+                for path in self._files():
                     path.unlink(missing_ok=True)
             if isinstance(e, StorageDaemonError) and said:
                 raise StorageDaemonError(f"{e} ({said})") from None
             raise
-        # Nobody reads what it says from now on: it must not block on a full pipe.
-        if proc.stderr is not None:
-            await proc.stderr.aclose()
         self._proc = proc
+
+    def _files(self) -> tuple[Path, ...]:
+        return self.qmp, self.nbd, self.pidfile, self.log, self.marker
+
+    def _said(self) -> str:
+        """The end of what it wrote (at most 8 KiB). Blocks."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(os.fstat(f.fileno()).st_size - 8192, 0))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
 
     async def _connect(self, proc: Process) -> Monitor:
         """Its monitor, once it listens (the socket file comes a moment before)."""
@@ -241,7 +262,9 @@ class StorageDaemon:
         if self._proc is not None:
             await self._proc.wait()  # ours: reaped, not left a zombie
             self._proc = None
-        for path in (self.qmp, self.nbd, self.pidfile):
+        if said := await anyio.to_thread.run_sync(self._said):
+            log.info("qemu-storage-daemon said", qmp=str(self.qmp), output=said)
+        for path in self._files():
             path.unlink(missing_ok=True)
 
     async def _gone(self) -> None:
@@ -253,20 +276,16 @@ class StorageDaemon:
             await anyio.sleep(0.02)
 
 
+def _write_new(path: Path, text: str) -> None:
+    """A new file holding `text`, readable by all (libvirt's hook runs as root anyway)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _kill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-async def _said(proc: Process) -> str:
-    """What a failed start wrote on stderr (it has ended)."""
-    if proc.stderr is None:
-        return ""
-    said = b""
-    with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
-        while len(said) < 8192:
-            said += await proc.stderr.receive()
-    return said.decode(errors="replace").strip()
 
 
 def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
