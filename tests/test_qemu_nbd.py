@@ -176,4 +176,3 @@ def test_a_server_counts_once_it_greets(tmp_path: Path) -> None:
         greeter.start()
         wait_serving(sock, image, lambda: None, 5)
         greeter.join()
-
