@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,44 @@ def virsh(lab: Lab, *args: str) -> str:
 
 def libvirt_checkpoints(lab: Lab, domain: str) -> set[str]:
     return set(virsh(lab, "checkpoint-list", domain, "--name").split())
+
+
+@contextmanager
+def domain_like(lab: Lab, template: str, name: str, folder: Path,
+                disks: dict[str, tuple[Path, str]], *, start: bool = False) -> Iterator[None]:
+    """A domain `name` defined as `template` is, but for its disks: `disks` alone, each
+    target with its image file and format (made by the caller, or not: a missing image is
+    what some tests want). Destroyed and undefined, checkpoint metadata with it, after."""
+    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", template))
+    domain.find("name").text = name  # type: ignore[union-attr]
+    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
+    devices = domain.find("devices")
+    assert devices is not None
+    for disk in list(devices.iterfind("disk")):
+        target = disk.find("target").get("dev", "")  # type: ignore[union-attr]
+        if target not in disks:
+            devices.remove(disk)
+            continue
+        path, fmt = disks[target]
+        disk.find("source").set("file", str(path))  # type: ignore[union-attr]
+        disk.find("driver").set("type", fmt)  # type: ignore[union-attr]
+    (folder / f"{name}.xml").write_bytes(ET.tostring(domain))
+    virsh(lab, "define", str(folder / f"{name}.xml"))
+    try:
+        if start:
+            virsh(lab, "start", name)
+        yield
+    finally:
+        subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", name], check=False,
+                       capture_output=True, timeout=60)
+        virsh(lab, "undefine", name, "--checkpoints-metadata")
+
+
+def new_image(path: Path, fmt: str = "qcow2") -> Path:
+    """An empty disk image of DISK_SIZE."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(DISK_SIZE)],
+                   check=True)
+    return path
 
 
 def test_a_chain_keeps_what_incrementals_and_differentials_need(
@@ -430,28 +469,10 @@ def test_push_full_and_incremental_into_qcow2(
 def raw_domain(lab: Lab, tmp_path: Path) -> Iterator[tuple[Disk, Disk]]:
     """A domain like lab1 but that its vdb is a raw file ("rawlab"), for the test's length:
     its vda (qcow2) and vdb (raw)."""
-    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", "lab1"))
-    domain.find("name").text = "rawlab"  # type: ignore[union-attr]
-    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
-    for disk in domain.iterfind("devices/disk"):
-        target = disk.find("target").get("dev")  # type: ignore[union-attr]
-        path = tmp_path / f"rawlab-{target}.{'qcow2' if target == 'vda' else 'raw'}"
-        if target == "vda":
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
-                            str(DISK_SIZE)], check=True)
-        else:
-            subprocess.run(["truncate", "-s", str(DISK_SIZE), str(path)], check=True)
-            disk.find("driver").set("type", "raw")  # type: ignore[union-attr]
-        disk.find("source").set("file", str(path))  # type: ignore[union-attr]
-    (tmp_path / "rawlab.xml").write_bytes(ET.tostring(domain))
-    virsh(lab, "define", str(tmp_path / "rawlab.xml"))
-    try:
-        virsh(lab, "start", "rawlab")
+    disks = {"vda": (new_image(tmp_path / "rawlab-vda.qcow2"), "qcow2"),
+             "vdb": (new_image(tmp_path / "rawlab-vdb.raw", "raw"), "raw")}
+    with domain_like(lab, "lab1", "rawlab", tmp_path, disks, start=True):
         yield Disk(lab, "rawlab", "vda"), Disk(lab, "rawlab", "vdb")
-    finally:
-        subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", "rawlab"], check=False,
-                       capture_output=True, timeout=60)
-        virsh(lab, "undefine", "rawlab", "--checkpoints-metadata")
 
 
 def test_a_raw_disk_is_backed_up_in_full_every_time(
@@ -484,27 +505,9 @@ def test_a_raw_disk_is_backed_up_in_full_every_time(
 @pytest.fixture
 def own_domain(lab: Lab, tmp_path: Path) -> Iterator[Disk]:
     """A domain of the test's own like lab1 with vda alone ("ownlab"), running; its vda."""
-    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", "lab1"))
-    domain.find("name").text = "ownlab"  # type: ignore[union-attr]
-    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
-    devices = domain.find("devices")
-    for disk in list(domain.iterfind("devices/disk")):
-        if disk.find("target").get("dev") != "vda":  # type: ignore[union-attr]
-            devices.remove(disk)  # type: ignore[union-attr]
-        else:
-            path = tmp_path / "ownlab-vda.qcow2"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
-                            str(DISK_SIZE)], check=True)
-            disk.find("source").set("file", str(path))  # type: ignore[union-attr]
-    (tmp_path / "ownlab.xml").write_bytes(ET.tostring(domain))
-    virsh(lab, "define", str(tmp_path / "ownlab.xml"))
-    try:
-        virsh(lab, "start", "ownlab")
+    disks = {"vda": (new_image(tmp_path / "ownlab-vda.qcow2"), "qcow2")}
+    with domain_like(lab, "lab1", "ownlab", tmp_path, disks, start=True):
         yield Disk(lab, "ownlab", "vda")
-    finally:
-        subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", "ownlab"], check=False,
-                       capture_output=True, timeout=60)
-        virsh(lab, "undefine", "ownlab", "--checkpoints-metadata")
 
 
 def test_an_external_snapshot_between_two_backups_loses_nothing(

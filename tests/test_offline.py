@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,14 @@ from pullbackd import crash
 
 from .conftest import Daemon, Lab, start_daemon, stop_daemon
 from .images import Disk, MiB, assert_image
-from .test_chains import Appliance, libvirt_checkpoints, qemu_img_compare, virsh
+from .test_chains import (
+    Appliance,
+    domain_like,
+    libvirt_checkpoints,
+    new_image,
+    qemu_img_compare,
+    virsh,
+)
 from .test_crash import crashed
 
 DOMAIN = "lab3"
@@ -198,23 +204,14 @@ def test_an_image_pullbackd_cannot_open_is_refused_up_front(
         daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
     """A shut-off domain whose image is gone: a typed error naming disk and image, and
     nothing recorded, in libvirt or in pullbackd."""
-    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", DOMAIN))
-    domain.find("name").text = "ghost"  # type: ignore[union-attr]
-    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
     missing = tmp_path / "gone.qcow2"
-    for disk in domain.iterfind("devices/disk"):
-        disk.find("source").set("file", str(missing))  # type: ignore[union-attr]
-    (tmp_path / "ghost.xml").write_bytes(ET.tostring(domain))
-    virsh(lab, "define", str(tmp_path / "ghost.xml"))
-    try:
+    with domain_like(lab, DOMAIN, "ghost", tmp_path, {"vda": (missing, "qcow2")}):
         jobs = daemon.ctl.call("List")["jobs"]
         e = daemon.ctl.error("Start", domain="ghost", disks=["vda"])
         assert (e.short_name, e.parameters) == ("ImageNotReachable", {
             "domain": "ghost", "disk": "vda", "path": str(missing), "reason": "no such file"})
         assert daemon.ctl.call("List")["jobs"] == jobs
         assert libvirt_checkpoints(lab, "ghost") == set()
-    finally:
-        virsh(lab, "undefine", "ghost")
 
 
 def test_a_crash_before_libvirt_takes_the_checkpoint_in_leaves_no_bitmap(
@@ -247,27 +244,16 @@ def test_a_disk_with_a_backing_file_is_refused_while_off(
         daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
     """Its checkpoints' bitmaps are spread over the chain's layers: served alone, the top
     one's would miss writes. Refused, with why, and nothing recorded."""
-    base_image = tmp_path / "base.qcow2"
+    base_image = new_image(tmp_path / "base.qcow2")
     overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base_image), "64M"],
-                   check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base_image), "-F",
                     "qcow2", str(overlay)], check=True)
-    domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", DOMAIN))
-    domain.find("name").text = "layered"  # type: ignore[union-attr]
-    domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
-    for disk in domain.iterfind("devices/disk"):
-        disk.find("source").set("file", str(overlay))  # type: ignore[union-attr]
-    (tmp_path / "layered.xml").write_bytes(ET.tostring(domain))
-    virsh(lab, "define", str(tmp_path / "layered.xml"))
-    try:
+    with domain_like(lab, DOMAIN, "layered", tmp_path, {"vda": (overlay, "qcow2")}):
         jobs = daemon.ctl.call("List")["jobs"]
         e = daemon.ctl.error("Start", domain="layered", disks=["vda"])
         assert e.short_name == "ImageNotReachable", e
         assert "backing file" in e.parameters["reason"], e.parameters
         assert daemon.ctl.call("List")["jobs"] == jobs
-    finally:
-        virsh(lab, "undefine", "layered")
 
 
 def test_the_hook_refuses_a_start_under_a_backup_naming_the_job(

@@ -137,12 +137,14 @@ class Chains:
         if not ours:
             return
         known = set(await self._virt.checkpoints(domain))
-        # libvirt validates bitmaps in a running domain only (offline.py checks each in
-        # the image itself before it starts from one).
-        validate = (await self._virt.domain(domain)).running
+        validate: bool | None = None
         for c in ours:  # oldest first: a parent is redefined before its children
             if c.name in known or c.xml is None:
                 continue
+            if validate is None:
+                # libvirt validates bitmaps in a running domain only (offline.py checks
+                # each in the image itself before it starts from one).
+                validate = (await self._virt.domain(domain)).running
             text = c.xml
             if (parent := xml.parse_checkpoint(text).parent) and parent not in known:
                 text = xml.without_parent(text)

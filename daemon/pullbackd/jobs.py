@@ -66,7 +66,7 @@ from .records import Records
 from .repository import Repository
 from .scratch import ScratchSpace
 from .serving import Served, Serving, appliance
-from .source import BackupSource, Begun
+from .source import BackupSource, Begun, Plan
 
 if TYPE_CHECKING:
     from .state import Store
@@ -300,20 +300,7 @@ class Jobs:
         # Shielded: once the source may have begun, the outcome must be recorded
         # (and a half-started backup ended) even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
-            try:
-                quiesced = await quiesce.begin(
-                    self._source, job, request, plan,
-                    lambda: self._source.begin(job, bases, plan.skip))
-            except Exception as e:
-                await self._discard_checkpoint(job)
-                await self._records.save(job.failed(f"the backup did not start: {e}"))
-                raise
-            crash.point("start.begun")
-            job = dataclasses.replace(job, consistency=quiesced.consistency,
-                                      frozen=quiesced.frozen)
-            if quiesced.warning is not None:
-                log.warning("not frozen", job=job.id, reason=quiesced.warning)
-                self._records.publish(Change("warning", self._view(job), quiesced.warning))
+            job = await self._begin(job, request, plan, bases)
             try:
                 await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
@@ -340,6 +327,25 @@ class Jobs:
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
         return self._view(job)
+
+    async def _begin(self, job: Job, request: StartRequest, plan: Plan,
+                     bases: dict[str, Base]) -> Job:
+        """The source begins the backup, the guest frozen as the request asks (quiesce.py);
+        the job with how consistent it is. A begin that fails fails the job (raises)."""
+        try:
+            quiesced = await quiesce.begin(self._source, job, request, plan,
+                                           lambda: self._source.begin(job, bases, plan.skip))
+        except Exception as e:
+            await self._discard_checkpoint(job)
+            await self._records.save(job.failed(f"the backup did not start: {e}"))
+            raise
+        crash.point("start.begun")
+        job = dataclasses.replace(job, consistency=quiesced.consistency,
+                                  frozen=quiesced.frozen)
+        if quiesced.warning is not None:
+            log.warning("not frozen", job=job.id, reason=quiesced.warning)
+            self._records.publish(Change("warning", self._view(job), quiesced.warning))
+        return job
 
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
                      ) -> dict[str, Base]:

@@ -105,6 +105,12 @@ def job_of(path: Path) -> str:
     return path.name.split(".")[0]
 
 
+def backup_bitmap(disk: str) -> str:
+    """The temporary bitmap a shut-off domain's incremental disk is exported with (qsd.py):
+    the name libvirt gives QEMU's own, so appliances see one meta context either way."""
+    return f"backup-{disk}"
+
+
 def fd_listener(job_id: str) -> str:
     """The name in systemd's fd store of the job's endpoint's listening socket."""
     return f"{job_id}.listen"

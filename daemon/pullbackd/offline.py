@@ -81,23 +81,21 @@ class OfflineSource:
             raise LibvirtError(-1, f"{domain!r} started meanwhile; start the backup again")
         disks = xml.parse_disks(dom.xml)
         chosen, skip = select_disks(domain, disks, wanted)
-        for disk in disks:
-            if disk.target in chosen and (disk.type != "file" or disk.source is None):
+        for disk in (d for d in disks if d.target in chosen):
+            if disk.type != "file" or disk.source is None:
                 raise InvalidParameter("disks", (
                     f"{disk.target} of the shut-off domain {domain!r} is a {disk.type} disk: "
                     "only file disks are served while a domain is off; start it, or leave "
                     "the disk out"))
-        for disk in disks:
-            if disk.target in chosen and disk.source is not None:
-                why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
-                if why is None and disk.no_bitmap is None and \
-                        await bitmaps.backing(Path(disk.source)) is not None:
-                    # Its checkpoints' bitmaps are spread over the chain's layers (libvirt
-                    # merges them all); served alone, the top layer's would miss writes.
-                    why = ("it has a backing file (an external snapshot's overlay): back it "
-                           "up while the domain runs, or commit the snapshot")
-                if why is not None:
-                    raise ImageNotReachable(domain, disk.target, disk.source, why)
+            why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
+            if why is None and disk.no_bitmap is None and \
+                    await bitmaps.backing(Path(disk.source)) is not None:
+                # Its checkpoints' bitmaps are spread over the chain's layers (libvirt
+                # merges them all); served alone, the top layer's would miss writes.
+                why = ("it has a backing file (an external snapshot's overlay): back it "
+                       "up while the domain runs, or commit the snapshot")
+            if why is not None:
+                raise ImageNotReachable(domain, disk.target, disk.source, why)
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
         return Plan(tuple(chosen), skip, sizes, full, offline=True)

@@ -43,6 +43,8 @@ import anyio
 import structlog
 from anyio.abc import Process
 
+from .names import backup_bitmap
+
 log = structlog.get_logger()
 
 PROGRAM = "qemu-storage-daemon"
@@ -79,7 +81,7 @@ class Export:
 
     @property
     def bitmap(self) -> str | None:
-        return None if self.since is None else f"backup-{self.disk}"
+        return None if self.since is None else backup_bitmap(self.disk)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class Target:
 
     @property
     def bitmap(self) -> str | None:
-        return None if self.since is None else f"backup-{self.disk}"
+        return None if self.since is None else backup_bitmap(self.disk)
 
 
 class Monitor:
@@ -172,7 +174,8 @@ class StorageDaemon:
             path.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(_write_new, self.marker, domain)
         # Its own session: not in pullbackd's process group, not killed with it.
-        fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = await anyio.to_thread.run_sync(
+            os.open, self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             proc = await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
                                             stdout=fd, stderr=fd, start_new_session=True)

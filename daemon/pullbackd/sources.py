@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 
 from .chain import Base
+from .errors import DomainNotRunning
 from .model import Job, Kind, Scratch
 from .offline import OfflineSource
 from .source import Begun, LibvirtSource, Plan, Sink, Unowned
@@ -31,8 +32,11 @@ class Sources:
         return self.offline if job.offline else self.online
 
     async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
-        running = (await self._virt.domain(domain)).running
-        return await (self.online if running else self.offline).plan(domain, wanted, kind)
+        # The running domain first, as most are: one look at the domain, not two.
+        try:
+            return await self.online.plan(domain, wanted, kind)
+        except DomainNotRunning:
+            return await self.offline.plan(domain, wanted, kind)
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         await self._of(job).begin(job, bases, skip)
