@@ -211,13 +211,14 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
                  fdstore: dict[str, int] | None = None,
                  env: dict[str, str] | None = None, control: str = "",
                  stream: str = ANY_DESTINATION,
-                 socket: Path | None = None) -> Daemon:
+                 socket: Path | None = None, libvirt: str = "") -> Daemon:
     """Start pullbackd and wait for READY=1 on a NOTIFY_SOCKET of our own.
 
     `exports` is more of the [exports] section; `extra_config` more sections.
     `fdstore`: what the previous run handed over (`Daemon.manager.fdstore`).
     `env`: more environment (e.g. a crash point, see pullbackd/crash.py).
-    `control`, `stream`: more of those sections; `socket`: the control socket's path.
+    `control`, `stream`, `libvirt`: more of those sections; `socket`: the control
+    socket's path.
     """
     socket = socket or base / "control.sock"
     base.mkdir(parents=True, exist_ok=True)
@@ -226,7 +227,7 @@ def start_daemon(base: Path, uri: str, *, timeout: float = 60, repository: Path 
     exports_dir = Path(tempfile.gettempdir()) / \
         f"pbx-{hashlib.sha1(str(base).encode()).hexdigest()[:10]}"
     config.write_text(
-        f'[libvirt]\nuri = "{uri}"\n'
+        f'[libvirt]\nuri = "{uri}"\n{libvirt}\n'
         f'[control]\nsocket = "{socket}"\n{control}\n'
         f'[exports]\ndir = "{exports_dir}"\n{exports}\n'
         f'[scratch]\ndir = "{scratch or base / "scratch"}"\nreserve = {scratch_reserve}\n'

@@ -21,6 +21,7 @@ import anyio
 
 from pullbackd import xml
 from pullbackd.chain import Base
+from pullbackd.domainfiles import DEFINITION, NVRAM, DomainFiles
 from pullbackd.errors import (
     BackupInProgress,
     DomainNotRunning,
@@ -31,7 +32,7 @@ from pullbackd.errors import (
 from pullbackd.model import Job, Kind, Scratch, now
 from pullbackd.names import CONSUMER, PREFIX, job_file
 from pullbackd.source import Begun, Exported, Plan, Sink, Unowned
-from pullbackd.virt import Domain, ShutOff, Virt
+from pullbackd.virt import Definition, Domain, ShutOff, Virt
 
 #: Every domain's disks and their size in bytes (small: the scratch check is real).
 DISKS = {"vda": 1 << 20, "vdb": 2 << 20}
@@ -54,6 +55,13 @@ class FakeVirt(Virt):
     def _fail(self, method: str) -> None:
         if method in self.errors:
             raise self.errors[method]
+
+    async def definition(self, name: str) -> Definition:
+        self._fail("definition")
+        if name not in self.running:
+            raise NoSuchDomain(name)
+        xml = f"<domain><name>{name}</name></domain>"
+        return Definition(xml, xml if self.running[name] else None)
 
     async def domain(self, name: str) -> Domain:
         self._fail("domain")
@@ -147,7 +155,8 @@ class FakeSource:
     - `ended`, `stopped`, `lose`: what libvirt's events tell, through `follow`'s sink;
     - `causes[domain]`: what `cause` answers, after a copy failed;
     - `unreachable`: domains whose exports nothing reaches (their socket went);
-    - `agents`: domains whose guest agent is connected; `frozen`, those frozen now.
+    - `agents`: domains whose guest agent is connected; `frozen`, those frozen now;
+    - `nvram`: domains' NVRAM contents (`files`).
     `calls` records every call as (method, domain).
     """
 
@@ -160,6 +169,7 @@ class FakeSource:
     unreachable: set[str] = field(default_factory=set)
     agents: set[str] = field(default_factory=set)
     frozen: set[str] = field(default_factory=set)
+    nvram: dict[str, bytes] = field(default_factory=dict)
     errors: dict[str, Exception] = field(default_factory=dict)
     stalls: dict[str, Stall] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -210,6 +220,14 @@ class FakeSource:
         chosen = tuple(wanted) if wanted else tuple(self.sizes)
         return Plan(chosen, tuple(d for d in self.sizes if d not in chosen),
                     {d: self.sizes[d] for d in chosen}, agent=domain in self.agents)
+
+    async def files(self, job: Job) -> DomainFiles:
+        """The domain's files: its definition, and `nvram[domain]` if it has one."""
+        await self._enter("files", job.domain)
+        files = {DEFINITION: f"<domain><name>{job.domain}</name></domain>".encode()}
+        if job.domain in self.nvram:
+            files[NVRAM] = self.nvram[job.domain]
+        return DomainFiles(files)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         await self._enter("freeze", job.domain)

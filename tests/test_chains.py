@@ -11,7 +11,7 @@ import random
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,10 +215,12 @@ def libvirt_checkpoints(lab: Lab, domain: str) -> set[str]:
 
 @contextmanager
 def domain_like(lab: Lab, template: str, name: str, folder: Path,
-                disks: dict[str, tuple[Path, str]], *, start: bool = False) -> Iterator[None]:
+                disks: dict[str, tuple[Path, str]], *, start: bool = False,
+                edit: Callable[[ET.Element], None] | None = None) -> Iterator[None]:
     """A domain `name` defined as `template` is, but for its disks: `disks` alone, each
     target with its image file and format (made by the caller, or not: a missing image is
-    what some tests want). Destroyed and undefined, checkpoint metadata with it, after."""
+    what some tests want), and what `edit` changes. Destroyed and undefined, checkpoint
+    metadata, NVRAM and TPM state with it, after."""
     domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", template))
     domain.find("name").text = name  # type: ignore[union-attr]
     domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
@@ -232,6 +234,8 @@ def domain_like(lab: Lab, template: str, name: str, folder: Path,
         path, fmt = disks[target]
         disk.find("source").set("file", str(path))  # type: ignore[union-attr]
         disk.find("driver").set("type", fmt)  # type: ignore[union-attr]
+    if edit is not None:
+        edit(domain)
     (folder / f"{name}.xml").write_bytes(ET.tostring(domain))
     virsh(lab, "define", str(folder / f"{name}.xml"))
     try:
@@ -241,7 +245,7 @@ def domain_like(lab: Lab, template: str, name: str, folder: Path,
     finally:
         subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", name], check=False,
                        capture_output=True, timeout=60)
-        virsh(lab, "undefine", name, "--checkpoints-metadata")
+        virsh(lab, "undefine", name, "--checkpoints-metadata", "--nvram")
 
 
 def new_image(path: Path, fmt: str = "qcow2") -> Path:

@@ -58,7 +58,8 @@ CASES = [
 
 
 #: Crash points tested in a module of their own (they need a guest with an agent).
-ELSEWHERE = {"start.frozen": "test_quiesce.py", "start.served": "test_offline.py"}
+ELSEWHERE = {"start.frozen": "test_quiesce.py", "start.served": "test_offline.py",
+             "commit.files": "test_domainfiles.py"}
 
 
 def test_every_crash_point_is_tested() -> None:

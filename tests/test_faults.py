@@ -23,6 +23,7 @@ from pullbackd import api, errors, stream, xml
 from pullbackd.admission import Admission
 from pullbackd.chain import Chains
 from pullbackd.control.codec import Call
+from pullbackd.domainfiles import Reader
 from pullbackd.exports import Exports
 from pullbackd.jobs import Jobs
 from pullbackd.migration import Migrations
@@ -33,7 +34,7 @@ from pullbackd.scratch import ScratchSpace
 from pullbackd.serving import Limits, Serving
 from pullbackd.source import LibvirtSource
 from pullbackd.state import StateDamaged, Store
-from pullbackd.virt import Domain, JobEnded, Virt
+from pullbackd.virt import Definition, Domain, JobEnded, Virt
 
 DOMAIN_XML = """<domain><devices>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
@@ -62,6 +63,12 @@ class FakeVirt(Virt):
         if name not in self.running:
             raise errors.NoSuchDomain(name)
         return Domain(name, self.running[name], DOMAIN_XML)
+
+    async def definition(self, name: str) -> Definition:
+        await self._hook("definition")
+        if name not in self.running:
+            raise errors.NoSuchDomain(name)
+        return Definition(DOMAIN_XML, DOMAIN_XML if self.running[name] else None)
 
     async def job_operation(self, domain: str) -> str | None:
         return "backup" if domain in self.backups else None
@@ -137,7 +144,7 @@ async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Rig]:
     exports = Exports(tmp_path / "exports")
     exports.prepare()
     layout = Layout(tmp_path / "exports", tmp_path / "scratch")
-    source = LibvirtSource(virt, layout, end_timeout=5)
+    source = LibvirtSource(virt, layout, 5, Reader(virt, tmp_path / "libvirt"))
     chains = Chains(virt, store)
     repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
     admission = Admission()

@@ -311,8 +311,8 @@ def test_completion_offers_every_command_and_option(loader: Path | None) -> None
                 asked.append(((*path, action.option_strings[-1], ""), set(action.choices)))
     offered = complete(*(line for line, _ in asked), loader=loader)
     assert dict(zip((line for line, _ in asked), offered, strict=True)) == dict(asked)
-    assert offered[0] == {"backup", "jobs", "show", "restore", "verify", "repo", "watch",
-                          "migrate", "checkpoints", "chain"}
+    assert offered[0] == {"backup", "jobs", "show", "restore", "restore-domain", "verify",
+                          "repo", "watch", "migrate", "checkpoints", "chain"}
 
 
 def test_completion_offers_job_ids(tmp_path: Path) -> None:

@@ -19,12 +19,12 @@ import pytest
 import xxhash
 
 from pullbackd import repository as repository_module
+from pullbackd.errors import RepositoryError
 from pullbackd.qemu_nbd import Server
 from pullbackd.repository import (
     Manifest,
     Region,
     Repository,
-    RepositoryError,
     WriteBehind,
     checksum,
 )

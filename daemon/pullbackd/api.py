@@ -8,6 +8,7 @@ interface definition); what is left here is meaning.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -18,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from . import __version__, stream
+from . import __version__, domainfiles, names, stream
 from .chain import DEFAULT_CONSUMER, Chains, check_consumer
 from .control import idl
 from .control.server import Handler, Last, Limits, Service
@@ -26,6 +27,7 @@ from .errors import BackupInProgress, InvalidParameter, NoSuchJob
 from .jobs import Jobs
 from .migration import Migrations
 from .model import LOCAL, Change, Job, JobState, Session, StartRequest
+from .rebuild import Rebuilder
 from .repository import Repository
 from .roles import Roles
 
@@ -71,6 +73,8 @@ class Parts:
     tuning: stream.Tuning
     #: The folders Restore may write into ([restore] dirs).
     restore_dirs: tuple[Path, ...] = ()
+    #: What RestoreDomain does (None: it is not offered).
+    rebuilder: Rebuilder | None = None
 
 
 class BackupAPI:
@@ -81,6 +85,7 @@ class BackupAPI:
         self.repository = parts.repository
         self.tuning = parts.tuning
         self.restore_dirs = parts.restore_dirs
+        self.rebuilder = parts.rebuilder
 
     def handlers(self) -> dict[str, Handler]:
         return {name: getattr(self, name) for name in interface(INTERFACE).methods}
@@ -189,6 +194,25 @@ class BackupAPI:
     async def DeleteChain(self, domain: str, consumer: str) -> dict[str, Any]:
         return {"deleted": await self.jobs.delete_chain(domain, consumer)}
 
+    # The domain's own files.
+
+    async def DomainFiles(self, id: str) -> dict[str, Any]:
+        files = await self.jobs.files(id)
+        return {"files": files.listing(), "missing": list(files.missing)}
+
+    async def ReadDomainFile(self, id: str, name: str,
+                             offset: int | None = None) -> dict[str, Any]:
+        data = (await self.jobs.files(id)).files.get(name)
+        if data is None:
+            raise InvalidParameter("name", "not a file of this job's backup (DomainFiles "
+                                           "lists them)")
+        start = offset or 0
+        if not 0 <= start <= len(data):
+            raise InvalidParameter("offset", f"between 0 and the file's size, {len(data)}")
+        end = min(start + domainfiles.CHUNK, len(data))
+        return {"data": base64.b64encode(data[start:end]).decode(),
+                "next": end if end < len(data) else None}
+
     # The local repository.
 
     async def Restore(self, domain: str, disk: str, to: str,
@@ -198,7 +222,7 @@ class BackupAPI:
         target = Path(to)
         if not target.is_absolute():
             raise InvalidParameter("to", "not an absolute path")
-        await anyio.to_thread.run_sync(self._check_restore_folder, target)
+        await anyio.to_thread.run_sync(self._check_restore_folder, "to", target.parent)
         if await anyio.Path(target).exists() or await anyio.Path(target).is_symlink():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.repository
@@ -206,27 +230,49 @@ class BackupAPI:
         await repository.restore(manifest, target, format or "raw", self.tuning)
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 
-    def _check_restore_folder(self, target: Path) -> None:
-        """Restore writes only into [restore] dirs: pullbackd writes with its own rights, for
-        whoever may call Restore."""
+    async def RestoreDomain(self, domain: str, name: str, dir: str,
+                            consumer: str | None = None, at: str | None = None,
+                            format: str | None = None) -> dict[str, Any]:
+        consumer = check_consumer(DEFAULT_CONSUMER if consumer is None else consumer)
+        folder = Path(dir)
+        if not folder.is_absolute():
+            raise InvalidParameter("dir", "not an absolute path")
+        await anyio.to_thread.run_sync(self._check_restore_folder, "dir", folder)
+        if self.rebuilder is None:
+            raise InvalidParameter("domain", "this pullbackd does not restore domains")
+        restored = await self.rebuilder.restore(domain, consumer, at, name, folder,
+                                                format or "qcow2")
+        return {"name": restored.name, "uuid": restored.uuid,
+                "checkpoint": restored.checkpoint,
+                "disks": [{"name": d, "file": str(p)} for d, p in restored.disks.items()],
+                "nvram": None if restored.nvram is None else str(restored.nvram),
+                "tpm": None if restored.tpm is None else str(restored.tpm),
+                "dropped": list(restored.dropped), "missing": list(restored.missing)}
+
+    def _check_restore_folder(self, parameter: str, folder: Path) -> None:
+        """Restores write only into [restore] dirs: pullbackd writes with its own rights,
+        for whoever may call them."""
         try:
-            folder = target.parent.resolve(strict=True)
+            folder = folder.resolve(strict=True)
         except OSError:
-            raise InvalidParameter("to", "its folder does not exist") from None
+            raise InvalidParameter(parameter, "its folder does not exist") from None
         allowed = [d.resolve() for d in self.restore_dirs]
         if not any(folder == d or d in folder.parents for d in allowed):
-            raise InvalidParameter("to", (
+            raise InvalidParameter(parameter, (
                 f"not inside [restore] dirs ({', '.join(map(str, self.restore_dirs)) or 'none'});"
                 " restore into one of them, or have the host's administrator add the folder"))
 
     async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []
-        for name, disk in await self._disks(domain, consumer):
+        disks = await self._disks(domain, consumer)
+        for name, disk in disks:
             manifests = await anyio.to_thread.run_sync(
                 self.repository.manifests, domain, name, disk)
             for manifest in manifests:
                 problems += await self.repository.verify(manifest)
                 checked += 1
+        for name in {name for name, _ in disks}:
+            problems += await anyio.to_thread.run_sync(self.repository.verify_files, domain, name)
         return {"checked": checked, "problems": problems}
 
     async def Prune(self, domain: str, keep: int,
@@ -237,10 +283,13 @@ class BackupAPI:
                 self.jobs.get(job_id).destination == LOCAL:
             raise BackupInProgress(domain, job_id)  # it writes into the same chains
         dropped: list[str] = []
-        for name, disk in await self._disks(domain, consumer):
+        disks = await self._disks(domain, consumer)
+        for name, disk in disks:
             for m in await self.repository.prune(domain, name, disk, keep):
                 if m.checkpoint not in dropped:
                     dropped.append(m.checkpoint)
+        for name in {name for name, _ in disks}:
+            await anyio.to_thread.run_sync(self.repository.drop_files, domain, name)
         return {"dropped": dropped}
 
     async def _disks(self, domain: str, consumer: str | None) -> list[tuple[str, str]]:
@@ -251,7 +300,8 @@ class BackupAPI:
         else:
             consumers = [p.name async for p in root.iterdir()] if await root.is_dir() else []
         return [(name, disk.name) for name in consumers if await (root / name).is_dir()
-                async for disk in (root / name).iterdir()]
+                for disk in await anyio.to_thread.run_sync(names.disk_folders,
+                                                           Path(root / name))]
 
 
 def service(parts: Parts, roles: Roles | None = None, limits: Limits | None = None) -> Service:

@@ -8,9 +8,12 @@ daemon exits 2.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
 import sys
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .control.client import Client, VarlinkError
@@ -145,6 +148,19 @@ def parser() -> argparse.ArgumentParser:
         if name == "finish":
             cmd.add_argument("--failed", action="store_true",
                              help="the appliance's copy is not good: drop the checkpoint")
+    files = backup.add_parser("files", help="save the domain's own files of a job's backup "
+                                            "(definition, NVRAM, TPM state) into a new folder")
+    files.add_argument("id")
+    files.add_argument("--to", required=True, metavar="DIR", type=os.path.abspath)
+    domain = top.add_parser("restore-domain", help="bring a domain back from the local "
+                                                   "repository as a new domain")
+    domain.add_argument("domain")
+    domain.add_argument("--name", required=True, help="the new domain's name")
+    domain.add_argument("--dir", required=True, type=os.path.abspath,
+                        help="where its disks and NVRAM go (one of [restore] dirs)")
+    domain.add_argument("--consumer")
+    domain.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
+    domain.add_argument("--format", choices=("raw", "qcow2"), help="default: qcow2")
     restore = top.add_parser("restore", help="rebuild a disk image from the local repository")
     restore.add_argument("domain")
     restore.add_argument("--disk", required=True)
@@ -263,6 +279,30 @@ def follow(client: Client, job_id: str | None, as_json: bool) -> dict[str, Any] 
     return job
 
 
+def save_files(client: Client, job_id: str, folder: Path) -> dict[str, Any]:
+    """The job's domain files, each read whole and checked against its sha256, into the
+    new folder `folder` (as they are named: "tpm/..." in a subfolder)."""
+    listing = client.call(f"{IFACE}.DomainFiles", id=job_id)
+    folder.mkdir(mode=0o700)
+    for entry in listing["files"]:
+        data, offset = b"", 0
+        while offset is not None:
+            reply = client.call(f"{IFACE}.ReadDomainFile", id=job_id, name=entry["name"],
+                                offset=offset)
+            data += base64.b64decode(reply["data"])
+            offset = reply["next"]
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise OSError(f"{entry['name']} changed while it was read")
+        path = folder.joinpath(*PurePosixPath(entry["name"]).parts)
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise OSError(f"{entry['name']} would leave {folder}")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with path.open("xb") as f:
+            f.write(data)
+    return {"saved": [e["name"] for e in listing["files"]], "missing": listing["missing"],
+            "folder": str(folder)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with Client(args.socket) as client:
         match args.group, getattr(args, "cmd", None):
@@ -310,6 +350,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             case "checkpoints", _:
                 return client.call(f"{IFACE}.ListCheckpoints",
                                    **_given(domain=args.domain, consumer=args.consumer))
+            case "backup", "files":
+                return save_files(client, args.id, Path(args.to))
+            case "restore-domain", _:
+                return client.call(f"{IFACE}.RestoreDomain", **_given(
+                    domain=args.domain, name=args.name, dir=args.dir, consumer=args.consumer,
+                    at=args.at, format=args.format))
             case "restore", _:
                 return client.call(f"{IFACE}.Restore", **_given(
                     domain=args.domain, disk=args.disk, consumer=args.consumer, at=args.at,
@@ -357,6 +403,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_jobs(reply["jobs"]))
     elif "checkpoints" in reply:
         print(format_checkpoints(reply["checkpoints"]))
+    elif "saved" in reply:
+        print("\n".join([*(f"saved {reply['folder']}/{n}" for n in reply["saved"]),
+                         *(f"missing: {m}" for m in reply["missing"])]))
+    elif "uuid" in reply:
+        print("\n".join([f"defined {reply['name']} ({reply['uuid']}) as of {reply['checkpoint']}",
+                         *(f"  {d['name']}: {d['file']}" for d in reply["disks"]),
+                         *([f"  nvram: {reply['nvram']}"] if reply["nvram"] else []),
+                         *([f"  tpm: {reply['tpm']}"] if reply["tpm"] else []),
+                         *(f"  left out: {d} (not in the backup)" for d in reply["dropped"]),
+                         *(f"  not in the backup: {m}" for m in reply["missing"])]))
     elif "deleted" in reply:
         print("\n".join(reply["deleted"]) or "nothing to delete")
     elif "dropped" in reply:

@@ -27,6 +27,11 @@ class ConfigError(ValueError):
 class Libvirt:
     #: libvirt connection URI.
     uri: str = "qemu:///system"
+    #: libvirt's state folder (/var/lib/libvirt) as pullbackd sees it: where it reads
+    #: domains' NVRAM and TPM state (domainfiles.py).
+    state_dir: Path = Path("/var/lib/libvirt")
+    #: libvirt's swtpm_user (qemu.conf): a restored TPM state is given to it.
+    swtpm_user: str = "tss"
 
 
 @dataclass(frozen=True)

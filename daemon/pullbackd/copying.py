@@ -2,7 +2,8 @@
 source's export to the job's destination (the repository, or an appliance's NBD
 server), and the copy's progress.
 
-A copy into the repository commits its files only once every disk arrived;
+A copy into the repository commits its files only once every disk arrived, the
+domain's own files (domainfiles.py) first;
 whatever way it ends otherwise, no partial file outlives it (repository.py).
 jobs.py decides what the copy's end makes of the job.
 """
@@ -17,6 +18,7 @@ import anyio
 import structlog
 
 from . import crash, stream
+from .domainfiles import DomainFiles
 from .errors import PullbackError
 from .model import LOCAL, Disk, Job, Progress, nbd_url
 from .repository import Repository, Writer, recorder
@@ -80,7 +82,8 @@ class Copy:
     """One job's copy: `run` it once; `stop` cancels it and waits until it is over."""
 
     def __init__(self, job: Job, source: BackupSource, repository: Repository,
-                 tuning: stream.Tuning) -> None:
+                 tuning: stream.Tuning, files: DomainFiles) -> None:
+        """`files`: the domain's own files the backup began with, for the repository."""
         if not job.disks:
             raise AssertionError(f"job {job.id} has no disks to copy")
         self.job = job
@@ -88,6 +91,7 @@ class Copy:
         self._source = source
         self._repository = repository
         self._tuning = tuning
+        self._files = files
         self._scope = anyio.CancelScope()
         self._over = anyio.Event()
 
@@ -122,6 +126,10 @@ class Copy:
                         on_progress=_follower(self.live, writer),
                         checksums=recorder(writer.regions) if writer else None)
                     self.live.disk_done(result)
+                if job.destination == LOCAL:
+                    await self._repository.store_files(job.domain, job.consumer,
+                                                       job.checkpoint, self._files)
+                    crash.point("commit.files")
                 for writer in writers:
                     await self._repository.commit(writer)
                 writers.clear()

@@ -33,6 +33,7 @@ POINTS = (
     "end.cleaned",         # files of a job that did not complete are removed
     "end.recorded",        # the job's end and its checkpoint's fate are recorded
     "checkpoint.deleted",  # libvirt deleted a checkpoint, the database still lists it
+    "commit.files",        # a streamed job's domain files are stored, no disk committed yet
     "commit.renamed",      # a streamed backup file has its final name, no manifest yet
     "commit.stored",       # every file and manifest of a streamed job is written
     "chain.deleting",      # DeleteChain took one checkpoint out of the chain

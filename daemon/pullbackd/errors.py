@@ -152,6 +152,13 @@ class MigrationBlocked(PullbackError):
             sessions=sessions)
 
 
+class RepositoryError(PullbackError):
+    """The local repository could not read or write a backup's file (or a restore's)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"repository: {path}: {reason}", path=path, reason=reason)
+
+
 class PermissionDenied(PullbackError):
     def __init__(self, method: str, role: str) -> None:
         super().__init__(

@@ -44,6 +44,7 @@ from . import crash, quiesce, stream
 from .admission import Admission
 from .chain import Base, Chains, check_consumer
 from .copying import Copy
+from .domainfiles import DomainFiles
 from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .model import (
@@ -304,6 +305,7 @@ class Jobs:
             try:
                 await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
+                files = await self._capture(job)
                 begun = await self._source.exports(job, bases)
                 job = self._started(job, begun, bases, plan.sizes)
             except Exception as e:
@@ -318,7 +320,7 @@ class Jobs:
                 await self._records.save(job.failed(error))
                 raise
             if job.kind == Kind.STREAM:
-                self._copy(job)
+                self._copy(job, files)
             elif job.kind == Kind.PULL:
                 await self._serve(job)
             job = await self._records.save(job)
@@ -347,6 +349,26 @@ class Jobs:
             self._records.publish(Change("warning", self._view(job), quiesced.warning))
         return job
 
+    async def _capture(self, job: Job) -> DomainFiles:
+        """The domain's own files as its backup began, kept with the job (and, for the
+        repository, with the backup); what could not be read is a warning."""
+        files = await self._source.files(job)
+        await self._store.save_files(job.id, files.to_record())
+        if files.missing:
+            message = "not in the backup: " + "; ".join(files.missing)
+            log.warning("domain files missing", job=job.id, missing=list(files.missing))
+            self._records.publish(Change("warning", self._view(job), message))
+        return files
+
+    async def files(self, job_id: str) -> DomainFiles:
+        """The domain's files a job's backup began with. Raises NoSuchJob, and
+        JobNotReady before its backup began."""
+        job = self.get(job_id)
+        record = await self._store.load_files(job_id)
+        if record is None:
+            raise JobNotReady(job_id, job.state)
+        return DomainFiles.from_record(record)
+
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
                      ) -> dict[str, Base]:
         """An incremental into the repository needs the backup it starts from to be there."""
@@ -373,11 +395,11 @@ class Jobs:
 
     # pullbackd's own copy; appliances' sessions.
 
-    def _copy(self, job: Job) -> None:
+    def _copy(self, job: Job, files: DomainFiles) -> None:
         if self._tg is None:
             raise RuntimeError("jobs are not being served (follow_events is not running)")
         copy = self._running[job.id].copy = Copy(job, self._source, self._repository,
-                                                  self._tuning)
+                                                  self._tuning, files)
 
         async def run() -> None:
             error = await copy.run()

@@ -200,6 +200,28 @@ def disk_folder(root: Path, domain: str, consumer: str, disk: str) -> Path:
         component("disk", disk)
 
 
+def disk_folders(consumer_folder: Path) -> list[Path]:
+    """The disk folders in a consumer's folder (not FILES)."""
+    return sorted(p for p in consumer_folder.iterdir()
+                  if not p.name.startswith(".") and p.is_dir())
+
+
+#: In a consumer's folder: the domain's own files of each backup (domainfiles.py), in
+#: a folder named after its checkpoint. No disk's folder has a name with a dot first.
+FILES = ".domain"
+
+
+def files_folder(root: Path, domain: str, consumer: str, checkpoint: str) -> Path:
+    """Where the repository at `root` keeps the domain's files of a backup."""
+    return domain_folder(root, domain) / component("consumer", consumer) / FILES / \
+        component("checkpoint", checkpoint)
+
+
+def every_files_folder(root: Path) -> list[Path]:
+    """Every backup's domain files, and those being written (`*.partial`)."""
+    return sorted(root.glob(f"*/*/{FILES}/*"))
+
+
 #: Every disk folder, from the repository's root.
 DISK_FOLDERS = "*/*/*"
 #: In a disk folder: the backups, and their manifests.

@@ -40,6 +40,7 @@ import structlog
 
 from . import bitmaps, crash, xml
 from .chain import Base
+from .domainfiles import DomainFiles, Reader
 from .errors import ImageNotReachable, InvalidParameter, LibvirtError
 from .model import Job, Kind, Scratch
 from .names import Layout, export_token, job_file
@@ -58,9 +59,10 @@ class OfflineSource:
     """Shut-off domains, served by a qemu-storage-daemon per job: its NBD socket is
     `layout.qemu_socket(job)`, as QEMU's would be, its QMP socket and PID file beside it."""
 
-    def __init__(self, virt: Virt, layout: Layout) -> None:
+    def __init__(self, virt: Virt, layout: Layout, files: Reader) -> None:
         self._virt = virt
         self._layout = layout
+        self._files = files
         #: Jobs whose daemon runs (or ran) in this run of pullbackd: job id -> the job.
         self._watched: dict[str, Job] = {}
         #: Each job's export names, from `begin` to `exports`.
@@ -177,6 +179,9 @@ class OfflineSource:
             if newest is None or (info.created or 0) >= newest[0]:
                 newest = (info.created or 0, name)
         return None if newest is None else newest[1]
+
+    async def files(self, job: Job) -> DomainFiles:
+        return await self._files.capture(job.domain)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         raise AgentError("the domain is shut off: nothing to freeze")

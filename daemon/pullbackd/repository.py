@@ -3,6 +3,8 @@
     <root>/<domain>/<consumer>/<disk>/0001.qcow2    the full backup
                                       0002.qcow2    an incremental: backing file 0001.qcow2
                                       0001.json ... one manifest per backup
+                             .domain/<checkpoint>/       the domain's own files of a
+                                                         backup (domainfiles.py)
 
 Each file is written through `qemu-nbd` on a private Unix socket, so it stays
 sparse and every point of the chain is an ordinary qcow2 that `qemu-img` reads
@@ -19,8 +21,9 @@ is served, ends those that escaped (a daemon killed in the instant between
 starting one and tying it to itself, or a daemon from before they were tied) and
 removes what a crash leaves: after `recover()`, no qemu-nbd of an earlier run
 serves a repository file, no temporary file (`*.qcow2.partial`,
-`*.flat.partial`, `*.tmp`) exists, and neither does a backup file without its
-manifest (a commit or a prune cut short between the two).
+`*.flat.partial`, `*.tmp`, domain files' `*.partial` folders) exists, and neither
+does a backup file without its manifest (a commit or a prune cut short between
+the two).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import itertools
 import json
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -45,16 +49,11 @@ import anyio
 import structlog
 import xxhash
 
-from . import crash, names, qemu_nbd, stream
-from .errors import InvalidParameter, NoSuchCheckpoint, PullbackError
+from . import crash, domainfiles, names, qemu_nbd, stream
+from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .names import Served
 
 log = structlog.get_logger()
-
-
-class RepositoryError(PullbackError):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"repository: {path}: {reason}", path=path, reason=reason)
 
 
 #: How the regions of a new backup are checksummed. Verify looks for damage, not
@@ -236,6 +235,41 @@ class Repository:
         """Raises InvalidParameter as `folder` does."""
         return names.domain_folder(self.root, domain)
 
+    def files_folder(self, domain: str, consumer: str, checkpoint: str) -> Path:
+        return names.files_folder(self.root, domain, consumer, checkpoint)
+
+    async def store_files(self, domain: str, consumer: str, checkpoint: str,
+                          files: domainfiles.DomainFiles) -> None:
+        """Keep the domain's files of a backup beside its disks (before they are committed:
+        a backup is complete once its disks are)."""
+        await anyio.to_thread.run_sync(
+            domainfiles.save, self.files_folder(domain, consumer, checkpoint), files)
+
+    def files_at(self, domain: str, consumer: str, checkpoint: str
+                 ) -> domainfiles.DomainFiles | None:
+        """The domain's files of the backup at `checkpoint`; None if it kept none (a
+        backup from before pullbackd kept them). Raises DomainFilesError if damaged."""
+        folder = self.files_folder(domain, consumer, checkpoint)
+        return domainfiles.load(folder) if folder.is_dir() else None
+
+    def drop_files(self, domain: str, consumer: str) -> None:
+        """Remove the domain files of backups none of whose disks the repository keeps
+        (after a prune)."""
+        consumer_dir = names.domain_folder(self.root, domain) / names.component(
+            "consumer", consumer)
+        kept = {m.checkpoint for folder in names.disk_folders(consumer_dir)
+                for m in self.manifests(domain, consumer, folder.name)}
+        for folder in sorted((consumer_dir / names.FILES).glob("*")):
+            if folder.name not in kept:
+                shutil.rmtree(folder)
+
+    def verify_files(self, domain: str, consumer: str) -> list[str]:
+        """What is damaged in the domain files of a consumer's backups."""
+        consumer_dir = names.domain_folder(self.root, domain) / names.component(
+            "consumer", consumer)
+        return [p for folder in sorted((consumer_dir / names.FILES).glob("*"))
+                if not folder.name.endswith(".partial") for p in domainfiles.verify(folder)]
+
     def recover(self) -> None:
         """Undo what a crash of an earlier run left, before anything is served
         (blocking: run it in a worker thread).
@@ -253,6 +287,10 @@ class Repository:
         for leftover in names.every_leftover(self.root):
             log.warning("removing a leftover of a crash", path=str(leftover))
             leftover.unlink(missing_ok=True)
+        for folder in names.every_files_folder(self.root):
+            if folder.name.endswith(".partial"):
+                log.warning("removing a leftover of a crash", path=str(folder))
+                shutil.rmtree(folder)
         for image in names.every_backup(self.root):
             if not names.manifest_of(image).exists():
                 log.warning("removing a backup file without its manifest", path=str(image))
@@ -353,7 +391,11 @@ class Repository:
         consumer_dir = self.root / domain / consumer
         if not consumer_dir.is_dir():
             return
-        for folder in consumer_dir.iterdir():
+        for folder in sorted((consumer_dir / names.FILES).glob("*")):
+            if names.of_job(folder.name.removesuffix(".partial"), job):
+                log.info("removing stored domain files of a failed job", job=job)
+                shutil.rmtree(folder)
+        for folder in names.disk_folders(consumer_dir):
             for m in self.manifests(domain, consumer, folder.name):
                 if m.job == job:
                     log.info("removing stored backup of a failed job", file=m.file, job=job)

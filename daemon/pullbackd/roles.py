@@ -5,8 +5,8 @@ from its peer credentials (SO_PEERCRED) and [roles] in the configuration,
 decides which methods answer:
 
     look     Get, List, Watch, ListCheckpoints, Verify (and varlink's GetInfo)
-    backup   look, and Start, Finish, Abort
-    admin    backup, and Migrate, DeleteChain, Prune, Restore
+    backup   look, and Start, Finish, Abort, DomainFiles, ReadDomainFile
+    admin    backup, and Migrate, DeleteChain, Prune, Restore, RestoreDomain
 
 Root is admin. Anyone else gets the highest role that lists their user name or
 one of their groups ("@group"), else [roles] default. A call beyond the
@@ -40,8 +40,10 @@ METHODS = {
     "Get": Role.LOOK, "List": Role.LOOK, "Watch": Role.LOOK, "ListCheckpoints": Role.LOOK,
     "Verify": Role.LOOK,
     "Start": Role.BACKUP, "Finish": Role.BACKUP, "Abort": Role.BACKUP,
+    # A backup's NVRAM and TPM state are as secret as its disks.
+    "DomainFiles": Role.BACKUP, "ReadDomainFile": Role.BACKUP,
     "Migrate": Role.ADMIN, "DeleteChain": Role.ADMIN, "Prune": Role.ADMIN,
-    "Restore": Role.ADMIN,
+    "Restore": Role.ADMIN, "RestoreDomain": Role.ADMIN,
 }
 
 

@@ -24,12 +24,14 @@ from .admission import Admission
 from .chain import Chains
 from .control import server
 from .control.server import Service, bind
+from .domainfiles import Reader
 from .errors import PullbackError
 from .exports import Exports
 from .jobs import Jobs
 from .migration import Migrations
 from .names import Layout
 from .offline import OfflineSource
+from .rebuild import Rebuilder
 from .reload import Tunables
 from .remote import Remote, tls_context
 from .repository import Repository
@@ -130,8 +132,9 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
                     idle_timeout=cfg.exports.idle_timeout,
                     max_lifetime=cfg.exports.max_lifetime)
     layout = Layout(cfg.exports.dir, cfg.scratch.dir)
-    source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout),
-                     OfflineSource(virt, layout))
+    files = Reader(virt, cfg.libvirt.state_dir)
+    source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout, files),
+                     OfflineSource(virt, layout, files))
     chains = Chains(virt, store, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
     serving = Serving(exports, source, limits, remote)
@@ -142,7 +145,9 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     migrations = Migrations(jobs, admission, virt, cfg.migration.grace,
                             cfg.migration.drain_timeout)
     parts = api.Parts(jobs, migrations, chains, repository, tuning,
-                      tuple(Path(d) for d in cfg.restore.dirs))
+                      tuple(Path(d) for d in cfg.restore.dirs),
+                      Rebuilder(repository, virt, cfg.libvirt.state_dir, cfg.libvirt.swtpm_user,
+                                tuning))
     return parts, Tunables(_control(cfg, parts), exports, chains, serving, scratch, jobs,
                            migrations)
 

@@ -24,6 +24,7 @@ import structlog
 
 from . import xml
 from .chain import Base
+from .domainfiles import DomainFiles, Reader
 from .errors import (
     BackupInProgress,
     DomainBusy,
@@ -120,6 +121,10 @@ class BackupSource(Protocol):
         used is backed up in full instead: `bases` is updated with why. Raises
         LibvirtError (and PullbackError) when it did not begin."""
 
+    async def files(self, job: Job) -> DomainFiles:
+        """The domain's own files (domainfiles.py), as the job's backup begins. Raises
+        nothing: what it cannot read is `missing`."""
+
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         """Freeze the guest's filesystems for the job's backup to begin. Raises
         AgentError."""
@@ -179,11 +184,12 @@ class LibvirtSource:
     disks on `layout.qemu_socket(job)`, with scratch files `layout.scratch_file`;
     a push backup writes `<target_dir>/<job>.<disk>.qcow2`."""
 
-    def __init__(self, virt: Virt, layout: Layout, end_timeout: float) -> None:
+    def __init__(self, virt: Virt, layout: Layout, end_timeout: float, files: Reader) -> None:
         """`end_timeout`: seconds to wait for libvirt to end a backup."""
         self._virt = virt
         self._layout = layout
         self._end_timeout = end_timeout
+        self._files = files
         #: domain -> set when libvirt reports the domain's backup ended, while we wait.
         self._ended: dict[str, anyio.Event] = {}
 
@@ -201,6 +207,9 @@ class LibvirtSource:
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
         return Plan(tuple(chosen), skip, sizes, full, agent=xml.agent_connected(dom.xml))
+
+    async def files(self, job: Job) -> DomainFiles:
+        return await self._files.capture(job.domain)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         count = await self._virt.fs_freeze(job.domain, mountpoints)

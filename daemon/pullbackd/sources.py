@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 
 from .chain import Base
+from .domainfiles import DomainFiles
 from .errors import DomainNotRunning
 from .model import Job, Kind, Scratch
 from .offline import OfflineSource
@@ -40,6 +41,9 @@ class Sources:
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         await self._of(job).begin(job, bases, skip)
+
+    async def files(self, job: Job) -> DomainFiles:
+        return await self._of(job).files(job)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         await self._of(job).freeze(job, mountpoints)

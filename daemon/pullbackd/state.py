@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     xml TEXT,
     full_disks TEXT NOT NULL DEFAULT '[]'
 );
+CREATE TABLE IF NOT EXISTS domain_files (
+    job TEXT PRIMARY KEY,
+    record TEXT NOT NULL
+);
 """
 #: Columns added since a table was first created: added to an older database at start.
 COLUMNS = {"checkpoints": {"full_disks": "TEXT NOT NULL DEFAULT '[]'"}}
@@ -148,7 +152,23 @@ class Store:
 
     async def forget_jobs(self, ids: list[str]) -> None:
         for job_id in ids:
-            await self._write("DELETE FROM jobs WHERE id = ?", (job_id,))
+            writes: list[tuple[str, tuple[object, ...]]] = [
+                ("DELETE FROM domain_files WHERE job = ?", (job_id,)),
+                ("DELETE FROM jobs WHERE id = ?", (job_id,))]
+            await anyio.to_thread.run_sync(self._transaction, writes, limiter=self._limiter)
+
+    async def save_files(self, job_id: str, record: str) -> None:
+        """The domain's files a job captured (domainfiles.DomainFiles.to_record)."""
+        await self._write("INSERT OR REPLACE INTO domain_files (job, record) VALUES (?, ?)",
+                          (job_id, record))
+
+    async def load_files(self, job_id: str) -> str | None:
+        def load() -> str | None:
+            row = self._db.execute("SELECT record FROM domain_files WHERE job = ?",
+                                   (job_id,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await anyio.to_thread.run_sync(load, limiter=self._limiter)
 
     async def delete_checkpoint(self, name: str) -> None:
         await self._write("DELETE FROM checkpoints WHERE name = ?", (name,))

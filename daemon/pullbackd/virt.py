@@ -65,6 +65,14 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class Definition:
+    """A domain's definitions: persistent (`virsh dumpxml --inactive`), and live while
+    it runs."""
+    inactive: str
+    live: str | None
+
+
+@dataclass(frozen=True)
 class JobEnded:
     """libvirt's JOB_COMPLETED event. For a pull backup `success` means little:
     an aborted one reports success too."""
@@ -231,6 +239,32 @@ class Virt:
             return Domain(dom.name(), bool(dom.isActive()), dom.XMLDesc(0))
 
         return await self._run(name, get)
+
+    async def definition(self, name: str) -> Definition:
+        """The domain's persistent definition (without secrets such as console
+        passwords: it leaves the host in backups), and its live one if it runs."""
+        def get(dom: Any) -> Definition:
+            live = str(dom.XMLDesc(0)) if dom.isActive() else None
+            return Definition(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)), live)
+
+        return await self._run(name, get)
+
+    async def define(self, xml: str) -> None:
+        """Define a new domain; raises LibvirtError if libvirt refuses the definition."""
+        def define() -> None:
+            self._conn.defineXML(xml)
+
+        try:
+            await anyio.to_thread.run_sync(define)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(e.get_error_code(), e.get_error_message()) from None
+
+    async def exists(self, name: str) -> bool:
+        try:
+            await self._run(name, lambda dom: None)
+        except NoSuchDomain:
+            return False
+        return True
 
     async def job_operation(self, domain: str) -> str | None:
         """The libvirt job the domain runs now (e.g. "backup"), None if none.
