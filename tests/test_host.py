@@ -300,6 +300,51 @@ def test_push_and_local_backups_as_pullbackd(host: Host) -> None:
               fmt="qcow2")
 
 
+def test_a_uefi_domains_nvram_and_tpm_state_are_read_past_their_owners(host: Host) -> None:
+    """Debian's libvirt keeps a UEFI domain's NVRAM for QEMU's user and its TPM state for
+    swtpm's, 0600: the unit's one capability (CAP_DAC_READ_SEARCH) lets pullbackd, not
+    root, read both as the backup begins, byte for byte what libvirt keeps."""
+    xml = host.run("virsh", "dumpxml", "--inactive", "lab1").stdout
+    xml = re.sub(r"<uuid>.*?</uuid>", "", xml.replace("<name>lab1</name>", "<name>efi</name>"))
+    xml = xml.replace("<os>", "<os firmware='efi'>").replace(
+        "<devices>", "<devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/>"
+                     "</tpm>")
+    if "<acpi/>" not in xml:  # UEFI needs it
+        xml = xml.replace("</os>", "</os><features><acpi/></features>", 1)
+    disk = WORK / "efi.qcow2"
+    xml = xml.replace(DISK, str(disk))
+    host.run("qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M")
+    host.run("chown", "libvirt-qemu:libvirt-qemu", str(disk))
+    host.run("sh", "-c", f"cat > {WORK}/efi.xml", input=xml)
+    host.run("virsh", "define", f"{WORK}/efi.xml")
+    try:
+        host.run("virsh", "start", "efi")
+        nvram = host.path("/var/lib/libvirt/qemu/nvram/efi_VARS.fd")
+        uuid = host.run("virsh", "domuuid", "efi").stdout.strip()
+        permall = host.path(f"/var/lib/libvirt/swtpm/{uuid}/tpm2/tpm2-00.permall")
+        # Until OVMF wrote its variables at boot: the same for 3 s.
+        deadline, seen, since = time.monotonic() + 90, b"", time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < 3:
+            now = nvram.read_bytes() if nvram.exists() and permall.exists() else b""
+            seen, since = (seen, since) if now == seen and now else (now, time.monotonic())
+            time.sleep(0.5)
+        assert nvram.stat().st_mode & 0o077 == 0 and permall.stat().st_mode & 0o077 == 0
+        job = host.ctl("backup", "start", "efi", "--quiesce", "off")["job"]
+        try:
+            saved = WORK / f"files-{job['id']}"
+            reply = host.ctl("backup", "files", job["id"], "--to", str(saved))
+            assert reply["missing"] == [], reply
+            # What the guest's firmware keeps is still what it was as the backup began.
+            assert host.path(saved / "nvram.fd").read_bytes() == nvram.read_bytes()
+            assert host.path(saved / "tpm/tpm2/tpm2-00.permall").read_bytes() == \
+                permall.read_bytes()
+        finally:
+            host.ctl("backup", "abort", job["id"])
+    finally:
+        host.run("virsh", "destroy", "efi", check=False)
+        host.run("virsh", "undefine", "efi", "--nvram", "--checkpoints-metadata")
+
+
 def test_reload_applies_what_it_can_and_names_the_rest(host: Host) -> None:
     """`systemctl reload`: [roles] change live (a member of the group pullbackd loses the right
     to start backups), a key that needs a restart is named, a drop-in that does not load
