@@ -109,17 +109,17 @@ def lab(folder: Path, disk_size: int, domains: int) -> Iterator[str]:
 
 
 @contextmanager
-def daemon(folder: Path, uri: str) -> Iterator[tuple[Client, int]]:
-    """pullbackd with its defaults on the lab: a client of it, and its pid. The client
-    holds one connection across minutes of copying: the control socket's idle timeout
-    is raised for it."""
+def daemon(folder: Path, uri: str, extra: str = "") -> Iterator[tuple[Client, int]]:
+    """pullbackd with its defaults on the lab (and the sections of `extra`): a client of
+    it, and its pid. The client holds one connection across minutes of copying: the
+    control socket's idle timeout is raised for it."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "pullbackd.toml"
     config.write_text(f'[libvirt]\nuri = "{uri}"\n[control]\nsocket = "{folder}/control.sock"\n'
                       'idle_timeout = 86400.0\n'
                       f'[exports]\ndir = "{folder}/exports"\n[scratch]\ndir = "{folder}/scratch"\n'
                       f'[state]\ndir = "{folder}/state"\n'
-                      f'[restore]\ndirs = ["{folder.parent}"]\n')
+                      f'[restore]\ndirs = ["{folder.parent}"]\n' + extra)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(folder / "notify.sock"))
     notify.settimeout(60)
@@ -466,7 +466,16 @@ def main() -> int:
     parser.add_argument("--checkpoints", action="store_true",
                         help="the checkpoints benchmark instead: guest writes with 0, 1 and "
                              "100 checkpoints (writes bench/checkpoints.json)")
+    parser.add_argument("--night", type=int, metavar="N",
+                        help="the night benchmark instead: N domains backed up at once, full "
+                             "then incremental, against virtnbdbackup on N twins one after "
+                             "another (writes bench/night.json)")
     args = parser.parse_args()
+    if args.night:
+        import night  # noqa: PLC0415 (it imports this file too: load it only here)
+        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+            return night.main(Path(tmp), args.night, args.smoke,
+                              None if args.smoke else ROOT / "bench" / "night.json")
     if args.load:
         import load  # noqa: PLC0415 (bench/load.py imports this file: load it only here)
         with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:

@@ -1,0 +1,161 @@
+"""A host's whole night: `scripts/bench --night N`.
+
+The lab has 2N domains, each with one disk holding data: lab1..labN for pullbackd, and
+their twins lab(N+1)..lab(2N), written the same, for virtnbdbackup (which keeps
+checkpoints of its own). Each side takes a full backup of all its domains, then 64 KiB
+writes land at the same scattered offsets on every disk, and each side takes an
+incremental:
+
+    pullbackd       as an appliance drives it: one client issues the N Starts back
+                    to back (destination "local", the embedded repository), then
+                    waits until every job ended ([jobs] max_active at its default
+                    queues the rest)
+    virtnbdbackup   one domain after the other, as its documentation runs it
+
+Every pullbackd backup is then checked byte for byte: the repository's newest file of
+each disk, read through its backing chain, against the domain's disk (`qemu-img
+compare`; the guests are idle). virtnbdbackup's are not this benchmark's to check.
+
+It prints the seconds of each side, their ratio, what each Start took to answer
+(median, max) and the daemon's peak RSS; and writes bench/night.json. Targets at
+N = 32 (issue "a host's whole night"): incremental at least 30 times faster than
+virtnbdbackup, full at least 8 times, RSS under 100 MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench import IFACE, LAB, MiB, daemon, lab, log, run
+
+from pullbackd.control.client import Client
+
+CONSUMER = "night"
+
+
+@dataclass(frozen=True)
+class Size:
+    disk: int
+    data: int
+    writes: int  # 64 KiB writes per disk between the full and the incremental
+
+
+NIGHT = Size(disk=256 * MiB, data=128 * MiB, writes=40)
+SMOKE = Size(disk=64 * MiB, data=8 * MiB, writes=8)
+
+
+@dataclass(frozen=True)
+class Side:
+    mode: str
+    pullbackd: float
+    virtnbdbackup: float
+    starts_median_ms: float
+    starts_max_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.virtnbdbackup / self.pullbackd
+
+
+def backup_all(ctl: Client, domains: list[str], mode: str) -> tuple[float, list[float]]:
+    """pullbackd's night: N Starts back to back, then every job to its end. The seconds
+    of it all, and of each Start's answer."""
+    t0 = time.perf_counter()
+    starts, ids = [], []
+    for domain in domains:
+        t = time.perf_counter()
+        job = ctl.call(f"{IFACE}.Start", domain=domain, mode=mode, consumer=CONSUMER,
+                       destination="local")["job"]
+        starts.append(time.perf_counter() - t)
+        ids.append(job["id"])
+    for job_id in ids:
+        while (job := ctl.call(f"{IFACE}.Get", id=job_id)["job"])["ended"] is None:
+            time.sleep(0.02)
+        if job["state"] != "completed":
+            raise AssertionError(f"{job['domain']}: {job['state']}: {job['error']}")
+    return time.perf_counter() - t0, starts
+
+
+def virtnbdbackup_all(uri: str, work: Path, twins: list[str], level: str) -> float:
+    t0 = time.perf_counter()
+    for twin in twins:
+        scratch = work / "vnb-scratch" / twin
+        scratch.mkdir(parents=True, exist_ok=True)
+        run("virtnbdbackup", "-U", uri, "-d", twin, "-f", str(scratch / "nbd.sock"),
+            "-S", str(scratch), "--noprogress", "-l", level, "-o", str(work / "vnb" / twin))
+    return time.perf_counter() - t0
+
+
+def check(uri: str, lab_dir: Path, repository: Path, domain: str) -> None:
+    """The newest backup of the domain's disk holds what the disk holds."""
+    folder = repository / domain / CONSUMER / "vda"
+    newest = sorted(folder.glob("[0-9]*.qcow2"))[-1]
+    # What QEMU caches of the qcow2 (its L2 tables, for one) written out first.
+    run("virsh", "-q", "-c", uri, "qemu-monitor-command", domain, "--hmp",
+        'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"')
+    run("qemu-img", "compare", "-q", "-U", str(newest),
+        str(lab_dir / "disks" / f"{domain}-vda.qcow2"))
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
+    size = SMOKE if smoke else NIGHT
+    ours = [f"lab{i}" for i in range(1, n + 1)]
+    twins = [f"lab{i}" for i in range(n + 1, 2 * n + 1)]
+    lab_dir, daemon_dir = work / "lab-night", work / "pullbackd-night"
+    repository = daemon_dir / "repository"
+    with lab(lab_dir, size.disk, 2 * n) as uri, \
+            daemon(daemon_dir, uri, f'[repository]\ndir = "{repository}"\n') as (ctl, pid):
+        log(f"night: {n} domains and {n} twins, {size.data // MiB} MiB of data on each "
+            f"{size.disk // MiB} MiB disk")
+        write = [(d, i % n) for i, d in enumerate(ours + twins)]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda dw: run(str(LAB), "--dir", str(lab_dir), "write", dw[0], "vda",
+                                         "0", str(size.data), str(0x40 + dw[1])), write))
+        sides = []
+        for mode, level in (("full", "full"), ("incremental", "inc")):
+            if mode == "incremental":
+                with ThreadPoolExecutor(4) as pool:  # the same offsets on both twins
+                    list(pool.map(lambda dw: run(
+                        str(LAB), "--dir", str(lab_dir), "scatter", dw[0], "vda",
+                        str(size.writes), str(64 << 10), "0xd2", "--seed", str(dw[1])), write))
+            seconds, starts = backup_all(ctl, ours, mode)
+            log(f"{mode}: pullbackd {seconds:.2f} s")
+            theirs = virtnbdbackup_all(uri, work, twins, level)
+            log(f"{mode}: virtnbdbackup {theirs:.2f} s")
+            for domain in ours:
+                check(uri, lab_dir, repository, domain)
+            sides.append(Side(mode, seconds, theirs, statistics.median(starts) * 1000,
+                              max(starts) * 1000))
+        rss = peak_rss_mib(pid)
+    print(f"{'':12} {'pullbackd':>10} {'virtnbdbackup':>14} {'ratio':>7} "
+          f"{'Start p50':>10} {'Start max':>10}")
+    for s in sides:
+        print(f"{s.mode:12} {s.pullbackd:9.2f}s {s.virtnbdbackup:13.2f}s {s.ratio:6.1f}x "
+              f"{s.starts_median_ms:8.1f}ms {s.starts_max_ms:8.1f}ms")
+    print(f"daemon peak RSS {rss:.1f} MiB; every backup of pullbackd's compared equal")
+    if output is not None:
+        full, incremental = sides
+        output.write_text(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
+            "domains": n, "size": asdict(size),
+            "sides": [asdict(s) | {"ratio": s.ratio} for s in sides],
+            "peak_rss_mib": rss,
+            "targets_met": {"incremental_30x": incremental.ratio >= 30,
+                            "full_8x": full.ratio >= 8, "rss_under_100_mib": rss < 100},
+        }, indent=2) + "\n")
+        log(f"wrote {output}")
+    return 0
