@@ -533,3 +533,55 @@ def test_an_external_snapshot_between_two_backups_loses_nothing(
     assert (disk["mode"], disk["since"]) == ("incremental", full["checkpoint"]), disk
     assert extents == {"vda": vda.dirty_since_mark()}
     assert_image(app.image("vda"), vda, tmp_path)
+
+
+def test_an_overlay_while_off_is_backed_up_in_full_and_its_chain_goes_on(
+        daemon: Daemon, lab: Lab, own_domain: Disk, tmp_path: Path) -> None:
+    """A disk with a backing file while its domain is off: pullbackd serves it through its
+    chain, in full (its checkpoints' bitmaps may be spread over the layers), says why, and
+    puts the new checkpoint's bitmap in the top layer; the incremental while running since
+    that checkpoint is exact."""
+    vda = own_domain
+    app = Appliance(daemon, "ownlab", "layers", tmp_path)
+    vda.write(0, MiB, 0x71)
+    app.backup("full")
+    vda.write(2 * MiB, 64 << 10, 0x72)  # in the base image
+    virsh(lab, "snapshot-create-as", "ownlab", "s1", "--disk-only", "--no-metadata",
+          "--diskspec", f"vda,file={tmp_path / 'ownlab-vda.s1.qcow2'}")
+    vda.write(6 * MiB, 64 << 10, 0x73)  # in the overlay
+    virsh(lab, "destroy", "ownlab")
+    off, _ = app.backup("incremental")
+    [disk] = off["disks"]
+    assert off["offline"] and disk["mode"] == "full", off
+    assert "backing file" in disk["fallback"], disk
+    assert_image(app.image("vda"), vda, tmp_path)
+    virsh(lab, "start", "ownlab")
+    vda.mark()
+    vda.write(9 * MiB, 64 << 10, 0x74)
+    running, extents = app.backup("incremental")
+    [disk] = running["disks"]
+    assert (disk["mode"], disk["since"]) == ("incremental", off["checkpoint"]), disk
+    assert extents == {"vda": vda.dirty_since_mark()}
+    assert_image(app.image("vda"), vda, tmp_path)
+
+
+def test_a_new_domain_of_a_former_ones_name_starts_a_chain_of_its_own(
+        daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
+    """A domain undefined, and another defined with its name: the former's checkpoints are
+    not the new one's to be redefined (libvirt refuses them: another UUID). Its first
+    backup is full, for every consumer, and the former's chain is forgotten."""
+    first = {"vda": (new_image(tmp_path / "first.qcow2"), "qcow2")}
+    with domain_like(lab, "lab1", "reborn", tmp_path, first, start=True):
+        old, _ = Appliance(daemon, "reborn", "nightly", tmp_path).backup("full")
+    second = {"vda": (new_image(tmp_path / "second.qcow2"), "qcow2")}
+    with domain_like(lab, "lab1", "reborn", tmp_path, second, start=True):
+        disk = Disk(lab, "reborn", "vda")
+        disk.write(MiB, MiB, 0x7a)
+        (tmp_path / "second").mkdir()
+        app = Appliance(daemon, "reborn", "nightly", tmp_path / "second")
+        job, _ = app.backup("incremental")
+        assert job["mode"] == "full" and job["since"] is None, job
+        assert_image(app.image("vda"), disk, tmp_path)
+        names = [c["name"] for c in daemon.ctl.call("ListCheckpoints", domain="reborn")[
+            "checkpoints"]]
+        assert names == [job["checkpoint"]] and old["checkpoint"] not in names

@@ -24,7 +24,6 @@ from .test_chains import (
     Appliance,
     domain_like,
     libvirt_checkpoints,
-    new_image,
     qemu_img_compare,
     virsh,
 )
@@ -238,22 +237,6 @@ def test_a_crash_before_libvirt_takes_the_checkpoint_in_leaves_no_bitmap(
         assert_image(app.image("vda"), vda, tmp_path)
     finally:
         stop_daemon(again)
-
-
-def test_a_disk_with_a_backing_file_is_refused_while_off(
-        daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
-    """Its checkpoints' bitmaps are spread over the chain's layers: served alone, the top
-    one's would miss writes. Refused, with why, and nothing recorded."""
-    base_image = new_image(tmp_path / "base.qcow2")
-    overlay = tmp_path / "overlay.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base_image), "-F",
-                    "qcow2", str(overlay)], check=True)
-    with domain_like(lab, DOMAIN, "layered", tmp_path, {"vda": (overlay, "qcow2")}):
-        jobs = daemon.ctl.call("List")["jobs"]
-        e = daemon.ctl.error("Start", domain="layered", disks=["vda"])
-        assert e.short_name == "ImageNotReachable", e
-        assert "backing file" in e.parameters["reason"], e.parameters
-        assert daemon.ctl.call("List")["jobs"] == jobs
 
 
 def test_the_hook_refuses_a_start_under_a_backup_naming_the_job(

@@ -37,11 +37,13 @@ def usable(flags: tuple[str, ...] | None) -> bool:
     return flags is not None and "auto" in flags and "in-use" not in flags
 
 
-async def backing(image: Path) -> str | None:
-    """The image's backing file, if it has one. Raises LibvirtError."""
-    info = json.loads(await _qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(image)))
-    backing_file: str | None = info.get("backing-filename")
-    return backing_file
+async def backing(image: Path) -> tuple[tuple[Path, str], ...]:
+    """The layers under the image (an external snapshot's overlay), each file with its
+    format, from its backing file down; none for an image that stands alone. Raises
+    LibvirtError."""
+    chain = json.loads(await _qemu_img("info", "-U", "--backing-chain", "--output=json",
+                                       "-f", "qcow2", str(image)))
+    return tuple((Path(layer["filename"]), layer["format"]) for layer in chain[1:])
 
 
 async def remove(image: Path, name: str) -> None:

@@ -47,7 +47,7 @@ from . import bitmaps, crash, xml
 from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
 from .model import Checkpoint, CheckpointState
 from .names import CONSUMER, DEFAULT_CONSUMER, PREFIX, checkpoint_name
-from .virt import BrokenBitmap, ShutOff, Virt
+from .virt import BrokenBitmap, Domain, ShutOff, Virt
 
 if TYPE_CHECKING:
     from .state import Store
@@ -137,14 +137,22 @@ class Chains:
         if not ours:
             return
         known = set(await self._virt.checkpoints(domain))
-        validate: bool | None = None
+        dom: Domain | None = None
         for c in ours:  # oldest first: a parent is redefined before its children
             if c.name in known or c.xml is None:
                 continue
-            if validate is None:
-                # libvirt validates bitmaps in a running domain only (offline.py checks
-                # each in the image itself before it starts from one).
-                validate = (await self._virt.domain(domain)).running
+            dom = dom or await self._virt.domain(domain)
+            if (was := xml.checkpoint_domain_uuid(c.xml)) not in (None, xml.uuid_of(dom.xml)):
+                # A former domain of this name (undefined, and another defined since):
+                # its chain is not this domain's, and its bitmaps are in no disk of it.
+                log.warning("forgetting the chain of a former domain of this name",
+                            domain=domain, checkpoint=c.name, uuid=was)
+                await self._store.delete_checkpoint(c.name)
+                self._checkpoints.pop(c.name, None)
+                continue
+            # libvirt validates bitmaps in a running domain only (offline.py checks each
+            # in the image itself before it starts from one).
+            validate = dom.running
             text = c.xml
             if (parent := xml.parse_checkpoint(text).parent) and parent not in known:
                 text = xml.without_parent(text)

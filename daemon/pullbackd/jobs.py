@@ -285,6 +285,7 @@ class Jobs:
         if request.destination == LOCAL:
             bases = await anyio.to_thread.run_sync(
                 self._local_bases, domain, request.consumer, bases)
+        bases |= {disk: Base(None, why) for disk, why in plan.restart.items()}
         bases |= {disk: Base(None, why, bitmap=False) for disk, why in plan.full.items()}
         job = Job(job_id, domain, JobState.STARTING, request.mode,
                   queued.created if queued else now(), request.consumer,

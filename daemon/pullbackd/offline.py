@@ -15,9 +15,10 @@ Invariants:
   open them for writing, so the domain cannot start under the backup ("Failed to get "write"
   lock"), and a kill of the daemon from then on leaves no bitmap in use (a start that fails
   before quits it, and takes the new bitmap out again).
-- Only images without a backing file are served: in a chain of layers a checkpoint's bitmap
-  is spread over them all (libvirt merges every layer's), and the top one alone would miss
-  writes.
+- An image with a backing file (an external snapshot's overlay) is served through its
+  chain, and backed up in full: a checkpoint's bitmap may be spread over the layers
+  (libvirt merges every layer's), and the top one alone would miss writes. The new
+  checkpoint's bitmap goes into the top layer, which takes every write from then on.
 - A disk backed up since a checkpoint starts from that checkpoint's own bitmap, present,
   recording and consistent in its image (bitmaps.py); else in full, with why.
 - The checkpoint exists in libvirt only once its bitmaps exist in the images; a start that
@@ -51,6 +52,10 @@ from .virt import AgentError, Virt
 
 log = structlog.get_logger()
 
+#: Why a disk with a backing file is backed up in full while its domain is off.
+LAYERED = ("it has a backing file (an external snapshot's overlay), and its checkpoints' "
+           "bitmaps may be spread over the layers: backed up in full while the domain is "
+           "off, and its chain restarts here")
 #: Seconds between two looks at whether the jobs' daemons still run.
 WATCH_INTERVAL = 1.0
 
@@ -83,6 +88,7 @@ class OfflineSource:
             raise LibvirtError(-1, f"{domain!r} started meanwhile; start the backup again")
         disks = xml.parse_disks(dom.xml)
         chosen, skip = select_disks(domain, disks, wanted)
+        restart: dict[str, str] = {}
         for disk in (d for d in disks if d.target in chosen):
             if disk.type != "file" or disk.source is None:
                 raise InvalidParameter("disks", (
@@ -90,17 +96,13 @@ class OfflineSource:
                     "only file disks are served while a domain is off; start it, or leave "
                     "the disk out"))
             why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
-            if why is None and disk.no_bitmap is None and \
-                    await bitmaps.backing(Path(disk.source)) is not None:
-                # Its checkpoints' bitmaps are spread over the chain's layers (libvirt
-                # merges them all); served alone, the top layer's would miss writes.
-                why = ("it has a backing file (an external snapshot's overlay): back it "
-                       "up while the domain runs, or commit the snapshot")
             if why is not None:
                 raise ImageNotReachable(domain, disk.target, disk.source, why)
+            if disk.no_bitmap is None and await bitmaps.backing(Path(disk.source)):
+                restart[disk.target] = LAYERED
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full, offline=True)
+        return Plan(tuple(chosen), skip, sizes, full, restart, offline=True)
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         dom = await self._virt.domain(job.domain)
@@ -110,7 +112,9 @@ class OfflineSource:
         if missing := [d for d in bases if d not in found or found[d].source is None]:
             raise LibvirtError(-1, f"disk {missing[0]} of {job.domain!r} changed meanwhile; "
                                    "start the backup again")
-        images = [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap)
+        images = [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap,
+                        await bitmaps.backing(Path(found[d].source or ""))
+                        if found[d].format == "qcow2" else ())
                   for d, b in bases.items()]
         for image in images:
             base = bases[image.disk]

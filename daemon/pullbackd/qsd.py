@@ -69,6 +69,14 @@ class Image:
     path: Path
     format: str = "qcow2"
     bitmap: bool = True
+    #: The layers under it (an external snapshot's overlay), backing file first: opened
+    #: read-only, each as the backing of the one above.
+    backing: tuple[tuple[Path, str], ...] = ()
+
+    @property
+    def below(self) -> str | None:
+        """The node of the layer right under it."""
+        return f"{self.disk}-1" if self.backing else None
 
 
 @dataclass(frozen=True)
@@ -158,10 +166,19 @@ class StorageDaemon:
         argv = [PROGRAM, "--chardev", f"socket,id=qmp,path={self.qmp},server=on,wait=off",
                 "--monitor", "chardev=qmp", "--pidfile", str(self.pidfile)]
         for image in images:
+            # The bottom layer first: each node names the one under it as its backing.
+            layers = list(enumerate(image.backing, 1))
+            for i, (path, fmt) in reversed(layers):
+                under = f",backing={image.disk}-{i + 1}" if i < len(layers) else ""
+                argv += ["--blockdev", f"driver=file,node-name=file-{image.disk}-{i},"
+                                       f"filename={_escape(path)},cache.direct=off,read-only=on",
+                         "--blockdev", f"driver={fmt},node-name={image.disk}-{i},"
+                                       f"file=file-{image.disk}-{i},read-only=on{under}"]
             argv += ["--blockdev", f"driver=file,node-name=file-{image.disk},"
                                    f"filename={_escape(image.path)},cache.direct=off",
                      "--blockdev", f"driver={image.format},node-name={image.disk},"
-                                   f"file=file-{image.disk},read-only=off"]
+                                   f"file=file-{image.disk},read-only=off"
+                                   + (f",backing={image.below}" if image.below else "")]
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
@@ -312,7 +329,8 @@ def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
         monitor.execute("transaction", actions=actions)
     monitor.execute("blockdev-reopen", options=[
         {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
-         "read-only": True} for image in images])
+         "read-only": True} | ({"backing": image.below} if image.below else {})
+        for image in images])
     for export in served:
         if isinstance(export, Target):
             continue

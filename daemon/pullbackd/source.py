@@ -44,13 +44,15 @@ log = structlog.get_logger()
 
 @dataclass(frozen=True)
 class Plan:
-    """What a backup of a domain covers: its disks, the disks left out, their sizes, and
-    the disks that can only be backed up in full (no dirty bitmap), with why."""
+    """What a backup of a domain covers: its disks, the disks left out, their sizes, the
+    disks that can only be backed up in full (no dirty bitmap), and those whose chain
+    must restart with this backup (in full, with a new bitmap), with why."""
 
     disks: tuple[str, ...]
     skip: tuple[str, ...]
     sizes: dict[str, int]
     full: dict[str, str] = field(default_factory=dict)
+    restart: dict[str, str] = field(default_factory=dict)
     #: The domain is shut off (offline.py serves it).
     offline: bool = False
     #: Its guest agent is connected (it can freeze the filesystems).

@@ -192,6 +192,17 @@ def parse_checkpoint(checkpoint_xml: str) -> CheckpointInfo:
     )
 
 
+def uuid_of(domain_xml: str) -> str | None:
+    """A domain's UUID, from its definition."""
+    return _parse(domain_xml).findtext("uuid")
+
+
+def checkpoint_domain_uuid(checkpoint_xml: str) -> str | None:
+    """The UUID of the domain a checkpoint's XML was taken from, if it carries the domain's
+    definition (libvirt's does; the metadata's copies do not)."""
+    return _parse(checkpoint_xml).findtext("domain/uuid")
+
+
 #: The namespace of the chains pullbackd keeps in a domain's own <metadata>.
 CHAINS_NS = "https://pullbackd.org/xmlns/chains/1"
 
