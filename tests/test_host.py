@@ -345,6 +345,65 @@ def test_a_uefi_domains_nvram_and_tpm_state_are_read_past_their_owners(host: Hos
         host.run("virsh", "undefine", "efi", "--nvram", "--checkpoints-metadata")
 
 
+def test_a_shut_off_domain_is_served_by_its_root_unit(host: Host) -> None:
+    """Debian's libvirt gives a shut-off domain's images back to root: pullbackd, not root,
+    has systemd run the job's qemu-storage-daemon as root (pullbackd-storage@JOB.service,
+    which polkit lets it start), and the full backup nbdcopy reads is the disk."""
+    host.write(0, 1 << 20, 0x5b)
+    host.write(SIZE - (1 << 20), 1 << 20, 0x5c)
+    host.run("virsh", "qemu-monitor-command", "lab1", "--hmp",
+             'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"')
+    host.run("virsh", "destroy", "lab1")
+    try:
+        assert host.run("stat", "-c", "%U", DISK).stdout.strip() == "root"
+        assert host.run("runuser", "-u", "pullbackd", "--", "test", "-w", DISK,
+                        check=False).returncode != 0  # the bitmap goes in: not pullbackd's
+        reference = host.snapshot("offline-ref.raw")
+        job = host.ctl("backup", "start", "lab1")["job"]
+        unit = f"pullbackd-storage@{job['id']}.service"
+        assert job["offline"] and job["state"] == "ready", job
+        assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
+        host.run("nbdcopy", job["disks"][0]["url"], str(WORK / "offline.raw"))
+        host.same(WORK / "offline.raw", reference)
+        finish(host, job["id"])
+        assert host.run("systemctl", "is-active", unit, check=False).stdout.strip() != "active"
+    finally:
+        host.run("virsh", "start", "lab1")
+
+
+def test_the_root_unit_serves_nothing_it_is_not_for(host: Host) -> None:
+    """The attacker is pullbackd's own user (a daemon gone bad): it may start
+    pullbackd-storage@ units, and no other unit; a unit asked for a running domain, or for
+    a disk the domain does not have, opens nothing and fails. Anyone else may start none."""
+    qemu = Path("/run/pullbackd/exports/.qemu")
+    job = "a0a0a0a0a0a0"
+    unit = f"pullbackd-storage@{job}.service"
+    for spec in ({"domain": "lab1", "disks": [{"disk": "vda", "bitmap": True}]},  # it runs
+                 {"domain": "lab1", "disks": [{"disk": "../../etc/shadow"}]},
+                 {"domain": "nosuch", "disks": [{"disk": "vda"}]}):
+        host.run("rm", "-f", *(f"{qemu}/{job}.{s}" for s in ("spec", "log", "pid")))
+        host.run("runuser", "-u", "pullbackd", "--", "sh", "-c",
+                 f"cat > {qemu}/{job}.spec", input=json.dumps(spec))
+        host.run("runuser", "-u", "pullbackd", "--", "systemctl", "start", unit, check=False)
+        deadline = time.monotonic() + 30
+        while host.run("systemctl", "is-active", unit, check=False).stdout.strip() in \
+                ("active", "activating") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert host.run("systemctl", "is-failed", unit, check=False).stdout.strip() == \
+            "failed", spec
+        assert "refused" in host.path(f"{qemu}/{job}.log").read_text(), spec
+        assert not host.path(f"{qemu}/{job}.pid").exists()
+        assert not host.path(f"{qemu}/{job}.sock").exists()
+        host.run("systemctl", "reset-failed", unit)
+    assert host.run("virsh", "domstate", "lab1").stdout.strip() == "running"
+    for user, what in (("pullbackd", "ssh.service"), ("pullbackd", "pullbackd-storage@x.service"),
+                       ("nobody", unit)):
+        refused = host.run("runuser", "-u", user, "--", "systemctl", "start", what, check=False)
+        assert refused.returncode != 0 and "authentication" in refused.stderr.lower(), \
+            (user, what, refused.stderr)
+    host.run("rm", "-f", *(f"{qemu}/{job}.{s}" for s in ("spec", "log", "pid")))
+
+
 def test_reload_applies_what_it_can_and_names_the_rest(host: Host) -> None:
     """`systemctl reload`: [roles] change live (a member of the group pullbackd loses the right
     to start backups), a key that needs a restart is named, a drop-in that does not load

@@ -196,6 +196,13 @@ class Migration:
 
 
 @dataclass(frozen=True)
+class Offline:
+    #: The systemd template unit (without "@") that runs a shut-off domain's
+    #: qemu-storage-daemon as root (storage_unit.py); empty: pullbackd runs it itself.
+    unit: str = ""
+
+
+@dataclass(frozen=True)
 class Log:
     #: debug, info, warning or error.
     level: str = "info"
@@ -216,6 +223,7 @@ class Config:
     jobs: Jobs = field(default_factory=Jobs)
     chains: Chains = field(default_factory=Chains)
     migration: Migration = field(default_factory=Migration)
+    offline: Offline = field(default_factory=Offline)
     log: Log = field(default_factory=Log)
 
     @property

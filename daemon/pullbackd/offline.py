@@ -64,10 +64,13 @@ class OfflineSource:
     """Shut-off domains, served by a qemu-storage-daemon per job: its NBD socket is
     `layout.qemu_socket(job)`, as QEMU's would be, its QMP socket and PID file beside it."""
 
-    def __init__(self, virt: Virt, layout: Layout, files: Reader) -> None:
+    def __init__(self, virt: Virt, layout: Layout, files: Reader, unit: str = "") -> None:
+        """`unit`: the systemd template unit that runs each job's daemon as root ([offline]
+        unit); empty: pullbackd runs them itself."""
         self._virt = virt
         self._layout = layout
         self._files = files
+        self._unit = unit
         #: Jobs whose daemon runs (or ran) in this run of pullbackd: job id -> the job.
         self._watched: dict[str, Job] = {}
         #: Each job's export names, from `begin` to `exports`.
@@ -79,7 +82,8 @@ class OfflineSource:
         if (daemon := self._daemons.get(job_id)) is None:
             daemon = self._daemons[job_id] = StorageDaemon(
                 self._layout.qsd_monitor(job_id), self._layout.qemu_socket(job_id),
-                self._layout.qsd_pidfile(job_id))
+                self._layout.qsd_pidfile(job_id),
+                f"{self._unit}@{job_id}.service" if self._unit else None)
         return daemon
 
     async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
@@ -95,7 +99,8 @@ class OfflineSource:
                     f"{disk.target} of the shut-off domain {domain!r} is a {disk.type} disk: "
                     "only file disks are served while a domain is off; start it, or leave "
                     "the disk out"))
-            why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
+            why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source),
+                                                 not self._unit)
             if why is not None:
                 raise ImageNotReachable(domain, disk.target, disk.source, why)
             if disk.no_bitmap is None and await bitmaps.backing(Path(disk.source)):
@@ -281,12 +286,12 @@ class OfflineSource:
 
 
 
-def _unreachable(image: Path) -> str | None:
-    """Why this process cannot read and write the image (the bitmap goes into it), if it
-    cannot. Blocks."""
+def _unreachable(image: Path, ourselves: bool) -> str | None:
+    """Why the image cannot be served, if it cannot: it is not there, or this process opens
+    it (`ourselves`) and cannot read and write it (the bitmap goes into it). Blocks."""
     if not image.exists():
         return "no such file"
-    if not os.access(image, os.R_OK | os.W_OK):
+    if ourselves and not os.access(image, os.R_OK | os.W_OK):
         return (f"not readable and writable by pullbackd's user ({user_name(os.geteuid())}): "
                 "back it up while the domain runs, or let that user read and write it")
     return None

@@ -151,10 +151,15 @@ class Monitor:
 class StorageDaemon:
     """The qemu-storage-daemon of one job: `qmp` and `nbd` sockets, `pidfile`."""
 
-    def __init__(self, qmp: Path, nbd: Path, pidfile: Path) -> None:
+    def __init__(self, qmp: Path, nbd: Path, pidfile: Path, unit: str | None = None) -> None:
+        """`unit`: the systemd unit to run it in, as root (storage_unit.py); None: it is
+        pullbackd's own child."""
         self.qmp = qmp
         self.nbd = nbd
         self.pidfile = pidfile
+        self.unit = unit
+        #: What the job asks of its unit: the domain, and its disks (storage_unit.py).
+        self.spec = pidfile.with_suffix(".spec")
         #: What it writes on stderr, read when a start fails and logged when it stops.
         self.log = pidfile.with_suffix(".log")
         #: The domain whose images it holds, for libvirt's hook (libvirt-hooks/qemu.d).
@@ -162,9 +167,12 @@ class StorageDaemon:
         #: The process, if this run of pullbackd started it (to reap it when it ends).
         self._proc: Process | None = None
 
-    def command(self, images: Sequence[Image]) -> list[str]:
+    def command(self, images: Sequence[Image], pidfile: bool = True) -> list[str]:
+        """Its command line; without `pidfile`, the caller writes the PID file."""
         argv = [PROGRAM, "--chardev", f"socket,id=qmp,path={self.qmp},server=on,wait=off",
-                "--monitor", "chardev=qmp", "--pidfile", str(self.pidfile)]
+                "--monitor", "chardev=qmp"]
+        if pidfile:
+            argv += ["--pidfile", str(self.pidfile)]
         for image in images:
             # The bottom layer first: each node names the one under it as its backing.
             layers = list(enumerate(image.backing, 1))
@@ -190,14 +198,7 @@ class StorageDaemon:
         for path in self._files():
             path.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(_write_new, self.marker, domain)
-        # Its own session: not in pullbackd's process group, not killed with it.
-        fd = await anyio.to_thread.run_sync(
-            os.open, self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            proc = await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
-                                            stdout=fd, stderr=fd, start_new_session=True)
-        finally:
-            os.close(fd)
+        proc = await self._launch(domain, images)
         try:
             monitor = await self._connect(proc)
             try:
@@ -208,16 +209,19 @@ class StorageDaemon:
                 monitor.close()
         except BaseException as e:
             with anyio.CancelScope(shield=True):  # never leave it holding the images
-                if proc.returncode is None:
-                    # `quit` closes the images as they should be: killed while they are
-                    # open for writing, it would leave every bitmap in them inconsistent.
-                    with anyio.move_on_after(STOP_TIMEOUT):
-                        with contextlib.suppress(OSError, StorageDaemonError):
-                            await anyio.to_thread.run_sync(_quit, self.qmp)
-                        await proc.wait()
+                # `quit` closes the images as they should be: killed while they are open
+                # for writing, it would leave every bitmap in them inconsistent.
+                if proc is None:
+                    await self._end_unit()
+                else:
                     if proc.returncode is None:
-                        proc.kill()
-                await proc.wait()
+                        with anyio.move_on_after(STOP_TIMEOUT):
+                            with contextlib.suppress(OSError, StorageDaemonError):
+                                await anyio.to_thread.run_sync(_quit, self.qmp)
+                            await proc.wait()
+                        if proc.returncode is None:
+                            proc.kill()
+                    await proc.wait()
                 said = await anyio.to_thread.run_sync(self._said)
                 for path in self._files():
                     path.unlink(missing_ok=True)
@@ -226,8 +230,36 @@ class StorageDaemon:
             raise
         self._proc = proc
 
+    async def _launch(self, domain: str, images: Sequence[Image]) -> Process | None:
+        """Start it: as pullbackd's child (its process), or in its unit (None)."""
+        if self.unit is not None:
+            await anyio.to_thread.run_sync(_write_new, self.spec, json.dumps({
+                "domain": domain, "disks": [{"disk": i.disk, "bitmap": i.bitmap}
+                                            for i in images]}))
+            await _systemctl("start", self.unit)
+            return None
+        # Its own session: not in pullbackd's process group, not killed with it.
+        fd = await anyio.to_thread.run_sync(
+            os.open, self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            return await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
+                                            stdout=fd, stderr=fd, start_new_session=True)
+        finally:
+            os.close(fd)
+
+    async def _end_unit(self) -> None:
+        """`quit` its unit's daemon, and stop the unit if it does not end by itself."""
+        with anyio.move_on_after(STOP_TIMEOUT):
+            with contextlib.suppress(OSError, StorageDaemonError):
+                await anyio.to_thread.run_sync(_quit, self.qmp)
+            while await self.running():  # noqa: ASYNC110 (systemd tells no one: we ask)
+                await anyio.sleep(0.05)
+        if await self.running():
+            with contextlib.suppress(StorageDaemonError):
+                await _systemctl("stop", str(self.unit))
+
     def _files(self) -> tuple[Path, ...]:
-        return self.qmp, self.nbd, self.pidfile, self.log, self.marker
+        return self.qmp, self.nbd, self.pidfile, self.log, self.marker, self.spec
 
     def _said(self) -> str:
         """The end of what it wrote (at most 8 KiB). Blocks."""
@@ -238,18 +270,19 @@ class StorageDaemon:
         except OSError:
             return ""
 
-    async def _connect(self, proc: Process) -> Monitor:
+    async def _connect(self, proc: Process | None) -> Monitor:
         """Its monitor, once it listens (the socket file comes a moment before)."""
         with anyio.move_on_after(START_TIMEOUT):
-            while proc.returncode is None:
+            while proc.returncode is None if proc is not None else await self.running():
                 try:
                     return await anyio.to_thread.run_sync(Monitor, self.qmp)
                 except (OSError, StorageDaemonError):
                     # Not listening yet, or ending: it listens before it opens the images,
                     # and an image it cannot open ends it.
                     await anyio.sleep(0.01)
+        ended = proc.returncode is not None if proc is not None else not await self.running()
         raise StorageDaemonError("qemu-storage-daemon did not start" + (
-            "" if proc.returncode is not None else f" within {START_TIMEOUT:g} s"))
+            "" if ended else f" within {START_TIMEOUT:g} s"))
 
     def pid(self) -> int | None:
         """Its PID, if it runs (by its PID file, checked against /proc)."""
@@ -264,13 +297,18 @@ class StorageDaemon:
         return pid
 
     async def running(self) -> bool:
+        if self.unit is not None:  # root's: its /proc is not ours to read
+            proc = await anyio.run_process(["systemctl", "is-active", "--quiet", self.unit],
+                                           check=False)
+            return proc.returncode == 0
         return await anyio.to_thread.run_sync(self.pid) is not None
 
     async def stop(self) -> None:
         """`quit`, or SIGKILL if it does not answer (its images are read-only by then);
         then its files go."""
-        pid = await anyio.to_thread.run_sync(self.pid)
-        if pid is not None:
+        if self.unit is not None:
+            await self._end_unit()
+        elif (pid := await anyio.to_thread.run_sync(self.pid)) is not None:
             try:
                 await anyio.to_thread.run_sync(_quit, self.qmp)
             except (OSError, StorageDaemonError):
@@ -301,6 +339,13 @@ def _write_new(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+async def _systemctl(*args: str) -> None:
+    proc = await anyio.run_process(["systemctl", *args], check=False)
+    if proc.returncode != 0:
+        raise StorageDaemonError(f"systemctl {' '.join(args)}: "
+                                 f"{proc.stderr.decode(errors='replace').strip()}")
 
 
 def _kill(pid: int) -> None:

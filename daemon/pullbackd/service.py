@@ -134,7 +134,7 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     layout = Layout(cfg.exports.dir, cfg.scratch.dir)
     files = Reader(virt, cfg.libvirt.state_dir)
     source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout, files),
-                     OfflineSource(virt, layout, files))
+                     OfflineSource(virt, layout, files, cfg.offline.unit))
     chains = Chains(virt, store, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
     serving = Serving(exports, source, limits, remote)

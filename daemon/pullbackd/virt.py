@@ -144,6 +144,27 @@ def _quiet(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr unless a handler takes it: we raise them instead."""
 
 
+def shut_off_definition(uri: str, name: str) -> str:
+    """The persistent definition of a domain that is shut off, from a connection of its own
+    (blocking: for storage_unit.py, a program of its own). Raises NoSuchDomain, and
+    LibvirtError if it runs."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(e.get_error_code(), e.get_error_message()) from None
+    try:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            raise LibvirtError(libvirt.VIR_ERR_OPERATION_INVALID, f"{name!r} runs")
+        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NoSuchDomain(name) from None
+        raise LibvirtError(e.get_error_code(), e.get_error_message()) from None
+    finally:
+        conn.close()
+
+
 class Virt:
     def __init__(self, uri: str) -> None:
         self.uri = uri
