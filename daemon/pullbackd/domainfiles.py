@@ -177,7 +177,12 @@ def tpm_folder(persistent: ET.Element, state_dir: Path) -> Path | None:
     """swtpm's state folder of an emulated TPM, None if the domain has none."""
     if persistent.find("devices/tpm/backend[@type='emulator']") is None:
         return None
-    return state_dir / "swtpm" / persistent.findtext("uuid", "")
+    return swtpm_folder(state_dir, persistent.findtext("uuid", ""))
+
+
+def swtpm_folder(state_dir: Path, uuid: str) -> Path:
+    """Where libvirt's swtpm keeps the TPM state of the domain `uuid`."""
+    return state_dir / "swtpm" / uuid
 
 
 def _read(path: Path) -> bytes:

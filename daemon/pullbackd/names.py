@@ -222,6 +222,16 @@ def every_files_folder(root: Path) -> list[Path]:
     return sorted(root.glob(f"*/*/{FILES}/*"))
 
 
+def restored_disk(folder: Path, domain: str, disk: str, fmt: str) -> Path:
+    """A disk of a domain RestoreDomain brings back as `domain`, in the restore folder."""
+    return folder / f"{component('name', domain)}.{component('disk', disk)}.{fmt}"
+
+
+def restored_nvram(folder: Path, domain: str) -> Path:
+    """The NVRAM of a domain RestoreDomain brings back as `domain`."""
+    return folder / f"{component('name', domain)}.nvram.fd"
+
+
 #: Every disk folder, from the repository's root.
 DISK_FOLDERS = "*/*/*"
 #: In a disk folder: the backups, and their manifests.

@@ -93,13 +93,13 @@ class Rebuilder:
         try:
             disks = {}
             for disk, manifest in manifests.items():
-                disks[disk] = folder / f"{name}.{disk}.{fmt}"
+                disks[disk] = names.restored_disk(folder, name, disk, fmt)
                 # A restore that fails removes its file itself; one that exists stays.
                 await self._repository.restore(manifest, disks[disk], fmt, self._tuning)
                 created.append(disks[disk])
             nvram = None
             if domainfiles.NVRAM in files.files:
-                nvram = folder / f"{name}.nvram.fd"
+                nvram = names.restored_nvram(folder, name)
                 await anyio.to_thread.run_sync(
                     _create, nvram, files.files[domainfiles.NVRAM], created)
             rebuilt = rebuild(files.definition, name,
@@ -203,7 +203,7 @@ def install_tpm(files: DomainFiles, uuid: str, state_dir: Path, swtpm_user: str
     tpm = files.tpm()
     if not tpm:
         return None
-    folder = state_dir / "swtpm" / uuid
+    folder = domainfiles.swtpm_folder(state_dir, uuid)
     try:
         owner = pwd.getpwnam(swtpm_user)
     except KeyError:
