@@ -139,6 +139,11 @@ def free_domain(lab: Lab, daemon: Daemon) -> Iterator[Disk]:
     yield disk
 
 
+#: An appliance's NBD server that takes half a second per write: a copy into it of even a
+#: few MiB outlasts what a test does to it meanwhile (on a loaded machine too).
+SLOW = "wdelay=500ms"
+
+
 def assert_failed_and_rolled_back(daemon: Daemon, job: Job, consumer: str) -> Job:
     ended = daemon.ctl.wait(job["id"])
     assert ended["state"] == "failed" and ended["error"], ended
@@ -166,7 +171,7 @@ def test_destination_smaller_than_the_disk(
 
 def test_appliance_server_gone_mid_stream(
         daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
-    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), SLOW) as url:
         job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
                              destination=url)
         assert daemon.ctl.job("Get", id=job["id"])["state"] == "running"
@@ -175,7 +180,7 @@ def test_appliance_server_gone_mid_stream(
 
 def test_domain_shut_down_mid_stream(
         lab: Lab, daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
-    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), SLOW) as url:
         job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
                              destination=url)
         lab.run("stop", "lab2")
@@ -194,7 +199,7 @@ def test_domain_destroyed_mid_stream_then_the_next_backup_rebuilds_exactly(
                           destination="local")
     assert daemon.ctl.wait(full["id"])["state"] == "completed"
     vda.write(8 * MiB, 40 * MiB, 0x22)
-    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), SLOW) as url:
         cut = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="destroyed",
                              mode="incremental", destination=url)
         lab.run("stop", "lab2")  # virsh destroy
@@ -218,7 +223,7 @@ def test_domain_destroyed_mid_stream_then_the_next_backup_rebuilds_exactly(
 
 def test_abort_mid_stream_leaves_nothing(
         daemon: Daemon, free_domain: Disk, tmp_path: Path) -> None:
-    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), "wdelay=50ms") as url:
+    with nbdkit(tmp_path, "--filter=delay", "memory", str(DISK_SIZE), SLOW) as url:
         job = daemon.ctl.job("Start", domain="lab2", disks=["vda"], consumer="faults",
                              destination=url)
         # pullbackd's own copy ends the job by itself; an appliance cannot finish it.
