@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from pullbackd import crash
 
-from .conftest import Daemon, Lab, start_daemon, stop_daemon
+from .conftest import DISK_SIZE, Daemon, Lab, start_daemon, stop_daemon
 from .images import Disk, MiB, assert_image
 from .test_chains import (
     Appliance,
@@ -265,3 +266,43 @@ def test_the_hook_refuses_a_start_under_a_backup_naming_the_job(
     finally:
         hook.unlink()
         os.kill(libvirtd, signal.SIGHUP)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    """A block device (a loop device over a file of DISK_SIZE), detached after."""
+    backing = tmp_path / "block.raw"
+    with backing.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    device = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    try:
+        yield Path(device)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False, capture_output=True)
+
+
+def test_a_block_device_is_served_while_off(
+        daemon: Daemon, lab: Lab, loop_device: Path, tmp_path: Path) -> None:
+    """A raw block device (an LVM volume, say) of a shut-off domain: served by the job's
+    daemon as a host device, in full (a raw disk holds no bitmap), and what it serves is
+    the disk."""
+    def as_block(domain: ET.Element) -> None:
+        disk = domain.find("devices/disk")
+        assert disk is not None
+        disk.set("type", "block")
+        source = disk.find("source")
+        assert source is not None
+        source.attrib.clear()
+        source.set("dev", str(loop_device))
+
+    with domain_like(lab, DOMAIN, "blocky", tmp_path, {"vda": (loop_device, "raw")},
+                     start=True, edit=as_block):
+        vda = Disk(lab, "blocky", "vda")
+        vda.write(MiB, 2 * MiB, 0x5d)
+        virsh(lab, "destroy", "blocky")
+        job, _ = Appliance(daemon, "blocky", "block", tmp_path).backup("full")
+        [disk] = job["disks"]
+        assert job["offline"] and disk["mode"] == "full", job
+        assert "raw" in disk["fallback"], disk
+        assert_image(tmp_path / "block" / "vda.raw", vda, tmp_path)

@@ -94,11 +94,11 @@ class OfflineSource:
         chosen, skip = select_disks(domain, disks, wanted)
         restart: dict[str, str] = {}
         for disk in (d for d in disks if d.target in chosen):
-            if disk.type != "file" or disk.source is None:
+            if disk.type not in ("file", "block") or disk.source is None:
                 raise InvalidParameter("disks", (
                     f"{disk.target} of the shut-off domain {domain!r} is a {disk.type} disk: "
-                    "only file disks are served while a domain is off; start it, or leave "
-                    "the disk out"))
+                    "only files and block devices are served while a domain is off; start "
+                    "it, or leave the disk out"))
             why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source),
                                                  not self._unit)
             if why is not None:
@@ -119,7 +119,7 @@ class OfflineSource:
                                    "start the backup again")
         images = [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap,
                         await bitmaps.backing(Path(found[d].source or ""))
-                        if found[d].format == "qcow2" else ())
+                        if found[d].format == "qcow2" else (), found[d].type == "block")
                   for d, b in bases.items()]
         for image in images:
             base = bases[image.disk]

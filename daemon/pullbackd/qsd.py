@@ -72,6 +72,12 @@ class Image:
     #: The layers under it (an external snapshot's overlay), backing file first: opened
     #: read-only, each as the backing of the one above.
     backing: tuple[tuple[Path, str], ...] = ()
+    #: A block device (an LVM volume, say), not a file.
+    device: bool = False
+
+    @property
+    def protocol(self) -> str:
+        return "host_device" if self.device else "file"
 
     @property
     def below(self) -> str | None:
@@ -182,7 +188,7 @@ class StorageDaemon:
                                        f"filename={_escape(path)},cache.direct=off,read-only=on",
                          "--blockdev", f"driver={fmt},node-name={image.disk}-{i},"
                                        f"file=file-{image.disk}-{i},read-only=on{under}"]
-            argv += ["--blockdev", f"driver=file,node-name=file-{image.disk},"
+            argv += ["--blockdev", f"driver={image.protocol},node-name=file-{image.disk},"
                                    f"filename={_escape(image.path)},cache.direct=off",
                      "--blockdev", f"driver={image.format},node-name={image.disk},"
                                    f"file=file-{image.disk},read-only=off"

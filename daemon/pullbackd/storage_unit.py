@@ -11,7 +11,7 @@ root:
 
 It reads what the job asks (`<job>.spec` beside the job's PID file, written by pullbackd:
 the domain, and its disks that get the checkpoint's bitmap) and trusts none of it but the
-names: the domain must be shut off, each disk must be one of its file disks, and the
+names: the domain must be shut off, each disk must be one of its file or block disks, and the
 images, their formats and the layers under them are what libvirt and the images say, not
 what the spec says. It then becomes the job's qemu-storage-daemon, with the command line
 qsd.py makes, its output in the job's log file. Its sockets, PID file and log are root's,
@@ -59,11 +59,12 @@ def images(uri: str, spec: dict[str, object]) -> tuple[str, list[Image]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("disk"), str):
             raise Refused(f"not a disk: {entry!r}")
         disk = found.get(entry["disk"])
-        if disk is None or disk.type != "file" or disk.source is None:
-            raise Refused(f"{domain} has no file disk {entry['disk']!r}")
+        if disk is None or disk.type not in ("file", "block") or disk.source is None:
+            raise Refused(f"{domain} has no file or block disk {entry['disk']!r}")
         path, fmt = Path(disk.source), disk.format or "raw"
         chosen.append(Image(disk.target, path, fmt, bool(entry.get("bitmap")) and
-                            fmt == "qcow2", _layers(path) if fmt == "qcow2" else ()))
+                            fmt == "qcow2", _layers(path) if fmt == "qcow2" else (),
+                            disk.type == "block"))
     return domain, chosen
 
 
