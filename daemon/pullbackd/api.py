@@ -222,11 +222,9 @@ class BackupAPI:
     async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []
         for name, disk in await self._disks(domain, consumer):
-            manifests = await anyio.to_thread.run_sync(
-                self.repository.manifests, domain, name, disk)
-            for manifest in manifests:
-                problems += await self.repository.verify(manifest)
-                checked += 1
+            count, found = await self.repository.verify_disk(domain, name, disk)
+            checked += count
+            problems += found
         return {"checked": checked, "problems": problems}
 
     async def Prune(self, domain: str, keep: int,
