@@ -493,3 +493,29 @@ def test_recover_ends_an_earlier_runs_verify_server(tmp_path: Path) -> None:
         assert list((tmp_path / "sockets").iterdir()) == []
     finally:
         server.stop()
+
+
+def test_a_chain_restores_at_every_point(tmp_path: Path) -> None:
+    """Each point of a chain restores to what was written up to it: data over data,
+    zeroes over data, data over zeroes, unaligned writes, a point beyond the files one
+    server takes (read in turns)."""
+    steps: list[list[Write]] = [
+        [(0, MiB, 0x10), (2 * MiB, MiB, 0x11)],
+        [(MiB // 2, 64 << 10, 0x20), (2 * MiB + 100, 5000, None)],
+        [(0, 4096, None), (3 * MiB, 300, 0x30), (2 * MiB, 64 << 10, 0x31)],
+        [(MiB // 2 + 512, 1024, 0x40), (2 * MiB + 200, 300, None)],
+        [(SIZE - 4096, 4096, 0x50)],
+    ]
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, steps)
+    expected = bytearray(SIZE)
+    for manifest, writes in zip(manifests, steps, strict=True):
+        for offset, length, byte in writes:
+            expected[offset:offset + length] = bytes([byte or 0]) * length
+        assert_restores(repository, manifest, bytes(expected), tmp_path)
+
+
+def test_a_chain_longer_than_one_server_restores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verifying, "FILES_PER_SERVER", 2)
+    test_a_chain_restores_at_every_point(tmp_path)

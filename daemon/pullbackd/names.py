@@ -23,7 +23,7 @@ disk, each name checked to stay one folder (`component`):
                                       0001.qcow2.flat.partial   a backup being flattened
                                       0001.tmp      a manifest being written
     <exports>/.repository/w-<token>.sock            qemu-nbd writing a backup
-    <exports>/.repository/r-<token>.src.sock        qemu-nbd reading a restore's backup
+    <exports>/.repository/r-<token>.src.sock        qemu-storage-daemon serving a restore's chain
     <exports>/.repository/r-<token>.dst.sock        qemu-nbd writing a restore's new file
     <exports>/.repository/v-<token>.sock            qemu-storage-daemon serving a Verify's files
 
@@ -157,7 +157,8 @@ class Served(Enum):
 
     #: A backup being written.
     BACKUP = "w-{token}.sock"
-    #: The backup a restore reads, and the new file it writes (the same token).
+    #: The chain's files a restore reads (each on its own, verifying.py), and the new
+    #: file it writes (the same token).
     RESTORE_SOURCE = "r-{token}.src.sock"
     RESTORE_TARGET = "r-{token}.dst.sock"
     #: Backup files a Verify reads, each on its own (verifying.py).

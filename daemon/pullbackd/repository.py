@@ -27,6 +27,7 @@ the two).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -409,10 +410,16 @@ class Repository:
 
     async def restore(self, manifest: Manifest, to: Path, fmt: str,
                       tuning: stream.Tuning | None = None) -> None:
-        """Rebuild the disk as it was at a backup into a new file, with the engine: the
-        chain point read through one qemu-nbd, the new image written through another."""
-        source = await anyio.to_thread.run_sync(owned, self.folder(
-            manifest.domain, manifest.consumer, manifest.disk) / manifest.file)
+        """Rebuild the disk as it was at a backup into a new file, with the engine.
+
+        The new image (written through a qemu-nbd of ours) starts as zeroes. The files
+        of the backup's chain are read each on its own (verifying.server), newest
+        first: from each, what it holds itself that no newer file holds. That is what a
+        read through the backing chain finds there, without a lookup through every
+        file below for each request, and each file is read in its own order. What
+        no file holds stays zeroes, as do the zeroes a file holds.
+        """
+        layers = await anyio.to_thread.run_sync(self._chain, manifest)
         try:
             # A new file of ours, never one that exists, never through a symlink.
             os.close(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -432,21 +439,70 @@ class Repository:
             # Undone in reverse, each shielded: the images must be closed, the
             # write-behind's thread must end, before the file is synced (or deleted).
             async with contextlib.AsyncExitStack() as undo:
-                reader = await self._serve(source, "qcow2", Served.RESTORE_SOURCE, token,
-                                           writable=False)
-                undo.push_async_callback(reader.astop)  # shielded itself
                 behind = WriteBehind(to, self._write_behind)
                 undo.push_async_callback(_shielded, anyio.to_thread.run_sync, behind.close)
                 writer = await self._serve(to, fmt, Served.RESTORE_TARGET, token,
                                            writable=True)
                 undo.push_async_callback(writer.astop)
-                await stream.stream(reader.url, writer.url, zeroed_destination=True,
-                                    tuning=tuning, on_progress=behind.progress)
+                await self._fill(layers, writer.url, token, tuning, behind)
             await anyio.to_thread.run_sync(fsync, to)
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
                 await anyio.Path(to).unlink(missing_ok=True)
             raise
+
+    def _chain(self, manifest: Manifest) -> list[tuple[Path, int]]:
+        """The files a backup reads through, newest first, each with its disk's size
+        (those of its manifest and of the manifests of its backing files); raises
+        RepositoryError if one is missing or not ours."""
+        folder = self.folder(manifest.domain, manifest.consumer, manifest.disk)
+        backups = {m.file: m for m in self.manifests(manifest.domain, manifest.consumer,
+                                                     manifest.disk)}
+        chain: list[tuple[Path, int]] = []
+        m: Manifest | None = manifest
+        while m is not None:
+            chain.append((owned(folder / m.file), m.size))
+            if m.backing is not None and m.backing not in backups:
+                raise RepositoryError(str(folder / m.backing), "missing: the backing file "
+                                                               f"of {m.file} has no manifest")
+            m = backups[m.backing] if m.backing is not None else None
+        return chain
+
+    async def _fill(self, layers: list[tuple[Path, int]], destination: str, token: str,
+                    tuning: stream.Tuning | None, behind: WriteBehind) -> None:
+        """Copy what a read of `layers[0]` through its chain finds into `destination`
+        (zeroes at first), the files newest first (see `restore`), served
+        FILES_PER_SERVER at a time."""
+        covered: stream.Ranges = []  # what newer files hold
+        visible = layers[0][1]  # a backing file shows only as far as every newer file goes
+        done = 0
+
+        def progress(p: stream.Progress) -> None:
+            behind.progress(dataclasses.replace(p, done=done + p.done))
+
+        for start in range(0, len(layers), verifying.FILES_PER_SERVER):
+            batch = layers[start:start + verifying.FILES_PER_SERVER]
+            sock = names.repository_socket(self._sockets, Served.RESTORE_SOURCE, token)
+            await self._make_sockets_folder()
+            server = verifying.server([path for path, _ in batch], sock)
+            try:
+                await server.astart()  # from the event loop's thread: tied (qemu_nbd.TIED)
+            except qemu_nbd.ServeError as e:
+                raise RepositoryError(str(e.image), e.reason) from None
+            try:
+                for path, size in batch:
+                    visible = min(visible, size)
+                    held = await anyio.to_thread.run_sync(verifying.held, sock, path.name,
+                                                          visible)
+                    if todo := verifying.subtract(held, covered):
+                        copied = await stream.stream(
+                            verifying.url(sock, path.name), destination,
+                            zeroed_destination=True, tuning=tuning, on_progress=progress,
+                            only=todo)
+                        done += copied.done
+                    covered = verifying.union(covered, held)
+            finally:
+                await server.astop()
 
     async def verify_disk(self, domain: str, consumer: str, disk: str
                           ) -> tuple[int, list[str]]:

@@ -1,5 +1,5 @@
 """Verify: every region a backup wrote, read again from the backup's own file and
-compared with its manifest.
+compared with its manifest; and the backup files of a chain served each on its own.
 
 A region of backup k is in file k itself, never only in a file below it: qcow2
 allocates in the file being written every range written to it, data or zeroes
@@ -19,8 +19,11 @@ it: only damage does that, a lost mapping) is read through its chain instead,
 where its backing files show through. Every region of every backup is read, a
 few requests in flight on each of a few connections (READERS, IN_FLIGHT).
 
-`check` blocks: the repository runs it in a worker thread, with the server
-started from the event loop's (repository.py, qemu_nbd.TIED).
+A restore reads a chain through the same server (`held`, `url`): each file
+alone, newest first, what it holds and no newer file holds (repository.py).
+
+`check` and `held` block: the repository runs them in a worker thread, with the
+server started from the event loop's (qemu_nbd.TIED).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ FILES_PER_SERVER = 256
 #: Connections reading at once (each its own export), and requests in flight on each.
 READERS = 2
 IN_FLIGHT = 8
+#: Clients one server takes at once: Verify's READERS, or a restore's copy (a planner
+#: and a connection per stream.Tuning.connections), with room to spare.
+CONNECTIONS = 8
 #: Bytes of block status asked for at a time.
 WINDOW = 1 << 30
 #: Seconds the server may leave a request unanswered.
@@ -74,7 +80,7 @@ def server(files: Sequence[Path], sock: Path) -> qemu_nbd.Server:
         argv += ["--blockdev", json.dumps({
             "driver": "qcow2", "node-name": f"n{i}", "read-only": True, "backing": None,
             "file": {"driver": "file", "filename": str(path), "read-only": True}})]
-    argv += ["--nbd-server", f"addr.type=unix,addr.path={sock},max-connections={READERS + 1}"]
+    argv += ["--nbd-server", f"addr.type=unix,addr.path={sock},max-connections={CONNECTIONS}"]
     for i, path in enumerate(files):
         argv += ["--export", f"type=nbd,id=e{i},node-name=n{i},name={path.name},"
                              "allocation-depth=on"]
@@ -241,3 +247,53 @@ def _wait(h: nbd.NBD) -> None:
             h.aio_notify_read()
         if revents & select.POLLOUT:
             h.aio_notify_write()
+
+
+def url(sock: Path, name: str) -> str:
+    """The NBD URI of the export of file `name` of the server on `sock`."""
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def held(sock: Path, name: str, size: int) -> list[tuple[int, int]]:
+    """The ranges (start, end) up to `size` that file `name` of the server on `sock`
+    holds itself (data or zeroes): allocation depth 1. Blocks; raises nbd.Error."""
+    h = nbd.NBD()
+    h.add_meta_context(ALLOCATION_DEPTH)
+    h.set_export_name(name)
+    h.connect_unix(str(sock))
+    try:
+        found = [(start, min(end, size)) for start, end, depth in _depths(h, 0, size)
+                 if depth == 1]
+    finally:
+        h.shutdown()
+    return union(found, [])
+
+
+def union(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges in `a` or `b`, sorted and apart (adjacent ones joined)."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted([*a, *b]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        elif start < end:
+            out.append((start, end))
+    return out
+
+
+def subtract(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]
+             ) -> list[tuple[int, int]]:
+    """The ranges in `a` and not in `b` (both sorted and apart), sorted and apart."""
+    out = []
+    j = 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        pos, k = start, j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > pos:
+                out.append((pos, b[k][0]))
+            pos = max(pos, b[k][1])
+            k += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
