@@ -1,4 +1,5 @@
-"""pullbackd's streaming engine against nbdcopy and qemu-img, on the lab.
+"""pullbackd's streaming engine against nbdcopy and qemu-img, on the lab (and, with
+--load, --checkpoints or --repository, the benchmarks of those modules).
 
 Each case runs against one pull-backup export of a lab domain, started by a
 real pullbackd; every tool copies that same export, on QEMU's own socket (as
@@ -466,11 +467,20 @@ def main() -> int:
     parser.add_argument("--checkpoints", action="store_true",
                         help="the checkpoints benchmark instead: guest writes with 0, 1 and "
                              "100 checkpoints (writes bench/checkpoints.json)")
+    parser.add_argument("--repository", action="store_true",
+                        help="the repository benchmark instead: Verify of a 500-backup chain, "
+                             "restore of a 30-link chain against a full (writes "
+                             "bench/repository.json)")
     parser.add_argument("--night", type=int, metavar="N",
                         help="the night benchmark instead: N domains backed up at once, full "
                              "then incremental, against virtnbdbackup on N twins one after "
                              "another (writes bench/night.json)")
     args = parser.parse_args()
+    if args.repository:
+        import repository as chains  # noqa: PLC0415 (it imports this file too: load it only here)
+        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+            return chains.main(Path(tmp), args.smoke,
+                               None if args.smoke else ROOT / "bench" / "repository.json")
     if args.night:
         import night  # noqa: PLC0415 (it imports this file too: load it only here)
         with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:

@@ -43,7 +43,7 @@ def test_the_longest_socket_is_a_restore_of_the_repository() -> None:
     assert {str(p) for p in layout.sockets()} == {
         "/e/000000000000.sock", "/e/.qemu/000000000000.sock",
         "/e/.repository/w-00000000.sock", "/e/.repository/r-00000000.src.sock",
-        "/e/.repository/r-00000000.dst.sock"}
+        "/e/.repository/r-00000000.dst.sock", "/e/.repository/v-00000000.sock"}
     assert len(names.new_job_id()) == 12 and names.JOB_ID.fullmatch(names.new_job_id())
 
 

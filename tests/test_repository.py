@@ -19,6 +19,7 @@ import pytest
 import xxhash
 
 from pullbackd import repository as repository_module
+from pullbackd import verifying
 from pullbackd.errors import RepositoryError
 from pullbackd.qemu_nbd import Server
 from pullbackd.repository import (
@@ -334,3 +335,187 @@ def test_only_files_pullbackd_wrote_are_read(tmp_path: Path) -> None:
     (folder / "0001.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(RepositoryError, match="not a file pullbackd wrote"):
         repository.manifests("lab1", "c", "vda")
+
+
+Write = tuple[int, int, int | None]  # offset, length, byte (None: zeroes)
+
+
+def chain(repository: Repository, steps: list[list[Write]]) -> list[Manifest]:
+    """Backups of lab1's vda, a full and then incrementals, each writing its step's
+    writes through the repository's own qemu-nbd (zeroes as NBD zero writes, as the
+    engine writes what an incremental's source reads as zero), with their regions."""
+    async def run() -> list[Manifest]:
+        manifests: list[Manifest] = []
+        for n, writes in enumerate(steps):
+            writer = await repository.begin("lab1", "c", "vda", SIZE, f"j{n}", f"cp{n}", "t",
+                                            manifests[-1] if manifests else None)
+            try:
+                await anyio.to_thread.run_sync(write_all, writer.url, writes)
+            except BaseException:
+                await repository.abort(writer)
+                raise
+            writer.regions += [Region(offset, length, None if byte is None else
+                                      checksum(bytes([byte]) * length))
+                               for offset, length, byte in writes]
+            manifests.append(await repository.commit(writer))
+        return manifests
+    return anyio.run(run)
+
+
+def write_all(url: str, writes: list[Write]) -> None:
+    h = nbd.NBD()
+    h.connect_uri(url)
+    try:
+        for offset, length, byte in writes:
+            if byte is None:
+                h.zero(length, offset)
+            else:
+                h.pwrite(bytes([byte]) * length, offset)
+    finally:
+        h.shutdown()
+
+
+def verify_all(repository: Repository) -> tuple[int, list[str]]:
+    return anyio.run(repository.verify_disk, "lab1", "c", "vda")
+
+
+#: Each backup of `many`: 64 KiB of its own byte at its own place, zeroes at another,
+#: and a small unaligned write; backup 0 is a full one.
+def many(count: int) -> list[list[Write]]:
+    return [[(n * 128 << 10, 64 << 10, 0x20 + n), (SIZE - (n + 1) * (64 << 10), 64 << 10, None),
+             (2 * MiB + n * 4096 + 100, 300, 0x80 + n)] for n in range(count)]
+
+
+def host_offset(image: Path, offset: int) -> int:
+    """Where in `image` itself (not in its backing files) the data at guest `offset` is."""
+    mapping = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)],
+        check=True, capture_output=True, text=True).stdout)
+    [extent] = [e for e in mapping if e["start"] <= offset < e["start"] + e["length"]]
+    assert extent["depth"] == 0 and extent["data"], extent
+    return int(extent["offset"]) + offset - int(extent["start"])
+
+
+def flip(path: Path, at: int) -> None:
+    """One byte of the file, changed on disk (as bit rot would)."""
+    with path.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+
+
+@pytest.mark.parametrize("victim", [0, 4, 5, 9])
+def test_verify_finds_one_damaged_byte_in_any_one_of_many_backups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: int) -> None:
+    # Files served in turns of 4: the damage is found in the first turn, or a later one.
+    monkeypatch.setattr(verifying, "FILES_PER_SERVER", 4)
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(10))
+    assert verify_all(repository) == (10, [])
+    image = repository.folder("lab1", "c", "vda") / manifests[victim].file
+    offset, length, _ = many(10)[victim][0]
+    flip(image, host_offset(image, offset + 1000))
+    assert verify_all(repository) == (10, [
+        f"{manifests[victim].file}: {length} bytes at {offset} differ from what was written"])
+
+
+def test_verify_finds_zeroes_that_are_no_longer_zero(tmp_path: Path) -> None:
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(3))
+    image = repository.folder("lab1", "c", "vda") / manifests[1].file
+    offset, length, byte = many(3)[1][1]
+    assert byte is None
+    qemu_io(image, f"write -P {DAMAGED:#x} {offset + length - 512} 512")
+    assert verify_all(repository) == (3, [
+        f"0002.qcow2: {length} bytes at {offset} differ from what was written"])
+
+
+def lose_mapping(image: Path, offset: int) -> None:
+    """The qcow2 `image` forgets what it held of the cluster at guest `offset` (its L2
+    entry cleared): reads there fall through to its backing file."""
+    with image.open("r+b") as f:
+        header = f.read(48)
+        cluster_bits = int.from_bytes(header[20:24], "big")
+        l1_table = int.from_bytes(header[40:48], "big")
+        cluster = offset >> cluster_bits
+        per_l2 = (1 << cluster_bits) // 8
+        f.seek(l1_table + cluster // per_l2 * 8)
+        l2_table = int.from_bytes(f.read(8), "big") & 0x00FF_FFFF_FFFF_FE00
+        assert l2_table, "no L2 table there"
+        f.seek(l2_table + cluster % per_l2 * 8)
+        assert int.from_bytes(f.read(8), "big"), "nothing mapped there"
+        f.seek(l2_table + cluster % per_l2 * 8)
+        f.write(bytes(8))
+
+
+def test_verify_reads_what_an_overlay_lost_through_its_chain(tmp_path: Path) -> None:
+    """A region an incremental's own file no longer holds reads through its chain, as a
+    restore would: found where the backing file shows different bytes, not where it
+    shows the same."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    same = (2 * MiB, 64 << 10, 0x33)
+    manifests = chain(repository, [[(MiB, 64 << 10, 0x11), same],
+                                   [(MiB, 64 << 10, None), same]])
+    image = repository.folder("lab1", "c", "vda") / manifests[1].file
+    lose_mapping(image, 2 * MiB)  # the backing file holds the same bytes there
+    assert verify_all(repository) == (2, [])
+    lose_mapping(image, MiB)  # zeroes, over the full backup's 0x11
+    assert verify_all(repository) == (2, [
+        f"0002.qcow2: {64 << 10} bytes at {MiB} differ from what was written"])
+
+
+def test_flattened_backups_still_verify(tmp_path: Path) -> None:
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    chain(repository, many(4))
+    dropped = anyio.run(repository.prune, "lab1", "c", "vda", 2)
+    assert [m.sequence for m in dropped] == [1, 2]
+    [flat, _] = repository.manifests("lab1", "c", "vda")
+    assert flat.backing is None and flat.regions
+    assert verify_all(repository) == (2, [])
+    image = repository.folder("lab1", "c", "vda") / flat.file
+    region = next(r for r in flat.regions if r.checksum is not None)
+    flip(image, host_offset(image, region.offset))
+    assert verify_all(repository) == (2, [
+        f"0003.qcow2: {region.length} bytes at {region.offset} differ from what was written"])
+
+
+def test_recover_ends_an_earlier_runs_verify_server(tmp_path: Path) -> None:
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(2))
+    folder = repository.folder("lab1", "c", "vda")  # and the sockets' folder, made by begin
+    server = verifying.server([folder / m.file for m in manifests],
+                              tmp_path / "sockets" / "v-00000000.sock")
+    server.start()
+    try:
+        repository.recover()
+        assert server.returncode is not None
+        assert list((tmp_path / "sockets").iterdir()) == []
+    finally:
+        server.stop()
+
+
+def test_a_chain_restores_at_every_point(tmp_path: Path) -> None:
+    """Each point of a chain restores to what was written up to it: data over data,
+    zeroes over data, data over zeroes, unaligned writes, a point beyond the files one
+    server takes (read in turns)."""
+    steps: list[list[Write]] = [
+        [(0, MiB, 0x10), (2 * MiB, MiB, 0x11)],
+        [(MiB // 2, 64 << 10, 0x20), (2 * MiB + 100, 5000, None)],
+        [(0, 4096, None), (3 * MiB, 300, 0x30), (2 * MiB, 64 << 10, 0x31)],
+        [(MiB // 2 + 512, 1024, 0x40), (2 * MiB + 200, 300, None)],
+        [(SIZE - 4096, 4096, 0x50)],
+    ]
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, steps)
+    expected = bytearray(SIZE)
+    for manifest, writes in zip(manifests, steps, strict=True):
+        for offset, length, byte in writes:
+            expected[offset:offset + length] = bytes([byte or 0]) * length
+        assert_restores(repository, manifest, bytes(expected), tmp_path)
+
+
+def test_a_chain_longer_than_one_server_restores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(verifying, "FILES_PER_SERVER", 2)
+    test_a_chain_restores_at_every_point(tmp_path)

@@ -266,11 +266,9 @@ class BackupAPI:
         checked, problems = 0, []
         disks = await self._disks(domain, consumer)
         for name, disk in disks:
-            manifests = await anyio.to_thread.run_sync(
-                self.repository.manifests, domain, name, disk)
-            for manifest in manifests:
-                problems += await self.repository.verify(manifest)
-                checked += 1
+            count, found = await self.repository.verify_disk(domain, name, disk)
+            checked += count
+            problems += found
         for name in {name for name, _ in disks}:
             problems += await anyio.to_thread.run_sync(self.repository.verify_files, domain, name)
         return {"checked": checked, "problems": problems}

@@ -23,11 +23,12 @@ disk, each name checked to stay one folder (`component`):
                                       0001.qcow2.flat.partial   a backup being flattened
                                       0001.tmp      a manifest being written
     <exports>/.repository/w-<token>.sock            qemu-nbd writing a backup
-    <exports>/.repository/r-<token>.src.sock        qemu-nbd reading a restore's backup
+    <exports>/.repository/r-<token>.src.sock        qemu-storage-daemon serving a restore's chain
     <exports>/.repository/r-<token>.dst.sock        qemu-nbd writing a restore's new file
+    <exports>/.repository/v-<token>.sock            qemu-storage-daemon serving a Verify's files
 
 The last three kinds of file are what a crash leaves (`LEFTOVERS`); the sockets
-are those of qemu-nbd servers of ours.
+are those of NBD servers of ours.
 
 A Unix socket's path must fit in `sockaddr_un.sun_path` (108 bytes with its
 NUL); `Layout.check` refuses an exports folder whose longest socket would not
@@ -152,13 +153,16 @@ def repository_sockets(exports: Path) -> Path:
 
 
 class Served(Enum):
-    """What a qemu-nbd of the repository serves; the value names its socket."""
+    """What an NBD server of the repository serves; the value names its socket."""
 
     #: A backup being written.
     BACKUP = "w-{token}.sock"
-    #: The backup a restore reads, and the new file it writes (the same token).
+    #: The chain's files a restore reads (each on its own, verifying.py), and the new
+    #: file it writes (the same token).
     RESTORE_SOURCE = "r-{token}.src.sock"
     RESTORE_TARGET = "r-{token}.dst.sock"
+    #: Backup files a Verify reads, each on its own (verifying.py).
+    VERIFY = "v-{token}.sock"
 
 
 #: Random bytes in a repository socket's name: unique among the few served at once.

@@ -2,13 +2,14 @@
 
 Every qemu-nbd pullbackd runs on a socket it names is a `Server`: the
 repository's (a backup being written, both sides of a restore), the benchmark's
-targets, and the tests' images. `start` returns once qemu-nbd really serves
+targets, and the tests' images; and so is the qemu-storage-daemon of a Verify
+(verifying.py), which serves many images at once. `start` returns once qemu-nbd really serves
 (`wait_serving`), `stop` once it closed the image. A server is tied to the
 thread that started it (`tied`, see TIED): the kernel kills it when that thread
 dies, so none outlives a `kill -9` of the daemon.
 
 One kind of qemu-nbd is not a Server: a reader private to one libnbd handle
-(`connect`; the repository's Verify and Prune read backups so). libnbd's
+(`connect`; the repository rescans a flattened backup so). libnbd's
 `connect_systemd_socket_activation` is the better tool there: libnbd binds the
 socket, in a folder of its own, and hands it to qemu-nbd already listening, so
 there is no socket to name or remove and nothing to wait for; and a qemu-nbd
@@ -105,14 +106,19 @@ class Server:
 
     def __init__(self, image: Path, fmt: str, sock: Path, *, read_only: bool = False,
                  shared: int = 16, cache: str = "writeback", persistent: bool = True,
-                 tied: bool = True, timeout: float = SERVE_TIMEOUT) -> None:
-        """`timeout`: seconds qemu-nbd may take to serve. Raises nothing."""
+                 tied: bool = True, timeout: float = SERVE_TIMEOUT,
+                 program: list[str] | None = None) -> None:
+        """`timeout`: seconds qemu-nbd may take to serve. `program`: the command line
+        of another NBD server to run instead, serving on `sock` (the options before it
+        are then unused; verifying.py's qemu-storage-daemon); `image` names what it
+        serves in errors. Raises nothing."""
         self.image = image
         self.fmt = fmt
         self.socket = sock
         self.timeout = timeout
-        self.command = command(image, fmt, sock=sock, read_only=read_only, shared=shared,
-                               cache=cache, persistent=persistent, tied=tied)
+        self.command = program or command(image, fmt, sock=sock, read_only=read_only,
+                                          shared=shared, cache=cache, persistent=persistent,
+                                          tied=tied)
         self._process: subprocess.Popen[bytes] | None = None
         self._errors: IO[bytes] | None = None
 

@@ -15,13 +15,14 @@ a manifest is not a backup.
 
 Every name in it comes from names.py, every qemu-nbd from qemu_nbd.py.
 
-Nothing outlives a crash. The kernel kills our qemu-nbd servers when the daemon
-dies (see qemu_nbd.TIED), and `Repository.recover`, run at start before anything
-is served, ends those that escaped (a daemon killed in the instant between
-starting one and tying it to itself, or a daemon from before they were tied) and
-removes what a crash leaves: after `recover()`, no qemu-nbd of an earlier run
-serves a repository file, no temporary file (`*.qcow2.partial`,
-`*.flat.partial`, `*.tmp`, domain files' `*.partial` folders) exists, and neither
+Nothing outlives a crash. The kernel kills our qemu-nbd servers (and a
+Verify's qemu-storage-daemon) when the daemon dies (see qemu_nbd.TIED), and
+`Repository.recover`, run at start before anything is served, ends those that
+escaped (a daemon killed in the instant between starting one and tying it to
+itself, or a daemon from before they were tied) and removes what a crash leaves:
+after `recover()`, no NBD server of an earlier run serves a repository file, no
+temporary file (`*.qcow2.partial`, `*.flat.partial`, `*.tmp`, domain files'
+`*.partial` folders) exists, and neither
 does a backup file without its manifest (a commit or a prune cut short between
 the two).
 """
@@ -29,6 +30,7 @@ the two).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -46,10 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nbd
 import structlog
 import xxhash
 
-from . import crash, domainfiles, names, qemu_nbd, stream
+from . import crash, domainfiles, names, qemu_nbd, stream, verifying
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .names import Served
 
@@ -63,13 +66,13 @@ log = structlog.get_logger()
 #: 40 GiB/s here, sha256 1.7 (with SHA-NI): sha256 made a streamed full backup cost
 #: the machine a third more CPU.
 CHECKSUM = "xxh3-128"
-_CHECKSUMS: dict[str, Callable[[bytes | bytearray], str]] = {
+_CHECKSUMS: dict[str, Callable[[bytes | bytearray | memoryview], str]] = {
     "xxh3-128": xxhash.xxh3_128_hexdigest,
     "sha256": lambda data: hashlib.sha256(data).hexdigest(),  # manifests before xxh3-128
 }
 
 
-def checksum(data: bytes | bytearray, kind: str = CHECKSUM) -> str:
+def checksum(data: bytes | bytearray | memoryview, kind: str = CHECKSUM) -> str:
     return _CHECKSUMS[kind](data)
 
 
@@ -350,8 +353,7 @@ class Repository:
                      writable: bool) -> qemu_nbd.Server:
         """`image` served by a qemu-nbd of ours (see `image_server`), on a socket in a folder
         only we can enter; raises RepositoryError if qemu-nbd does not serve it."""
-        await anyio.Path(self._sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
-        await anyio.Path(self._sockets).chmod(0o700)
+        await self._make_sockets_folder()
         sock = names.repository_socket(self._sockets, served, token)
         server = image_server(image, fmt, sock, writable=writable)
         try:
@@ -360,6 +362,11 @@ class Repository:
         except qemu_nbd.ServeError as e:
             raise RepositoryError(str(e.image), e.reason) from None
         return server
+
+    async def _make_sockets_folder(self) -> None:
+        """The folder of our servers' sockets, which only we may enter."""
+        await anyio.Path(self._sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
+        await anyio.Path(self._sockets).chmod(0o700)
 
     async def commit(self, writer: Writer) -> Manifest:
         """Every byte arrived: the partial file becomes a backup, its manifest last."""
@@ -416,7 +423,7 @@ class Repository:
             return []
         dropped, kept = manifests[:-keep], manifests[-keep:]
         folder = self.folder(domain, consumer, disk)
-        problems = [p for m in manifests for p in await self.verify(m)]
+        problems = await self.verify(*manifests)
         if problems:
             # Never fold damaged data into the backups that stay.
             raise RepositoryError(str(folder), f"verify failed, nothing pruned: {problems[0]}")
@@ -445,10 +452,16 @@ class Repository:
 
     async def restore(self, manifest: Manifest, to: Path, fmt: str,
                       tuning: stream.Tuning | None = None) -> None:
-        """Rebuild the disk as it was at a backup into a new file, with the engine: the
-        chain point read through one qemu-nbd, the new image written through another."""
-        source = await anyio.to_thread.run_sync(owned, self.folder(
-            manifest.domain, manifest.consumer, manifest.disk) / manifest.file)
+        """Rebuild the disk as it was at a backup into a new file, with the engine.
+
+        The new image (written through a qemu-nbd of ours) starts as zeroes. The files
+        of the backup's chain are read each on its own (verifying.server), newest
+        first: from each, what it holds itself that no newer file holds. That is what a
+        read through the backing chain finds there, without a lookup through every
+        file below for each request, and each file is read in its own order. What
+        no file holds stays zeroes, as do the zeroes a file holds.
+        """
+        layers = await anyio.to_thread.run_sync(self._chain, manifest)
         try:
             # A new file of ours, never one that exists, never through a symlink.
             os.close(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -468,27 +481,121 @@ class Repository:
             # Undone in reverse, each shielded: the images must be closed, the
             # write-behind's thread must end, before the file is synced (or deleted).
             async with contextlib.AsyncExitStack() as undo:
-                reader = await self._serve(source, "qcow2", Served.RESTORE_SOURCE, token,
-                                           writable=False)
-                undo.push_async_callback(reader.astop)  # shielded itself
                 behind = WriteBehind(to, self._write_behind)
                 undo.push_async_callback(_shielded, anyio.to_thread.run_sync, behind.close)
                 writer = await self._serve(to, fmt, Served.RESTORE_TARGET, token,
                                            writable=True)
                 undo.push_async_callback(writer.astop)
-                await stream.stream(reader.url, writer.url, zeroed_destination=True,
-                                    tuning=tuning, on_progress=behind.progress)
+                await self._fill(layers, writer.url, token, tuning, behind)
             await anyio.to_thread.run_sync(fsync, to)
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
                 await anyio.Path(to).unlink(missing_ok=True)
             raise
 
-    async def verify(self, manifest: Manifest) -> list[str]:
-        """Re-read every region a backup wrote; return what does not match."""
-        source = await anyio.to_thread.run_sync(owned, self.folder(
-            manifest.domain, manifest.consumer, manifest.disk) / manifest.file)
-        return await anyio.to_thread.run_sync(_verify, source, manifest)
+    def _chain(self, manifest: Manifest) -> list[tuple[Path, int]]:
+        """The files a backup reads through, newest first, each with its disk's size
+        (those of its manifest and of the manifests of its backing files); raises
+        RepositoryError if one is missing or not ours."""
+        folder = self.folder(manifest.domain, manifest.consumer, manifest.disk)
+        backups = {m.file: m for m in self.manifests(manifest.domain, manifest.consumer,
+                                                     manifest.disk)}
+        chain: list[tuple[Path, int]] = []
+        m: Manifest | None = manifest
+        while m is not None:
+            chain.append((owned(folder / m.file), m.size))
+            if m.backing is not None and m.backing not in backups:
+                raise RepositoryError(str(folder / m.backing), "missing: the backing file "
+                                                               f"of {m.file} has no manifest")
+            m = backups[m.backing] if m.backing is not None else None
+        return chain
+
+    async def _fill(self, layers: list[tuple[Path, int]], destination: str, token: str,
+                    tuning: stream.Tuning | None, behind: WriteBehind) -> None:
+        """Copy what a read of `layers[0]` through its chain finds into `destination`
+        (zeroes at first), the files newest first (see `restore`), served
+        FILES_PER_SERVER at a time."""
+        covered: stream.Ranges = []  # what newer files hold
+        visible = layers[0][1]  # a backing file shows only as far as every newer file goes
+        done = 0
+
+        def progress(p: stream.Progress) -> None:
+            behind.progress(dataclasses.replace(p, done=done + p.done))
+
+        for start in range(0, len(layers), verifying.FILES_PER_SERVER):
+            batch = layers[start:start + verifying.FILES_PER_SERVER]
+            sock = names.repository_socket(self._sockets, Served.RESTORE_SOURCE, token)
+            await self._make_sockets_folder()
+            server = verifying.server([path for path, _ in batch], sock)
+            try:
+                await server.astart()  # from the event loop's thread: tied (qemu_nbd.TIED)
+            except qemu_nbd.ServeError as e:
+                raise RepositoryError(str(e.image), e.reason) from None
+            try:
+                for path, size in batch:
+                    visible = min(visible, size)
+                    held = await anyio.to_thread.run_sync(verifying.held, sock, path.name,
+                                                          visible)
+                    if todo := verifying.subtract(held, covered):
+                        copied = await stream.stream(
+                            verifying.url(sock, path.name), destination,
+                            zeroed_destination=True, tuning=tuning, on_progress=progress,
+                            only=todo)
+                        done += copied.done
+                    covered = verifying.union(covered, held)
+            finally:
+                await server.astop()
+
+    async def verify_disk(self, domain: str, consumer: str, disk: str
+                          ) -> tuple[int, list[str]]:
+        """`verify` every backup of a disk: how many there are, and the problems."""
+        manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer, disk)
+        return len(manifests), await self.verify(*manifests)
+
+    async def verify(self, *manifests: Manifest) -> list[str]:
+        """Re-read every region the backups `manifests` (of one disk: their files' names
+        differ) wrote, each from its own file (verifying.py), and return what does not
+        match: their problems, in their order. Their files are served by one
+        qemu-storage-daemon (FILES_PER_SERVER at a time). Raises RepositoryError if a
+        file is not ours, or cannot be served or read at all."""
+        problems: dict[int, list[str]] = {}
+        known = []
+        for i, m in enumerate(manifests):
+            if m.checksums in _CHECKSUMS:
+                known.append(i)
+            else:  # written by a newer pullbackd
+                problems[i] = [f"{m.file}: cannot check checksums of kind {m.checksums!r}"]
+        for start in range(0, len(known), verifying.FILES_PER_SERVER):
+            batch = known[start:start + verifying.FILES_PER_SERVER]
+            expected = await anyio.to_thread.run_sync(
+                self._expected, [manifests[i] for i in batch])
+            found = await self._check(expected)
+            problems |= dict(zip(batch, found, strict=True))
+        return [p for i in range(len(manifests)) for p in problems[i]]
+
+    def _expected(self, manifests: list[Manifest]) -> list[verifying.Expected]:
+        return [verifying.Expected(
+            owned(self.folder(m.domain, m.consumer, m.disk) / m.file),
+            [(r.offset, r.length, r.checksum) for r in m.regions], _CHECKSUMS[m.checksums],
+            backed=m.backing is not None)
+            for m in manifests]
+
+    async def _check(self, expected: list[verifying.Expected]) -> list[list[str]]:
+        """verifying.check, with its server on a socket of ours (see `_serve`)."""
+        await self._make_sockets_folder()
+        sock = names.repository_socket(self._sockets, Served.VERIFY, names.socket_token())
+        server = verifying.server([e.file for e in expected], sock)
+        try:
+            # From the event loop's thread, so tied to the daemon's life (qemu_nbd.TIED).
+            await server.astart()
+        except qemu_nbd.ServeError as e:
+            raise RepositoryError(str(e.image), e.reason) from None
+        try:
+            return await anyio.to_thread.run_sync(verifying.check, sock, expected)
+        except nbd.Error as e:
+            raise RepositoryError(str(expected[0].file.parent), str(e)) from None
+        finally:
+            await server.astop()
 
 
 def owned(path: Path) -> Path:
@@ -503,21 +610,6 @@ def owned(path: Path) -> Path:
         raise RepositoryError(str(path), "not a file pullbackd wrote (a link, or another "
                                          "user's); move it out of the repository")
     return path
-
-
-def _verify(source: Path, manifest: Manifest) -> list[str]:
-    if manifest.checksums not in _CHECKSUMS:  # written by a newer pullbackd
-        return [f"{manifest.file}: cannot check checksums of kind {manifest.checksums!r}"]
-    problems = []
-    with qemu_nbd.connect(source, "qcow2") as h:  # through the backing chain
-        for region in manifest.regions:
-            data = h.pread(region.length, region.offset) if region.length else b""
-            ok = not any(data) if region.checksum is None else \
-                checksum(data, manifest.checksums) == region.checksum
-            if not ok:
-                problems.append(f"{manifest.file}: {region.length} bytes at {region.offset} "
-                                "differ from what was written")
-    return problems
 
 
 def _drop(folder: Path, dropped: list[Manifest]) -> None:
@@ -609,18 +701,23 @@ def _orphans(sockets: Path) -> dict[int, str]:
 
 
 def _served_socket(pid: int, folder: str) -> str | None:
-    """The socket the process `pid` serves on if it is a qemu-nbd serving on one in
-    `folder`, else None."""
+    """The socket the process `pid` serves on if it is a qemu-nbd (or a Verify's
+    qemu-storage-daemon) serving on one in `folder`, else None."""
     try:
         argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
     except OSError:  # gone meanwhile, or not ours to look at
         return None
-    if os.path.basename(argv[0]) != "qemu-nbd":
+    program = os.path.basename(argv[0])
+    if program not in ("qemu-nbd", verifying.PROGRAM):
         return None
-    # As qemu_nbd.command writes it, or by hand. cmdline ends in a NUL: the last
-    # argument too has a following (empty) one.
+    # As qemu_nbd.command or verifying.server write it, or by hand. cmdline ends in a
+    # NUL: the last argument too has a following (empty) one.
     for arg, following in itertools.pairwise(argv):
-        if arg == "--socket":
+        if program == verifying.PROGRAM:
+            options = following.split(",") if arg == "--nbd-server" else []
+            sock = next((o.removeprefix("addr.path=") for o in options
+                         if o.startswith("addr.path=")), "")
+        elif arg == "--socket":
             sock = following
         elif arg.startswith("--socket="):
             sock = arg.removeprefix("--socket=")

@@ -21,13 +21,14 @@ face the daemon uses, and cancels the copy when its caller is cancelled.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import queue
 import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -197,9 +198,15 @@ def _overlay(allocation: list[tuple[int, int]], dirty: list[tuple[int, int]] | N
                 runs.appendleft((length - step, flags))
 
 
+#: Ranges of a disk, (start, end), sorted and apart.
+Ranges = Sequence[tuple[int, int]]
+
+
 def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destination: bool,
-         stopped: Callable[[], bool] = lambda: False) -> Iterator[tuple[list[Piece], int]]:
-    """The work a copy of `h` needs, a window of extents at a time: (pieces, planned up to)."""
+         stopped: Callable[[], bool] = lambda: False, only: Ranges | None = None
+         ) -> Iterator[tuple[list[Piece], int]]:
+    """The work a copy of `h` needs, a window of extents at a time: (pieces, planned up to).
+    `only`: the ranges to copy, where a bitmap would tell (`bitmap` is then None)."""
     contexts = (ALLOCATION,) + ((bitmap,) if bitmap else ())
     offset = 0
     while offset < size and not stopped():
@@ -214,10 +221,31 @@ def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destinat
         h.block_status(min(window, size - offset), offset, extent)
         if not all(runs.values()):
             raise StreamError(f"the source answered no extents at offset {offset}")
-        pieces, offset = merge_extents(runs[ALLOCATION], runs[bitmap] if bitmap else None,
-                                       offset, zeroed_destination)
+        dirty = runs[bitmap] if bitmap else None
+        if only is not None:
+            dirty = _runs(only, offset, offset + sum(n for n, _ in runs[ALLOCATION]))
+        pieces, offset = merge_extents(runs[ALLOCATION], dirty, offset, zeroed_destination)
         offset = min(offset, size)
         yield pieces, offset
+
+
+def _runs(ranges: Ranges, start: int, end: int) -> list[tuple[int, int]]:
+    """`ranges` from `start` to `end` as (length, flags) runs of a dirty bitmap."""
+    runs = []
+    pos = start
+    for first, last in ranges[max(0, bisect.bisect_right(ranges, (start, start)) - 1):]:
+        a, b = max(first, pos), min(last, end)
+        if a >= end:
+            break
+        if a >= b:
+            continue
+        if a > pos:
+            runs.append((a - pos, 0))
+        runs.append((b - a, STATE_DIRTY))
+        pos = b
+    if pos < end:
+        runs.append((end - pos, 0))
+    return runs
 
 
 def transfer_size(source: str, bitmap: str | None = None, window: int = Tuning.window) -> int:
@@ -321,8 +349,10 @@ class _Copy:
     def __init__(self, source: str, destination: str, bitmap: str | None,
                  zeroed_destination: bool, tuning: Tuning,
                  on_progress: Callable[[Progress], None] | None,
-                 checksums: Checksums | None, cancel: threading.Event) -> None:
+                 checksums: Checksums | None, cancel: threading.Event,
+                 only: Ranges | None = None) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
+        self.only = only
         self.zeroed_destination = zeroed_destination
         self.tuning = tuning
         self.on_progress = on_progress
@@ -381,7 +411,7 @@ class _Copy:
               work: queue.Queue[Piece | None], connections: int) -> None:
         try:
             for pieces, offset in plan(h, self.bitmap, counters.size, self.tuning.window,
-                                       self.zeroed_destination, self.stopped):
+                                       self.zeroed_destination, self.stopped, self.only):
                 with counters.lock:
                     counters.scanned = offset
                     counters.planned += sum(p.length for p in pieces)
@@ -563,21 +593,22 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
          zeroed_destination: bool = False, tuning: Tuning | None = None,
          on_progress: Callable[[Progress], None] | None = None,
          checksums: Checksums | None = None,
-         cancel: threading.Event | None = None) -> Progress:
+         cancel: threading.Event | None = None, only: Ranges | None = None) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
     With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
-    move. With `zeroed_destination` (a fresh image), ranges the source reports
-    as zero are skipped instead of written as zeros. Raises StreamError.
+    move; with `only`, only those ranges. With `zeroed_destination` (a fresh
+    image), ranges the source reports as zero are skipped instead of written as
+    zeros. Raises StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
-                 on_progress, checksums, cancel or threading.Event()).run()
+                 on_progress, checksums, cancel or threading.Event(), only).run()
 
 
 async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  zeroed_destination: bool = False, tuning: Tuning | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 checksums: Checksums | None = None) -> Progress:
+                 checksums: Checksums | None = None, only: Ranges | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone."""
     cancel = threading.Event()
@@ -596,7 +627,8 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
             # Not abandoned on cancel: we return only once the threads are gone.
             outcome = await anyio.to_thread.run_sync(lambda: copy(
                 source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
-                tuning=tuning, on_progress=on_progress, checksums=checksums, cancel=cancel))
+                tuning=tuning, on_progress=on_progress, checksums=checksums, cancel=cancel,
+                only=only))
         except StreamError as e:
             outcome = e
         finally:

@@ -1,0 +1,299 @@
+"""Verify: every region a backup wrote, read again from the backup's own file and
+compared with its manifest; and the backup files of a chain served each on its own.
+
+A region of backup k is in file k itself, never only in a file below it: qcow2
+allocates in the file being written every range written to it, data or zeroes
+(a zero write sets the clusters' zero flag, which reads as zeroes even without
+a backing file), and a flattened backup stands alone. So file k read on its
+own, without its backing file, holds every region of backup k, and one
+qemu-storage-daemon can serve a whole chain at once, each file alone
+(`backing: null`) as an export named after the file, where a qemu-nbd per
+backup would open, each time, the whole chain below it.
+
+The invariant: Verify finds exactly what reading each backup through its backing
+chain would (as a restore reads it, and as Verify once did with a qemu-nbd per
+backup): each data region reads back with its checksum, each zero region reads
+as zeroes. A region its own file holds reads the same alone as through the
+chain. One that an overlay does not hold (`qemu:allocation-depth` not 1 across
+it: only damage does that, a lost mapping) is read through its chain instead,
+where its backing files show through. Every region of every backup is read, a
+few requests in flight on each of a few connections (READERS, IN_FLIGHT).
+
+A restore reads a chain through the same server (`held`, `url`): each file
+alone, newest first, what it holds and no newer file holds (repository.py).
+
+`check` and `held` block: the repository runs them in a worker thread, with the
+server started from the event loop's (qemu_nbd.TIED).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import queue
+import select
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbd
+
+from . import qemu_nbd
+
+PROGRAM = "qemu-storage-daemon"
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+#: Files one qemu-storage-daemon opens at most (one descriptor each); a longer
+#: chain is served in turns.
+FILES_PER_SERVER = 256
+#: Connections reading at once (each its own export), and requests in flight on each.
+READERS = 2
+IN_FLIGHT = 8
+#: Clients one server takes at once: Verify's READERS, or a restore's copy (a planner
+#: and a connection per stream.Tuning.connections), with room to spare.
+CONNECTIONS = 8
+#: Bytes of block status asked for at a time.
+WINDOW = 1 << 30
+#: Seconds the server may leave a request unanswered.
+STALL_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What one backup file must hold: `regions` (offset, length, checksum; None for
+    zeroes), checksummed by `checksum`."""
+
+    file: Path
+    regions: Sequence[tuple[int, int, str | None]]
+    checksum: Callable[[memoryview], str]
+    #: Whether the file is an overlay on a backing file (an incremental).
+    backed: bool
+
+
+def server(files: Sequence[Path], sock: Path) -> qemu_nbd.Server:
+    """One qemu-storage-daemon (not started yet) serving each of `files` on its own,
+    read-only and without its backing file, as the export named after the file (so
+    their names must differ), on `sock`; tied to the thread that starts it."""
+    argv = [*qemu_nbd.TIED, PROGRAM]
+    for i, path in enumerate(files):
+        argv += ["--blockdev", json.dumps({
+            "driver": "qcow2", "node-name": f"n{i}", "read-only": True, "backing": None,
+            "file": {"driver": "file", "filename": str(path), "read-only": True}})]
+    argv += ["--nbd-server", f"addr.type=unix,addr.path={sock},max-connections={CONNECTIONS}"]
+    for i, path in enumerate(files):
+        argv += ["--export", f"type=nbd,id=e{i},node-name=n{i},name={path.name},"
+                             "allocation-depth=on"]
+    first = files[0] if files else sock
+    return qemu_nbd.Server(first, "qcow2", sock, program=argv)
+
+
+def check(sock: Path, expected: Sequence[Expected]) -> list[list[str]]:
+    """The problems of each backup in `expected` (in its order; none: it passed), read
+    from the server on `sock` (`server`). Blocks. Raises nbd.Error if a file cannot be
+    read at all."""
+    work: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(expected)):
+        work.put(i)
+    found: list[list[str]] = [[] for _ in expected]
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not errors:
+                try:
+                    i = work.get_nowait()
+                except queue.Empty:
+                    return
+                found[i] = _check_file(sock, expected[i])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, name=f"pullbackd-verify-{n}")
+               for n in range(min(READERS, len(expected)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return found
+
+
+def _check_file(sock: Path, backup: Expected) -> list[str]:
+    regions = backup.regions
+    h = nbd.NBD()
+    h.set_pread_initialize(False)  # every read that fails fails the check
+    h.add_meta_context(ALLOCATION_DEPTH)
+    h.set_export_name(backup.file.name)
+    h.connect_unix(str(sock))
+    try:
+        held = _held(h, regions) if backup.backed else [True] * len(regions)
+        own = [i for i, ok in enumerate(held) if ok]
+        ok = dict(zip(own, _compare(h, backup, [regions[i] for i in own]), strict=True))
+    finally:
+        h.shutdown()
+    if lost := [i for i, k in enumerate(held) if not k]:
+        # Not in the overlay itself (only damage does that): read through its chain,
+        # as a restore reads it.
+        with qemu_nbd.connect(backup.file, "qcow2") as chain:
+            ok |= dict(zip(lost, _compare(chain, backup, [regions[i] for i in lost]),
+                           strict=True))
+    return [f"{backup.file.name}: {length} bytes at {offset} differ from what was written"
+            for i, (offset, length, _) in enumerate(regions) if not ok[i]]
+
+
+def _held(h: nbd.NBD, regions: Sequence[tuple[int, int, str | None]]) -> list[bool]:
+    """For each region, whether the export's own file holds all of it: allocation depth
+    1 across it (with no backing file, 0 is a range the file does not hold)."""
+    spans = [(o, o + n) for o, n, _ in regions if n]
+    extents = list(_depths(h, min((a for a, _ in spans), default=0),
+                           max((b for _, b in spans), default=0)))
+    starts = [start for start, _, _ in extents]
+
+    def held(offset: int, length: int) -> bool:
+        # The runs are contiguous from the first region's start: run i covers `offset`.
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        while length and i < len(extents):
+            _, end, depth = extents[i]
+            if depth != 1:
+                return False
+            length = max(0, offset + length - end)
+            offset = end
+            i += 1
+        return not length
+
+    return [held(o, n) for o, n, _ in regions]
+
+
+def _depths(h: nbd.NBD, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, depth) runs of the export's allocation depth from `start` on, until
+    they cover `end`."""
+    offset = start
+    while offset < end:
+        runs: list[tuple[int, int]] = []
+
+        def extent(context: str, _start: int, entries: list[int], _err: object,
+                   runs: list[tuple[int, int]] = runs) -> int:
+            if context == ALLOCATION_DEPTH:
+                runs += zip(entries[::2], entries[1::2], strict=True)
+            return 0
+
+        h.block_status(min(WINDOW, end - offset), offset, extent)
+        if not runs:
+            raise nbd.Error(f"no allocation depth at offset {offset}", 0)
+        for length, depth in runs:
+            yield offset, offset + length, depth
+            offset += length
+
+
+def _compare(h: nbd.NBD, backup: Expected,
+             regions: Sequence[tuple[int, int, str | None]]) -> list[bool]:
+    """Whether each region reads back as written: IN_FLIGHT reads at a time, each
+    region's buffer reused once it is checked."""
+    ok = [False] * len(regions)
+    free: dict[int, list[nbd.Buffer]] = {}
+    done: deque[tuple[int, nbd.Buffer]] = deque()
+    failed: list[int] = []
+    in_flight = 0
+    todo = iter(range(len(regions)))
+    more = True
+    while more or in_flight:
+        while more and in_flight < IN_FLIGHT:
+            i = next(todo, None)
+            if i is None:
+                more = False
+                break
+            offset, length, _ = regions[i]
+            if not length:  # nothing to read: an empty region
+                ok[i] = regions[i][2] in (None, backup.checksum(memoryview(b"")))
+                continue
+            buf = (free.get(length) or [nbd.Buffer(length)]).pop()
+
+            def completed(err: object, i: int = i, buf: nbd.Buffer = buf) -> int:
+                # Record only: libnbd swallows what a callback raises.
+                (failed.append(i) if getattr(err, "value", 0) else done.append((i, buf)))
+                return 1
+            h.aio_pread(buf, offset, completed)
+            in_flight += 1
+        if in_flight and not done and not failed:
+            _wait(h)
+        if failed:
+            offset, length, _ = regions[failed[0]]
+            raise nbd.Error(f"{backup.file.name}: reading {length} bytes at {offset} failed", 0)
+        while done:
+            i, buf = done.popleft()
+            in_flight -= 1
+            expected = regions[i][2]
+            ok[i] = buf.is_zero() if expected is None else \
+                backup.checksum(buf.to_buffer()) == expected
+            free.setdefault(buf.size(), []).append(buf)
+    return ok
+
+
+def _wait(h: nbd.NBD) -> None:
+    """Until libnbd made progress on `h` (a reply arrived, a request went out); nbd.Error
+    after STALL_TIMEOUT seconds without."""
+    direction = h.aio_get_direction()
+    events = (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0) | \
+        (select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0)
+    poller = select.poll()
+    poller.register(h.aio_get_fd(), events)
+    ready = poller.poll(STALL_TIMEOUT * 1000)
+    if not ready:
+        raise nbd.Error(f"no answer for {STALL_TIMEOUT:g} s", 0)
+    for _, revents in ready:
+        if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            h.aio_notify_read()
+        if revents & select.POLLOUT:
+            h.aio_notify_write()
+
+
+def url(sock: Path, name: str) -> str:
+    """The NBD URI of the export of file `name` of the server on `sock`."""
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def held(sock: Path, name: str, size: int) -> list[tuple[int, int]]:
+    """The ranges (start, end) up to `size` that file `name` of the server on `sock`
+    holds itself (data or zeroes): allocation depth 1. Blocks; raises nbd.Error."""
+    h = nbd.NBD()
+    h.add_meta_context(ALLOCATION_DEPTH)
+    h.set_export_name(name)
+    h.connect_unix(str(sock))
+    try:
+        found = [(start, min(end, size)) for start, end, depth in _depths(h, 0, size)
+                 if depth == 1]
+    finally:
+        h.shutdown()
+    return union(found, [])
+
+
+def union(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges in `a` or `b`, sorted and apart (adjacent ones joined)."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted([*a, *b]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        elif start < end:
+            out.append((start, end))
+    return out
+
+
+def subtract(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]
+             ) -> list[tuple[int, int]]:
+    """The ranges in `a` and not in `b` (both sorted and apart), sorted and apart."""
+    out = []
+    j = 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        pos, k = start, j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > pos:
+                out.append((pos, b[k][0]))
+            pos = max(pos, b[k][1])
+            k += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
