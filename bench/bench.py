@@ -466,6 +466,9 @@ def main() -> int:
     parser.add_argument("--checkpoints", action="store_true",
                         help="the checkpoints benchmark instead: guest writes with 0, 1 and "
                              "100 checkpoints (writes bench/checkpoints.json)")
+    parser.add_argument("--start", action="store_true",
+                        help="the start benchmark instead: a Start's latency against "
+                             "libvirt's own backupBegin (writes bench/start.json)")
     args = parser.parse_args()
     if args.load:
         import load  # noqa: PLC0415 (bench/load.py imports this file: load it only here)
@@ -477,6 +480,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
             return checkpoints.main(Path(tmp), args.smoke,
                                     None if args.smoke else ROOT / "bench" / "checkpoints.json")
+    if args.start:
+        import start  # noqa: PLC0415 (it imports this file too: load it only here)
+        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+            return start.main(Path(tmp), args.smoke,
+                              None if args.smoke else ROOT / "bench" / "start.json")
     settings: dict[str, Any] = {k: int(v) for k, v in
                                 (item.split("=") for item in args.tuning.split(",") if item)}
     # The engine as the daemon runs it: its buffers from one pool of [stream] memory.
