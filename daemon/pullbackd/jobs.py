@@ -290,19 +290,20 @@ class Jobs:
                   checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
                   destination=request.destination, history=queued.history if queued else (),
                   offline=plan.offline, quiesce=request.quiesce)
-        # Recorded before the source hears of them: after a crash, the database
-        # knows which backup and checkpoint are ours.
-        await self._records.save(job)
-        await self._chains.add(Checkpoint(job.checkpoint, domain, job.consumer, job_id,
-                                          job.created, CheckpointState.PENDING,
-                                          tuple(d for d in plan.disks if d not in plan.full)))
+        checkpoint = Checkpoint(job.checkpoint, domain, job.consumer, job_id, job.created,
+                                CheckpointState.PENDING,
+                                tuple(d for d in plan.disks if d not in plan.full))
+        # Recorded before the source hears of them, in one transaction: after a
+        # crash, the database knows which backup and checkpoint are ours.
+        await self._records.save(job, checkpoint)
+        self._chains.recorded(checkpoint)
         crash.point("start.recorded")
         # Shielded: once the source may have begun, the outcome must be recorded
         # (and a half-started backup ended) even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
             job = await self._begin(job, request, plan, bases)
             try:
-                await self._chains.begun(job.checkpoint, tuple(
+                checkpoint = await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
                 begun = await self._source.exports(job, bases)
                 job = self._started(job, begun, bases, plan.sizes)
@@ -321,7 +322,10 @@ class Jobs:
                 self._copy(job)
             elif job.kind == Kind.PULL:
                 await self._serve(job)
-            job = await self._records.save(job)
+            # With libvirt's XML of its checkpoint, in one transaction (a crash before
+            # it fails the job at the next start, and deletes the checkpoint by name).
+            job = await self._records.save(job, checkpoint)
+            self._chains.recorded(checkpoint)
             crash.point("start.ready")
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
