@@ -475,6 +475,9 @@ def main() -> int:
                         help="the night benchmark instead: N domains backed up at once, full "
                              "then incremental, against virtnbdbackup on N twins one after "
                              "another (writes bench/night.json)")
+    parser.add_argument("--start", action="store_true",
+                        help="the start benchmark instead: a Start's latency against "
+                             "libvirt's own backupBegin (writes bench/start.json)")
     args = parser.parse_args()
     if args.repository:
         import repository as chains  # noqa: PLC0415 (it imports this file too: load it only here)
@@ -496,6 +499,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
             return checkpoints.main(Path(tmp), args.smoke,
                                     None if args.smoke else ROOT / "bench" / "checkpoints.json")
+    if args.start:
+        import start  # noqa: PLC0415 (it imports this file too: load it only here)
+        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+            return start.main(Path(tmp), args.smoke,
+                              None if args.smoke else ROOT / "bench" / "start.json")
     settings: dict[str, Any] = {k: int(v) for k, v in
                                 (item.split("=") for item in args.tuning.split(",") if item)}
     # The engine as the daemon runs it: its buffers from one pool of [stream] memory.

@@ -62,7 +62,8 @@ class FakeVirt(Virt):
         await self._hook("domain")
         if name not in self.running:
             raise errors.NoSuchDomain(name)
-        return Domain(name, self.running[name], DOMAIN_XML)
+        return Domain(name, self.running[name], DOMAIN_XML,
+                      "backup" if name in self.backups else None)
 
     async def definition(self, name: str) -> Definition:
         await self._hook("definition")
@@ -70,14 +71,14 @@ class FakeVirt(Virt):
             raise errors.NoSuchDomain(name)
         return Definition(DOMAIN_XML, DOMAIN_XML if self.running[name] else None)
 
-    async def job_operation(self, domain: str) -> str | None:
-        return "backup" if domain in self.backups else None
-
     async def running_domains(self) -> list[str]:
         return [name for name, running in self.running.items() if running]
 
     async def capacity(self, domain: str, disk: str) -> int:
         return 1 << 30
+
+    async def capacities(self, domain: str, disks: list[str]) -> dict[str, int]:
+        return {d: 1 << 30 for d in disks}
 
     async def backup_begin(self, domain: str, backup_xml: str,
                            checkpoint_xml: str | None = None) -> None:

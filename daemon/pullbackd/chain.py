@@ -209,14 +209,20 @@ class Chains:
     async def add(self, checkpoint: Checkpoint) -> None:
         await self._save(checkpoint)
 
-    async def begun(self, name: str, full: tuple[str, ...]) -> None:
-        """libvirt created the checkpoint with its backup: keep libvirt's XML of it,
-        to redefine it if libvirt loses it, and which disks are backed up in full."""
+    def recorded(self, checkpoint: Checkpoint) -> None:
+        """A checkpoint its job stored in the job's own transaction (`Store.save_job`
+        with it): the chains follow the database from here on."""
+        self._checkpoints[checkpoint.name] = checkpoint
+
+    async def begun(self, name: str, full: tuple[str, ...]) -> Checkpoint:
+        """libvirt created the checkpoint with its backup: the checkpoint with libvirt's
+        XML of it, to redefine it if libvirt loses it, and which disks are backed up in
+        full; for the job to store as it becomes ready (then `recorded`)."""
         c = self._checkpoints[name]
         # A backup of disks none of which holds a bitmap has no checkpoint in libvirt
         # (only qcow2 images hold bitmaps): nothing to keep, and nothing to start from.
         text = await self._virt.checkpoint_xml(c.domain, name) if c.disks else None
-        await self._save(_replace(c, xml=text, full=full))
+        return _replace(c, xml=text, full=full)
 
     def outcome(self, name: str, completed: bool) -> Checkpoint | None:
         """The checkpoint of a job that ends, as it is to be recorded in the same

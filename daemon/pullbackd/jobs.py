@@ -292,19 +292,20 @@ class Jobs:
                   checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
                   destination=request.destination, history=queued.history if queued else (),
                   offline=plan.offline, quiesce=request.quiesce)
-        # Recorded before the source hears of them: after a crash, the database
-        # knows which backup and checkpoint are ours.
-        await self._records.save(job)
-        await self._chains.add(Checkpoint(job.checkpoint, domain, job.consumer, job_id,
-                                          job.created, CheckpointState.PENDING,
-                                          tuple(d for d in plan.disks if d not in plan.full)))
+        checkpoint = Checkpoint(job.checkpoint, domain, job.consumer, job_id, job.created,
+                                CheckpointState.PENDING,
+                                tuple(d for d in plan.disks if d not in plan.full))
+        # Recorded before the source hears of them, in one transaction: after a
+        # crash, the database knows which backup and checkpoint are ours.
+        await self._records.save(job, checkpoint)
+        self._chains.recorded(checkpoint)
         crash.point("start.recorded")
         # Shielded: once the source may have begun, the outcome must be recorded
         # (and a half-started backup ended) even if our caller is cancelled.
         with anyio.CancelScope(shield=True):
             job = await self._begin(job, request, plan, bases)
             try:
-                await self._chains.begun(job.checkpoint, tuple(
+                checkpoint = await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
                 files = await self._capture(job)
                 begun = await self._source.exports(job, bases)
@@ -324,7 +325,11 @@ class Jobs:
                 self._copy(job, files)
             elif job.kind == Kind.PULL:
                 await self._serve(job)
-            job = await self._records.save(job)
+            # With libvirt's XML of its checkpoint and the domain's files, in one
+            # transaction (a crash before it fails the job at the next start, and deletes
+            # the checkpoint by name).
+            job = await self._records.save(job, checkpoint, files=files.to_record())
+            self._chains.recorded(checkpoint)
             crash.point("start.ready")
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
@@ -351,10 +356,9 @@ class Jobs:
         return job
 
     async def _capture(self, job: Job) -> DomainFiles:
-        """The domain's own files as its backup began, kept with the job (and, for the
-        repository, with the backup); what could not be read is a warning."""
+        """The domain's own files as its backup began, for the job (and, for the
+        repository, for the backup); what could not be read is a warning."""
         files = await self._source.files(job)
-        await self._store.save_files(job.id, files.to_record())
         if files.missing:
             message = "not in the backup: " + "; ".join(files.missing)
             log.warning("domain files missing", job=job.id, missing=list(files.missing))

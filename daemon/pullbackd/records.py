@@ -61,17 +61,17 @@ class Records:
         return job_id
 
     async def save(self, job: Job, checkpoint: Checkpoint | None = None, *,
-                   show: bool = True) -> Job:
+                   show: bool = True, files: str | None = None) -> Job:
         """Store the job (a new state joins its history), with its checkpoint's new
-        state in the same transaction if given, and (unless not `show`) show it.
-        The job as stored."""
+        state and its domain's files in the same transaction if given, and (unless not
+        `show`) show it. The job as stored."""
         before = self._jobs.get(job.id)
         history = before.history if before is not None and \
             len(before.history) > len(job.history) else job.history
         if before is None or before.state != job.state or not history:
             history = (*history, Transition(job.state, now()))
         job = dataclasses.replace(job, history=history)
-        await self._store.save_job(job, checkpoint)
+        await self._store.save_job(job, checkpoint, files)
         if show:
             self.show(job)
         return job

@@ -199,14 +199,13 @@ class LibvirtSource:
         dom = await self._virt.domain(domain)
         if not dom.running:
             raise DomainNotRunning(domain)
-        operation = await self._virt.job_operation(domain)
-        if operation == "backup":
+        if dom.job == "backup":
             raise BackupInProgress(domain, "")
-        if operation is not None:
-            raise DomainBusy(domain, operation)
+        if dom.job is not None:
+            raise DomainBusy(domain, dom.job)
         disks = xml.parse_disks(dom.xml)
         chosen, skip = select_disks(domain, disks, wanted)
-        sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
+        sizes = await self._virt.capacities(domain, chosen)
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
         return Plan(tuple(chosen), skip, sizes, full, agent=xml.agent_connected(dom.xml))
 

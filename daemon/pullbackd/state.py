@@ -157,11 +157,6 @@ class Store:
                 ("DELETE FROM jobs WHERE id = ?", (job_id,))]
             await anyio.to_thread.run_sync(self._transaction, writes, limiter=self._limiter)
 
-    async def save_files(self, job_id: str, record: str) -> None:
-        """The domain's files a job captured (domainfiles.DomainFiles.to_record)."""
-        await self._write("INSERT OR REPLACE INTO domain_files (job, record) VALUES (?, ?)",
-                          (job_id, record))
-
     async def load_files(self, job_id: str) -> str | None:
         def load() -> str | None:
             row = self._db.execute("SELECT record FROM domain_files WHERE job = ?",
@@ -176,14 +171,19 @@ class Store:
     async def _write(self, sql: str, args: tuple[object, ...]) -> None:
         await anyio.to_thread.run_sync(self._db.execute, sql, args, limiter=self._limiter)
 
-    async def save_job(self, job: Job, checkpoint: Checkpoint | None = None) -> None:
+    async def save_job(self, job: Job, checkpoint: Checkpoint | None = None,
+                       files: str | None = None) -> None:
         """Record a job; with `checkpoint`, the checkpoint's new state in the same
-        transaction (a job's end and its checkpoint's fate are one decision)."""
+        transaction (a job's end and its checkpoint's fate are one decision); with `files`,
+        the domain's files its backup began with (domainfiles.DomainFiles.to_record)."""
         writes: list[tuple[str, tuple[object, ...]]] = [
             (_SAVE_JOB, (job.id, job.domain, job.state, job.created,
                          json.dumps(_job_record(job))))]
         if checkpoint is not None:
             writes.append((_SAVE_CHECKPOINT, _checkpoint_row(checkpoint)))
+        if files is not None:
+            writes.append(("INSERT OR REPLACE INTO domain_files (job, record) VALUES (?, ?)",
+                           (job.id, files)))
         await anyio.to_thread.run_sync(self._transaction, writes, limiter=self._limiter)
 
     def _transaction(self, writes: list[tuple[str, tuple[object, ...]]]) -> None:

@@ -62,6 +62,8 @@ class Domain:
     running: bool
     #: The live definition (for a running domain, what QEMU runs now).
     xml: str
+    #: The libvirt job a running domain runs (e.g. "backup"), None if none (see `domain`).
+    job: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,21 @@ def _broken_bitmap(e: Any) -> BrokenBitmap | None:
         m = _BITMAP_DISK.search(message)
         return BrokenBitmap(message, m.group(1) if m else None)
     return None
+
+
+def _job(dom: Any) -> str | None:
+    """The job a running domain runs (e.g. "backup"), None if none. Blocks."""
+    try:
+        stats = dom.jobStats()
+    except libvirt.libvirtError as e:
+        # "domain is not running": it stopped since isActive. Not an error of `domain`
+        # (which did not ask for the job before): the caller's next call finds it off.
+        if e.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID:
+            return None
+        raise
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    return OPERATIONS.get(stats.get("operation", 0), "unknown")
 
 
 def _register_event_loop() -> None:
@@ -256,8 +273,12 @@ class Virt:
             raise LibvirtError(code, e.get_error_message()) from None
 
     async def domain(self, name: str) -> Domain:
+        """The domain, and for a running one the job it runs: one worker thread's calls, as a
+        Start asks for both (asking for the job does not wait for the domain's job lock, as
+        starting one would)."""
         def get(dom: Any) -> Domain:
-            return Domain(dom.name(), bool(dom.isActive()), dom.XMLDesc(0))
+            running = bool(dom.isActive())
+            return Domain(dom.name(), running, dom.XMLDesc(0), _job(dom) if running else None)
 
         return await self._run(name, get)
 
@@ -287,25 +308,15 @@ class Virt:
             return False
         return True
 
-    async def job_operation(self, domain: str) -> str | None:
-        """The libvirt job the domain runs now (e.g. "backup"), None if none.
-
-        Unlike starting a job, this does not wait for the domain's job lock.
-        """
-
-        def get(dom: Any) -> str | None:
-            stats = dom.jobStats()
-            if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
-                return None
-            return OPERATIONS.get(stats.get("operation", 0), "unknown")
-
-        return await self._run(domain, get)
-
     async def job_stats(self, domain: str) -> dict[str, Any]:
         return await self._run(domain, lambda dom: dict(dom.jobStats()))
 
     async def capacity(self, domain: str, disk: str) -> int:
         return await self._run(domain, lambda dom: int(dom.blockInfo(disk)[0]))
+
+    async def capacities(self, domain: str, disks: list[str]) -> dict[str, int]:
+        """`capacity` of each disk, in one worker thread's calls."""
+        return await self._run(domain, lambda dom: {d: int(dom.blockInfo(d)[0]) for d in disks})
 
     async def backup_begin(self, domain: str, backup_xml: str,
                            checkpoint_xml: str | None = None) -> None:
