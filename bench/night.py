@@ -6,10 +6,10 @@ checkpoints of its own). Each side takes a full backup of all its domains, then 
 writes land at the same scattered offsets on every disk, and each side takes an
 incremental:
 
-    pullbackd       as an appliance drives it: one client issues the N Starts back
-                    to back (destination "local", the embedded repository), then
-                    waits until every job ended ([jobs] max_active at its default
-                    queues the rest)
+    pullbackd       as an appliance drives it: the N Starts pipelined on 4
+                    connections (destination "local", the embedded repository),
+                    then it waits until every job ended ([jobs] max_active at its
+                    default queues the rest)
     virtnbdbackup   one domain after the other, as its documentation runs it
 
 Every pullbackd backup is then checked byte for byte: the repository's newest file of
@@ -38,6 +38,8 @@ from bench import IFACE, LAB, MiB, daemon, lab, log, run
 from pullbackd.control.client import Client
 
 CONSUMER = "night"
+#: Connections the appliance sends its Starts on at once.
+PIPELINE = 4
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,26 @@ class Side:
         return self.virtnbdbackup / self.pullbackd
 
 
-def backup_all(ctl: Client, domains: list[str], mode: str) -> tuple[float, list[float]]:
-    """pullbackd's night: N Starts back to back, then every job to its end. The seconds
-    of it all, and of each Start's answer."""
+def backup_all(ctl: Client, control: Path, domains: list[str], mode: str
+               ) -> tuple[float, list[float]]:
+    """pullbackd's night: the N Starts pipelined (PIPELINE connections, each sending its
+    next Start as soon as the last one answered), then every job to its end. The
+    seconds of it all, and of each Start's answer."""
     t0 = time.perf_counter()
-    starts, ids = [], []
-    for domain in domains:
-        t = time.perf_counter()
-        job = ctl.call(f"{IFACE}.Start", domain=domain, mode=mode, consumer=CONSUMER,
-                       destination="local")["job"]
-        starts.append(time.perf_counter() - t)
-        ids.append(job["id"])
+    starts: list[float] = []
+    ids: list[str] = []
+
+    def start(share: list[str]) -> None:
+        with Client(control, timeout=600) as client:
+            for domain in share:
+                t = time.perf_counter()
+                job = client.call(f"{IFACE}.Start", domain=domain, mode=mode,
+                                  consumer=CONSUMER, destination="local")["job"]
+                starts.append(time.perf_counter() - t)
+                ids.append(job["id"])
+
+    with ThreadPoolExecutor(PIPELINE) as pool:
+        list(pool.map(start, [domains[i::PIPELINE] for i in range(PIPELINE)]))
     for job_id in ids:
         while (job := ctl.call(f"{IFACE}.Get", id=job_id)["job"])["ended"] is None:
             time.sleep(0.02)
@@ -132,7 +143,7 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
                     list(pool.map(lambda dw: run(
                         str(LAB), "--dir", str(lab_dir), "scatter", dw[0], "vda",
                         str(size.writes), str(64 << 10), "0xd2", "--seed", str(dw[1])), write))
-            seconds, starts = backup_all(ctl, ours, mode)
+            seconds, starts = backup_all(ctl, daemon_dir / "control.sock", ours, mode)
             log(f"{mode}: pullbackd {seconds:.2f} s")
             theirs = virtnbdbackup_all(uri, work, twins, level)
             log(f"{mode}: virtnbdbackup {theirs:.2f} s")
