@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -50,6 +51,7 @@ from typing import Any, TypeVar
 
 from pullbackd import config, repository, stream
 from pullbackd.control.client import Client
+from pullbackd.durable import fsync
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / "scripts" / "lab"
@@ -72,6 +74,8 @@ FULL_SIZE = Size(disk=4 * GiB, big_disk=16 * GiB, data=1 * GiB, dirty_writes=655
 SMOKE_SIZE = Size(disk=256 * MiB, big_disk=512 * MiB, data=32 * MiB, dirty_writes=16, repeats=1)
 CHUNK = 64 * MiB
 BLOCK = 64 << 10
+#: The benchmarks of their own (bench/<name>.py, `--<name>`), each writing bench/<name>.json.
+OTHERS = ("repository", "night", "load", "checkpoints", "start")
 ALL_TOOLS = ("pullbackd", "nbdcopy", "qemu-img", "virtnbdbackup", "relay")
 
 
@@ -243,7 +247,7 @@ def measure(runs: list[Run], repeats: int) -> list[Result]:
 
 def durable(copy: Copy, dest: str, target: Path) -> None:
     copy(dest, target)
-    repository.fsync(target)
+    fsync(target)
 
 
 def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) -> Copy:
@@ -479,31 +483,14 @@ def main() -> int:
                         help="the start benchmark instead: a Start's latency against "
                              "libvirt's own backupBegin (writes bench/start.json)")
     args = parser.parse_args()
-    if args.repository:
-        import repository as chains  # noqa: PLC0415 (it imports this file too: load it only here)
-        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
-            return chains.main(Path(tmp), args.smoke,
-                               None if args.smoke else ROOT / "bench" / "repository.json")
-    if args.night:
-        import night  # noqa: PLC0415 (it imports this file too: load it only here)
-        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
-            return night.main(Path(tmp), args.night, args.smoke,
-                              None if args.smoke else ROOT / "bench" / "night.json")
-    if args.load:
-        import load  # noqa: PLC0415 (bench/load.py imports this file: load it only here)
-        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
-            return load.main(Path(tmp), args.smoke,
-                             None if args.smoke else ROOT / "bench" / "load.json")
-    if args.checkpoints:
-        import checkpoints  # noqa: PLC0415 (it imports this file too: load it only here)
-        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
-            return checkpoints.main(Path(tmp), args.smoke,
-                                    None if args.smoke else ROOT / "bench" / "checkpoints.json")
-    if args.start:
-        import start  # noqa: PLC0415 (it imports this file too: load it only here)
-        with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
-            return start.main(Path(tmp), args.smoke,
-                              None if args.smoke else ROOT / "bench" / "start.json")
+    for name in OTHERS:
+        if getattr(args, name):
+            # bench/<name>.py imports this file too: load it only here.
+            other = importlib.import_module(name)
+            extra = (args.night,) if name == "night" else ()
+            with tempfile.TemporaryDirectory(prefix="pullbackd-bench-", dir="/var/tmp") as tmp:
+                return int(other.main(Path(tmp), *extra, args.smoke,
+                                      None if args.smoke else ROOT / "bench" / f"{name}.json"))
     settings: dict[str, Any] = {k: int(v) for k, v in
                                 (item.split("=") for item in args.tuning.split(",") if item)}
     # The engine as the daemon runs it: its buffers from one pool of [stream] memory.

@@ -29,6 +29,7 @@ from pullbackd.jobs import Jobs
 from pullbackd.migration import Migrations
 from pullbackd.model import Checkpoint, CheckpointState, Job, JobState, StartRequest, now
 from pullbackd.names import Layout, checkpoint_name
+from pullbackd.rebuild import Rebuilder
 from pullbackd.repository import Repository
 from pullbackd.scratch import ScratchSpace
 from pullbackd.serving import Limits, Serving
@@ -152,7 +153,9 @@ async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Rig]:
     jobs = Jobs(source, store, chains, Serving(exports, source, Limits()),
                 ScratchSpace(layout, 0), repository, admission=admission)
     parts = api.Parts(jobs, Migrations(jobs, admission, virt, grace=1, drain_timeout=1),
-                      chains, repository, stream.Tuning())
+                      chains, repository,
+                      Rebuilder(repository, virt, tmp_path / "libvirt", "tss", stream.Tuning()),
+                      stream.Tuning())
     async with anyio.create_task_group() as tg:
         await tg.start(jobs.follow_events, _lost)
         await jobs.recover()

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from pullbackd import api, config, reload, stream
 from pullbackd.model import JobState, StartRequest
+from pullbackd.rebuild import Rebuilder
 from pullbackd.repository import Repository
 from pullbackd.roles import Role
 
@@ -27,8 +28,11 @@ def source(tmp_path: Path) -> FakeSource:
 
 
 def tunables(rig: Rig, tmp_path: Path) -> reload.Tunables:
-    parts = api.Parts(rig.jobs, rig.migrations, rig.chains,
-                      Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20), stream.Tuning())
+    repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
+    rebuilder = Rebuilder(repository, rig.source.virt, tmp_path / "libvirt", "tss",
+                          stream.Tuning())
+    parts = api.Parts(rig.jobs, rig.migrations, rig.chains, repository, rebuilder,
+                      stream.Tuning())
     return reload.Tunables(api.service(parts), rig.exports, rig.chains, rig.serving,
                            rig.scratch, rig.jobs, rig.migrations)
 

@@ -70,11 +70,11 @@ class Parts:
     migrations: Migrations
     chains: Chains
     repository: Repository
+    #: What RestoreDomain does.
+    rebuilder: Rebuilder
     tuning: stream.Tuning
     #: The folders Restore may write into ([restore] dirs).
     restore_dirs: tuple[Path, ...] = ()
-    #: What RestoreDomain does (None: it is not offered).
-    rebuilder: Rebuilder | None = None
 
 
 class BackupAPI:
@@ -219,10 +219,7 @@ class BackupAPI:
                       consumer: str | None = None, at: str | None = None,
                       format: str | None = None) -> dict[str, Any]:
         consumer = check_consumer(DEFAULT_CONSUMER if consumer is None else consumer)
-        target = Path(to)
-        if not target.is_absolute():
-            raise InvalidParameter("to", "not an absolute path")
-        await anyio.to_thread.run_sync(self._check_restore_folder, "to", target.parent)
+        target = await self._restore_place("to", Path(to), Path(to).parent)
         if await anyio.Path(target).exists() or await anyio.Path(target).is_symlink():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.repository
@@ -234,12 +231,7 @@ class BackupAPI:
                             consumer: str | None = None, at: str | None = None,
                             format: str | None = None) -> dict[str, Any]:
         consumer = check_consumer(DEFAULT_CONSUMER if consumer is None else consumer)
-        folder = Path(dir)
-        if not folder.is_absolute():
-            raise InvalidParameter("dir", "not an absolute path")
-        await anyio.to_thread.run_sync(self._check_restore_folder, "dir", folder)
-        if self.rebuilder is None:
-            raise InvalidParameter("domain", "this pullbackd does not restore domains")
+        folder = await self._restore_place("dir", Path(dir), Path(dir))
         restored = await self.rebuilder.restore(domain, consumer, at, name, folder,
                                                 format or "qcow2")
         return {"name": restored.name, "uuid": restored.uuid,
@@ -248,6 +240,14 @@ class BackupAPI:
                 "nvram": None if restored.nvram is None else str(restored.nvram),
                 "tpm": None if restored.tpm is None else str(restored.tpm),
                 "dropped": list(restored.dropped), "missing": list(restored.missing)}
+
+    async def _restore_place(self, parameter: str, path: Path, folder: Path) -> Path:
+        """`path`, if it is absolute and `folder` (it, or its folder) is one Restore may
+        write into; InvalidParameter naming `parameter` if not."""
+        if not path.is_absolute():
+            raise InvalidParameter(parameter, "not an absolute path")
+        await anyio.to_thread.run_sync(self._check_restore_folder, parameter, folder)
+        return path
 
     def _check_restore_folder(self, parameter: str, folder: Path) -> None:
         """Restores write only into [restore] dirs: pullbackd writes with its own rights,

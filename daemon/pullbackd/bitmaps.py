@@ -37,13 +37,21 @@ def usable(flags: tuple[str, ...] | None) -> bool:
     return flags is not None and "auto" in flags and "in-use" not in flags
 
 
+def chain_info(image: Path) -> tuple[str, ...]:
+    """qemu-img's arguments for what `layers` reads."""
+    return ("info", "-U", "--backing-chain", "--output=json", "-f", "qcow2", str(image))
+
+
+def layers(info: str) -> tuple[tuple[Path, str], ...]:
+    """The layers under an image (an external snapshot's overlay), each file with its
+    format, from its backing file down, from qemu-img's `chain_info`; none for an image
+    that stands alone."""
+    return tuple((Path(layer["filename"]), layer["format"]) for layer in json.loads(info)[1:])
+
+
 async def backing(image: Path) -> tuple[tuple[Path, str], ...]:
-    """The layers under the image (an external snapshot's overlay), each file with its
-    format, from its backing file down; none for an image that stands alone. Raises
-    LibvirtError."""
-    chain = json.loads(await _qemu_img("info", "-U", "--backing-chain", "--output=json",
-                                       "-f", "qcow2", str(image)))
-    return tuple((Path(layer["filename"]), layer["format"]) for layer in chain[1:])
+    """`layers` of the image. Raises LibvirtError."""
+    return layers(await _qemu_img(*chain_info(image)))
 
 
 async def remove(image: Path, name: str) -> None:

@@ -152,22 +152,7 @@ def parser() -> argparse.ArgumentParser:
                                             "(definition, NVRAM, TPM state) into a new folder")
     files.add_argument("id")
     files.add_argument("--to", required=True, metavar="DIR", type=os.path.abspath)
-    domain = top.add_parser("restore-domain", help="bring a domain back from the local "
-                                                   "repository as a new domain")
-    domain.add_argument("domain")
-    domain.add_argument("--name", required=True, help="the new domain's name")
-    domain.add_argument("--dir", required=True, type=os.path.abspath,
-                        help="where its disks and NVRAM go (one of [restore] dirs)")
-    domain.add_argument("--consumer")
-    domain.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
-    domain.add_argument("--format", choices=("raw", "qcow2"), help="default: qcow2")
-    restore = top.add_parser("restore", help="rebuild a disk image from the local repository")
-    restore.add_argument("domain")
-    restore.add_argument("--disk", required=True)
-    restore.add_argument("--consumer")
-    restore.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
-    restore.add_argument("--to", required=True, metavar="FILE", type=os.path.abspath)
-    restore.add_argument("--format", choices=("raw", "qcow2"), help="default: raw")
+    _add_restore(top)
     verify = top.add_parser("verify", help="re-read the local repository's backups and check "
                                            "them against their manifests")
     verify.add_argument("domain")
@@ -220,6 +205,25 @@ def _add_start(backup: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     start.add_argument("--wait", action="store_true",
                        help="follow the job until it ends, with a progress bar; exit 1 "
                             "unless it completed")
+
+
+def _add_restore(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    domain = top.add_parser("restore-domain", help="bring a domain back from the local "
+                                                   "repository as a new domain")
+    domain.add_argument("domain")
+    domain.add_argument("--name", required=True, help="the new domain's name")
+    domain.add_argument("--dir", required=True, type=os.path.abspath,
+                        help="where its disks and NVRAM go (one of [restore] dirs)")
+    domain.add_argument("--consumer")
+    domain.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
+    domain.add_argument("--format", choices=("raw", "qcow2"), help="default: qcow2")
+    restore = top.add_parser("restore", help="rebuild a disk image from the local repository")
+    restore.add_argument("domain")
+    restore.add_argument("--disk", required=True)
+    restore.add_argument("--consumer")
+    restore.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
+    restore.add_argument("--to", required=True, metavar="FILE", type=os.path.abspath)
+    restore.add_argument("--format", choices=("raw", "qcow2"), help="default: raw")
 
 
 def _add_migrate(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -303,6 +307,22 @@ def save_files(client: Client, job_id: str, folder: Path) -> dict[str, Any]:
             "folder": str(folder)}
 
 
+def migrate(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """Migrate, each step printed as it comes; the last step."""
+    step: dict[str, Any] = {}
+    for reply in client.stream(f"{IFACE}.Migrate", **_given(
+            domain=args.domain, destination=args.destination,
+            live=False if args.offline else None,
+            copy_storage=args.copy_storage or None, unsafe=args.unsafe or None,
+            drain_timeout=args.drain_timeout, force=args.force or None)):
+        step = reply["step"]
+        if args.json:
+            print(json.dumps(reply), flush=True)
+        else:
+            print(format_step(step), file=sys.stderr, flush=True)
+    return {"step": step}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with Client(args.socket) as client:
         match args.group, getattr(args, "cmd", None):
@@ -320,18 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             case "watch", _:
                 return {"job": follow(client, args.id, as_json=args.json)}
             case "migrate", _:
-                step: dict[str, Any] = {}
-                for reply in client.stream(f"{IFACE}.Migrate", **_given(
-                        domain=args.domain, destination=args.destination,
-                        live=False if args.offline else None,
-                        copy_storage=args.copy_storage or None, unsafe=args.unsafe or None,
-                        drain_timeout=args.drain_timeout, force=args.force or None)):
-                    step = reply["step"]
-                    if args.json:
-                        print(json.dumps(reply), flush=True)
-                    else:
-                        print(format_step(step), file=sys.stderr, flush=True)
-                return {"step": step}
+                return migrate(client, args)
             case ("backup", "list") | ("jobs", _):
                 jobs: list[dict[str, Any]] = []
                 after = None

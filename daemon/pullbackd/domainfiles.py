@@ -45,6 +45,7 @@ from typing import Any
 
 import anyio
 
+from .durable import fsync_dir, write_new
 from .errors import PullbackError, RepositoryError
 from .virt import Definition, Virt
 
@@ -227,9 +228,9 @@ def save(folder: Path, files: DomainFiles) -> None:
     write_new(partial / MANIFEST, json.dumps(
         {"files": sums, "missing": list(files.missing)}, indent=1).encode())
     for sub in sorted({p.parent for p in partial.rglob("*")}, reverse=True):
-        _fsync(sub)
+        fsync_dir(sub)
     os.rename(partial, folder)
-    _fsync(folder.parent)
+    fsync_dir(folder.parent)
 
 
 def load(folder: Path) -> DomainFiles:
@@ -273,19 +274,3 @@ def inside(folder: Path, name: str) -> Path:
     if not parts or any(p in ("", ".", "..") for p in parts) or PurePosixPath(name).is_absolute():
         raise RepositoryError(name, "not a name of a domain file")
     return folder.joinpath(*parts)
-
-
-def write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with open(fd, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-
-
-def _fsync(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

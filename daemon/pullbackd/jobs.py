@@ -307,7 +307,7 @@ class Jobs:
             try:
                 checkpoint = await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
-                files = await self._capture(job)
+                files, record = await self._capture(job)
                 begun = await self._source.exports(job, bases)
                 job = self._started(job, begun, bases, plan.sizes)
             except Exception as e:
@@ -328,7 +328,7 @@ class Jobs:
             # With libvirt's XML of its checkpoint and the domain's files, in one
             # transaction (a crash before it fails the job at the next start, and deletes
             # the checkpoint by name).
-            job = await self._records.save(job, checkpoint, files=files.to_record())
+            job = await self._records.save(job, checkpoint, files=record)
             self._chains.recorded(checkpoint)
             crash.point("start.ready")
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
@@ -355,15 +355,16 @@ class Jobs:
             self._records.publish(Change("warning", self._view(job), quiesced.warning))
         return job
 
-    async def _capture(self, job: Job) -> DomainFiles:
-        """The domain's own files as its backup began, for the job (and, for the
-        repository, for the backup); what could not be read is a warning."""
+    async def _capture(self, job: Job) -> tuple[DomainFiles, str]:
+        """The domain's own files as its backup began, for the repository, and as the job
+        records them; what could not be read is a warning."""
         files = await self._source.files(job)
+        record = await anyio.to_thread.run_sync(files.to_record)  # up to MiBs of base64
         if files.missing:
             message = "not in the backup: " + "; ".join(files.missing)
             log.warning("domain files missing", job=job.id, missing=list(files.missing))
             self._records.publish(Change("warning", self._view(job), message))
-        return files
+        return files, record
 
     async def files(self, job_id: str) -> DomainFiles:
         """The domain's files a job's backup began with. Raises NoSuchJob, and
@@ -372,7 +373,7 @@ class Jobs:
         record = await self._store.load_files(job_id)
         if record is None:
             raise JobNotReady(job_id, job.state)
-        return DomainFiles.from_record(record)
+        return await anyio.to_thread.run_sync(DomainFiles.from_record, record)
 
     def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
                      ) -> dict[str, Base]:

@@ -197,11 +197,16 @@ def domain_folder(root: Path, domain: str) -> Path:
     return root / component("domain", domain)
 
 
+def consumer_folder(root: Path, domain: str, consumer: str) -> Path:
+    """A consumer's folder of a domain in the repository at `root`: its disks' folders and
+    FILES; raises InvalidParameter for a name that would not stay one folder."""
+    return domain_folder(root, domain) / component("consumer", consumer)
+
+
 def disk_folder(root: Path, domain: str, consumer: str, disk: str) -> Path:
     """A disk's folder in the repository at `root`, where its chain is; raises
     InvalidParameter for a name that would not stay one folder."""
-    return domain_folder(root, domain) / component("consumer", consumer) / \
-        component("disk", disk)
+    return consumer_folder(root, domain, consumer) / component("disk", disk)
 
 
 def disk_folders(consumer_folder: Path) -> list[Path]:
@@ -217,8 +222,13 @@ FILES = ".domain"
 
 def files_folder(root: Path, domain: str, consumer: str, checkpoint: str) -> Path:
     """Where the repository at `root` keeps the domain's files of a backup."""
-    return domain_folder(root, domain) / component("consumer", consumer) / FILES / \
-        component("checkpoint", checkpoint)
+    return consumer_folder(root, domain, consumer) / FILES / component("checkpoint", checkpoint)
+
+
+def files_folders(consumer_folder: Path) -> list[Path]:
+    """The domain's files of each backup in a consumer's folder, and those being written
+    (`*.partial`)."""
+    return sorted((consumer_folder / FILES).glob("*"))
 
 
 def every_files_folder(root: Path) -> list[Path]:

@@ -43,6 +43,7 @@ import anyio
 import structlog
 from anyio.abc import Process
 
+from .durable import write_new
 from .names import backup_bitmap
 
 log = structlog.get_logger()
@@ -342,9 +343,7 @@ class StorageDaemon:
 
 def _write_new(path: Path, text: str) -> None:
     """A new file holding `text`, readable by all (libvirt's hook runs as root anyway)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    write_new(path, text.encode(), 0o644, sync=False)
 
 
 async def _systemctl(*args: str) -> None:

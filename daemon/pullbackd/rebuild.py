@@ -30,6 +30,7 @@ import structlog
 
 from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
+from .durable import write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .repository import Manifest, Repository
 from .virt import Virt
@@ -120,7 +121,7 @@ class Rebuilder:
 
     def _backup(self, domain: str, consumer: str, at: str | None) -> dict[str, Manifest]:
         """Each disk's backup at checkpoint `at` (default: the newest backup's)."""
-        folder = self._repository.domain_folder(domain) / names.component("consumer", consumer)
+        folder = names.consumer_folder(self._repository.root, domain, consumer)
         chains = {d.name: self._repository.manifests(domain, consumer, d.name)
                   for d in (names.disk_folders(folder) if folder.is_dir() else [])}
         every = sorted((m for chain in chains.values() for m in chain), key=lambda m: m.created)
@@ -220,7 +221,7 @@ def install_tpm(files: DomainFiles, uuid: str, state_dir: Path, swtpm_user: str
         for name, data in tpm.items():
             path = domainfiles.inside(folder, name)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            domainfiles.write_new(path, data)
+            write_new(path, data)
         for path in [*folder.rglob("*")]:
             os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
     except OSError as e:
@@ -235,7 +236,7 @@ def install_tpm(files: DomainFiles, uuid: str, state_dir: Path, swtpm_user: str
 
 def _create(path: Path, data: bytes, created: list[Path]) -> None:
     try:
-        domainfiles.write_new(path, data)
+        write_new(path, data)
     except FileExistsError:
         raise InvalidParameter("dir", f"{path.name} exists there; restore never overwrites "
                                       "a file") from None

@@ -53,6 +53,7 @@ import structlog
 import xxhash
 
 from . import crash, domainfiles, names, qemu_nbd, stream, verifying
+from .durable import fsync, fsync_dir, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .names import Served
 
@@ -251,26 +252,24 @@ class Repository:
     def files_at(self, domain: str, consumer: str, checkpoint: str
                  ) -> domainfiles.DomainFiles | None:
         """The domain's files of the backup at `checkpoint`; None if it kept none (a
-        backup from before pullbackd kept them). Raises DomainFilesError if damaged."""
+        backup from before pullbackd kept them). Raises RepositoryError if damaged."""
         folder = self.files_folder(domain, consumer, checkpoint)
         return domainfiles.load(folder) if folder.is_dir() else None
 
     def drop_files(self, domain: str, consumer: str) -> None:
         """Remove the domain files of backups none of whose disks the repository keeps
         (after a prune)."""
-        consumer_dir = names.domain_folder(self.root, domain) / names.component(
-            "consumer", consumer)
+        consumer_dir = names.consumer_folder(self.root, domain, consumer)
         kept = {m.checkpoint for folder in names.disk_folders(consumer_dir)
                 for m in self.manifests(domain, consumer, folder.name)}
-        for folder in sorted((consumer_dir / names.FILES).glob("*")):
+        for folder in names.files_folders(consumer_dir):
             if folder.name not in kept:
                 shutil.rmtree(folder)
 
     def verify_files(self, domain: str, consumer: str) -> list[str]:
         """What is damaged in the domain files of a consumer's backups."""
-        consumer_dir = names.domain_folder(self.root, domain) / names.component(
-            "consumer", consumer)
-        return [p for folder in sorted((consumer_dir / names.FILES).glob("*"))
+        return [p for folder in names.files_folders(names.consumer_folder(self.root, domain,
+                                                                          consumer))
                 if not folder.name.endswith(".partial") for p in domainfiles.verify(folder)]
 
     def recover(self) -> None:
@@ -395,10 +394,10 @@ class Repository:
     def forget_job(self, domain: str, consumer: str, job: str) -> None:
         """Remove what a job that did not complete stored: no backup may point to a
         checkpoint that is not in the chain."""
-        consumer_dir = self.root / domain / consumer
+        consumer_dir = names.consumer_folder(self.root, domain, consumer)
         if not consumer_dir.is_dir():
             return
-        for folder in sorted((consumer_dir / names.FILES).glob("*")):
+        for folder in names.files_folders(consumer_dir):
             if names.of_job(folder.name.removesuffix(".partial"), job):
                 log.info("removing stored domain files of a failed job", job=job)
                 shutil.rmtree(folder)
@@ -407,7 +406,7 @@ class Repository:
                 if m.job == job:
                     log.info("removing stored backup of a failed job", file=m.file, job=job)
                     names.manifest(folder, m.sequence).unlink(missing_ok=True)
-                    _fsync_dir(folder)  # never a manifest without its file
+                    fsync_dir(folder)  # never a manifest without its file
                     (folder / m.file).unlink(missing_ok=True)
 
     async def prune(self, domain: str, consumer: str, disk: str, keep: int) -> list[Manifest]:
@@ -616,7 +615,7 @@ def _drop(folder: Path, dropped: list[Manifest]) -> None:
     """Manifests first: a file without one is no backup, so a crash between is harmless."""
     for m in dropped:
         names.manifest(folder, m.sequence).unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     crash.point("prune.dropping")
     for m in dropped:
         (folder / m.file).unlink(missing_ok=True)
@@ -646,36 +645,18 @@ def _scan(image: Path) -> tuple[Region, ...]:
 SCAN_CHUNK = 4 << 20
 
 
-def fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
 def _durable_rename(src: Path, dst: Path) -> None:
     fsync(src)
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _durable_write(path: Path, text: str) -> None:
     tmp = names.temporary(path)
     tmp.unlink(missing_ok=True)  # a crash's leftover (or anything planted: never followed)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with open(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(tmp, text.encode())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 async def _run(*command: str) -> None:

@@ -144,10 +144,10 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
                 places=reload.places(cfg))
     migrations = Migrations(jobs, admission, virt, cfg.migration.grace,
                             cfg.migration.drain_timeout)
-    parts = api.Parts(jobs, migrations, chains, repository, tuning,
-                      tuple(Path(d) for d in cfg.restore.dirs),
-                      Rebuilder(repository, virt, cfg.libvirt.state_dir, cfg.libvirt.swtpm_user,
-                                tuning))
+    rebuilder = Rebuilder(repository, virt, cfg.libvirt.state_dir, cfg.libvirt.swtpm_user,
+                          tuning)
+    parts = api.Parts(jobs, migrations, chains, repository, rebuilder, tuning,
+                      tuple(Path(d) for d in cfg.restore.dirs))
     return parts, Tunables(_control(cfg, parts), exports, chains, serving, scratch, jobs,
                            migrations)
 

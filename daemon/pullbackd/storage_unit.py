@@ -36,7 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import config, virt, xml
+from . import bitmaps, config, virt, xml
+from .durable import write_new
 from .errors import LibvirtError, NoSuchDomain
 from .names import JOB_ID, Layout
 from .qsd import Image, StorageDaemon
@@ -69,10 +70,8 @@ def images(uri: str, spec: dict[str, object]) -> tuple[str, list[Image]]:
 
 
 def _layers(image: Path) -> tuple[tuple[Path, str], ...]:
-    chain = json.loads(subprocess.run(
-        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", "-f", "qcow2",
-         str(image)], check=True, capture_output=True, text=True).stdout)
-    return tuple((Path(layer["filename"]), layer["format"]) for layer in chain[1:])
+    return bitmaps.layers(subprocess.run(["qemu-img", *bitmaps.chain_info(image)], check=True,
+                                         capture_output=True, text=True).stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(str(i.path) for i in chosen)}", file=sys.stderr, flush=True)
     # The PID file, here rather than by qemu-storage-daemon, which would follow a link
     # left in its place (the folder is pullbackd's): exec keeps the PID.
-    fd = os.open(qsd.pidfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.close(fd)
+    write_new(qsd.pidfile, f"{os.getpid()}\n".encode(), 0o640, sync=False)
     command = qsd.command(chosen, pidfile=False)
     os.execvp(command[0], command)
 
