@@ -147,7 +147,8 @@ def daemon(folder: Path, uri: str, extra: str = "") -> Iterator[tuple[Client, in
 def qemu_nbd(image: Path) -> Iterator[str]:
     """`image` served as the repository serves a backup being written."""
     sock = image.with_suffix(".sock")
-    with repository.image_server(image, "qcow2", sock, writable=True) as server:
+    with repository.image_server(image, "qcow2", sock, writable=True,
+                                 direct=repository.direct_io(image)) as server:
         yield server.url
 
 

@@ -8,8 +8,8 @@ incremental:
 
     pullbackd       as an appliance drives it: the N Starts pipelined on 4
                     connections (destination "local", the embedded repository),
-                    then it waits until every job ended ([jobs] max_active at its
-                    default queues the rest)
+                    then it waits until every job ended, following them with one
+                    Watch ([jobs] max_active at its default queues the rest)
     virtnbdbackup   one domain after the other, as its documentation runs it
 
 Every pullbackd backup is then checked byte for byte: the repository's newest file of
@@ -24,14 +24,18 @@ virtnbdbackup, full at least 8 times, RSS under 100 MiB.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import IFACE, LAB, MiB, daemon, lab, log, run
 
@@ -66,12 +70,13 @@ class Side:
         return self.virtnbdbackup / self.pullbackd
 
 
-def backup_all(ctl: Client, control: Path, domains: list[str], mode: str
+def backup_all(control: Path, domains: list[str], mode: str
                ) -> tuple[float, list[float]]:
     """pullbackd's night: the N Starts pipelined (PIPELINE connections, each sending its
-    next Start as soon as the last one answered), then every job to its end. The
+    next Start as soon as the last one answered), then every job to its end, followed
+    as an appliance follows them: one Watch of every job, which tells each end as it
+    happens (polling `Get` would ask libvirt for each job's statistics each time). The
     seconds of it all, and of each Start's answer."""
-    t0 = time.perf_counter()
     starts: list[float] = []
     ids: list[str] = []
 
@@ -84,14 +89,30 @@ def backup_all(ctl: Client, control: Path, domains: list[str], mode: str
                 starts.append(time.perf_counter() - t)
                 ids.append(job["id"])
 
-    with ThreadPoolExecutor(PIPELINE) as pool:
-        list(pool.map(start, [domains[i::PIPELINE] for i in range(PIPELINE)]))
-    for job_id in ids:
-        while (job := ctl.call(f"{IFACE}.Get", id=job_id)["job"])["ended"] is None:
-            time.sleep(0.02)
+    ended: dict[str, dict[str, Any]] = {}
+    changed = threading.Condition()
+
+    def follow(events: Iterator[dict[str, Any]]) -> None:
+        with contextlib.suppress(OSError):  # the watcher hung up: done
+            for event in events:
+                if (job := event["event"]["job"])["ended"] is not None:
+                    with changed:
+                        ended[job["id"]] = job
+                        changed.notify_all()
+
+    with Client(control, timeout=600) as watcher:
+        threading.Thread(target=follow, args=(watcher.stream(f"{IFACE}.Watch"),),
+                         daemon=True).start()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(PIPELINE) as pool:
+            list(pool.map(start, [domains[i::PIPELINE] for i in range(PIPELINE)]))
+        with changed:
+            changed.wait_for(lambda: all(i in ended for i in ids))
+        seconds = time.perf_counter() - t0
+    for job in (ended[i] for i in ids):
         if job["state"] != "completed":
             raise AssertionError(f"{job['domain']}: {job['state']}: {job['error']}")
-    return time.perf_counter() - t0, starts
+    return seconds, starts
 
 
 def virtnbdbackup_all(uri: str, work: Path, twins: list[str], level: str) -> float:
@@ -129,7 +150,7 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
     lab_dir, daemon_dir = work / "lab-night", work / "pullbackd-night"
     repository = daemon_dir / "repository"
     with lab(lab_dir, size.disk, 2 * n) as uri, \
-            daemon(daemon_dir, uri, f'[repository]\ndir = "{repository}"\n') as (ctl, pid):
+            daemon(daemon_dir, uri, f'[repository]\ndir = "{repository}"\n') as (_, pid):
         log(f"night: {n} domains and {n} twins, {size.data // MiB} MiB of data on each "
             f"{size.disk // MiB} MiB disk")
         write = [(d, i % n) for i, d in enumerate(ours + twins)]
@@ -143,7 +164,7 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
                     list(pool.map(lambda dw: run(
                         str(LAB), "--dir", str(lab_dir), "scatter", dw[0], "vda",
                         str(size.writes), str(64 << 10), "0xd2", "--seed", str(dw[1])), write))
-            seconds, starts = backup_all(ctl, daemon_dir / "control.sock", ours, mode)
+            seconds, starts = backup_all(daemon_dir / "control.sock", ours, mode)
             log(f"{mode}: pullbackd {seconds:.2f} s")
             theirs = virtnbdbackup_all(uri, work, twins, level)
             log(f"{mode}: virtnbdbackup {theirs:.2f} s")

@@ -28,6 +28,7 @@ from pullbackd.repository import (
     Repository,
     WriteBehind,
     checksum,
+    direct_io,
 )
 from pullbackd.stream import Progress
 
@@ -116,6 +117,20 @@ def test_write_behind_gets_what_was_written_to_disk_and_out_of_the_page_cache(
             behind.progress(Progress(len(data), len(data), len(data), done))
             time.sleep(0.05)
     assert path.read_bytes() == data
+
+
+def test_a_backup_is_written_past_the_page_cache(tmp_path: Path) -> None:
+    """Where the filesystem takes O_DIRECT (this one does), a backup's data never sits in
+    the host's page cache, and nothing is left for the kernel to write back."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", MiB)
+    data = os.urandom(2 * MiB)
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    assert direct_io(probe)
+    manifest = store(repository, data, MiB)
+    # What is cached is what `qemu-img create` wrote (the qcow2 header and tables).
+    assert resident(repository.folder("lab1", "c", "vda") / "0001.qcow2") <= 256 << 10
+    assert_restores(repository, manifest, bytes(MiB) + data + bytes(MiB), tmp_path)
 
 
 SIZE = 4 * MiB

@@ -124,9 +124,10 @@ class State:
 class Repository:
     #: The embedded repository: <dir>/<domain>/<consumer>/<disk>/NNNN.qcow2 and .json.
     dir: Path = Path("/var/lib/pullbackd/repository")
-    #: Bytes a copy writes into a backup file between two requests to the kernel to
-    #: write the file back to disk and drop it from the page cache; 0: never (the
-    #: commit's fsync then writes it all, and the page cache holds it until evicted).
+    #: On a filesystem without O_DIRECT (elsewhere backups skip the page cache): bytes a
+    #: copy writes into a backup file between two requests to the kernel to write the
+    #: file back to disk and drop it from the page cache; 0: never (the commit's fsync
+    #: then writes it all, and the page cache holds it until evicted).
     write_behind: int = 64 << 20
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,18 +39,22 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Hang up; a thread waiting for a reply wakes up with ConnectionError."""
+        with contextlib.suppress(OSError):  # not connected (any more)
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def call(self, method: str, **parameters: Any) -> dict[str, Any]:
         """Call a method and return its reply's parameters; raise VarlinkError on an error."""
-        return next(self._replies(Call(method, parameters)))
+        self._sock.sendall(encode(Call(method, parameters).to_message()))
+        return next(self._replies())
 
     def stream(self, method: str, **parameters: Any) -> Iterator[dict[str, Any]]:
-        """Call a method with `more` and yield each reply."""
-        return self._replies(Call(method, parameters, more=True))
+        """Call a method with `more` (sent before this returns) and iterate its replies."""
+        self._sock.sendall(encode(Call(method, parameters, more=True).to_message()))
+        return self._replies()
 
-    def _replies(self, call: Call) -> Iterator[dict[str, Any]]:
-        self._sock.sendall(encode(call.to_message()))
+    def _replies(self) -> Iterator[dict[str, Any]]:
         while True:
             reply = parse_reply(self._receive())
             if reply.error is not None:
