@@ -145,7 +145,8 @@ def daemon(folder: Path, uri: str, extra: str = "") -> Iterator[tuple[Client, in
 
 @contextmanager
 def qemu_nbd(image: Path) -> Iterator[str]:
-    """`image` served as the repository serves a backup being written."""
+    """`image` served as the repository's writer serves a backup being written (by a
+    qemu-nbd: the same block layer, with the same cache options)."""
     sock = image.with_suffix(".sock")
     with repository.image_server(image, "qcow2", sock, writable=True,
                                  direct=repository.direct_io(image)) as server:
@@ -253,10 +254,12 @@ def durable(copy: Copy, dest: str, target: Path) -> None:
 
 def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) -> Copy:
     """pullbackd's engine, doing what a streamed backup does: writing as the repository
-    does (with its write-behind) and checksumming each region for the manifest."""
+    does (past the page cache, or with its write-behind) and checksumming each region for
+    the manifest."""
     def copy(dest: str, target: Path) -> None:
         regions: list[repository.Region] = []
-        with repository.WriteBehind(target, config.Repository().write_behind) as behind:
+        step = 0 if repository.direct_io(target) else config.Repository().write_behind
+        with repository.WriteBehind(target, step) as behind:
             stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed, tuning=tuning,
                         on_progress=behind.progress, checksums=repository.recorder(regions))
     return copy

@@ -54,7 +54,8 @@ for chain violations: a checkpoint in a chain (ListCheckpoints) whose job (List/
 not its head for that disk, or (differential) not the one asked for, or a checkpoint whose job
 the driver never saw complete; the newest confirmed checkpoint of a disk missing from the chain
 or not its head; a chain out of order; a job seen `completed` that no longer is. And for leaks:
-qemu-nbd processes on pullbackd's folders while no streamed job runs, `*.partial` and `*.tmp`
+qemu-nbd processes on pullbackd's folders while no streamed job runs (and a repository writer
+that outlived the pullbackd that started it), `*.partial` and `*.tmp`
 files in the repository, scratch files and sockets of jobs that do not run, libvirt backup jobs
 pullbackd does not list as running, and libvirt checkpoints `pullbackd.*` neither in a chain nor
 of a running job. A checkpoint pullbackd took out of a chain (its job failed, or `[chains] keep`
@@ -62,8 +63,9 @@ trimmed it) while libvirt could not delete it (its domain was down) is only defe
 database records it `discard`, pullbackd deletes it before the domain's next backup, and the
 driver checks that it did (once a later backup of that domain started, and at the end, with one
 more backup of such a domain, aborted). At the end pullbackd is stopped with
-SIGTERM: it must exit 0 and leave no qemu-nbd behind. A read that a SIGTERM cut is reported too
-(under systemd sessions are to survive a restart), but does not fail the run.
+SIGTERM: it must exit 0 and leave no qemu-nbd or repository writer behind. A read that a
+SIGTERM cut is reported too (under systemd sessions are to survive a restart), but does not
+fail the run.
 
 The report (stdout, and --report as JSON) counts cycles, backups by outcome, faults by kind and
 what came of each (and lists every fault), restarts, compared images, wrong bytes, violations and
@@ -166,6 +168,33 @@ def cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
+
+
+def writer_of(pid: int, sockets: Path) -> bool:
+    """Whether `pid` is the repository's writer (a qemu-storage-daemon serving in the
+    repository's `sockets` folder)."""
+    args = cmdline(pid)
+    return bool(args) and os.path.basename(args[0]) == "qemu-storage-daemon" and \
+        any(f"path={sockets}/w-" in a for a in args)
+
+
+def writer_sockets(sockets: Path, daemon: int) -> set[str]:
+    """The sockets (NBD, QMP) of the repository writer of pullbackd `daemon`."""
+    found = set()
+    for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()):
+        if writer_of(pid, sockets) and parent(pid) == daemon:
+            found |= {option.removeprefix("path=").removeprefix("addr.path=")
+                      for arg in cmdline(pid) for option in arg.split(",")
+                      if option.startswith(("path=", "addr.path="))}
+    return found
+
+
+def parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 def alive(pid: int) -> bool:
@@ -1355,6 +1384,10 @@ class Stress:
                     any(a.startswith(ours) for a in args) and not streaming:
                 self.leak("qemu-nbd", str(pid), f"qemu-nbd PID {pid} runs with no streamed job "
                           f"running: {' '.join(args)}", None, context)
+            elif writer_of(pid, daemon.exports / ".repository") and alive(pid) and \
+                    parent(pid) != daemon.pid:
+                self.leak("qemu-nbd", str(pid), f"the repository's writer PID {pid} outlived "
+                          f"the pullbackd that started it: {' '.join(args)}", None, context)
         for pattern in ("*.partial", "*.tmp"):
             for path in daemon.repository.rglob(pattern):
                 parts = path.relative_to(daemon.repository).parts
@@ -1373,9 +1406,11 @@ class Stress:
                     self.leak("job-file", str(path), f"{path}: its job is {state}",
                               job_id if job else None, context)
         sockets = daemon.exports / ".repository"
+        writer = writer_sockets(sockets, daemon.pid)  # kept open between backups
         for path in sockets.glob("*") if sockets.is_dir() and not streaming else ():
-            self.leak("repository-socket", str(path), f"{path} with no streamed job running",
-                      None, context)
+            if str(path) not in writer:
+                self.leak("repository-socket", str(path), f"{path} with no streamed job "
+                          "running", None, context)
         for domain in self.lab.domains:
             backup = self.virt.backup_xml(domain)
             mine = [j for j in running.values() if j["domain"] == domain]
@@ -1473,6 +1508,9 @@ class Stress:
                     any(a.startswith(ours) for a in args):
                 self.leak("qemu-nbd", str(pid), f"qemu-nbd PID {pid} outlived pullbackd's "
                           f"final stop: {' '.join(args)}", None, "the final stop")
+            elif writer_of(pid, self.daemon.exports / ".repository") and alive(pid):
+                self.leak("qemu-nbd", str(pid), f"the repository's writer PID {pid} outlived "
+                          f"pullbackd's final stop: {' '.join(args)}", None, "the final stop")
 
     def close(self) -> None:
         """Whatever happened: pullbackd and what it left running stopped, threads ended."""
@@ -1483,8 +1521,9 @@ class Stress:
         ours = (str(self.daemon.repository), str(self.daemon.exports))
         for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()):
             args = cmdline(pid)
-            if args and os.path.basename(args[0]) == "qemu-nbd" and \
-                    any(a.startswith(ours) for a in args):
+            if (args and os.path.basename(args[0]) == "qemu-nbd" and \
+                    any(a.startswith(ours) for a in args)) or \
+                    writer_of(pid, self.daemon.exports / ".repository"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.pool.shutdown(wait=False, cancel_futures=True)

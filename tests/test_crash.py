@@ -6,8 +6,8 @@ After each crash and restart, for the job the crash hit and every other:
   crashed job's is there exactly if it completed (chain.py's invariant);
 - libvirt holds no checkpoint of the consumer that is not in the chain, and
   runs no backup that pullbackd does not list as running;
-- no scratch file, QEMU socket, endpoint, temporary repository file or
-  qemu-nbd of the repository is left;
+- no scratch file, QEMU socket, endpoint, temporary repository file,
+  qemu-nbd of the repository or repository writer of the crashed run is left;
 - the next incremental, applied to what the appliance kept (the crashed job's
   copy only if the job says completed), equals the disk byte for byte; for the
   repository, every backup it still lists restores to the disk as it was then.
@@ -159,6 +159,17 @@ def assert_nothing_left(d: Daemon, lab: Lab, consumer: str) -> None:
     served = subprocess.run(["pgrep", "-f", f"qemu-nbd.*{d.exports}/.repository"],
                             capture_output=True, text=True, check=False).stdout.split()
     assert not served, served
+    # The repository's writer, if one runs, is the running daemon's, never the crashed one's.
+    writers = subprocess.run(["pgrep", "-f", f"qemu-storage-daemon.*{d.exports}/.repository/w-"],
+                             capture_output=True, text=True, check=False).stdout.split()
+    assert all(parent(int(pid)) == d.proc.pid for pid in writers), writers
+
+
+def parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except OSError:
+        return None  # gone meanwhile
 
 
 @contextlib.contextmanager

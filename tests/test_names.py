@@ -43,7 +43,8 @@ def test_the_longest_socket_is_a_restore_of_the_repository() -> None:
     assert {str(p) for p in layout.sockets()} == {
         "/e/000000000000.sock", "/e/.qemu/000000000000.sock",
         "/e/.repository/w-00000000.sock", "/e/.repository/r-00000000.src.sock",
-        "/e/.repository/r-00000000.dst.sock", "/e/.repository/v-00000000.sock"}
+        "/e/.repository/r-00000000.dst.sock", "/e/.repository/v-00000000.sock",
+        "/e/.repository/w-00000000.qmp.sock"}
     assert len(names.new_job_id()) == 12 and names.JOB_ID.fullmatch(names.new_job_id())
 
 
@@ -64,7 +65,7 @@ def test_a_folder_just_too_long_is_refused(tmp_path: Path) -> None:
 
 def test_a_folder_that_just_fits_serves_every_socket(tmp_path: Path) -> None:
     """Config accepts it; a socket binds at the longest path, and the repository writes
-    and restores a backup through qemu-nbd servers bound there."""
+    and restores a backup through servers bound there."""
     exports = exports_dir(tmp_path, 0)
     cfg = load(tmp_path, exports)
     layout = Layout(cfg.exports.dir, cfg.scratch.dir)
@@ -90,6 +91,7 @@ def test_a_folder_that_just_fits_serves_every_socket(tmp_path: Path) -> None:
             raise
         writer.regions.append(Region(MiB, MiB, checksum(data)))
         await repository.commit(writer)
+        await repository.close()
 
     anyio.run(store)
     [manifest] = repository.manifests("lab1", "c", "vda")

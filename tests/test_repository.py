@@ -138,7 +138,7 @@ SIZE = 4 * MiB
 
 def store(repository: Repository, data: bytes, offset: int) -> Manifest:
     """A full backup of lab1's vda holding `data` at `offset`, written through the
-    repository's own qemu-nbd."""
+    repository's own writer."""
     async def run() -> Manifest:
         writer = await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t", None)
         try:
@@ -147,7 +147,10 @@ def store(repository: Repository, data: bytes, offset: int) -> Manifest:
             await repository.abort(writer)
             raise
         writer.regions.append(Region(offset, len(data), checksum(data)))
-        return await repository.commit(writer)
+        try:
+            return await repository.commit(writer)
+        finally:
+            await repository.close()
     return anyio.run(run)
 
 
@@ -177,11 +180,18 @@ def ended(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "Z"
 
 
+def wait_ended(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while not ended(pid):
+        assert time.monotonic() < deadline, f"{pid} is still there"
+        time.sleep(0.01)
+
+
 def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
 
 
-#: A daemon beginning a backup: prints its qemu-nbd's pid, then dies as told on stdin.
+#: A daemon beginning a backup: prints its writers' pid, then dies as told on stdin.
 CRASHING = """
 import os, sys
 from pathlib import Path
@@ -191,7 +201,7 @@ from pullbackd.repository import Repository
 async def main() -> None:
     repository = Repository(Path(sys.argv[1]), Path(sys.argv[2]), 0)
     writer = await repository.begin("lab1", "c", "vda", 4 << 20, "j", "cp", "t", None)
-    print(writer.server.pid, flush=True)
+    print(repository.writers.pid, flush=True)
     if sys.stdin.readline().strip() == "exit":
         os._exit(1)
     await anyio.sleep(3600)
@@ -201,7 +211,7 @@ anyio.run(main)
 
 
 @pytest.mark.parametrize("death", ["kill -9", "exit"])
-def test_the_qemu_nbd_of_a_crashed_daemon_dies_with_it(tmp_path: Path, death: str) -> None:
+def test_the_writer_of_a_crashed_daemon_dies_with_it(tmp_path: Path, death: str) -> None:
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
     daemon = subprocess.Popen([sys.executable, "-c", CRASHING, str(repository.root),
                                str(tmp_path / "sockets")],
@@ -209,7 +219,7 @@ def test_the_qemu_nbd_of_a_crashed_daemon_dies_with_it(tmp_path: Path, death: st
     assert daemon.stdin is not None and daemon.stdout is not None
     try:
         server = int(daemon.stdout.readline())
-        assert "qemu-nbd" in cmdline(server) and not ended(server)
+        assert "qemu-storage-daemon" in cmdline(server) and not ended(server)
         if death == "kill -9":
             daemon.kill()
         else:
@@ -218,19 +228,48 @@ def test_the_qemu_nbd_of_a_crashed_daemon_dies_with_it(tmp_path: Path, death: st
         assert daemon.wait(timeout=30) in (-signal.SIGKILL, 1)
         deadline = time.monotonic() + 5
         while not ended(server):
-            assert time.monotonic() < deadline, f"qemu-nbd {server} outlived its daemon"
+            assert time.monotonic() < deadline, f"writer {server} outlived its daemon"
             time.sleep(0.01)
     finally:
         daemon.kill()
         daemon.wait()
-    # What the crash left: the partial backup, and the socket of a server killed with
-    # SIGKILL. Recovery removes them, and the repository stores again.
+    # What the crash left: the partial backup, and the sockets (NBD, QMP) of a server
+    # killed with SIGKILL. Recovery removes them, and the repository stores again.
     folder = repository.folder("lab1", "c", "vda")
     assert [p.name for p in folder.iterdir()] == ["0001.qcow2.partial"]
-    assert len(list((tmp_path / "sockets").iterdir())) == 1
+    assert len(list((tmp_path / "sockets").iterdir())) == 2
     repository.recover()
     assert list(folder.iterdir()) == []
     assert list((tmp_path / "sockets").iterdir()) == []
+    data = os.urandom(MiB)
+    manifest = store(repository, data, MiB)
+    assert manifest.sequence == 1
+    assert_restores(repository, manifest, bytes(MiB) + data + bytes(2 * MiB), tmp_path)
+
+
+def test_a_writer_killed_mid_backup_fails_it_and_the_next_backup_gets_another(
+        tmp_path: Path) -> None:
+    """The writer dies (kill -9) after the data arrived, before the commit: what qcow2
+    held in memory is lost, so the commit fails and nothing is stored; the next backup
+    starts a writer of its own."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+
+    async def run() -> None:
+        writer = await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t", None)
+        try:
+            await anyio.to_thread.run_sync(pwrite, writer.url, os.urandom(MiB), 0)
+            killed = repository.writers.pid
+            assert killed is not None
+            os.kill(killed, signal.SIGKILL)
+            await anyio.to_thread.run_sync(wait_ended, killed)
+            with pytest.raises(RepositoryError, match="died"):
+                await repository.commit(writer)
+        finally:
+            await repository.abort(writer)
+        assert not writer.partial.exists()
+
+    anyio.run(run)
+    assert repository.manifests("lab1", "c", "vda") == []
     data = os.urandom(MiB)
     manifest = store(repository, data, MiB)
     assert manifest.sequence == 1
@@ -357,7 +396,7 @@ Write = tuple[int, int, int | None]  # offset, length, byte (None: zeroes)
 
 def chain(repository: Repository, steps: list[list[Write]]) -> list[Manifest]:
     """Backups of lab1's vda, a full and then incrementals, each writing its step's
-    writes through the repository's own qemu-nbd (zeroes as NBD zero writes, as the
+    writes through the repository's own writer (zeroes as NBD zero writes, as the
     engine writes what an incremental's source reads as zero), with their regions."""
     async def run() -> list[Manifest]:
         manifests: list[Manifest] = []
@@ -373,6 +412,7 @@ def chain(repository: Repository, steps: list[list[Write]]) -> list[Manifest]:
                                       checksum(bytes([byte]) * length))
                                for offset, length, byte in writes]
             manifests.append(await repository.commit(writer))
+        await repository.close()
         return manifests
     return anyio.run(run)
 

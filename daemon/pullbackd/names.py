@@ -155,7 +155,8 @@ def repository_sockets(exports: Path) -> Path:
 class Served(Enum):
     """What an NBD server of the repository serves; the value names its socket."""
 
-    #: A backup being written.
+    #: The backups being written (writers.py), each an export of its own; the server's
+    #: QMP monitor is `WRITER_MONITOR`.
     BACKUP = "w-{token}.sock"
     #: The chain's files a restore reads (each on its own, verifying.py), and the new
     #: file it writes (the same token).
@@ -173,6 +174,15 @@ SOCKET_TOKEN_BYTES = 4
 def socket_token() -> str:
     """A fresh token for `repository_socket` (one for both sockets of a restore)."""
     return secrets.token_hex(SOCKET_TOKEN_BYTES)
+
+
+#: The QMP monitor of the server of backups being written (a socket: `recover` removes it).
+WRITER_MONITOR = "w-{token}.qmp.sock"
+
+
+def writer_monitor(folder: Path, token: str) -> Path:
+    """The QMP socket in `folder` (`repository_sockets`) of the writers' server."""
+    return folder / WRITER_MONITOR.format(token=token)
 
 
 def repository_socket(folder: Path, served: Served, token: str) -> Path:
@@ -369,7 +379,8 @@ class Layout:
         with the longest name of its kind."""
         job_id, token = "0" * len(new_job_id()), "0" * len(socket_token())
         return [self.endpoint(job_id), self.qemu_socket(job_id),
-                *(self.repository_socket(s, token) for s in Served)]
+                *(self.repository_socket(s, token) for s in Served),
+                writer_monitor(self.repository_sockets, token)]
 
     def longest_socket(self) -> Path:
         """The longest socket path ever bound under the exports folder."""

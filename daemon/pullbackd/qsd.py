@@ -121,6 +121,8 @@ class Monitor:
         try:
             self._sock.connect(str(path))
             self._file = self._sock.makefile("rwb")
+            #: Events that came before a command's reply, for `event`.
+            self._events: list[dict[str, Any]] = []
             self._read()  # the greeting
             self.execute("qmp_capabilities")
         except BaseException:
@@ -131,8 +133,11 @@ class Monitor:
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
-        self._file.write(json.dumps(message).encode() + b"\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(message).encode() + b"\n")
+            self._file.flush()
+        except OSError as e:  # it died
+            raise StorageDaemonError(f"qemu-storage-daemon's monitor: {e.strerror}") from None
         while True:
             reply = self._read()
             if "error" in reply:
@@ -140,10 +145,34 @@ class Monitor:
                     f"qemu-storage-daemon refused {command}: {reply['error'].get('desc')}")
             if "return" in reply:
                 return reply["return"]
-            # An event: nothing waits for one.
+            if "event" in reply:
+                self._events.append(reply)
+
+    def event(self, name: str, **data: Any) -> dict[str, Any]:
+        """The next event `name` whose data holds `data` (the events before it that
+        nobody waits for are dropped); raises StorageDaemonError after the timeout."""
+        def wanted(e: dict[str, Any]) -> bool:
+            return bool(e["event"] == name and data.items() <= e.get("data", {}).items())
+
+        while self._events:
+            if wanted(event := self._events.pop(0)):
+                return event
+        while True:
+            try:
+                reply = self._read()
+            except TimeoutError:
+                raise StorageDaemonError(f"qemu-storage-daemon did not report {name}") \
+                    from None
+            if "event" in reply and wanted(reply):
+                return reply
 
     def _read(self) -> dict[str, Any]:
-        line = self._file.readline()
+        try:
+            line = self._file.readline()
+        except TimeoutError:
+            raise
+        except OSError as e:  # it died
+            raise StorageDaemonError(f"qemu-storage-daemon's monitor: {e.strerror}") from None
         if not line:
             raise StorageDaemonError("qemu-storage-daemon closed its monitor")
         reply: dict[str, Any] = json.loads(line)

@@ -6,7 +6,8 @@
                              .domain/<checkpoint>/       the domain's own files of a
                                                          backup (domainfiles.py)
 
-Each file is written through `qemu-nbd` on a private Unix socket, so it stays
+Each file is made and written through the repository's writer (writers.py: one
+qemu-storage-daemon, an NBD export per file on a private Unix socket), so it stays
 sparse and every point of the chain is an ordinary qcow2 that `qemu-img` reads
 directly. A backup is written as `NNNN.qcow2.partial` and becomes `NNNN.qcow2`
 only once every byte arrived; its manifest (job, checkpoint, time, bytes, and a
@@ -15,8 +16,8 @@ a manifest is not a backup.
 
 Every name in it comes from names.py, every qemu-nbd from qemu_nbd.py.
 
-Nothing outlives a crash. The kernel kills our qemu-nbd servers (and a
-Verify's qemu-storage-daemon) when the daemon dies (see qemu_nbd.TIED), and
+Nothing outlives a crash. The kernel kills our qemu-nbd servers, the writer and a
+Verify's qemu-storage-daemon when the daemon dies (see qemu_nbd.TIED), and
 `Repository.recover`, run at start before anything is served, ends those that
 escaped (a daemon killed in the instant between starting one and tying it to
 itself, or a daemon from before they were tied) and removes what a crash leaves:
@@ -53,10 +54,11 @@ import nbd
 import structlog
 import xxhash
 
-from . import crash, domainfiles, names, qemu_nbd, stream, verifying
+from . import crash, domainfiles, names, qemu_nbd, stream, verifying, writers
 from .durable import fsync, fsync_dir, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .names import Served
+from .qsd import StorageDaemonError
 
 log = structlog.get_logger()
 
@@ -136,7 +138,8 @@ class Manifest:
 def image_server(image: Path, fmt: str, sock: Path, *, writable: bool,
                  direct: bool = False) -> qemu_nbd.Server:
     """How the repository serves an image on `sock` (not started yet), tied to the
-    thread that starts it; the benchmark serves its targets the same way.
+    thread that starts it: a restore's target; the benchmark serves its targets the same
+    way. The writer (writers.py) opens the backups it writes with the same cache options.
 
     A writable image is written past the page cache (`--cache none`, O_DIRECT) where
     its filesystem allows it (`direct`, from `direct_io`): each byte is copied once
@@ -230,17 +233,17 @@ class WriteBehind:
 
 @dataclass
 class Writer:
-    """One backup file being written: a partial qcow2 served by a private qemu-nbd."""
+    """One backup file being written: a partial qcow2 the repository's writers serve."""
 
     manifest: Manifest
     folder: Path
-    server: qemu_nbd.Server
+    opened: writers.Opened
     behind: WriteBehind
     regions: list[Region] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return self.server.url
+        return self.opened.url
 
     @property
     def partial(self) -> Path:
@@ -252,6 +255,12 @@ class Repository:
         self.root = root
         self._sockets = sockets
         self._write_behind = write_behind
+        #: What makes and serves the backup files being written.
+        self.writers = writers.Writers(sockets)
+
+    async def close(self) -> None:
+        """At the daemon's stop, once no copy runs: the writers' process ends."""
+        await self.writers.stop()
 
     def folder(self, domain: str, consumer: str, disk: str) -> Path:
         """A disk's folder; raises InvalidParameter for a name that would not stay a
@@ -299,8 +308,9 @@ class Repository:
         """Undo what a crash of an earlier run left, before anything is served
         (blocking: run it in a worker thread).
 
-        Ends the qemu-nbd servers of an earlier run (SIGTERM; SIGKILL for any still
-        there after ORPHAN_GRACE), then removes their sockets and the temporary files
+        Ends the NBD servers of an earlier run (qemu-nbd, and the qemu-storage-daemons
+        of the writer and of Verify: SIGTERM; SIGKILL for any still there after
+        ORPHAN_GRACE), then removes their sockets and the temporary files
         of backups, flattenings and manifests being written. Only the daemon that owns
         the repository may call it: it ends every qemu-nbd serving on a socket in the
         repository's sockets folder. Raises RepositoryError if a server cannot be ended.
@@ -343,31 +353,23 @@ class Repository:
                             "incremental" if base else "full", size,
                             base.file if base else None)
         partial = names.partial(folder, sequence)  # _next_sequence removed any there
-        create = ["qemu-img", "create", "-q", "-f", "qcow2"]
-        if base is not None:  # relative, so the folder can move as a whole
-            create += ["-b", base.file, "-F", "qcow2"]
-        try:
-            await _run(*create, str(partial), str(size))
-        except BaseException:
-            with anyio.CancelScope(shield=True):  # an Abort as the file was being made
-                await anyio.Path(partial).unlink(missing_ok=True)
-            raise
+        await anyio.to_thread.run_sync(writers.create, partial)
+        behind = None
         try:
             direct = await anyio.to_thread.run_sync(direct_io, partial)
             behind = WriteBehind(partial, 0 if direct else self._write_behind)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
+            # Its backing file by a name relative to it, so the folder can move as a whole.
+            opened = await self.writers.open(partial, size, base.file if base else None,
+                                             direct)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):  # an Abort as the file was being made
+                if behind is not None:
+                    await anyio.to_thread.run_sync(behind.close)
                 await anyio.Path(partial).unlink(missing_ok=True)
+            if isinstance(e, StorageDaemonError):
+                raise RepositoryError(str(partial), str(e)) from None
             raise
-        try:
-            server = await self._serve(partial, "qcow2", Served.BACKUP, names.socket_token(),
-                                       writable=True, direct=direct)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(behind.close)
-                await anyio.Path(partial).unlink(missing_ok=True)
-            raise
-        return Writer(manifest, folder, server, behind)
+        return Writer(manifest, folder, opened, behind)
 
     def _next_sequence(self, domain: str, consumer: str, disk: str) -> int:
         folder = self.folder(domain, consumer, disk)
@@ -398,7 +400,10 @@ class Repository:
 
     async def commit(self, writer: Writer) -> Manifest:
         """Every byte arrived: the partial file becomes a backup, its manifest last."""
-        await writer.server.astop()
+        try:
+            await self.writers.close(writer.opened)
+        except StorageDaemonError as e:
+            raise RepositoryError(str(writer.partial), str(e)) from None
         await anyio.to_thread.run_sync(writer.behind.close)
         manifest = Manifest(**asdict(writer.manifest) | {
             "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
@@ -412,7 +417,8 @@ class Repository:
         return manifest
 
     async def abort(self, writer: Writer) -> None:
-        await writer.server.astop()
+        with contextlib.suppress(StorageDaemonError):  # then it closed every file it had
+            await self.writers.close(writer.opened)
         await anyio.to_thread.run_sync(writer.behind.close)
         await anyio.Path(writer.partial).unlink(missing_ok=True)
 
@@ -712,8 +718,8 @@ def _orphans(sockets: Path) -> dict[int, str]:
 
 
 def _served_socket(pid: int, folder: str) -> str | None:
-    """The socket the process `pid` serves on if it is a qemu-nbd (or a Verify's
-    qemu-storage-daemon) serving on one in `folder`, else None."""
+    """The socket the process `pid` serves on if it is a qemu-nbd (or a Verify's or the
+    writer's qemu-storage-daemon) serving on one in `folder`, else None."""
     try:
         argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
     except OSError:  # gone meanwhile, or not ours to look at
@@ -721,7 +727,7 @@ def _served_socket(pid: int, folder: str) -> str | None:
     program = os.path.basename(argv[0])
     if program not in ("qemu-nbd", verifying.PROGRAM):
         return None
-    # As qemu_nbd.command or verifying.server write it, or by hand. cmdline ends in a
+    # As qemu_nbd.command, verifying.server or writers write it, or by hand. cmdline ends in a
     # NUL: the last argument too has a following (empty) one.
     for arg, following in itertools.pairwise(argv):
         if program == verifying.PROGRAM:

@@ -66,11 +66,11 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
     store = Store(cfg.state.dir / names.DATABASE)
     virt = Virt(cfg.libvirt.uri)
     status = 0
+    repository = Repository(cfg.repository.dir, names.repository_sockets(cfg.exports.dir),
+                            cfg.repository.write_behind)
     try:
         exports.inherit(inherited, store.take_handoff())
         await virt.connect()
-        repository = Repository(cfg.repository.dir, names.repository_sockets(cfg.exports.dir),
-                                cfg.repository.write_behind)
         # What a crash of the last run left: its qemu-nbds, its half-written files.
         await anyio.to_thread.run_sync(repository.recover)
         remote, remote_base = _remote(cfg, exports)
@@ -113,7 +113,9 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
             log.info("ready", socket=str(socket_path), running=active,
                      activated=activated is not None)
     finally:
-        with anyio.CancelScope(shield=True):  # close libvirt and the database cleanly
+        # Shielded: close the repository's files, libvirt and the database cleanly.
+        with anyio.CancelScope(shield=True):
+            await repository.close()
             await virt.close()
             store.close()
     return status

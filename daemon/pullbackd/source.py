@@ -292,17 +292,16 @@ class LibvirtSource:
 
     async def end(self, job: Job) -> bool:
         running = await self.running(job)
-        if running:
-            await self._abort(job.domain)
-        if await self.running(job):
+        # libvirt's word that the job ended is enough; without it, look again.
+        if running and not await self._abort(job.domain) and await self.running(job):
             raise LibvirtError(
                 -1, f"libvirt has not ended the backup after {self._end_timeout:g} s")
         await anyio.to_thread.run_sync(self.remove_leftovers, job.id)
         return running
 
-    async def _abort(self, domain: str) -> None:
+    async def _abort(self, domain: str) -> bool:
         """Ask libvirt to end the domain's backup job; wait for its word, at most
-        `end_timeout`."""
+        `end_timeout`. Whether it came."""
         ended = self._ended[domain] = anyio.Event()
         try:
             if await self._virt.abort_job(domain):
@@ -310,6 +309,7 @@ class LibvirtSource:
                     await ended.wait()
         finally:
             del self._ended[domain]
+        return ended.is_set()
 
     def remove_leftovers(self, job_id: str) -> None:
         """libvirt removes a job's sockets and scratch files when the job ends; a crash
