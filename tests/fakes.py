@@ -63,11 +63,12 @@ class FakeVirt(Virt):
         xml = f"<domain><name>{name}</name></domain>"
         return Definition(xml, xml if self.running[name] else None)
 
-    async def domain(self, name: str) -> Domain:
+    async def domain(self, name: str, definition: bool = False) -> Domain:
         self._fail("domain")
         if name not in self.running:
             raise NoSuchDomain(name)
-        return Domain(name, self.running[name], "<domain/>")
+        return Domain(name, self.running[name], "<domain/>", None,
+                      f"<domain><name>{name}</name></domain>" if definition else None)
 
     async def checkpoints(self, domain: str) -> list[str]:
         self._fail("checkpoints")
@@ -221,7 +222,7 @@ class FakeSource:
         return Plan(chosen, tuple(d for d in self.sizes if d not in chosen),
                     {d: self.sizes[d] for d in chosen}, agent=domain in self.agents)
 
-    async def files(self, job: Job) -> DomainFiles:
+    async def files(self, job: Job, plan: Plan) -> DomainFiles:
         """The domain's files: its definition, and `nvram[domain]` if it has one."""
         await self._enter("files", job.domain)
         files = {DEFINITION: f"<domain><name>{job.domain}</name></domain>".encode()}

@@ -59,12 +59,13 @@ class FakeVirt(Virt):
         if method in self.fail:
             raise self.fail[method]
 
-    async def domain(self, name: str) -> Domain:
+    async def domain(self, name: str, definition: bool = False) -> Domain:
         await self._hook("domain")
         if name not in self.running:
             raise errors.NoSuchDomain(name)
         return Domain(name, self.running[name], DOMAIN_XML,
-                      "backup" if name in self.backups else None)
+                      "backup" if name in self.backups else None,
+                      DOMAIN_XML if definition else None)
 
     async def definition(self, name: str) -> Definition:
         await self._hook("definition")

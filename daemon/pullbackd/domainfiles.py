@@ -101,10 +101,11 @@ class Reader:
         self._virt = virt
         self._state_dir = state_dir
 
-    async def capture(self, domain: str) -> DomainFiles:
-        """The domain's files now. Raises nothing: what it cannot get is `missing`."""
+    async def capture(self, domain: str, definition: Definition | None = None) -> DomainFiles:
+        """The domain's files now, those of `definition` if given (read with the domain's
+        plan). Raises nothing: what it cannot get is `missing`."""
         try:
-            definition = await self._virt.definition(domain)
+            definition = definition or await self._virt.definition(domain)
         except PullbackError as e:
             return DomainFiles(missing=(f"{DEFINITION}: {e}",))
         return await anyio.to_thread.run_sync(read, definition, self._state_dir)

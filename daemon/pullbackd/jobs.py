@@ -307,7 +307,7 @@ class Jobs:
             try:
                 checkpoint = await self._chains.begun(job.checkpoint, tuple(
                     d for d, b in bases.items() if b.checkpoint is None))
-                files, record = await self._capture(job)
+                files, record = await self._capture(job, plan)
                 begun = await self._source.exports(job, bases)
                 job = self._started(job, begun, bases, plan.sizes)
             except Exception as e:
@@ -355,10 +355,10 @@ class Jobs:
             self._records.publish(Change("warning", self._view(job), quiesced.warning))
         return job
 
-    async def _capture(self, job: Job) -> tuple[DomainFiles, str]:
+    async def _capture(self, job: Job, plan: Plan) -> tuple[DomainFiles, str]:
         """The domain's own files as its backup began, for the repository, and as the job
         records them; what could not be read is a warning."""
-        files = await self._source.files(job)
+        files = await self._source.files(job, plan)
         record = await anyio.to_thread.run_sync(files.to_record)  # up to MiBs of base64
         if files.missing:
             message = "not in the backup: " + "; ".join(files.missing)

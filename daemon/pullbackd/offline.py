@@ -87,7 +87,7 @@ class OfflineSource:
         return daemon
 
     async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
-        dom = await self._virt.domain(domain)
+        dom = await self._virt.domain(domain, definition=True)
         if dom.running:  # the router asked while it was off
             raise LibvirtError(-1, f"{domain!r} started meanwhile; start the backup again")
         disks = xml.parse_disks(dom.xml)
@@ -107,7 +107,8 @@ class OfflineSource:
                 restart[disk.target] = LAYERED
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full, restart, offline=True)
+        return Plan(tuple(chosen), skip, sizes, full, restart, offline=True,
+                    definition=dom.definition)
 
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         dom = await self._virt.domain(job.domain)
@@ -189,8 +190,8 @@ class OfflineSource:
                 newest = (info.created or 0, name)
         return None if newest is None else newest[1]
 
-    async def files(self, job: Job) -> DomainFiles:
-        return await self._files.capture(job.domain)
+    async def files(self, job: Job, plan: Plan) -> DomainFiles:
+        return await self._files.capture(job.domain, plan.definition)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         raise AgentError("the domain is shut off: nothing to freeze")

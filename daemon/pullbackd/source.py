@@ -37,7 +37,7 @@ from .errors import (
 )
 from .model import Job, Kind, Scratch, now
 from .names import Layout, consumer_of, export_token, job_file, job_of, of_job
-from .virt import BrokenBitmap, ConnectionLost, DomainStopped, JobEnded, Virt
+from .virt import BrokenBitmap, ConnectionLost, Definition, DomainStopped, JobEnded, Virt
 
 log = structlog.get_logger()
 
@@ -57,6 +57,8 @@ class Plan:
     offline: bool = False
     #: Its guest agent is connected (it can freeze the filesystems).
     agent: bool = False
+    #: Its definitions, read with the plan (None: `files` reads them).
+    definition: Definition | None = None
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,9 @@ class BackupSource(Protocol):
         used is backed up in full instead: `bases` is updated with why. Raises
         LibvirtError (and PullbackError) when it did not begin."""
 
-    async def files(self, job: Job) -> DomainFiles:
-        """The domain's own files (domainfiles.py), as the job's backup begins. Raises
-        nothing: what it cannot read is `missing`."""
+    async def files(self, job: Job, plan: Plan) -> DomainFiles:
+        """The domain's own files (domainfiles.py), as the job's backup begins (`plan`:
+        the job's). Raises nothing: what it cannot read is `missing`."""
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         """Freeze the guest's filesystems for the job's backup to begin. Raises
@@ -196,7 +198,7 @@ class LibvirtSource:
         self._ended: dict[str, anyio.Event] = {}
 
     async def plan(self, domain: str, wanted: list[str] | None, kind: Kind) -> Plan:
-        dom = await self._virt.domain(domain)
+        dom = await self._virt.domain(domain, definition=True)
         if not dom.running:
             raise DomainNotRunning(domain)
         if dom.job == "backup":
@@ -207,10 +209,11 @@ class LibvirtSource:
         chosen, skip = select_disks(domain, disks, wanted)
         sizes = await self._virt.capacities(domain, chosen)
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full, agent=xml.agent_connected(dom.xml))
+        return Plan(tuple(chosen), skip, sizes, full, agent=xml.agent_connected(dom.xml),
+                    definition=dom.definition)
 
-    async def files(self, job: Job) -> DomainFiles:
-        return await self._files.capture(job.domain)
+    async def files(self, job: Job, plan: Plan) -> DomainFiles:
+        return await self._files.capture(job.domain, plan.definition)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         count = await self._virt.fs_freeze(job.domain, mountpoints)

@@ -42,8 +42,8 @@ class Sources:
     async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
         await self._of(job).begin(job, bases, skip)
 
-    async def files(self, job: Job) -> DomainFiles:
-        return await self._of(job).files(job)
+    async def files(self, job: Job, plan: Plan) -> DomainFiles:
+        return await self._of(job).files(job, plan)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         await self._of(job).freeze(job, mountpoints)

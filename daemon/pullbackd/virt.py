@@ -64,6 +64,15 @@ class Domain:
     xml: str
     #: The libvirt job a running domain runs (e.g. "backup"), None if none (see `domain`).
     job: str | None = None
+    #: The persistent definition, when asked for (see `domain`).
+    inactive: str | None = None
+
+    @property
+    def definition(self) -> Definition:
+        """Its definitions; only for a domain read with `definition=True`."""
+        if self.inactive is None:
+            raise ValueError("the domain was read without its persistent definition")
+        return Definition(self.inactive, self.xml if self.running else None)
 
 
 @dataclass(frozen=True)
@@ -272,13 +281,16 @@ class Virt:
                 raise DomainBusy(domain, "unknown") from None
             raise LibvirtError(code, e.get_error_message()) from None
 
-    async def domain(self, name: str) -> Domain:
-        """The domain, and for a running one the job it runs: one worker thread's calls, as a
-        Start asks for both (asking for the job does not wait for the domain's job lock, as
-        starting one would)."""
+    async def domain(self, name: str, definition: bool = False) -> Domain:
+        """The domain, and for a running one the job it runs; with `definition`, its
+        persistent definition too (without secrets, as `definition`): one worker
+        thread's calls, as a Start asks for them all (asking for the job does not wait
+        for the domain's job lock, as starting one would)."""
         def get(dom: Any) -> Domain:
             running = bool(dom.isActive())
-            return Domain(dom.name(), running, dom.XMLDesc(0), _job(dom) if running else None)
+            inactive = str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if definition else None
+            return Domain(dom.name(), running, dom.XMLDesc(0), _job(dom) if running else None,
+                          inactive)
 
         return await self._run(name, get)
 
