@@ -143,9 +143,9 @@ def image_server(image: Path, fmt: str, sock: Path, *, writable: bool,
 
     A writable image is written past the page cache (`--cache none`, O_DIRECT) where
     its filesystem allows it (`direct`, from `direct_io`): each byte is copied once
-    less, and nothing is left for the kernel to write back later, which on a host
-    backing up many domains at once was a third of the CPU time of a full backup
-    (`scripts/bench --night`). Elsewhere it is served with `--cache unsafe` and a
+    less, and nothing is left for the kernel to write back later (with 16 domains
+    backed up at once, a full backup took an eighth to a third less CPU time, as
+    `scripts/bench --night` drives them). Elsewhere it is served with `--cache unsafe` and a
     `WriteBehind`, and qemu-nbd never flushes it: qcow2 flushes each time it adds an
     L2 table (every 512 MiB of disk touched) while it holds the image's lock, so
     every write would wait for the page cache to be written back. Either way its
