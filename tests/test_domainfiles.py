@@ -262,8 +262,9 @@ def test_a_backup_keeps_the_domains_files_and_restore_brings_the_domain_back(
     its definition, its NVRAM as it was when the backup began, and its TPM's state, and
     gives them to appliances through the job. RestoreDomain defines a new domain with
     the restored disk, NVRAM and TPM state, and it starts."""
-    definition = virsh(lab, "dumpxml", "--inactive", DOMAIN)
     for _ in range(5):
+        # Read again each time: a completed backup writes its chain into the definition.
+        definition = virsh(lab, "dumpxml", "--inactive", DOMAIN)
         nvram = settled(nvram_of(lab, DOMAIN))
         tpm = tpm_state(lab, DOMAIN)
         assert tpm, "swtpm keeps no state for the domain"

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,17 @@ class Chains:
                        if c.domain == domain and c.state == CheckpointState.COMPLETE
                        and (consumer is None or c.consumer == consumer)),
                       key=lambda c: c.created)
+
+    def after_newest(self, domain: str, consumer: str, created: str) -> str:
+        """`created`, or just after the newest checkpoint of the consumer's chain if that
+        is not older: a checkpoint rebuilt from libvirt carries libvirt's time, in whole
+        seconds, but its backup began after every checkpoint of its chain was confirmed,
+        and the chain's order (creation order) must say so."""
+        chain = self.of(domain, consumer)
+        if not chain or chain[-1].created < created:
+            return created
+        after = datetime.fromisoformat(chain[-1].created) + timedelta(milliseconds=1)
+        return after.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def get(self, name: str) -> Checkpoint | None:
         return self._checkpoints.get(name)

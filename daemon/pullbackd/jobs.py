@@ -739,14 +739,15 @@ class Jobs:
             # (when this job completes) holds the chains it carries.
             await self._chains.take_in(found.domain, refused=self._did_not_complete)
             name = checkpoint_name(found.consumer, found.job_id)
-            job = Job(found.job_id, found.domain, JobState.READY, "full", found.created,
+            created = self._chains.after_newest(found.domain, found.consumer, found.created)
+            job = Job(found.job_id, found.domain, JobState.READY, "full", created,
                       found.consumer, name)
             disks = self._serving.disks(job, found.begun, found.sizes, {})
             since = next((d.since for d in disks if d.since), None)
             job = await self._records.save(dataclasses.replace(
                 job, mode="incremental" if since else "full", since=since, disks=disks))
             await self._chains.add(Checkpoint(
-                name, found.domain, found.consumer, found.job_id, found.created,
+                name, found.domain, found.consumer, found.job_id, created,
                 CheckpointState.PENDING, found.bitmaps, found.checkpoint_xml,
                 tuple(d.name for d in disks if d.since is None)))
             log.error("rebuilt a running backup the state database did not know (was the "
