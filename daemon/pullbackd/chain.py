@@ -46,7 +46,7 @@ import structlog
 
 from . import bitmaps, crash, xml
 from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
-from .model import Checkpoint, CheckpointState
+from .model import Checkpoint, CheckpointState, timestamp
 from .names import CONSUMER, DEFAULT_CONSUMER, PREFIX, checkpoint_name
 from .virt import BrokenBitmap, Domain, ShutOff, Virt
 
@@ -103,8 +103,7 @@ class Chains:
         chain = self.of(domain, consumer)
         if not chain or chain[-1].created < created:
             return created
-        after = datetime.fromisoformat(chain[-1].created) + timedelta(milliseconds=1)
-        return after.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return timestamp(datetime.fromisoformat(chain[-1].created) + timedelta(milliseconds=1))
 
     def get(self, name: str) -> Checkpoint | None:
         return self._checkpoints.get(name)

@@ -40,7 +40,12 @@ NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 
 def now() -> str:
     """The time as every record of pullbackd's keeps it: RFC 3339, UTC, milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return timestamp(datetime.now(UTC))
+
+
+def timestamp(t: datetime) -> str:
+    """`t` (aware) as every record of pullbackd's keeps a time (see `now`)."""
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JobState(StrEnum):

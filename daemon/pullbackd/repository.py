@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -353,7 +354,9 @@ class Repository:
                             "incremental" if base else "full", size,
                             base.file if base else None)
         partial = names.partial(folder, sequence)  # _next_sequence removed any there
-        await anyio.to_thread.run_sync(writers.create, partial)
+        # Empty, exclusively; the writer makes it a qcow2, and the commit syncs it.
+        await anyio.to_thread.run_sync(functools.partial(write_new, partial, b"", 0o644,
+                                                         sync=False))
         behind = None
         try:
             direct = await anyio.to_thread.run_sync(direct_io, partial)
@@ -498,8 +501,7 @@ class Repository:
         layers = await anyio.to_thread.run_sync(self._chain, manifest)
         try:
             # A new file of ours, never one that exists, never through a symlink.
-            os.close(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600))
+            await anyio.to_thread.run_sync(functools.partial(write_new, to, b"", sync=False))
         except FileExistsError:
             raise InvalidParameter("to", "exists; restore never overwrites a file") from None
         except OSError as e:

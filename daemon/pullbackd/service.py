@@ -53,16 +53,9 @@ HANDOFF_TIMEOUT = 5.0
 async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) -> int:
     """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart
     us). `path`: the configuration file, read again at SIGHUP (reload.py)."""
-    exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
-                      handshake_timeout=cfg.exports.handshake_timeout,
-                      qemu_group=cfg.exports.qemu_group, limit=cfg.exports.connections)
-    exports.prepare()
+    exports = _folders(cfg)
     inherited = sdnotify.listen_fds()
     activated = inherited.pop(names.CONTROL_FD, None)  # pullbackd.socket's, if it started us
-    if not cfg.scratch.dir.is_dir():
-        cfg.scratch.dir.mkdir(parents=True)
-        # QEMU opens its scratch files there by name, as whatever user it runs as.
-        cfg.scratch.dir.chmod(0o711)
     store = Store(cfg.state.dir / names.DATABASE)
     virt = Virt(cfg.libvirt.uri)
     status = 0
@@ -71,7 +64,7 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
     try:
         exports.inherit(inherited, store.take_handoff())
         await virt.connect()
-        # What a crash of the last run left: its qemu-nbds, its half-written files.
+        # What a crash of the last run left: its NBD servers, its half-written files.
         await anyio.to_thread.run_sync(repository.recover)
         remote, remote_base = _remote(cfg, exports)
         parts, tunables = _assemble(cfg, virt, store, exports, repository, remote_base)
@@ -119,6 +112,19 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
             await virt.close()
             store.close()
     return status
+
+
+def _folders(cfg: config.Config) -> Exports:
+    """The exports folder, prepared, and the scratch folder, made if missing."""
+    exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
+                      handshake_timeout=cfg.exports.handshake_timeout,
+                      qemu_group=cfg.exports.qemu_group, limit=cfg.exports.connections)
+    exports.prepare()
+    if not cfg.scratch.dir.is_dir():
+        cfg.scratch.dir.mkdir(parents=True)
+        # QEMU opens its scratch files there by name, as whatever user it runs as.
+        cfg.scratch.dir.chmod(0o711)
+    return exports
 
 
 def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,

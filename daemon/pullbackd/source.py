@@ -35,7 +35,7 @@ from .errors import (
     NoSuchDomain,
     PullbackError,
 )
-from .model import Job, Kind, Scratch, now
+from .model import Job, Kind, Scratch, now, timestamp
 from .names import Layout, consumer_of, export_token, job_file, job_of, of_job
 from .virt import BrokenBitmap, ConnectionLost, Definition, DomainStopped, JobEnded, Virt
 
@@ -416,8 +416,8 @@ class LibvirtSource:
             return Unowned(domain, job_id, ours, None, begun, {}, now(), "", ())
         checkpoint_xml = await self._virt.checkpoint_xml(domain, ours[0])
         info = xml.parse_checkpoint(checkpoint_xml)
-        created = now() if info.created is None else datetime.fromtimestamp(
-            info.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        created = now() if info.created is None else timestamp(
+            datetime.fromtimestamp(info.created, UTC))
         sizes = {d.name: await self._virt.capacity(domain, d.name) for d in backup.disks}
         return Unowned(domain, job_id, ours, consumer, begun, sizes, created, checkpoint_xml,
                        info.disks)

@@ -9,7 +9,7 @@ commands where it cost two processes (`qemu-img create`, then a qemu-nbd): on a 
 backing up 16 domains at once, those two processes took a fifth of the CPU time of an
 incremental backup (`perf` over `scripts/bench --night`), their start and their exit.
 
-For each file, which the caller created empty (exclusively, by `create`):
+For each file, which the caller created empty (exclusively: durable.write_new):
 
 1. a `file` node on it, past the page cache where `direct` (see
    repository.image_server), and never flushed: the caller syncs the file once, at the
@@ -31,7 +31,6 @@ The QMP calls block: they run in worker threads, one file's at a time (one monit
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +53,6 @@ class Opened:
     file_node: str
     qcow2_node: str
     export: str
-
-
-def create(path: Path) -> None:
-    """Create the empty file `path`: exclusively, never through a symlink. Blocks;
-    raises FileExistsError if anything is there."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644))
 
 
 class Writers:
