@@ -86,8 +86,9 @@ def compare(image: Path, disk: Disk, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tuning", [Tuning(), Tuning(request_size=64 * K, connections=1,
-                                                     in_flight=1, window=1 * MiB)],
-                         ids=["default", "one-request-at-a-time"])
+                                                     in_flight=1, window=1 * MiB),
+                                    Tuning(request_size=256 * K, connections=4, spread=MiB)],
+                         ids=["default", "one-request-at-a-time", "a-pair-per-mebibyte"])
 def test_full_then_incremental_into_a_qcow2_chain(
         lab: Lab, daemon: Daemon, tmp_path: Path, tuning: Tuning) -> None:
     vda = Disk(lab, "lab2", "vda")

@@ -26,7 +26,7 @@ from .control.server import Handler, Last, Limits, Service
 from .errors import BackupInProgress, InvalidParameter, NoSuchJob
 from .jobs import Jobs
 from .migration import Migrations
-from .model import LOCAL, Change, Job, JobState, Session, StartRequest
+from .model import LOCAL, Change, Job, JobState, Session, StartRequest, plain
 from .rebuild import Rebuilder
 from .repository import Repository
 from .roles import Roles
@@ -45,7 +45,8 @@ def interface(name: str) -> idl.Interface:
 
 def _job(job: Job) -> dict[str, Any]:
     """A job as the varlink `Job` type."""
-    return dataclasses.asdict(job)
+    record: dict[str, Any] = plain(job)
+    return record
 
 
 def _listed(job: Job) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def _listed(job: Job) -> dict[str, Any]:
 def _event(kind: str, job: Job, message: str | None = None,
            session: Session | None = None) -> dict[str, Any]:
     return {"event": {"kind": kind, "job": _job(job), "message": message,
-                      "session": dataclasses.asdict(session) if session else None}}
+                      "session": plain(session) if session else None}}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,20 @@ LOCAL = "local"
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 
 
+def plain(record: Any) -> Any:
+    """A record (a dataclass of these modules, nested) as plain dicts and lists, for JSON:
+    `dataclasses.asdict` without its deep copies, which made it the costliest step of
+    storing a job and of telling watchers about it."""
+    fields = getattr(record, "__dataclass_fields__", None)
+    if fields is not None:
+        return {name: plain(getattr(record, name)) for name in fields}
+    if isinstance(record, list | tuple):
+        return [plain(item) for item in record]
+    if isinstance(record, dict):
+        return {key: plain(value) for key, value in record.items()}
+    return record
+
+
 def now() -> str:
     """The time as every record of pullbackd's keeps it: RFC 3339, UTC, milliseconds."""
     return timestamp(datetime.now(UTC))

@@ -349,17 +349,14 @@ class Repository:
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:
         folder = self.folder(domain, consumer, disk)
-        sequence = await anyio.to_thread.run_sync(self._next_sequence, domain, consumer, disk)
+        sequence, direct = await anyio.to_thread.run_sync(self._new_file, domain, consumer,
+                                                          disk)
         manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
                             "incremental" if base else "full", size,
                             base.file if base else None)
-        partial = names.partial(folder, sequence)  # _next_sequence removed any there
-        # Empty, exclusively; the writer makes it a qcow2, and the commit syncs it.
-        await anyio.to_thread.run_sync(functools.partial(write_new, partial, b"", 0o644,
-                                                         sync=False))
+        partial = names.partial(folder, sequence)
         behind = None
         try:
-            direct = await anyio.to_thread.run_sync(direct_io, partial)
             behind = WriteBehind(partial, 0 if direct else self._write_behind)
             # Its backing file by a name relative to it, so the folder can move as a whole.
             opened = await self.writers.open(partial, size, base.file if base else None,
@@ -374,13 +371,20 @@ class Repository:
             raise
         return Writer(manifest, folder, opened, behind)
 
-    def _next_sequence(self, domain: str, consumer: str, disk: str) -> int:
+    def _new_file(self, domain: str, consumer: str, disk: str) -> tuple[int, bool]:
+        """The disk's next backup file, created empty (exclusively; the writer makes it a
+        qcow2, and the commit syncs it): its sequence number, and whether it takes
+        O_DIRECT. Blocks."""
         folder = self.folder(domain, consumer, disk)
         folder.mkdir(parents=True, exist_ok=True)
         # Leftovers of a crash are not backups: nothing may build on them.
         for leftover in names.partials(folder):
             leftover.unlink()
-        return max([m.sequence for m in self.manifests(domain, consumer, disk)], default=0) + 1
+        sequence = max([m.sequence for m in self.manifests(domain, consumer, disk)],
+                       default=0) + 1
+        partial = names.partial(folder, sequence)
+        write_new(partial, b"", 0o644, sync=False)
+        return sequence, direct_io(partial)
 
     async def _serve(self, image: Path, fmt: str, served: Served, token: str,
                      writable: bool, direct: bool = False) -> qemu_nbd.Server:
@@ -407,15 +411,10 @@ class Repository:
             await self.writers.close(writer.opened)
         except StorageDaemonError as e:
             raise RepositoryError(str(writer.partial), str(e)) from None
-        await anyio.to_thread.run_sync(writer.behind.close)
         manifest = Manifest(**asdict(writer.manifest) | {
             "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
         final = writer.folder / manifest.file
-        await anyio.to_thread.run_sync(_durable_rename, writer.partial, final)
-        crash.point("commit.renamed")
-        text = manifest.to_json()
-        await anyio.to_thread.run_sync(
-            _durable_write, names.manifest(writer.folder, manifest.sequence), text)
+        await anyio.to_thread.run_sync(_store, writer, final, manifest)
         log.info("backup stored", file=str(final), bytes=manifest.bytes, job=manifest.job)
         return manifest
 
@@ -681,6 +680,14 @@ def _scan(image: Path) -> tuple[Region, ...]:
 
 #: Bytes per checksummed region when rescanning a flattened file.
 SCAN_CHUNK = 4 << 20
+
+
+def _store(writer: Writer, final: Path, manifest: Manifest) -> None:
+    """A written backup file becomes `final`, then its manifest is written. Blocks."""
+    writer.behind.close()
+    _durable_rename(writer.partial, final)
+    crash.point("commit.renamed")
+    _durable_write(names.manifest(writer.folder, manifest.sequence), manifest.to_json())
 
 
 def _durable_rename(src: Path, dst: Path) -> None:

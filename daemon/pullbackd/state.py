@@ -33,6 +33,7 @@ from .model import (
     Progress,
     Session,
     Transition,
+    plain,
 )
 
 SCHEMA = """
@@ -214,7 +215,7 @@ _SHOWN_ONLY_DISK = ("scratch", "rate", "eta")
 
 def _job_record(job: Job) -> dict[str, Any]:
     """A job as stored: its own record, not the varlink type (api.py shows that)."""
-    record = dataclasses.asdict(job)
+    record: dict[str, Any] = plain(job)
     for key in _SHOWN_ONLY:
         del record[key]
     for disk in record["disks"]:

@@ -4,7 +4,8 @@ One planner reads the source's extents a window at a time (never the whole
 disk's map first), merging the dirty bitmap with `base:allocation`: dirty data
 is copied, dirty ranges the source reports as zero become zero writes (or
 nothing, when the destination starts out zero), clean ranges are skipped. It
-cuts the work into requests and hands them to workers through a bounded queue.
+cuts the work into requests and hands them to workers through a bounded queue:
+one worker from the start, another each `Tuning.spread` bytes it finds to read.
 
 Each worker owns one connection to the source and one to the destination and
 keeps a bounded number of asynchronous requests in flight, reading into
@@ -112,6 +113,10 @@ class Tuning:
     request_size: int = 512 * 1024
     #: Connection pairs (source, destination) used when the source allows multi-conn.
     connections: int = 2
+    #: Bytes to read before the copy opens its second connection pair, and each next:
+    #: on a host backing up many domains at once, most incrementals are a few MiB, and
+    #: a pair costs the source and the destination a connection and a flush each.
+    spread: int = 16 * MiB
     #: Requests in flight per connection pair.
     in_flight: int = 8
     #: Bytes of the source's extent map asked for at a time.
@@ -360,6 +365,9 @@ class _Copy:
         self.cancel = cancel
         self.errors: list[BaseException] = []
         self.failed = threading.Event()
+        #: The connection pairs' threads: one from the start, more as the planner finds
+        #: work for them (`Tuning.spread`).
+        self.workers: list[threading.Thread] = []
         self.buffers = tuning.buffers or BufferPool(
             tuning.connections * tuning.in_flight * tuning.request_size)
 
@@ -382,16 +390,13 @@ class _Copy:
             counters = _Counters(size)
             work: queue.Queue[Piece | None] = queue.Queue(
                 maxsize=connections * self.tuning.in_flight * 2)
-            threads = [threading.Thread(target=self._guard, args=(self._plan, planner_handle,
-                                                                  contexts, counters, work,
-                                                                  connections),
-                                        name="pullbackd-plan")]
-            threads += [threading.Thread(target=self._guard, args=(self._work, work, counters),
-                                         name=f"pullbackd-copy-{i}")
-                        for i in range(connections)]
-            for t in threads:
-                t.start()
-            for t in threads:
+            planner = threading.Thread(target=self._guard, args=(
+                self._plan, planner_handle, contexts, counters, work, connections),
+                name="pullbackd-plan")
+            self._start_worker(work, counters)
+            planner.start()
+            planner.join()
+            for t in self.workers:  # the planner started them, and is done
                 t.join()
         finally:
             _close(planner_handle)
@@ -409,6 +414,9 @@ class _Copy:
 
     def _plan(self, h: nbd.NBD, contexts: tuple[str, ...], counters: _Counters,
               work: queue.Queue[Piece | None], connections: int) -> None:
+        """Queue the requests; another worker (a connection pair) joins the first each
+        `spread` bytes to read, up to `connections`."""
+        reads = 0
         try:
             for pieces, offset in plan(h, self.bitmap, counters.size, self.tuning.window,
                                        self.zeroed_destination, self.stopped, self.only):
@@ -417,10 +425,20 @@ class _Copy:
                     counters.planned += sum(p.length for p in pieces)
                 for piece in pieces:
                     for request in split(piece, self.tuning.request_size):
+                        if len(self.workers) < min(connections,
+                                                   1 + reads // self.tuning.spread):
+                            self._start_worker(work, counters)
                         self._put(work, request)
+                        reads += 0 if request.zero else request.length
         finally:
-            for _ in range(connections):
+            for _ in self.workers:
                 self._put(work, None, force=True)
+
+    def _start_worker(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
+        worker = threading.Thread(target=self._guard, args=(self._work, work, counters),
+                                  name=f"pullbackd-copy-{len(self.workers)}")
+        worker.start()
+        self.workers.append(worker)
 
     def _put(self, work: queue.Queue[Piece | None], item: Piece | None,
              force: bool = False) -> None:

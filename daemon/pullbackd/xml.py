@@ -8,6 +8,7 @@ References: https://libvirt.org/formatbackup.html, https://libvirt.org/formatdom
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,9 +252,11 @@ def parse_chains(text: str) -> list[ChainEntry]:
     return entries
 
 
+@functools.lru_cache(maxsize=1024)
 def without_domain(checkpoint_xml: str) -> str:
     """The checkpoint without the copy of the domain's definition libvirt puts in it:
-    redefining does without, and the domain's metadata should not carry one per backup."""
+    redefining does without, and the domain's metadata should not carry one per backup.
+    Remembered: each backup writes the domain's chains into its metadata again."""
     root = _parse(checkpoint_xml)
     for domain in root.findall("domain"):
         root.remove(domain)
