@@ -162,7 +162,7 @@ async def backup(repository: Repository, source: Source, consumer: str, job: str
                                 bitmap=None if base is None else f"qemu:dirty-bitmap:{BITMAP}",
                                 zeroed_destination=base is None, tuning=tuning,
                                 on_progress=writer.behind.progress,
-                                checksums=recorder(writer.regions))
+                                checksums=recorder(writer.regions), cluster=writer.cluster)
     except BaseException:
         await repository.abort(writer)
         raise

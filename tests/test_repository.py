@@ -18,8 +18,8 @@ import nbd
 import pytest
 import xxhash
 
+from pullbackd import names, stream, verifying
 from pullbackd import repository as repository_module
-from pullbackd import verifying
 from pullbackd.errors import RepositoryError
 from pullbackd.qemu_nbd import Server
 from pullbackd.repository import (
@@ -29,8 +29,9 @@ from pullbackd.repository import (
     WriteBehind,
     checksum,
     direct_io,
+    recorder,
 )
-from pullbackd.stream import Progress
+from pullbackd.stream import Piece, Progress, whole_clusters
 
 from .images import MiB, assert_same
 
@@ -396,36 +397,43 @@ Write = tuple[int, int, int | None]  # offset, length, byte (None: zeroes)
 
 def chain(repository: Repository, steps: list[list[Write]]) -> list[Manifest]:
     """Backups of lab1's vda, a full and then incrementals, each writing its step's
-    writes through the repository's own writer (zeroes as NBD zero writes, as the
-    engine writes what an incremental's source reads as zero), with their regions."""
+    writes (apart) through the repository's own writer as the engine writes them: into
+    an incremental in whole clusters (stream.whole_clusters), what a cluster holds beside
+    a write read from the disk as it is; zeroes as NBD zero writes; with their regions."""
     async def run() -> list[Manifest]:
         manifests: list[Manifest] = []
+        disk = bytearray(SIZE)
         for n, writes in enumerate(steps):
             writer = await repository.begin("lab1", "c", "vda", SIZE, f"j{n}", f"cp{n}", "t",
                                             manifests[-1] if manifests else None)
+            for offset, length, byte in writes:
+                disk[offset:offset + length] = bytes([byte or 0]) * length
+            pieces = [Piece(offset, length, byte is None)
+                      for offset, length, byte in sorted(writes)]
+            if writer.cluster is not None:
+                pieces = whole_clusters(pieces, writer.cluster, SIZE)
             try:
-                await anyio.to_thread.run_sync(write_all, writer.url, writes)
+                await anyio.to_thread.run_sync(write_all, writer.url, pieces, bytes(disk))
             except BaseException:
                 await repository.abort(writer)
                 raise
-            writer.regions += [Region(offset, length, None if byte is None else
-                                      checksum(bytes([byte]) * length))
-                               for offset, length, byte in writes]
+            writer.regions += [Region(p.offset, p.length, None if p.zero else checksum(
+                disk[p.offset:p.offset + p.length])) for p in pieces]
             manifests.append(await repository.commit(writer))
         await repository.close()
         return manifests
     return anyio.run(run)
 
 
-def write_all(url: str, writes: list[Write]) -> None:
+def write_all(url: str, pieces: list[Piece], disk: bytes) -> None:
     h = nbd.NBD()
     h.connect_uri(url)
     try:
-        for offset, length, byte in writes:
-            if byte is None:
-                h.zero(length, offset)
+        for p in pieces:
+            if p.zero:
+                h.zero(p.length, p.offset)
             else:
-                h.pwrite(bytes([byte]) * length, offset)
+                h.pwrite(disk[p.offset:p.offset + p.length], p.offset)
     finally:
         h.shutdown()
 
@@ -574,3 +582,75 @@ def test_a_chain_longer_than_one_server_restores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verifying, "FILES_PER_SERVER", 2)
     test_a_chain_restores_at_every_point(tmp_path)
+
+
+def test_an_incremental_of_changes_finer_than_a_cluster_restores_exactly(
+        tmp_path: Path) -> None:
+    """A disk of 4 KiB clusters has a 4 KiB dirty bitmap: the engine reads each cluster of
+    the backup file that a change touches whole, so the incremental, written with its
+    backing chain shut, still holds every byte of the disk (qemu-img compare)."""
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                    str(disk), str(SIZE)], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "-g", "4096", str(disk), "b"], check=True)
+    qemu_io(disk, f"write -P 0x11 0 {SIZE}")
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+
+    async def backup(base: Manifest | None) -> Manifest:
+        writer = await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t", base)
+        sock = tmp_path / "disk.sock"
+        try:
+            with Server(disk, "qcow2", sock, read_only=True, program=[
+                    "qemu-nbd", "--read-only", "--format", "qcow2", "--bitmap", "b",
+                    "--shared", "4", "--socket", str(sock), str(disk)]) as server:
+                await stream.stream(server.url, writer.url, zeroed_destination=base is None,
+                                    bitmap="qemu:dirty-bitmap:b" if base else None,
+                                    checksums=recorder(writer.regions), cluster=writer.cluster)
+        except BaseException:
+            await repository.abort(writer)
+            raise
+        return await repository.commit(writer)
+
+    full = anyio.run(backup, None)
+    subprocess.run(["qemu-img", "bitmap", "--clear", str(disk), "b"], check=True)
+    for command in ("write -P 0x22 4096 4096", "write -P 0x33 61440 8192",
+                    "write -z 131072 4096", f"write -z {MiB} 65536",
+                    f"write -P 0x44 {SIZE - 4096} 4096"):
+        qemu_io(disk, command)
+
+    async def incremental() -> Manifest:
+        try:
+            return await backup(full)
+        finally:
+            await repository.close()
+
+    newest = anyio.run(incremental)
+    assert newest.backing == full.file
+    assert all(r.offset % (64 << 10) == 0 for r in newest.regions)
+    subprocess.run(["qemu-img", "compare", "-q", str(repository.folder("lab1", "c", "vda") /
+                                                      newest.file), str(disk)], check=True)
+
+
+def test_a_write_into_part_of_a_cluster_of_an_incremental_is_no_backup(
+        tmp_path: Path) -> None:
+    """With its backing chain shut, the writer would complete the cluster with zeroes: the
+    commit refuses the file, and the chain is left as it was."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    full = store(repository, b"\x11" * SIZE, 0)
+
+    async def run() -> None:
+        writer = await repository.begin("lab1", "c", "vda", SIZE, "j2", "cp2", "t", full)
+        try:
+            await anyio.to_thread.run_sync(pwrite, writer.url, b"\x22" * 4096, 4096)
+            writer.regions.append(Region(4096, 4096, checksum(b"\x22" * 4096)))
+            with pytest.raises(RepositoryError, match="part of a 65536-byte cluster"):
+                await repository.commit(writer)
+        finally:
+            await repository.abort(writer)
+            await repository.close()
+
+    anyio.run(run)
+    assert repository.manifests("lab1", "c", "vda") == [full]
+    folder = repository.folder("lab1", "c", "vda")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [full.file, names.manifest(folder, full.sequence).name])

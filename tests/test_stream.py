@@ -13,6 +13,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pullbackd import stream
 from pullbackd.qemu_nbd import Server
@@ -49,6 +51,57 @@ def test_merge_incremental_moves_dirty_ranges_only_and_zero_writes_dirty_zeroes(
 def test_merge_decides_only_the_common_prefix() -> None:
     pieces, end = merge_extents([(1 * MiB, DATA)], [(64 * K, DIRTY)], 0, False)
     assert (pieces, end) == ([Piece(0, 64 * K, False)], 64 * K)
+
+
+@st.composite
+def writes(draw: st.DrawFn) -> tuple[int, list[Piece]]:
+    """A disk's size (not always whole clusters) and pieces on it, sorted and apart."""
+    size = draw(st.integers(1, 12)) * 4 * K - draw(st.sampled_from([0, 0, 512, 3 * K]))
+    cuts = sorted(draw(st.sets(st.integers(0, size // 512), max_size=12)))
+    pieces = []
+    for start, stop in zip(cuts[::2], cuts[1::2], strict=False):
+        if draw(st.booleans()) and start < stop:
+            pieces.append(Piece(start * 512, min(stop * 512, size) - start * 512,
+                                draw(st.booleans())))
+    return size, pieces
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(writes(), st.sampled_from([4 * K, 16 * K]))
+def test_whole_clusters_write_the_same_disk_with_the_chain_shut(
+        sized: tuple[int, list[Piece]], cluster: int) -> None:
+    """Written over an overlay whose backing chain is shut (what a cluster does not get
+    written reads as zero), the grown pieces leave the disk the pieces would over its
+    backup below; each covers whole clusters, and zeroes only what is zero."""
+    size, pieces = sized
+    below = bytes(range(1, 256)) * (size // 255 + 1)
+    disk = bytearray(below[:size])  # the source: the backup below, then the pieces
+    for n, p in enumerate(pieces):
+        disk[p.offset:p.offset + p.length] = bytes([0 if p.zero else 0x80 + n]) * p.length
+    overlay: dict[int, bytes] = {}  # cluster -> its bytes, once written
+    grown = stream.whole_clusters(pieces, cluster, size)
+    for p in grown:
+        assert stream.in_whole_clusters(p.offset, p.length, cluster, size)
+        for c in range(p.offset, p.offset + p.length, cluster):
+            data = bytes(disk[c:min(c + cluster, size)])
+            assert not p.zero or data == bytes(len(data))
+            overlay[c] = data
+    assert [(p.offset, p.offset + p.length) for p in grown] == sorted(
+        (p.offset, p.offset + p.length) for p in grown)
+    restored = bytearray(below[:size])  # the chain: the overlay's clusters over below
+    for c, data in overlay.items():
+        restored[c:c + len(data)] = data
+    assert restored == disk
+
+
+def test_a_window_ends_on_a_clusters_edge() -> None:
+    # Extents to 100 KiB: the cluster at 64 KiB is decided with the next window.
+    pieces, end = stream._to_cluster([Piece(60 * K, 40 * K, False)], 0, 100 * K, 64 * K,
+                                     MiB)
+    assert (pieces, end) == ([Piece(0, 64 * K, False)], 64 * K)
+    # Less than one cluster decided: that cluster is read whole.
+    pieces, end = stream._to_cluster([], 64 * K, 70 * K, 64 * K, MiB)
+    assert (pieces, end) == ([Piece(64 * K, 64 * K, False)], 128 * K)
 
 
 def test_split() -> None:

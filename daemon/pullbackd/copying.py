@@ -124,7 +124,8 @@ class Copy:
                         zeroed_destination=writer is not None and disk.mode == "full",
                         tuning=self._tuning,
                         on_progress=_follower(self.live, writer),
-                        checksums=recorder(writer.regions) if writer else None)
+                        checksums=recorder(writer.regions) if writer else None,
+                        cluster=writer.cluster if writer else None)
                     self.live.disk_done(result)
                 if job.destination == LOCAL:
                     await self._repository.store_files(job.domain, job.consumer,

@@ -247,6 +247,12 @@ class Writer:
         return self.opened.url
 
     @property
+    def cluster(self) -> int | None:
+        """Bytes every write into it must cover whole (writers.py), if any: a file over a
+        backing file is written with its backing chain shut."""
+        return writers.CLUSTER if self.manifest.backing is not None else None
+
+    @property
     def partial(self) -> Path:
         return names.partial(self.folder, self.manifest.sequence)
 
@@ -406,11 +412,20 @@ class Repository:
         await anyio.Path(self._sockets).chmod(0o700)
 
     async def commit(self, writer: Writer) -> Manifest:
-        """Every byte arrived: the partial file becomes a backup, its manifest last."""
+        """Every byte arrived: the partial file becomes a backup, its manifest last.
+        Raises RepositoryError if the writer failed, or if a write covered part of a
+        cluster of a file whose backing chain it did not open (writers.py)."""
         try:
             await self.writers.close(writer.opened)
         except StorageDaemonError as e:
             raise RepositoryError(str(writer.partial), str(e)) from None
+        cluster, size = writer.cluster, writer.manifest.size
+        if cluster is not None and (bad := next((
+                r for r in writer.regions
+                if not stream.in_whole_clusters(r.offset, r.length, cluster, size)), None)):
+            raise RepositoryError(str(writer.partial), (
+                f"BUG: {bad.length} bytes at {bad.offset} were written in part of a "
+                f"{cluster}-byte cluster: the file is no backup"))
         manifest = Manifest(**asdict(writer.manifest) | {
             "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
         final = writer.folder / manifest.file

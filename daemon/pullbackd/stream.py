@@ -208,10 +208,11 @@ Ranges = Sequence[tuple[int, int]]
 
 
 def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destination: bool,
-         stopped: Callable[[], bool] = lambda: False, only: Ranges | None = None
-         ) -> Iterator[tuple[list[Piece], int]]:
+         stopped: Callable[[], bool] = lambda: False, only: Ranges | None = None,
+         cluster: int | None = None) -> Iterator[tuple[list[Piece], int]]:
     """The work a copy of `h` needs, a window of extents at a time: (pieces, planned up to).
-    `only`: the ranges to copy, where a bitmap would tell (`bitmap` is then None)."""
+    `only`: the ranges to copy, where a bitmap would tell (`bitmap` is then None).
+    `cluster`: every piece covers whole clusters of that many bytes (`whole_clusters`)."""
     contexts = (ALLOCATION,) + ((bitmap,) if bitmap else ())
     offset = 0
     while offset < size and not stopped():
@@ -229,9 +230,70 @@ def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destinat
         dirty = runs[bitmap] if bitmap else None
         if only is not None:
             dirty = _runs(only, offset, offset + sum(n for n, _ in runs[ALLOCATION]))
-        pieces, offset = merge_extents(runs[ALLOCATION], dirty, offset, zeroed_destination)
-        offset = min(offset, size)
+        pieces, decided = merge_extents(runs[ALLOCATION], dirty, offset, zeroed_destination)
+        decided = min(decided, size)
+        if cluster is not None:
+            pieces, decided = _to_cluster(pieces, offset, decided, cluster, size)
+        offset = decided
         yield pieces, offset
+
+
+def _to_cluster(pieces: list[Piece], start: int, decided: int, cluster: int, size: int
+                ) -> tuple[list[Piece], int]:
+    """A window's pieces in whole clusters, the window ending on a cluster's edge: what
+    is decided of its last cluster is decided again with the next window. The source
+    may answer less than a cluster (its extents are finer): that cluster is read whole."""
+    if decided < size:
+        edge = decided - decided % cluster
+        if edge <= start:
+            edge = min(start + cluster, size)
+            return [Piece(start, edge - start, False)], edge
+        pieces = [Piece(p.offset, min(p.offset + p.length, edge) - p.offset, p.zero)
+                  for p in pieces if p.offset < edge]
+        decided = edge
+    return whole_clusters(pieces, cluster, size), decided
+
+
+def whole_clusters(pieces: list[Piece], cluster: int, size: int) -> list[Piece]:
+    """`pieces` (sorted, apart) grown to whole clusters of `cluster` bytes, the disk's
+    last one ending at `size`: a cluster they cover only in part is read whole from the
+    source (what they leave of it reads as it is, which is what the backup below holds);
+    only a cluster a zero piece covers whole is zeroed. A write into a qcow2 overlay
+    that covers whole clusters never copies anything from below it (writers.py)."""
+    out: list[Piece] = []
+
+    def add(start: int, stop: int, zero: bool) -> None:
+        if start >= stop:
+            return
+        if out:
+            last = out[-1]
+            end = last.offset + last.length
+            if start < end:  # a cluster two pieces share: it is read whole
+                out[-1] = Piece(last.offset, max(end, stop) - last.offset, False)
+                return
+            if start == end and last.zero == zero:
+                out[-1] = Piece(last.offset, stop - last.offset, zero)
+                return
+        out.append(Piece(start, stop - start, zero))
+
+    for p in pieces:
+        end = p.offset + p.length
+        head, tail = p.offset - p.offset % cluster, min(size, -(-end // cluster) * cluster)
+        inner_start = -(-p.offset // cluster) * cluster
+        inner_end = end if end == size else end - end % cluster
+        if not p.zero or inner_start >= inner_end:
+            add(head, tail, False)
+        else:
+            add(head, inner_start, False)
+            add(inner_start, inner_end, True)
+            add(inner_end, tail, False)
+    return out
+
+
+def in_whole_clusters(offset: int, length: int, cluster: int, size: int) -> bool:
+    """Whether a write covers whole clusters (the disk's last one up to `size`)."""
+    end = offset + length
+    return offset % cluster == 0 and (end % cluster == 0 or end == size)
 
 
 def _runs(ranges: Ranges, start: int, end: int) -> list[tuple[int, int]]:
@@ -355,9 +417,12 @@ class _Copy:
                  zeroed_destination: bool, tuning: Tuning,
                  on_progress: Callable[[Progress], None] | None,
                  checksums: Checksums | None, cancel: threading.Event,
-                 only: Ranges | None = None) -> None:
+                 only: Ranges | None = None, cluster: int | None = None) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
         self.only = only
+        self.cluster = cluster
+        self.request_size = tuning.request_size if cluster is None else \
+            max(cluster, tuning.request_size - tuning.request_size % cluster)
         self.zeroed_destination = zeroed_destination
         self.tuning = tuning
         self.on_progress = on_progress
@@ -419,12 +484,17 @@ class _Copy:
         reads = 0
         try:
             for pieces, offset in plan(h, self.bitmap, counters.size, self.tuning.window,
-                                       self.zeroed_destination, self.stopped, self.only):
+                                       self.zeroed_destination, self.stopped, self.only,
+                                       self.cluster):
                 with counters.lock:
                     counters.scanned = offset
                     counters.planned += sum(p.length for p in pieces)
                 for piece in pieces:
-                    for request in split(piece, self.tuning.request_size):
+                    for request in split(piece, self.request_size):
+                        if self.cluster is not None and not in_whole_clusters(
+                                request.offset, request.length, self.cluster, counters.size):
+                            raise StreamError(f"BUG: a write of {request.length} bytes at "
+                                              f"{request.offset} is not in whole clusters")
                         if len(self.workers) < min(connections,
                                                    1 + reads // self.tuning.spread):
                             self._start_worker(work, counters)
@@ -611,22 +681,25 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
          zeroed_destination: bool = False, tuning: Tuning | None = None,
          on_progress: Callable[[Progress], None] | None = None,
          checksums: Checksums | None = None,
-         cancel: threading.Event | None = None, only: Ranges | None = None) -> Progress:
+         cancel: threading.Event | None = None, only: Ranges | None = None,
+         cluster: int | None = None) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
     With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
     move; with `only`, only those ranges. With `zeroed_destination` (a fresh
     image), ranges the source reports as zero are skipped instead of written as
-    zeros. Raises StreamError.
+    zeros. With `cluster`, every write covers whole clusters of that many bytes
+    (`whole_clusters`). Raises StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
-                 on_progress, checksums, cancel or threading.Event(), only).run()
+                 on_progress, checksums, cancel or threading.Event(), only, cluster).run()
 
 
 async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  zeroed_destination: bool = False, tuning: Tuning | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
-                 checksums: Checksums | None = None, only: Ranges | None = None) -> Progress:
+                 checksums: Checksums | None = None, only: Ranges | None = None,
+                 cluster: int | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone."""
     cancel = threading.Event()
@@ -646,7 +719,7 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
             outcome = await anyio.to_thread.run_sync(lambda: copy(
                 source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
                 tuning=tuning, on_progress=on_progress, checksums=checksums, cancel=cancel,
-                only=only))
+                only=only, cluster=cluster))
         except StreamError as e:
             outcome = e
         finally:

@@ -14,11 +14,21 @@ For each file, which the caller created empty (exclusively: durable.write_new):
 1. a `file` node on it, past the page cache where `direct` (see
    repository.image_server), and never flushed: the caller syncs the file once, at the
    commit;
-2. `blockdev-create` writes an empty qcow2 of the disk's size into it, naming its
-   backing file (relative, so the folder can move as a whole);
-3. a `qcow2` node opens it with its backing chain (a write smaller than a cluster
-   copies the rest of the cluster from below);
+2. `blockdev-create` writes an empty qcow2 of the disk's size into it, in clusters of
+   `CLUSTER` bytes, naming its backing file (relative, so the folder can move as a
+   whole);
+3. a `qcow2` node opens it alone, its backing chain left shut;
 4. a writable NBD export of it, named by a fresh token, on the daemon's one socket.
+
+The invariant that keeps step 3 right: **every write into a file covers whole clusters**
+(the disk's last one up to its end). qcow2 reads from below a cluster only to complete
+a write that covers part of it; with the chain shut it would complete it with zeroes
+(and a zero write of part of a cluster would zero all of it), so a backup written in
+parts of clusters would be wrong. The copy grows its writes to whole clusters
+(`stream.whole_clusters`, its `cluster`), and the repository refuses to commit a file
+with a region that is not (`Repository.commit`). Opening the chain cost a file's open
+per backup below, each night: 0.6 ms of the writer's CPU per link, a tenth of a
+second per backup once a chain is half a year long.
 
 `close` undoes them in reverse, the export first (its connections dropped), then the
 nodes (qcow2's tables written into the file), so the file can be synced, renamed or
@@ -42,6 +52,10 @@ from . import names, qemu_nbd
 from .model import nbd_url
 from .names import Served
 from .qsd import PROGRAM, Monitor, StorageDaemonError
+
+#: Bytes per cluster of the backup files (qcow2's default, said aloud: the copy writes
+#: in whole clusters of it).
+CLUSTER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -146,14 +160,17 @@ class Writers:
             try:
                 job = f"c{opened.file_node}"
                 options: dict[str, Any] = {"driver": "qcow2", "file": opened.file_node,
-                                           "size": size}
+                                           "size": size, "cluster-size": CLUSTER,
+                                           "version": "v3"}
                 if backing is not None:
                     options |= {"backing-file": backing, "backing-fmt": "qcow2"}
                 monitor.execute("blockdev-create", **{"job-id": job}, options=options)
                 monitor.event("JOB_STATUS_CHANGE", id=job, status="concluded")
                 _dismiss(monitor, job)
+                # Its backing chain shut: see the invariant above.
                 monitor.execute("blockdev-add", driver="qcow2",
-                                **{"node-name": opened.qcow2_node}, file=opened.file_node)
+                                **{"node-name": opened.qcow2_node}, file=opened.file_node,
+                                backing=None)
                 try:
                     monitor.execute("block-export-add", type="nbd", id=opened.export,
                                     **{"node-name": opened.qcow2_node},
