@@ -17,7 +17,9 @@ each disk, read through its backing chain, against the domain's disk (`qemu-img
 compare`; the guests are idle). virtnbdbackup's are not this benchmark's to check.
 
 It prints the seconds of each side, their ratio, what each Start took to answer
-(median, max) and the daemon's peak RSS; and writes bench/night.json. Targets at
+(median, max), the CPU time per domain of pullbackd's side by process (libvirtd, the
+domains' QEMUs, the daemon, its writer) and the daemon's peak RSS; and writes
+bench/night.json. Targets at
 N = 32 (issue "a host's whole night"): incremental at least 30 times faster than
 virtnbdbackup, full at least 8 times, RSS under 100 MiB.
 """
@@ -64,6 +66,8 @@ class Side:
     virtnbdbackup: float
     starts_median_ms: float
     starts_max_ms: float
+    #: CPU time per domain of pullbackd's side, by process (`cpu_seconds`).
+    cpu_ms: dict[str, float]
 
     @property
     def ratio(self) -> float:
@@ -115,6 +119,33 @@ def backup_all(control: Path, domains: list[str], mode: str
     return seconds, starts
 
 
+def cpu_seconds(daemon_pid: int) -> dict[str, float]:
+    """CPU time so far of what a night of pullbackd's runs on: libvirtd, the domains'
+    QEMUs, the daemon (with its finished threads and reaped children), its writer."""
+    spent: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if entry.name == str(daemon_pid):
+            group = "pullbackd"
+        elif name == "libvirtd":
+            group = "libvirtd"
+        elif name.startswith("qemu-system"):
+            group = "QEMU"
+        elif b"qemu-storage-daemon" in command and fields[1] == str(daemon_pid):
+            group = "writer"
+        else:
+            continue
+        ticks = sum(int(f) for f in fields[11:15 if group == "pullbackd" else 13])
+        spent[group] = spent.get(group, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+    return spent
+
+
 def virtnbdbackup_all(uri: str, work: Path, twins: list[str], level: str) -> float:
     t0 = time.perf_counter()
     for twin in twins:
@@ -164,20 +195,26 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
                     list(pool.map(lambda dw: run(
                         str(LAB), "--dir", str(lab_dir), "scatter", dw[0], "vda",
                         str(size.writes), str(64 << 10), "0xd2", "--seed", str(dw[1])), write))
+            before = cpu_seconds(pid)
             seconds, starts = backup_all(daemon_dir / "control.sock", ours, mode)
+            after = cpu_seconds(pid)
+            cpu = {k: round((v - before.get(k, 0.0)) * 1000 / n, 1) for k, v in after.items()}
             log(f"{mode}: pullbackd {seconds:.2f} s")
             theirs = virtnbdbackup_all(uri, work, twins, level)
             log(f"{mode}: virtnbdbackup {theirs:.2f} s")
             for domain in ours:
                 check(uri, lab_dir, repository, domain)
             sides.append(Side(mode, seconds, theirs, statistics.median(starts) * 1000,
-                              max(starts) * 1000))
+                              max(starts) * 1000, cpu))
         rss = peak_rss_mib(pid)
     print(f"{'':12} {'pullbackd':>10} {'virtnbdbackup':>14} {'ratio':>7} "
           f"{'Start p50':>10} {'Start max':>10}")
     for s in sides:
         print(f"{s.mode:12} {s.pullbackd:9.2f}s {s.virtnbdbackup:13.2f}s {s.ratio:6.1f}x "
               f"{s.starts_median_ms:8.1f}ms {s.starts_max_ms:8.1f}ms")
+    for s in sides:
+        print(f"{s.mode:12} CPU per domain: " + ", ".join(
+            f"{k} {v:.1f} ms" for k, v in sorted(s.cpu_ms.items(), key=lambda kv: -kv[1])))
     print(f"daemon peak RSS {rss:.1f} MiB; every backup of pullbackd's compared equal")
     if output is not None:
         full, incremental = sides

@@ -45,7 +45,7 @@ from .admission import Admission
 from .chain import Base, Chains, check_consumer
 from .copying import Copy
 from .domainfiles import DomainFiles
-from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
+from .errors import BackupInProgress, JobNotReady, NoSuchCheckpoint, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .model import (
     LOCAL,
@@ -380,8 +380,11 @@ class Jobs:
         """An incremental into the repository needs the backup it starts from to be there."""
         result = dict(bases)
         for disk, base in bases.items():
-            stored = {m.checkpoint for m in self._repository.manifests(domain, consumer, disk)}
-            if base.checkpoint and base.checkpoint not in stored:
+            if base.checkpoint is None:
+                continue
+            try:
+                self._repository.at(domain, consumer, disk, base.checkpoint)
+            except NoSuchCheckpoint:
                 result[disk] = Base(None, f"the local repository has no backup of this disk "
                                           f"at {base.checkpoint}")
         return result

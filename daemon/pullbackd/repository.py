@@ -345,12 +345,15 @@ class Repository:
         return [Manifest.from_json(owned(p).read_text()) for p in names.manifests(folder)]
 
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
-        """The backup of a disk at a checkpoint (the newest without one)."""
-        manifests = self.manifests(domain, consumer, disk)
-        found = [m for m in manifests if checkpoint is None or m.checkpoint == checkpoint]
-        if not found:
-            raise NoSuchCheckpoint(domain, consumer, checkpoint or "")
-        return found[-1]
+        """The backup of a disk at a checkpoint (the newest without one). Its manifests
+        are read newest first, up to it: a backup starts from the newest, and a chain
+        grows by one each night."""
+        folder = self.folder(domain, consumer, disk)
+        for path in reversed(names.manifests(folder) if folder.is_dir() else []):
+            manifest = Manifest.from_json(owned(path).read_text())
+            if checkpoint is None or manifest.checkpoint == checkpoint:
+                return manifest
+        raise NoSuchCheckpoint(domain, consumer, checkpoint or "")
 
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:
@@ -386,8 +389,10 @@ class Repository:
         # Leftovers of a crash are not backups: nothing may build on them.
         for leftover in names.partials(folder):
             leftover.unlink()
-        sequence = max([m.sequence for m in self.manifests(domain, consumer, disk)],
-                       default=0) + 1
+        try:
+            sequence = self.at(domain, consumer, disk, None).sequence + 1
+        except NoSuchCheckpoint:
+            sequence = 1
         partial = names.partial(folder, sequence)
         write_new(partial, b"", 0o644, sync=False)
         return sequence, direct_io(partial)
