@@ -500,6 +500,41 @@ async def test_places_freed_at_once_start_the_queue_in_order(
         assert source.called("begin") == ["d1", "d2", "d3", "d4"]
 
 
+async def test_a_place_freed_while_a_job_is_being_queued_starts_it(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that ends while a Start is writing its queued job's record takes that job out
+    of the queue: its start waits for the record (it used to look for it at once, fail,
+    and take the daemon down with it)."""
+    async with running(tmp_path, source, max_active=1) as rig:
+        first = await rig.jobs.start(StartRequest("d1"))
+        saving, go, answered = anyio.Event(), anyio.Event(), anyio.Event()
+        save_request = rig.store.save_request
+
+        async def held(job_id: str, record: dict[str, object]) -> None:
+            saving.set()
+            await go.wait()
+            await save_request(job_id, record)
+
+        monkeypatch.setattr(rig.store, "save_request", held)
+        queued: list[Job] = []
+
+        async def start() -> None:
+            queued.append(await rig.jobs.start(StartRequest("d2")))
+            answered.set()
+
+        rig.tg.start_soon(start)
+        await saving.wait()
+        await rig.jobs.finish(first.id)
+        await anyio.wait_all_tasks_blocked()
+        go.set()
+        await answered.wait()
+        second = await until(rig.jobs, queued[0].id, lambda j: j.state == JobState.READY)
+        assert states(second) == ["queued", "starting", "ready"]
+        await anyio.wait_all_tasks_blocked()
+        assert list(rig.store.load_requests()) == []
+        assert source.called("begin") == ["d1", "d2"]
+
+
 async def test_an_aborted_queued_job_never_starts(tmp_path: Path, source: FakeSource) -> None:
     async with running(tmp_path, source, max_active=1) as rig:
         jobs = rig.jobs

@@ -213,13 +213,19 @@ class Jobs:
                                                         request.kind))
         job_id = self._records.new_id()
         position = self._admission.enqueue(request.domain, job_id, request)
-        self._running[job_id] = Running()
-        job = Job(job_id, request.domain, JobState.QUEUED, request.mode, now(), request.consumer,
-                  checkpoint_name(request.consumer, job_id), since=request.since,
-                  target_dir=request.target_dir, destination=request.destination,
-                  quiesce=request.quiesce)
-        await self._store.save_request(job_id, dataclasses.asdict(request))
-        job = await self._records.save(job)
+        running = self._running[job_id] = Running()
+        # Held until the job is recorded: a job that ends meanwhile may take this one
+        # out of the queue, and its start waits for the record.
+        running.lock.acquire_nowait()
+        try:
+            job = Job(job_id, request.domain, JobState.QUEUED, request.mode, now(),
+                      request.consumer, checkpoint_name(request.consumer, job_id),
+                      since=request.since, target_dir=request.target_dir,
+                      destination=request.destination, quiesce=request.quiesce)
+            await self._store.save_request(job_id, dataclasses.asdict(request))
+            job = await self._records.save(job)
+        finally:
+            running.lock.release()
         log.info("backup queued", job=job_id, domain=request.domain, position=position,
                  max_active=self._admission.max_active)
         return self._view(job)
@@ -244,11 +250,11 @@ class Jobs:
             # Each once the one before it started (or failed to): their histories
             # show the queue's order even when several places free up at once.
             async with self._starting_queued:
-                await self._claimed_start(job_id, request, self._records[job_id])
+                await self._claimed_start(job_id, request, queued=True)
         except Exception as e:
             log.warning("queued backup could not start", job=job_id, error=str(e))
-            job = self._records[job_id]
-            if not job.state.final:
+            job = self._records.get(job_id)
+            if job is not None and not job.state.final:
                 await self._records.save(job.failed(f"the backup could not start: {e}"))
             self._release(job_id, request.domain)
         finally:
@@ -256,15 +262,16 @@ class Jobs:
                 await self._store.delete_request(job_id)
 
     async def _claimed_start(self, job_id: str, request: StartRequest,
-                             queued: Job | None = None) -> Job:
+                             queued: bool = False) -> Job:
         running = self._running.get(job_id)
         if running is None:
             return self._records[job_id]  # aborted while it waited in the queue
         try:
             async with running.lock, self._chain_lock(request.domain):
-                if queued is not None and self._records[job_id].state != JobState.QUEUED:
-                    return self._records[job_id]  # aborted while it waited for the lock
-                return await self._start(job_id, request, queued)
+                job = self._records[job_id] if queued else None
+                if job is not None and job.state != JobState.QUEUED:
+                    return job  # aborted while it waited for the lock
+                return await self._start(job_id, request, job)
         finally:
             job = self._records.get(job_id)
             if job is None or job.state.final:
