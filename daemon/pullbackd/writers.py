@@ -20,11 +20,11 @@ For each file, which the caller created empty (exclusively: durable.write_new):
 3. a `qcow2` node opens it alone, its backing chain left shut;
 4. a writable NBD export of it, named by a fresh token, on the daemon's one socket.
 
-The invariant that keeps step 3 right: **every write into a file covers whole clusters**
-(the disk's last one up to its end). qcow2 reads from below a cluster only to complete
-a write that covers part of it; with the chain shut it would complete it with zeroes
-(and a zero write of part of a cluster would zero all of it), so a backup written in
-parts of clusters would be wrong. The copy grows its writes to whole clusters
+The invariant that keeps step 3 right: **every write into a file over a backing file
+covers whole clusters** (the disk's last one up to its end). qcow2 reads from below a
+cluster only to complete a write that covers part of it; with the chain shut it would
+complete it with zeroes (and a zero write of part of a cluster would zero all of it), so
+a backup written in parts of clusters would be wrong. The copy grows its writes to whole clusters
 (`stream.whole_clusters`, its `cluster`), and the repository refuses to commit a file
 with a region that is not (`Repository.commit`). Opening the chain cost a file's open
 per backup below, each night: 0.6 ms of the writer's CPU per link, a tenth of a
@@ -167,7 +167,9 @@ class Writers:
                 monitor.execute("blockdev-create", **{"job-id": job}, options=options)
                 monitor.event("JOB_STATUS_CHANGE", id=job, status="concluded")
                 _dismiss(monitor, job)
-                # Its backing chain shut: see the invariant above.
+                # Its backing chain shut: see the invariant above. (Version 3 marks
+                # zeroed clusters zero; a version 2 file with no backing open would only
+                # discard them, and they would read from below again.)
                 monitor.execute("blockdev-add", driver="qcow2",
                                 **{"node-name": opened.qcow2_node}, file=opened.file_node,
                                 backing=None)
