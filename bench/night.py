@@ -35,7 +35,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,62 +122,79 @@ def backup_all(control: Path, domains: list[str], mode: str
     return seconds, starts
 
 
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    name: str
+    command: bytes
+    parent: int
+    #: Seconds of CPU time: its own (its threads', finished ones too), its reaped children's.
+    cpu: float
+    children: float
+
+
+def processes() -> list[Process]:
+    """Every process, from /proc."""
+    hz, found = os.sysconf("SC_CLK_TCK"), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:  # it ended
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        found.append(Process(int(entry.name), stat[stat.index("(") + 1:stat.rindex(")")],
+                             command, int(f[1]), (int(f[11]) + int(f[12])) / hz,
+                             (int(f[13]) + int(f[14])) / hz))
+    return found
+
+
 def cpu_seconds(daemon_pid: int) -> dict[str, float]:
     """CPU time so far of what a night of pullbackd's runs on: libvirtd, the domains'
     QEMUs, the daemon (with its finished threads and reaped children), its writer."""
     spent: dict[str, float] = {}
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if entry.name == str(daemon_pid):
-            group = "pullbackd"
-        elif name == "libvirtd":
-            group = "libvirtd"
-        elif name.startswith("qemu-system"):
-            group = "QEMU"
-        elif b"qemu-storage-daemon" in command and fields[1] == str(daemon_pid):
-            group = "writer"
+    for p in processes():
+        if p.pid == daemon_pid:
+            group, cpu = "pullbackd", p.cpu + p.children
+        elif p.name == "libvirtd":
+            group, cpu = "libvirtd", p.cpu
+        elif p.name.startswith("qemu-system"):
+            group, cpu = "QEMU", p.cpu
+        elif b"qemu-storage-daemon" in p.command and p.parent == daemon_pid:
+            group, cpu = "writer", p.cpu
         else:
             continue
-        ticks = sum(int(f) for f in fields[11:15 if group == "pullbackd" else 13])
-        spent[group] = spent.get(group, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+        spent[group] = spent.get(group, 0.0) + cpu
     return spent
 
 
-def _pids(match: Callable[[str, bytes], bool]) -> list[int]:
-    """The processes whose name and command line `match`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and match((entry / "comm").read_text().strip(),
-                                              (entry / "cmdline").read_bytes()):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _ticks(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _one(pids: list[int], what: str) -> int:
+    if len(pids) != 1:
+        raise AssertionError(f"{len(pids)} processes of {what}: is another lab up?")
+    return pids[0]
 
 
 def floor(uri: str, domain: str, work: Path, rounds: int) -> dict[str, float]:
     """What libvirt alone spends on a backup, beside the night: rounds of nothing but a
     pull backup begun with its checkpoint (a scratch file, incremental since the round
-    before), ended, and the checkpoint before it deleted, as pullbackd does; the CPU time
-    per round of libvirtd and of the domain's QEMU."""
+    before), ended (its end awaited by asking for the domain's job every 2 ms, a call
+    libvirt answers without QEMU), and the checkpoint before it deleted, as pullbackd
+    does; the CPU time per round of libvirtd and of the domain's QEMU."""
     conn = libvirt.open(uri)
     try:
         dom = conn.lookupByName(domain)
-        [libvirtd] = _pids(lambda comm, _: comm == "libvirtd")
-        [qemu] = _pids(lambda _, command: f"guest={domain},".encode() in command)
-        before = {"libvirtd": _ticks(libvirtd), "QEMU": _ticks(qemu)}
+        found = processes()
+        pids = {"libvirtd": _one([p.pid for p in found if p.name == "libvirtd"], "libvirtd"),
+                "QEMU": _one([p.pid for p in found if f"guest={domain},".encode() in p.command],
+                             f"{domain}'s QEMU")}
+
+        def spent() -> dict[str, float]:
+            cpu = {p.pid: p.cpu for p in processes()}
+            return {group: cpu[pid] for group, pid in pids.items()}
+
+        before = spent()
         previous = None
         for n in range(rounds):
             since = f"<incremental>{previous}</incremental>" if previous else ""
@@ -194,12 +211,12 @@ def floor(uri: str, domain: str, work: Path, rounds: int) -> dict[str, float]:
             if previous:
                 dom.checkpointLookupByName(previous).delete(0)
             previous = f"floor-{n}"
-        spent = {"libvirtd": _ticks(libvirtd), "QEMU": _ticks(qemu)}
+        after = spent()
         if previous:
             dom.checkpointLookupByName(previous).delete(0)
     finally:
         conn.close()
-    return {k: round((v - before[k]) * 1000 / rounds, 1) for k, v in spent.items()}
+    return {k: round((v - before[k]) * 1000 / rounds, 1) for k, v in after.items()}
 
 
 @contextlib.contextmanager

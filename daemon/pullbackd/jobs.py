@@ -286,14 +286,7 @@ class Jobs:
             others = [j for j in self._scratch_users() if j.id != job_id]
             await anyio.to_thread.run_sync(self._scratch.check, sum(plan.sizes.values()),
                                            others)
-        await self._chains.prepare(domain, refused=self._did_not_complete)
-        bases = self._chains.bases(domain, request.consumer, request.mode, request.since,
-                                   list(plan.disks))
-        if request.destination == LOCAL:
-            bases = await anyio.to_thread.run_sync(
-                self._local_bases, domain, request.consumer, bases)
-        bases |= {disk: Base(None, why) for disk, why in plan.restart.items()}
-        bases |= {disk: Base(None, why, bitmap=False) for disk, why in plan.full.items()}
+        bases = await self._bases(request, plan)
         job = Job(job_id, domain, JobState.STARTING, request.mode,
                   queued.created if queued else now(), request.consumer,
                   checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
@@ -342,6 +335,18 @@ class Jobs:
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
         return self._view(job)
+
+    async def _bases(self, request: StartRequest, plan: Plan) -> dict[str, Base]:
+        """What each disk's backup starts from (chain.py), or why it is full."""
+        domain = request.domain
+        await self._chains.prepare(domain, refused=self._did_not_complete)
+        bases = self._chains.bases(domain, request.consumer, request.mode, request.since,
+                                   list(plan.disks))
+        if request.destination == LOCAL:
+            bases = await anyio.to_thread.run_sync(
+                self._local_bases, domain, request.consumer, bases)
+        bases |= {disk: Base(None, why) for disk, why in plan.restart.items()}
+        return bases | {disk: Base(None, why, bitmap=False) for disk, why in plan.full.items()}
 
     async def _begin(self, job: Job, request: StartRequest, plan: Plan,
                      bases: dict[str, Base]) -> Job:

@@ -342,7 +342,7 @@ class Repository:
         folder = self.folder(domain, consumer, disk)
         if not folder.is_dir():
             return []
-        return [Manifest.from_json(owned(p).read_text()) for p in names.manifests(folder)]
+        return [_read_manifest(p) for p in names.manifests(folder)]
 
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
         """The backup of a disk at a checkpoint (the newest without one). Its manifests
@@ -350,7 +350,7 @@ class Repository:
         grows by one each night."""
         folder = self.folder(domain, consumer, disk)
         for path in reversed(names.manifests(folder) if folder.is_dir() else []):
-            manifest = Manifest.from_json(owned(path).read_text())
+            manifest = _read_manifest(path)
             if checkpoint is None or manifest.checkpoint == checkpoint:
                 return manifest
         raise NoSuchCheckpoint(domain, consumer, checkpoint or "")
@@ -700,6 +700,11 @@ def _scan(image: Path) -> tuple[Region, ...]:
 
 #: Bytes per checksummed region when rescanning a flattened file.
 SCAN_CHUNK = 4 << 20
+
+
+def _read_manifest(path: Path) -> Manifest:
+    """A manifest of the repository; RepositoryError if it is not one of ours."""
+    return Manifest.from_json(owned(path).read_text())
 
 
 def _store(writer: Writer, final: Path, manifest: Manifest) -> None:
