@@ -470,3 +470,42 @@ async def test_ended_jobs_are_forgotten_after_keep_finished(tmp_path: Path) -> N
         with pytest.raises(errors.NoSuchJob):
             jobs.get(old.id)
     assert [j.id for j in stored(tmp_path)] == [recent.id]
+
+
+class RefusesOneEnd(FakeVirt):
+    """libvirt refuses to end the first backup asked (its domain's job lock is busy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = anyio.Event()
+
+    async def abort_job(self, domain: str) -> bool:
+        if not self.refused.is_set():
+            self.refused.set()
+            raise errors.LibvirtError(1, "Timed out during operation: cannot acquire state "
+                                         "change lock")
+        return await super().abort_job(domain)
+
+
+@pytest.mark.asyncio
+async def test_a_copy_whose_end_libvirt_refuses_ends_later_and_the_daemon_goes_on(
+        tmp_path: Path) -> None:
+    """pullbackd's own copy fails (the fake's QEMU socket takes no connection), and
+    libvirt refuses to end the backup: the end is tried again, not raised into the
+    task group that serves every job."""
+    virt = RefusesOneEnd()
+    async with running(tmp_path, virt) as rig:
+        jobs = rig.jobs
+        with jobs.watch() as changes, anyio.fail_after(10):
+            job = await jobs.start(StartRequest("d1", destination="local"))
+            await virt.refused.wait()
+            assert not jobs.get(job.id).state.final
+            other = await jobs.start(StartRequest("d2"))  # the daemon goes on meanwhile
+            async for change in changes:
+                if change.job.id == job.id and change.job.state.final:
+                    break
+        ended = jobs.get(job.id)
+        assert ended.state == JobState.FAILED and rig.chains.get(job.checkpoint) is None
+        assert "Connection refused" in (ended.error or ""), ended.error
+        assert (await jobs.finish(other.id)).state == JobState.COMPLETED
+    assert [j.state for j in stored(tmp_path)] == [JobState.FAILED, JobState.COMPLETED]

@@ -255,10 +255,15 @@ class Jobs:
             log.warning("queued backup could not start", job=job_id, error=str(e))
             job = self._records.get(job_id)
             if job is not None and not job.state.final:
-                await self._records.save(job.failed(f"the backup could not start: {e}"))
+                with _logged("cannot record that a queued backup could not start",
+                             job=job_id):
+                    await self._records.save(job.failed(f"the backup could not start: {e}"))
             self._release(job_id, request.domain)
         finally:
-            with anyio.CancelScope(shield=True):  # a request must not start twice
+            # Shielded: a request must not start twice. One left behind is deleted at
+            # the next start, as its job is no longer queued.
+            with anyio.CancelScope(shield=True), \
+                    _logged("cannot delete a started backup's request", job=job_id):
                 await self._store.delete_request(job_id)
 
     async def _claimed_start(self, job_id: str, request: StartRequest,
@@ -426,8 +431,8 @@ class Jobs:
             error = await copy.run()
             if copy.stopped:
                 return  # whoever stopped it ends the job
-            await self._end(job.id, JobState.FAILED if error else JobState.COMPLETED, error,
-                            copied=True)
+            await self._end_quietly(job.id, JobState.FAILED if error else JobState.COMPLETED,
+                                    error, copied=True)
 
         self._tg.start_soon(run)
 
@@ -458,8 +463,10 @@ class Jobs:
         async with running.lock:
             job = self._records[job_id]
             if not job.state.final and running.served is not None:
-                await self._records.update(dataclasses.replace(
-                    job, appliance=appliance(running.served.endpoint)))
+                with _logged("cannot save the job's sessions (its end saves them)",
+                             job=job_id):
+                    await self._records.update(dataclasses.replace(
+                        job, appliance=appliance(running.served.endpoint)))
 
     async def hand_off(self, store: StoreFds) -> int:
         """Before the daemon stops: pass the endpoints and their sessions to the next run
@@ -642,14 +649,15 @@ class Jobs:
     async def _fail(self, job_id: str, reason: str) -> None:
         await self._end_quietly(job_id, JobState.FAILED, reason)
 
-    async def _end_quietly(self, job_id: str, state: JobState, reason: str) -> None:
-        """End a job nobody is waiting on. An error can only be logged, and the end
-        tried again (a job that cannot end holds its domain): after 1, 2, 4... s, at
+    async def _end_quietly(self, job_id: str, state: JobState, reason: str | None, *,
+                           copied: bool = False) -> None:
+        """End a job nobody is waiting on (`_end`). An error can only be logged, and the
+        end tried again (a job that cannot end holds its domain): after 1, 2, 4... s, at
         most a minute apart, until it ended."""
         delay = 1.0
         while True:
             try:
-                await self._end(job_id, state, reason)
+                await self._end(job_id, state, reason, copied=copied)
                 return
             except Exception:
                 log.exception("could not end a job; trying again", job=job_id, state=state,
@@ -803,6 +811,16 @@ class _Sink:
         if (job := self._jobs._claimed_by(domain)) is not None:
             self._tg.start_soon(self._jobs._fail, job.id,
                                 f"the domain stopped ({reason}) during the backup")
+
+
+@contextmanager
+def _logged(message: str, **context: object) -> Iterator[None]:
+    """An exception of the block logged with `message`, not raised: for what runs in the
+    jobs' task group on nobody's behalf, where it would end every job."""
+    try:
+        yield
+    except Exception:
+        log.exception(message, **context)
 
 
 def _remove_targets(job: Job) -> None:

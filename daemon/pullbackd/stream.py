@@ -445,7 +445,10 @@ class _Copy:
 
     def run(self) -> Progress:
         contexts = (ALLOCATION,) + ((self.bitmap,) if self.bitmap else ())
-        planner_handle = _connect(self.source, contexts)
+        try:
+            planner_handle = _connect(self.source, contexts)
+        except nbd.Error as e:
+            raise StreamError(f"cannot read the source: {e}") from e
         try:
             for context in contexts:
                 if not planner_handle.can_meta_context(context):
@@ -463,6 +466,8 @@ class _Copy:
             planner.join()
             for t in self.workers:  # the planner started them, and is done
                 t.join()
+        except nbd.Error as e:
+            raise StreamError(f"cannot read the source: {e}") from e
         finally:
             _close(planner_handle)
         if self.errors:
