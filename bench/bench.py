@@ -519,5 +519,12 @@ def main() -> int:
     return 0
 
 
+def _exit_on_term(signum: int, _frame: object) -> None:
+    """A benchmark ended with SIGTERM (a timeout, a CI job cancelled) takes its labs and
+    daemons down as an interrupted one does: SystemExit unwinds through every `finally`."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_term)
     sys.exit(main())
