@@ -142,12 +142,12 @@ class Rig:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, virt: FakeVirt) -> AsyncIterator[Rig]:
+async def running(tmp_path: Path, virt: FakeVirt, end_timeout: float = 5) -> AsyncIterator[Rig]:
     store = Store(tmp_path / "state.db")
     exports = Exports(tmp_path / "exports")
     exports.prepare()
     layout = Layout(tmp_path / "exports", tmp_path / "scratch")
-    source = LibvirtSource(virt, layout, 5, Reader(virt, tmp_path / "libvirt"))
+    source = LibvirtSource(virt, layout, end_timeout, Reader(virt, tmp_path / "libvirt"))
     chains = Chains(virt, store)
     repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
     admission = Admission()
@@ -509,3 +509,22 @@ async def test_a_copy_whose_end_libvirt_refuses_ends_later_and_the_daemon_goes_o
         assert "Connection refused" in (ended.error or ""), ended.error
         assert (await jobs.finish(other.id)).state == JobState.COMPLETED
     assert [j.state for j in stored(tmp_path)] == [JobState.FAILED, JobState.COMPLETED]
+
+
+class EndsSilently(FakeVirt):
+    """libvirt ends a backup and says nothing: its event is lost (or no longer followed,
+    as when the daemon stops)."""
+
+    async def abort_job(self, domain: str) -> bool:
+        return self.backups.pop(domain, None) is not None
+
+
+@pytest.mark.asyncio
+async def test_a_backup_ended_without_libvirts_event_is_seen_gone(tmp_path: Path) -> None:
+    """The end does not wait [libvirt] end_timeout (here a minute) for an event that
+    will not come: it looks whether the backup is gone."""
+    async with running(tmp_path, EndsSilently(), end_timeout=60) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        with anyio.fail_after(30):
+            assert (await rig.jobs.abort(job.id)).state == JobState.ABORTED
+            await anyio.lowlevel.checkpoint()  # the end is shielded: a deadline past shows here

@@ -41,6 +41,9 @@ from .virt import BrokenBitmap, ConnectionLost, Definition, DomainStopped, JobEn
 
 log = structlog.get_logger()
 
+#: Seconds between looks at a backup being ended, while libvirt's event has not come.
+LOOK_AGAIN = 1.0
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -303,16 +306,29 @@ class LibvirtSource:
         return running
 
     async def _abort(self, domain: str) -> bool:
-        """Ask libvirt to end the domain's backup job; wait for its word, at most
-        `end_timeout`. Whether it came."""
+        """Ask libvirt to end the domain's backup job; wait for its end, at most
+        `end_timeout`: libvirt's word (its event), or, each second it has not come, the
+        backup gone from the domain (events stop flowing before the last ends of a
+        daemon that stops). Whether it ended."""
         ended = self._ended[domain] = anyio.Event()
         try:
-            if await self._virt.abort_job(domain):
-                with anyio.move_on_after(self._end_timeout):
-                    await ended.wait()
+            if not await self._virt.abort_job(domain):
+                return False
+            with anyio.move_on_after(self._end_timeout):
+                while not ended.is_set():
+                    with anyio.move_on_after(LOOK_AGAIN):
+                        await ended.wait()
+                    if not ended.is_set() and not await self._has_backup(domain):
+                        return True
         finally:
             del self._ended[domain]
         return ended.is_set()
+
+    async def _has_backup(self, domain: str) -> bool:
+        try:
+            return await self._virt.backup_xml(domain) is not None
+        except NoSuchDomain:
+            return False
 
     def remove_leftovers(self, job_id: str) -> None:
         """libvirt removes a job's sockets and scratch files when the job ends; a crash
