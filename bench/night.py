@@ -44,6 +44,7 @@ from typing import Any
 import libvirt
 from bench import IFACE, LAB, MiB, daemon, lab, log, run
 
+from pullbackd import scratch
 from pullbackd.control.client import Client
 
 CONSUMER = "night"
@@ -178,10 +179,11 @@ def _one(pids: list[int], what: str) -> int:
 
 def floor(uri: str, domain: str, work: Path, rounds: int) -> dict[str, float]:
     """What libvirt alone spends on a backup, beside the night: rounds of nothing but a
-    pull backup begun with its checkpoint (a scratch file, incremental since the round
-    before), ended (its end awaited by asking for the domain's job every 2 ms, a call
-    libvirt answers without QEMU), and the checkpoint before it deleted, as pullbackd
-    does; the CPU time per round of libvirtd and of the domain's QEMU."""
+    pull backup begun with its checkpoint (incremental since the round before, on a
+    scratch file made beforehand, as pullbackd makes them: scratch.py), ended (its end
+    awaited by asking for the domain's job every 2 ms, a call libvirt answers without
+    QEMU), and the checkpoint before it deleted, as pullbackd does; the CPU time per round
+    of libvirtd and of the domain's QEMU."""
     conn = libvirt.open(uri)
     try:
         dom = conn.lookupByName(domain)
@@ -194,20 +196,24 @@ def floor(uri: str, domain: str, work: Path, rounds: int) -> dict[str, float]:
             cpu = {p.pid: p.cpu for p in processes()}
             return {group: cpu[pid] for group, pid in pids.items()}
 
+        empty = scratch.empty_qcow2(dom.blockInfo("vda")[0])
         before = spent()
         previous = None
         for n in range(rounds):
             since = f"<incremental>{previous}</incremental>" if previous else ""
+            (work / f"floor-{n}.qcow2").write_bytes(empty)
             dom.backupBegin(
                 f"<domainbackup mode='pull'>{since}<server transport='unix' "
                 f"socket='{work}/floor.sock'/><disks><disk name='vda' backup='yes' "
-                f"type='file'><scratch file='{work}/floor-{n}.qcow2'/></disk></disks>"
-                "</domainbackup>",
+                f"type='file'><scratch file='{work}/floor-{n}.qcow2'/><driver type='qcow2'/>"
+                "</disk></disks></domainbackup>",
                 f"<domaincheckpoint><name>floor-{n}</name><disks><disk name='vda' "
-                "checkpoint='bitmap'/></disks></domaincheckpoint>", 0)
+                "checkpoint='bitmap'/></disks></domaincheckpoint>",
+                libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL)
             dom.abortJob()
             while dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
                 time.sleep(0.002)
+            (work / f"floor-{n}.qcow2").unlink()
             if previous:
                 dom.checkpointLookupByName(previous).delete(0)
             previous = f"floor-{n}"

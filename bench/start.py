@@ -7,7 +7,9 @@ incremental pull backup it measures, round after round:
     floor     libvirt's own virDomainBackupBegin, with the checkpoint, called
               directly through libvirt-python on a twin domain with the XML
               pullbackd would send (pullbackd.xml's builders: a scratch file, an
-              NBD socket, an export name, the checkpoint, the incremental's base).
+              NBD socket, an export name, the checkpoint, the incremental's base),
+              libvirt making the scratch file as an application calling it would
+              have it do (pullbackd makes its own and libvirt takes it: scratch.py).
     answered  pullbackd's Start of the other domain of the pair, from the call to
               its reply (the reply carries the disks' URIs: the job is ready when
               it comes).

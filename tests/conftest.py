@@ -76,7 +76,8 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 #: Fixtures that bring up a lab. A test using one, itself or through another fixture, is
 #: marked `lab` (pyproject.toml), so that `pytest -m "not lab"` runs the fast tests alone.
-LAB_FIXTURES = frozenset({"lab", "own_lab", "lab_with_small_scratch", "lab8", "hosts"})
+LAB_FIXTURES = frozenset({"lab", "own_lab", "lab_with_small_scratch", "lab_with_tiny_scratch",
+                          "lab8", "hosts"})
 #: The test being set up, run or torn down: lab_up checks it is marked `lab`.
 _CURRENT: dict[str, pytest.Item] = {}
 

@@ -238,7 +238,8 @@ class FakeSource:
         await self._enter("thaw", job.domain)
         self.frozen.discard(job.domain)
 
-    async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
+    async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
+        skip = plan.skip
         await self._enter("begin", job.domain)
         for disk, base in bases.items():
             if base.checkpoint in self.broken:

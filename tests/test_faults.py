@@ -8,6 +8,7 @@ stall one call by name.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -52,6 +53,8 @@ class FakeVirt(Virt):
         self.metadata_xmls: dict[str, str] = {}
         self.fail: dict[str, Exception] = {}
         self.stall: dict[str, anyio.Event] = {}
+        #: domain -> whether its last backup was begun on files that exist.
+        self.reused: dict[str, bool] = {}
 
     async def _hook(self, method: str) -> None:
         if method in self.stall:
@@ -83,8 +86,9 @@ class FakeVirt(Virt):
         return {d: 1 << 30 for d in disks}
 
     async def backup_begin(self, domain: str, backup_xml: str,
-                           checkpoint_xml: str | None = None) -> None:
+                           checkpoint_xml: str | None = None, *, reuse: bool = False) -> None:
         await self._hook("backup_begin")
+        self.reused[domain] = reuse
         root = ET.fromstring(backup_xml)
         for disk in root.iterfind("disks/disk"):
             disk.set("exportname", disk.get("name", ""))
@@ -188,10 +192,20 @@ async def test_libvirt_refusing_the_backup_leaves_a_failed_job_and_a_free_domain
             await jobs.start(StartRequest("d1"))
         [failed] = jobs.all()
         assert failed.state == JobState.FAILED and "no space left" in (failed.error or "")
+        assert list((tmp_path / "scratch").iterdir()) == [], "the scratch file made for it"
         del virt.fail["backup_begin"]
         job = await jobs.start(StartRequest("d1"))  # not BackupInProgress: the claim was released
         assert job.state == JobState.READY
+        # Its scratch file, made by pullbackd for libvirt to take as it is: an empty qcow2
+        # image of the disk's size.
+        [made] = (tmp_path / "scratch").iterdir()
+        assert made.name == f"{job.id}.vda.qcow2" and virt.reused["d1"]
+        info = json.loads((await anyio.run_process(
+            ["qemu-img", "info", "--output=json", str(made)])).stdout)
+        assert (info["format"], info["virtual-size"]) == ("qcow2", 1 << 30)
+        assert "backing-filename" not in info
         await jobs.finish(job.id)
+        assert list((tmp_path / "scratch").iterdir()) == [], "libvirt leaves ours"
     assert [j.state for j in stored(tmp_path)] == [JobState.FAILED, JobState.COMPLETED]
 
 
@@ -409,8 +423,8 @@ class PushingVirt(FakeVirt):
         self.success = success
 
     async def backup_begin(self, domain: str, backup_xml: str,
-                           checkpoint_xml: str | None = None) -> None:
-        await super().backup_begin(domain, backup_xml, checkpoint_xml)
+                           checkpoint_xml: str | None = None, *, reuse: bool = False) -> None:
+        await super().backup_begin(domain, backup_xml, checkpoint_xml, reuse=reuse)
         for target in ET.fromstring(backup_xml).iterfind("disks/disk/target"):
             await anyio.Path(target.get("file", "")).write_bytes(b"qcow2")
         del self.backups[domain]

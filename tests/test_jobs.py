@@ -31,7 +31,7 @@ from pullbackd.names import Layout, checkpoint_name
 from pullbackd.repository import Repository
 from pullbackd.scratch import ScratchSpace
 from pullbackd.serving import Limits, Serving
-from pullbackd.source import Begun, Exported
+from pullbackd.source import Begun, Exported, Plan
 from pullbackd.state import Store
 from pullbackd.virt import AgentError
 
@@ -1115,9 +1115,9 @@ async def test_quiesce_freezes_the_guest_only_while_the_backup_begins(
     seen: list[tuple[str, bool]] = []
     real_begin = source.begin
 
-    async def begin(job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
+    async def begin(job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         seen.append(("begin", job.domain in source.frozen))
-        await real_begin(job, bases, skip)
+        await real_begin(job, plan, bases)
 
     source.begin = begin  # type: ignore[method-assign]
     async with running(tmp_path, source) as rig:

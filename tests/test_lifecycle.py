@@ -374,35 +374,40 @@ def test_pullbackctl_chains(daemon: Daemon) -> None:
 
 
 @pytest.fixture
-def small_scratch(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "scratch", "16M") as path:
-        yield path
+def lab_with_tiny_scratch(tmp_path: Path) -> Iterator[tuple[Lab, Path]]:
+    """lab1 with two disks, started after a 16 MiB tmpfs is mounted for scratch files
+    (QEMU opens the scratch files pullbackd makes there: see `tmpfs`)."""
+    with tmpfs(tmp_path / "scratch", "16M") as scratch, \
+            lab_up(tmp_path / "lab", "--domains", "1", "--disks", "2",
+                   "--size", str(DISK_SIZE)) as lab:
+        yield lab, scratch
 
 
 def test_scratch_that_cannot_hold_the_worst_case_is_refused_up_front(
-        lab: Lab, small_scratch: Path, tmp_path: Path) -> None:
+        lab_with_tiny_scratch: tuple[Lab, Path], tmp_path: Path) -> None:
+    lab, small_scratch = lab_with_tiny_scratch
     daemon = start_daemon(tmp_path / "pullbackd", lab.uri, scratch=small_scratch,
                           scratch_reserve=4 << 20)
     try:
         jobs_before = daemon.ctl.call("List")
-        e = daemon.ctl.error("Start", domain="lab4", consumer="scratchy")
+        e = daemon.ctl.error("Start", domain="lab1", consumer="scratchy")
         assert e.short_name == "InsufficientScratch"
         assert e.parameters["dir"] == str(small_scratch)
         assert e.parameters["needed"] == 2 * DISK_SIZE  # both disks rewritten whole
         assert e.parameters["available"] <= 12 << 20  # 16 MiB less the 4 MiB reserve
         # Nothing happened: no job, no checkpoint, the domain free.
         assert daemon.ctl.call("List") == jobs_before
-        assert daemon.ctl.call("ListCheckpoints", domain="lab4", consumer="scratchy") == \
+        assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="scratchy") == \
             {"checkpoints": []}
         # Told to proceed, it does: the guest is idle, the scratch stays nearly empty.
-        job = daemon.ctl.job("Start", domain="lab4", consumer="scratchy",
+        job = daemon.ctl.job("Start", domain="lab1", consumer="scratchy",
                              allow_scratch_overcommit=True)
         assert job["state"] == "ready"
         assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
         # A push needs no scratch: not refused.
         target = tmp_path / "push"
         target.mkdir()
-        push = daemon.ctl.job("Start", domain="lab4", consumer="scratchy", disks=["vda"],
+        push = daemon.ctl.job("Start", domain="lab1", consumer="scratchy", disks=["vda"],
                               target_dir=str(target))
         assert daemon.ctl.wait(push["id"])["state"] == "completed"
     finally:

@@ -359,7 +359,7 @@ class Jobs:
         the job with how consistent it is. A begin that fails fails the job (raises)."""
         try:
             quiesced = await quiesce.begin(self._source, job, request, plan,
-                                           lambda: self._source.begin(job, bases, plan.skip))
+                                           lambda: self._source.begin(job, plan, bases))
         except Exception as e:
             await self._discard_checkpoint(job)
             await self._records.save(job.failed(f"the backup did not start: {e}"))

@@ -110,7 +110,7 @@ class OfflineSource:
         return Plan(tuple(chosen), skip, sizes, full, restart, offline=True,
                     definition=dom.definition)
 
-    async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
+    async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         dom = await self._virt.domain(job.domain)
         if dom.running:
             raise LibvirtError(-1, f"{job.domain!r} started meanwhile; start the backup again")
@@ -162,7 +162,7 @@ class OfflineSource:
         try:
             await self._virt.redefine_checkpoint(job.domain, xml.made_checkpoint(
                 job.checkpoint, await self._newest(job.domain), int(time.time()), with_bitmap,
-                skip + tuple(d for d in bases if d not in with_bitmap)), validate=False)
+                plan.skip + tuple(d for d in bases if d not in with_bitmap)), validate=False)
         except BaseException:
             with anyio.CancelScope(shield=True):  # the bitmaps must not outlive the failure
                 await self._stop(job.id)

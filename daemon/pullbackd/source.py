@@ -5,7 +5,8 @@ export with its dirty bitmap (pull, stream) or writes it into a file (push);
 it tells whether the backup still runs, ends it, and reports, through `follow`,
 a backup that ended or a domain that stopped on its own. jobs.py drives a
 source through this interface alone (`BackupSource`); `LibvirtSource` is the
-one for running domains: libvirt's pull- and push-mode backups.
+one for running domains: libvirt's pull- and push-mode backups (a pull backup's
+scratch files made by scratch.py, libvirt told to take them as they are).
 
 A source's exports are for pullbackd: appliances reach a pull job's disks
 through the job's endpoint (exports.py), never the source's socket.
@@ -22,7 +23,7 @@ from typing import Protocol
 import anyio
 import structlog
 
-from . import xml
+from . import scratch, xml
 from .chain import Base
 from .domainfiles import DomainFiles, Reader
 from .errors import (
@@ -123,10 +124,10 @@ class BackupSource(Protocol):
         that can be backed up). Raises NoSuchDomain, DomainNotRunning, BackupInProgress,
         DomainBusy, NoSuchDisk, InvalidParameter."""
 
-    async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
-        """Begin the backup, creating `job.checkpoint`. A disk whose base cannot be
-        used is backed up in full instead: `bases` is updated with why. Raises
-        LibvirtError (and PullbackError) when it did not begin."""
+    async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
+        """Begin the backup of `plan`'s disks, creating `job.checkpoint`. A disk whose
+        base cannot be used is backed up in full instead: `bases` is updated with why.
+        Raises LibvirtError (and PullbackError) when it did not begin."""
 
     async def files(self, job: Job, plan: Plan) -> DomainFiles:
         """The domain's own files (domainfiles.py), as the job's backup begins (`plan`:
@@ -225,8 +226,9 @@ class LibvirtSource:
     async def thaw(self, job: Job) -> None:
         await self._virt.fs_thaw(job.domain)
 
-    async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
+    async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         bitmaps = [d for d, b in bases.items() if b.bitmap]
+        skip = plan.skip
         # A disk without a bitmap takes no part in the checkpoint; with no bitmap at all
         # there is no checkpoint (libvirt would refuse an empty one).
         checkpoint_xml = xml.checkpoint(
@@ -243,9 +245,19 @@ class LibvirtSource:
                 skip=skip,
             )
             try:
-                await self._virt.backup_begin(job.domain, xml.backup(request), checkpoint_xml)
+                if pull:
+                    # Ours, not libvirt's to make (scratch.py): each attempt's new.
+                    await anyio.to_thread.run_sync(scratch.create, self._layout, job.id,
+                                                   {d: plan.sizes[d] for d in bases})
+                await self._virt.backup_begin(job.domain, xml.backup(request), checkpoint_xml,
+                                              reuse=pull)
                 return
-            except BrokenBitmap as e:
+            except BaseException as e:
+                if pull:
+                    with anyio.CancelScope(shield=True):  # no scratch file outlives a failure
+                        await anyio.to_thread.run_sync(scratch.remove, self._layout, job.id)
+                if not isinstance(e, BrokenBitmap):
+                    raise
                 incremental = list(request.since)
                 if not incremental:
                     raise LibvirtError(-1, str(e)) from None
@@ -331,8 +343,10 @@ class LibvirtSource:
             return False
 
     def remove_leftovers(self, job_id: str) -> None:
-        """libvirt removes a job's sockets and scratch files when the job ends; a crash
-        of libvirtd or QEMU may not. Nothing else ever uses these names. Blocks."""
+        """The job's scratch files (ours: scratch.py), and the sockets libvirt removes when
+        the job ends, which a crash of libvirtd or QEMU may leave. Nothing else ever uses
+        these names. Blocks."""
+        scratch.remove(self._layout, job_id)
         for path in self._layout.leftovers(job_id):
             if path.exists():
                 log.warning("removing leftover file", job=job_id, path=str(path))

@@ -39,8 +39,8 @@ class Sources:
         except DomainNotRunning:
             return await self.offline.plan(domain, wanted, kind)
 
-    async def begin(self, job: Job, bases: dict[str, Base], skip: tuple[str, ...]) -> None:
-        await self._of(job).begin(job, bases, skip)
+    async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
+        await self._of(job).begin(job, plan, bases)
 
     async def files(self, job: Job, plan: Plan) -> DomainFiles:
         return await self._of(job).files(job, plan)

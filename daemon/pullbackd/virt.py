@@ -331,13 +331,16 @@ class Virt:
         return await self._run(domain, lambda dom: {d: int(dom.blockInfo(d)[0]) for d in disks})
 
     async def backup_begin(self, domain: str, backup_xml: str,
-                           checkpoint_xml: str | None = None) -> None:
-        """Start a backup job, and with it the checkpoint, atomically.
+                           checkpoint_xml: str | None = None, *, reuse: bool = False) -> None:
+        """Start a backup job, and with it the checkpoint, atomically. With `reuse`, the
+        scratch files (pull) or targets (push) exist: libvirt neither makes nor removes them.
 
         Raises BrokenBitmap when an incremental disk's bitmap cannot be used.
         """
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse else 0
         try:
-            await self._run(domain, lambda dom: dom.backupBegin(backup_xml, checkpoint_xml, 0),
+            await self._run(domain,
+                            lambda dom: dom.backupBegin(backup_xml, checkpoint_xml, flags),
                             bitmaps=True)
         except LibvirtError as e:
             if e.parameters["code"] == libvirt.VIR_ERR_OPERATION_INVALID:

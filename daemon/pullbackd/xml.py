@@ -136,6 +136,7 @@ def backup(request: BackupRequest) -> str:
             if name in request.exports:
                 disk.set("exportname", request.exports[name])
             ET.SubElement(disk, "scratch", file=str(path))
+            ET.SubElement(disk, "driver", type="qcow2")
     # Every disk is named: libvirt backs up unlisted disks too when it can.
     for name in request.skip:
         ET.SubElement(disks, "disk", name=name, backup="no")
