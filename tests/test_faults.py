@@ -8,8 +8,10 @@ stall one call by name.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import socket
+import stat
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -146,12 +148,14 @@ class Rig:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, virt: FakeVirt, end_timeout: float = 5) -> AsyncIterator[Rig]:
+async def running(tmp_path: Path, virt: FakeVirt, end_timeout: float = 5,
+                  qemu_group: str = "") -> AsyncIterator[Rig]:
     store = Store(tmp_path / "state.db")
     exports = Exports(tmp_path / "exports")
     exports.prepare()
     layout = Layout(tmp_path / "exports", tmp_path / "scratch")
-    source = LibvirtSource(virt, layout, end_timeout, Reader(virt, tmp_path / "libvirt"))
+    source = LibvirtSource(virt, layout, end_timeout, Reader(virt, tmp_path / "libvirt"),
+                           qemu_group)
     chains = Chains(virt, store)
     repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
     admission = Admission()
@@ -204,6 +208,7 @@ async def test_libvirt_refusing_the_backup_leaves_a_failed_job_and_a_free_domain
             ["qemu-img", "info", "--output=json", str(made)])).stdout)
         assert (info["format"], info["virtual-size"]) == ("qcow2", 1 << 30)
         assert "backing-filename" not in info
+        assert stat.S_IMODE(made.stat().st_mode) == 0o600  # libvirt hands it over to QEMU
         await jobs.finish(job.id)
         assert list((tmp_path / "scratch").iterdir()) == [], "libvirt leaves ours"
     assert [j.state for j in stored(tmp_path)] == [JobState.FAILED, JobState.COMPLETED]
@@ -542,3 +547,15 @@ async def test_a_backup_ended_without_libvirts_event_is_seen_gone(tmp_path: Path
         with anyio.fail_after(30):
             assert (await rig.jobs.abort(job.id)).state == JobState.ABORTED
             await anyio.lowlevel.checkpoint()  # the end is shielded: a deadline past shows here
+
+
+@pytest.mark.asyncio
+async def test_scratch_files_are_qemus_groups_where_one_is_named(tmp_path: Path) -> None:
+    """[exports] qemu_group: a libvirt that hands no file over to QEMU (dynamic_ownership
+    = 0) leaves QEMU to open the scratch file through its group."""
+    group = grp.getgrnam("nogroup")
+    async with running(tmp_path, FakeVirt(), qemu_group=group.gr_name) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        made = (tmp_path / "scratch" / f"{job.id}.vda.qcow2").stat()
+        assert (made.st_gid, stat.S_IMODE(made.st_mode)) == (group.gr_gid, 0o660)
+        await rig.jobs.finish(job.id)

@@ -12,11 +12,16 @@ import os
 from pathlib import Path
 
 
-def write_new(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True) -> None:
-    """A new file holding `data`; FileExistsError if anything is at `path`."""
+def write_new(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True,
+              group: int | None = None) -> None:
+    """A new file holding `data`; FileExistsError if anything is at `path`. With `group`,
+    the file is that group's, and `mode` is set whatever the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  mode)
     with open(fd, "wb") as f:
+        if group is not None:
+            os.fchown(fd, -1, group)
+            os.fchmod(fd, mode)
         f.write(data)
         if sync:
             f.flush()

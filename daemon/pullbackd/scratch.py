@@ -31,15 +31,18 @@ from .names import Layout
 log = structlog.get_logger()
 
 
-def create(layout: Layout, job_id: str, sizes: dict[str, int]) -> None:
+def create(layout: Layout, job_id: str, sizes: dict[str, int], qemu_gid: int | None) -> None:
     """The job's scratch files, one per disk (`sizes`: its bytes): empty qcow2 images,
     created exclusively. pullbackd makes them and libvirt takes them as they are
     (`VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`), labelled for QEMU as it labels its own:
     libvirt's own took a `blockdev-create` job of QEMU per file, 8 ms of libvirtd's and
     QEMU's CPU per backup beside 0.5 of ours (bench/night.py's floor, both ways). libvirt
-    leaves them at the end: `remove`. Blocks."""
+    leaves them at the end: `remove`. With `qemu_gid` ([exports] qemu_group), each is
+    also that group's, 0660: QEMU opens them where libvirt hands no file over to it
+    (qemu.conf dynamic_ownership = 0). Blocks."""
     for disk, size in sizes.items():
-        write_new(layout.scratch_file(job_id, disk), empty_qcow2(size), sync=False)
+        write_new(layout.scratch_file(job_id, disk), empty_qcow2(size),
+                  0o600 if qemu_gid is None else 0o660, sync=False, group=qemu_gid)
 
 
 def remove(layout: Layout, job_id: str) -> None:

@@ -141,7 +141,8 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
                     max_lifetime=cfg.exports.max_lifetime)
     layout = Layout(cfg.exports.dir, cfg.scratch.dir)
     files = Reader(virt, cfg.libvirt.state_dir)
-    source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout, files),
+    source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout, files,
+                                         cfg.exports.qemu_group),
                      OfflineSource(virt, layout, files, cfg.offline.unit))
     chains = Chains(virt, store, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)

@@ -14,6 +14,7 @@ through the job's endpoint (exports.py), never the source's socket.
 
 from __future__ import annotations
 
+import grp
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -192,10 +193,13 @@ class LibvirtSource:
     disks on `layout.qemu_socket(job)`, with scratch files `layout.scratch_file`;
     a push backup writes `<target_dir>/<job>.<disk>.qcow2`."""
 
-    def __init__(self, virt: Virt, layout: Layout, end_timeout: float, files: Reader) -> None:
-        """`end_timeout`: seconds to wait for libvirt to end a backup."""
+    def __init__(self, virt: Virt, layout: Layout, end_timeout: float, files: Reader,
+                 qemu_group: str = "") -> None:
+        """`end_timeout`: seconds to wait for libvirt to end a backup; `qemu_group`: the
+        group QEMU runs as, given the scratch files (scratch.create)."""
         self._virt = virt
         self._layout = layout
+        self._qemu_gid = grp.getgrnam(qemu_group).gr_gid if qemu_group else None
         self._end_timeout = end_timeout
         self._files = files
         #: domain -> set when libvirt reports the domain's backup ended, while we wait.
@@ -248,7 +252,8 @@ class LibvirtSource:
                 if pull:
                     # Ours, not libvirt's to make (scratch.py): each attempt's new.
                     await anyio.to_thread.run_sync(scratch.create, self._layout, job.id,
-                                                   {d: plan.sizes[d] for d in bases})
+                                                   {d: plan.sizes[d] for d in bases},
+                                                   self._qemu_gid)
                 await self._virt.backup_begin(job.domain, xml.backup(request), checkpoint_xml,
                                               reuse=pull)
                 return
