@@ -9,6 +9,7 @@ reading; the next start adopts them from the state database.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -76,13 +77,8 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
                     *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
             ) -> None:
                 nonlocal status
-
-                async def lost(reason: str) -> None:
-                    log.error("lost the libvirt connection; exiting so that a restart "
-                              "reconnects", reason=reason)
-                    await _hand_off(notifier, jobs)
-
-                await jobs.follow_events(lost, task_status=task_status)
+                await jobs.follow_events(functools.partial(_libvirt_lost, notifier, jobs),
+                                         task_status=task_status)
                 status = 1
                 tg.cancel_scope.cancel()
 
@@ -227,6 +223,12 @@ async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier, jobs: Jo
             await _hand_off(notifier, jobs)
             scope.cancel()
             return
+
+
+async def _libvirt_lost(notifier: Notifier, jobs: Jobs, reason: str) -> None:
+    log.error("lost the libvirt connection; exiting so that a restart reconnects",
+              reason=reason)
+    await _hand_off(notifier, jobs)
 
 
 async def _hand_off(notifier: Notifier, jobs: Jobs) -> None:

@@ -249,20 +249,10 @@ class LibvirtSource:
                 skip=skip,
             )
             try:
-                if pull:
-                    # Ours, not libvirt's to make (scratch.py): each attempt's new.
-                    await anyio.to_thread.run_sync(scratch.create, self._layout, job.id,
-                                                   {d: plan.sizes[d] for d in bases},
-                                                   self._qemu_gid)
-                await self._virt.backup_begin(job.domain, xml.backup(request), checkpoint_xml,
-                                              reuse=pull)
+                await self._begin_once(job, request, checkpoint_xml,
+                                       {d: plan.sizes[d] for d in bases})
                 return
-            except BaseException as e:
-                if pull:
-                    with anyio.CancelScope(shield=True):  # no scratch file outlives a failure
-                        await anyio.to_thread.run_sync(scratch.remove, self._layout, job.id)
-                if not isinstance(e, BrokenBitmap):
-                    raise
+            except BrokenBitmap as e:
                 incremental = list(request.since)
                 if not incremental:
                     raise LibvirtError(-1, str(e)) from None
@@ -273,6 +263,23 @@ class LibvirtSource:
                 log.warning("falling back to a full backup", job=job.id, disks=broken,
                             error=str(e))
         raise AssertionError("unreachable: each round makes one more disk full")
+
+    async def _begin_once(self, job: Job, request: xml.BackupRequest,
+                          checkpoint_xml: str | None, sizes: dict[str, int]) -> None:
+        """One `backupBegin`. A pull backup's scratch files are ours to make (scratch.py),
+        new for each attempt, and gone if it fails."""
+        pull = request.socket is not None
+        try:
+            if pull:
+                await anyio.to_thread.run_sync(scratch.create, self._layout, job.id, sizes,
+                                               self._qemu_gid)
+            await self._virt.backup_begin(job.domain, xml.backup(request), checkpoint_xml,
+                                          reuse=pull)
+        except BaseException:
+            if pull:
+                with anyio.CancelScope(shield=True):  # no scratch file outlives a failure
+                    await anyio.to_thread.run_sync(scratch.remove, self._layout, job.id)
+            raise
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         if job.kind == Kind.PUSH:
