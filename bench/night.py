@@ -44,7 +44,7 @@ from typing import Any
 import libvirt
 from bench import IFACE, LAB, MiB, daemon, lab, log, run
 
-from pullbackd import scratch
+from pullbackd import qcow2
 from pullbackd.control.client import Client
 
 CONSUMER = "night"
@@ -196,7 +196,7 @@ def floor(uri: str, domain: str, work: Path, rounds: int) -> dict[str, float]:
             cpu = {p.pid: p.cpu for p in processes()}
             return {group: cpu[pid] for group, pid in pids.items()}
 
-        empty = scratch.empty_qcow2(dom.blockInfo("vda")[0])
+        empty = qcow2.empty(dom.blockInfo("vda")[0])
         before = spent()
         previous = None
         for n in range(rounds):

@@ -55,7 +55,7 @@ import nbd
 import structlog
 import xxhash
 
-from . import crash, domainfiles, names, qemu_nbd, stream, verifying, writers
+from . import crash, domainfiles, names, qcow2, qemu_nbd, stream, verifying, writers
 from .durable import fsync, fsync_dir, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .names import Served
@@ -358,18 +358,17 @@ class Repository:
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:
         folder = self.folder(domain, consumer, disk)
+        # Its backing file by a name relative to it, so the folder can move as a whole.
+        backing = base.file if base else None
         sequence, direct = await anyio.to_thread.run_sync(self._new_file, domain, consumer,
-                                                          disk)
+                                                          disk, size, backing)
         manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
-                            "incremental" if base else "full", size,
-                            base.file if base else None)
+                            "incremental" if base else "full", size, backing)
         partial = names.partial(folder, sequence)
         behind = None
         try:
             behind = WriteBehind(partial, 0 if direct else self._write_behind)
-            # Its backing file by a name relative to it, so the folder can move as a whole.
-            opened = await self.writers.open(partial, size, base.file if base else None,
-                                             direct)
+            opened = await self.writers.open(partial, direct)
         except BaseException as e:
             with anyio.CancelScope(shield=True):  # an Abort as the file was being made
                 if behind is not None:
@@ -380,10 +379,11 @@ class Repository:
             raise
         return Writer(manifest, folder, opened, behind)
 
-    def _new_file(self, domain: str, consumer: str, disk: str) -> tuple[int, bool]:
-        """The disk's next backup file, created empty (exclusively; the writer makes it a
-        qcow2, and the commit syncs it): its sequence number, and whether it takes
-        O_DIRECT. Blocks."""
+    def _new_file(self, domain: str, consumer: str, disk: str, size: int,
+                  backing: str | None) -> tuple[int, bool]:
+        """The disk's next backup file, created exclusively as an empty qcow2 image of
+        `size` bytes over `backing` (qcow2.py; the commit syncs it): its sequence number,
+        and whether it takes O_DIRECT. Raises RepositoryError. Blocks."""
         folder = self.folder(domain, consumer, disk)
         folder.mkdir(parents=True, exist_ok=True)
         # Leftovers of a crash are not backups: nothing may build on them.
@@ -394,7 +394,11 @@ class Repository:
         except NoSuchCheckpoint:
             sequence = 1
         partial = names.partial(folder, sequence)
-        write_new(partial, b"", 0o644, sync=False)
+        try:
+            image = qcow2.empty(size, backing)
+        except qcow2.ImageError as e:
+            raise RepositoryError(str(partial), str(e)) from None
+        write_new(partial, image, 0o644, sync=False)
         return sequence, direct_io(partial)
 
     async def _serve(self, image: Path, fmt: str, served: Served, token: str,

@@ -1,6 +1,6 @@
 """Scratch space: where QEMU keeps the old data a guest overwrites while a pull
 backup runs (`<scratch>/<job>.<disk>.qcow2`, names.py). pullbackd makes each file
-(`create`: an empty qcow2 image of the disk's size) and removes it when the job ends
+(`create`: an empty qcow2 image of the disk's size, qcow2.py) and removes it when the job ends
 (`remove`); libvirt takes it as it is.
 
 A pull backup is refused when the scratch file system could not hold it in the
@@ -13,16 +13,13 @@ writes). libvirt has no event for it: the space is looked at every second.
 
 from __future__ import annotations
 
-import functools
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import anyio
 import structlog
 
+from . import qcow2
 from .durable import write_new
 from .errors import InsufficientScratch, LibvirtError
 from .model import Job
@@ -41,7 +38,11 @@ def create(layout: Layout, job_id: str, sizes: dict[str, int], qemu_gid: int | N
     also that group's, 0660: QEMU opens them where libvirt hands no file over to it
     (qemu.conf dynamic_ownership = 0). Blocks."""
     for disk, size in sizes.items():
-        write_new(layout.scratch_file(job_id, disk), empty_qcow2(size),
+        try:
+            image = qcow2.empty(size)
+        except qcow2.ImageError as e:
+            raise LibvirtError(-1, f"cannot make a scratch file: {e}") from None
+        write_new(layout.scratch_file(job_id, disk), image,
                   0o600 if qemu_gid is None else 0o660, sync=False, group=qemu_gid)
 
 
@@ -49,19 +50,6 @@ def remove(layout: Layout, job_id: str) -> None:
     """The job's scratch files gone. Blocks."""
     for path in layout.scratch_files(job_id):
         path.unlink(missing_ok=True)
-
-
-@functools.lru_cache(maxsize=64)
-def empty_qcow2(size: int) -> bytes:
-    """An empty qcow2 image of `size` bytes as `qemu-img create` makes it (a few clusters
-    of header and tables), made once per size. Blocks."""
-    with tempfile.TemporaryDirectory(prefix="pullbackd-") as folder:
-        image = Path(folder) / "empty.qcow2"
-        done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise LibvirtError(-1, f"cannot make a scratch file: qemu-img: {done.stderr.strip()}")
-        return image.read_bytes()
 
 
 class ScratchSpace:

@@ -1,26 +1,24 @@
-"""The repository's writers: one qemu-storage-daemon that makes each backup file and
-serves it for writing while a copy fills it.
+"""The repository's writers: one qemu-storage-daemon that serves each backup file for
+writing while a copy fills it.
 
 It starts with the first backup the daemon writes, from the event loop's thread (so the
 kernel kills it when the daemon dies, qemu_nbd.TIED), and lives until the daemon stops
 (`stop`). One that escaped a crash is ended by `Repository.recover`, like every NBD
-server on a socket of the repository's sockets folder. A backup file costs it a few QMP
+server on a socket of the repository's sockets folder. A backup file costs it four QMP
 commands where it cost two processes (`qemu-img create`, then a qemu-nbd): on a host
 backing up 16 domains at once, those two processes took a fifth of the CPU time of an
 incremental backup (`perf` over `scripts/bench --night`), their start and their exit.
 
-For each file, which the caller created empty (exclusively: durable.write_new):
+For each file, which the caller made an empty qcow2 image (qcow2.py: of the disk's size,
+naming its backing file by a name relative to it, so the folder can move as a whole),
+in clusters of `CLUSTER` bytes:
 
-1. a `file` node on it, past the page cache where `direct` (see
-   repository.image_server), and never flushed: the caller syncs the file once, at the
-   commit;
-2. `blockdev-create` writes an empty qcow2 of the disk's size into it, in clusters of
-   `CLUSTER` bytes, naming its backing file (relative, so the folder can move as a
-   whole);
-3. a `qcow2` node opens it alone, its backing chain left shut;
-4. a writable NBD export of it, named by a fresh token, on the daemon's one socket.
+1. a `qcow2` node opens it alone, its backing chain left shut, through a `file` node of
+   its own, past the page cache where `direct` (see repository.image_server), and never
+   flushed: the caller syncs the file once, at the commit;
+2. a writable NBD export of it, named by a fresh token, on the daemon's one socket.
 
-The invariant that keeps step 3 right: **every write into a file over a backing file
+The invariant that keeps step 1 right: **every write into a file over a backing file
 covers whole clusters** (the disk's last one up to its end). qcow2 reads from below a
 cluster only to complete a write that covers part of it; with the chain shut it would
 complete it with zeroes (and a zero write of part of a cluster would zero all of it), so
@@ -31,7 +29,7 @@ per backup below, each night: 0.6 ms of the writer's CPU per link, a tenth of a
 second per backup once a chain is half a year long.
 
 `close` undoes them in reverse, the export first (its connections dropped), then the
-nodes (qcow2's tables written into the file), so the file can be synced, renamed or
+node (qcow2's tables written into the file), so the file can be synced, renamed or
 deleted. If the process dies, every copy into it fails, and the next `open` starts
 another.
 
@@ -44,18 +42,16 @@ import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from . import names, qemu_nbd
 from .model import nbd_url
 from .names import Served
+from .qcow2 import CLUSTER
 from .qsd import PROGRAM, Monitor, StorageDaemonError
 
-#: Bytes per cluster of the backup files (qcow2's default, said aloud: the copy writes
-#: in whole clusters of it).
-CLUSTER = 64 * 1024
+__all__ = ["CLUSTER", "Opened", "Writers"]
 
 
 @dataclass(frozen=True)
@@ -64,8 +60,7 @@ class Opened:
 
     url: str
     name: str
-    file_node: str
-    qcow2_node: str
+    node: str
     export: str
 
 
@@ -86,17 +81,15 @@ class Writers:
         """The process's id, while it runs."""
         return None if self._server is None else self._server.pid
 
-    async def open(self, image: Path, size: int, backing: str | None,
-                   direct: bool) -> Opened:
-        """Make `image` (created empty) a qcow2 of `size` bytes over `backing` (a file
-        name in its folder, or None), and serve it; raises StorageDaemonError."""
+    async def open(self, image: Path, direct: bool) -> Opened:
+        """Serve `image` (an empty qcow2 image, qcow2.py) for writing; raises
+        StorageDaemonError."""
         monitor, sock = await self._running()
         n, name = next(self._ids), names.socket_token()
-        opened = Opened(nbd_url(sock, name), name, f"f{n}", f"w{n}", f"e{n}")
+        opened = Opened(nbd_url(sock, name), name, f"w{n}", f"e{n}")
         # Shielded: once open, the file is the caller's to close, so it must get it.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._open, monitor, opened, image, size, backing,
-                                           direct)
+            await anyio.to_thread.run_sync(self._open, monitor, opened, image, direct)
         return opened
 
     async def close(self, opened: Opened) -> None:
@@ -152,36 +145,21 @@ class Writers:
             assert self._monitor is not None
             return self._monitor, server.socket
 
-    def _open(self, monitor: Monitor, opened: Opened, image: Path, size: int,
-              backing: str | None, direct: bool) -> None:
+    def _open(self, monitor: Monitor, opened: Opened, image: Path, direct: bool) -> None:
         with self._qmp:
-            monitor.execute("blockdev-add", driver="file", **{"node-name": opened.file_node},
-                            filename=str(image), cache={"direct": direct, "no-flush": True})
+            # Its backing chain shut: see the invariant above. (Version 3 marks zeroed
+            # clusters zero; a version 2 file with no backing open would only discard
+            # them, and they would read from below again.)
+            monitor.execute("blockdev-add", driver="qcow2", **{"node-name": opened.node},
+                            file={"driver": "file", "filename": str(image),
+                                  "cache": {"direct": direct, "no-flush": True}},
+                            backing=None)
             try:
-                job = f"c{opened.file_node}"
-                options: dict[str, Any] = {"driver": "qcow2", "file": opened.file_node,
-                                           "size": size, "cluster-size": CLUSTER,
-                                           "version": "v3"}
-                if backing is not None:
-                    options |= {"backing-file": backing, "backing-fmt": "qcow2"}
-                monitor.execute("blockdev-create", **{"job-id": job}, options=options)
-                monitor.event("JOB_STATUS_CHANGE", id=job, status="concluded")
-                _dismiss(monitor, job)
-                # Its backing chain shut: see the invariant above. (Version 3 marks
-                # zeroed clusters zero; a version 2 file with no backing open would only
-                # discard them, and they would read from below again.)
-                monitor.execute("blockdev-add", driver="qcow2",
-                                **{"node-name": opened.qcow2_node}, file=opened.file_node,
-                                backing=None)
-                try:
-                    monitor.execute("block-export-add", type="nbd", id=opened.export,
-                                    **{"node-name": opened.qcow2_node},
-                                    name=opened.name, writable=True)
-                except BaseException:
-                    monitor.execute("blockdev-del", **{"node-name": opened.qcow2_node})
-                    raise
+                monitor.execute("block-export-add", type="nbd", id=opened.export,
+                                **{"node-name": opened.node}, name=opened.name,
+                                writable=True)
             except BaseException:
-                monitor.execute("blockdev-del", **{"node-name": opened.file_node})
+                monitor.execute("blockdev-del", **{"node-name": opened.node})
                 raise
 
     def _close(self, monitor: Monitor, opened: Opened) -> None:
@@ -189,16 +167,5 @@ class Writers:
             monitor.execute("block-export-del", id=opened.export, mode="hard")
             # Deleted once its last request is done: until then its node is in use.
             monitor.event("BLOCK_EXPORT_DELETED", id=opened.export)
-            monitor.execute("blockdev-del", **{"node-name": opened.qcow2_node})
-            monitor.execute("blockdev-del", **{"node-name": opened.file_node})
+            monitor.execute("blockdev-del", **{"node-name": opened.node})
 
-
-def _dismiss(monitor: Monitor, job: str) -> None:
-    """Dismiss the concluded QMP job `job`; raises StorageDaemonError with its error if
-    it failed."""
-    info: dict[str, Any] = next(
-        (j for j in monitor.execute("query-jobs") if j["id"] == job), {})
-    monitor.execute("job-dismiss", id=job)
-    if "error" in info:
-        raise StorageDaemonError(f"qemu-storage-daemon could not create the file: "
-                                 f"{info['error']}")

@@ -1,0 +1,67 @@
+"""Empty qcow2 images made from qemu-img's (qcow2.py), read back by qemu-img itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pullbackd import qcow2
+
+MiB = 1 << 20
+
+
+def info(image: Path) -> dict[str, object]:
+    done = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image)],
+                          capture_output=True, text=True, check=True)
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.parametrize("backing", [None, "0001.qcow2", "0002.qcow2", "10000.qcow2", "b"])
+def test_an_empty_image_is_what_qemu_img_reads(tmp_path: Path, backing: str | None) -> None:
+    if backing is not None:  # qemu-img check opens it
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / backing),
+                        str(3 * MiB + 512)], check=True)
+    image = tmp_path / "new.qcow2"
+    image.write_bytes(qcow2.empty(3 * MiB + 512, backing))
+    subprocess.run(["qemu-img", "check", "-q", str(image)], check=True)
+    read = info(image)
+    assert read["virtual-size"] == 3 * MiB + 512
+    assert read["cluster-size"] == qcow2.CLUSTER
+    assert read["format-specific"] == {"type": "qcow2", "data": {
+        "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": False,
+        "refcount-bits": 16, "corrupt": False, "extended-l2": False}}
+    assert read.get("backing-filename") == backing
+    assert read.get("backing-filename-format") == (None if backing is None else "qcow2")
+
+
+def test_images_of_one_kind_differ_in_their_backing_file_alone(tmp_path: Path) -> None:
+    first, second = qcow2.empty(64 * MiB, "0001.qcow2"), qcow2.empty(64 * MiB, "0002.qcow2")
+    assert len(first) == len(second)
+    assert [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b] == \
+        [first.index(b"0001.qcow2") + 3]
+
+
+def test_data_written_over_an_empty_image_reads_back_over_its_backing(tmp_path: Path) -> None:
+    base = tmp_path / "0001.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(4 * MiB)],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(base)],
+                   check=True, capture_output=True)
+    top = tmp_path / "0002.qcow2"
+    top.write_bytes(qcow2.empty(4 * MiB, base.name))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x22 {MiB} {MiB}", str(top)],
+                   check=True, capture_output=True)
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(b"\x11" * MiB + b"\x22" * MiB + b"\x11" * 2 * MiB)
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(top),
+                    str(expected)], check=True)
+
+
+@pytest.mark.parametrize("backing", ["", "a\0b"])
+def test_a_name_that_is_no_file_name_is_refused(backing: str) -> None:
+    with pytest.raises(qcow2.ImageError):
+        qcow2.empty(MiB, backing)
