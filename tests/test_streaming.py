@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from pullbackd import api
@@ -85,6 +86,39 @@ def test_full_and_five_incrementals_into_the_repository(
     manifest = json.loads((daemon.repository / "lab2" / "repo" / "vda" / "0002.json").read_text())
     assert manifest["checkpoint"] == points[1][0] and manifest["backing"] == "0001.qcow2"
     assert manifest["bytes"] == sum(length for _, length, _ in manifest["regions"]) > 0
+
+
+def test_a_disk_grown_between_two_backups_is_backed_up_at_its_new_size(
+        lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
+    """The grown part is in the backup (its scratch file, made by pullbackd, is of the
+    disk's size now: libvirt 9.0 dies when QEMU refuses one of another size)."""
+    vdb = Disk(lab, "lab2", "vdb")
+    vdb.write(MiB, 256 * 1024, 0x61)
+    start = {"domain": "lab2", "disks": ["vdb"], "consumer": "resized", "destination": "local"}
+    full = daemon.ctl.wait(daemon.ctl.job("Start", mode="full", **start)["id"])
+    assert full["state"] == "completed", full
+    conn = libvirt.open(lab.uri)
+    try:
+        dom = conn.lookupByName("lab2")
+        dom.blockResize("vdb", 2 * DISK_SIZE, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        try:
+            vdb.write(2 * MiB, 64 * 1024, 0x62)
+            lab.write("lab2", "vdb", DISK_SIZE + MiB, 128 * 1024, 0x63)  # in the grown part
+            grown = bytes(vdb.expected) + bytes(MiB) + b"\x63" * 128 * 1024 + \
+                bytes(DISK_SIZE - MiB - 128 * 1024)
+            job = daemon.ctl.wait(daemon.ctl.job("Start", mode="incremental", **start)["id"])
+            assert job["state"] == "completed", job
+            assert job["mode"] == "incremental" and job["since"] == full["checkpoint"]
+            assert [d["size"] for d in job["disks"]] == [2 * DISK_SIZE]
+            restored = tmp_path / "restored.raw"
+            daemon.ctl.call("Restore", domain="lab2", disk="vdb", consumer="resized",
+                            to=str(restored))
+            (tmp_path / "grown.raw").write_bytes(grown)
+            qemu_img_compare(restored, "raw", tmp_path / "grown.raw")
+        finally:
+            dom.blockResize("vdb", DISK_SIZE, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    finally:
+        conn.close()
 
 
 def test_verify_finds_damage(lab: Lab, daemon: Daemon, tmp_path: Path) -> None:

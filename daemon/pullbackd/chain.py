@@ -205,7 +205,8 @@ class Chains:
         """Write the domain's confirmed chains into its own metadata, so that they travel
         with it (a migration) and any pullbackd can take them in. Failing only costs a
         full backup after a move: it is logged, not raised."""
-        async with self._mirroring.setdefault(domain, anyio.Lock()):
+        lock = self._mirroring.get(domain) or self._mirroring.setdefault(domain, anyio.Lock())
+        async with lock:
             entries = [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
                                       None if c.xml is None else xml.without_domain(c.xml),
                                       c.full)

@@ -213,11 +213,14 @@ class LibvirtSource:
             raise BackupInProgress(domain, "")
         if dom.job is not None:
             raise DomainBusy(domain, dom.job)
-        disks = xml.parse_disks(dom.xml)
-        chosen, skip = select_disks(domain, disks, wanted)
+        live = xml.parse_live(dom.xml)
+        chosen, skip = select_disks(domain, live.disks, wanted)
+        # Asked each time, though it costs libvirt and QEMU 3 ms of CPU per disk: a size
+        # kept from an earlier backup would be wrong after a resize, and libvirt 9.0 dies
+        # (a segfault) when QEMU refuses a scratch file of another size than its disk's.
         sizes = await self._virt.capacities(domain, chosen)
-        full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full, agent=xml.agent_connected(dom.xml),
+        full = {d.target: why for d in live.disks if d.target in chosen and (why := d.no_bitmap)}
+        return Plan(tuple(chosen), skip, sizes, full, agent=live.agent_connected,
                     definition=dom.definition)
 
     async def files(self, job: Job, plan: Plan) -> DomainFiles:

@@ -95,8 +95,27 @@ class CheckpointInfo:
     created: int | None = None
 
 
-def parse_disks(domain_xml: str) -> list[DomainDisk]:
+@dataclass(frozen=True)
+class Live:
+    """What a backup of a running domain reads in its live XML, parsed once."""
+
+    disks: list[DomainDisk]
+    #: Its guest agent's channel is connected.
+    agent_connected: bool
+
+
+def parse_live(domain_xml: str) -> Live:
     root = _parse(domain_xml)
+    return Live(_disks(root), any(
+        t.get("name") == "org.qemu.guest_agent.0" and t.get("state") == "connected"
+        for t in root.iterfind("./devices/channel/target")))
+
+
+def parse_disks(domain_xml: str) -> list[DomainDisk]:
+    return _disks(_parse(domain_xml))
+
+
+def _disks(root: ET.Element) -> list[DomainDisk]:
     disks = []
     for disk in root.iterfind("./devices/disk"):
         target = disk.find("target")
@@ -153,13 +172,6 @@ def checkpoint(name: str, bitmaps: list[str], skip: tuple[str, ...]) -> str:
     for disk in skip:
         ET.SubElement(disks, "disk", name=disk, checkpoint="no")
     return ET.tostring(root, encoding="unicode")
-
-
-def agent_connected(domain_xml: str) -> bool:
-    """Whether the domain's guest agent is connected (its channel's live state)."""
-    root = _parse(domain_xml)
-    return any(t.get("name") == "org.qemu.guest_agent.0" and t.get("state") == "connected"
-               for t in root.iterfind("./devices/channel/target"))
 
 
 def made_checkpoint(name: str, parent: str | None, created: int, bitmaps: list[str],
