@@ -65,3 +65,9 @@ def test_data_written_over_an_empty_image_reads_back_over_its_backing(tmp_path: 
 def test_a_name_that_is_no_file_name_is_refused(backing: str) -> None:
     with pytest.raises(qcow2.ImageError):
         qcow2.empty(MiB, backing)
+
+
+@pytest.mark.parametrize("size", [0, -512, MiB + 1, MiB + 511])
+def test_a_size_qemu_img_would_round_is_refused(size: int) -> None:
+    with pytest.raises(qcow2.ImageError, match="512-byte sectors"):
+        qcow2.empty(size)

@@ -36,6 +36,9 @@ class ImageError(Exception):
 def empty(size: int, backing: str | None = None) -> bytes:
     """An empty qcow2 image of `size` bytes, over the qcow2 image `backing` (a file name,
     as the image names it) if given. Raises ImageError. Blocks."""
+    if size <= 0 or size % 512:
+        # qemu-img would round it up: an image larger than its disk.
+        raise ImageError(f"{size} bytes is not a whole number of 512-byte sectors")
     if backing is None:
         return _made(size, None)
     if not backing or "\0" in backing:
