@@ -9,7 +9,7 @@ changes a job.
     end      every end comes here: sessions closed, the source's backup ended,
              the outcome recorded (`_close`)
     recover  at start: adopt what still runs, end what cannot go on, check the
-             chains, rebuild what the state database lost
+             chains, rebuild what the state database lost (recovery.py)
 
 Invariants, checked at every start (`recover`):
 - A job's end and its checkpoint's fate are one transaction (`_close`): only
@@ -58,12 +58,12 @@ from .model import (
     Kind,
     Session,
     StartRequest,
-    lost,
     now,
 )
 from .names import checkpoint_name, job_files
 from .places import Places
 from .records import Records
+from .recovery import Recovery
 from .repository import Repository
 from .scratch import ScratchSpace
 from .serving import Served, Serving, appliance
@@ -344,7 +344,7 @@ class Jobs:
     async def _bases(self, request: StartRequest, plan: Plan) -> dict[str, Base]:
         """What each disk's backup starts from (chain.py), or why it is full."""
         domain = request.domain
-        await self._chains.prepare(domain, refused=self._did_not_complete)
+        await self._chains.prepare(domain, refused=self.did_not_complete)
         bases = self._chains.bases(domain, request.consumer, request.mode, request.since,
                                    list(plan.disks))
         if request.destination == LOCAL:
@@ -597,7 +597,7 @@ class Jobs:
         if checkpoint is not None and checkpoint.state != CheckpointState.COMPLETE:
             await self._chains.discard(checkpoint)
 
-    def _did_not_complete(self, job_id: str) -> bool:
+    def did_not_complete(self, job_id: str) -> bool:
         """Whether a job is known to have ended without completing, or to be running."""
         job = self._records.get(job_id)
         return job is not None and job.state != JobState.COMPLETED
@@ -682,103 +682,33 @@ class Jobs:
     # Recovery.
 
     async def recover(self) -> None:
-        """Load the jobs of an earlier run; adopt those the source still runs, fail the
-        others; then check chain.py's invariant, rebuild (or end) the backups of ours
-        the source runs for no job we know, and remove what belongs to no running job."""
-        self._records.load()
-        await self._records.forget_old(self._keep_finished)
-        requests = self._store.load_requests()
-        queued = [j for j in self._records.all() if j.state == JobState.QUEUED]
-        for job_id in requests.keys() - {j.id for j in queued}:
-            # Its job left the queue and was recorded; a crash came before this went.
-            await self._store.delete_request(job_id)
-        for job in queued:
-            if job.id in requests:
-                self._admission.enqueue(job.domain, job.id, StartRequest(**requests[job.id]))
-                self._running[job.id] = Running()
-            else:
-                await self._close(job, JobState.FAILED, "its request was lost")
-        for job in [j for j in self._records.all()
-                    if not j.state.final and j.state != JobState.QUEUED]:
-            runs = await self._source.running(job)
-            if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
-                # Adopted, it could not be read: nothing reaches QEMU's exports.
-                await self._source.end(job)
-                await self._close(job, JobState.FAILED, (
-                    "the source's NBD socket was removed while pullbackd was down (was its "
-                    "runtime folder removed?); the appliance must start a new backup"))
-                continue
-            # A copy of pullbackd's own died with it: such a job cannot be adopted.
-            if runs and (job.state == JobState.READY or (
-                    job.state == JobState.RUNNING and job.kind == Kind.PUSH)):
-                self._admission.claim(job.domain, job.id)
-                self._running[job.id] = Running()
-                if job.state == JobState.READY:
-                    await self._serve(job)
-                log.info("adopted running backup", job=job.id, domain=job.domain)
-                continue
-            if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline:
-                # A crash may have come while the guest was frozen (quiesce.py).
-                await quiesce.thaw(self._source, job, attempts=1)
-            await self._source.end(job)
-            await self._close(job, JobState.FAILED, lost(job, runs))
-        await self._check_chains()
-        await self._take_in_unowned()
-        # What a lost database or a crash of libvirtd left, of jobs that do not run (a
-        # job failed at recovery had its own removed already).
-        await anyio.to_thread.run_sync(self._source.sweep, self._admission.claimed())
+        """At start, before any client: what an earlier run left (recovery.py); then
+        the queue moves."""
+        await Recovery(self, self._records, self._store, self._source, self._chains,
+                       self._repository, self._serving).run(self._keep_finished)
         self._dequeue()
 
-    async def _check_chains(self) -> None:
-        """chain.py's invariant: a checkpoint is in a chain if and only if its job
-        completed. Also delete what an earlier run could not (or crashed before it
-        did), and what the repository holds of jobs that did not complete."""
-        claimed = self._admission.claimed()
-        await self._chains.check(self._did_not_complete, claimed)
-        stored = await anyio.to_thread.run_sync(self._repository.stored_jobs)
-        for job_id in stored:
-            job = self._records.get(job_id)
-            if job is not None and job.state != JobState.COMPLETED and job.id not in claimed:
-                log.error("BUG: the repository holds a backup of a job that did not "
-                          "complete; removing it", job=job_id, state=job.state)
-                await anyio.to_thread.run_sync(self._repository.forget_job, job.domain,
-                                               job.consumer, job.id)
+    # Recovery's interface: how what an earlier run left becomes jobs again.
 
-    async def _take_in_unowned(self) -> None:
-        """Pull backups the source runs for jobs of ours that no record owns (the state
-        database was lost or replaced): rebuild each job from the source's word, so
-        that its appliance can read on and Finish it; end those that cannot be
-        rebuilt, as nobody could Finish them and each would block every Start of its
-        domain."""
-        for found in await self._source.unowned(
-                busy=lambda domain: self._admission.holder(domain) is not None):
-            if found.job_id in self._records or found.consumer is None:
-                log.error("ending a backup of pullbackd's that no job owns; its appliances "
-                          "must start again", domain=found.domain, job=found.job_id,
-                          checkpoints=found.checkpoints)
-                await self._source.end_unowned(found)
-                continue
-            # Taken in first, so that what is written into the domain's metadata later
-            # (when this job completes) holds the chains it carries.
-            await self._chains.take_in(found.domain, refused=self._did_not_complete)
-            name = checkpoint_name(found.consumer, found.job_id)
-            created = self._chains.after_newest(found.domain, found.consumer, found.created)
-            job = Job(found.job_id, found.domain, JobState.READY, "full", created,
-                      found.consumer, name)
-            disks = self._serving.disks(job, found.begun, found.sizes, {})
-            since = next((d.since for d in disks if d.since), None)
-            job = await self._records.save(dataclasses.replace(
-                job, mode="incremental" if since else "full", since=since, disks=disks))
-            await self._chains.add(Checkpoint(
-                name, found.domain, found.consumer, found.job_id, created,
-                CheckpointState.PENDING, found.bitmaps, found.checkpoint_xml,
-                tuple(d.name for d in disks if d.since is None)))
-            log.error("rebuilt a running backup the state database did not know (was the "
-                      "database lost?) from libvirt: appliances can read on and finish it",
-                      domain=found.domain, job=found.job_id, consumer=found.consumer)
-            self._admission.claim(found.domain, job.id)
-            self._running[job.id] = Running()
+    def requeue(self, job: Job, request: StartRequest) -> None:
+        """A job found queued waits in the queue again, in its order."""
+        self._admission.enqueue(job.domain, job.id, request)
+        self._running[job.id] = Running()
+
+    async def adopt(self, job: Job) -> None:
+        """A job found running (or rebuilt) is this run's: a ready one is served."""
+        self._admission.claim(job.domain, job.id)
+        self._running[job.id] = Running()
+        if job.state == JobState.READY:
             await self._serve(job)
+
+    async def fail_found(self, job: Job, error: str) -> Job:
+        """A job found that cannot go on (its backup ended, by the caller) fails."""
+        return await self._close(job, JobState.FAILED, error)
+
+    def claimed(self) -> set[str]:
+        """The jobs that hold their domains."""
+        return self._admission.claimed()
 
     @contextmanager
     def watch(self) -> Iterator[MemoryObjectReceiveStream[Change]]:

@@ -1,0 +1,154 @@
+"""Recovery: what a start of the daemon does with what an earlier run left, before it
+serves anyone.
+
+    queued    queued again from their stored requests (a job whose request is gone
+              fails; a request whose job left the queue is deleted)
+    jobs      adopted where the source still runs them (a ready pull job is served
+              again, a push runs on); failed, their backups ended, where they cannot
+              go on: a copy of pullbackd's own died with it, a starting job may have
+              left its guest frozen (thawed first), a pull job's exports are out of
+              reach
+    chains    chain.py's invariant checked (a checkpoint in a chain whose job did
+              not complete is rolled back), and what the repository holds of jobs
+              that did not complete removed
+    unowned   backups of ours the source runs for no job we know (the state database
+              was lost): rebuilt as ready jobs where their checkpoint names a consumer,
+              so that their appliances read on; ended otherwise
+    leftovers what backups of jobs that do not run left behind, swept
+
+It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`,
+`fail_found`), so that jobs.py's invariants hold as they do for any other change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+
+from . import quiesce
+from .model import Checkpoint, CheckpointState, Job, JobState, Kind, StartRequest, lost
+from .names import checkpoint_name
+
+if TYPE_CHECKING:
+    from .chain import Chains
+    from .jobs import Jobs
+    from .records import Records
+    from .repository import Repository
+    from .serving import Serving
+    from .source import BackupSource
+    from .state import Store
+
+log = structlog.get_logger()
+
+
+class Recovery:
+    def __init__(self, jobs: Jobs, records: Records, store: Store, source: BackupSource,
+                 chains: Chains, repository: Repository, serving: Serving) -> None:
+        self._jobs = jobs
+        self._records = records
+        self._store = store
+        self._source = source
+        self._chains = chains
+        self._repository = repository
+        self._serving = serving
+
+    async def run(self, keep_finished: float) -> None:
+        """Everything above, in that order; ended jobs older than `keep_finished`
+        seconds are forgotten first."""
+        self._records.load()
+        await self._records.forget_old(keep_finished)
+        await self._queued()
+        for job in [j for j in self._records.all()
+                    if not j.state.final and j.state != JobState.QUEUED]:
+            await self._found(job)
+        await self._check_chains()
+        await self._take_in_unowned()
+        # What a lost database or a crash of libvirtd left, of jobs that do not run (a
+        # job failed here had its own removed already).
+        await anyio.to_thread.run_sync(self._source.sweep, self._jobs.claimed())
+
+    async def _queued(self) -> None:
+        requests = self._store.load_requests()
+        queued = [j for j in self._records.all() if j.state == JobState.QUEUED]
+        for job_id in requests.keys() - {j.id for j in queued}:
+            # Its job left the queue and was recorded; a crash came before this went.
+            await self._store.delete_request(job_id)
+        for job in queued:
+            if job.id in requests:
+                self._jobs.requeue(job, StartRequest(**requests[job.id]))
+            else:
+                await self._jobs.fail_found(job, "its request was lost")
+
+    async def _found(self, job: Job) -> None:
+        """A job that had begun and not ended: adopted, or ended as failed."""
+        runs = await self._source.running(job)
+        if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
+            # Adopted, it could not be read: nothing reaches QEMU's exports.
+            await self._source.end(job)
+            await self._jobs.fail_found(job, (
+                "the source's NBD socket was removed while pullbackd was down (was its "
+                "runtime folder removed?); the appliance must start a new backup"))
+            return
+        # A copy of pullbackd's own died with it: such a job cannot be adopted.
+        if runs and (job.state == JobState.READY or (
+                job.state == JobState.RUNNING and job.kind == Kind.PUSH)):
+            await self._jobs.adopt(job)
+            log.info("adopted running backup", job=job.id, domain=job.domain)
+            return
+        if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline:
+            # A crash may have come while the guest was frozen (quiesce.py).
+            await quiesce.thaw(self._source, job, attempts=1)
+        await self._source.end(job)
+        await self._jobs.fail_found(job, lost(job, runs))
+
+    async def _check_chains(self) -> None:
+        """chain.py's invariant: a checkpoint is in a chain if and only if its job
+        completed. Also delete what an earlier run could not (or crashed before it
+        did), and what the repository holds of jobs that did not complete."""
+        claimed = self._jobs.claimed()
+        await self._chains.check(self._jobs.did_not_complete, claimed)
+        stored = await anyio.to_thread.run_sync(self._repository.stored_jobs)
+        for job_id in stored:
+            job = self._records.get(job_id)
+            if job is not None and job.state != JobState.COMPLETED and job.id not in claimed:
+                log.error("BUG: the repository holds a backup of a job that did not "
+                          "complete; removing it", job=job_id, state=job.state)
+                await anyio.to_thread.run_sync(self._repository.forget_job, job.domain,
+                                               job.consumer, job.id)
+
+    async def _take_in_unowned(self) -> None:
+        """Pull backups the source runs for jobs of ours that no record owns (the state
+        database was lost or replaced): rebuild each job from the source's word, so
+        that its appliance can read on and Finish it; end those that cannot be
+        rebuilt, as nobody could Finish them and each would block every Start of its
+        domain."""
+        for found in await self._source.unowned(
+                busy=lambda domain: self._jobs.active(domain) is not None):
+            if found.job_id in self._records or found.consumer is None:
+                log.error("ending a backup of pullbackd's that no job owns; its appliances "
+                          "must start again", domain=found.domain, job=found.job_id,
+                          checkpoints=found.checkpoints)
+                await self._source.end_unowned(found)
+                continue
+            # Taken in first, so that what is written into the domain's metadata later
+            # (when this job completes) holds the chains it carries.
+            await self._chains.take_in(found.domain, refused=self._jobs.did_not_complete)
+            name = checkpoint_name(found.consumer, found.job_id)
+            created = self._chains.after_newest(found.domain, found.consumer, found.created)
+            job = Job(found.job_id, found.domain, JobState.READY, "full", created,
+                      found.consumer, name)
+            disks = self._serving.disks(job, found.begun, found.sizes, {})
+            since = next((d.since for d in disks if d.since), None)
+            job = await self._records.save(dataclasses.replace(
+                job, mode="incremental" if since else "full", since=since, disks=disks))
+            await self._chains.add(Checkpoint(
+                name, found.domain, found.consumer, found.job_id, created,
+                CheckpointState.PENDING, found.bitmaps, found.checkpoint_xml,
+                tuple(d.name for d in disks if d.since is None)))
+            log.error("rebuilt a running backup the state database did not know (was the "
+                      "database lost?) from libvirt: appliances can read on and finish it",
+                      domain=found.domain, job=found.job_id, consumer=found.consumer)
+            await self._jobs.adopt(job)
