@@ -90,8 +90,8 @@ def test_full_and_five_incrementals_into_the_repository(
 
 def test_a_disk_grown_between_two_backups_is_backed_up_at_its_new_size(
         lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
-    """The grown part is in the backup (its scratch file, made by pullbackd, is of the
-    disk's size now: libvirt 9.0 dies when QEMU refuses one of another size)."""
+    """The grown part is in the backup: its scratch file, made by pullbackd, is of the
+    disk's size now (libvirt 9.0 can die when QEMU refuses one of another size)."""
     vdb = Disk(lab, "lab2", "vdb")
     vdb.write(MiB, 256 * 1024, 0x61)
     start = {"domain": "lab2", "disks": ["vdb"], "consumer": "resized", "destination": "local"}

@@ -216,8 +216,9 @@ class LibvirtSource:
         live = xml.parse_live(dom.xml)
         chosen, skip = select_disks(domain, live.disks, wanted)
         # Asked each time, though it costs libvirt and QEMU 3 ms of CPU per disk: a size
-        # kept from an earlier backup would be wrong after a resize, and libvirt 9.0 dies
-        # (a segfault) when QEMU refuses a scratch file of another size than its disk's.
+        # kept from an earlier backup would be wrong after a resize, and when QEMU refuses
+        # a scratch file of another size than its disk's, libvirt 9.0 can die (a segfault
+        # in its error path, seen twice in the lab while other calls reached the domain).
         sizes = await self._virt.capacities(domain, chosen)
         full = {d.target: why for d in live.disks if d.target in chosen and (why := d.no_bitmap)}
         return Plan(tuple(chosen), skip, sizes, full, agent=live.agent_connected,
