@@ -20,8 +20,10 @@ compare`; the guests are idle). virtnbdbackup's are not this benchmark's to chec
 
 It prints the seconds of each side, their ratio, what each Start took to answer
 (median, max), the CPU time per domain of pullbackd's side by process (libvirtd, the
-domains' QEMUs, the daemon, its writer), what libvirt alone spends on a backup (`floor`)
-and the daemon's peak RSS; and writes bench/night.json. Targets at
+domains' QEMUs, the daemon, its writer), how busy the machine's CPUs were meanwhile and
+what share of them the hypervisor gave to others (steal: these are shared vCPUs), what
+libvirt alone spends on a backup (`floor`) and the daemon's peak RSS; and writes
+bench/night.json. Targets at
 N = 32 (issue "a host's whole night"): incremental at least 30 times faster than
 virtnbdbackup, full at least 8 times, RSS under 100 MiB.
 """
@@ -72,6 +74,10 @@ class Side:
     starts_max_ms: float
     #: CPU time per domain of pullbackd's side, by process (`cpu_seconds`).
     cpu_ms: dict[str, float]
+    #: While pullbackd's side ran, the share of all the machine's CPUs' time that was busy,
+    #: and the share the hypervisor gave to others (steal; `machine`).
+    busy: float
+    stolen: float
 
     @property
     def ratio(self) -> float:
@@ -169,6 +175,14 @@ def cpu_seconds(daemon_pid: int) -> dict[str, float]:
             continue
         spent[group] = spent.get(group, 0.0) + cpu
     return spent
+
+
+def machine() -> tuple[int, int, int]:
+    """The machine's CPU time so far, in ticks (/proc/stat): busy, stolen, all."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return busy, steal, busy + steal + idle + iowait
 
 
 def _one(pids: list[int], what: str) -> int:
@@ -291,9 +305,10 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
                         str(LAB), "--dir", str(lab_dir), "scatter", dw[0], "vda",
                         str(size.writes), str(64 << 10), "0xd2", "--seed", str(dw[1])), write))
             with paused(uri, twins):
-                before = cpu_seconds(pid)
+                before, ticks = cpu_seconds(pid), machine()
                 seconds, starts = backup_all(daemon_dir / "control.sock", ours, mode)
-                after = cpu_seconds(pid)
+                after, busy, stolen, total = cpu_seconds(pid), *(
+                    b - a for a, b in zip(ticks, machine(), strict=True))
             cpu = {k: round((v - before.get(k, 0.0)) * 1000 / n, 1) for k, v in after.items()}
             log(f"{mode}: pullbackd {seconds:.2f} s")
             with paused(uri, ours):
@@ -302,7 +317,8 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
             for domain in ours:
                 check(uri, lab_dir, repository, domain)
             sides.append(Side(mode, seconds, theirs, statistics.median(starts) * 1000,
-                              max(starts) * 1000, cpu))
+                              max(starts) * 1000, cpu, round(busy / total, 3),
+                              round(stolen / total, 3)))
         alone = floor(uri, twins[0], work, 3 if smoke else 40)
         rss = peak_rss_mib(pid)
     print(f"{'':12} {'pullbackd':>10} {'virtnbdbackup':>14} {'ratio':>7} "
@@ -313,6 +329,9 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
     for s in sides:
         print(f"{s.mode:12} CPU per domain: " + ", ".join(
             f"{k} {v:.1f} ms" for k, v in sorted(s.cpu_ms.items(), key=lambda kv: -kv[1])))
+    for s in sides:
+        print(f"{s.mode:12} the machine's CPUs meanwhile: {s.busy:.0%} busy, {s.stolen:.0%} "
+              "stolen by the hypervisor")
     print("libvirt alone, per backup (backupBegin with its checkpoint, its end, the checkpoint "
           "before it deleted): " + ", ".join(f"{k} {v:.1f} ms" for k, v in alone.items()))
     print(f"daemon peak RSS {rss:.1f} MiB; every backup of pullbackd's compared equal")
