@@ -23,9 +23,8 @@ It prints the seconds of each side, their ratio, what each Start took to answer
 domains' QEMUs, the daemon, its writer), how busy the machine's CPUs were meanwhile and
 what share of them the hypervisor gave to others (steal: these are shared vCPUs), what
 libvirt alone spends on a backup (`floor`) and the daemon's peak RSS; and writes
-bench/night.json. Targets at
-N = 32 (issue "a host's whole night"): incremental at least 30 times faster than
-virtnbdbackup, full at least 8 times, RSS under 100 MiB.
+bench/night.json. Targets at N = 32 (issue "a host's whole night"): incremental at least
+30 times faster than virtnbdbackup, full at least 8 times, RSS under 100 MiB.
 """
 
 from __future__ import annotations
@@ -307,8 +306,8 @@ def main(work: Path, n: int, smoke: bool, output: Path | None) -> int:
             with paused(uri, twins):
                 before, ticks = cpu_seconds(pid), machine()
                 seconds, starts = backup_all(daemon_dir / "control.sock", ours, mode)
-                after, busy, stolen, total = cpu_seconds(pid), *(
-                    b - a for a, b in zip(ticks, machine(), strict=True))
+                after = cpu_seconds(pid)
+                busy, stolen, total = (b - a for a, b in zip(ticks, machine(), strict=True))
             cpu = {k: round((v - before.get(k, 0.0)) * 1000 / n, 1) for k, v in after.items()}
             log(f"{mode}: pullbackd {seconds:.2f} s")
             with paused(uri, ours):
