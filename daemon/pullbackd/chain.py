@@ -34,6 +34,7 @@ pullbackd takes it in again.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as _replace
@@ -86,7 +87,7 @@ class Chains:
         self.keep = keep
         self._checkpoints: dict[str, Checkpoint] = {c.name: c for c in store.load_checkpoints()}
         #: domain -> held while its chains are written into its metadata.
-        self._mirroring: dict[str, anyio.Lock] = {}
+        self._mirroring: defaultdict[str, anyio.Lock] = defaultdict(anyio.Lock)
 
     def of(self, domain: str, consumer: str | None = None) -> list[Checkpoint]:
         """The confirmed checkpoints of a domain (one consumer's, or all), oldest first."""
@@ -205,8 +206,7 @@ class Chains:
         """Write the domain's confirmed chains into its own metadata, so that they travel
         with it (a migration) and any pullbackd can take them in. Failing only costs a
         full backup after a move: it is logged, not raised."""
-        lock = self._mirroring.get(domain) or self._mirroring.setdefault(domain, anyio.Lock())
-        async with lock:
+        async with self._mirroring[domain]:
             entries = [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
                                       None if c.xml is None else xml.without_domain(c.xml),
                                       c.full)

@@ -28,6 +28,7 @@ Invariants, checked at every start (`recover`):
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class Jobs:
         #: Jobs that have not ended, by id.
         self._running: dict[str, Running] = {}
         #: domain -> the lock of what changes its checkpoints: Start, DeleteChain.
-        self._chain_locks: dict[str, anyio.Lock] = {}
+        self._chain_locks: defaultdict[str, anyio.Lock] = defaultdict(anyio.Lock)
         #: Queued jobs start one at a time, in their order (anyio's lock is fair).
         self._starting_queued = anyio.Lock()
         #: Where copies, endpoints and event handling run: follow_events's task group.
@@ -718,7 +719,7 @@ class Jobs:
 
     def _chain_lock(self, domain: str) -> anyio.Lock:
         """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
-        return self._chain_locks.setdefault(domain, anyio.Lock())
+        return self._chain_locks[domain]
 
 
 class _Sink:

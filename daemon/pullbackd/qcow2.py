@@ -44,12 +44,12 @@ def empty(size: int, backing: str | None = None) -> bytes:
     if not backing or "\0" in backing:
         raise ImageError(f"not a backing file name: {backing!r}")
     name = backing.encode()
-    placeholder = _placeholder(len(name)).encode()
-    template = _made(size, placeholder.decode())
-    if template.count(placeholder) != 1:
+    placeholder = _placeholder(len(name))
+    template = _made(size, placeholder)
+    if template.count(placeholder.encode()) != 1:
         # Too short a name to be told apart from the rest: made for it alone.
         return _made(size, backing)
-    at = template.index(placeholder)
+    at = template.index(placeholder.encode())
     return template[:at] + name + template[at + len(name):]
 
 

@@ -250,7 +250,7 @@ class Writer:
     def cluster(self) -> int | None:
         """Bytes every write into it must cover whole (writers.py), if any: a file over a
         backing file is written with its backing chain shut."""
-        return writers.CLUSTER if self.manifest.backing is not None else None
+        return qcow2.CLUSTER if self.manifest.backing is not None else None
 
     @property
     def partial(self) -> Path:

@@ -11,7 +11,7 @@ incremental backup (`perf` over `scripts/bench --night`), their start and their 
 
 For each file, which the caller made an empty qcow2 image (qcow2.py: of the disk's size,
 naming its backing file by a name relative to it, so the folder can move as a whole),
-in clusters of `CLUSTER` bytes:
+in clusters of `qcow2.CLUSTER` bytes:
 
 1. a `qcow2` node opens it alone, its backing chain left shut, through a `file` node of
    its own, past the page cache where `direct` (see repository.image_server), and never
@@ -48,10 +48,7 @@ import anyio
 from . import names, qemu_nbd
 from .model import nbd_url
 from .names import Served
-from .qcow2 import CLUSTER
 from .qsd import PROGRAM, Monitor, StorageDaemonError
-
-__all__ = ["CLUSTER", "Opened", "Writers"]
 
 
 @dataclass(frozen=True)
