@@ -11,6 +11,7 @@ database and the same source, as after `kill -9`.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from pullbackd import errors, quiesce
 from pullbackd.admission import Admission
@@ -814,6 +817,40 @@ async def test_a_push_ends_with_the_sources_word(
         else:
             assert rig.chain() == [] and rig.checkpoints() == []
             assert files(push_dir) == []
+
+
+async def test_a_push_whose_end_cannot_be_recorded_yet_ends_once_it_can(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    """libvirt's word on a push comes with nobody waiting for it: if its end cannot be
+    recorded (another process holds the state database), pullbackd tries again, and
+    every other job goes on."""
+    async with running(tmp_path, source) as rig:
+        push = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        pull = await rig.jobs.start(StartRequest("d2"))
+        holder = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        retrying = anyio.Event()
+
+        def tell(_logger: object, _method: str, event: structlog.typing.EventDict
+                 ) -> structlog.typing.EventDict:
+            if event["event"] == "could not end a job; trying again":
+                retrying.set()
+            return event
+
+        try:
+            with capture_logs(processors=[tell]):
+                holder.execute("BEGIN EXCLUSIVE")
+                source.ended("d1", success=True)
+                with anyio.fail_after(60):
+                    await retrying.wait()
+                assert rig.jobs.get(push.id).state == JobState.RUNNING
+                holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        done = await ended(rig.jobs, push.id)
+        assert done.state == JobState.COMPLETED and rig.chain() == [push.checkpoint]
+        assert files(push_dir) == [f"{push.id}.vda.qcow2", f"{push.id}.vdb.qcow2"]
+        assert rig.jobs.get(pull.id).state == JobState.READY
+        assert (await rig.jobs.finish(pull.id)).state == JobState.COMPLETED
 
 
 async def test_a_push_that_ends_before_start_returns(

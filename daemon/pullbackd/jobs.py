@@ -634,6 +634,13 @@ class Jobs:
                 reason = f"the backup ended without pullbackd ({error or e})"
             await self._fail(job_id, reason)
             return
+        state = JobState.COMPLETED if success else JobState.FAILED
+        why = None if success else error or "libvirt: push failed"
+        await self._until_ended(job_id, lambda: self._push_ended(job_id, state, why),
+                                state=state, reason=why)
+
+    async def _push_ended(self, job_id: str, state: JobState, reason: str | None) -> None:
+        """Record the outcome libvirt gave a push (its backup has ended: nothing to end)."""
         running = self._running.get(job_id)
         if running is None:
             return
@@ -642,27 +649,30 @@ class Jobs:
             if job.state != JobState.RUNNING:
                 return
             with anyio.CancelScope(shield=True):  # the outcome must be recorded
-                if success:
-                    await self._close(job, JobState.COMPLETED, None)
-                else:
-                    await self._close(job, JobState.FAILED, error or "libvirt: push failed")
+                await self._close(job, state, reason)
 
     async def _fail(self, job_id: str, reason: str) -> None:
         await self._end_quietly(job_id, JobState.FAILED, reason)
 
     async def _end_quietly(self, job_id: str, state: JobState, reason: str | None, *,
                            copied: bool = False) -> None:
-        """End a job nobody is waiting on (`_end`). An error can only be logged, and the
-        end tried again (a job that cannot end holds its domain): after 1, 2, 4... s, at
-        most a minute apart, until it ended."""
+        """End a job nobody is waiting on (`_end`)."""
+        await self._until_ended(job_id, lambda: self._end(job_id, state, reason, copied=copied),
+                                state=state, reason=reason)
+
+    async def _until_ended(self, job_id: str, end: Callable[[], Awaitable[object]],
+                           **context: object) -> None:
+        """Run `end` for a job nobody is waiting on, where an error can only be logged:
+        it is tried again (a job that cannot end holds its domain) after 1, 2, 4... s,
+        at most a minute apart, until it ended."""
         delay = 1.0
         while True:
             try:
-                await self._end(job_id, state, reason, copied=copied)
+                await end()
                 return
             except Exception:
-                log.exception("could not end a job; trying again", job=job_id, state=state,
-                              reason=reason, seconds=delay)
+                log.exception("could not end a job; trying again", job=job_id, seconds=delay,
+                              **context)
             await anyio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
