@@ -395,14 +395,16 @@ def test_only_files_pullbackd_wrote_are_read(tmp_path: Path) -> None:
 Write = tuple[int, int, int | None]  # offset, length, byte (None: zeroes)
 
 
-def chain(repository: Repository, steps: list[list[Write]]) -> list[Manifest]:
-    """Backups of lab1's vda, a full and then incrementals, each writing its step's
-    writes (apart) through the repository's own writer as the engine writes them: into
-    an incremental in whole clusters (stream.whole_clusters), what a cluster holds beside
-    a write read from the disk as it is; zeroes as NBD zero writes; with their regions."""
+def chain(repository: Repository, steps: list[list[Write]], base: Manifest | None = None,
+          before: bytes = bytes(SIZE)) -> list[Manifest]:
+    """Backups of lab1's vda, a full and then incrementals (or only incrementals, over
+    `base`, of a disk that held `before`), each writing its step's writes (apart)
+    through the repository's own writer as the engine writes them: into an incremental
+    in whole clusters (stream.whole_clusters), what a cluster holds beside a write read
+    from the disk as it is; zeroes as NBD zero writes; with their regions."""
     async def run() -> list[Manifest]:
-        manifests: list[Manifest] = []
-        disk = bytearray(SIZE)
+        manifests: list[Manifest] = [base] if base else []
+        disk = bytearray(before)
         for n, writes in enumerate(steps):
             writer = await repository.begin("lab1", "c", "vda", SIZE, f"j{n}", f"cp{n}", "t",
                                             manifests[-1] if manifests else None)
@@ -421,7 +423,7 @@ def chain(repository: Repository, steps: list[list[Write]]) -> list[Manifest]:
                 disk[p.offset:p.offset + p.length])) for p in pieces]
             manifests.append(await repository.commit(writer))
         await repository.close()
-        return manifests
+        return manifests[1:] if base else manifests
     return anyio.run(run)
 
 
@@ -582,6 +584,38 @@ def test_a_chain_longer_than_one_server_restores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verifying, "FILES_PER_SERVER", 2)
     test_a_chain_restores_at_every_point(tmp_path)
+
+
+def test_backups_are_numbered_on_past_9999(tmp_path: Path) -> None:
+    """A chain in use for long (a backup every 15 minutes for 104 days) reaches number
+    10000: it is newer than 9999, the next one builds on it, every point restores, and a
+    prune drops the oldest."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    [full] = chain(repository, [[(0, MiB, 0x10)]])
+    folder = repository.folder("lab1", "c", "vda")
+    # That full backup, as number 9999 of the chain.
+    (folder / full.file).rename(folder / names.backup_name(9999))
+    names.manifest(folder, full.sequence).rename(names.manifest(folder, 9999))
+    old = json.loads(names.manifest(folder, 9999).read_text())
+    names.manifest(folder, 9999).write_text(json.dumps(old | {"sequence": 9999}))
+    oldest = repository.at("lab1", "c", "vda", None)
+    assert oldest.file == "9999.qcow2"
+    steps: list[list[Write]] = [[(MiB, 64 << 10, 0x20)], [(2 * MiB, 64 << 10, 0x30)],
+                                [(MiB, 64 << 10, None)]]
+    before = bytes([0x10]) * MiB + bytes(SIZE - MiB)
+    newer = chain(repository, steps, base=oldest, before=before)
+    assert [(m.sequence, m.backing) for m in newer] == [
+        (10000, "9999.qcow2"), (10001, "10000.qcow2"), (10002, "10001.qcow2")]
+    assert [m.sequence for m in repository.manifests("lab1", "c", "vda")] == [
+        9999, 10000, 10001, 10002]
+    expected = bytearray(before)
+    for manifest, writes in zip(newer, steps, strict=True):
+        for offset, length, byte in writes:
+            expected[offset:offset + length] = bytes([byte or 0]) * length
+        assert_restores(repository, manifest, bytes(expected), tmp_path)
+    dropped = anyio.run(repository.prune, "lab1", "c", "vda", 2)
+    assert [m.sequence for m in dropped] == [9999, 10000]
+    assert_restores(repository, newer[-1], bytes(expected), tmp_path)
 
 
 def test_an_incremental_of_changes_finer_than_a_cluster_restores_exactly(

@@ -299,8 +299,10 @@ def temporary(path: Path) -> Path:
 
 
 def manifests(folder: Path) -> list[Path]:
-    """The manifests in a disk folder, oldest first."""
-    return sorted(folder.glob(MANIFESTS))
+    """The manifests in a disk folder, oldest first: by number, not by name (10000
+    comes after 9999)."""
+    return sorted((p for p in folder.glob(MANIFESTS) if p.stem.isdigit()),
+                  key=lambda p: int(p.stem))
 
 
 def partials(folder: Path) -> Iterator[Path]:
