@@ -71,3 +71,24 @@ def test_a_name_that_is_no_file_name_is_refused(backing: str) -> None:
 def test_a_size_qemu_img_would_round_is_refused(size: int) -> None:
     with pytest.raises(qcow2.ImageError, match="512-byte sectors"):
         qcow2.empty(size)
+
+
+@pytest.mark.parametrize("backing", [None, "0001.qcow2", "10000.qcow2", "ünï.qcow2"])
+def test_the_backing_file_is_read_from_the_header(tmp_path: Path, backing: str | None) -> None:
+    image = tmp_path / "image.qcow2"
+    image.write_bytes(qcow2.empty(1 << 20, backing))
+    assert qcow2.backing_file(image) == backing
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info.get("backing-filename") == backing
+
+
+def test_a_file_that_is_no_qcow2_image_has_no_backing_file_to_read(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.write_bytes(bytes(4096))
+    with pytest.raises(qcow2.ImageError):
+        qcow2.backing_file(raw)
+    link = tmp_path / "link"
+    link.symlink_to(raw)
+    with pytest.raises(OSError):
+        qcow2.backing_file(link)

@@ -545,6 +545,29 @@ def test_flattened_backups_still_verify(tmp_path: Path) -> None:
         f"0003.qcow2: {region.length} bytes at {region.offset} differ from what was written"])
 
 
+def test_a_prune_cut_short_after_flattening_still_restores_the_zeroes(tmp_path: Path) -> None:
+    """A crash between a prune's two steps (`prune.flattened`: a kept backup replaced by
+    its flattened copy, its manifest not yet rewritten) leaves a manifest naming a
+    backing file the file no longer reads through: what the backup holds as zeroes
+    over older data restores as zeroes, not as the older data."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    full, incremental = chain(repository, [[(0, MiB, 0x10)], [(0, 64 << 10, None)]])
+    folder = repository.folder("lab1", "c", "vda")
+    before = {name: (folder / name).read_bytes()
+              for name in (full.file, "0001.json", "0002.json")}
+    assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
+    for name, data in before.items():  # what the crash left: all but the new manifest
+        (folder / name).write_bytes(data)
+    repository.recover()
+    stale = repository.at("lab1", "c", "vda", incremental.checkpoint)
+    assert stale.backing == full.file
+    expected = bytes(64 << 10) + bytes([0x10]) * (MiB - (64 << 10)) + bytes(SIZE - MiB)
+    assert_restores(repository, stale, expected, tmp_path)
+    assert verify_all(repository) == (2, [])
+    assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
+    assert_restores(repository, repository.at("lab1", "c", "vda", None), expected, tmp_path)
+
+
 def test_recover_ends_an_earlier_runs_verify_server(tmp_path: Path) -> None:
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
     manifests = chain(repository, many(2))

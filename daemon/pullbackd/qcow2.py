@@ -18,8 +18,10 @@ events, and the file node it writes through).
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import string
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,6 +53,31 @@ def empty(size: int, backing: str | None = None) -> bytes:
         return _made(size, backing)
     at = template.index(placeholder.encode())
     return template[:at] + name + template[at + len(name):]
+
+
+#: A qcow2 header's start: magic, version, where the backing file's name is and its length.
+_HEADER = struct.Struct(">4sIQI")
+_MAGIC = b"QFI\xfb"
+
+
+def backing_file(image: Path) -> str | None:
+    """The name of the backing file a qcow2 image reads through, as its header names it
+    (None for a standalone image); never through a symlink. Raises ImageError if the
+    file is no qcow2 image, OSError if it cannot be read. Blocks."""
+    fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        magic, _version, offset, length = _HEADER.unpack(os.pread(fd, _HEADER.size, 0)
+                                                         .ljust(_HEADER.size, b"\0"))
+        if magic != _MAGIC:
+            raise ImageError(f"{image} is no qcow2 image")
+        if not offset:
+            return None
+        name = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(name) != length:
+        raise ImageError(f"{image} is cut short in its backing file's name")
+    return name.decode(errors="surrogateescape")
 
 
 @functools.lru_cache(maxsize=8)

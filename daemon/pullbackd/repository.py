@@ -556,18 +556,31 @@ class Repository:
     def _chain(self, manifest: Manifest) -> list[tuple[Path, int]]:
         """The files a backup reads through, newest first, each with its disk's size
         (those of its manifest and of the manifests of its backing files); raises
-        RepositoryError if one is missing or not ours."""
+        RepositoryError if one is missing or not ours.
+
+        Each file's backing file is the one its own header names, not its manifest's
+        `backing`: the file is what a read finds, and a prune cut short between
+        replacing a file by its flattened copy and rewriting its manifest leaves a
+        manifest naming a backing file the file no longer reads through (its zeroes
+        would be filled from there)."""
         folder = self.folder(manifest.domain, manifest.consumer, manifest.disk)
         backups = {m.file: m for m in self.manifests(manifest.domain, manifest.consumer,
                                                      manifest.disk)}
         chain: list[tuple[Path, int]] = []
         m: Manifest | None = manifest
         while m is not None:
-            chain.append((owned(folder / m.file), m.size))
-            if m.backing is not None and m.backing not in backups:
-                raise RepositoryError(str(folder / m.backing), "missing: the backing file "
-                                                               f"of {m.file} has no manifest")
-            m = backups[m.backing] if m.backing is not None else None
+            path = owned(folder / m.file)
+            if any(path == p for p, _ in chain):
+                raise RepositoryError(str(path), "its backing chain loops back to it")
+            chain.append((path, m.size))
+            try:
+                backing = qcow2.backing_file(path)
+            except (OSError, qcow2.ImageError) as e:
+                raise RepositoryError(str(path), f"cannot read its header: {e}") from None
+            if backing is not None and backing not in backups:
+                raise RepositoryError(str(folder / backing), "missing: the backing file "
+                                                             f"of {m.file} has no manifest")
+            m = backups[backing] if backing is not None else None
         return chain
 
     async def _fill(self, layers: list[tuple[Path, int]], destination: str, token: str,
