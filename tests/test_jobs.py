@@ -819,6 +819,31 @@ async def test_a_push_ends_with_the_sources_word(
             assert files(push_dir) == []
 
 
+async def test_a_start_whose_endpoint_cannot_open_ends_what_it_began(
+        tmp_path: Path, source: FakeSource) -> None:
+    """The backup began, and then its endpoint could not open (the exports folder went
+    away): the Start fails, and with it the backup and its checkpoint; the domain is
+    free, and nobody can complete the job into the chain."""
+    stall = source.stall("exports")
+    async with running(tmp_path, source) as rig:
+        async with anyio.create_task_group() as tg:
+            async def start() -> None:
+                with pytest.raises(OSError):
+                    await rig.jobs.start(StartRequest("d1"))
+            tg.start_soon(start)
+            await stall.reached.wait()
+            rig.exports.dir.rename(tmp_path / "gone")
+            stall.release()
+        [job] = rig.jobs.all()
+        assert job.state == JobState.FAILED and "could not be read" in str(job.error)
+        assert "d1" not in source.backups and rig.checkpoints() == [] and rig.chain() == []
+        assert rig.jobs.active("d1") is None
+        assert (await rig.jobs.finish(job.id)).state == JobState.FAILED  # as it ended
+        (tmp_path / "gone").rename(rig.exports.dir)
+        again = await rig.jobs.start(StartRequest("d1"))
+        assert again.state == JobState.READY
+
+
 async def test_a_push_whose_end_cannot_be_recorded_yet_ends_once_it_can(
         tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
     """libvirt's word on a push comes with nobody waiting for it: if its end cannot be

@@ -316,8 +316,17 @@ class Jobs:
                 files, record = await self._capture(job, plan)
                 begun = await self._source.exports(job, bases)
                 job = self._started(job, begun, bases, plan.sizes)
+                if job.kind == Kind.STREAM:
+                    self._copy(job, files)
+                elif job.kind == Kind.PULL:
+                    await self._serve(job)
+                # With libvirt's XML of its checkpoint and the domain's files, in one
+                # transaction (a crash before it fails the job at the next start, and
+                # deletes the checkpoint by name).
+                job = await self._records.save(job, checkpoint, files=record)
             except Exception as e:
                 error = f"the backup started but could not be read: {e}"
+                await self._unstart(job)
                 try:
                     await self._source.end(job)
                 except Exception as end_error:
@@ -327,20 +336,27 @@ class Jobs:
                 await self._discard_checkpoint(job)
                 await self._records.save(job.failed(error))
                 raise
-            if job.kind == Kind.STREAM:
-                self._copy(job, files)
-            elif job.kind == Kind.PULL:
-                await self._serve(job)
-            # With libvirt's XML of its checkpoint and the domain's files, in one
-            # transaction (a crash before it fails the job at the next start, and deletes
-            # the checkpoint by name).
-            job = await self._records.save(job, checkpoint, files=record)
             self._chains.recorded(checkpoint)
             crash.point("start.ready")
         log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
                  consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
                  destination=job.destination)
         return self._view(job)
+
+    async def _unstart(self, job: Job) -> None:
+        """Undo what a Start that failed late had set going: its copy stopped (and what
+        it stored removed), its endpoint closed. Nobody read from it yet."""
+        running = self._running[job.id]
+        if running.copy is not None:
+            await running.copy.stop()
+            running.copy = None
+        if running.served is not None:
+            await running.served.close()
+            running.served = None
+        await self._serving.remove(job.id)
+        if job.local:
+            await anyio.to_thread.run_sync(self._repository.forget_job, job.domain,
+                                           job.consumer, job.id)
 
     async def _bases(self, request: StartRequest, plan: Plan) -> dict[str, Base]:
         """What each disk's backup starts from (chain.py), or why it is full."""
@@ -522,8 +538,9 @@ class Jobs:
             job = self._records[job_id]
             if job.state.final:
                 return job  # Finish and Abort are idempotent
-            if state == JobState.COMPLETED and job.state in (
-                    JobState.RUNNING, JobState.QUEUED) and not copied:
+            readable = job.state == JobState.READY or (copied and job.state == JobState.RUNNING)
+            if state == JobState.COMPLETED and not readable:
+                # Only what an appliance could read, or our copy stored, completes.
                 raise JobNotReady(job.id, job.state)
             if job.state == JobState.QUEUED:
                 self._admission.unqueue(job.id)
