@@ -11,6 +11,7 @@ database and the same source, as after `kill -9`.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -756,6 +757,47 @@ async def test_get_shows_the_scratch_the_source_reports(
         assert (vda.scratch or 0) >= 8192 and vdb.scratch == 0
         done = await rig.jobs.finish(job.id)
         assert (await rig.jobs.details(done.id)).scratch is None  # ended: not asked
+
+
+async def test_a_completed_backup_stays_completed_when_libvirt_is_busy_after_its_end(
+        tmp_path: Path, source: FakeSource) -> None:
+    """Finish recorded the job completed; then the domain's metadata could not be written
+    (another libvirt job held the domain for 30 s): the job is completed all the same,
+    its checkpoint in the chain, the domain free; the metadata follows at the next end."""
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", consumer="c"))
+        rig.virt.errors["set_metadata"] = errors.DomainBusy("d1", "migration")
+        done = await rig.jobs.finish(job.id)
+        assert done.state == JobState.COMPLETED and rig.chain() == [job.checkpoint]
+        assert rig.jobs.active("d1") is None
+        assert [j.state for j in rig.store.load_jobs()] == [JobState.COMPLETED]
+        del rig.virt.errors["set_metadata"]
+        assert (await rig.jobs.finish(job.id)).state == JobState.COMPLETED  # idempotent
+        second = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1",
+                                                                          consumer="c"))).id)
+        assert rig.chain() == [job.checkpoint, second.checkpoint]
+        assert second.checkpoint in rig.virt.metadata_xmls["d1"]
+
+
+async def test_a_chain_deletion_cut_short_is_not_undone_by_the_domains_metadata(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A crash after DeleteChain marked a checkpoint for deletion and before it rewrote
+    the domain's metadata: the next start deletes it and takes it out of the metadata,
+    so that no later Start takes it in again from there."""
+    async with running(tmp_path, source) as rig:
+        first = await rig.jobs.finish((await rig.jobs.start(StartRequest(
+            "d1", consumer="c"))).id)
+        assert first.checkpoint in rig.virt.metadata_xmls["d1"]
+        [listed] = [c for c in rig.chains.all() if c.name == first.checkpoint]
+    store = Store(tmp_path / "state.db")  # what the crash left in the database
+    await store.save_checkpoint(dataclasses.replace(listed, state=CheckpointState.DISCARD))
+    store.close()
+    async with running(tmp_path, source) as rig:
+        assert rig.checkpoints() == [] and rig.chain(consumer="c") == []
+        assert first.checkpoint not in rig.virt.metadata_xmls.get("d1", "")
+        job = await rig.jobs.start(StartRequest("d1", consumer="c"))
+        assert rig.chain(consumer="c") == []
+        assert [d.mode for d in job.disks] == ["full", "full"]
 
 
 async def test_running_failing_at_a_restart_stops_the_recovery_and_changes_nothing(

@@ -46,7 +46,7 @@ import anyio
 import structlog
 
 from . import bitmaps, crash, xml
-from .errors import InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
+from .errors import DomainBusy, InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
 from .model import Checkpoint, CheckpointState, timestamp
 from .names import CONSUMER, DEFAULT_CONSUMER, PREFIX, checkpoint_name
 from .virt import BrokenBitmap, Domain, ShutOff, Virt
@@ -214,7 +214,7 @@ class Chains:
             try:
                 await self._virt.set_metadata(domain, xml.chains(entries) if entries else None,
                                               "pullbackd", xml.CHAINS_NS)
-            except (LibvirtError, NoSuchDomain) as e:
+            except (LibvirtError, NoSuchDomain, DomainBusy) as e:
                 log.warning("cannot write the chains into the domain's metadata",
                             domain=domain, error=str(e))
 
@@ -261,9 +261,11 @@ class Chains:
         """Delete a checkpoint whose backup was not confirmed. If libvirt cannot
         now, remember to try again: it is never used as a base meanwhile.
         `mirrored`: whether the domain's metadata may list it (default: if it was
-        in a chain); then the metadata is rewritten without it."""
+        in a chain, or may have been: one found marked for deletion, by a deletion a
+        crash cut short before the metadata was rewritten); then the metadata is
+        rewritten without it, or a start would take it in again from there."""
         if mirrored is None:
-            mirrored = c.state == CheckpointState.COMPLETE
+            mirrored = c.state != CheckpointState.PENDING
         if c.state != CheckpointState.DISCARD:
             # Out of the chain before anything else: never a base from here on.
             await self._save(_replace(c, state=CheckpointState.DISCARD))

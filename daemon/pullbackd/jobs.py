@@ -593,13 +593,21 @@ class Jobs:
         job = await self._records.save(job, checkpoint, show=False)
         crash.point("end.recorded")
         if checkpoint is not None:
-            await self._chains.settle(checkpoint)
+            try:
+                await self._chains.settle(checkpoint)
+            except Exception:
+                # The outcome is recorded and stays: trying the end again would decide it
+                # anew. A checkpoint to delete is deleted at the next start (or the
+                # domain's next backup); a chain to trim, at its next backup.
+                log.exception("cannot carry out the checkpoint's fate yet", job=job.id,
+                              checkpoint=checkpoint.name, state=checkpoint.state)
         # Shown once libvirt has followed it (the checkpoint deleted, or in the chain and
         # the domain's metadata): whoever sees the end can start the next backup.
         self._records.show(job)
         self._release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
-        await self._records.forget_old(self._keep_finished)
+        with _logged("cannot forget old jobs (the next end tries again)"):
+            await self._records.forget_old(self._keep_finished)
         return job
 
     def _release(self, job_id: str, domain: str) -> None:
