@@ -142,12 +142,16 @@ class Recovery:
                       found.consumer, name)
             disks = self._serving.disks(job, found.begun, found.sizes, {})
             since = next((d.since for d in disks if d.since), None)
-            job = await self._records.save(dataclasses.replace(
-                job, mode="incremental" if since else "full", since=since, disks=disks))
-            await self._chains.add(Checkpoint(
+            checkpoint = Checkpoint(
                 name, found.domain, found.consumer, found.job_id, created,
                 CheckpointState.PENDING, found.bitmaps, found.checkpoint_xml,
-                tuple(d.name for d in disks if d.since is None)))
+                tuple(d.name for d in disks if d.since is None))
+            # In one transaction, as a Start records them: a job adopted without its
+            # checkpoint would complete with nothing joining the chain.
+            job = await self._records.save(dataclasses.replace(
+                job, mode="incremental" if since else "full", since=since, disks=disks),
+                checkpoint)
+            self._chains.recorded(checkpoint)
             log.error("rebuilt a running backup the state database did not know (was the "
                       "database lost?) from libvirt: appliances can read on and finish it",
                       domain=found.domain, job=found.job_id, consumer=found.consumer)
