@@ -354,7 +354,8 @@ def test_recover_kills_a_server_that_ignores_sigterm(
 def test_a_qemu_nbd_that_cannot_start_fails_at_once(tmp_path: Path) -> None:
     repository, image = stored_backup(tmp_path, {"regions": []})
     [manifest] = repository.manifests("lab1", "c", "vda")
-    image.write_bytes(b"not a qcow2 at all")  # qemu-nbd cannot open it: it exits
+    # A qcow2 header of no version qemu-nbd knows: it cannot open it, and exits.
+    image.write_bytes(b"QFI\xfb" + bytes(508))
     # "exited", not "not serving after 30 s": it was not waited for.
     with pytest.raises(RepositoryError, match="qemu-nbd exited with 1"):
         anyio.run(repository.restore, manifest, tmp_path / "restored.raw", "raw")
@@ -566,6 +567,44 @@ def test_a_prune_cut_short_after_flattening_still_restores_the_zeroes(tmp_path: 
     assert verify_all(repository) == (2, [])
     assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
     assert_restores(repository, repository.at("lab1", "c", "vda", None), expected, tmp_path)
+
+
+def test_a_prune_and_the_backups_uses_exclude_each_other(tmp_path: Path) -> None:
+    """A prune refuses a disk's backups while a backup is being written over them; a
+    backup over one that a prune dropped since it chose it is refused; and while a
+    prune runs, every other use of that disk's backups is refused (Uses)."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(3))
+
+    async def run() -> None:
+        writer = await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t",
+                                        manifests[-1])
+        try:
+            with pytest.raises(RepositoryError, match="in use by a backup being written"):
+                await repository.prune("lab1", "c", "vda", 1)
+        finally:
+            await repository.abort(writer)
+        assert [m.sequence for m in await repository.prune("lab1", "c", "vda", 2)] == [1]
+        with pytest.raises(RepositoryError, match="pruned since the backup began"):
+            await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t", manifests[0])
+        await repository.close()
+
+    anyio.run(run)
+    assert [m.sequence for m in repository.manifests("lab1", "c", "vda")] == [2, 3]
+    assert verify_all(repository) == (2, [])
+    folder = repository.folder("lab1", "c", "vda")
+    uses = repository_module.Uses()
+    with uses.pruning(folder):
+        with pytest.raises(RepositoryError, match="a prune of these backups runs"):
+            uses.take(folder)
+        with pytest.raises(RepositoryError, match="in use"):
+            uses.pruning(folder).__enter__()
+        uses.take(folder.parent / "vdb")  # another disk's backups are free
+    with uses.using(folder), pytest.raises(RepositoryError, match="in use"), \
+            uses.pruning(folder):
+        pass
+    with uses.pruning(folder):
+        pass
 
 
 def test_recover_ends_an_earlier_runs_verify_server(tmp_path: Path) -> None:

@@ -288,7 +288,7 @@ class BackupAPI:
                 if m.checkpoint not in dropped:
                     dropped.append(m.checkpoint)
         for name in {name for name, _ in disks}:
-            await anyio.to_thread.run_sync(self.repository.drop_files, domain, name)
+            await anyio.to_thread.run_sync(self.repository.drop_files, domain, name, dropped)
         return {"dropped": dropped}
 
     async def _disks(self, domain: str, consumer: str | None) -> list[tuple[str, str]]:

@@ -45,7 +45,8 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,8 @@ class Writer:
     opened: writers.Opened
     behind: WriteBehind
     regions: list[Region] = field(default_factory=list)
+    #: Whether it still counts as a use of its disk's backups (`Uses`).
+    using: bool = True
 
     @property
     def url(self) -> str:
@@ -257,11 +260,55 @@ class Writer:
         return names.partial(self.folder, self.manifest.sequence)
 
 
+class Uses:
+    """Who uses each disk's backups: a copy writing a new one (over one of them), a
+    restore or a verify reading them, and a prune changing them. A prune needs them
+    unused, and nothing else may use them while it runs (a new backup over a file it
+    drops, a restore reading a file as it is replaced by its flattened copy, would be
+    wrong). Neither waits for the other: the later one gets RepositoryError saying
+    what to wait for. Used from the event loop's thread only."""
+
+    def __init__(self) -> None:
+        self._users: Counter[Path] = Counter()
+        self._pruning: set[Path] = set()
+
+    def take(self, folder: Path) -> None:
+        if folder in self._pruning:
+            raise RepositoryError(str(folder), "a prune of these backups runs: try again "
+                                               "once it ended")
+        self._users[folder] += 1
+
+    def give(self, folder: Path) -> None:
+        self._users[folder] -= 1
+        if not self._users[folder]:
+            del self._users[folder]
+
+    @contextlib.contextmanager
+    def using(self, folder: Path) -> Iterator[None]:
+        self.take(folder)
+        try:
+            yield
+        finally:
+            self.give(folder)
+
+    @contextlib.contextmanager
+    def pruning(self, folder: Path) -> Iterator[None]:
+        if folder in self._pruning or self._users[folder]:
+            raise RepositoryError(str(folder), "in use by a backup being written, a restore "
+                                               "or a verify: prune once it ended")
+        self._pruning.add(folder)
+        try:
+            yield
+        finally:
+            self._pruning.discard(folder)
+
+
 class Repository:
     def __init__(self, root: Path, sockets: Path, write_behind: int) -> None:
         self.root = root
         self._sockets = sockets
         self._write_behind = write_behind
+        self._uses = Uses()
         #: What makes and serves the backup files being written.
         self.writers = writers.Writers(sockets)
 
@@ -295,14 +342,16 @@ class Repository:
         folder = self.files_folder(domain, consumer, checkpoint)
         return domainfiles.load(folder) if folder.is_dir() else None
 
-    def drop_files(self, domain: str, consumer: str) -> None:
-        """Remove the domain files of backups none of whose disks the repository keeps
-        (after a prune)."""
+    def drop_files(self, domain: str, consumer: str, checkpoints: list[str]) -> None:
+        """Remove the domain files of the backups at `checkpoints` (a prune dropped
+        them) that no disk of theirs is kept of. Only theirs: a backup being written
+        stores its domain files before its disks."""
         consumer_dir = names.consumer_folder(self.root, domain, consumer)
         kept = {m.checkpoint for folder in names.disk_folders(consumer_dir)
                 for m in self.manifests(domain, consumer, folder.name)}
-        for folder in names.files_folders(consumer_dir):
-            if folder.name not in kept:
+        for checkpoint in checkpoints:
+            folder = self.files_folder(domain, consumer, checkpoint)
+            if checkpoint not in kept and folder.is_dir():
                 shutil.rmtree(folder)
 
     def verify_files(self, domain: str, consumer: str) -> list[str]:
@@ -358,10 +407,20 @@ class Repository:
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:
         folder = self.folder(domain, consumer, disk)
+        self._uses.take(folder)  # until the commit or the abort
+        try:
+            return await self._begin(folder, domain, consumer, disk, size, job, checkpoint,
+                                     created, base)
+        except BaseException:
+            self._uses.give(folder)
+            raise
+
+    async def _begin(self, folder: Path, domain: str, consumer: str, disk: str, size: int,
+                     job: str, checkpoint: str, created: str, base: Manifest | None) -> Writer:
         # Its backing file by a name relative to it, so the folder can move as a whole.
         backing = base.file if base else None
         sequence, direct = await anyio.to_thread.run_sync(self._new_file, domain, consumer,
-                                                          disk, size, backing)
+                                                          disk, size, base)
         manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
                             "incremental" if base else "full", size, backing)
         partial = names.partial(folder, sequence)
@@ -380,12 +439,21 @@ class Repository:
         return Writer(manifest, folder, opened, behind)
 
     def _new_file(self, domain: str, consumer: str, disk: str, size: int,
-                  backing: str | None) -> tuple[int, bool]:
+                  base: Manifest | None) -> tuple[int, bool]:
         """The disk's next backup file, created exclusively as an empty qcow2 image of
-        `size` bytes over `backing` (qcow2.py; the commit syncs it): its sequence number,
-        and whether it takes O_DIRECT. Raises RepositoryError. Blocks."""
+        `size` bytes over the file of `base` (qcow2.py; the commit syncs it): its sequence
+        number, and whether it takes O_DIRECT. Raises RepositoryError. Blocks."""
         folder = self.folder(domain, consumer, disk)
         folder.mkdir(parents=True, exist_ok=True)
+        if base is not None:
+            try:
+                still = self.at(domain, consumer, disk, base.checkpoint).file == base.file
+            except NoSuchCheckpoint:
+                still = False
+            if not still:
+                raise RepositoryError(str(folder / base.file), (
+                    "the backup this one builds on was pruned since the backup began: "
+                    "start it again"))
         # Leftovers of a crash are not backups: nothing may build on them.
         for leftover in names.partials(folder):
             leftover.unlink()
@@ -395,7 +463,7 @@ class Repository:
             sequence = 1
         partial = names.partial(folder, sequence)
         try:
-            image = qcow2.empty(size, backing)
+            image = qcow2.empty(size, base.file if base else None)
         except qcow2.ImageError as e:
             raise RepositoryError(str(partial), str(e)) from None
         write_new(partial, image, 0o644, sync=False)
@@ -425,6 +493,18 @@ class Repository:
         Raises RepositoryError if the writer failed, or if a write covered part of a
         cluster of a file whose backing chain it did not open (writers.py)."""
         try:
+            return await self._commit(writer)
+        finally:
+            self._done(writer)
+
+    def _done(self, writer: Writer) -> None:
+        """The writer no longer uses its disk's backups (once, however often called)."""
+        if writer.using:
+            writer.using = False
+            self._uses.give(writer.folder)
+
+    async def _commit(self, writer: Writer) -> Manifest:
+        try:
             await self.writers.close(writer.opened)
         except StorageDaemonError as e:
             raise RepositoryError(str(writer.partial), str(e)) from None
@@ -443,10 +523,13 @@ class Repository:
         return manifest
 
     async def abort(self, writer: Writer) -> None:
-        with contextlib.suppress(StorageDaemonError):  # then it closed every file it had
-            await self.writers.close(writer.opened)
-        await anyio.to_thread.run_sync(writer.behind.close)
-        await anyio.Path(writer.partial).unlink(missing_ok=True)
+        try:
+            with contextlib.suppress(StorageDaemonError):  # then it closed every file it had
+                await self.writers.close(writer.opened)
+            await anyio.to_thread.run_sync(writer.behind.close)
+            await anyio.Path(writer.partial).unlink(missing_ok=True)
+        finally:
+            self._done(writer)
 
     def stored_jobs(self) -> set[str]:
         """The ids of every job with a backup in the repository."""
@@ -478,12 +561,17 @@ class Repository:
         point in time, so it restores the same), then its manifest is rewritten;
         only then are the old manifests removed, and after them their files.
         """
+        with self._uses.pruning(self.folder(domain, consumer, disk)):
+            return await self._prune(domain, consumer, disk, keep)
+
+    async def _prune(self, domain: str, consumer: str, disk: str, keep: int
+                     ) -> list[Manifest]:
         manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer, disk)
         if len(manifests) <= keep:
             return []
         dropped, kept = manifests[:-keep], manifests[-keep:]
         folder = self.folder(domain, consumer, disk)
-        problems = await self.verify(*manifests)
+        problems = await self._verify(*manifests)
         if problems:
             # Never fold damaged data into the backups that stay.
             raise RepositoryError(str(folder), f"verify failed, nothing pruned: {problems[0]}")
@@ -521,6 +609,12 @@ class Repository:
         file below for each request, and each file is read in its own order. What
         no file holds stays zeroes, as do the zeroes a file holds.
         """
+        with self._uses.using(self.folder(manifest.domain, manifest.consumer,
+                                          manifest.disk)):
+            await self._restore(manifest, to, fmt, tuning)
+
+    async def _restore(self, manifest: Manifest, to: Path, fmt: str,
+                       tuning: stream.Tuning | None) -> None:
         layers = await anyio.to_thread.run_sync(self._chain, manifest)
         try:
             # A new file of ours, never one that exists, never through a symlink.
@@ -631,6 +725,13 @@ class Repository:
         match: their problems, in their order. Their files are served by one
         qemu-storage-daemon (FILES_PER_SERVER at a time). Raises RepositoryError if a
         file is not ours, or cannot be served or read at all."""
+        if not manifests:
+            return []
+        m = manifests[0]
+        with self._uses.using(self.folder(m.domain, m.consumer, m.disk)):
+            return await self._verify(*manifests)
+
+    async def _verify(self, *manifests: Manifest) -> list[str]:
         problems: dict[int, list[str]] = {}
         known = []
         for i, m in enumerate(manifests):
