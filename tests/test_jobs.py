@@ -579,6 +579,22 @@ async def test_a_queued_job_that_cannot_start_fails_and_the_next_one_starts(
 # A migration's drain.
 
 
+async def test_a_queued_backup_whose_turn_comes_during_its_domains_drain_does_not_start(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=1) as rig:
+        first = await rig.jobs.start(StartRequest("d1"))
+        queued = await rig.jobs.start(StartRequest("d2", queue=True))
+        assert queued.state == JobState.QUEUED
+        async with aclosing(rig.migrations.migrate("d2", ELSEWHERE)) as steps:
+            assert await anext(steps) == Step("draining", (queued.id,), 0)
+            await rig.jobs.finish(first.id)  # its turn, during the drain
+            failed = await ended(rig.jobs, queued.id)
+            assert failed.state == JobState.FAILED and "migrat" in str(failed.error)
+            assert [s.state async for s in steps] == ["migrating", "completed"]
+        assert "d2" not in source.called("begin")
+        assert source.virt.migrated == [("d2", ELSEWHERE)]
+
+
 async def test_a_drained_domain_takes_no_backup_and_an_unread_one_ends_after_the_grace(
         tmp_path: Path, source: FakeSource) -> None:
     async with running(tmp_path, source) as rig:

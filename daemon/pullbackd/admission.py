@@ -50,10 +50,14 @@ class Admission:
 
     def check(self, domain: str) -> None:
         """Raise MigrationPending or BackupInProgress if no job of `domain` may start."""
-        if domain in self._draining:
-            raise MigrationPending(domain)
+        self.check_drain(domain)
         if domain in self._claims:
             raise BackupInProgress(domain, self._claims[domain])
+
+    def check_drain(self, domain: str) -> None:
+        """Raise MigrationPending if a migration drains `domain` (a queued job's turn)."""
+        if domain in self._draining:
+            raise MigrationPending(domain)
 
     def claim(self, domain: str, job_id: str) -> None:
         """Claim the domain for a job (check() first, with no await in between)."""

@@ -277,6 +277,9 @@ class Jobs:
                 job = self._records[job_id] if queued else None
                 if job is not None and job.state != JobState.QUEUED:
                     return job  # aborted while it waited for the lock
+                if queued:
+                    # Its turn came while a migration drains its domain (it fails).
+                    self._admission.check_drain(request.domain)
                 return await self._start(job_id, request, job)
         finally:
             job = self._records.get(job_id)
