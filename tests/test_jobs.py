@@ -816,20 +816,33 @@ async def test_a_chain_deletion_cut_short_is_not_undone_by_the_domains_metadata(
         assert [d.mode for d in job.disks] == ["full", "full"]
 
 
-async def test_running_failing_at_a_restart_stops_the_recovery_and_changes_nothing(
+async def test_a_backup_the_source_cannot_tell_of_at_a_restart_is_held_as_found(
         tmp_path: Path, source: FakeSource) -> None:
+    """The source cannot say whether a job's backup runs (its QEMU does not answer): the
+    job stays as it was, holding its domain, and every other domain goes on; a next
+    start that can tell adopts it, or an Abort ends it."""
     async with running(tmp_path, source) as rig:
         job = await rig.jobs.start(StartRequest("d1"))
-    source.errors["running"] = errors.LibvirtError(1, "connection reset")
-    async with running(tmp_path, source, recover=False) as rig:
-        with pytest.raises(errors.LibvirtError):
-            await rig.jobs.recover()
-        assert [j.state for j in rig.store.load_jobs()] == [JobState.READY]
+        other = await rig.jobs.start(StartRequest("d2"))
+    source.errors["running"] = errors.DomainBusy("d1", "unknown")  # (for both)
+    async with running(tmp_path, source) as rig:
+        assert [j.state for j in rig.store.load_jobs()] == [JobState.READY] * 2
         assert source.called("end") == []
+        assert (rig.jobs.active("d1"), rig.jobs.active("d2")) == (job.id, other.id)
+        with pytest.raises(errors.BackupInProgress):
+            await rig.jobs.start(StartRequest("d1"))
+        assert (await rig.jobs.start(StartRequest("d3"))).state == JobState.READY
     del source.errors["running"]
     async with running(tmp_path, source) as rig:
         assert rig.jobs.get(job.id).state == JobState.READY
         assert (await rig.jobs.finish(job.id)).state == JobState.COMPLETED
+        assert (await rig.jobs.finish(other.id)).state == JobState.COMPLETED
+    source.errors["running"] = errors.DomainBusy("d3", "unknown")
+    async with running(tmp_path, source) as rig:
+        [held] = [j for j in rig.jobs.all() if j.domain == "d3"]
+        del source.errors["running"]
+        assert (await rig.jobs.abort(held.id)).state == JobState.ABORTED
+        assert rig.jobs.active("d3") is None and "d3" not in source.backups
 
 
 async def test_unowned_failing_at_a_restart_stops_the_recovery(

@@ -741,6 +741,12 @@ class Jobs:
         if job.state == JobState.READY:
             await self._serve(job)
 
+    def hold(self, job: Job) -> None:
+        """A job found that cannot be settled now stays as it was found, holding its
+        domain (not served: nobody knows whether its backup runs): Abort ends it."""
+        self._admission.claim(job.domain, job.id)
+        self._running[job.id] = Running()
+
     async def fail_found(self, job: Job, error: str) -> Job:
         """A job found that cannot go on (its backup ended, by the caller) fails."""
         return await self._close(job, JobState.FAILED, error)

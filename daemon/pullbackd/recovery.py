@@ -7,7 +7,9 @@ serves anyone.
               again, a push runs on); failed, their backups ended, where they cannot
               go on: a copy of pullbackd's own died with it, a starting job may have
               left its guest frozen (thawed first), a pull job's exports are out of
-              reach
+              reach; held as found where the source cannot tell now (a domain whose
+              QEMU does not answer must not keep every other domain from its
+              backups): its domain stays taken until Abort ends it, or a next start
     chains    chain.py's invariant checked (a checkpoint in a chain whose job did
               not complete is rolled back), and what the repository holds of jobs
               that did not complete removed
@@ -16,7 +18,7 @@ serves anyone.
               so that their appliances read on; ended otherwise
     leftovers what backups of jobs that do not run left behind, swept
 
-It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`,
+It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`, `hold`,
 `fail_found`), so that jobs.py's invariants hold as they do for any other change.
 """
 
@@ -29,6 +31,7 @@ import anyio
 import structlog
 
 from . import quiesce
+from .errors import PullbackError
 from .model import Checkpoint, CheckpointState, Job, JobState, Kind, StartRequest, lost
 from .names import checkpoint_name
 
@@ -63,7 +66,13 @@ class Recovery:
         await self._queued()
         for job in [j for j in self._records.all()
                     if not j.state.final and j.state != JobState.QUEUED]:
-            await self._found(job)
+            try:
+                await self._found(job)
+            except PullbackError as e:
+                log.error("cannot settle a backup found at start: it holds its domain "
+                          "until Abort ends it, or a next start settles it", job=job.id,
+                          domain=job.domain, state=job.state, error=str(e))
+                self._jobs.hold(job)
         await self._check_chains()
         await self._take_in_unowned()
         # What a lost database or a crash of libvirtd left, of jobs that do not run (a
