@@ -497,6 +497,29 @@ def test_verify_finds_zeroes_that_are_no_longer_zero(tmp_path: Path) -> None:
         f"0002.qcow2: {length} bytes at {offset} differ from what was written"])
 
 
+@pytest.mark.parametrize("victim", [0, 1])
+def test_verify_finds_what_a_backup_holds_that_it_never_wrote(tmp_path: Path,
+                                                              victim: int) -> None:
+    """A cluster a backup file holds beyond its regions (its tables damaged, say) would
+    restore over what older backups hold there, and no checksum vouches for it."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(3))
+    assert verify_all(repository) == (3, [])
+    image = repository.folder("lab1", "c", "vda") / manifests[victim].file
+    stray = 3 * MiB + (64 << 10)  # no backup of `many` writes there
+    qemu_io_alone(image, f"write -P {DAMAGED:#x} {stray + 512} 512")
+    assert verify_all(repository) == (3, [
+        f"{manifests[victim].file}: holds {64 << 10} bytes at {stray} that it never wrote"])
+
+
+def qemu_io_alone(image: Path, command: str) -> None:
+    """qemu-io on the file alone, without its backing file."""
+    options = {"driver": "qcow2", "backing": None,
+               "file": {"driver": "file", "filename": str(image)}}
+    subprocess.run(["qemu-io", "-c", command, f"json:{json.dumps(options)}"],
+                   check=True, capture_output=True, timeout=60)
+
+
 def lose_mapping(image: Path, offset: int) -> None:
     """The qcow2 `image` forgets what it held of the cluster at guest `offset` (its L2
     entry cleared): reads there fall through to its backing file."""
@@ -559,11 +582,16 @@ def test_a_prune_cut_short_after_flattening_still_restores_the_zeroes(tmp_path: 
     assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
     for name, data in before.items():  # what the crash left: all but the new manifest
         (folder / name).write_bytes(data)
-    repository.recover()
     stale = repository.at("lab1", "c", "vda", incremental.checkpoint)
     assert stale.backing == full.file
     expected = bytes(64 << 10) + bytes([0x10]) * (MiB - (64 << 10)) + bytes(SIZE - MiB)
     assert_restores(repository, stale, expected, tmp_path)
+    count, [problem] = verify_all(repository)  # the manifest does not describe the file
+    assert count == 2 and "that it never wrote" in problem
+    repository.recover()  # as the next start does: the manifest follows the file
+    mended = repository.at("lab1", "c", "vda", incremental.checkpoint)
+    assert (mended.backing, mended.mode) == (None, "full")
+    assert_restores(repository, mended, expected, tmp_path)
     assert verify_all(repository) == (2, [])
     assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
     assert_restores(repository, repository.at("lab1", "c", "vda", None), expected, tmp_path)

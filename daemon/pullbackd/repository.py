@@ -23,9 +23,10 @@ escaped (a daemon killed in the instant between starting one and tying it to
 itself, or a daemon from before they were tied) and removes what a crash leaves:
 after `recover()`, no NBD server of an earlier run serves a repository file, no
 temporary file (`*.qcow2.partial`, `*.flat.partial`, `*.tmp`, domain files'
-`*.partial` folders) exists, and neither
+`*.partial` folders) exists, neither
 does a backup file without its manifest (a commit or a prune cut short between
-the two).
+the two), and every manifest describes its file (a prune cut short between
+replacing a file by its flattened copy and rewriting the manifest: rewritten).
 """
 
 from __future__ import annotations
@@ -386,6 +387,8 @@ class Repository:
             if not names.manifest_of(image).exists():
                 log.warning("removing a backup file without its manifest", path=str(image))
                 image.unlink(missing_ok=True)
+            else:
+                _follow_flattened(image)
 
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         folder = self.folder(domain, consumer, disk)
@@ -592,10 +595,8 @@ class Repository:
         regions = await anyio.to_thread.run_sync(_scan, flat)
         await anyio.to_thread.run_sync(_durable_rename, flat, folder / m.file)
         crash.point("prune.flattened")
-        flattened = Manifest(**asdict(m) | {"backing": None, "mode": "full",
-                                            "regions": regions, "checksums": CHECKSUM})
         await anyio.to_thread.run_sync(
-            _durable_write, names.manifest(folder, m.sequence), flattened.to_json())
+            _durable_write, names.manifest(folder, m.sequence), _flattened(m, regions))
         crash.point("prune.manifest")
 
     async def restore(self, manifest: Manifest, to: Path, fmt: str,
@@ -751,7 +752,7 @@ class Repository:
         return [verifying.Expected(
             owned(self.folder(m.domain, m.consumer, m.disk) / m.file),
             [(r.offset, r.length, r.checksum) for r in m.regions], _CHECKSUMS[m.checksums],
-            backed=m.backing is not None)
+            backed=m.backing is not None, size=m.size)
             for m in manifests]
 
     async def _check(self, expected: list[verifying.Expected]) -> list[list[str]]:
@@ -818,6 +819,28 @@ def _scan(image: Path) -> tuple[Region, ...]:
 
 #: Bytes per checksummed region when rescanning a flattened file.
 SCAN_CHUNK = 4 << 20
+
+
+def _flattened(m: Manifest, regions: tuple[Region, ...]) -> str:
+    """The manifest of backup `m` once flattened into a standalone file holding `regions`."""
+    return Manifest(**asdict(m) | {"backing": None, "mode": "full", "regions": regions,
+                                   "checksums": CHECKSUM}).to_json()
+
+
+def _follow_flattened(image: Path) -> None:
+    """If `image` stands alone while its manifest names a backing file (a prune was cut
+    short after it flattened the file), rewrite the manifest as the prune would have."""
+    try:
+        if qcow2.backing_file(image) is not None:
+            return
+        m = _read_manifest(names.manifest_of(image))
+    except (OSError, qcow2.ImageError, RepositoryError, ValueError, KeyError):
+        return  # not ours to mend: Verify and Restore tell what is wrong with it
+    if m.backing is None:
+        return
+    log.warning("rewriting the manifest of a backup a prune cut short had flattened",
+                path=str(image))
+    _durable_write(names.manifest_of(image), _flattened(m, _scan(image)))
 
 
 def _read_manifest(path: Path) -> Manifest:

@@ -19,6 +19,11 @@ it: only damage does that, a lost mapping) is read through its chain instead,
 where its backing files show through. Every region of every backup is read, a
 few requests in flight on each of a few connections (READERS, IN_FLIGHT).
 
+And a file holds nothing beyond its regions (rounded out to whole clusters: qcow2
+allocates whole ones): a range it holds that no region covers (damage to its
+tables, say) is what a restore would read there, over what older backups hold,
+and no checksum vouches for it.
+
 A restore reads a chain through the same server (`held`, `url`): each file
 alone, newest first, what it holds and no newer file holds (repository.py).
 
@@ -40,7 +45,7 @@ from pathlib import Path
 
 import nbd
 
-from . import qemu_nbd
+from . import qcow2, qemu_nbd
 
 PROGRAM = "qemu-storage-daemon"
 ALLOCATION_DEPTH = "qemu:allocation-depth"
@@ -69,6 +74,8 @@ class Expected:
     checksum: Callable[[memoryview], str]
     #: Whether the file is an overlay on a backing file (an incremental).
     backed: bool
+    #: The disk's size in bytes.
+    size: int
 
 
 def server(files: Sequence[Path], sock: Path) -> qemu_nbd.Server:
@@ -131,6 +138,8 @@ def _check_file(sock: Path, backup: Expected) -> list[str]:
         held = _held(h, regions) if backup.backed else [True] * len(regions)
         own = [i for i, ok in enumerate(held) if ok]
         ok = dict(zip(own, _compare(h, backup, [regions[i] for i in own]), strict=True))
+        beyond = subtract([(a, b) for a, b, depth in _depths(h, 0, backup.size) if depth == 1],
+                          _clusters(regions, backup.size))
     finally:
         h.shutdown()
     if lost := [i for i, k in enumerate(held) if not k]:
@@ -140,7 +149,17 @@ def _check_file(sock: Path, backup: Expected) -> list[str]:
             ok |= dict(zip(lost, _compare(chain, backup, [regions[i] for i in lost]),
                            strict=True))
     return [f"{backup.file.name}: {length} bytes at {offset} differ from what was written"
-            for i, (offset, length, _) in enumerate(regions) if not ok[i]]
+            for i, (offset, length, _) in enumerate(regions) if not ok[i]] + [
+        f"{backup.file.name}: holds {end - start} bytes at {start} that it never wrote"
+        for start, end in union(beyond, [])]
+
+
+def _clusters(regions: Sequence[tuple[int, int, str | None]], size: int
+              ) -> list[tuple[int, int]]:
+    """The whole clusters the regions touch, up to `size`: sorted and apart."""
+    c = qcow2.CLUSTER
+    return union([(o // c * c, min(-(-(o + n) // c) * c, size)) for o, n, _ in regions if n],
+                 [])
 
 
 def _held(h: nbd.NBD, regions: Sequence[tuple[int, int, str | None]]) -> list[bool]:
