@@ -275,6 +275,8 @@ def test_a_crash_leaves_one_outcome(point: str, op: str, lab: Lab, tmp_path: Pat
         s.backup(d, "full")
         if op == "prune" or point == "chain.trimmed":
             s.vda.write(5 * MiB, MiB, 0x12)
+            # Zeroes over the full's data: a flattened copy holds nothing there.
+            s.vda.zero(2 * MiB, 256 << 10)
             s.backup(d, "incremental")
     s.vda.write(9 * MiB, 2 * MiB, 0x22)
 
