@@ -329,7 +329,9 @@ class Jobs:
                 job = await self._records.save(job, checkpoint, files=record)
             except Exception as e:
                 error = f"the backup started but could not be read: {e}"
-                await self._unstart(job)
+                with _logged("cannot stop a half-started backup's copy or endpoint",
+                             job=job.id):
+                    await self._unstart(job)
                 try:
                     await self._source.end(job)
                 except Exception as end_error:
