@@ -589,7 +589,9 @@ async def test_a_queued_backup_whose_turn_comes_during_its_domains_drain_does_no
             assert await anext(steps) == Step("draining", (queued.id,), 0)
             await rig.jobs.finish(first.id)  # its turn, during the drain
             failed = await ended(rig.jobs, queued.id)
-            assert failed.state == JobState.FAILED and "migrat" in str(failed.error)
+            assert (failed.state, failed.error) == (
+                JobState.FAILED, "the backup could not start: domain 'd2' is being drained "
+                "for a migration; back it up where it lands")
             assert [s.state async for s in steps] == ["migrating", "completed"]
         assert "d2" not in source.called("begin")
         assert source.virt.migrated == [("d2", ELSEWHERE)]

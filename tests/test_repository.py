@@ -625,8 +625,8 @@ def test_a_prune_and_the_backups_uses_exclude_each_other(tmp_path: Path) -> None
     with uses.pruning(folder):
         with pytest.raises(RepositoryError, match="a prune of these backups runs"):
             uses.take(folder)
-        with pytest.raises(RepositoryError, match="in use"):
-            uses.pruning(folder).__enter__()
+        with pytest.raises(RepositoryError, match="in use"), uses.pruning(folder):
+            pass
         uses.take(folder.parent / "vdb")  # another disk's backups are free
     with uses.using(folder), pytest.raises(RepositoryError, match="in use"), \
             uses.pruning(folder):

@@ -1,9 +1,10 @@
-"""Backup jobs: the state machine (model.py draws it) and the only code that
-changes a job.
+"""Backup jobs: the state machine (model.py draws it) and, with starting.py, the only
+code that changes a job.
 
     start    admission (admission.py), then the source begins the backup
              (source.py); the job is ready (pull: served, serving.py), or running
-             (push: the source copies; stream: pullbackd copies, copying.py)
+             (push: the source copies; stream: pullbackd copies, copying.py):
+             starting.py
     finish   a pull job's appliance is done, or says it failed
     abort    any job, queued or not
     end      every end comes here: sessions closed, the source's backup ended,
@@ -17,9 +18,9 @@ Invariants, checked at every start (`recover`):
   that did not complete stored (push targets, repository files) is removed
   before that transaction, so that a crash anywhere leaves either a completed
   job with everything in place, or a job recovery ends (again) as failed with
-  nothing of it left.
+  nothing of it left. Once that transaction is done, the end stands.
 - A job is recorded (with its pending checkpoint) before the source hears of
-  it: after a crash the database knows which backups and checkpoints are ours.
+  it (starting.py).
 - A domain has one job that has not ended at most (admission.py); a job's end
   is shown (Get, List, Watch) only once its checkpoint's fate was carried out,
   and its domain is free from that same instant.
@@ -28,11 +29,8 @@ Invariants, checked at every start (`recover`):
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,81 +39,30 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import crash, quiesce, stream
+from . import crash, stream
 from .admission import Admission
-from .chain import Base, Chains, check_consumer
+from .chain import Chains, check_consumer
 from .copying import Copy
 from .domainfiles import DomainFiles
-from .errors import BackupInProgress, JobNotReady, NoSuchCheckpoint, NoSuchJob, PullbackError
+from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
 from .exports import StoreFds
-from .model import (
-    LOCAL,
-    Change,
-    Checkpoint,
-    CheckpointState,
-    Disk,
-    Job,
-    JobState,
-    Kind,
-    Session,
-    StartRequest,
-    now,
-)
-from .names import checkpoint_name, job_files
+from .logs import logged
+from .model import Change, Job, JobState, Kind, Session, StartRequest, now
+from .names import job_files
 from .places import Places
 from .records import Records
 from .recovery import Recovery
 from .repository import Repository
+from .running import Running
 from .scratch import ScratchSpace
-from .serving import Served, Serving, appliance
-from .source import BackupSource, Begun, Plan
+from .serving import Serving, appliance
+from .source import BackupSource
+from .starting import Starts
 
 if TYPE_CHECKING:
     from .state import Store
 
 log = structlog.get_logger()
-
-
-@dataclass
-class Running:
-    """What a job holds until it has ended."""
-
-    #: Every change of the job's state happens under it.
-    lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)
-    #: Pull: its endpoint and limits, while ready.
-    served: Served | None = None
-    #: Stream: pullbackd's copy, while running.
-    copy: Copy | None = None
-
-    def view(self, job: Job) -> Job:
-        """The job with what changes too often to be stored: progress, sessions, and
-        each disk's statistics."""
-        if self.copy is not None:
-            job = dataclasses.replace(job, progress=self.copy.live.view())
-        if self.served is not None:
-            job = dataclasses.replace(job, appliance=appliance(self.served.endpoint))
-        if job.disks and job.kind != Kind.PUSH:
-            job = dataclasses.replace(job, disks=tuple(
-                self._disk(job, i, disk) for i, disk in enumerate(job.disks)))
-        return job
-
-    def _disk(self, job: Job, i: int, disk: Disk) -> Disk:
-        if self.copy is not None:
-            transfer, done, seconds = self.copy.live.disk(i)
-        else:
-            # Read by appliances, since the exports were up.
-            served = self.served
-            transfer = served.transfers.get(disk.name) if served else None
-            done = served.endpoint.bytes_read(disk.name) if served else sum(
-                s.bytes_read for s in (job.appliance.sessions if job.appliance else ())
-                if s.disk == disk.name)
-            ready = next((t.at for t in job.history if t.state == JobState.READY), None)
-            seconds = (datetime.now(UTC) - datetime.fromisoformat(ready)).total_seconds() \
-                if ready else 0.0
-        rate = int(done / seconds) if seconds > 0 else 0
-        left = None if transfer is None else max(transfer - done, 0)
-        eta = None if left is None else 0 if not left else int(left / rate) if rate else None
-        return dataclasses.replace(disk, transfer=transfer, done=done, rate=rate, eta=eta)
 
 
 class Jobs:
@@ -134,16 +81,14 @@ class Jobs:
         self._scratch = scratch
         self._repository = repository
         self._admission = admission or Admission()
-        self._places = places or Places(None, None)
         self._tuning = tuning or stream.Tuning()
         self._keep_finished = keep_finished
-        self._records = Records(store, self._view)
+        self._records = Records(store, self.view)
         #: Jobs that have not ended, by id.
         self._running: dict[str, Running] = {}
-        #: domain -> the lock of what changes its checkpoints: Start, DeleteChain.
-        self._chain_locks: defaultdict[str, anyio.Lock] = defaultdict(anyio.Lock)
-        #: Queued jobs start one at a time, in their order (anyio's lock is fair).
-        self._starting_queued = anyio.Lock()
+        self._starts = Starts(self, self._records, store, source, chains, serving, scratch,
+                              repository, self._admission, self._running,
+                              places or Places(None, None))
         #: Where copies, endpoints and event handling run: follow_events's task group.
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -159,16 +104,16 @@ class Jobs:
         job = self._records.get(job_id)
         if job is None:
             raise NoSuchJob(job_id)
-        return self._view(job)
+        return self.view(job)
 
     def all(self) -> list[Job]:
-        return [self._view(j) for j in self._records.all()]
+        return [self.view(j) for j in self._records.all()]
 
     def active(self, domain: str) -> str | None:
         """The job of the domain that has not ended, if any."""
         return self._admission.holder(domain)
 
-    def _view(self, job: Job) -> Job:
+    def view(self, job: Job) -> Job:
         """The job as shown: with its place in the queue, and what its `Running` knows."""
         running = self._running.get(job.id)
         if running is None or job.state.final:
@@ -188,223 +133,6 @@ class Jobs:
             dataclasses.replace(d, scratch=files.get(f"{job.id}.{d.name}", 0))
             for d in job.disks))
 
-    # Start.
-
-    async def start(self, request: StartRequest) -> Job:
-        """Start a backup, or queue it. Raises what admission, the places, the chains
-        and the source raise (errors.py); a job that was recorded and failed to
-        start stays, failed, with why."""
-        await anyio.to_thread.run_sync(self._check, request)  # it looks at target_dir
-        if not self._admission.admit(request):
-            return await self._enqueue(request)
-        job_id = self._records.new_id()
-        # Claimed before the first await: a concurrent Start of this domain
-        # fails at once instead of racing us to the source.
-        self._admission.claim(request.domain, job_id)
-        self._running[job_id] = Running()
-        return await self._claimed_start(job_id, request)
-
-    def _check(self, request: StartRequest) -> None:
-        request.check()
-        self._places.check(request)
-
-    async def _enqueue(self, request: StartRequest) -> Job:
-        # What cannot work fails now.
-        quiesce.check(request, await self._source.plan(request.domain, request.disks,
-                                                        request.kind))
-        job_id = self._records.new_id()
-        position = self._admission.enqueue(request.domain, job_id, request)
-        running = self._running[job_id] = Running()
-        # Held until the job is recorded: a job that ends meanwhile may take this one
-        # out of the queue, and its start waits for the record.
-        running.lock.acquire_nowait()
-        try:
-            job = Job(job_id, request.domain, JobState.QUEUED, request.mode, now(),
-                      request.consumer, checkpoint_name(request.consumer, job_id),
-                      since=request.since, target_dir=request.target_dir,
-                      destination=request.destination, quiesce=request.quiesce)
-            await self._store.save_request(job_id, dataclasses.asdict(request))
-            job = await self._records.save(job)
-        finally:
-            running.lock.release()
-        log.info("backup queued", job=job_id, domain=request.domain, position=position,
-                 max_active=self._admission.max_active)
-        return self._view(job)
-
-    def reconfigure(self, *, max_active: int, keep_finished: float, places: Places) -> None:
-        """New settings (a reload): they apply from the next Start; more room under
-        `max_active` starts queued jobs now."""
-        self._admission.max_active = max_active
-        self._keep_finished = keep_finished
-        self._places = places
-        self._dequeue()
-
-    def _dequeue(self) -> None:
-        """Start queued jobs, oldest first, while there is room."""
-        if self._tg is None:
-            return
-        for job_id, request in self._admission.ready():
-            self._tg.start_soon(self._start_queued, job_id, request)
-
-    async def _start_queued(self, job_id: str, request: StartRequest) -> None:
-        try:
-            # Each once the one before it started (or failed to): their histories
-            # show the queue's order even when several places free up at once.
-            async with self._starting_queued:
-                await self._claimed_start(job_id, request, queued=True)
-        except Exception as e:
-            log.warning("queued backup could not start", job=job_id, error=str(e))
-            job = self._records.get(job_id)
-            if job is not None and not job.state.final:
-                with _logged("cannot record that a queued backup could not start",
-                             job=job_id):
-                    await self._records.save(job.failed(f"the backup could not start: {e}"))
-            self._release(job_id, request.domain)
-        finally:
-            # Shielded: a request must not start twice. One left behind is deleted at
-            # the next start, as its job is no longer queued.
-            with anyio.CancelScope(shield=True), \
-                    _logged("cannot delete a started backup's request", job=job_id):
-                await self._store.delete_request(job_id)
-
-    async def _claimed_start(self, job_id: str, request: StartRequest,
-                             queued: bool = False) -> Job:
-        running = self._running.get(job_id)
-        if running is None:
-            return self._records[job_id]  # aborted while it waited in the queue
-        try:
-            async with running.lock, self._chain_lock(request.domain):
-                job = self._records[job_id] if queued else None
-                if job is not None and job.state != JobState.QUEUED:
-                    return job  # aborted while it waited for the lock
-                if queued:
-                    # Its turn came while a migration drains its domain (it fails).
-                    self._admission.check_drain(request.domain)
-                return await self._start(job_id, request, job)
-        finally:
-            job = self._records.get(job_id)
-            if job is None or job.state.final:
-                self._release(job_id, request.domain)
-
-    async def _start(self, job_id: str, request: StartRequest, queued: Job | None) -> Job:
-        domain = request.domain
-        plan = await self._source.plan(domain, request.disks, request.kind)
-        quiesce.check(request, plan)
-        if request.kind != Kind.PUSH and not plan.offline and not request.allow_scratch_overcommit:
-            # QEMU keeps what the guest overwrites in scratch files (pull mode).
-            others = [j for j in self._scratch_users() if j.id != job_id]
-            await anyio.to_thread.run_sync(self._scratch.check, sum(plan.sizes.values()),
-                                           others)
-        bases = await self._bases(request, plan)
-        job = Job(job_id, domain, JobState.STARTING, request.mode,
-                  queued.created if queued else now(), request.consumer,
-                  checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
-                  destination=request.destination, history=queued.history if queued else (),
-                  offline=plan.offline, quiesce=request.quiesce)
-        checkpoint = Checkpoint(job.checkpoint, domain, job.consumer, job_id, job.created,
-                                CheckpointState.PENDING,
-                                tuple(d for d in plan.disks if d not in plan.full))
-        # Recorded before the source hears of them, in one transaction: after a
-        # crash, the database knows which backup and checkpoint are ours.
-        await self._records.save(job, checkpoint)
-        self._chains.recorded(checkpoint)
-        crash.point("start.recorded")
-        # Shielded: once the source may have begun, the outcome must be recorded
-        # (and a half-started backup ended) even if our caller is cancelled.
-        with anyio.CancelScope(shield=True):
-            job = await self._begin(job, request, plan, bases)
-            try:
-                checkpoint = await self._chains.begun(job.checkpoint, tuple(
-                    d for d, b in bases.items() if b.checkpoint is None))
-                files, record = await self._capture(job, plan)
-                begun = await self._source.exports(job, bases)
-                job = self._started(job, begun, bases, plan.sizes)
-                if job.kind == Kind.STREAM:
-                    self._copy(job, files)
-                elif job.kind == Kind.PULL:
-                    await self._serve(job)
-                # With libvirt's XML of its checkpoint and the domain's files, in one
-                # transaction (a crash before it fails the job at the next start, and
-                # deletes the checkpoint by name).
-                job = await self._records.save(job, checkpoint, files=record)
-            except Exception as e:
-                error = f"the backup started but could not be read: {e}"
-                with _logged("cannot stop a half-started backup's copy or endpoint",
-                             job=job.id):
-                    await self._unstart(job)
-                try:
-                    await self._source.end(job)
-                except Exception as end_error:
-                    log.exception("cannot end a half-started backup", job=job.id)
-                    error += f"; ending it failed too ({end_error}): end it with " \
-                        f"`virsh domjobabort {domain}`"
-                await self._discard_checkpoint(job)
-                await self._records.save(job.failed(error))
-                raise
-            self._chains.recorded(checkpoint)
-            crash.point("start.ready")
-        log.info("backup started", job=job.id, domain=domain, mode=job.mode, state=job.state,
-                 consumer=job.consumer, disks={d.name: d.mode for d in job.disks},
-                 destination=job.destination)
-        return self._view(job)
-
-    async def _unstart(self, job: Job) -> None:
-        """Undo what a Start that failed late had set going: its copy stopped (and what
-        it stored removed), its endpoint closed. Nobody read from it yet."""
-        running = self._running[job.id]
-        if running.copy is not None:
-            await running.copy.stop()
-            running.copy = None
-        if running.served is not None:
-            await running.served.close()
-            running.served = None
-        await self._serving.remove(job.id)
-        if job.local:
-            await anyio.to_thread.run_sync(self._repository.forget_job, job.domain,
-                                           job.consumer, job.id)
-
-    async def _bases(self, request: StartRequest, plan: Plan) -> dict[str, Base]:
-        """What each disk's backup starts from (chain.py), or why it is full."""
-        domain = request.domain
-        await self._chains.prepare(domain, refused=self.did_not_complete)
-        bases = self._chains.bases(domain, request.consumer, request.mode, request.since,
-                                   list(plan.disks))
-        if request.destination == LOCAL:
-            bases = await anyio.to_thread.run_sync(
-                self._local_bases, domain, request.consumer, bases)
-        bases |= {disk: Base(None, why) for disk, why in plan.restart.items()}
-        return bases | {disk: Base(None, why, bitmap=False) for disk, why in plan.full.items()}
-
-    async def _begin(self, job: Job, request: StartRequest, plan: Plan,
-                     bases: dict[str, Base]) -> Job:
-        """The source begins the backup, the guest frozen as the request asks (quiesce.py);
-        the job with how consistent it is. A begin that fails fails the job (raises)."""
-        try:
-            quiesced = await quiesce.begin(self._source, job, request, plan,
-                                           lambda: self._source.begin(job, plan, bases))
-        except Exception as e:
-            await self._discard_checkpoint(job)
-            await self._records.save(job.failed(f"the backup did not start: {e}"))
-            raise
-        crash.point("start.begun")
-        job = dataclasses.replace(job, consistency=quiesced.consistency,
-                                  frozen=quiesced.frozen)
-        if quiesced.warning is not None:
-            log.warning("not frozen", job=job.id, reason=quiesced.warning)
-            self._records.publish(Change("warning", self._view(job), quiesced.warning))
-        return job
-
-    async def _capture(self, job: Job, plan: Plan) -> tuple[DomainFiles, str]:
-        """The domain's own files as its backup began, for the repository, and as the job
-        records them; what could not be read is a warning."""
-        files = await self._source.files(job, plan)
-        record = await anyio.to_thread.run_sync(files.to_record)  # up to MiBs of base64
-        if files.missing:
-            message = "not in the backup: " + "; ".join(files.missing)
-            log.warning("domain files missing", job=job.id, missing=list(files.missing))
-            self._records.publish(Change("warning", self._view(job), message))
-        return files, record
-
     async def files(self, job_id: str) -> DomainFiles:
         """The domain's files a job's backup began with. Raises NoSuchJob, and
         JobNotReady before its backup began."""
@@ -414,36 +142,32 @@ class Jobs:
             raise JobNotReady(job_id, job.state)
         return await anyio.to_thread.run_sync(DomainFiles.from_record, record)
 
-    def _local_bases(self, domain: str, consumer: str, bases: dict[str, Base]
-                     ) -> dict[str, Base]:
-        """An incremental into the repository needs the backup it starts from to be there."""
-        result = dict(bases)
-        for disk, base in bases.items():
-            if base.checkpoint is None:
-                continue
-            try:
-                self._repository.at(domain, consumer, disk, base.checkpoint)
-            except NoSuchCheckpoint:
-                result[disk] = Base(None, f"the local repository has no backup of this disk "
-                                          f"at {base.checkpoint}")
-        return result
+    # Start (starting.py).
 
-    def _started(self, job: Job, begun: Begun, bases: dict[str, Base],
-                 sizes: dict[str, int]) -> Job:
-        """The job as the source began it: ready to serve (pull), or running."""
-        disks = self._serving.disks(job, begun, sizes,
-                                    {d: b.fallback for d, b in bases.items()})
-        # The newest checkpoint any disk starts from: the chain's order is creation order.
-        used = {d.since for d in disks if d.since}
-        order = [c.name for c in self._chains.of(job.domain, job.consumer)]
-        return dataclasses.replace(
-            job, state=JobState.READY if job.kind == Kind.PULL else JobState.RUNNING,
-            mode=job.mode if used else "full",
-            since=max(used, key=order.index) if used else None, disks=disks)
+    async def start(self, request: StartRequest) -> Job:
+        """Start a backup, or queue it. Raises what admission, the places, the chains
+        and the source raise (errors.py); a job that was recorded and failed to
+        start stays, failed, with why."""
+        return await self._starts.start(request)
+
+    def reconfigure(self, *, max_active: int, keep_finished: float, places: Places) -> None:
+        """New settings (a reload): they apply from the next Start; more room under
+        `max_active` starts queued jobs now."""
+        self._admission.max_active = max_active
+        self._keep_finished = keep_finished
+        self._starts.places = places
+        self._dequeue()
+
+    def _dequeue(self) -> None:
+        """Start queued jobs, oldest first, while there is room."""
+        if self._tg is None:
+            return
+        for job_id, request in self._admission.ready():
+            self._tg.start_soon(self._starts.start_queued, job_id, request)
 
     # pullbackd's own copy; appliances' sessions.
 
-    def _copy(self, job: Job, files: DomainFiles) -> None:
+    def copy(self, job: Job, files: DomainFiles) -> None:
         if self._tg is None:
             raise RuntimeError("jobs are not being served (follow_events is not running)")
         copy = self._running[job.id].copy = Copy(job, self._source, self._repository,
@@ -458,7 +182,7 @@ class Jobs:
 
         self._tg.start_soon(run)
 
-    async def _serve(self, job: Job) -> None:
+    async def serve(self, job: Job) -> None:
         """Open the job's endpoint for appliances, and watch its limits."""
         if self._tg is None:
             raise RuntimeError("jobs are not being served (follow_events is not running)")
@@ -473,7 +197,7 @@ class Jobs:
         job = self._records.get(job_id)
         if job is None or job.state.final:
             return
-        self._records.publish(Change("session", self._view(job), session=session))
+        self._records.publish(Change("session", self.view(job), session=session))
         if session.ended is not None and self._tg is not None:
             # Sessions so far survive a restart of the daemon.
             self._tg.start_soon(self._save_sessions, job_id)
@@ -485,7 +209,7 @@ class Jobs:
         async with running.lock:
             job = self._records[job_id]
             if not job.state.final and running.served is not None:
-                with _logged("cannot save the job's sessions (its end saves them)",
+                with logged("cannot save the job's sessions (its end saves them)",
                              job=job_id):
                     await self._records.update(dataclasses.replace(
                         job, appliance=appliance(running.served.endpoint)))
@@ -507,7 +231,7 @@ class Jobs:
         if job_id is not None and self._records[job_id].consumer == consumer:
             # Its checkpoint would outlive the chain it was to join.
             raise BackupInProgress(domain, job_id)
-        async with self._chain_lock(domain):
+        async with self._starts.chain_lock(domain):
             return await self._chains.delete_chain(domain, consumer)
 
     async def finish(self, job_id: str, success: bool = True) -> Job:
@@ -586,7 +310,7 @@ class Jobs:
                                                job.consumer, job.id)
             crash.point("end.cleaned")
         # What it came to: the last progress and per-disk statistics stay on record.
-        final = self._view(job)
+        final = self.view(job)
         running = self._running.get(job.id)
         if running is not None and running.served is not None:
             running.served.timer.cancel()
@@ -609,24 +333,19 @@ class Jobs:
         # Shown once libvirt has followed it (the checkpoint deleted, or in the chain and
         # the domain's metadata): whoever sees the end can start the next backup.
         self._records.show(job)
-        self._release(job.id, job.domain)
+        self.release(job.id, job.domain)
         log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
-        with _logged("cannot forget old jobs (the next end tries again)"):
+        with logged("cannot forget old jobs (the next end tries again)"):
             await self._records.forget_old(self._keep_finished)
         return job
 
-    def _release(self, job_id: str, domain: str) -> None:
+    def release(self, job_id: str, domain: str) -> None:
         """The job no longer holds its domain (nor a place under max_active). Only
         once its end is shown: until then, whoever would end it too waits for its
         lock, and then finds it ended."""
         self._running.pop(job_id, None)
         if self._admission.release(job_id, domain):
             self._dequeue()
-
-    async def _discard_checkpoint(self, job: Job) -> None:
-        checkpoint = self._chains.get(job.checkpoint)
-        if checkpoint is not None and checkpoint.state != CheckpointState.COMPLETE:
-            await self._chains.discard(checkpoint)
 
     def did_not_complete(self, job_id: str) -> bool:
         """Whether a job is known to have ended without completing, or to be running."""
@@ -643,27 +362,13 @@ class Jobs:
         copies, endpoints and the handling of events run in here too."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await self._source.follow(_Sink(self, tg, lost), task_status.started)
+            sink = _Sink(self, self._records, self._admission, self._source, tg, lost)
+            await self._source.follow(sink, task_status.started)
             tg.cancel_scope.cancel()
 
-    def _claimed_by(self, domain: str) -> Job | None:
-        """The domain's job that has left the queue and not ended, if any."""
-        job_id = self._admission.holder(domain)
-        job = self._records.get(job_id) if job_id is not None else None
-        return job if job is not None and job.state != JobState.QUEUED else None
-
-    async def _source_ended(self, job_id: str, success: bool, error: str | None) -> None:
-        """The source ended a job's backup without us: a push's outcome is the
-        source's word (the event may come while Start still holds the job: the lock
-        makes it wait); any other job failed."""
-        job = self._records[job_id]
-        if job.kind != Kind.PUSH:
-            try:
-                reason = await self._source.why_ended(job, error)
-            except PullbackError as e:
-                reason = f"the backup ended without pullbackd ({error or e})"
-            await self._fail(job_id, reason)
-            return
+    async def push_ended(self, job_id: str, success: bool, error: str | None) -> None:
+        """libvirt ended a push: its outcome is libvirt's word (the event may come while
+        Start still holds the job: the lock makes it wait)."""
         state = JobState.COMPLETED if success else JobState.FAILED
         why = None if success else error or "libvirt: push failed"
         await self._until_ended(job_id, lambda: self._push_ended(job_id, state, why),
@@ -681,7 +386,7 @@ class Jobs:
             with anyio.CancelScope(shield=True):  # the outcome must be recorded
                 await self._close(job, state, reason)
 
-    async def _fail(self, job_id: str, reason: str) -> None:
+    async def fail(self, job_id: str, reason: str) -> None:
         await self._end_quietly(job_id, JobState.FAILED, reason)
 
     async def _end_quietly(self, job_id: str, state: JobState, reason: str | None, *,
@@ -712,42 +417,39 @@ class Jobs:
             for job in jobs:
                 self._records.publish(Change("warning", job, message))
 
-        await self._scratch.watch(self._scratch_users, warn, self._fail, interval)
+        await self._scratch.watch(self.scratch_users, warn, self.fail, interval)
 
-    def _scratch_users(self) -> list[Job]:
+    def scratch_users(self) -> list[Job]:
         """The jobs whose backups keep scratch files: pull and stream (pull mode) of running
         domains (nothing writes a shut-off domain's disks: no scratch)."""
         return [j for j in self._records.all() if not j.state.final and j.disks
                 and j.kind != Kind.PUSH and not j.offline]
 
-    # Recovery.
+    # Recovery (recovery.py), and its interface: how what an earlier run left becomes
+    # jobs again.
 
     async def recover(self) -> None:
-        """At start, before any client: what an earlier run left (recovery.py); then
-        the queue moves."""
+        """At start, before any client: what an earlier run left; then the queue moves."""
         await Recovery(self, self._records, self._store, self._source, self._chains,
                        self._repository, self._serving).run(self._keep_finished)
         self._dequeue()
-
-    # Recovery's interface: how what an earlier run left becomes jobs again.
 
     def requeue(self, job: Job, request: StartRequest) -> None:
         """A job found queued waits in the queue again, in its order."""
         self._admission.enqueue(job.domain, job.id, request)
         self._running[job.id] = Running()
 
-    async def adopt(self, job: Job) -> None:
-        """A job found running (or rebuilt) is this run's: a ready one is served."""
-        self._admission.claim(job.domain, job.id)
-        self._running[job.id] = Running()
-        if job.state == JobState.READY:
-            await self._serve(job)
-
     def hold(self, job: Job) -> None:
         """A job found that cannot be settled now stays as it was found, holding its
         domain (not served: nobody knows whether its backup runs): Abort ends it."""
         self._admission.claim(job.domain, job.id)
         self._running[job.id] = Running()
+
+    async def adopt(self, job: Job) -> None:
+        """A job found running (or rebuilt) is this run's: a ready one is served."""
+        self.hold(job)
+        if job.state == JobState.READY:
+            await self.serve(job)
 
     async def fail_found(self, job: Job, error: str) -> Job:
         """A job found that cannot go on (its backup ended, by the caller) fails."""
@@ -763,17 +465,19 @@ class Jobs:
         with self._records.watch() as changes:
             yield changes
 
-    def _chain_lock(self, domain: str) -> anyio.Lock:
-        """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
-        return self._chain_locks[domain]
-
 
 class _Sink:
-    """What the source tells, turned into the jobs' ends (source.Sink)."""
+    """What the source tells, turned into the jobs' ends (source.Sink): the source
+    ended a job's backup without us (a push: with its outcome; any other job failed),
+    or its domain stopped."""
 
-    def __init__(self, jobs: Jobs, tg: anyio.abc.TaskGroup,
+    def __init__(self, jobs: Jobs, records: Records, admission: Admission,
+                 source: BackupSource, tg: anyio.abc.TaskGroup,
                  lost: Callable[[str], Awaitable[None]]) -> None:
         self._jobs = jobs
+        self._records = records
+        self._admission = admission
+        self._source = source
         self._tg = tg
         self._lost = lost
 
@@ -781,23 +485,31 @@ class _Sink:
         await self._lost(reason)
 
     def ended(self, domain: str, success: bool, error: str | None) -> None:
-        if (job := self._jobs._claimed_by(domain)) is not None:
-            self._tg.start_soon(self._jobs._source_ended, job.id, success, error)
+        if (job := self._claimed_by(domain)) is None:
+            return
+        if job.kind == Kind.PUSH:
+            self._tg.start_soon(self._jobs.push_ended, job.id, success, error)
+        else:
+            self._tg.start_soon(self._failed, job, error)
 
     def stopped(self, domain: str, reason: str) -> None:
-        if (job := self._jobs._claimed_by(domain)) is not None:
-            self._tg.start_soon(self._jobs._fail, job.id,
+        if (job := self._claimed_by(domain)) is not None:
+            self._tg.start_soon(self._jobs.fail, job.id,
                                 f"the domain stopped ({reason}) during the backup")
 
+    def _claimed_by(self, domain: str) -> Job | None:
+        """The domain's job that has left the queue and not ended, if any."""
+        job_id = self._admission.holder(domain)
+        job = self._records.get(job_id) if job_id is not None else None
+        return job if job is not None and job.state != JobState.QUEUED else None
 
-@contextmanager
-def _logged(message: str, **context: object) -> Iterator[None]:
-    """An exception of the block logged with `message`, not raised: for what runs in the
-    jobs' task group on nobody's behalf, where it would end every job."""
-    try:
-        yield
-    except Exception:
-        log.exception(message, **context)
+    async def _failed(self, job: Job, error: str | None) -> None:
+        try:
+            reason = await self._source.why_ended(job, error)
+        except PullbackError as e:
+            reason = f"the backup ended without pullbackd ({error or e})"
+        await self._jobs.fail(job.id, reason)
+
 
 
 def _remove_targets(job: Job) -> None:

@@ -25,7 +25,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import structlog
@@ -129,3 +130,13 @@ def _to_journal(send: Send) -> structlog.typing.Processor:
         send(entry.pop("MESSAGE"), **entry)
         raise structlog.DropEvent
     return processor
+
+
+@contextmanager
+def logged(message: str, **context: object) -> Iterator[None]:
+    """An exception of the block logged with `message`, not raised: for what runs in the
+    jobs' task group on nobody's behalf, where it would end every job."""
+    try:
+        yield
+    except Exception:
+        structlog.get_logger().exception(message, **context)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import queue
 import select
 import threading
@@ -135,11 +136,11 @@ def _check_file(sock: Path, backup: Expected) -> list[str]:
     h.set_export_name(backup.file.name)
     h.connect_unix(str(sock))
     try:
-        held = _held(h, regions) if backup.backed else [True] * len(regions)
-        own = [i for i, ok in enumerate(held) if ok]
-        ok = dict(zip(own, _compare(h, backup, [regions[i] for i in own]), strict=True))
-        beyond = subtract([(a, b) for a, b, depth in _depths(h, 0, backup.size) if depth == 1],
-                          _clusters(regions, backup.size))
+        own = _own(h, backup.size)
+        held = [_within(o, n, own) for o, n, _ in regions] if backup.backed \
+            else [True] * len(regions)
+        mine = [i for i, ok in enumerate(held) if ok]
+        ok = dict(zip(mine, _compare(h, backup, [regions[i] for i in mine]), strict=True))
     finally:
         h.shutdown()
     if lost := [i for i, k in enumerate(held) if not k]:
@@ -151,7 +152,7 @@ def _check_file(sock: Path, backup: Expected) -> list[str]:
     return [f"{backup.file.name}: {length} bytes at {offset} differ from what was written"
             for i, (offset, length, _) in enumerate(regions) if not ok[i]] + [
         f"{backup.file.name}: holds {end - start} bytes at {start} that it never wrote"
-        for start, end in union(beyond, [])]
+        for start, end in subtract(own, _clusters(regions, backup.size))]
 
 
 def _clusters(regions: Sequence[tuple[int, int, str | None]], size: int
@@ -162,27 +163,20 @@ def _clusters(regions: Sequence[tuple[int, int, str | None]], size: int
                  [])
 
 
-def _held(h: nbd.NBD, regions: Sequence[tuple[int, int, str | None]]) -> list[bool]:
-    """For each region, whether the export's own file holds all of it: allocation depth
-    1 across it (with no backing file, 0 is a range the file does not hold)."""
-    spans = [(o, o + n) for o, n, _ in regions if n]
-    extents = list(_depths(h, min((a for a, _ in spans), default=0),
-                           max((b for _, b in spans), default=0)))
-    starts = [start for start, _, _ in extents]
+def _own(h: nbd.NBD, size: int) -> list[tuple[int, int]]:
+    """The ranges (start, end) up to `size` the export's own file holds (data or zeroes):
+    allocation depth 1 (with no backing file, 0 is a range the file does not hold).
+    Sorted and apart."""
+    return union([(start, min(end, size)) for start, end, depth in _depths(h, 0, size)
+                  if depth == 1], [])
 
-    def held(offset: int, length: int) -> bool:
-        # The runs are contiguous from the first region's start: run i covers `offset`.
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
-        while length and i < len(extents):
-            _, end, depth = extents[i]
-            if depth != 1:
-                return False
-            length = max(0, offset + length - end)
-            offset = end
-            i += 1
-        return not length
 
-    return [held(o, n) for o, n, _ in regions]
+def _within(offset: int, length: int, ranges: Sequence[tuple[int, int]]) -> bool:
+    """Whether [offset, offset + length) lies in `ranges` (sorted and apart)."""
+    if not length:
+        return True
+    i = bisect.bisect_right(ranges, (offset, math.inf)) - 1
+    return i >= 0 and offset + length <= ranges[i][1]
 
 
 def _depths(h: nbd.NBD, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -281,11 +275,9 @@ def held(sock: Path, name: str, size: int) -> list[tuple[int, int]]:
     h.set_export_name(name)
     h.connect_unix(str(sock))
     try:
-        found = [(start, min(end, size)) for start, end, depth in _depths(h, 0, size)
-                 if depth == 1]
+        return _own(h, size)
     finally:
         h.shutdown()
-    return union(found, [])
 
 
 def union(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
