@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pullbackd import config, repository, stream
+from pullbackd import config, manifest, repository, stream, writebehind
 from pullbackd.control.client import Client
 from pullbackd.durable import fsync
 
@@ -149,7 +149,7 @@ def qemu_nbd(image: Path) -> Iterator[str]:
     qemu-nbd: the same block layer, with the same cache options)."""
     sock = image.with_suffix(".sock")
     with repository.image_server(image, "qcow2", sock, writable=True,
-                                 direct=repository.direct_io(image)) as server:
+                                 direct=writebehind.direct_io(image)) as server:
         yield server.url
 
 
@@ -257,11 +257,11 @@ def engine(url: str, bitmap: str | None, zeroed: bool, tuning: stream.Tuning) ->
     does (past the page cache, or with its write-behind) and checksumming each region for
     the manifest."""
     def copy(dest: str, target: Path) -> None:
-        regions: list[repository.Region] = []
-        step = 0 if repository.direct_io(target) else config.Repository().write_behind
-        with repository.WriteBehind(target, step) as behind:
+        regions: list[manifest.Region] = []
+        step = 0 if writebehind.direct_io(target) else config.Repository().write_behind
+        with writebehind.WriteBehind(target, step) as behind:
             stream.copy(url, dest, bitmap=bitmap, zeroed_destination=zeroed, tuning=tuning,
-                        on_progress=behind.progress, checksums=repository.recorder(regions))
+                        on_progress=behind.progress, checksums=manifest.recorder(regions))
     return copy
 
 

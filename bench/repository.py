@@ -48,7 +48,8 @@ import structlog
 from bench import BLOCK, GiB, MiB, log, run, turns
 
 from pullbackd import config, qemu_nbd, stream
-from pullbackd.repository import Manifest, Repository, recorder
+from pullbackd.manifest import Manifest, recorder
+from pullbackd.repository import Repository
 
 DOMAIN = "bench"
 DISK = "vda"

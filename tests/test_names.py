@@ -13,8 +13,9 @@ import pytest
 
 from pullbackd import config, names
 from pullbackd.errors import InvalidParameter
+from pullbackd.manifest import Region, checksum
 from pullbackd.names import MAX_SOCKET_PATH, Layout, Served
-from pullbackd.repository import Region, Repository, checksum
+from pullbackd.repository import Repository
 
 MiB = 1 << 20
 

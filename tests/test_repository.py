@@ -18,20 +18,15 @@ import nbd
 import pytest
 import xxhash
 
-from pullbackd import names, stream, verifying
+from pullbackd import names, orphans, stream, verifying
 from pullbackd import repository as repository_module
 from pullbackd.errors import RepositoryError
+from pullbackd.manifest import Manifest, Region, checksum, recorder
 from pullbackd.qemu_nbd import Server
-from pullbackd.repository import (
-    Manifest,
-    Region,
-    Repository,
-    WriteBehind,
-    checksum,
-    direct_io,
-    recorder,
-)
+from pullbackd.repository import Repository
 from pullbackd.stream import Piece, Progress, whole_clusters
+from pullbackd.uses import Uses
+from pullbackd.writebehind import WriteBehind, direct_io
 
 from .images import MiB, assert_same
 
@@ -334,7 +329,7 @@ time.sleep(3600)
 
 def test_recover_kills_a_server_that_ignores_sigterm(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(repository_module, "ORPHAN_GRACE", 0.5)
+    monkeypatch.setattr(orphans, "ORPHAN_GRACE", 0.5)
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
     stubborn = subprocess.Popen(["qemu-nbd", "-c", STUBBORN, "--socket",
                                  str(tmp_path / "sockets" / "w-1.sock")],
@@ -621,7 +616,7 @@ def test_a_prune_and_the_backups_uses_exclude_each_other(tmp_path: Path) -> None
     assert [m.sequence for m in repository.manifests("lab1", "c", "vda")] == [2, 3]
     assert verify_all(repository) == (2, [])
     folder = repository.folder("lab1", "c", "vda")
-    uses = repository_module.Uses()
+    uses = Uses()
     with uses.pruning(folder):
         with pytest.raises(RepositoryError, match="a prune of these backups runs"):
             uses.take(folder)
@@ -674,6 +669,16 @@ def test_a_chain_longer_than_one_server_restores(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verifying, "FILES_PER_SERVER", 2)
     test_a_chain_restores_at_every_point(tmp_path)
+
+
+def test_allocation_asked_a_window_at_a_time_restores_and_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block status asked for in windows far smaller than the disk, ending inside a
+    cluster (a disk larger than one window is read so): every point still restores,
+    and every backup verifies."""
+    monkeypatch.setattr(verifying, "WINDOW", (192 << 10) + 512)
+    test_a_chain_restores_at_every_point(tmp_path)
+    assert verify_all(Repository(tmp_path / "repo", tmp_path / "sockets", 0)) == (5, [])
 
 
 def test_backups_are_numbered_on_past_9999(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ import structlog
 from . import crash, stream
 from .domainfiles import DomainFiles
 from .errors import PullbackError
+from .manifest import recorder
 from .model import LOCAL, Disk, Job, Progress, nbd_url
-from .repository import Repository, Writer, recorder
+from .repository import Repository, Writer
 from .source import BackupSource
 
 log = structlog.get_logger()

@@ -32,7 +32,8 @@ from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
 from .durable import write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
-from .repository import Manifest, Repository
+from .manifest import Manifest
+from .repository import Repository
 from .virt import Virt
 from .xml import CHAINS_NS
 

@@ -19,7 +19,7 @@ Every name in it comes from names.py, every qemu-nbd from qemu_nbd.py.
 Nothing outlives a crash. The kernel kills our qemu-nbd servers, the writer and a
 Verify's qemu-storage-daemon when the daemon dies (see qemu_nbd.TIED), and
 `Repository.recover`, run at start before anything is served, ends those that
-escaped (a daemon killed in the instant between starting one and tying it to
+escaped (orphans.py) (a daemon killed in the instant between starting one and tying it to
 itself, or a daemon from before they were tied) and removes what a crash leaves:
 after `recover()`, no NBD server of an earlier run serves a repository file, no
 temporary file (`*.qcow2.partial`, `*.flat.partial`, `*.tmp`, domain files'
@@ -33,21 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
-import hashlib
-import itertools
 import json
 import os
-import select
 import shutil
-import signal
 import stat
 import subprocess
-import threading
-import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,87 +47,18 @@ from typing import Any
 import anyio
 import nbd
 import structlog
-import xxhash
 
-from . import crash, domainfiles, names, qcow2, qemu_nbd, stream, verifying, writers
+from . import crash, domainfiles, names, orphans, qcow2, qemu_nbd, stream, verifying, writers
 from .durable import fsync, fsync_dir, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
+from .manifest import CHECKSUM, CHECKSUMS, Manifest, Region, checksum
 from .names import Served
 from .qsd import StorageDaemonError
+from .uses import Uses
+from .writebehind import WriteBehind, direct_io
 
 log = structlog.get_logger()
 
-
-#: How the regions of a new backup are checksummed. Verify looks for damage, not
-#: for an adversary (whoever could change a backup file could change its manifest
-#: too), and XXH3's 128-bit hash lets damage through once in 2**128 tries; sha256's
-#: strength is against forged collisions, which buy nobody anything here. XXH3 hashes
-#: 40 GiB/s here, sha256 1.7 (with SHA-NI): sha256 made a streamed full backup cost
-#: the machine a third more CPU.
-CHECKSUM = "xxh3-128"
-_CHECKSUMS: dict[str, Callable[[bytes | bytearray | memoryview], str]] = {
-    "xxh3-128": xxhash.xxh3_128_hexdigest,
-    "sha256": lambda data: hashlib.sha256(data).hexdigest(),  # manifests before xxh3-128
-}
-
-
-def checksum(data: bytes | bytearray | memoryview, kind: str = CHECKSUM) -> str:
-    return _CHECKSUMS[kind](data)
-
-
-@dataclass(frozen=True)
-class Region:
-    offset: int
-    length: int
-    #: The checksum of the data written (of the manifest's kind), or None for a zero write.
-    checksum: str | None
-
-
-def recorder(regions: list[Region]) -> stream.Checksums:
-    """Keeps a checksum of each region a copy writes in `regions`, for the manifest
-    (the copy's threads call it)."""
-    def record(piece: stream.Piece, value: str | None) -> None:
-        regions.append(Region(piece.offset, piece.length, value))
-    return stream.Checksums(checksum, record)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    sequence: int
-    domain: str
-    consumer: str
-    disk: str
-    job: str
-    checkpoint: str
-    created: str
-    mode: str
-    size: int
-    #: The file this one is an overlay on, in the same folder; None for a full backup.
-    backing: str | None
-    regions: tuple[Region, ...] = field(default=())
-    #: The kind of the regions' checksums.
-    checksums: str = CHECKSUM
-
-    @property
-    def file(self) -> str:
-        return names.backup_name(self.sequence)
-
-    @property
-    def bytes(self) -> int:
-        return sum(r.length for r in self.regions)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self) | {
-            "bytes": self.bytes,
-            "regions": [[r.offset, r.length, r.checksum] for r in self.regions],
-        }, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data: dict[str, Any] = json.loads(text)
-        data.pop("bytes", None)  # derived from the regions
-        data.setdefault("checksums", "sha256")  # written before manifests named theirs
-        return cls(**data | {"regions": tuple(Region(*r) for r in data["regions"])})
 
 
 def image_server(image: Path, fmt: str, sock: Path, *, writable: bool,
@@ -161,77 +84,6 @@ def image_server(image: Path, fmt: str, sock: Path, *, writable: bool,
     return qemu_nbd.Server(image, fmt, sock, read_only=not writable, shared=16,
                            cache=cache, persistent=True, tied=True)
 
-
-def direct_io(path: Path) -> bool:
-    """Whether the filesystem of the file `path` takes O_DIRECT (tmpfs before Linux 6.6
-    and some FUSE filesystems refuse it). Blocks; raises OSError if `path` cannot be
-    opened at all."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
-    os.close(fd)
-    return True
-
-
-class WriteBehind:
-    """Keeps a file that a copy is writing flowing to disk.
-
-    Each `step` bytes the copy reaches, a thread of its own asks the kernel to
-    start writing the file's dirty pages back and to drop the pages already on
-    disk (POSIX_FADV_DONTNEED). The fsync that makes the file count then waits for
-    the last step only, not for the whole file; and a backup does not fill the
-    host's page cache, which its domains need, with data nobody reads again.
-    A file written past the page cache (`direct_io`) needs none of it: step 0.
-    """
-
-    def __init__(self, path: Path, step: int) -> None:
-        """`step`: 0 asks for nothing (and starts no thread)."""
-        self._step = step
-        self._lock = threading.Lock()
-        self._asked = 0
-        self._due = threading.Event()
-        self._closed = not step
-        if not step:
-            return
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name="pullbackd-write-behind",
-                                        daemon=True)
-        self._thread.start()
-
-    def progress(self, progress: stream.Progress) -> None:
-        """The copy's progress callback (any of its threads may call it)."""
-        with self._lock:
-            if not self._step or progress.done - self._asked < self._step:
-                return
-            self._asked = progress.done
-        self._due.set()
-
-    def __enter__(self) -> WriteBehind:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop (once; again does nothing). The caller fsyncs the file for what is left."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._due.set()
-        self._thread.join()
-        os.close(self._fd)
-
-    def _run(self) -> None:
-        while True:
-            self._due.wait()
-            self._due.clear()
-            if self._closed:
-                return
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass
@@ -260,48 +112,6 @@ class Writer:
     def partial(self) -> Path:
         return names.partial(self.folder, self.manifest.sequence)
 
-
-class Uses:
-    """Who uses each disk's backups: a copy writing a new one (over one of them), a
-    restore or a verify reading them, and a prune changing them. A prune needs them
-    unused, and nothing else may use them while it runs (a new backup over a file it
-    drops, a restore reading a file as it is replaced by its flattened copy, would be
-    wrong). Neither waits for the other: the later one gets RepositoryError saying
-    what to wait for. Used from the event loop's thread only."""
-
-    def __init__(self) -> None:
-        self._users: Counter[Path] = Counter()
-        self._pruning: set[Path] = set()
-
-    def take(self, folder: Path) -> None:
-        if folder in self._pruning:
-            raise RepositoryError(str(folder), "a prune of these backups runs: try again "
-                                               "once it ended")
-        self._users[folder] += 1
-
-    def give(self, folder: Path) -> None:
-        self._users[folder] -= 1
-        if not self._users[folder]:
-            del self._users[folder]
-
-    @contextlib.contextmanager
-    def using(self, folder: Path) -> Iterator[None]:
-        self.take(folder)
-        try:
-            yield
-        finally:
-            self.give(folder)
-
-    @contextlib.contextmanager
-    def pruning(self, folder: Path) -> Iterator[None]:
-        if folder in self._pruning or self._users[folder]:
-            raise RepositoryError(str(folder), "in use by a backup being written, a restore "
-                                               "or a verify: prune once it ended")
-        self._pruning.add(folder)
-        try:
-            yield
-        finally:
-            self._pruning.discard(folder)
 
 
 class Repository:
@@ -367,12 +177,12 @@ class Repository:
 
         Ends the NBD servers of an earlier run (qemu-nbd, and the qemu-storage-daemons
         of the writer and of Verify: SIGTERM; SIGKILL for any still there after
-        ORPHAN_GRACE), then removes their sockets and the temporary files
+        orphans.ORPHAN_GRACE), then removes their sockets and the temporary files
         of backups, flattenings and manifests being written. Only the daemon that owns
         the repository may call it: it ends every qemu-nbd serving on a socket in the
         repository's sockets folder. Raises RepositoryError if a server cannot be ended.
         """
-        _end(_orphans(self._sockets))
+        orphans.end(orphans.find(self._sockets))
         for sock in sorted(self._sockets.glob("*.sock")):
             log.warning("removing a stale socket", path=str(sock))
             sock.unlink(missing_ok=True)
@@ -736,7 +546,7 @@ class Repository:
         problems: dict[int, list[str]] = {}
         known = []
         for i, m in enumerate(manifests):
-            if m.checksums in _CHECKSUMS:
+            if m.checksums in CHECKSUMS:
                 known.append(i)
             else:  # written by a newer pullbackd
                 problems[i] = [f"{m.file}: cannot check checksums of kind {m.checksums!r}"]
@@ -751,7 +561,7 @@ class Repository:
     def _expected(self, manifests: list[Manifest]) -> list[verifying.Expected]:
         return [verifying.Expected(
             owned(self.folder(m.domain, m.consumer, m.disk) / m.file),
-            [(r.offset, r.length, r.checksum) for r in m.regions], _CHECKSUMS[m.checksums],
+            [(r.offset, r.length, r.checksum) for r in m.regions], CHECKSUMS[m.checksums],
             backed=m.backing is not None, size=m.size)
             for m in manifests]
 
@@ -876,97 +686,6 @@ async def _run(*command: str) -> None:
         raise RepositoryError(command[-1], result.stderr.decode(errors="replace").strip()
                               or f"{command[0]} failed")
 
-
-#: How long `recover` gives a qemu-nbd of an earlier run to end after SIGTERM, and
-#: then after SIGKILL.
-ORPHAN_GRACE = 10.0
-
-
-def _orphans(sockets: Path) -> dict[int, str]:
-    """The qemu-nbd processes serving on a socket in `sockets`, each with its socket."""
-    folder = os.path.abspath(sockets)
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (sock := _served_socket(int(entry), folder)) is not None:
-            found[int(entry)] = sock
-    return found
-
-
-def _served_socket(pid: int, folder: str) -> str | None:
-    """The socket the process `pid` serves on if it is a qemu-nbd (or a Verify's or the
-    writer's qemu-storage-daemon) serving on one in `folder`, else None."""
-    try:
-        argv = [os.fsdecode(a) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-    except OSError:  # gone meanwhile, or not ours to look at
-        return None
-    program = os.path.basename(argv[0])
-    if program not in ("qemu-nbd", verifying.PROGRAM):
-        return None
-    # As qemu_nbd.command, verifying.server or writers write it, or by hand. cmdline ends in a
-    # NUL: the last argument too has a following (empty) one.
-    for arg, following in itertools.pairwise(argv):
-        if program == verifying.PROGRAM:
-            options = following.split(",") if arg == "--nbd-server" else []
-            sock = next((o.removeprefix("addr.path=") for o in options
-                         if o.startswith("addr.path=")), "")
-        elif arg == "--socket":
-            sock = following
-        elif arg.startswith("--socket="):
-            sock = arg.removeprefix("--socket=")
-        else:
-            continue
-        if sock and os.path.dirname(os.path.abspath(sock)) == folder:
-            return sock
-    return None
-
-
-def _end(orphans: dict[int, str]) -> None:
-    """End the processes `orphans` (pid: socket): SIGTERM, then SIGKILL for those
-    still there after ORPHAN_GRACE. Through pidfds, so a pid that a new process took
-    over meanwhile is never signalled."""
-    pidfds: dict[int, int] = {}
-    try:
-        for pid, sock in orphans.items():
-            try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
-                continue
-            # The pid is held now: look again that it is still the qemu-nbd we found.
-            if _served_socket(pid, os.path.dirname(os.path.abspath(sock))) != sock:
-                os.close(fd)
-                continue
-            pidfds[pid] = fd
-            log.warning("ending a qemu-nbd of an earlier run", pid=pid, socket=sock)
-            _signal(fd, pid, sock, signal.SIGTERM)
-        deadline = time.monotonic() + ORPHAN_GRACE
-        stubborn = [pid for pid, fd in pidfds.items() if not _exits(fd, deadline)]
-        for pid in stubborn:
-            log.warning("killing a qemu-nbd of an earlier run", pid=pid, socket=orphans[pid])
-            _signal(pidfds[pid], pid, orphans[pid], signal.SIGKILL)
-        deadline = time.monotonic() + ORPHAN_GRACE
-        for pid in stubborn:
-            if not _exits(pidfds[pid], deadline):
-                raise RepositoryError(orphans[pid], f"qemu-nbd {pid} of an earlier run "
-                                                    "does not end")
-    finally:
-        for fd in pidfds.values():
-            os.close(fd)
-
-
-def _signal(pidfd: int, pid: int, sock: str, sig: signal.Signals) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:  # it ended meanwhile
-        pass
-    except PermissionError as e:
-        raise RepositoryError(sock, f"cannot end qemu-nbd {pid}: {e.strerror}") from e
-
-
-def _exits(pidfd: int, deadline: float) -> bool:
-    """Whether the process ends before `deadline` (its pidfd becomes readable)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
 
 
 async def _shielded(fn: Callable[..., Awaitable[object]], *args: Any) -> None:

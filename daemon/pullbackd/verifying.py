@@ -59,8 +59,10 @@ IN_FLIGHT = 8
 #: Clients one server takes at once: Verify's READERS, or a restore's copy (a planner
 #: and a connection per stream.Tuning.connections), with room to spare.
 CONNECTIONS = 8
-#: Bytes of block status asked for at a time.
-WINDOW = 1 << 30
+#: Bytes of block status asked for at a time: the most one NBD request may ask
+#: (its length has 32 bits), in whole MiB. A file is walked whole before it is read:
+#: a 16 TiB disk is 4,096 requests.
+WINDOW = (1 << 32) - (1 << 20)
 #: Seconds the server may leave a request unanswered.
 STALL_TIMEOUT = 60.0
 
