@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import nbd
 import pytest
 import xxhash
 
-from pullbackd import names, orphans, stream, verifying
+from pullbackd import names, orphans, stream, verifying, writers
 from pullbackd import repository as repository_module
 from pullbackd.errors import RepositoryError
 from pullbackd.manifest import Manifest, Region, checksum, recorder
@@ -262,6 +263,41 @@ def test_a_writer_killed_mid_backup_fails_it_and_the_next_backup_gets_another(
                 await repository.commit(writer)
         finally:
             await repository.abort(writer)
+        assert not writer.partial.exists()
+
+    anyio.run(run)
+    assert repository.manifests("lab1", "c", "vda") == []
+    data = os.urandom(MiB)
+    manifest = store(repository, data, MiB)
+    assert manifest.sequence == 1
+    assert_restores(repository, manifest, bytes(MiB) + data + bytes(2 * MiB), tmp_path)
+
+
+def test_a_writer_that_does_not_answer_in_time_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer stops answering its monitor (stopped, as one stuck on its storage is)
+    while a backup is committed, and answers again later: the commit fails, and the
+    next backup gets a writer of its own instead of a monitor out of step for good."""
+    monkeypatch.setattr(writers, "QMP_TIMEOUT", 1.0)
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+
+    async def run() -> None:
+        writer = await repository.begin("lab1", "c", "vda", SIZE, "j", "cp", "t", None)
+        stuck = repository.writers.pid
+        assert stuck is not None
+        try:
+            await anyio.to_thread.run_sync(pwrite, writer.url, os.urandom(MiB), 0)
+            os.kill(stuck, signal.SIGSTOP)
+            resume = threading.Timer(2.0, os.kill, (stuck, signal.SIGCONT))
+            resume.start()
+            try:
+                with pytest.raises(RepositoryError, match="did not answer"):
+                    await repository.commit(writer)
+            finally:
+                resume.join()
+        finally:
+            await repository.abort(writer)
+        await anyio.to_thread.run_sync(wait_ended, stuck)
         assert not writer.partial.exists()
 
     anyio.run(run)

@@ -113,23 +113,35 @@ class Target:
 
 
 class Monitor:
-    """A QMP connection (blocking: use it from a worker thread)."""
+    """A QMP connection (blocking: use it from a worker thread).
+
+    A reply that does not come within the timeout, or a connection that fails, raises
+    StorageDaemonError and leaves the monitor `broken`: what it reads next could be the
+    late reply to an earlier command, and a timed-out socket reads nothing more. Every
+    later command raises StorageDaemonError at once; its owner decides what becomes of
+    the process (writers.py ends the repository's writer)."""
 
     def __init__(self, path: Path, timeout: float = QMP_TIMEOUT) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
+        self._timeout = timeout
+        #: Why the connection is out of step, once it is.
+        self.broken: str | None = None
         try:
             self._sock.connect(str(path))
             self._file = self._sock.makefile("rwb")
             #: Events that came before a command's reply, for `event`.
             self._events: list[dict[str, Any]] = []
-            self._read()  # the greeting
+            self._read("its greeting")
             self.execute("qmp_capabilities")
         except BaseException:
             self._sock.close()
             raise
 
     def execute(self, command: str, **arguments: Any) -> Any:
+        if self.broken is not None:
+            raise StorageDaemonError(f"qemu-storage-daemon's monitor is out of step: "
+                                     f"{self.broken}")
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
@@ -137,9 +149,9 @@ class Monitor:
             self._file.write(json.dumps(message).encode() + b"\n")
             self._file.flush()
         except OSError as e:  # it died
-            raise StorageDaemonError(f"qemu-storage-daemon's monitor: {e.strerror}") from None
+            raise self._break(f"qemu-storage-daemon's monitor: {e.strerror}") from None
         while True:
-            reply = self._read()
+            reply = self._read(f"{command}")
             if "error" in reply:
                 raise StorageDaemonError(
                     f"qemu-storage-daemon refused {command}: {reply['error'].get('desc')}")
@@ -157,26 +169,32 @@ class Monitor:
         while self._events:
             if wanted(event := self._events.pop(0)):
                 return event
+        if self.broken is not None:
+            raise StorageDaemonError(f"qemu-storage-daemon's monitor is out of step: "
+                                     f"{self.broken}")
         while True:
-            try:
-                reply = self._read()
-            except TimeoutError:
-                raise StorageDaemonError(f"qemu-storage-daemon did not report {name}") \
-                    from None
+            reply = self._read(f"the event {name}")
             if "event" in reply and wanted(reply):
                 return reply
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self, awaited: str) -> dict[str, Any]:
+        """The next message; StorageDaemonError (and `broken`) if `awaited` (what the
+        caller waits for) does not come within the timeout or the connection fails."""
         try:
             line = self._file.readline()
         except TimeoutError:
-            raise
+            raise self._break(f"qemu-storage-daemon did not answer {awaited} within "
+                              f"{self._timeout:g} s") from None
         except OSError as e:  # it died
-            raise StorageDaemonError(f"qemu-storage-daemon's monitor: {e.strerror}") from None
+            raise self._break(f"qemu-storage-daemon's monitor: {e.strerror}") from None
         if not line:
-            raise StorageDaemonError("qemu-storage-daemon closed its monitor")
+            raise self._break("qemu-storage-daemon closed its monitor")
         reply: dict[str, Any] = json.loads(line)
         return reply
+
+    def _break(self, reason: str) -> StorageDaemonError:
+        self.broken = reason
+        return StorageDaemonError(reason)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -30,7 +30,8 @@ second per backup once a chain is half a year long.
 
 `close` undoes them in reverse, the export first (its connections dropped), then the
 node (qcow2's tables written into the file), so the file can be synced, renamed or
-deleted. If the process dies, every copy into it fails, and the next `open` starts
+deleted. If the process dies, or its monitor falls out of step (a command not
+answered within qsd.QMP_TIMEOUT), every copy into it fails, and the next `open` starts
 another.
 
 The QMP calls block: they run in worker threads, one file's at a time (one monitor).
@@ -44,11 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import structlog
 
 from . import names, qemu_nbd
 from .model import nbd_url
 from .names import Served
-from .qsd import PROGRAM, Monitor, StorageDaemonError
+from .qsd import PROGRAM, QMP_TIMEOUT, Monitor, StorageDaemonError
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,11 @@ class Writers:
         opened = Opened(nbd_url(sock, name), name, f"w{n}", f"e{n}")
         # Shielded: once open, the file is the caller's to close, so it must get it.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._open, monitor, opened, image, direct)
+            try:
+                await anyio.to_thread.run_sync(self._open, monitor, opened, image, direct)
+            except StorageDaemonError:
+                await self._failed(monitor)
+                raise
         return opened
 
     async def close(self, opened: Opened) -> None:
@@ -102,8 +110,22 @@ class Writers:
             try:
                 await anyio.to_thread.run_sync(self._close, monitor, opened)
             except StorageDaemonError as e:
+                await self._failed(monitor)
                 raise StorageDaemonError(f"qemu-storage-daemon, the repository's writer, "
                                          f"died or failed while it wrote the file: {e}") from None
+
+    async def _failed(self, monitor: Monitor) -> None:
+        """After a command failed: a writer whose monitor is out of step (a reply that
+        did not come in time) can open no file and close none, so it ends, and with it
+        every copy into it (their files are closed then, as `close` says: no backups);
+        the next `open` starts another. One that only refused a command goes on."""
+        if monitor.broken is None:
+            return
+        async with self._starting:
+            if self._monitor is monitor:
+                log.warning("ending the repository's writer: its monitor is out of step",
+                            reason=monitor.broken, pid=self.pid)
+                await self.stop()
 
     async def stop(self) -> None:
         """End the process (its files closed) if it runs."""
@@ -134,7 +156,7 @@ class Writers:
                     raise StorageDaemonError(f"the repository's writer did not start: "
                                              f"{e.reason}") from None
                 try:
-                    self._monitor = await anyio.to_thread.run_sync(Monitor, qmp)
+                    self._monitor = await anyio.to_thread.run_sync(Monitor, qmp, QMP_TIMEOUT)
                 except BaseException:
                     await server.astop()
                     raise
