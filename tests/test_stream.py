@@ -290,6 +290,75 @@ def test_cancelling_the_async_stream_stops_the_copy(export: str, tmp_path: Path)
         assert not {name for name in left if name.startswith("pullbackd-")}, left
 
 
+def test_a_copy_waiting_for_its_planner_is_not_stalled(tmp_path: Path) -> None:
+    """Time with nothing in flight is no stall: the planner takes longer than the stall
+    timeout to find the disk's last piece (the source answers each request for its
+    extents slowly, over a disk of holes), and the copy waits for it."""
+    expected = tmp_path / "expected.raw"
+    with expected.open("wb") as f:
+        f.truncate(32 * MiB)
+        f.write(b"\x5a")
+        f.seek(32 * MiB - 1)
+        f.write(b"\xa5")
+    target = tmp_path / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(32 * MiB)],
+                   check=True)
+    with nbdkit(tmp_path, "--filter=delay", "data", f"0x5a @{32 * MiB - 1} 0xa5",
+                f"size={32 * MiB}", "delay-extents=100ms") as src, qemu_nbd(target) as dst:
+        stream.copy(src, dst, zeroed_destination=True,
+                    tuning=Tuning(window=MiB, stall_timeout=1.5))
+    subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(target), str(expected)],
+                   check=True, timeout=300)
+
+
+#: An NBD server (nbdkit's python plugin) writing into the file `file=`, whose flush
+#: takes `flush=` seconds, as a server writing back a large cache does.
+SLOW_FLUSH = """
+import os, time
+API_VERSION = 2
+config_ = {}
+def config(key, value): config_[key] = value
+def open(readonly): return os.open(config_["file"], os.O_RDWR)
+def close(fd): os.close(fd)
+def get_size(fd): return os.fstat(fd).st_size
+def can_write(fd): return True
+def can_flush(fd): return True
+def can_multi_conn(fd): return True
+def pread(fd, buf, offset, flags): buf[:] = os.pread(fd, len(buf), offset)
+def pwrite(fd, buf, offset, flags): os.pwrite(fd, buf, offset)
+def flush(fd, flags):
+    time.sleep(float(config_["flush"]))
+    os.fsync(fd)
+"""
+
+
+@pytest.mark.parametrize("flush_timeout", [60.0, 1.0])
+def test_a_destination_slow_to_flush_is_waited_for_until_the_flush_timeout(
+        tmp_path: Path, flush_timeout: float) -> None:
+    """The final flush takes longer than any request may (the stall timeout): it is
+    waited for, up to its own timeout."""
+    image = tmp_path / "source.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MiB)],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x3c {MiB} {3 * MiB}",
+                    str(image)], check=True, capture_output=True)
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xff" * 8 * MiB)
+    plugin = tmp_path / "slow_flush.py"
+    plugin.write_text(SLOW_FLUSH)
+    tuning = Tuning(stall_timeout=1.0, flush_timeout=flush_timeout)
+    with qemu_nbd(image) as src, nbdkit(tmp_path, "python", str(plugin), f"file={target}",
+                                        "flush=2.5") as dst:
+        if flush_timeout < 2.5:
+            with pytest.raises(stream.StreamError,
+                               match="the destination did not confirm its flush within 1 s"):
+                stream.copy(src, dst, tuning=tuning)
+            return
+        stream.copy(src, dst, tuning=tuning)
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(image),
+                    str(target)], check=True, timeout=300)
+
+
 @contextmanager
 def silent_server(path: Path) -> Iterator[str]:
     """A Unix socket that accepts (the kernel does, into the backlog) and never says a word."""

@@ -121,8 +121,13 @@ class Tuning:
     in_flight: int = 8
     #: Bytes of the source's extent map asked for at a time.
     window: int = 1024 * MiB
-    #: Seconds without any progress after which a silent server counts as gone.
+    #: Seconds a request may wait for its answer (the oldest one in flight, while no
+    #: other one completes) before a silent server counts as gone. Time with nothing in
+    #: flight (waiting for the planner, or for buffers) does not count.
     stall_timeout: float = 60.0
+    #: Seconds the destination may take to confirm its flush at the end: a server with
+    #: a writeback cache writes all it holds then, far more than any one request.
+    flush_timeout: float = 600.0
     #: Seconds a connection may take, its NBD handshake included.
     connect_timeout: float = 30.0
     #: For nbds:// destinations: the folder with ca-cert.pem (and client-cert.pem,
@@ -541,7 +546,7 @@ class _Copy:
                 if not self.stopped():
                     cookie = dst.aio_flush()
                     _until(dst, lambda: bool(dst.aio_command_completed(cookie)),
-                           self.tuning.stall_timeout, self.cancel,
+                           self.tuning.flush_timeout, self.cancel,
                            "the destination did not confirm its flush")
             finally:
                 _close(dst)
@@ -579,6 +584,8 @@ class _Pump:
                 self.poller.wait(POLL)
             if self.errors:
                 raise StreamError(self.errors[0])
+            if self.read:
+                self.last_progress = time.monotonic()  # the source answered
             while self.read:
                 piece, buf = self.read.popleft()
                 checksum = None if checksums is None else checksums.of(buf.to_buffer())
@@ -597,6 +604,8 @@ class _Pump:
                     return True
                 if piece is None:
                     return False
+            if not self.in_flight:  # the clock runs from the first request in flight
+                self.last_progress = time.monotonic()
             if piece.zero:
                 self.dst.aio_zero(piece.length, piece.offset,
                                   self._on(piece, self.written, (piece, None, None)))
