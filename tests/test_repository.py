@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -21,6 +22,7 @@ import xxhash
 
 from pullbackd import names, orphans, stream, verifying, writers
 from pullbackd import repository as repository_module
+from pullbackd.durable import fsync, fsync_dir
 from pullbackd.errors import RepositoryError
 from pullbackd.manifest import Manifest, Region, checksum, recorder
 from pullbackd.qemu_nbd import Server
@@ -715,6 +717,30 @@ def test_allocation_asked_a_window_at_a_time_restores_and_verifies(
     monkeypatch.setattr(verifying, "WINDOW", (192 << 10) + 512)
     test_a_chain_restores_at_every_point(tmp_path)
     assert verify_all(Repository(tmp_path / "repo", tmp_path / "sockets", 0)) == (5, [])
+
+
+def test_a_restore_is_on_disk_with_its_name_before_it_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore reported done survives a power loss: its data synced, then the folder
+    that names it (without the second, the file could be gone after a reboot)."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    data = os.urandom(MiB)
+    manifest = store(repository, data, MiB)
+    synced: list[tuple[str, Path]] = []
+
+    def recorded(kind: str, sync: Callable[[Path], None]) -> Callable[[Path], None]:
+        def record(path: Path) -> None:
+            synced.append((kind, path))
+            sync(path)
+        return record
+
+    monkeypatch.setattr(repository_module, "fsync", recorded("file", fsync))
+    monkeypatch.setattr(repository_module, "fsync_dir", recorded("folder", fsync_dir))
+    restored = tmp_path / "out" / "restored.raw"
+    restored.parent.mkdir()
+    anyio.run(repository.restore, manifest, restored, "raw")
+    assert synced[-2:] == [("file", restored), ("folder", restored.parent)]
+    assert_same(restored.read_bytes(), bytes(MiB) + data + bytes(2 * MiB))
 
 
 def test_backups_are_numbered_on_past_9999(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import structlog
 
 from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
-from .durable import write_new
+from .durable import fsync_dir, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .manifest import Manifest
 from .repository import Repository
@@ -225,6 +225,9 @@ def install_tpm(files: DomainFiles, uuid: str, state_dir: Path, swtpm_user: str
             write_new(path, data)
         for path in [*folder.rglob("*")]:
             os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+        # On disk before the domain that reads them is defined: each folder's entries.
+        for path in [folder.parent, folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            fsync_dir(path)
     except OSError as e:
         shutil.rmtree(folder, ignore_errors=True)
         raise RepositoryError(str(folder), f"the TPM's state cannot go there: "
@@ -242,6 +245,7 @@ def _create(path: Path, data: bytes, created: list[Path]) -> None:
         raise InvalidParameter("dir", f"{path.name} exists there; restore never overwrites "
                                       "a file") from None
     created.append(path)
+    fsync_dir(path.parent)
 
 
 def _remove(paths: list[Path]) -> None:

@@ -453,6 +453,7 @@ class Repository:
                 undo.push_async_callback(writer.astop)
                 await self._fill(layers, writer.url, token, tuning, behind)
             await anyio.to_thread.run_sync(fsync, to)
+            await anyio.to_thread.run_sync(fsync_dir, to.parent)  # its name too, once done
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
                 await anyio.Path(to).unlink(missing_ok=True)
