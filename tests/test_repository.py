@@ -668,6 +668,35 @@ def test_a_prune_and_the_backups_uses_exclude_each_other(tmp_path: Path) -> None
         pass
 
 
+def test_one_backup_of_a_disk_is_written_at_a_time(tmp_path: Path) -> None:
+    """A second copy into the same disk's backups is refused while the first writes (it
+    would take the first's number, and remove its partial file); the first is stored
+    whole, and the next one after it is taken."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    data = os.urandom(MiB)
+
+    async def run() -> None:
+        first = await repository.begin("lab1", "c", "vda", SIZE, "j1", "cp1", "t", None)
+        try:
+            with pytest.raises(RepositoryError, match="a backup of this disk is being "
+                                                      "written"):
+                await repository.begin("lab1", "c", "vda", SIZE, "j2", "cp2", "t", None)
+            other = await repository.begin("lab1", "c", "vdb", SIZE, "j2", "cp2", "t", None)
+            await repository.abort(other)  # another disk's backups are free
+            await anyio.to_thread.run_sync(pwrite, first.url, data, MiB)
+            first.regions.append(Region(MiB, MiB, checksum(data)))
+        except BaseException:
+            await repository.abort(first)
+            raise
+        await repository.commit(first)
+        await repository.close()
+
+    anyio.run(run)
+    [manifest] = repository.manifests("lab1", "c", "vda")
+    assert_restores(repository, manifest, bytes(MiB) + data + bytes(2 * MiB), tmp_path)
+    assert store(repository, data, 0).sequence == 2
+
+
 def test_recover_ends_an_earlier_runs_verify_server(tmp_path: Path) -> None:
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
     manifests = chain(repository, many(2))

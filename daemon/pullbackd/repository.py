@@ -220,12 +220,12 @@ class Repository:
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:
         folder = self.folder(domain, consumer, disk)
-        self._uses.take(folder)  # until the commit or the abort
+        self._uses.write(folder)  # until the commit or the abort
         try:
             return await self._begin(folder, domain, consumer, disk, size, job, checkpoint,
                                      created, base)
         except BaseException:
-            self._uses.give(folder)
+            self._uses.written(folder)
             raise
 
     async def _begin(self, folder: Path, domain: str, consumer: str, disk: str, size: int,
@@ -314,7 +314,7 @@ class Repository:
         """The writer no longer uses its disk's backups (once, however often called)."""
         if writer.using:
             writer.using = False
-            self._uses.give(writer.folder)
+            self._uses.written(writer.folder)
 
     async def _commit(self, writer: Writer) -> Manifest:
         try:
