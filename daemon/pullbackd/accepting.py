@@ -59,8 +59,9 @@ async def accepted(listener: SocketListener, refusals: Refusals
     while True:
         try:
             stream = await listener.accept()
-        except anyio.BrokenResourceError as e:  # anyio's word for accept()'s OSError
-            if (cause := exhausted(e.__cause__)) is None:
+        except (anyio.BrokenResourceError, OSError) as e:
+            # accept()'s OSError, as it is (anyio's TCP listener) or wrapped (its others)
+            if (cause := exhausted(e if isinstance(e, OSError) else e.__cause__)) is None:
                 raise
             await backing_off(cause, refusals)
             continue

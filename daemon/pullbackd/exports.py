@@ -103,6 +103,10 @@ class Endpoint:
         self._over = anyio.Event()
         self._listener: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Whether a new session may still begin: not once the endpoint closes or hands
+        #: its sessions off (one let in then would relay on, and the close or the
+        #: hand-off, which waits for every session, would never end).
+        self._admitting = True
         self._store: StoreFds | None = None
         self._handed: list[Handed] = []
         self._refusals = Refusals(f"endpoint of job {job_id}")
@@ -140,7 +144,7 @@ class Endpoint:
                     ) -> None:
         """Accept and relay until closed; every session ends with it."""
         self._listener = listener
-        with self._scope, listener, _setting(self._over):
+        with self._scope, listener, _setting(self._over), self._closing():
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 for handed, client, qemu in self._resumed:
@@ -165,8 +169,17 @@ class Endpoint:
 
     async def close(self) -> None:
         """Stop accepting and cut every session at once (Abort, the job's end)."""
+        self._admitting = False
+        self._changed_now()  # a connection waiting for room is refused now
         self._scope.cancel()
         await self._over.wait()
+
+    @contextlib.contextmanager
+    def _closing(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._admitting = False
 
     async def hand_off(self, store: StoreFds) -> list[Handed]:
         """Pass the listening socket and every session to the next run of the daemon.
@@ -177,6 +190,8 @@ class Endpoint:
         if self._listener is not None:
             store(names.fd_listener(self.job_id), [self._listener.fileno()])
         self._accepting.cancel()
+        self._admitting = False
+        self._changed_now()
         self._store = store
         for _, relay in self._live.values():
             relay.pause()
@@ -221,21 +236,32 @@ class Endpoint:
 
     async def attach(self, peer: str, relay: Relay) -> bool:
         """Take a session the remote endpoint opened for this job (it chose the job by
-        export name). False, and nothing taken, if the job has no room for it."""
-        if self._tg is None or not await self._room():
+        export name). False, and nothing taken, if the job has no room for it (or
+        closes)."""
+        if not await self._room() or self._tg is None:
             return False
         session = Session(self._next_id, peer, now())
         self._next_id += 1
-        self._tg.start_soon(self._run, session, relay, False)
+        # Counted now, not once its task runs: the next waiter must see it.
+        self._live[session.id] = (session, relay)
+        self._tg.start_soon(self._attached, session, relay)
         return True
+
+    async def _attached(self, session: Session, relay: Relay) -> None:
+        """An attached session; whatever goes wrong ends it alone."""
+        try:
+            await self._run(session, relay, resumed=False)
+        except Exception:
+            log.exception("nbd connection failed", job=self.job_id, session=session.id)
 
     async def _room(self) -> bool:
         """Whether one more session fits, waiting up to ADMIT_WAIT for one to close (an
-        appliance may close one session and open the next at once)."""
+        appliance may close one session and open the next at once); never once the
+        endpoint closes or hands off."""
         with anyio.move_on_after(ADMIT_WAIT):
-            while len(self._live) >= self.limit:
+            while self._admitting and len(self._live) >= self.limit:
                 await self._changed.wait()
-        return len(self._live) < self.limit
+        return self._admitting and len(self._live) < self.limit
 
     async def _run(self, session: Session, relay: Relay, resumed: bool,
                    handshake: bool = False) -> None:
@@ -304,12 +330,14 @@ class Endpoint:
                         session=session.id, seconds=self.handshake_timeout)
             relay.stop()
 
-    def full_message(self) -> str:
-        """What a client over the connection limit is told."""
+    def refusal(self) -> str:
+        """What a client that gets no session (`_room`) is told."""
+        if not self._admitting:
+            return "this backup's endpoint is closing (the job ended, or the daemon restarts)"
         return f"this backup already has {self.limit} connections, the limit: close one first"
 
     async def _refuse(self, client: socket.socket) -> None:
-        refusal = Refusal(self.full_message())
+        refusal = Refusal(self.refusal())
         log.warning("nbd connection refused: limit reached", job=self.job_id,
                     peer=_peer(client), limit=self.limit)
         with client, anyio.move_on_after(10):
@@ -325,8 +353,9 @@ class Endpoint:
                 pass
 
     def _snapshot(self, session: Session, sniffer: Sniffer) -> Session:
-        disk = session.disk if sniffer.export is None else \
-            self.exports.get(sniffer.export, sniffer.export)
+        # Only a name of ours is a disk: any other a client sent (QEMU refused it) is not
+        # kept, in the record or in what Get and Watch show.
+        disk = session.disk if sniffer.export is None else self.exports.get(sniffer.export)
         return replace(session, disk=disk, bytes_read=sniffer.read)
 
     def _changed_now(self) -> None:

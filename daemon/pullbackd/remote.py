@@ -127,6 +127,8 @@ class Remote:
         except (TimeoutError, OSError, ssl.SSLError, anyio.EndOfStream,
                 anyio.BrokenResourceError, anyio.IncompleteRead, _Hangup) as e:
             log.info("remote connection ended in the handshake", peer=peer, reason=repr(e))
+        except Exception:  # ends this connection alone, never the endpoint
+            log.exception("remote connection failed in the handshake", peer=peer)
         finally:
             self._shaking[host] -= 1
             if not self._shaking[host]:
@@ -186,7 +188,7 @@ class Remote:
                 if await endpoint.attach(peer, relay):
                     return True
                 await conn.send(option_reply(option, REP_ERR_POLICY,
-                                             endpoint.full_message().encode()))
+                                             endpoint.refusal().encode()))
                 raise _Hangup("connection limit")
 
 
@@ -236,7 +238,8 @@ class _RemoteRelay:
             await qemu.send(self.first)
             if replies.buffer:
                 raise OSError("QEMU's NBD server said more than asked")
-        except (OSError, anyio.EndOfStream, anyio.IncompleteRead) as e:
+        except (OSError, anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
+                anyio.ClosedResourceError) as e:
             self.errors.append(f"cannot reach QEMU's NBD server: {e!r}")
 
     async def run(self) -> bool:

@@ -1,0 +1,274 @@
+"""Who gets a session on a job's endpoints, against qemu-nbd standing in for QEMU (no
+lab): the connection limit holds for remote clients waiting for room; a client waiting
+when the endpoint closes or hands off is refused, and the close or hand-off ends; a
+client of an endpoint that is done, a reset from QEMU, running out of descriptors on the
+TCP endpoint end that connection alone; only our own export names are recorded."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import pytest
+
+from pullbackd import handshake as hs
+from pullbackd.exports import Endpoint, Exports
+from pullbackd.remote import Remote
+
+pytestmark = pytest.mark.asyncio
+
+JOB = "aaaaaaaaaaaa"
+TOKEN = "vda-0123456789abcdef0123456789abcdef"
+SIZE = 4 << 20
+BYTE = 0x5A
+REP_INFO = 3
+MiB = 1 << 20
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking NBD client on a raw socket (run its calls in a thread)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.s = sock
+        self.s.settimeout(20)
+
+    @classmethod
+    def unix(cls, path: Path) -> Client:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        return cls(s)
+
+    @classmethod
+    def tcp(cls, port: int) -> Client:
+        return cls(socket.create_connection(("127.0.0.1", port)))
+
+    def exactly(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            data = self.s.recv(n - len(out))
+            if not data:
+                raise EOFError(f"closed after {len(out)} of {n} bytes")
+            out += data
+        return out
+
+    def greet(self) -> None:
+        magic, opt, _ = hs.GREETING.unpack(self.exactly(hs.GREETING.size))
+        assert (magic, opt) == (hs.NBDMAGIC, hs.IHAVEOPT)
+        self.s.sendall(struct.pack(">I", 3))
+
+    def send_go(self, name: bytes = TOKEN.encode()) -> None:
+        data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        self.s.sendall(struct.pack(">QII", hs.IHAVEOPT, hs.OPT_GO, len(data)) + data)
+
+    def go_reply(self) -> tuple[int, bytes]:
+        """The final reply to GO, and its data."""
+        while True:
+            magic, _, reply, length = hs.REPLY.unpack(self.exactly(hs.REPLY.size))
+            assert magic == hs.REPLY_MAGIC
+            data = self.exactly(length)
+            if reply != REP_INFO:
+                return reply, data
+
+    def open(self) -> None:
+        self.greet()
+        self.send_go()
+        assert self.go_reply()[0] == hs.REP_ACK
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.s.sendall(struct.pack(">IHHQQI", hs.REQUEST_MAGIC, 0, hs.CMD_READ, 1, offset,
+                                   length))
+        magic, error, _ = struct.unpack(">IIQ", self.exactly(16))
+        assert (magic, error) == (0x67446698, 0)
+        return self.exactly(length)
+
+    def close(self) -> None:
+        self.s.close()
+
+
+async def call(fn: Callable[..., T], *args: object) -> T:
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def serving(image: Path, sock: Path) -> subprocess.Popen[bytes]:
+    """qemu-nbd serving `image` read-only as TOKEN on `sock`, once it listens."""
+    qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "64", "-x", TOKEN, "-k", str(sock),
+                             "-f", "raw", str(image)])
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert qemu.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return qemu
+
+
+def connecting_later(port: int) -> subprocess.Popen[bytes]:
+    """Another process that connects to `port` in half a second, and stays a while."""
+    return subprocess.Popen(["python3", "-c", f"""
+import socket, time
+time.sleep(0.5)
+c = socket.create_connection(("127.0.0.1", {port}))
+time.sleep(2)
+"""])
+
+
+@dataclass
+class Setup:
+    exports: Exports
+    endpoint: Endpoint
+    remote: Remote
+
+
+@asynccontextmanager
+async def endpoint(tmp_path: Path, limit: int) -> AsyncIterator[Setup]:
+    """A job's endpoints (Unix and, without TLS, TCP) before a qemu-nbd serving SIZE
+    bytes of BYTE as export TOKEN."""
+    exports = Exports(tmp_path / "exports", limit=limit, handshake_timeout=5.0)
+    exports.prepare()
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes([BYTE]) * SIZE)
+    qemu = serving(image, exports.qemu_path(JOB))
+    try:
+        async with anyio.create_task_group() as tg:
+            opened = await exports.open(JOB, {TOKEN: "vda"}, tg, lambda job, session: None)
+            remote = Remote(exports, "127.0.0.1", 0, None)
+            await tg.start(remote.serve)
+            yield Setup(exports, opened, remote)
+            tg.cancel_scope.cancel()
+    finally:
+        qemu.terminate()
+        qemu.wait()
+
+
+async def waiting_remote(setup: Setup) -> Client:
+    """A remote client that named the export, waiting for room."""
+    client = await call(Client.tcp, setup.remote.port)
+    await call(client.greet)
+    await call(client.send_go)
+    return client
+
+
+async def test_remote_clients_waiting_for_room_never_exceed_the_limit(tmp_path: Path) -> None:
+    async with endpoint(tmp_path, limit=1) as setup:
+        first = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(first.open)
+        waiting = [await waiting_remote(setup) for _ in range(3)]
+        await anyio.sleep(0.3)
+        first.close()  # one place frees: one waiter gets it
+        replies = [(await call(c.go_reply))[0] for c in waiting]
+        assert sorted(replies) == sorted([hs.REP_ERR_POLICY, hs.REP_ERR_POLICY, hs.REP_ACK])
+        served = waiting[replies.index(hs.REP_ACK)]
+        assert await call(served.read, MiB, 64 << 10) == bytes([BYTE]) * (64 << 10)
+        assert setup.endpoint.active == 1
+        for c in waiting:
+            c.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "hand_off"])
+async def test_a_client_waiting_for_room_is_refused_when_the_endpoint_ends(
+        tmp_path: Path, ending: str) -> None:
+    """An Abort (close) or a restart (hand_off) while a remote client waits for the only
+    place: the waiter is told the endpoint closes, and the close or hand-off returns
+    (it waited for ever on the session the waiter got)."""
+    async with endpoint(tmp_path, limit=1) as setup:
+        first = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(first.open)
+        assert await call(first.read, 0, 64 << 10) == bytes([BYTE]) * (64 << 10)
+        waiter = await waiting_remote(setup)
+        await anyio.sleep(0.3)
+        with anyio.fail_after(20):
+            if ending == "close":
+                await setup.endpoint.close()
+            else:
+                handed = await setup.endpoint.hand_off(lambda name, fds: None)
+                assert len(handed) == 1  # the open session, paused
+        reply, message = await call(waiter.go_reply)
+        assert (reply, message) == (hs.REP_ERR_POLICY, b"this backup's endpoint is closing "
+                                    b"(the job ended, or the daemon restarts)")
+        assert setup.endpoint.active == 0
+        first.close()
+        waiter.close()
+
+
+async def test_a_client_of_an_endpoint_that_is_done_is_refused(tmp_path: Path) -> None:
+    """An endpoint handed off is still found by its export name until every endpoint is:
+    a remote client naming it is refused, and the daemon serves on."""
+    async with endpoint(tmp_path, limit=1) as setup:
+        await setup.endpoint.hand_off(lambda name, fds: None)
+        client = await waiting_remote(setup)
+        assert (await call(client.go_reply))[0] == hs.REP_ERR_POLICY
+        client.close()
+
+
+async def test_a_reset_from_qemu_as_a_remote_session_connects_ends_it_alone(
+        tmp_path: Path) -> None:
+    """Client flags QEMU does not know, replayed to it: it hangs up on the session as it
+    connects; that session ends, the next one reads."""
+    async with endpoint(tmp_path, limit=4) as setup:
+        for _ in range(5):
+            bad = await call(Client.tcp, setup.remote.port)
+            await call(bad.exactly, hs.GREETING.size)
+            await call(bad.s.sendall, struct.pack(">I", 0xFFFFFFFF))
+            await call(bad.send_go)
+            with pytest.raises((EOFError, ConnectionError)):
+                await call(bad.go_reply)
+            bad.close()
+        good = await waiting_remote(setup)
+        assert (await call(good.go_reply))[0] == hs.REP_ACK
+        assert await call(good.read, 3 * MiB, 4096) == bytes([BYTE]) * 4096
+        good.close()
+
+
+async def test_running_out_of_descriptors_on_the_tcp_endpoint_is_waited_out(
+        tmp_path: Path) -> None:
+    async with endpoint(tmp_path, limit=1) as setup:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        filler: list[int] = []
+        # The client's own socket needs a descriptor: it comes from another process.
+        child = connecting_later(setup.remote.port)
+        try:
+            top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+            while True:
+                try:
+                    filler.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            await anyio.sleep(1.5)  # the endpoint cannot accept it: EMFILE
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await call(child.wait)
+        client = await waiting_remote(setup)  # the endpoint serves on
+        assert (await call(client.go_reply))[0] == hs.REP_ACK
+        assert await call(client.read, 0, 4096) == bytes([BYTE]) * 4096
+        client.close()
+
+
+async def test_only_our_export_names_are_recorded(tmp_path: Path) -> None:
+    """A name QEMU refused is not the session's disk (it would be kept in the job's
+    record and in what Get and Watch show, 8 KiB at a time)."""
+    async with endpoint(tmp_path, limit=4) as setup:
+        stray = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(stray.greet)
+        await call(stray.send_go, b"\xff" * 4000)
+        assert (await call(stray.go_reply))[0] != hs.REP_ACK
+        stray.close()
+        reader = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(reader.open)
+        assert await call(reader.read, 0, 4096) == bytes([BYTE]) * 4096
+        reader.close()
+        with anyio.fail_after(20):
+            await setup.endpoint.drained()
+        assert [(s.disk, s.bytes_read) for s in setup.endpoint.sessions()] == \
+            [(None, 0), ("vda", 4096)]
