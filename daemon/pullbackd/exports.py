@@ -337,9 +337,10 @@ class Endpoint:
         return f"this backup already has {self.limit} connections, the limit: close one first"
 
     async def _refuse(self, client: socket.socket) -> None:
-        refusal = Refusal(self.refusal())
-        log.warning("nbd connection refused: limit reached", job=self.job_id,
-                    peer=_peer(client), limit=self.limit)
+        reason = self.refusal()
+        refusal = Refusal(reason)
+        log.warning("nbd connection refused", job=self.job_id, peer=_peer(client),
+                    limit=self.limit, reason=reason)
         with client, anyio.move_on_after(10):
             try:
                 await _send_all(client, refusal.greeting())
