@@ -103,10 +103,6 @@ class Endpoint:
         self._over = anyio.Event()
         self._listener: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        #: Whether a new session may still begin: not once the endpoint closes or hands
-        #: its sessions off (one let in then would relay on, and the close or the
-        #: hand-off, which waits for every session, would never end).
-        self._admitting = True
         self._store: StoreFds | None = None
         self._handed: list[Handed] = []
         self._refusals = Refusals(f"endpoint of job {job_id}")
@@ -144,7 +140,7 @@ class Endpoint:
                     ) -> None:
         """Accept and relay until closed; every session ends with it."""
         self._listener = listener
-        with self._scope, listener, _setting(self._over), self._closing():
+        with self._scope, listener, _setting(self._over):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 for handed, client, qemu in self._resumed:
@@ -169,17 +165,17 @@ class Endpoint:
 
     async def close(self) -> None:
         """Stop accepting and cut every session at once (Abort, the job's end)."""
-        self._admitting = False
-        self._changed_now()  # a connection waiting for room is refused now
         self._scope.cancel()
+        self._changed_now()  # a connection waiting for room is refused now
         await self._over.wait()
 
-    @contextlib.contextmanager
-    def _closing(self) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            self._admitting = False
+    @property
+    def _admitting(self) -> bool:
+        """Whether a new session may still begin: not once the endpoint closes, hands its
+        sessions off, or is done (one let in then would relay on, and the close or the
+        hand-off, which waits for every session, would never end)."""
+        return not (self._scope.cancel_called or self._accepting.cancel_called
+                    or self._over.is_set())
 
     async def hand_off(self, store: StoreFds) -> list[Handed]:
         """Pass the listening socket and every session to the next run of the daemon.
@@ -190,8 +186,7 @@ class Endpoint:
         if self._listener is not None:
             store(names.fd_listener(self.job_id), [self._listener.fileno()])
         self._accepting.cancel()
-        self._admitting = False
-        self._changed_now()
+        self._changed_now()  # a connection waiting for room is refused now
         self._store = store
         for _, relay in self._live.values():
             relay.pause()

@@ -139,9 +139,7 @@ class Monitor:
             raise
 
     def execute(self, command: str, **arguments: Any) -> Any:
-        if self.broken is not None:
-            raise StorageDaemonError(f"qemu-storage-daemon's monitor is out of step: "
-                                     f"{self.broken}")
+        self._in_step()
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
@@ -151,7 +149,7 @@ class Monitor:
         except OSError as e:  # it died
             raise self._break(f"qemu-storage-daemon's monitor: {e.strerror}") from None
         while True:
-            reply = self._read(f"{command}")
+            reply = self._read(command)
             if "error" in reply:
                 raise StorageDaemonError(
                     f"qemu-storage-daemon refused {command}: {reply['error'].get('desc')}")
@@ -169,9 +167,7 @@ class Monitor:
         while self._events:
             if wanted(event := self._events.pop(0)):
                 return event
-        if self.broken is not None:
-            raise StorageDaemonError(f"qemu-storage-daemon's monitor is out of step: "
-                                     f"{self.broken}")
+        self._in_step()
         while True:
             reply = self._read(f"the event {name}")
             if "event" in reply and wanted(reply):
@@ -191,6 +187,11 @@ class Monitor:
             raise self._break("qemu-storage-daemon closed its monitor")
         reply: dict[str, Any] = json.loads(line)
         return reply
+
+    def _in_step(self) -> None:
+        if self.broken is not None:
+            raise StorageDaemonError(f"qemu-storage-daemon's monitor is out of step: "
+                                     f"{self.broken}")
 
     def _break(self, reason: str) -> StorageDaemonError:
         self.broken = reason

@@ -223,10 +223,11 @@ def install_tpm(files: DomainFiles, uuid: str, state_dir: Path, swtpm_user: str
             path = domainfiles.inside(folder, name)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_new(path, data)
-        for path in [*folder.rglob("*")]:
+        tree = [*folder.rglob("*")]
+        for path in tree:
             os.chown(path, owner.pw_uid, owner.pw_gid, follow_symlinks=False)
         # On disk before the domain that reads them is defined: each folder's entries.
-        for path in [folder.parent, folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        for path in [folder.parent, folder, *(p for p in tree if p.is_dir())]:
             fsync_dir(path)
     except OSError as e:
         shutil.rmtree(folder, ignore_errors=True)

@@ -201,10 +201,7 @@ class Repository:
                 _follow_flattened(image)
 
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
-        folder = self.folder(domain, consumer, disk)
-        if not folder.is_dir():
-            return []
-        return [_read_manifest(p) for p in names.manifests(folder)]
+        return _manifests(self.folder(domain, consumer, disk))
 
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
         """The backup of a disk at a checkpoint (the newest without one). Its manifests
@@ -426,7 +423,8 @@ class Repository:
 
     async def _restore(self, manifest: Manifest, to: Path, fmt: str,
                        tuning: stream.Tuning | None) -> None:
-        layers = await anyio.to_thread.run_sync(self._chain, manifest)
+        layers = await anyio.to_thread.run_sync(_chain, self.folder(
+            manifest.domain, manifest.consumer, manifest.disk), manifest)
         try:
             # A new file of ours, never one that exists, never through a symlink.
             await anyio.to_thread.run_sync(functools.partial(write_new, to, b"", sync=False))
@@ -451,79 +449,15 @@ class Repository:
                 writer = await self._serve(to, fmt, Served.RESTORE_TARGET, token,
                                            writable=True, direct=direct)
                 undo.push_async_callback(writer.astop)
-                await self._fill(layers, writer.url, token, tuning, behind)
+                # The folder of its socket is the target's (made by `_serve`).
+                await _fill(layers, writer.url, names.repository_socket(
+                    self._sockets, Served.RESTORE_SOURCE, token), tuning, behind)
             await anyio.to_thread.run_sync(fsync, to)
             await anyio.to_thread.run_sync(fsync_dir, to.parent)  # its name too, once done
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
                 await anyio.Path(to).unlink(missing_ok=True)
             raise
-
-    def _chain(self, manifest: Manifest) -> list[tuple[Path, int]]:
-        """The files a backup reads through, newest first, each with its disk's size
-        (those of its manifest and of the manifests of its backing files); raises
-        RepositoryError if one is missing or not ours.
-
-        Each file's backing file is the one its own header names, not its manifest's
-        `backing`: the file is what a read finds, and a prune cut short between
-        replacing a file by its flattened copy and rewriting its manifest leaves a
-        manifest naming a backing file the file no longer reads through (its zeroes
-        would be filled from there)."""
-        folder = self.folder(manifest.domain, manifest.consumer, manifest.disk)
-        backups = {m.file: m for m in self.manifests(manifest.domain, manifest.consumer,
-                                                     manifest.disk)}
-        chain: list[tuple[Path, int]] = []
-        m: Manifest | None = manifest
-        while m is not None:
-            path = owned(folder / m.file)
-            if any(path == p for p, _ in chain):
-                raise RepositoryError(str(path), "its backing chain loops back to it")
-            chain.append((path, m.size))
-            try:
-                backing = qcow2.backing_file(path)
-            except (OSError, qcow2.ImageError) as e:
-                raise RepositoryError(str(path), f"cannot read its header: {e}") from None
-            if backing is not None and backing not in backups:
-                raise RepositoryError(str(folder / backing), "missing: the backing file "
-                                                             f"of {m.file} has no manifest")
-            m = backups[backing] if backing is not None else None
-        return chain
-
-    async def _fill(self, layers: list[tuple[Path, int]], destination: str, token: str,
-                    tuning: stream.Tuning | None, behind: WriteBehind) -> None:
-        """Copy what a read of `layers[0]` through its chain finds into `destination`
-        (zeroes at first), the files newest first (see `restore`), served
-        FILES_PER_SERVER at a time."""
-        covered: stream.Ranges = []  # what newer files hold
-        visible = layers[0][1]  # a backing file shows only as far as every newer file goes
-        done = 0
-
-        def progress(p: stream.Progress) -> None:
-            behind.progress(dataclasses.replace(p, done=done + p.done))
-
-        for start in range(0, len(layers), verifying.FILES_PER_SERVER):
-            batch = layers[start:start + verifying.FILES_PER_SERVER]
-            sock = names.repository_socket(self._sockets, Served.RESTORE_SOURCE, token)
-            await self._make_sockets_folder()
-            server = verifying.server([path for path, _ in batch], sock)
-            try:
-                await server.astart()  # from the event loop's thread: tied (qemu_nbd.TIED)
-            except qemu_nbd.ServeError as e:
-                raise RepositoryError(str(e.image), e.reason) from None
-            try:
-                for path, size in batch:
-                    visible = min(visible, size)
-                    held = await anyio.to_thread.run_sync(verifying.held, sock, path.name,
-                                                          visible)
-                    if todo := verifying.subtract(held, covered):
-                        copied = await stream.stream(
-                            verifying.url(sock, path.name), destination,
-                            zeroed_destination=True, tuning=tuning, on_progress=progress,
-                            only=todo)
-                        done += copied.done
-                    covered = verifying.union(covered, held)
-            finally:
-                await server.astop()
 
     async def verify_disk(self, domain: str, consumer: str, disk: str
                           ) -> tuple[int, list[str]]:
@@ -580,6 +514,70 @@ class Repository:
             return await anyio.to_thread.run_sync(verifying.check, sock, expected)
         except nbd.Error as e:
             raise RepositoryError(str(expected[0].file.parent), str(e)) from None
+        finally:
+            await server.astop()
+
+
+def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
+    """The files a backup in `folder` reads through, newest first, each with its disk's
+    size (those of its manifest and of the manifests of its backing files); raises
+    RepositoryError if one is missing or not ours. Blocks.
+
+    Each file's backing file is the one its own header names, not its manifest's
+    `backing`: the file is what a read finds, and a prune cut short between
+    replacing a file by its flattened copy and rewriting its manifest leaves a
+    manifest naming a backing file the file no longer reads through (its zeroes
+    would be filled from there)."""
+    backups = {m.file: m for m in _manifests(folder)}
+    chain: list[tuple[Path, int]] = []
+    m: Manifest | None = manifest
+    while m is not None:
+        path = owned(folder / m.file)
+        if any(path == p for p, _ in chain):
+            raise RepositoryError(str(path), "its backing chain loops back to it")
+        chain.append((path, m.size))
+        try:
+            backing = qcow2.backing_file(path)
+        except (OSError, qcow2.ImageError) as e:
+            raise RepositoryError(str(path), f"cannot read its header: {e}") from None
+        if backing is not None and backing not in backups:
+            raise RepositoryError(str(folder / backing), "missing: the backing file "
+                                                         f"of {m.file} has no manifest")
+        m = backups[backing] if backing is not None else None
+    return chain
+
+
+async def _fill(layers: list[tuple[Path, int]], destination: str, sock: Path,
+                tuning: stream.Tuning | None, behind: WriteBehind) -> None:
+    """Copy what a read of `layers[0]` through its chain finds into `destination`
+    (zeroes at first), the files newest first (see `Repository.restore`), served
+    FILES_PER_SERVER at a time on `sock` (its folder made)."""
+    covered: stream.Ranges = []  # what newer files hold
+    visible = layers[0][1]  # a backing file shows only as far as every newer file goes
+    done = 0
+
+    def progress(p: stream.Progress) -> None:
+        behind.progress(dataclasses.replace(p, done=done + p.done))
+
+    for start in range(0, len(layers), verifying.FILES_PER_SERVER):
+        batch = layers[start:start + verifying.FILES_PER_SERVER]
+        server = verifying.server([path for path, _ in batch], sock)
+        try:
+            await server.astart()  # from the event loop's thread: tied (qemu_nbd.TIED)
+        except qemu_nbd.ServeError as e:
+            raise RepositoryError(str(e.image), e.reason) from None
+        try:
+            for path, size in batch:
+                visible = min(visible, size)
+                held = await anyio.to_thread.run_sync(verifying.held, sock, path.name,
+                                                      visible)
+                if todo := verifying.subtract(held, covered):
+                    copied = await stream.stream(
+                        verifying.url(sock, path.name), destination,
+                        zeroed_destination=True, tuning=tuning, on_progress=progress,
+                        only=todo)
+                    done += copied.done
+                covered = verifying.union(covered, held)
         finally:
             await server.astop()
 
@@ -652,6 +650,11 @@ def _follow_flattened(image: Path) -> None:
     log.warning("rewriting the manifest of a backup a prune cut short had flattened",
                 path=str(image))
     _durable_write(names.manifest_of(image), _flattened(m, _scan(image)))
+
+
+def _manifests(folder: Path) -> list[Manifest]:
+    """The backups of a disk folder (none if there is no such folder), oldest first."""
+    return [_read_manifest(p) for p in names.manifests(folder)]
 
 
 def _read_manifest(path: Path) -> Manifest:
