@@ -2,7 +2,8 @@
 lab): the connection limit holds for remote clients waiting for room; a client waiting
 when the endpoint closes or hands off is refused, and the close or hand-off ends; a
 client of an endpoint that is done, a reset from QEMU, running out of descriptors on the
-TCP endpoint end that connection alone; only our own export names are recorded."""
+TCP endpoint end that connection alone; only our own export names are recorded; a client
+that has opened no export by the handshake deadline is cut, one that has may wait."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 from pullbackd import handshake as hs
 from pullbackd.exports import Endpoint, Exports
+from pullbackd.model import Handed
 from pullbackd.remote import Remote
 
 pytestmark = pytest.mark.asyncio
@@ -67,12 +69,12 @@ class Client:
         assert (magic, opt) == (hs.NBDMAGIC, hs.IHAVEOPT)
         self.s.sendall(struct.pack(">I", 3))
 
-    def send_go(self, name: bytes = TOKEN.encode()) -> None:
+    def send_go(self, name: bytes = TOKEN.encode(), option: int = hs.OPT_GO) -> None:
         data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        self.s.sendall(struct.pack(">QII", hs.IHAVEOPT, hs.OPT_GO, len(data)) + data)
+        self.s.sendall(struct.pack(">QII", hs.IHAVEOPT, option, len(data)) + data)
 
     def go_reply(self) -> tuple[int, bytes]:
-        """The final reply to GO, and its data."""
+        """The final reply to GO (or any option), and its data."""
         while True:
             magic, _, reply, length = hs.REPLY.unpack(self.exactly(hs.REPLY.size))
             assert magic == hs.REPLY_MAGIC
@@ -129,10 +131,11 @@ class Setup:
 
 
 @asynccontextmanager
-async def endpoint(tmp_path: Path, limit: int) -> AsyncIterator[Setup]:
+async def endpoint(tmp_path: Path, limit: int, handshake_timeout: float = 5.0
+                   ) -> AsyncIterator[Setup]:
     """A job's endpoints (Unix and, without TLS, TCP) before a qemu-nbd serving SIZE
     bytes of BYTE as export TOKEN."""
-    exports = Exports(tmp_path / "exports", limit=limit, handshake_timeout=5.0)
+    exports = Exports(tmp_path / "exports", limit=limit, handshake_timeout=handshake_timeout)
     exports.prepare()
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes([BYTE]) * SIZE)
@@ -272,3 +275,104 @@ async def test_only_our_export_names_are_recorded(tmp_path: Path) -> None:
             await setup.endpoint.drained()
         assert [(s.disk, s.bytes_read) for s in setup.endpoint.sessions()] == \
             [(None, 0), ("vda", 4096)]
+
+
+@pytest.mark.parametrize("asked", ["nothing", "info", "a go refused", "starttls"])
+async def test_a_client_that_opens_no_export_is_cut_at_the_deadline(
+        tmp_path: Path, asked: str) -> None:
+    """An INFO or a GO names an export, but only a GO that QEMU accepted opens one; after
+    a STARTTLS QEMU refused (it has no TLS), the session goes on in the clear and is
+    followed. Each is cut once the deadline passes; the daemon serves on."""
+    async with endpoint(tmp_path, limit=4, handshake_timeout=1.0) as setup:
+        idle = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(idle.greet)
+        if asked != "nothing":
+            name, option = {"info": (TOKEN.encode(), hs.OPT_INFO),
+                            "a go refused": (b"vda", hs.OPT_GO),
+                            "starttls": (b"", hs.OPT_STARTTLS)}[asked]
+            if option == hs.OPT_STARTTLS:
+                await call(idle.s.sendall, hs.OPTION.pack(hs.IHAVEOPT, option, 0))
+            else:
+                await call(idle.send_go, name, option)
+            reply = (await call(idle.go_reply))[0]
+            assert (reply == hs.REP_ACK) == (option == hs.OPT_INFO)  # the rest, refused
+        with anyio.fail_after(10):
+            await setup.endpoint.drained()
+        with pytest.raises((EOFError, ConnectionError)):
+            await call(idle.exactly, 1)
+        idle.close()
+        reader = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(reader.open)
+        assert await call(reader.read, 0, 4096) == bytes([BYTE]) * 4096
+        reader.close()
+
+
+async def test_a_client_that_opened_an_export_may_wait_and_is_counted(tmp_path: Path) -> None:
+    """Past the deadline, a client that had its GO accepted (after a STARTTLS QEMU
+    refused) reads on, and what it reads is counted to its disk."""
+    async with endpoint(tmp_path, limit=4, handshake_timeout=1.0) as setup:
+        reader = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(reader.greet)
+        await call(reader.s.sendall, hs.OPTION.pack(hs.IHAVEOPT, hs.OPT_STARTTLS, 0))
+        assert (await call(reader.go_reply))[0] & hs.REP_ERR
+        await call(reader.send_go)
+        assert (await call(reader.go_reply))[0] == hs.REP_ACK
+        await anyio.sleep(2.5)
+        assert await call(reader.read, MiB, 64 << 10) == bytes([BYTE]) * (64 << 10)
+        assert [(s.disk, s.bytes_read) for s in setup.endpoint.sessions()] == \
+            [("vda", 64 << 10)]
+        reader.close()
+
+
+async def test_a_session_handed_over_in_its_handshake_is_followed_on(tmp_path: Path) -> None:
+    """Restarts while a client is between two options, then before its first request: each
+    next run reads QEMU's answers where the last one stopped (the GO accepted opens the
+    export), and counts what the client reads to its disk."""
+    exports = Exports(tmp_path / "exports", limit=4, handshake_timeout=1.0)
+    exports.prepare()
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes([BYTE]) * SIZE)
+    qemu = serving(image, exports.qemu_path(JOB))
+    client = None
+    try:
+        async def run(handed: list[Handed], stored: dict[str, int],
+                      step: Callable[[Endpoint], Awaitable[None]]
+                      ) -> tuple[list[Handed], dict[str, int]]:
+            """One run of the daemon: it takes what the last handed over, and hands over."""
+            exporting = Exports(tmp_path / "exports", limit=4, handshake_timeout=1.0)
+            exporting.inherit(stored, handed)
+            kept: dict[str, int] = {}  # systemd keeps copies of what is stored
+            async with anyio.create_task_group() as tg:
+                await step(await exporting.open(JOB, {TOKEN: "vda"}, tg, lambda j, s: None))
+                handed = await exporting.hand_off(
+                    lambda name, fds: kept.__setitem__(name, os.dup(fds[0])))
+                tg.cancel_scope.cancel()
+            return handed, kept
+
+        async def asks_info(endpoint: Endpoint) -> None:
+            nonlocal client
+            client = await call(Client.unix, exports.endpoint_path(JOB))
+            await call(client.greet)
+            await call(client.send_go, TOKEN.encode(), hs.OPT_INFO)
+            assert (await call(client.go_reply))[0] == hs.REP_ACK
+
+        async def opens(endpoint: Endpoint) -> None:
+            assert client is not None
+            await call(client.send_go)
+            assert (await call(client.go_reply))[0] == hs.REP_ACK
+
+        async def reads(endpoint: Endpoint) -> None:
+            assert client is not None
+            assert await call(client.read, 0, 4096) == bytes([BYTE]) * 4096
+            assert [(s.disk, s.bytes_read) for s in endpoint.sessions()] == [("vda", 4096)]
+
+        handed, stored = await run([], {}, asks_info)
+        assert [(h.sniffer["opened"], h.sniffer["answering"]) for h in handed] == [(False, True)]
+        handed, stored = await run(handed, stored, opens)
+        assert [(h.sniffer["opened"], h.sniffer["export"]) for h in handed] == [(True, TOKEN)]
+        await run(handed, stored, reads)
+    finally:
+        if client is not None:
+            client.close()
+        qemu.terminate()
+        qemu.wait()

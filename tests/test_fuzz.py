@@ -34,8 +34,11 @@ from pullbackd.handshake import (
     OPT_INFO,
     OPT_STARTTLS,
     OPTION,
+    REPLY,
+    REPLY_MAGIC,
     Refusal,
     Sniffer,
+    greeting,
 )
 from pullbackd.model import nbd_url
 
@@ -133,15 +136,31 @@ NBD = st.tuples(st.binary(min_size=4, max_size=4),
     lambda t: t[0] + b"".join(t[1]))
 
 
+#: A server's side: the greeting, then answers to options of any code, of any type and
+#: length (some that lie), and bytes of anything.
+ANSWERS = st.tuples(
+    st.just(greeting()) | st.binary(max_size=18),
+    st.lists(st.builds(
+        lambda code, reply, data, length: REPLY.pack(
+            REPLY_MAGIC, code, reply, len(data) if length is None else length) + data,
+        st.sampled_from([OPT_GO, OPT_INFO, OPT_STARTTLS, 8]) | st.integers(0, 2**32 - 1),
+        st.sampled_from([1, 3, (1 << 31) + 1, (1 << 31) + 6]) | st.integers(0, 2**32 - 1),
+        st.binary(max_size=40), st.none() | st.integers(0, 2**32 - 1))
+        | st.binary(max_size=40), max_size=8)).map(lambda t: t[0] + b"".join(t[1]))
+
+
 @FUZZ
-@given(NBD, st.integers(1, 40))
+@given(NBD, ANSWERS, st.integers(1, 40))
 def test_the_sniffer_and_the_refusal_hold_no_more_than_their_bounds(
-        traffic: bytes, cut: int) -> None:
+        traffic: bytes, answers: bytes, cut: int) -> None:
     sniffer, refusal = Sniffer(), Refusal("no room")
-    for start in range(0, len(traffic), cut):
+    for start in range(0, max(len(traffic), len(answers)), cut):
         chunk = traffic[start:start + cut]
         sniffer.feed(chunk)
-        assert len(sniffer.state()["buffer"]) // 2 <= MAX_OPTION + OPTION.size + 32
+        sniffer.answer(answers[start:start + cut])
+        state = sniffer.state()
+        assert len(state["buffer"]) // 2 <= MAX_OPTION + OPTION.size + 32
+        assert len(state["answers"]) // 2 < REPLY.size and len(state["asked"]) <= 64
         if not refusal.done:
             refusal.feed(chunk)
 

@@ -14,14 +14,19 @@ from pullbackd.handshake import (
     OPT_ABORT,
     OPT_EXPORT_NAME,
     OPT_GO,
+    OPT_INFO,
     OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY,
     REP_ACK,
     REP_ERR_POLICY,
+    REP_ERR_UNKNOWN,
     REPLY_MAGIC,
     REQUEST_MAGIC,
     Phase,
     Refusal,
     Sniffer,
+    greeting,
+    option_reply,
 )
 
 FLAGS = struct.pack(">I", 3)
@@ -31,9 +36,9 @@ def option(code: int, data: bytes = b"") -> bytes:
     return struct.pack(">QII", IHAVEOPT, code, len(data)) + data
 
 
-def go(name: str) -> bytes:
+def go(name: str, code: int = OPT_GO) -> bytes:
     encoded = name.encode()
-    return option(OPT_GO, struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0))
+    return option(code, struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0))
 
 
 def request(command: int, offset: int, length: int, payload: bytes = b"") -> bytes:
@@ -76,6 +81,63 @@ def test_extended_headers_are_read_too() -> None:
     assert sniffer.read == 1 << 33
 
 
+REP_INFO = 3
+
+
+def info(option: int = OPT_GO) -> bytes:
+    """A server's NBD_REP_INFO (NBD_INFO_EXPORT: size, flags) to `option`."""
+    return option_reply(option, REP_INFO, struct.pack(">HQH", 0, 1 << 30, 1))
+
+
+def test_an_export_is_open_once_the_server_acknowledged_go() -> None:
+    sniffer = Sniffer()
+    sniffer.answer(greeting())
+    sniffer.feed(FLAGS + option(OPT_STRUCTURED_REPLY) + go("vda"))
+    sniffer.answer(option_reply(OPT_STRUCTURED_REPLY, REP_ACK) + info())
+    assert (sniffer.opened, sniffer.export, sniffer.answering) == (False, None, True)
+    sniffer.answer(option_reply(OPT_GO, REP_ACK))
+    assert (sniffer.opened, sniffer.export, sniffer.answering) == (True, "vda", False)
+
+
+def test_info_or_a_refused_go_opens_nothing() -> None:
+    """Either names an export; neither opens it (the handshake deadline cuts such a
+    client, and its name, which may be anything, is no session's disk)."""
+    sniffer = Sniffer()
+    sniffer.answer(greeting())
+    sniffer.feed(FLAGS + go("vda", OPT_INFO) + go("nonsense"))
+    # One byte at a time: an answer's header and data split anywhere.
+    for byte in (info(OPT_INFO) + option_reply(OPT_INFO, REP_ACK)
+                 + option_reply(OPT_GO, REP_ERR_UNKNOWN, b"no such export")):
+        sniffer.answer(bytes([byte]))
+    assert (sniffer.opened, sniffer.export, sniffer.answering) == (False, None, True)
+    sniffer.feed(go("vda"))
+    sniffer.answer(info() + option_reply(OPT_GO, REP_ACK))
+    assert (sniffer.opened, sniffer.export) == (True, "vda")
+
+
+def test_a_refused_starttls_is_followed_by_the_session_in_the_clear() -> None:
+    sniffer = Sniffer()
+    sniffer.answer(greeting())
+    sniffer.feed(FLAGS + option(OPT_STARTTLS))
+    sniffer.answer(option_reply(OPT_STARTTLS, REP_ERR_POLICY, b"TLS not configured"))
+    sniffer.feed(go("vda"))
+    sniffer.answer(option_reply(OPT_GO, REP_ACK))
+    sniffer.feed(request(CMD_READ, 0, 4096))
+    assert (sniffer.export, sniffer.read, sniffer.phase) == ("vda", 4096, Phase.TRANSMISSION)
+
+
+def test_a_request_shows_an_open_export_when_the_answers_are_not_followed() -> None:
+    """A server's bytes it cannot read (or none at all, from an earlier version's
+    state): the first request still shows the GO accepted."""
+    sniffer = Sniffer()
+    sniffer.answer(b"\x00" * 18)
+    assert not sniffer.answering
+    sniffer.feed(FLAGS + go("vda"))
+    assert not sniffer.opened
+    sniffer.feed(request(CMD_READ, 0, 512))
+    assert (sniffer.opened, sniffer.export, sniffer.read) == (True, "vda", 512)
+
+
 def test_after_starttls_or_garbage_it_only_passes_bytes() -> None:
     tls = Sniffer()
     tls.feed(FLAGS + option(OPT_STARTTLS) + b"\x16\x03\x01 random TLS bytes")
@@ -92,6 +154,26 @@ def test_state_carries_a_half_read_request_to_another_process() -> None:
     resumed = Sniffer.from_state(sniffer.state())
     resumed.feed(whole[11:])
     assert (resumed.export, resumed.read, resumed.requests) == ("vda", 3072, 2)
+
+
+def test_state_carries_a_half_read_answer_to_another_process() -> None:
+    sniffer = Sniffer()
+    sniffer.answer(greeting())
+    sniffer.feed(FLAGS + go("vda"))
+    sniffer.answer(info()[:7])
+    resumed = Sniffer.from_state(sniffer.state())
+    resumed.answer(info()[7:] + option_reply(OPT_GO, REP_ACK))
+    resumed.feed(request(CMD_READ, 0, 2048))
+    assert (resumed.opened, resumed.export, resumed.read) == (True, "vda", 2048)
+
+
+def test_state_from_a_version_that_did_not_follow_the_server() -> None:
+    old = {"phase": "OPTIONS", "export": "vda", "read": 0, "requests": 0, "buffer": "",
+           "skip": 0}
+    resumed = Sniffer.from_state(old)
+    assert (resumed.opened, resumed.answering) == (True, False)
+    resumed.feed(request(CMD_READ, 0, 100))
+    assert (resumed.export, resumed.read) == ("vda", 100)
 
 
 def test_refusal_answers_every_option_with_its_reason_and_acks_abort() -> None:

@@ -77,7 +77,8 @@ class Exports:
     qemu_group: str = ""
     #: Sessions one job may have open at once.
     connections: int = 8
-    #: Seconds a new session may take to open an export (NBD_OPT_GO) before it is cut.
+    #: Seconds a new session may take to open an export (an NBD_OPT_GO QEMU accepted)
+    #: before it is cut.
     handshake_timeout: float = 5.0
     #: Seconds Finish waits for open sessions to close.
     drain_timeout: float = 30.0

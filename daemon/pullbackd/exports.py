@@ -8,9 +8,10 @@ every session (who, which disk, when, how much was read), can limit them, and
 can close them.
 
 The relay reads the client's side with `handshake.Sniffer` (small: options,
-then 28-byte requests) and moves QEMU's side, the data, with splice(2) through
-a pipe, so the payload never enters Python; each session has a thread of its
-own for it. Under systemd, sessions outlive a restart of the daemon: see
+then 28-byte requests), and QEMU's answers to the options until an export is
+open; from then on it moves QEMU's side, the data, with splice(2) through a
+pipe, so the payload never enters Python. Each session has a thread of its own
+for it. Under systemd, sessions outlive a restart of the daemon: see
 `Endpoint.hand_off`.
 """
 
@@ -36,7 +37,7 @@ import structlog
 
 from . import names
 from .accepting import Refusals, backing_off, exhausted
-from .handshake import Phase, Refusal, Sniffer
+from .handshake import Refusal, Sniffer
 from .model import Handed, Session, now
 
 log = structlog.get_logger()
@@ -318,9 +319,11 @@ class Endpoint:
 
     async def _handshake_deadline(self, session: Session, relay: Relay) -> None:
         await anyio.sleep(self.handshake_timeout)
-        # An export named (GO, EXPORT_NAME) is opened: the client may take its time to
-        # read; before that, a client has no reason to wait.
-        if relay.sniffer.export is None and relay.sniffer.phase in (Phase.FLAGS, Phase.OPTIONS):
+        # Once an export is open (EXPORT_NAME, or a GO QEMU accepted), the client may
+        # take its time to read; before that, it has no reason to wait. A client QEMU
+        # answered an INFO or refused a GO, or one past what the sniffer can read, has
+        # opened nothing.
+        if not relay.sniffer.opened:
             log.warning("nbd session cut: no export opened in time", job=self.job_id,
                         session=session.id, seconds=self.handshake_timeout)
             relay.stop()
@@ -563,7 +566,11 @@ class _Loop:
         if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not self.down \
                 and not self.relay._pausing:
             try:
-                self.down = os.splice(self.qemu, self.write_end, CHUNK, None, None, self.FLAGS)
+                if self.relay.sniffer.answering:
+                    self.down = self._answer()
+                else:
+                    self.down = os.splice(self.qemu, self.write_end, CHUNK, None, None,
+                                          self.FLAGS)
             except BlockingIOError:
                 return True
             if self.down == 0:
@@ -572,6 +579,13 @@ class _Loop:
                 return False
             self._send_down()
         return True
+
+    def _answer(self) -> int:
+        """QEMU's side of the handshake, read on its way for the sniffer (see
+        `Sniffer.answer`), into the empty pipe: what a read takes, the pipe holds."""
+        data = self.relay.qemu.recv(select.PIPE_BUF)
+        self.relay.sniffer.answer(data)
+        return os.write(self.write_end, data) if data else 0
 
     def _from_client(self, events: int) -> bool:
         """The client's options and requests, read as they pass. False: it is gone."""

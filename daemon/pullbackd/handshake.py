@@ -2,8 +2,9 @@
 
 https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
 
-`Sniffer` follows what a client sends through the relay without changing a
-byte: the export it opens and the bytes it asks to read. `Refusal` is the
+`Sniffer` follows a session through the relay without changing a byte: the
+export the client opens (the server's answers tell whether it did) and the
+bytes it asks to read. `Refusal` is the
 server side of a handshake that answers every option with an error, for a
 client the relay will not serve: NBD clients then show our message instead of
 a bare "connection closed".
@@ -35,6 +36,8 @@ OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
+#: Set in every error reply's type.
+REP_ERR = 1 << 31
 REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
@@ -67,24 +70,57 @@ class Phase(Enum):
     CLOSED = auto()
 
 
+#: Options a client may send ahead of their answers that the sniffer keeps track of;
+#: past that it stops following the server (a client that has its GO accepted still
+#: shows it with its first request).
+MAX_ASKED = 64
+
+
 class Sniffer:
-    """The client's side of one NBD connection, read as it passes by."""
+    """One NBD connection, read as it passes by.
+
+    `feed` takes what the client sends, for the whole session: the options, then
+    the requests (whose read lengths it counts). `answer` takes what the server
+    sends, but only while `answering`: until the handshake is over, so that it
+    knows whether an export was opened (GO acknowledged) rather than only asked
+    for (GO or INFO, which the server may refuse). Past the handshake the server
+    sends data, which the relay then moves without showing it to anyone.
+
+    A STARTTLS is followed like any other option: a server without TLS refuses
+    it and the client goes on in the clear; one that accepts it sees TLS next,
+    which is no option, and the sniffer gives up (OPAQUE).
+    """
 
     def __init__(self) -> None:
         self.phase = Phase.FLAGS
-        #: The export the client asked for last (GO, INFO or EXPORT_NAME).
+        #: The export opened: by EXPORT_NAME, or by a GO the server acknowledged.
         self.export: str | None = None
+        #: Whether an export is open (its name may be unknown: one longer than we read).
+        self.opened = False
+        #: Whether `answer` still wants the server's bytes.
+        self.answering = True
         #: Bytes the client asked to read (NBD_CMD_READ lengths).
         self.read = 0
         self.requests = 0
         self._buffer = bytearray()
         #: Payload bytes of a write request still to pass by.
         self._skip = 0
+        #: The export the last GO named, for a server not followed to its answer.
+        self._named: str | None = None
+        #: Options sent and not yet answered, oldest first, with the export each names.
+        self._asked: list[tuple[int, str | None]] = []
+        self._answers = bytearray()
+        self._greeted = False
+        #: Bytes of an answer's data still to pass by.
+        self._answer_skip = 0
 
     def state(self) -> dict[str, Any]:
         """Where it is, as JSON, for `from_state` in another process."""
-        return {"phase": self.phase.name, "export": self.export, "read": self.read,
-                "requests": self.requests, "buffer": self._buffer.hex(), "skip": self._skip}
+        return {"phase": self.phase.name, "export": self.export, "opened": self.opened,
+                "read": self.read, "requests": self.requests, "buffer": self._buffer.hex(),
+                "skip": self._skip, "named": self._named, "answering": self.answering,
+                "asked": self._asked, "answers": self._answers.hex(),
+                "greeted": self._greeted, "answer_skip": self._answer_skip}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Sniffer:
@@ -95,6 +131,15 @@ class Sniffer:
         sniffer.requests = state["requests"]
         sniffer._buffer = bytearray.fromhex(state["buffer"])
         sniffer._skip = state["skip"]
+        # A state from a version that did not follow the server: its `export` was the
+        # last named, and the server is not followed on.
+        sniffer.opened = state.get("opened", sniffer.export is not None)
+        sniffer._named = state.get("named", sniffer.export)
+        sniffer.answering = state.get("answering", False)
+        sniffer._asked = [(option, name) for option, name in state.get("asked", [])]
+        sniffer._answers = bytearray.fromhex(state.get("answers", ""))
+        sniffer._greeted = state.get("greeted", True)
+        sniffer._answer_skip = state.get("answer_skip", 0)
         return sniffer
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -107,6 +152,20 @@ class Sniffer:
         self._buffer += data
         while self._step():
             pass
+        if self.phase not in (Phase.FLAGS, Phase.OPTIONS):
+            self.answering = False  # no more answers to options: nothing to learn
+
+    def answer(self, data: bytes | bytearray | memoryview) -> None:
+        """The server's bytes, in order, while `answering`."""
+        if not self.answering:
+            return
+        if self._answer_skip:
+            taken = min(self._answer_skip, len(data))
+            self._answer_skip -= taken
+            data = data[taken:]
+        self._answers += data
+        while self.answering and self._answered():
+            pass
 
     def _step(self) -> bool:
         buf = self._buffer
@@ -118,6 +177,7 @@ class Sniffer:
             case Phase.OPTIONS if len(buf) >= 4 and struct.unpack_from(">I", buf)[0] in (
                     REQUEST_MAGIC, EXTENDED_REQUEST_MAGIC):
                 # The server accepted GO: requests follow.
+                self._opened(self._named)
                 self.phase = Phase.TRANSMISSION
                 return True
             case Phase.OPTIONS if len(buf) >= OPTION.size:
@@ -131,8 +191,11 @@ class Sniffer:
                     taken = min(length, len(buf))
                     del buf[:taken]
                     self._skip = length - taken
-                    if option == OPT_STARTTLS:  # what follows is TLS: not ours to read
-                        self._give_up()
+                    if option == OPT_EXPORT_NAME:  # a name longer than we read
+                        self._opened(None)
+                        self.phase = Phase.TRANSMISSION
+                    else:
+                        self._ask(option, None)
                     return True
                 if len(buf) < OPTION.size + length:
                     return False
@@ -165,14 +228,64 @@ class Sniffer:
         return False
 
     def _option(self, option: int, data: bytes) -> None:
-        if (name := export_name(option, data)) is not None:
-            self.export = name
-        if option == OPT_EXPORT_NAME:
+        name = export_name(option, data)
+        if option == OPT_EXPORT_NAME:  # no answer: transmission follows at once
+            self._opened(name)
             self.phase = Phase.TRANSMISSION
+            return
+        if option == OPT_GO:
+            self._named = name
+        self._ask(option, name)
+
+    def _ask(self, option: int, name: str | None) -> None:
+        if len(self._asked) < MAX_ASKED:
+            self._asked.append((option, name))
+        else:
+            self._stop_answering()
+
+    def _answered(self) -> bool:
+        """One step through the server's greeting and answers."""
+        buf = self._answers
+        if not self._greeted:
+            if len(buf) < GREETING.size:
+                return False
+            magic, opt, _ = GREETING.unpack_from(buf)
+            if (magic, opt) != (NBDMAGIC, IHAVEOPT):
+                return self._stop_answering()
+            del buf[:GREETING.size]
+            self._greeted = True
+            return True
+        if len(buf) < REPLY.size:
+            return False
+        magic, option, reply, length = REPLY.unpack_from(buf)
+        if magic != REPLY_MAGIC or not self._asked or self._asked[0][0] != option:
+            return self._stop_answering()  # not what we know of the protocol
+        del buf[:REPLY.size]
+        taken = min(length, len(buf))
+        del buf[:taken]
+        self._answer_skip = length - taken
+        if reply == REP_ACK or reply & REP_ERR:  # the last answer to that option
+            _, name = self._asked.pop(0)
+            if option == OPT_GO and reply == REP_ACK:
+                self._opened(name)
+                return self._stop_answering()  # transmission: data from now on
+        return True
+
+    def _opened(self, name: str | None) -> None:
+        if not self.opened:
+            self.opened, self.export = True, name
+
+    def _stop_answering(self) -> bool:
+        self.answering = False
+        self._answers.clear()
+        self._asked.clear()
+        self._answer_skip = 0
+        return False
 
     def _give_up(self) -> bool:
         self.phase = Phase.OPAQUE
         self._buffer.clear()
+        self._stop_answering()
         return False
 
 

@@ -163,7 +163,7 @@ class Handed:
 
     job: str
     session: Session
-    #: Where the relay was in the client's side of the protocol (Sniffer.state()).
+    #: Where the relay was in the protocol, both sides (Sniffer.state()).
     sniffer: dict[str, Any]
 
     @property

@@ -222,20 +222,28 @@ class _RemoteRelay:
         try:
             self.qemu = qemu = await anyio.connect_unix(upstream)
             replies = BufferedByteReceiveStream(qemu)
-            magic, opt, _ = GREETING.unpack(await replies.receive_exactly(GREETING.size))
+
+            async def said(data: bytes) -> None:  # the sniffer follows QEMU's conversation
+                self.sniffer.feed(data)
+                await qemu.send(data)
+
+            async def answered(size: int) -> bytes:
+                data = await replies.receive_exactly(size)
+                self.sniffer.answer(data)
+                return data
+
+            magic, opt, _ = GREETING.unpack(await answered(GREETING.size))
             if (magic, opt) != (NBDMAGIC, IHAVEOPT):
                 raise OSError("QEMU's NBD server sent no newstyle greeting")
-            await qemu.send(self.flags)
+            await said(self.flags)
             if self.structured:
-                await qemu.send(OPTION.pack(IHAVEOPT, OPT_STRUCTURED_REPLY, 0))
-                magic, opt, reply, length = REPLY.unpack(
-                    await replies.receive_exactly(REPLY.size))
+                await said(OPTION.pack(IHAVEOPT, OPT_STRUCTURED_REPLY, 0))
+                magic, opt, reply, length = REPLY.unpack(await answered(REPLY.size))
                 if length:
-                    await replies.receive_exactly(length)
+                    await answered(length)
                 if (magic, opt, reply) != (REPLY_MAGIC, OPT_STRUCTURED_REPLY, REP_ACK):
                     raise OSError("QEMU's NBD server refused structured replies")
-            self.sniffer.feed(self.flags + self.first)
-            await qemu.send(self.first)
+            await said(self.first)
             if replies.buffer:
                 raise OSError("QEMU's NBD server said more than asked")
         except (OSError, anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
@@ -258,6 +266,8 @@ class _RemoteRelay:
                 data = await source.receive(256 << 10)
                 if sniff:
                     self.sniffer.feed(data)
+                else:
+                    self.sniffer.answer(data)  # nothing once the handshake is over
                 await sink.send(data)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
                 ssl.SSLError, OSError) as e:
