@@ -3,7 +3,9 @@ lab): the connection limit holds for remote clients waiting for room; a client w
 when the endpoint closes or hands off is refused, and the close or hand-off ends; a
 client of an endpoint that is done, a reset from QEMU, running out of descriptors on the
 TCP endpoint end that connection alone; only our own export names are recorded; a client
-that has opened no export by the handshake deadline is cut, one that has may wait."""
+that has opened no export by the handshake deadline is cut, one that has may wait; a flood
+of connections holds a bounded number of descriptors and log entries; a QEMU that accepts
+nothing holds no worker thread."""
 
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from typing import TypeVar
 import anyio
 import pytest
 
+from pullbackd import exports as exporting
 from pullbackd import handshake as hs
 from pullbackd.exports import Endpoint, Exports
-from pullbackd.model import Handed
+from pullbackd.model import Handed, Session
 from pullbackd.remote import Remote
 
 pytestmark = pytest.mark.asyncio
@@ -376,3 +379,70 @@ async def test_a_session_handed_over_in_its_handshake_is_followed_on(tmp_path: P
             client.close()
         qemu.terminate()
         qemu.wait()
+
+
+async def test_a_flood_of_connections_holds_a_bounded_number_of_descriptors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job at its limit, and 300 more connections at once: MAX_WAITING of them wait for
+    a place (and are then told why there is none), the rest are closed at once; the
+    refusals are logged at most once a second; the open session reads on."""
+    flood = 300
+    async with endpoint(tmp_path, limit=1) as setup:
+        reader = await call(Client.unix, setup.exports.endpoint_path(JOB))
+        await call(reader.open)
+        clients = [await call(Client.unix, setup.exports.endpoint_path(JOB))
+                   for _ in range(flood)]
+        await anyio.sleep(0.3)  # all accepted, none waited its ADMIT_WAIT out
+
+        def closed(client: Client) -> bool:
+            client.s.setblocking(False)
+            try:
+                return client.s.recv(1) == b""
+            except BlockingIOError:
+                return False
+            finally:
+                client.s.setblocking(True)
+
+        assert sum(map(closed, clients)) == flood - exporting.MAX_WAITING
+        await anyio.sleep(exporting.ADMIT_WAIT + 0.5)
+        assert await call(reader.read, 0, 64 << 10) == bytes([BYTE]) * (64 << 10)
+        refused = capsys.readouterr().out.count("nbd connection refused")
+        assert 1 <= refused <= 3
+        for client in clients:
+            client.close()
+        reader.close()
+
+
+async def test_a_qemu_that_accepts_nothing_holds_no_worker_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's listening socket with a full backlog: each session's connect is tried again
+    on the event loop (not in a thread of the pool libvirt's calls share) until
+    CONNECT_TIMEOUT, and then that session ends."""
+    monkeypatch.setattr(exporting, "CONNECT_TIMEOUT", 1.5)
+    exports = Exports(tmp_path / "exports", limit=4, handshake_timeout=30)
+    exports.prepare()
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.bind(str(exports.qemu_path(JOB)))
+    stuck.listen(0)  # one connection queued, never accepted; then the backlog is full
+    with stuck:
+        ended: list[Session] = []
+        three_ended = anyio.Event()
+
+        def on_session(job: str, session: Session) -> None:
+            if session.ended is not None:
+                ended.append(session)
+                if len(ended) == 3:
+                    three_ended.set()
+
+        async with anyio.create_task_group() as tg:
+            endpoint = await exports.open(JOB, {TOKEN: "vda"}, tg, on_session)
+            clients = [await call(Client.unix, exports.endpoint_path(JOB)) for _ in range(4)]
+            await anyio.sleep(0.5)
+            assert endpoint.active == 4
+            assert anyio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+            with anyio.fail_after(10):
+                await three_ended.wait()  # the one QEMU's backlog took waits on
+            assert endpoint.active == 1
+            for client in clients:
+                client.close()
+            tg.cancel_scope.cancel()

@@ -29,8 +29,8 @@ class Refusals:
     """Connections refused (or not accepted) on one socket, logged at most once a second
     with how many there were: a flood must not flood the journal too."""
 
-    def __init__(self, socket: str) -> None:
-        self._socket = socket
+    def __init__(self, socket: str, event: str = "refusing connections") -> None:
+        self._socket, self._event = socket, event
         self._at = 0.0
         self._count = 0
 
@@ -38,7 +38,7 @@ class Refusals:
         self._count += 1
         now = time.monotonic()
         if now - self._at >= 1.0:
-            log.warning("refusing connections", socket=self._socket, reason=reason,
+            log.warning(self._event, socket=self._socket, reason=reason,
                         refused=self._count, **details)
             self._at, self._count = now, 0
 

@@ -49,6 +49,13 @@ CHUNK = 1 << 20
 _RELAY_THREADS = anyio.CapacityLimiter(math.inf)
 #: Seconds a connection over the limit waits for a session to close before it is refused.
 ADMIT_WAIT = 1.0
+#: Connections of one endpoint that may wait for a place or be told they have none (each
+#: holds a descriptor for up to ADMIT_WAIT + REFUSAL_TIMEOUT); more are closed at once.
+MAX_WAITING = 64
+#: Seconds a refused client has to read why.
+REFUSAL_TIMEOUT = 10.0
+#: Seconds QEMU's NBD server may take to accept a session's connection.
+CONNECT_TIMEOUT = 10.0
 _PEERCRED = struct.Struct("3i")
 
 
@@ -107,6 +114,10 @@ class Endpoint:
         self._store: StoreFds | None = None
         self._handed: list[Handed] = []
         self._refusals = Refusals(f"endpoint of job {job_id}")
+        #: Connections refused with a message (see `_refuse`): logged at most once a second.
+        self._refused = Refusals(f"endpoint of job {job_id}", "nbd connection refused")
+        #: Connections accepted that wait for a place or are being refused.
+        self._waiting = 0
 
     # What Get shows.
 
@@ -161,7 +172,13 @@ class Endpoint:
                                 raise
                             await backing_off(cause, self._refusals)
                             continue
+                        if self._waiting >= MAX_WAITING:
+                            client.close()
+                            self._refusals.note("too many connections waiting for a place",
+                                                waiting=self._waiting)
+                            continue
                         client.setblocking(False)
+                        self._waiting += 1
                         tg.start_soon(self._admit, client)
 
     async def close(self) -> None:
@@ -217,8 +234,14 @@ class Endpoint:
         """Serve a new connection, or refuse it if there is no room (see `_room`).
         Whatever goes wrong ends this connection alone."""
         try:
-            if not await self._room():
-                return await self._refuse(client)
+            try:
+                seated = await self._room()
+                if not seated:
+                    await self._refuse(client)
+            finally:
+                self._waiting -= 1
+            if not seated:
+                return
             relay = _Relay(client, None, Sniffer())  # its pipes take descriptors too
             session = Session(self._next_id, _peer(client), now())
             self._next_id += 1
@@ -337,9 +360,8 @@ class Endpoint:
     async def _refuse(self, client: socket.socket) -> None:
         reason = self.refusal()
         refusal = Refusal(reason)
-        log.warning("nbd connection refused", job=self.job_id, peer=_peer(client),
-                    limit=self.limit, reason=reason)
-        with client, anyio.move_on_after(10):
+        self._refused.note(reason, job=self.job_id, peer=_peer(client), limit=self.limit)
+        with client, anyio.move_on_after(REFUSAL_TIMEOUT):
             try:
                 await _send_all(client, refusal.greeting())
                 while not refusal.done:
@@ -421,10 +443,9 @@ class _Relay:
 
     async def connect(self, upstream: Path) -> None:
         try:
-            await anyio.to_thread.run_sync(self.qemu.connect, str(upstream))
+            await connect_unix(self.qemu, upstream)
         except OSError as e:
             self.errors.append(f"cannot reach QEMU's NBD server: {e}")
-        self.qemu.setblocking(False)
 
     def fds(self) -> tuple[int, int]:
         return self.client.fileno(), self.qemu.fileno()
@@ -618,6 +639,27 @@ class _Loop:
     def _send_up(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self.up = self.up[self.relay.qemu.send(self.up):]
+
+
+async def connect_unix(sock: socket.socket, path: Path) -> None:
+    """Connect `sock` to QEMU's NBD server at `path`, on the event loop.
+
+    A Unix socket's connect does not wait: it fails with EAGAIN while the server's
+    backlog is full, and nothing tells when there is room again, so it is tried again
+    until CONNECT_TIMEOUT. Never in a worker thread: a QEMU that stopped accepting
+    would hold that thread (anyio's pool, which every libvirt call shares) for ever.
+    """
+    sock.setblocking(False)
+    try:
+        with anyio.fail_after(CONNECT_TIMEOUT):
+            while True:
+                try:
+                    return sock.connect(str(path))
+                except BlockingIOError:
+                    await anyio.sleep(0.02)
+    except TimeoutError:
+        raise TimeoutError(f"QEMU's NBD server accepted no connection in "
+                           f"{CONNECT_TIMEOUT:g} s") from None
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:

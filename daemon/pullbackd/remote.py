@@ -18,18 +18,19 @@ and cannot outlive a restart of the daemon: the TLS state is the process's.
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
 from pathlib import Path
 from typing import Any, cast
 
 import anyio
 import structlog
-from anyio.abc import SocketAttribute, SocketListener
+from anyio.abc import SocketAttribute, SocketListener, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.tls import TLSAttribute, TLSStream
 
 from .accepting import Refusals, accepted
-from .exports import Exports
+from .exports import Exports, connect_unix
 from .handshake import (
     GREETING,
     IHAVEOPT,
@@ -220,7 +221,13 @@ class _RemoteRelay:
         """Reach QEMU and bring it to where the client is: flags given, structured
         replies chosen; then hand it the option that named the export."""
         try:
-            self.qemu = qemu = await anyio.connect_unix(upstream)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                await connect_unix(sock, upstream)
+            except BaseException:
+                sock.close()
+                raise
+            self.qemu = qemu = await UNIXSocketStream.from_socket(sock)
             replies = BufferedByteReceiveStream(qemu)
 
             async def said(data: bytes) -> None:  # the sniffer follows QEMU's conversation
