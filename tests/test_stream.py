@@ -4,6 +4,7 @@ QEMU exports into real qemu-nbd and nbdkit servers, and end in a byte-for-byte c
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -309,6 +310,33 @@ def test_a_copy_waiting_for_its_planner_is_not_stalled(tmp_path: Path) -> None:
                     tuning=Tuning(window=MiB, stall_timeout=1.5))
     subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(target), str(expected)],
                    check=True, timeout=300)
+
+
+def test_a_source_of_another_size_than_planned_writes_nothing(tmp_path: Path) -> None:
+    """A disk resized between the size the backup was planned with and its start: the copy
+    fails before it writes (a shrunk disk would be stored larger, with a tail of zeroes;
+    a grown one would be cut short), and says to start again."""
+    size = 8 * MiB
+    target = tmp_path / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)],
+                   check=True)
+    blank, pattern = tmp_path / "blank.raw", tmp_path / "pattern.raw"
+    blank.write_bytes(bytes(size))
+    # nbdkit's pattern: each 8 bytes hold their own offset.
+    pattern.write_bytes(b"".join(struct.pack(">Q", o) for o in range(0, size, 8)))
+
+    def same(a: Path, b: Path) -> bool:
+        return subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(a), str(b)],
+                              check=False, timeout=300).returncode == 0
+
+    with nbdkit(tmp_path, "pattern", f"size={size}") as src:
+        with qemu_nbd(target) as dst, pytest.raises(stream.StreamError,
+                                                    match="resized as its backup started"):
+            stream.copy(src, dst, zeroed_destination=True, size=6 * MiB)
+        assert same(target, blank)
+        with qemu_nbd(target) as dst:
+            stream.copy(src, dst, zeroed_destination=True, size=size)  # as planned
+        assert same(target, pattern)
 
 
 #: An NBD server (nbdkit's python plugin) writing into the file `file=`, whose flush

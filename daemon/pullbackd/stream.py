@@ -422,8 +422,10 @@ class _Copy:
                  zeroed_destination: bool, tuning: Tuning,
                  on_progress: Callable[[Progress], None] | None,
                  checksums: Checksums | None, cancel: threading.Event,
-                 only: Ranges | None = None, cluster: int | None = None) -> None:
+                 only: Ranges | None = None, cluster: int | None = None,
+                 size: int | None = None) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
+        self.size = size
         self.only = only
         self.cluster = cluster
         self.request_size = tuning.request_size if cluster is None else \
@@ -459,6 +461,10 @@ class _Copy:
                 if not planner_handle.can_meta_context(context):
                     raise StreamError(f"the source does not offer {context}")
             size = planner_handle.get_size()
+            if self.size is not None and size != self.size:
+                raise StreamError(
+                    f"the source is {size} bytes, not the {self.size} the backup was planned "
+                    f"for: the disk was resized as its backup started; start it again")
             connections = self.tuning.connections if planner_handle.can_multi_conn() else 1
             counters = _Counters(size)
             work: queue.Queue[Piece | None] = queue.Queue(
@@ -696,24 +702,26 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
          on_progress: Callable[[Progress], None] | None = None,
          checksums: Checksums | None = None,
          cancel: threading.Event | None = None, only: Ranges | None = None,
-         cluster: int | None = None) -> Progress:
+         cluster: int | None = None, size: int | None = None) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
     With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
     move; with `only`, only those ranges. With `zeroed_destination` (a fresh
     image), ranges the source reports as zero are skipped instead of written as
     zeros. With `cluster`, every write covers whole clusters of that many bytes
-    (`whole_clusters`). Raises StreamError.
+    (`whole_clusters`). With `size`, a source of another size is an error before
+    anything is written. Raises StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
-                 on_progress, checksums, cancel or threading.Event(), only, cluster).run()
+                 on_progress, checksums, cancel or threading.Event(), only, cluster,
+                 size).run()
 
 
 async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  zeroed_destination: bool = False, tuning: Tuning | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
                  checksums: Checksums | None = None, only: Ranges | None = None,
-                 cluster: int | None = None) -> Progress:
+                 cluster: int | None = None, size: int | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone."""
     cancel = threading.Event()
@@ -733,7 +741,7 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
             outcome = await anyio.to_thread.run_sync(lambda: copy(
                 source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
                 tuning=tuning, on_progress=on_progress, checksums=checksums, cancel=cancel,
-                only=only, cluster=cluster))
+                only=only, cluster=cluster, size=size))
         except StreamError as e:
             outcome = e
         finally:
