@@ -1352,3 +1352,23 @@ async def test_a_rebuilt_checkpoint_is_ordered_after_its_chain(tmp_path: Path) -
         "2026-12-02T09:58:30.000Z"
     assert chains.after_newest("lab1", "other", "2026-12-02T09:58:29.000Z") == \
         "2026-12-02T09:58:29.000Z"
+
+
+async def test_a_chain_deleted_while_the_domains_metadata_cannot_be_written_stays_deleted(
+        tmp_path: Path, source: FakeSource) -> None:
+    """DeleteChain while libvirt refuses the domain's metadata (another job holds the
+    domain): the chain is deleted all the same, and the metadata, which still lists it,
+    does not bring it back at the next backup; it is rewritten then."""
+    async with running(tmp_path, source) as rig:
+        first = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1", consumer="c"))).id)
+        assert first.checkpoint in rig.virt.metadata_xmls["d1"]
+        rig.virt.errors["set_metadata"] = errors.DomainBusy("d1", "migration")
+        assert await rig.jobs.delete_chain("d1", "c") == [first.checkpoint]
+        assert rig.chain(consumer="c") == []
+        del rig.virt.errors["set_metadata"]
+        job = await rig.jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
+        assert [(d.mode, d.since) for d in job.disks] == [("full", None)] * 2
+        nxt = await rig.jobs.finish(job.id)
+        assert rig.chain(consumer="c") == [nxt.checkpoint] == rig.checkpoints()
+        assert first.checkpoint not in rig.virt.metadata_xmls["d1"]
+        assert [c.name for c in rig.chains.all()] == [nxt.checkpoint]

@@ -28,8 +28,9 @@ job; otherwise marked for deletion, and deleted from libvirt after the
 transaction (at the next start, or the domain's next backup, if libvirt cannot
 now). Recovery checks the invariant at every start; a checkpoint in a chain
 whose job did not complete is a bug, logged as an error and rolled back. A
-checkpoint rolled back is also taken out of the domain's metadata, so that no
-pullbackd takes it in again.
+checkpoint rolled back, or deleted with its chain, is also taken out of the
+domain's metadata, so that no pullbackd takes it in again; until libvirt lets
+that be written, its record stays, marked for deletion.
 """
 
 from __future__ import annotations
@@ -202,10 +203,11 @@ class Chains:
                 log.info("took in a checkpoint from the domain's metadata", domain=domain,
                          checkpoint=entry.name, consumer=entry.consumer)
 
-    async def _mirror(self, domain: str) -> None:
+    async def _mirror(self, domain: str) -> bool:
         """Write the domain's confirmed chains into its own metadata, so that they travel
-        with it (a migration) and any pullbackd can take them in. Failing only costs a
-        full backup after a move: it is logged, not raised."""
+        with it (a migration) and any pullbackd can take them in; whether it was written.
+        Failing to add a checkpoint only costs a full backup after a move: it is logged,
+        not raised (for one taken out, see `_delete`)."""
         async with self._mirroring[domain]:
             entries = [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
                                       None if c.xml is None else xml.without_domain(c.xml),
@@ -217,6 +219,8 @@ class Chains:
             except (LibvirtError, NoSuchDomain, DomainBusy) as e:
                 log.warning("cannot write the chains into the domain's metadata",
                             domain=domain, error=str(e))
+                return False
+            return True
 
     async def add(self, checkpoint: Checkpoint) -> None:
         await self._save(checkpoint)
@@ -268,9 +272,17 @@ class Chains:
             mirrored = c.state != CheckpointState.PENDING
         if c.state != CheckpointState.DISCARD:
             # Out of the chain before anything else: never a base from here on.
-            await self._save(_replace(c, state=CheckpointState.DISCARD))
-        if mirrored:
-            await self._mirror(c.domain)
+            c = _replace(c, state=CheckpointState.DISCARD)
+            await self._save(c)
+        await self._delete(c, listed=mirrored and not await self._mirror(c.domain))
+
+    async def _delete(self, c: Checkpoint, *, listed: bool) -> None:
+        """Delete a checkpoint marked for deletion from libvirt, then its record, unless
+        the domain's metadata may still list it (`listed`: it could not be rewritten).
+        Then the record stays, marked for deletion, until the metadata is rewritten (the
+        domain's next backup or the next start tries again): without it, the next
+        `take_in` would find the checkpoint in the metadata, take it for a chain we do
+        not know, and bring a deleted chain back."""
         try:
             try:
                 await self._virt.delete_checkpoint(c.domain, c.name)
@@ -281,6 +293,10 @@ class Chains:
                         error=str(e))
             return
         crash.point("checkpoint.deleted")
+        if listed:
+            log.warning("deleted checkpoint; the domain's metadata still lists it: will "
+                        "rewrite it", domain=c.domain, checkpoint=c.name)
+            return
         await self._store.delete_checkpoint(c.name)
         self._checkpoints.pop(c.name, None)
         log.info("deleted checkpoint", domain=c.domain, checkpoint=c.name)
@@ -354,9 +370,9 @@ class Chains:
             if c.state != CheckpointState.DISCARD:
                 await self._save(_replace(c, state=CheckpointState.DISCARD))
             crash.point(point)
-        await self._mirror(domain)
+        listed = not await self._mirror(domain)  # one try for all: each may wait 30 s
         for c in doomed:
-            await self.discard(self._checkpoints[c.name], mirrored=False)
+            await self._delete(self._checkpoints[c.name], listed=listed)
 
     async def _save(self, c: Checkpoint) -> None:
         await self._store.save_checkpoint(c)
