@@ -1344,8 +1344,8 @@ async def test_a_rebuilt_checkpoint_is_ordered_after_its_chain(tmp_path: Path) -
     database) may look older than the chain it joins, whose times have milliseconds.
     It goes after the chain's newest, or trimming would delete it as the oldest."""
     chains = Chains(FakeVirt(("lab1",)), Store(tmp_path / "state.db"))
-    await chains.add(Checkpoint("pullbackd.c.a", "lab1", "c", "a", "2026-12-02T09:58:29.512Z",
-                                CheckpointState.COMPLETE, ("vda",)))
+    chains.recorded(Checkpoint("pullbackd.c.a", "lab1", "c", "a", "2026-12-02T09:58:29.512Z",
+                               CheckpointState.COMPLETE, ("vda",)))
     assert chains.after_newest("lab1", "c", "2026-12-02T09:58:29.000Z") == \
         "2026-12-02T09:58:29.513Z"
     assert chains.after_newest("lab1", "c", "2026-12-02T09:58:30.000Z") == \

@@ -222,9 +222,6 @@ class Chains:
                 return False
             return True
 
-    async def add(self, checkpoint: Checkpoint) -> None:
-        await self._save(checkpoint)
-
     def recorded(self, checkpoint: Checkpoint) -> None:
         """A checkpoint its job stored in the job's own transaction (`Store.save_job`
         with it): the chains follow the database from here on."""
