@@ -524,6 +524,7 @@ class _Loop:
         self.up = memoryview(b"")
         self.client_done = False
         self.qemu_hung_up = False
+        self.client_hung_up = False
 
     def run(self) -> None:
         relay, poll = self.relay, self.poller.poll
@@ -531,7 +532,7 @@ class _Loop:
         known = None  # the state the interest was last set for
         while True:
             state = (self.down > 0, len(self.up) > 0, self.client_done, relay._pausing,
-                     self.qemu_hung_up)
+                     self.qemu_hung_up, self.client_hung_up)
             if state != known:
                 if relay._pausing and not self.down and not self.up:
                     relay._paused = True
@@ -556,12 +557,14 @@ class _Loop:
     def _interest(self) -> None:
         """Read a side only once what came from it before is passed on."""
         pausing = self.relay._pausing
-        self._want(self.client, (
-            0 if self.up or self.client_done or pausing else select.EPOLLIN) | (
-            select.EPOLLOUT if self.down else 0))
+        want_client = (0 if self.up or self.client_done or pausing else select.EPOLLIN) | (
+            select.EPOLLOUT if self.down else 0)
+        # A hangup is reported whatever we wait for: a side that hung up is not waited
+        # on while nothing of it is wanted (the loop would spin on its hangup until then).
+        self._want(self.client, want_client if want_client or not self.client_hung_up
+                   else None)
         want_qemu = (0 if self.down or pausing else select.EPOLLIN) | (
             select.EPOLLOUT if self.up else 0)
-        # Its hangup stays reported: then wait for the client alone meanwhile.
         self._want(self.qemu, want_qemu if want_qemu or not self.qemu_hung_up else None)
 
     def _want(self, fd: int, events: int | None) -> None:
@@ -612,6 +615,8 @@ class _Loop:
         """The client's options and requests, read as they pass. False: it is gone."""
         if events & select.EPOLLOUT and self.down:
             self._send_down()
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            self.client_hung_up = True
         if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not self.up \
                 and not self.client_done and not self.relay._pausing:
             try:
