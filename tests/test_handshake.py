@@ -45,13 +45,27 @@ def request(command: int, offset: int, length: int, payload: bytes = b"") -> byt
     return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, command, 7, offset, length) + payload
 
 
-def test_follows_a_session_fed_a_byte_at_a_time() -> None:
-    stream = (FLAGS + option(8) + go("vdb") + request(CMD_READ, 0, 4096)
-              + request(CMD_WRITE, 0, 5, b"hello") + request(CMD_READ, 1 << 20, 1 << 20)
-              + request(CMD_DISC, 0, 0))
+def opened(name: str) -> Sniffer:
+    """A sniffer that saw the server accept a GO of `name`."""
     sniffer = Sniffer()
-    for i in range(len(stream)):
-        sniffer.feed(stream[i:i + 1])
+    sniffer.answer(greeting())
+    sniffer.feed(FLAGS + go(name))
+    sniffer.answer(option_reply(OPT_GO, REP_ACK))
+    return sniffer
+
+
+def test_follows_a_session_fed_a_byte_at_a_time() -> None:
+    handshake = FLAGS + option(8) + go("vdb")
+    answers = greeting() + option_reply(8, REP_ACK) + info() + option_reply(OPT_GO, REP_ACK)
+    requests = (request(CMD_READ, 0, 4096) + request(CMD_WRITE, 0, 5, b"hello")
+                + request(CMD_READ, 1 << 20, 1 << 20) + request(CMD_DISC, 0, 0))
+    sniffer = Sniffer()
+    for i in range(len(handshake)):
+        sniffer.feed(handshake[i:i + 1])
+    for i in range(len(answers)):
+        sniffer.answer(answers[i:i + 1])
+    for i in range(len(requests)):
+        sniffer.feed(requests[i:i + 1])
     assert sniffer.export == "vdb"
     assert sniffer.read == 4096 + (1 << 20)
     assert sniffer.requests == 4
@@ -60,8 +74,7 @@ def test_follows_a_session_fed_a_byte_at_a_time() -> None:
 
 def test_a_write_payload_that_looks_like_a_request_is_not_counted() -> None:
     fake = request(CMD_READ, 0, 1 << 30)
-    sniffer = Sniffer()
-    sniffer.feed(FLAGS + go("vda"))
+    sniffer = opened("vda")
     sniffer.feed(request(CMD_WRITE, 0, len(fake))[:-3])
     sniffer.feed(request(CMD_WRITE, 0, len(fake))[-3:] + fake[:10])
     sniffer.feed(fake[10:] + request(CMD_READ, 0, 512))
@@ -75,8 +88,7 @@ def test_export_name_starts_transmission_at_once() -> None:
 
 
 def test_extended_headers_are_read_too() -> None:
-    sniffer = Sniffer()
-    sniffer.feed(FLAGS + go("vda"))
+    sniffer = opened("vda")
     sniffer.feed(struct.pack(">IHHQQQ", EXTENDED_REQUEST_MAGIC, 0, CMD_READ, 1, 0, 1 << 33))
     assert sniffer.read == 1 << 33
 
@@ -126,6 +138,19 @@ def test_a_refused_starttls_is_followed_by_the_session_in_the_clear() -> None:
     assert (sniffer.export, sniffer.read, sniffer.phase) == ("vda", 4096, Phase.TRANSMISSION)
 
 
+def test_requests_before_the_server_accepted_a_go_open_nothing() -> None:
+    """Four bytes of a request's magic would have opened an export: the client then had
+    no handshake deadline, and its 'reads' (which QEMU refused) counted to the disk."""
+    for first in (b"", go("vda")):
+        sniffer = Sniffer()
+        sniffer.answer(greeting())
+        sniffer.feed(FLAGS + first)
+        if first:
+            sniffer.answer(option_reply(OPT_GO, REP_ERR_UNKNOWN))
+        sniffer.feed(request(CMD_READ, 0, 1 << 30) * 3)
+        assert (sniffer.opened, sniffer.export, sniffer.read) == (False, None, 0)
+
+
 def test_a_request_shows_an_open_export_when_the_answers_are_not_followed() -> None:
     """A server's bytes it cannot read (or none at all, from an earlier version's
     state): the first request still shows the GO accepted."""
@@ -149,8 +174,8 @@ def test_after_starttls_or_garbage_it_only_passes_bytes() -> None:
 
 def test_state_carries_a_half_read_request_to_another_process() -> None:
     whole = request(CMD_READ, 0, 2048)
-    sniffer = Sniffer()
-    sniffer.feed(FLAGS + go("vda") + request(CMD_READ, 0, 1024) + whole[:11])
+    sniffer = opened("vda")
+    sniffer.feed(request(CMD_READ, 0, 1024) + whole[:11])
     resumed = Sniffer.from_state(sniffer.state())
     resumed.feed(whole[11:])
     assert (resumed.export, resumed.read, resumed.requests) == ("vda", 3072, 2)
@@ -171,9 +196,13 @@ def test_state_from_a_version_that_did_not_follow_the_server() -> None:
     old = {"phase": "OPTIONS", "export": "vda", "read": 0, "requests": 0, "buffer": "",
            "skip": 0}
     resumed = Sniffer.from_state(old)
-    assert (resumed.opened, resumed.answering) == (True, False)
+    # Its export was the last named: maybe by an INFO or a GO refused. The first
+    # request tells.
+    assert (resumed.opened, resumed.export, resumed.answering) == (False, None, False)
     resumed.feed(request(CMD_READ, 0, 100))
-    assert (resumed.export, resumed.read) == ("vda", 100)
+    assert (resumed.opened, resumed.export, resumed.read) == (True, "vda", 100)
+    past = Sniffer.from_state(dict(old, phase="TRANSMISSION"))
+    assert (past.opened, past.export) == (True, "vda")
 
 
 def test_refusal_answers_every_option_with_its_reason_and_acks_abort() -> None:
@@ -199,13 +228,16 @@ def test_refusal_hangs_up_on_export_name() -> None:
 def test_an_option_the_sniffer_does_not_read_passes_unheld() -> None:
     """32 MiB of an unknown option held per session took the daemon to 366 MiB once."""
     sniffer = Sniffer()
+    sniffer.answer(greeting())
     huge = 32 << 20
     sniffer.feed(FLAGS + struct.pack(">QII", IHAVEOPT, 98, huge))
     for _ in range(huge // (1 << 20)):
         sniffer.feed(b"\xff" * (1 << 20))
         assert len(sniffer.state()["buffer"]) < 2 * 8192  # hex: two characters a byte
     # Past it, the client goes on as usual.
-    sniffer.feed(go("vda") + request(CMD_READ, 0, 4096))
+    sniffer.feed(go("vda"))
+    sniffer.answer(option_reply(98, REP_ERR_POLICY) + option_reply(OPT_GO, REP_ACK))
+    sniffer.feed(request(CMD_READ, 0, 4096))
     assert (sniffer.export, sniffer.phase, sniffer.read) == ("vda", Phase.TRANSMISSION, 4096)
 
 

@@ -157,7 +157,10 @@ class Endpoint:
                 self._tg = tg
                 for handed, client, qemu in self._resumed:
                     relay = _Relay(client, qemu, Sniffer.from_state(handed.sniffer))
-                    tg.start_soon(self._run, handed.session, relay, True)  # resumed
+                    # One handed over in its handshake still has to open an export (as
+                    # far as we know: an earlier version's record does not say).
+                    tg.start_soon(self._run, handed.session, relay, True,  # resumed
+                                  "opened" in handed.sniffer and not relay.sniffer.opened)
                 self._resumed.clear()
                 task_status.started()
                 with self._accepting:
@@ -269,7 +272,7 @@ class Endpoint:
     async def _attached(self, session: Session, relay: Relay) -> None:
         """An attached session; whatever goes wrong ends it alone."""
         try:
-            await self._run(session, relay, resumed=False)
+            await self._run(session, relay, resumed=False, handshake=True)
         except Exception:
             log.exception("nbd connection failed", job=self.job_id, session=session.id)
 
@@ -284,8 +287,9 @@ class Endpoint:
 
     async def _run(self, session: Session, relay: Relay, resumed: bool,
                    handshake: bool = False) -> None:
-        """`handshake`: the client has yet to open an export (a new Unix session; the TCP
-        endpoint hands over its sessions with the export chosen)."""
+        """`handshake`: the client has yet to open an export: it has until the handshake
+        timeout (a TCP session has named one of ours, but its GO may yet be refused, and
+        an INFO opens nothing)."""
         # Counted at once: the next connection must see this one.
         self._live[session.id] = (session, relay)
         self._changed_now()
@@ -453,6 +457,9 @@ class _Relay:
     async def aclose(self) -> None:
         self.client.close()
         self.qemu.close()
+        if not self._done:  # never run: its connect failed, or was cancelled
+            self._done = True
+            os.close(self._wake)
 
     async def run(self) -> bool:
         """Relay until either side closes (False), or until paused (True)."""

@@ -131,10 +131,16 @@ class Sniffer:
         sniffer.requests = state["requests"]
         sniffer._buffer = bytearray.fromhex(state["buffer"])
         sniffer._skip = state["skip"]
-        # A state from a version that did not follow the server: its `export` was the
-        # last named, and the server is not followed on.
-        sniffer.opened = state.get("opened", sniffer.export is not None)
-        sniffer._named = state.get("named", sniffer.export)
+        if "opened" not in state:
+            # From a version that did not follow the server: its `export` was the last
+            # named (maybe by an INFO, or a GO refused), and the server is not followed
+            # on: in the handshake still, the first request tells what opened.
+            sniffer._named = sniffer.export
+            sniffer.opened = sniffer.phase not in (Phase.FLAGS, Phase.OPTIONS)
+            if not sniffer.opened:
+                sniffer.export = None
+        else:
+            sniffer.opened, sniffer._named = state["opened"], state["named"]
         sniffer.answering = state.get("answering", False)
         sniffer._asked = [(option, name) for option, name in state.get("asked", [])]
         sniffer._answers = bytearray.fromhex(state.get("answers", ""))
@@ -176,7 +182,11 @@ class Sniffer:
                 return True
             case Phase.OPTIONS if len(buf) >= 4 and struct.unpack_from(">I", buf)[0] in (
                     REQUEST_MAGIC, EXTENDED_REQUEST_MAGIC):
-                # The server accepted GO: requests follow.
+                if self.answering:
+                    # Its answers show the server accepted no GO (each reaches us before
+                    # the client sees it): whatever this is, no request.
+                    return self._give_up()
+                # The server accepted GO (its answers were not followed): requests follow.
                 self._opened(self._named)
                 self.phase = Phase.TRANSMISSION
                 return True
