@@ -24,7 +24,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from pullbackd import errors, quiesce
+from pullbackd import errors, quiesce, xml
 from pullbackd.admission import Admission
 from pullbackd.chain import Base, Chains
 from pullbackd.exports import Exports
@@ -1372,3 +1372,99 @@ async def test_a_chain_deleted_while_the_domains_metadata_cannot_be_written_stay
         assert rig.chain(consumer="c") == [nxt.checkpoint] == rig.checkpoints()
         assert first.checkpoint not in rig.virt.metadata_xmls["d1"]
         assert [c.name for c in rig.chains.all()] == [nxt.checkpoint]
+
+
+class Refusing(FakeVirt):
+    """libvirt refusing to take back some checkpoints it lost, as it does one that covers
+    a disk detached since ("no disk named 'vdb'")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: set[str] = set()
+
+    async def redefine_checkpoint(self, domain: str, checkpoint_xml: str,
+                                  validate: bool) -> None:
+        if xml.parse_checkpoint(checkpoint_xml).name in self.refused:
+            raise errors.LibvirtError(8, "invalid argument: no disk named 'vdb'")
+        await super().redefine_checkpoint(domain, checkpoint_xml, validate)
+
+
+async def test_a_checkpoint_libvirt_will_not_take_back_stops_no_backup(
+        tmp_path: Path) -> None:
+    """libvirt lost its checkpoints, and refuses one back: every consumer's backups go
+    on; an incremental starts from the newest checkpoint libvirt took back (its bitmap
+    holds every change since the refused one too), or is full, and says why."""
+    (tmp_path / "source").mkdir()
+    virt = Refusing()
+    async with running(tmp_path, FakeSource(virt, tmp_path / "source")) as rig:
+        older = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1", consumer="c"))).id)
+        newer = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1", consumer="c"))).id)
+        other = await rig.jobs.finish((await rig.jobs.start(StartRequest("d1", consumer="o"))).id)
+        virt.refused = {newer.checkpoint, other.checkpoint}
+        virt.checkpoint_xmls.clear()  # lost: a move, a libvirtd that lost its state
+        job = await rig.jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
+        assert [(d.mode, d.since) for d in job.disks] == [("incremental", older.checkpoint)] * 2
+        await rig.jobs.finish(job.id)
+        job = await rig.jobs.start(StartRequest("d1", consumer="o", mode="incremental"))
+        assert [d.mode for d in job.disks] == ["full", "full"]
+        assert all(f"libvirt lost checkpoint {other.checkpoint} and refuses to take it back"
+                   in (d.fallback or "") for d in job.disks)
+        await rig.jobs.finish(job.id)
+
+
+@pytest.mark.parametrize("error", [errors.LibvirtError(1, "connection reset"),
+                                   errors.NoSuchDomain("d1"), errors.DomainBusy("d1", "x")])
+async def test_a_metadata_read_failing_as_the_daemon_starts_stops_nothing(
+        tmp_path: Path, source: FakeSource, error: Exception) -> None:
+    """A backup no record owns (the database was lost) is taken in as the daemon starts;
+    the domain's metadata cannot be read (the domain went, or another job holds it)."""
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", consumer="c"))
+    lose_the_database(tmp_path)
+    source.virt.errors["metadata"] = error
+    async with running(tmp_path, source) as rig:
+        assert rig.jobs.get(job.id).state == JobState.READY
+
+
+class Unwritable(FakeVirt):
+    """A domain whose metadata libvirt never lets be written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    async def set_metadata(self, domain: str, element: str | None, prefix: str,
+                           namespace: str) -> None:
+        self.writes += 1
+        raise errors.LibvirtError(55, "Requested operation is not valid")
+
+
+async def test_records_of_checkpoints_the_metadata_does_not_list_go_all_the_same(
+        tmp_path: Path) -> None:
+    """The metadata cannot be written, and lists none of the checkpoints trimmed: their
+    records go with them, and a Start tries the metadata once, not once a record."""
+    (tmp_path / "source").mkdir()
+    virt = Unwritable()
+    async with running(tmp_path, FakeSource(virt, tmp_path / "source")) as rig:
+        rig.chains.keep = 1
+        for _ in range(4):
+            await rig.jobs.finish((await rig.jobs.start(StartRequest("d1", consumer="c"))).id)
+        assert [c.state for c in rig.chains.all()] == [CheckpointState.COMPLETE]
+        virt.writes = 0
+        await rig.jobs.start(StartRequest("d1", consumer="c"))
+        assert virt.writes <= 1
+
+
+async def test_delete_chain_while_a_start_plans_is_refused_as_busy(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A Start holds its domain before its job is recorded: DeleteChain then got an
+    internal error (KeyError), not BackupInProgress."""
+    async with running(tmp_path, source) as rig:
+        stall = source.stall("plan")
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1", consumer="c"))
+        await stall.reached.wait()
+        try:
+            with pytest.raises(errors.BackupInProgress):
+                await rig.jobs.delete_chain("d1", "c")
+        finally:
+            stall.release()

@@ -36,7 +36,7 @@ that be written, its record stays, marked for deletion.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 from datetime import datetime, timedelta
@@ -118,37 +118,46 @@ class Chains:
         return sorted(self._checkpoints.values(), key=lambda c: c.created)
 
     def bases(self, domain: str, consumer: str, mode: str, since: str | None,
-              disks: list[str]) -> dict[str, Base]:
-        """Per disk, the checkpoint its backup starts from."""
+              disks: list[str], lost: Mapping[str, str] | None = None) -> dict[str, Base]:
+        """Per disk, the checkpoint its backup starts from; never one of `lost` (from
+        `prepare`): an incremental starts from an older one then, whose bitmap holds
+        every change since the newer one too."""
         if mode == "full":
             return {d: Base(None) for d in disks}
+        lost = lost or {}
         chain = self.of(domain, consumer)
         if mode == "differential":
             if since is None or since not in {c.name for c in chain}:
                 raise NoSuchCheckpoint(domain, consumer, since or "")
             start = self._checkpoints[since]
-            return {d: Base(since) if d in start.disks
+            return {d: Base(None, _unusable(since, lost[since])) if since in lost
+                    else Base(since) if d in start.disks
                     else Base(None, f"checkpoint {since} has no bitmap for this disk")
                     for d in disks}
         bases = {}
         for disk in disks:
-            head = next((c for c in reversed(chain) if disk in c.disks), None)
-            bases[disk] = Base(head.name) if head else Base(
-                None, f"consumer {consumer} has no earlier backup of this disk")
+            having = [c.name for c in reversed(chain) if disk in c.disks]
+            head = next((name for name in having if name not in lost), None)
+            bases[disk] = Base(head) if head else Base(None, _unusable(
+                having[0], lost[having[0]]) if having else
+                f"consumer {consumer} has no earlier backup of this disk")
         return bases
 
-    async def prepare(self, domain: str, refused: Callable[[str], bool]) -> None:
+    async def prepare(self, domain: str, refused: Callable[[str], bool]) -> dict[str, str]:
         """Before a backup: delete what failed backups left, and make sure libvirt
         knows every checkpoint of ours it may be asked to start from. `refused`
         tells the jobs known not to have completed: their checkpoints are never
-        taken in from the domain's metadata."""
-        for c in [c for c in self._checkpoints.values()
-                  if c.domain == domain and c.state == CheckpointState.DISCARD]:
-            await self.discard(c)
+        taken in from the domain's metadata. Returns the checkpoints libvirt lost and
+        refuses to take back (a disk they cover was detached since), with libvirt's
+        reason: no backup may start from them (see `bases`)."""
+        if discarded := [c for c in self.all() if c.domain == domain
+                         and c.state == CheckpointState.DISCARD]:
+            await self._purge(domain, discarded)
         await self.take_in(domain, refused)
+        lost: dict[str, str] = {}
         ours = self.of(domain)
         if not ours:
-            return
+            return lost
         known = set(await self._virt.checkpoints(domain))
         dom: Domain | None = None
         for c in ours:  # oldest first: a parent is redefined before its children
@@ -170,15 +179,24 @@ class Chains:
             if (parent := xml.parse_checkpoint(text).parent) and parent not in known:
                 text = xml.without_parent(text)
             try:
-                await self._virt.redefine_checkpoint(domain, text, validate=validate)
-            except BrokenBitmap as e:
-                # Define it all the same: the backup itself checks each disk's
-                # bitmap and falls back to full for the broken ones alone.
-                log.warning("redefining a checkpoint with a broken bitmap",
-                            checkpoint=c.name, error=str(e))
-                await self._virt.redefine_checkpoint(domain, text, validate=False)
+                try:
+                    await self._virt.redefine_checkpoint(domain, text, validate=validate)
+                except BrokenBitmap as e:
+                    # Define it all the same: the backup itself checks each disk's
+                    # bitmap and falls back to full for the broken ones alone.
+                    log.warning("redefining a checkpoint with a broken bitmap",
+                                checkpoint=c.name, error=str(e))
+                    await self._virt.redefine_checkpoint(domain, text, validate=False)
+            except LibvirtError as e:
+                # One checkpoint libvirt will not take back must not stop every backup
+                # of the domain: backups start elsewhere (`bases`).
+                log.warning("cannot redefine lost checkpoint metadata; no backup starts "
+                            "from it", domain=domain, checkpoint=c.name, error=str(e))
+                lost[c.name] = str(e)
+                continue
             log.info("redefined lost checkpoint metadata", domain=domain, checkpoint=c.name)
             known.add(c.name)
+        return lost
 
     async def take_in(self, domain: str, refused: Callable[[str], bool]) -> None:
         """Take in the chains the domain's metadata carries that we do not know: it was
@@ -186,7 +204,7 @@ class Chains:
         try:
             text = await self._virt.metadata(domain, xml.CHAINS_NS)
             entries = xml.parse_chains(text) if text else []
-        except (LibvirtError, xml.XMLError) as error:
+        except (LibvirtError, NoSuchDomain, DomainBusy, xml.XMLError) as error:
             log.warning("cannot read the chains in the domain's metadata", domain=domain,
                         error=str(error))
             return
@@ -271,7 +289,31 @@ class Chains:
             # Out of the chain before anything else: never a base from here on.
             c = _replace(c, state=CheckpointState.DISCARD)
             await self._save(c)
-        await self._delete(c, listed=mirrored and not await self._mirror(c.domain))
+        if mirrored:
+            await self._purge(c.domain, [c])
+        else:
+            await self._delete(c, listed=False)
+
+    async def _purge(self, domain: str, doomed: list[Checkpoint]) -> None:
+        """Delete checkpoints marked for deletion that the domain's metadata may list:
+        it is rewritten without them first."""
+        unlisted = await self._unlisted(domain, doomed)
+        for c in doomed:
+            await self._delete(c, listed=c.name not in unlisted)
+
+    async def _unlisted(self, domain: str, doomed: list[Checkpoint]) -> set[str]:
+        """Which of `doomed` the domain's metadata does not list: all of them once it is
+        rewritten (once for all: each try may wait 30 s for libvirt); if it cannot be,
+        those it does not list anyway (none, if it cannot be read either)."""
+        names = {c.name for c in doomed}
+        if await self._mirror(domain):
+            return names
+        try:
+            text = await self._virt.metadata(domain, xml.CHAINS_NS)
+            listed = {entry.name for entry in xml.parse_chains(text)} if text else set()
+        except (LibvirtError, NoSuchDomain, DomainBusy, xml.XMLError):
+            return set()
+        return names - listed
 
     async def _delete(self, c: Checkpoint, *, listed: bool) -> None:
         """Delete a checkpoint marked for deletion from libvirt, then its record, unless
@@ -315,15 +357,21 @@ class Chains:
         is a bug: logged, and rolled back. Also delete what an earlier run could not
         (or crashed before it did): discarded checkpoints, and pending ones whose job
         is not `running`."""
-        for c in self.all():
-            if c.state == CheckpointState.COMPLETE and did_not_complete(c.job):
+        doomed: defaultdict[str, list[Checkpoint]] = defaultdict(list)
+        for found in self.all():
+            if found.state == CheckpointState.COMPLETE and did_not_complete(found.job):
                 log.error("BUG: a checkpoint is in its consumer's chain but its backup did "
                           "not complete; rolling it back (the next incremental covers its "
-                          "changes)", checkpoint=c.name, job=c.job)
-                await self.discard(c)
-            elif c.state == CheckpointState.DISCARD or (
-                    c.state == CheckpointState.PENDING and c.job not in running):
-                await self.discard(c)
+                          "changes)", checkpoint=found.name, job=found.job)
+            elif not (found.state == CheckpointState.DISCARD or (
+                    found.state == CheckpointState.PENDING and found.job not in running)):
+                continue
+            c = _replace(found, state=CheckpointState.DISCARD)
+            if found.state != CheckpointState.DISCARD:
+                await self._save(c)  # out of the chain before anything else
+            doomed[c.domain].append(c)
+        for domain, checkpoints in doomed.items():
+            await self._purge(domain, checkpoints)
 
     def _over_keep(self, domain: str, consumer: str) -> list[Checkpoint]:
         """The checkpoints of a consumer's chain it no longer needs: each bitmap costs
@@ -367,11 +415,13 @@ class Chains:
             if c.state != CheckpointState.DISCARD:
                 await self._save(_replace(c, state=CheckpointState.DISCARD))
             crash.point(point)
-        listed = not await self._mirror(domain)  # one try for all: each may wait 30 s
-        for c in doomed:
-            await self._delete(self._checkpoints[c.name], listed=listed)
+        await self._purge(domain, [self._checkpoints[c.name] for c in doomed])
 
     async def _save(self, c: Checkpoint) -> None:
         await self._store.save_checkpoint(c)
         self._checkpoints[c.name] = c
 
+
+
+def _unusable(checkpoint: str, why: str) -> str:
+    return f"libvirt lost checkpoint {checkpoint} and refuses to take it back ({why})"

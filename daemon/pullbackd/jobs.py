@@ -228,9 +228,12 @@ class Jobs:
         """Raises BackupInProgress while a job of that chain runs."""
         check_consumer(consumer)
         job_id = self._admission.holder(domain)
-        if job_id is not None and self._records[job_id].consumer == consumer:
-            # Its checkpoint would outlive the chain it was to join.
-            raise BackupInProgress(domain, job_id)
+        if job_id is not None:
+            held = self._records.get(job_id)
+            # Its checkpoint would outlive the chain it was to join (a Start not yet
+            # recorded is of any consumer, as far as we know).
+            if held is None or held.consumer == consumer:
+                raise BackupInProgress(domain, job_id)
         async with self._starts.chain_lock(domain):
             return await self._chains.delete_chain(domain, consumer)
 

@@ -260,9 +260,9 @@ class Starts:
     async def _bases(self, request: StartRequest, plan: Plan) -> dict[str, Base]:
         """What each disk's backup starts from (chain.py), or why it is full."""
         domain = request.domain
-        await self._chains.prepare(domain, refused=self._jobs.did_not_complete)
+        lost = await self._chains.prepare(domain, refused=self._jobs.did_not_complete)
         bases = self._chains.bases(domain, request.consumer, request.mode, request.since,
-                                   list(plan.disks))
+                                   list(plan.disks), lost)
         if request.destination == LOCAL:
             bases = await anyio.to_thread.run_sync(
                 self._local_bases, domain, request.consumer, bases)
