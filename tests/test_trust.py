@@ -300,4 +300,12 @@ def test_push_targets_and_destinations_only_where_the_configuration_says(
     sneaky = f"nbd+unix:///?socket={APPLIANCES}/../../run/x.sock"
     assert call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
                    destination=sneaky)["error"] == "InvalidParameter"
+    # We checked the first socket, libnbd connected to the last.
+    twice = f"nbd+unix:///?socket={APPLIANCES}/a.sock&socket=/run/libvirt/libvirt-sock"
+    assert call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
+                   destination=twice)["error"] == "InvalidParameter"
+    # Nothing said of a folder outside [push] dirs: not even whether it exists.
+    for hidden in ("/root", "/root/no-such-folder"):
+        refused = call_as(BACKUP, daemon, "Start", domain="lab1", target_dir=hidden)
+        assert refused["error"] == "TargetNotWritable" and "[push] dirs" in refused["reason"]
     assert daemon.ctl.call("List") == before

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .errors import InvalidParameter, TargetNotWritable
 from .model import LOCAL, StartRequest
@@ -29,14 +29,20 @@ class Places:
         """Raise TargetNotWritable or InvalidParameter, naming the setting. Blocks
         (it looks at the file system)."""
         if request.target_dir is not None:
-            _check_target_dir(request.target_dir)
-            folder = Path(request.target_dir).resolve()
+            # Where it is, before whether it is there: nothing said of a folder outside
+            # [push] dirs (that it exists, that it is read-only) to a caller.
+            try:
+                folder = Path(request.target_dir).resolve()
+            except (OSError, RuntimeError, ValueError) as e:
+                raise TargetNotWritable(request.target_dir, f"not a usable path ({e})") \
+                    from None
             if self.push_dirs is not None and not any(
                     folder == d or d in folder.parents
                     for d in (d.resolve() for d in self.push_dirs)):
                 raise TargetNotWritable(request.target_dir, (
                     f"not inside [push] dirs ({', '.join(map(str, self.push_dirs)) or 'none'});"
                     " have the host's administrator add the folder"))
+            _check_target_dir(request.target_dir)
         if request.destination not in (None, LOCAL) and self.destinations is not None and \
                 not any(_within(str(request.destination), a) for a in self.destinations):
             raise InvalidParameter("destination", (
@@ -59,16 +65,29 @@ def _check_target_dir(target_dir: str) -> None:
 
 
 def _within(url: str, allowed: str) -> bool:
-    """Whether an NBD URI is one `allowed` covers: the same scheme, and for a Unix
-    socket a path inside the allowed one (resolved: no "..", no symlink out of it),
-    for TCP the same host and port. Blocks (it resolves paths)."""
+    """Whether an NBD URI is one `allowed` covers: the same scheme; for a Unix socket a
+    path inside the allowed one (resolved: no "..", no symlink out of it), for TCP the
+    same host and port; and no query key but `socket` unless `allowed` has it with the
+    same value. A key given twice is refused: we would check one, libnbd use the other.
+    Blocks (it resolves paths)."""
     u, a = urlsplit(url), urlsplit(allowed)
-    if u.scheme != a.scheme:
+    if u.scheme != a.scheme or u.fragment:
+        return False
+    given, covered = parse_qsl(u.query, keep_blank_values=True), dict(parse_qsl(a.query))
+    keys = [key for key, _ in given]
+    if len(set(keys)) != len(keys) or any(
+            key != "socket" and covered.get(key) != value for key, value in given):
         return False
     if u.scheme.endswith("+unix"):
-        sockets = [parse_qs(x.query).get("socket", [""])[0] for x in (u, a)]
+        sockets = [dict(given).get("socket", ""), covered.get("socket", "")]
         if not all(sockets):
             return False
-        path, folder = (Path(s).resolve() for s in sockets)
+        try:
+            path, folder = (Path(s).resolve() for s in sockets)
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, an unpaired surrogate
+            return False
         return path == folder or folder in path.parents
-    return bool(u.hostname) and (u.hostname, u.port) == (a.hostname, a.port)
+    try:
+        return bool(u.hostname) and (u.hostname, u.port) == (a.hostname, a.port)
+    except ValueError:  # a port out of range
+        return False
