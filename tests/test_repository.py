@@ -875,3 +875,23 @@ def test_a_write_into_part_of_a_cluster_of_an_incremental_is_no_backup(
     folder = repository.folder("lab1", "c", "vda")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [full.file, names.manifest(folder, full.sequence).name])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a key renamed", "not text"])
+def test_a_damaged_manifest_is_named_and_stops_nothing_else(
+        tmp_path: Path, damage: str) -> None:
+    """A manifest cut short (a disk that filled), edited or overwritten: the daemon's
+    start (which lists every stored job) goes on without it; what needs it fails naming
+    the file and what to do, not with a bare JSON error."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    first, second = chain(repository, many(2))
+    path = repository.folder("lab1", "c", "vda") / "0002.json"
+    text = path.read_text()
+    path.write_bytes({"truncated": text[:len(text) // 2].encode(),
+                      "a key renamed": text.replace('"job"', '"jbo"').encode(),
+                      "not text": b"\xff\xfe" * 100}[damage])
+    assert repository.stored_jobs() == {first.job}
+    for reading in (lambda: repository.at("lab1", "c", "vda", None),
+                    lambda: verify_all(repository)):
+        with pytest.raises(RepositoryError, match=r"0002\.json: damaged manifest .* move it"):
+            reading()

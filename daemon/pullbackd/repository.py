@@ -342,8 +342,16 @@ class Repository:
             self._done(writer)
 
     def stored_jobs(self) -> set[str]:
-        """The ids of every job with a backup in the repository."""
-        return {json.loads(p.read_text())["job"] for p in names.every_manifest(self.root)}
+        """The ids of every job with a backup in the repository. A manifest that cannot be
+        read is left out, and logged (Verify reports it): at start, one damaged file
+        must not keep the daemon from serving."""
+        jobs = set()
+        for path in names.every_manifest(self.root):
+            try:
+                jobs.add(_read_manifest(path).job)
+            except RepositoryError as e:
+                log.error("a backup's manifest cannot be read", error=str(e))
+        return jobs
 
     def forget_job(self, domain: str, consumer: str, job: str) -> None:
         """Remove what a job that did not complete stored: no backup may point to a
@@ -658,8 +666,15 @@ def _manifests(folder: Path) -> list[Manifest]:
 
 
 def _read_manifest(path: Path) -> Manifest:
-    """A manifest of the repository; RepositoryError if it is not one of ours."""
-    return Manifest.from_json(owned(path).read_text())
+    """A manifest of the repository; RepositoryError if it is not one of ours, or damaged."""
+    owned(path)
+    try:
+        return Manifest.from_json(path.read_text())
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise RepositoryError(str(path), (
+            f"damaged manifest ({type(e).__name__}: {e}): move it and its backup file out "
+            "of the repository; the backups of this disk after it are then left out "
+            "too")) from None
 
 
 def _store(writer: Writer, final: Path, manifest: Manifest) -> None:
