@@ -250,6 +250,11 @@ class Service:
                             async for reply in replies:
                                 if not call.oneway:
                                     await stream.send(encode(reply.to_message()))
+                        if call.oneway:
+                            # Nothing was sent, so nothing yielded: a stream of oneway
+                            # calls would hold the event loop (and the watchdog) for as
+                            # long as it lasts.
+                            await anyio.lowlevel.checkpoint()
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 clog.debug("disconnected", unread=decoder.pending)
             except Exception:
