@@ -297,6 +297,7 @@ def test_push_targets_and_destinations_only_where_the_configuration_says(
     refused = call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
                       destination="nbd+unix:///?socket=/run/libvirt/libvirt-sock")
     assert refused == {"error": "InvalidParameter", "parameter": "destination"}
+    assert "not allowed by [stream] destinations" in daemon.log_text()  # why, for the operator
     sneaky = f"nbd+unix:///?socket={APPLIANCES}/../../run/x.sock"
     assert call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
                    destination=sneaky)["error"] == "InvalidParameter"

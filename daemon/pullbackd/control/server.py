@@ -155,6 +155,9 @@ class Service:
         except _Error as e:
             yield Reply(e.parameters, error=e.name)
         except InvalidParameter as e:
+            # varlink's own error carries the parameter's name alone: why goes to the log.
+            log.info("call failed", method=call.method, error="InvalidParameter",
+                     reason=str(e))
             yield Reply(e.parameters, error=f"{SERVICE}.InvalidParameter")
         except PullbackError as e:
             interface = call.interface
