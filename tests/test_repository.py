@@ -23,7 +23,7 @@ import xxhash
 from pullbackd import names, orphans, stream, verifying, writers
 from pullbackd import repository as repository_module
 from pullbackd.durable import fsync, fsync_dir
-from pullbackd.errors import RepositoryError
+from pullbackd.errors import InvalidParameter, RepositoryError
 from pullbackd.manifest import Manifest, Region, checksum, recorder
 from pullbackd.qemu_nbd import Server
 from pullbackd.repository import Repository
@@ -760,7 +760,8 @@ def test_a_restore_is_on_disk_with_its_name_before_it_is_done(
 
     def recorded(kind: str, sync: Callable[[Path], None]) -> Callable[[Path], None]:
         def record(path: Path) -> None:
-            synced.append((kind, path))
+            # The file by its descriptor (its name may be a user's to change).
+            synced.append((kind, restored if isinstance(path, int) else path))
             sync(path)
         return record
 
@@ -884,7 +885,7 @@ def test_a_damaged_manifest_is_named_and_stops_nothing_else(
     start (which lists every stored job) goes on without it; what needs it fails naming
     the file and what to do, not with a bare JSON error."""
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
-    first, second = chain(repository, many(2))
+    first, _ = chain(repository, many(2))
     path = repository.folder("lab1", "c", "vda") / "0002.json"
     text = path.read_text()
     path.write_bytes({"truncated": text[:len(text) // 2].encode(),
@@ -895,3 +896,38 @@ def test_a_damaged_manifest_is_named_and_stops_nothing_else(
                     lambda: verify_all(repository)):
         with pytest.raises(RepositoryError, match=r"0002\.json: damaged manifest .* move it"):
             reading()
+
+
+def test_a_restore_target_swapped_for_a_link_writes_nothing_through_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is a user's: the restore's new file renamed and a link to root's file
+    put in its place, as the restore goes on (qemu-img and qemu-nbd opened the name, and
+    wrote the backup into root's file). Its folder swapped for a link as it begins: the
+    restore refuses."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    data = os.urandom(MiB)
+    manifest = store(repository, data, MiB)
+    victim = tmp_path / "root's file"
+    victim.write_bytes(b"root's own" * 1000)
+    folder = tmp_path / "user's folder"
+    folder.mkdir()
+    restored = folder / "restored.raw"
+    running = repository_module._run
+
+    async def swapping(*command: str) -> None:
+        if command[:2] == ("qemu-img", "create") and not restored.is_symlink():
+            restored.rename(folder / "moved.raw")
+            restored.symlink_to(victim)
+        await running(*command)
+
+    monkeypatch.setattr(repository_module, "_run", swapping)
+    anyio.run(repository.restore, manifest, restored, "raw")
+    assert victim.read_bytes() == b"root's own" * 1000
+    assert_same((folder / "moved.raw").read_bytes(), bytes(MiB) + data + bytes(2 * MiB))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "swapped").symlink_to(elsewhere)
+    with pytest.raises(InvalidParameter, match="its folder moved"):
+        anyio.run(repository.restore, manifest, tmp_path / "swapped" / "x.raw", "raw")
+    assert list(elsewhere.iterdir()) == []

@@ -220,7 +220,7 @@ class BackupAPI:
                       consumer: str | None = None, at: str | None = None,
                       format: str | None = None) -> dict[str, Any]:
         consumer = check_consumer(DEFAULT_CONSUMER if consumer is None else consumer)
-        target = await self._restore_place("to", Path(to), Path(to).parent)
+        target = await self._restore_place("to", Path(to), Path(to).parent) / Path(to).name
         if await anyio.Path(target).exists() or await anyio.Path(target).is_symlink():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.repository
@@ -243,14 +243,15 @@ class BackupAPI:
                 "dropped": list(restored.dropped), "missing": list(restored.missing)}
 
     async def _restore_place(self, parameter: str, path: Path, folder: Path) -> Path:
-        """`path`, if it is absolute and `folder` (it, or its folder) is one Restore may
-        write into; InvalidParameter naming `parameter` if not."""
+        """`folder` (`path`, or its folder) where it really is (no link on the way), if
+        `path` is absolute and that is a folder Restore may write into; InvalidParameter
+        naming `parameter` if not. The restore creates its files only there, and checks
+        that it still is (repository._create_target)."""
         if not path.is_absolute():
             raise InvalidParameter(parameter, "not an absolute path")
-        await anyio.to_thread.run_sync(self._check_restore_folder, parameter, folder)
-        return path
+        return await anyio.to_thread.run_sync(self._check_restore_folder, parameter, folder)
 
-    def _check_restore_folder(self, parameter: str, folder: Path) -> None:
+    def _check_restore_folder(self, parameter: str, folder: Path) -> Path:
         """Restores write only into [restore] dirs: pullbackd writes with its own rights,
         for whoever may call them."""
         try:
@@ -262,6 +263,7 @@ class BackupAPI:
             raise InvalidParameter(parameter, (
                 f"not inside [restore] dirs ({', '.join(map(str, self.restore_dirs)) or 'none'});"
                 " restore into one of them, or have the host's administrator add the folder"))
+        return folder
 
     async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []

@@ -28,8 +28,12 @@ def write_new(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True,
             os.fsync(f.fileno())
 
 
-def fsync(path: Path) -> None:
-    with path.open("rb") as f:
+def fsync(file: Path | int) -> None:
+    """A file's data on disk: by its path, or by a descriptor of ours."""
+    if isinstance(file, int):
+        os.fsync(file)
+        return
+    with file.open("rb") as f:
         os.fsync(f.fileno())
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -434,38 +433,37 @@ class Repository:
         layers = await anyio.to_thread.run_sync(_chain, self.folder(
             manifest.domain, manifest.consumer, manifest.disk), manifest)
         try:
-            # A new file of ours, never one that exists, never through a symlink.
-            await anyio.to_thread.run_sync(functools.partial(write_new, to, b"", sync=False))
+            fd = await anyio.to_thread.run_sync(_create_target, to)
         except FileExistsError:
             raise InvalidParameter("to", "exists; restore never overwrites a file") from None
         except OSError as e:
             raise InvalidParameter("to", f"cannot be created: {e.strerror}") from None
+        # From here on the file is reached through its descriptor, never by its name: the
+        # folder may be a user's, who could swap the name for a link to any file.
+        image = Path(f"/proc/{os.getpid()}/fd/{fd}")
         try:
-            await _run("qemu-img", "create", "-q", "-f", fmt, str(to), str(manifest.size))
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.Path(to).unlink(missing_ok=True)
-            raise
-        token = names.socket_token()
-        try:
+            await _run("qemu-img", "create", "-q", "-f", fmt, str(image), str(manifest.size))
+            token = names.socket_token()
             # Undone in reverse, each shielded: the images must be closed, the
             # write-behind's thread must end, before the file is synced (or deleted).
             async with contextlib.AsyncExitStack() as undo:
-                direct = await anyio.to_thread.run_sync(direct_io, to)
-                behind = WriteBehind(to, 0 if direct else self._write_behind)
+                direct = await anyio.to_thread.run_sync(direct_io, fd)
+                behind = WriteBehind(image, 0 if direct else self._write_behind)
                 undo.push_async_callback(_shielded, anyio.to_thread.run_sync, behind.close)
-                writer = await self._serve(to, fmt, Served.RESTORE_TARGET, token,
+                writer = await self._serve(image, fmt, Served.RESTORE_TARGET, token,
                                            writable=True, direct=direct)
                 undo.push_async_callback(writer.astop)
                 # The folder of its socket is the target's (made by `_serve`).
                 await _fill(layers, writer.url, names.repository_socket(
                     self._sockets, Served.RESTORE_SOURCE, token), tuning, behind)
-            await anyio.to_thread.run_sync(fsync, to)
+            await anyio.to_thread.run_sync(fsync, fd)
             await anyio.to_thread.run_sync(fsync_dir, to.parent)  # its name too, once done
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
-                await anyio.Path(to).unlink(missing_ok=True)
+                await anyio.to_thread.run_sync(_unlink_target, to, fd)
             raise
+        finally:
+            os.close(fd)
 
     async def verify_disk(self, domain: str, consumer: str, disk: str
                           ) -> tuple[int, list[str]]:
@@ -663,6 +661,29 @@ def _follow_flattened(image: Path) -> None:
 def _manifests(folder: Path) -> list[Manifest]:
     """The backups of a disk folder (none if there is no such folder), oldest first."""
     return [_read_manifest(p) for p in names.manifests(folder)]
+
+
+def _create_target(to: Path) -> int:
+    """A new file at `to` (in its real folder: the caller checked where that is), and its
+    descriptor: never one that exists, never through a link, not even on the way to its
+    folder (a link swapped in after the check)."""
+    folder = os.open(to.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if os.readlink(f"/proc/self/fd/{folder}") != str(to.parent):
+            raise InvalidParameter("to", "its folder moved as the restore began (a link "
+                                         "on its way); restore again")
+        return os.open(to.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                       os.O_CLOEXEC, 0o600, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _unlink_target(to: Path, fd: int) -> None:
+    """Remove a restore's file, if `to` is still it (a link put in its place stays)."""
+    with contextlib.suppress(OSError):
+        st, held = os.lstat(to), os.fstat(fd)
+        if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+            os.unlink(to)
 
 
 def _read_manifest(path: Path) -> Manifest:

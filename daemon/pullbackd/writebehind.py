@@ -13,12 +13,14 @@ from pathlib import Path
 from . import stream
 
 
-def direct_io(path: Path) -> bool:
-    """Whether the filesystem of the file `path` takes O_DIRECT (tmpfs before Linux 6.6
-    and some FUSE filesystems refuse it). Blocks; raises OSError if `path` cannot be
-    opened at all."""
+def direct_io(file: Path | int) -> bool:
+    """Whether the filesystem of `file` (a path, never followed through a link; or a
+    descriptor of ours) takes O_DIRECT (tmpfs before Linux 6.6 and some FUSE
+    filesystems refuse it). Blocks; raises OSError if it cannot be opened at all."""
+    path, follow = (f"/proc/self/fd/{file}", 0) if isinstance(file, int) else \
+        (str(file), os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | follow)
     except OSError as e:
         if e.errno == errno.EINVAL:
             return False
