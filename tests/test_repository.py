@@ -931,3 +931,29 @@ def test_a_restore_target_swapped_for_a_link_writes_nothing_through_it(
     with pytest.raises(InvalidParameter, match="its folder moved"):
         anyio.run(repository.restore, manifest, tmp_path / "swapped" / "x.raw", "raw")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_backing_name_damaged_in_a_header_is_found_not_followed(tmp_path: Path) -> None:
+    """One bit turns 0003.qcow2 into 0001.qcow2 in the newest file's header: a restore
+    read another backup's data, Verify (each file alone) found nothing, and a prune
+    would have folded the wrong data in with fresh checksums."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, [[(0, MiB, 0x10)], [(0, 64 << 10, 0x20)],
+                                   [(64 << 10, 64 << 10, 0x30)], [(3 * MiB, 64 << 10, 0x40)]])
+    image = repository.folder("lab1", "c", "vda") / manifests[-1].file
+    header = image.read_bytes()[:4096]
+    at = header.index(b"0003.qcow2") + 3
+    with image.open("r+b") as f:
+        f.seek(at)
+        f.write(bytes([header[at] ^ 0x02]))  # '3' -> '1'
+    count, problems = verify_all(repository)
+    assert count == 4 and problems == [
+        "0004.qcow2: its header names 0001.qcow2 as its backing file, its manifest "
+        "0003.qcow2: the file is damaged; restore a backup before it, or one whose chain "
+        "does not hold it"]
+    with pytest.raises(RepositoryError, match=r"its header names 0001\.qcow2"):
+        anyio.run(repository.restore, manifests[-1], tmp_path / "restored.raw", "raw")
+    assert not (tmp_path / "restored.raw").exists()
+    with pytest.raises(RepositoryError, match="verify failed, nothing pruned"):
+        anyio.run(repository.prune, "lab1", "c", "vda", 1)
+    assert len(repository.manifests("lab1", "c", "vda")) == 4

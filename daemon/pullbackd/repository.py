@@ -487,6 +487,12 @@ class Repository:
         problems: dict[int, list[str]] = {}
         known = []
         for i, m in enumerate(manifests):
+            try:
+                await anyio.to_thread.run_sync(_backing, self.folder(
+                    m.domain, m.consumer, m.disk) / m.file, m)
+            except RepositoryError as e:
+                problems[i] = [f"{m.file}: {e.parameters['reason']}"]
+                continue
             if m.checksums in CHECKSUMS:
                 known.append(i)
             else:  # written by a newer pullbackd
@@ -542,15 +548,29 @@ def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
         if any(path == p for p, _ in chain):
             raise RepositoryError(str(path), "its backing chain loops back to it")
         chain.append((path, m.size))
-        try:
-            backing = qcow2.backing_file(path)
-        except (OSError, qcow2.ImageError) as e:
-            raise RepositoryError(str(path), f"cannot read its header: {e}") from None
+        backing = _backing(path, m)
         if backing is not None and backing not in backups:
             raise RepositoryError(str(folder / backing), "missing: the backing file "
                                                          f"of {m.file} has no manifest")
         m = backups[backing] if backing is not None else None
     return chain
+
+
+def _backing(path: Path, m: Manifest) -> str | None:
+    """The backing file the header of `path` (the file of `m`) names: `m`'s own, or none
+    (a prune cut short, see `_chain`); RepositoryError if another (a damaged header:
+    one bit turns 0003.qcow2 into 0001.qcow2, and a read would find another backup's
+    data) or if it cannot be read."""
+    try:
+        backing = qcow2.backing_file(path)
+    except (OSError, qcow2.ImageError) as e:
+        raise RepositoryError(str(path), f"cannot read its header: {e}") from None
+    if backing not in (None, m.backing):
+        raise RepositoryError(str(path), (
+            f"its header names {backing} as its backing file, its manifest {m.backing}: "
+            "the file is damaged; restore a backup before it, or one whose chain does not "
+            "hold it"))
+    return backing
 
 
 async def _fill(layers: list[tuple[Path, int]], destination: str, sock: Path,
