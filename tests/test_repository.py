@@ -957,3 +957,18 @@ def test_a_backing_name_damaged_in_a_header_is_found_not_followed(tmp_path: Path
     with pytest.raises(RepositoryError, match="verify failed, nothing pruned"):
         anyio.run(repository.prune, "lab1", "c", "vda", 1)
     assert len(repository.manifests("lab1", "c", "vda")) == 4
+
+
+def test_damage_beside_a_small_region_of_a_full_backup_is_found(tmp_path: Path) -> None:
+    """A full backup's region may be smaller than a cluster (4 KiB of data on a sparse
+    disk); a restore copies the whole cluster, so damage 32 KiB past the region reached
+    the restored disk while Verify, which checked the region alone, found nothing."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifest = store(repository, os.urandom(4096), MiB)
+    assert [(r.offset, r.length) for r in manifest.regions] == [(MiB, 4096)]
+    assert verify(repository) == []
+    image = repository.folder("lab1", "c", "vda") / manifest.file
+    qemu_io(image, f"write -P {DAMAGED:#x} {MiB + (32 << 10)} 512")
+    assert verify(repository) == [
+        f"0001.qcow2: {(64 << 10) - 4096} bytes at {MiB + 4096}, beside what it wrote, "
+        "are no longer zeroes"]

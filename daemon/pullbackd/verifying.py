@@ -143,6 +143,12 @@ def _check_file(sock: Path, backup: Expected) -> list[str]:
             else [True] * len(regions)
         mine = [i for i, ok in enumerate(held) if ok]
         ok = dict(zip(mine, _compare(h, backup, [regions[i] for i in mine]), strict=True))
+        # A full backup's regions may be smaller than a cluster; what the cluster holds
+        # beside them was zeroes on the disk (the source said so), and a restore copies
+        # the whole cluster. (An incremental writes whole clusters, its regions too.)
+        beside = [] if backup.backed else [(start, end) for start, end in subtract(
+            _clusters(regions, backup.size), union([(o, o + n) for o, n, _ in regions], []))
+            if any(h.pread(end - start, start))]
     finally:
         h.shutdown()
     if lost := [i for i, k in enumerate(held) if not k]:
@@ -154,7 +160,9 @@ def _check_file(sock: Path, backup: Expected) -> list[str]:
     return [f"{backup.file.name}: {length} bytes at {offset} differ from what was written"
             for i, (offset, length, _) in enumerate(regions) if not ok[i]] + [
         f"{backup.file.name}: holds {end - start} bytes at {start} that it never wrote"
-        for start, end in subtract(own, _clusters(regions, backup.size))]
+        for start, end in subtract(own, _clusters(regions, backup.size))] + [
+        f"{backup.file.name}: {end - start} bytes at {start}, beside what it wrote, are "
+        "no longer zeroes" for start, end in beside]
 
 
 def _clusters(regions: Sequence[tuple[int, int, str | None]], size: int
