@@ -972,3 +972,20 @@ def test_damage_beside_a_small_region_of_a_full_backup_is_found(tmp_path: Path) 
     assert verify(repository) == [
         f"0001.qcow2: {(64 << 10) - 4096} bytes at {MiB + 4096}, beside what it wrote, "
         "are no longer zeroes"]
+
+
+def test_a_file_whose_manifest_was_lost_mid_chain_is_kept_and_reported(
+        tmp_path: Path) -> None:
+    """No crash leaves a file without its manifest that later backups build on: the next
+    start deleted it all the same (the chain after it could never be restored again),
+    and Verify said nothing."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    chain(repository, many(3))
+    folder = repository.folder("lab1", "c", "vda")
+    (folder / "0002.json").unlink()
+    repository.recover()
+    assert (folder / "0002.qcow2").exists()
+    count, problems = verify_all(repository)
+    assert count == 2 and problems == [
+        "0003.qcow2: its backing file 0002.qcow2 has no manifest: it cannot be restored; "
+        "restore a backup before it"]

@@ -192,12 +192,23 @@ class Repository:
             if folder.name.endswith(".partial"):
                 log.warning("removing a leftover of a crash", path=str(folder))
                 shutil.rmtree(folder)
+        backed_on: dict[Path, set[str]] = {}
         for image in names.every_backup(self.root):
-            if not names.manifest_of(image).exists():
-                log.warning("removing a backup file without its manifest", path=str(image))
-                image.unlink(missing_ok=True)
-            else:
+            if names.manifest_of(image).exists():
                 _follow_flattened(image)
+                continue
+            if image.parent not in backed_on:
+                backed_on[image.parent] = _backing_files(image.parent)
+            if image.name in backed_on[image.parent]:
+                # No crash leaves that (a commit writes the newest file's manifest
+                # last; a prune flattens what stays before it drops what goes): keep
+                # what the backups after it need.
+                log.error("a backup file has lost its manifest, and backups after it "
+                          "build on it: kept; restore a backup before it, or move the "
+                          "disk's folder out of the repository", path=str(image))
+                continue
+            log.warning("removing a backup file without its manifest", path=str(image))
+            image.unlink(missing_ok=True)
 
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         return _manifests(self.folder(domain, consumer, disk))
@@ -487,9 +498,14 @@ class Repository:
         problems: dict[int, list[str]] = {}
         known = []
         for i, m in enumerate(manifests):
+            folder = self.folder(m.domain, m.consumer, m.disk)
             try:
-                await anyio.to_thread.run_sync(_backing, self.folder(
-                    m.domain, m.consumer, m.disk) / m.file, m)
+                await anyio.to_thread.run_sync(_backing, folder / m.file, m)
+                if m.backing is not None and not await anyio.Path(
+                        names.manifest_of(folder / m.backing)).exists():
+                    raise RepositoryError(str(folder / m.file), (
+                        f"its backing file {m.backing} has no manifest: it cannot be "
+                        "restored; restore a backup before it"))
             except RepositoryError as e:
                 problems[i] = [f"{m.file}: {e.parameters['reason']}"]
                 continue
@@ -554,6 +570,18 @@ def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
                                                          f"of {m.file} has no manifest")
         m = backups[backing] if backing is not None else None
     return chain
+
+
+def _backing_files(folder: Path) -> set[str]:
+    """The backing files the headers of a disk folder's backups (those with a manifest)
+    name. Blocks."""
+    found = set()
+    for image in sorted(folder.glob(names.BACKUPS)):
+        if names.manifest_of(image).exists():
+            with contextlib.suppress(OSError, qcow2.ImageError):
+                if (backing := qcow2.backing_file(image)) is not None:
+                    found.add(backing)
+    return found
 
 
 def _backing(path: Path, m: Manifest) -> str | None:
