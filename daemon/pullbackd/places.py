@@ -29,6 +29,9 @@ class Places:
         """Raise TargetNotWritable or InvalidParameter, naming the setting. Blocks
         (it looks at the file system)."""
         if request.target_dir is not None:
+            # A relative path would be taken from the daemon's own folder.
+            if not Path(request.target_dir).is_absolute():
+                raise TargetNotWritable(request.target_dir, "not an absolute path")
             # Where it is, before whether it is there: nothing said of a folder outside
             # [push] dirs (that it exists, that it is read-only) to a caller.
             try:
