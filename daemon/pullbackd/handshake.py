@@ -76,6 +76,33 @@ class Phase(Enum):
 MAX_ASKED = 64
 
 
+class _Unread:
+    """One direction's bytes not yet read (`held`), and how many more pass by unread
+    (`skip`: a write's payload, an option's data; never held here)."""
+
+    def __init__(self, held: bytes = b"", skip: int = 0) -> None:
+        self.held, self.skip = bytearray(held), skip
+
+    def add(self, data: bytes | bytearray | memoryview) -> None:
+        if self.skip:
+            taken = min(self.skip, len(data))
+            self.skip -= taken
+            data = data[taken:]
+        self.held += data
+
+    def pass_by(self, header: int, length: int) -> None:
+        """Drop a `header` held, then `length` bytes after it: those here now, the
+        rest as they come."""
+        del self.held[:header]
+        taken = min(length, len(self.held))
+        del self.held[:taken]
+        self.skip = length - taken
+
+    def clear(self) -> None:
+        self.held.clear()
+        self.skip = 0
+
+
 class Sniffer:
     """One NBD connection, read as it passes by.
 
@@ -102,25 +129,21 @@ class Sniffer:
         #: Bytes the client asked to read (NBD_CMD_READ lengths).
         self.read = 0
         self.requests = 0
-        self._buffer = bytearray()
-        #: Payload bytes of a write request still to pass by.
-        self._skip = 0
+        self._client = _Unread()
         #: The export the last GO named, for a server not followed to its answer.
         self._named: str | None = None
         #: Options sent and not yet answered, oldest first, with the export each names.
         self._asked: list[tuple[int, str | None]] = []
-        self._answers = bytearray()
+        self._server = _Unread()
         self._greeted = False
-        #: Bytes of an answer's data still to pass by.
-        self._answer_skip = 0
 
     def state(self) -> dict[str, Any]:
         """Where it is, as JSON, for `from_state` in another process."""
         return {"phase": self.phase.name, "export": self.export, "opened": self.opened,
-                "read": self.read, "requests": self.requests, "buffer": self._buffer.hex(),
-                "skip": self._skip, "named": self._named, "answering": self.answering,
-                "asked": self._asked, "answers": self._answers.hex(),
-                "greeted": self._greeted, "answer_skip": self._answer_skip}
+                "read": self.read, "requests": self.requests, "buffer": self._client.held.hex(),
+                "skip": self._client.skip, "named": self._named, "answering": self.answering,
+                "asked": self._asked, "answers": self._server.held.hex(),
+                "greeted": self._greeted, "answer_skip": self._server.skip}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Sniffer:
@@ -129,8 +152,7 @@ class Sniffer:
         sniffer.export = state["export"]
         sniffer.read = state["read"]
         sniffer.requests = state["requests"]
-        sniffer._buffer = bytearray.fromhex(state["buffer"])
-        sniffer._skip = state["skip"]
+        sniffer._client = _Unread(bytes.fromhex(state["buffer"]), state["skip"])
         if "opened" not in state:
             # From a version that did not follow the server: its `export` was the last
             # named (maybe by an INFO, or a GO refused), and the server is not followed
@@ -143,19 +165,15 @@ class Sniffer:
             sniffer.opened, sniffer._named = state["opened"], state["named"]
         sniffer.answering = state.get("answering", False)
         sniffer._asked = [(option, name) for option, name in state.get("asked", [])]
-        sniffer._answers = bytearray.fromhex(state.get("answers", ""))
+        sniffer._server = _Unread(bytes.fromhex(state.get("answers", "")),
+                                  state.get("answer_skip", 0))
         sniffer._greeted = state.get("greeted", True)
-        sniffer._answer_skip = state.get("answer_skip", 0)
         return sniffer
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self.phase in (Phase.OPAQUE, Phase.CLOSED):
             return
-        if self._skip:
-            taken = min(self._skip, len(data))
-            self._skip -= taken
-            data = data[taken:]
-        self._buffer += data
+        self._client.add(data)
         while self._step():
             pass
         if self.phase not in (Phase.FLAGS, Phase.OPTIONS):
@@ -165,16 +183,12 @@ class Sniffer:
         """The server's bytes, in order, while `answering`."""
         if not self.answering:
             return
-        if self._answer_skip:
-            taken = min(self._answer_skip, len(data))
-            self._answer_skip -= taken
-            data = data[taken:]
-        self._answers += data
+        self._server.add(data)
         while self.answering and self._answered():
             pass
 
     def _step(self) -> bool:
-        buf = self._buffer
+        buf = self._client.held
         match self.phase:
             case Phase.FLAGS if len(buf) >= 4:
                 del buf[:4]
@@ -197,10 +211,7 @@ class Sniffer:
                 if option not in NAMING or length > MAX_OPTION:
                     # Nothing in it is ours to read: it passes by, never held here
                     # (a client may send up to 32 MiB of an option QEMU refuses).
-                    del buf[:OPTION.size]
-                    taken = min(length, len(buf))
-                    del buf[:taken]
-                    self._skip = length - taken
+                    self._client.pass_by(OPTION.size, length)
                     if option == OPT_EXPORT_NAME:  # a name longer than we read
                         self._opened(None)
                         self.phase = Phase.TRANSMISSION
@@ -221,15 +232,10 @@ class Sniffer:
                 if len(buf) < header.size:
                     return False
                 _, _, command, _, _, length = header.unpack_from(buf)
-                del buf[:header.size]
                 self.requests += 1
+                self._client.pass_by(header.size, length if command == CMD_WRITE else 0)
                 if command == CMD_READ:
                     self.read += length
-                elif command == CMD_WRITE:
-                    # The payload passes by; what of it is here goes now.
-                    taken = min(length, len(buf))
-                    del buf[:taken]
-                    self._skip = length - taken
                 elif command == CMD_DISC:
                     self.phase = Phase.CLOSED
                     buf.clear()
@@ -255,7 +261,7 @@ class Sniffer:
 
     def _answered(self) -> bool:
         """One step through the server's greeting and answers."""
-        buf = self._answers
+        buf = self._server.held
         if not self._greeted:
             if len(buf) < GREETING.size:
                 return False
@@ -270,10 +276,7 @@ class Sniffer:
         magic, option, reply, length = REPLY.unpack_from(buf)
         if magic != REPLY_MAGIC or not self._asked or self._asked[0][0] != option:
             return self._stop_answering()  # not what we know of the protocol
-        del buf[:REPLY.size]
-        taken = min(length, len(buf))
-        del buf[:taken]
-        self._answer_skip = length - taken
+        self._server.pass_by(REPLY.size, length)
         if reply == REP_ACK or reply & REP_ERR:  # the last answer to that option
             _, name = self._asked.pop(0)
             if option == OPT_GO and reply == REP_ACK:
@@ -287,14 +290,13 @@ class Sniffer:
 
     def _stop_answering(self) -> bool:
         self.answering = False
-        self._answers.clear()
+        self._server.clear()
         self._asked.clear()
-        self._answer_skip = 0
         return False
 
     def _give_up(self) -> bool:
         self.phase = Phase.OPAQUE
-        self._buffer.clear()
+        self._client.clear()
         self._stop_answering()
         return False
 

@@ -192,23 +192,7 @@ class Repository:
             if folder.name.endswith(".partial"):
                 log.warning("removing a leftover of a crash", path=str(folder))
                 shutil.rmtree(folder)
-        backed_on: dict[Path, set[str]] = {}
-        for image in names.every_backup(self.root):
-            if names.manifest_of(image).exists():
-                _follow_flattened(image)
-                continue
-            if image.parent not in backed_on:
-                backed_on[image.parent] = _backing_files(image.parent)
-            if image.name in backed_on[image.parent]:
-                # No crash leaves that (a commit writes the newest file's manifest
-                # last; a prune flattens what stays before it drops what goes): keep
-                # what the backups after it need.
-                log.error("a backup file has lost its manifest, and backups after it "
-                          "build on it: kept; restore a backup before it, or move the "
-                          "disk's folder out of the repository", path=str(image))
-                continue
-            log.warning("removing a backup file without its manifest", path=str(image))
-            image.unlink(missing_ok=True)
+        _mend_backups(self.root)
 
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         return _manifests(self.folder(domain, consumer, disk))
@@ -497,19 +481,13 @@ class Repository:
     async def _verify(self, *manifests: Manifest) -> list[str]:
         problems: dict[int, list[str]] = {}
         known = []
+        folder = self.folder(manifests[0].domain, manifests[0].consumer, manifests[0].disk)
+        links = await anyio.to_thread.run_sync(
+            lambda: [_link_problem(folder, m) for m in manifests])
         for i, m in enumerate(manifests):
-            folder = self.folder(m.domain, m.consumer, m.disk)
-            try:
-                await anyio.to_thread.run_sync(_backing, folder / m.file, m)
-                if m.backing is not None and not await anyio.Path(
-                        names.manifest_of(folder / m.backing)).exists():
-                    raise RepositoryError(str(folder / m.file), (
-                        f"its backing file {m.backing} has no manifest: it cannot be "
-                        "restored; restore a backup before it"))
-            except RepositoryError as e:
-                problems[i] = [f"{m.file}: {e.parameters['reason']}"]
-                continue
-            if m.checksums in CHECKSUMS:
+            if links[i] is not None:
+                problems[i] = [f"{m.file}: {links[i]}"]
+            elif m.checksums in CHECKSUMS:
                 known.append(i)
             else:  # written by a newer pullbackd
                 problems[i] = [f"{m.file}: cannot check checksums of kind {m.checksums!r}"]
@@ -570,6 +548,41 @@ def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
                                                          f"of {m.file} has no manifest")
         m = backups[backing] if backing is not None else None
     return chain
+
+
+def _mend_backups(root: Path) -> None:
+    """At start: a backup file without its manifest (a commit cut short: the manifest
+    comes last) is removed, unless backups after it build on it (no crash leaves that;
+    damage does: what they need stays). A prune cut short is followed through
+    (`_follow_flattened`). Blocks."""
+    backed_on: dict[Path, set[str]] = {}
+    for image in names.every_backup(root):
+        if names.manifest_of(image).exists():
+            _follow_flattened(image)
+            continue
+        if image.parent not in backed_on:
+            backed_on[image.parent] = _backing_files(image.parent)
+        if image.name in backed_on[image.parent]:
+            log.error("a backup file has lost its manifest, and backups after it build "
+                      "on it: kept; restore a backup before it, or move the disk's folder "
+                      "out of the repository", path=str(image))
+        else:
+            log.warning("removing a backup file without its manifest", path=str(image))
+            image.unlink(missing_ok=True)
+
+
+def _link_problem(folder: Path, m: Manifest) -> str | None:
+    """What is wrong with how the backup `m` in `folder` links to the one before it, if
+    anything: its header names another (`_backing`), or that one has no manifest.
+    Blocks."""
+    try:
+        _backing(folder / m.file, m)
+    except RepositoryError as e:
+        return str(e.parameters["reason"])
+    if m.backing is not None and not names.manifest_of(folder / m.backing).exists():
+        return (f"its backing file {m.backing} has no manifest: it cannot be restored; "
+                "restore a backup before it")
+    return None
 
 
 def _backing_files(folder: Path) -> set[str]:
