@@ -49,6 +49,19 @@ def test_mismatch_names_the_path(change: dict[str, Any], path: str) -> None:
     assert e.value.path == path
 
 
+@pytest.mark.parametrize(("count", "ok"), [
+    ((1 << 63) - 1, True), (-(1 << 63), True), (1 << 63, False), (10**400, False)])
+def test_an_int_has_64_bits(count: int, ok: bool) -> None:
+    iface = idl.parse(SAMPLE)
+    call = {"thing": GOOD, "count": count}
+    if ok:
+        idl.check_fields(iface, iface.methods["Do"].input, call)
+    else:
+        with pytest.raises(idl.Mismatch) as e:
+            idl.check_fields(iface, iface.methods["Do"].input, call)
+        assert e.value.path == "count"
+
+
 def test_missing_and_optional_fields() -> None:
     iface = idl.parse(SAMPLE)
     method = iface.methods["Do"]

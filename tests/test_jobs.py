@@ -617,6 +617,21 @@ async def test_a_drained_domain_takes_no_backup_and_an_unread_one_ends_after_the
         assert rig.jobs.get(other.id).state == JobState.READY
 
 
+@pytest.mark.parametrize("destination", [
+    "garbage", "qemu+ssh://elsewhere/", "xen://elsewhere/system", "qemu+ssh://elsewhere:x/system"])
+async def test_a_destination_that_is_no_libvirt_uri_is_refused_before_the_drain(
+        tmp_path: Path, source: FakeSource, destination: str) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        with pytest.raises(errors.InvalidParameter) as e:
+            async with aclosing(rig.migrations.migrate("d1", destination)) as steps:
+                await anext(steps)
+        assert e.value.parameters == {"parameter": "destination"}
+        assert rig.jobs.get(job.id).state == JobState.READY
+        assert rig.chains.get(job.checkpoint) is not None
+        assert source.virt.migrated == []
+
+
 async def test_the_gate_waits_for_a_push_to_end(
         tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
     async with running(tmp_path, source) as rig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -18,22 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 
 from . import __version__, domainfiles, names, stream
 from .chain import DEFAULT_CONSUMER, Chains, check_consumer
 from .control import idl
 from .control.server import Handler, Last, Limits, Service
-from .errors import BackupInProgress, InvalidParameter, NoSuchJob
+from .errors import BackupInProgress, InvalidParameter, NoSuchJob, WatchTooSlow
 from .jobs import Jobs
 from .migration import Migrations
 from .model import LOCAL, Change, Job, JobState, Session, StartRequest, plain
 from .rebuild import Rebuilder
+from .records import WATCH_BUFFER
 from .repository import Repository
 from .roles import Roles
 
+log = structlog.get_logger()
+
 INTERFACE = "org.pullbackd.Backup"
-#: Jobs in one List reply, at most (about 3 KiB each: far under varlink's 1 MiB).
+#: Jobs in one List reply, at most (about 3 KiB each)...
 PAGE = 200
+#: ...and their JSON, at most: some jobs are larger (a long destination, a long error:
+#: model.LONGEST), and a reply must stay under varlink's 1 MiB.
+PAGE_BYTES = 512 << 10
+#: Problems in one Verify reply, at most.
+PROBLEMS = 1000
 #: Progress events of a running job: at most one a second.
 PROGRESS_INTERVAL = 1.0
 
@@ -124,8 +134,15 @@ class BackupAPI:
                 raise NoSuchJob(after)
             later = set(ids[ids.index(after) + 1:])
             jobs = [job for job in jobs if job.id in later]
-        page = [_listed(job) for job in jobs[:limit]]
-        return {"jobs": page, "next": page[-1]["id"] if len(jobs) > limit else None}
+        page: list[dict[str, Any]] = []
+        size = 0
+        for job in jobs[:limit]:
+            record = _listed(job)
+            size += len(json.dumps(record))
+            if page and size > PAGE_BYTES:
+                break
+            page.append(record)
+        return {"jobs": page, "next": page[-1]["id"] if len(jobs) > len(page) else None}
 
     async def Watch(self, id: str | None = None
                     ) -> AsyncGenerator[dict[str, Any] | Last, None]:
@@ -143,7 +160,10 @@ class BackupAPI:
             while True:
                 change: Change | None = None
                 with anyio.move_on_after(tick - anyio.current_time()):
-                    change = await changes.receive()
+                    try:
+                        change = await changes.receive()
+                    except anyio.EndOfStream:
+                        raise WatchTooSlow(WATCH_BUFFER) from None
                 if change is None:
                     tick = anyio.current_time() + PROGRESS_INTERVAL
                     for job in self.jobs.all():
@@ -274,6 +294,11 @@ class BackupAPI:
             problems += found
         for name in {name for name, _ in disks}:
             problems += await anyio.to_thread.run_sync(self.repository.verify_files, domain, name)
+        for problem in problems:
+            log.warning("verify found a problem", domain=domain, problem=problem)
+        if len(problems) > PROBLEMS:
+            more = len(problems) - PROBLEMS + 1
+            problems[PROBLEMS - 1:] = [f"{more} problems more (the journal lists them all)"]
         return {"checked": checked, "problems": problems}
 
     async def Prune(self, domain: str, keep: int,

@@ -105,6 +105,14 @@ class NoSuchJob(PullbackError):
         super().__init__(f"no job {id!r}; list jobs with `pullbackctl backup list`", id=id)
 
 
+class WatchTooSlow(PullbackError):
+    def __init__(self, events: int) -> None:
+        super().__init__(
+            f"this Watch fell over {events} events behind the jobs' changes and pullbackd "
+            "stopped holding them; Watch again, and Get or List the jobs to see what changed "
+            "meanwhile", events=events)
+
+
 class LibvirtError(PullbackError):
     """libvirt failed in a way we have no better name for; its message is passed on."""
 

@@ -47,7 +47,7 @@ from .domainfiles import DomainFiles
 from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .logs import logged
-from .model import Change, Job, JobState, Kind, Session, StartRequest, now
+from .model import Change, Job, JobState, Kind, Session, StartRequest, brief, now
 from .names import job_files
 from .places import Places
 from .records import Records
@@ -317,7 +317,7 @@ class Jobs:
         running = self._running.get(job.id)
         if running is not None and running.served is not None:
             running.served.timer.cancel()
-        job = dataclasses.replace(job, state=state, ended=now(), error=error,
+        job = dataclasses.replace(job, state=state, ended=now(), error=brief(error),
                                   progress=final.progress, disks=tuple(
                                       dataclasses.replace(d, rate=None, eta=None)
                                       for d in final.disks))
@@ -464,7 +464,8 @@ class Jobs:
 
     @contextmanager
     def watch(self) -> Iterator[MemoryObjectReceiveStream[Change]]:
-        """Every change of any job, in order, while the context lasts."""
+        """Every change of any job, in order, while the context lasts; the stream ends
+        (EndOfStream) for a watcher that falls `records.WATCH_BUFFER` changes behind."""
         with self._records.watch() as changes:
             yield changes
 

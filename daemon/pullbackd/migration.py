@@ -10,6 +10,11 @@ waited for. Past the drain timeout, the migration is refused (MigrationBlocked)
 and every backup goes on untouched, unless forced: then the backups are
 aborted and the migration goes ahead.
 
+A destination that is not a QEMU driver's URI is refused before the drain (a
+migration libvirt refuses at once would end the backups for nothing). Until
+the gate opens, the caller hanging up cancels the migration and changes
+nothing; from the step "migrating" on, it runs to its end.
+
 The domain's chains travel in its own metadata (see chain.py); the pullbackd
 where it lands takes them in before its first backup there.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,12 +32,15 @@ import anyio
 import structlog
 
 from .admission import Admission
-from .errors import DomainNotRunning, MigrationBlocked, PullbackError
+from .errors import DomainNotRunning, InvalidParameter, MigrationBlocked, PullbackError
 from .jobs import Jobs
 from .model import Job, JobState
 from .virt import Virt
 
 log = structlog.get_logger()
+
+#: How libvirt reaches another host's QEMU driver: qemu+<transport>://host/system.
+TRANSPORTS = frozenset({"", "tcp", "tls", "ssh", "libssh", "libssh2", "unix", "ext"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Migrations:
                       copy_storage: bool = False, unsafe: bool = False,
                       drain_timeout: float | None = None, force: bool = False
                       ) -> AsyncGenerator[Step, None]:
+        check_destination(destination)
         if not (await self._virt.domain(domain)).running:
             raise DomainNotRunning(domain)
         with self._admission.draining(domain):
@@ -73,18 +83,22 @@ class Migrations:
                 for job in open_jobs:
                     log.warning("aborting a backup for a forced migration", job=job.id)
                     await self._jobs.abort(job.id)
-            for job in self._blockers(domain)[0]:
-                await self._jobs.end_for_migration(job.id)
             yield Step("migrating")
-            log.info("migrating", domain=domain, destination=destination)
-            try:
-                # Shielded: libvirt runs it to its end whoever listens.
-                with anyio.CancelScope(shield=True):
+            # Shielded from here: once the gate opened and its caller heard so, the
+            # backups end and libvirt migrates to the end, whoever still listens.
+            failure = None
+            with anyio.CancelScope(shield=True):
+                for job in self._blockers(domain)[0]:
+                    await self._jobs.end_for_migration(job.id)
+                log.info("migrating", domain=domain, destination=destination)
+                try:
                     await self._virt.migrate(domain, destination, live=live,
                                              copy_storage=copy_storage, unsafe=unsafe)
-            except PullbackError as e:
-                log.warning("migration failed", domain=domain, error=str(e))
-                yield Step("failed", message=str(e))
+                except PullbackError as e:
+                    failure = str(e)
+            if failure is not None:
+                log.warning("migration failed", domain=domain, error=failure)
+                yield Step("failed", message=failure)
                 return
             log.info("migrated", domain=domain, destination=destination)
             yield Step("completed")
@@ -108,14 +122,39 @@ class Migrations:
 
     async def _gate(self, domain: str, deadline: float) -> bool:
         """Wait until the gate opens (True) or the deadline passes (False)."""
-        with self._jobs.watch() as changes:
-            while True:
-                open_jobs, _, wait = self._blockers(domain)
-                if not open_jobs or wait == 0:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                # A job's change (state, session) or the grace running out.
-                with anyio.move_on_after(min(left, wait)):
-                    await changes.receive()
+        while True:
+            with self._jobs.watch() as changes:
+                try:
+                    while True:
+                        open_jobs, _, wait = self._blockers(domain)
+                        if not open_jobs or wait == 0:
+                            return True
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return False
+                        # A job's change (state, session) or the grace running out.
+                        with anyio.move_on_after(min(left, wait)):
+                            await changes.receive()
+                except anyio.EndOfStream:
+                    pass  # fell behind a burst of changes: only that something changed counts
+
+
+def check_destination(uri: str) -> None:
+    """InvalidParameter unless `uri` has the shape of a libvirt QEMU driver's URI
+    (qemu[+transport]://[host]/system or /session): checked before the drain, as
+    a migration libvirt refuses at once would have ended the backups for nothing.
+    Whether the host answers only libvirt can tell, as it connects with its own
+    credentials."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        if parts.port == 0:  # a port that is not a number raises ValueError
+            raise ValueError("port 0")
+    except ValueError as e:
+        raise InvalidParameter("destination", f"not a URI ({e})") from None
+    driver, _, transport = parts.scheme.partition("+")
+    if driver != "qemu" or transport not in TRANSPORTS:
+        raise InvalidParameter("destination", "a libvirt URI of the QEMU driver, e.g. "
+                                              "qemu+ssh://host2/system")
+    if parts.path not in ("/system", "/session") or parts.fragment:
+        raise InvalidParameter("destination", "its path is /system (or /session), e.g. "
+                                              "qemu+ssh://host2/system")

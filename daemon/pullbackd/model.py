@@ -36,6 +36,11 @@ QUIESCE = ("auto", "required", "off")
 #: `destination` for the embedded repository.
 LOCAL = "local"
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
+#: The longest of Start's texts a job keeps (each reply about the job carries them): a
+#: path (PATH_MAX), an NBD URI (an export name has up to 4096 bytes, a socket's path 108).
+LONGEST = {"domain": 1024, "target_dir": 4096, "destination": 8192}
+#: The longest error a job keeps; the journal has the whole of it.
+LONGEST_ERROR = 4096
 
 
 def plain(record: Any) -> Any:
@@ -50,6 +55,14 @@ def plain(record: Any) -> Any:
     if isinstance(record, dict):
         return {key: plain(value) for key, value in record.items()}
     return record
+
+
+def brief(error: str | None) -> str | None:
+    """An error as a job keeps it: at most LONGEST_ERROR characters."""
+    if error is None or len(error) <= LONGEST_ERROR:
+        return error
+    cut = len(error) - LONGEST_ERROR + 64
+    return f"{error[:LONGEST_ERROR - 64]}... ({cut} characters more in the journal)"
 
 
 def now() -> str:
@@ -232,7 +245,7 @@ class Job:
         return self.destination == LOCAL
 
     def failed(self, error: str) -> Job:
-        return dataclasses.replace(self, state=JobState.FAILED, ended=now(), error=error)
+        return dataclasses.replace(self, state=JobState.FAILED, ended=now(), error=brief(error))
 
 
 @dataclass(frozen=True)
@@ -270,6 +283,9 @@ class StartRequest:
         InvalidParameter. (Where it may write is places.py's to check.)"""
         if not self.domain:
             raise InvalidParameter("domain", "empty")
+        for name, longest in LONGEST.items():
+            if len(getattr(self, name) or "") > longest:
+                raise InvalidParameter(name, f"longer than {longest} characters")
         if not CONSUMER.fullmatch(self.consumer):
             raise InvalidParameter("consumer", f"must match {CONSUMER.pattern}")
         if self.mode not in MODES:

@@ -98,7 +98,8 @@ class Records:
 
     @contextmanager
     def watch(self) -> Iterator[MemoryObjectReceiveStream[Change]]:
-        """Every change of any job, in order, while the context lasts."""
+        """Every change of any job, in order, while the context lasts; the stream ends
+        (EndOfStream) for a watcher that falls WATCH_BUFFER changes behind."""
         send, receive = anyio.create_memory_object_stream[Change](WATCH_BUFFER)
         self._watchers.add(send)
         try:

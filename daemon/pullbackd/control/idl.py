@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PRIMITIVES = frozenset({"bool", "int", "float", "string", "object"})
+#: varlink's int is 64 bits, signed.
+INT_LIMIT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ def check(iface: Interface, typ: Type, value: Any, path: str) -> None:
         case Primitive("int"):
             ok = isinstance(value, int) and not isinstance(value, bool)
             _expect(ok, path, "expected an integer")
+            _expect(-INT_LIMIT <= value < INT_LIMIT, path, "over 64 bits")
         case Primitive("float"):
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             _expect(ok, path, "expected a number")

@@ -3,14 +3,21 @@
 One task per connection; the calls of one connection are answered in the order
 they came (varlink allows pipelining, and its replies carry no call id). A call
 runs to its end even if its client goes away meanwhile, so a `Start` whose
-caller vanished still leaves a job that `List` shows, never half of one.
+caller vanished still leaves a job that `List` shows, never half of one. A
+stream of replies (`Watch`, `Migrate`) is the exception: it is for its caller,
+and ends when the caller hangs up, not at the next reply it could not take.
+
+The caller's role is looked up again after a reload changed [roles]: a role
+taken away applies from the connection's next call.
 """
 
 from __future__ import annotations
 
 import grp
+import inspect
 import itertools
 import os
+import select
 import socket
 import stat
 import struct
@@ -34,7 +41,8 @@ from .codec import Call, Decoder, ProtocolError, Reply, decode, encode, parse_ca
 log = structlog.get_logger()
 
 SERVICE = "org.varlink.service"
-
+#: Seconds between two looks at whether the caller of a stream of replies hung up.
+HANGUP_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,9 @@ class Service:
                              parameters=call.parameters)
             result = handler(**call.parameters)
             if isinstance(result, AsyncGenerator):
-                if not call.more:
+                if not call.more or call.oneway:
+                    # A stream of replies nobody reads (oneway) would run on unseen,
+                    # and hold its place, for as long as the daemon does.
                     await result.aclose()
                     raise _Error(f"{SERVICE}.ExpectedMore", {})
                 # Each reply goes out as soon as it exists: a watcher must not
@@ -191,6 +201,12 @@ class Service:
         log.error("call crashed", method=call.method, reference=reference, exc_info=exc)
         return Reply({"reference": reference}, error=self.internal_error)
 
+    def _streams(self, call: Call) -> bool:
+        """Whether the call is answered with a stream of replies."""
+        handlers = self._interfaces.get(call.interface, (None, {}))[1]
+        return call.more and not call.oneway and \
+            inspect.isasyncgenfunction(handlers.get(call.member))
+
     async def serve(self, listener: SocketListener, protocol_error: str) -> None:
         """Accept connections until cancelled, each served in a task of its own.
 
@@ -221,15 +237,14 @@ class Service:
 
     async def handle(self, stream: SocketStream, protocol_error: str) -> None:
         """Serve one connection until the peer closes it, breaks the protocol, or says
-        nothing for `limits.idle_timeout` between calls."""
+        nothing (or reads nothing) for `limits.idle_timeout`."""
         conn = next(self._ids)
         peer = peer_of(stream)
-        role = Role.NONE if peer is None else await anyio.to_thread.run_sync(
-            self.roles.of, peer.uid, peer.gid)
         clog = log.bind(conn=conn, peer_pid=peer and peer.pid, peer_uid=peer and peer.uid)
-        clog.debug("connected", role=role.label)
+        caller = _Caller(peer)
+        clog.debug("connected", role=(await caller.role(self.roles)).label)
         decoder = Decoder()
-        async with stream:
+        async with stream, anyio.create_task_group() as tg:
             try:
                 while True:
                     try:
@@ -247,29 +262,89 @@ class Service:
                         except ProtocolError as e:
                             return await _violation(stream, clog, e, protocol_error)
                         clog.debug("call", method=call.method)
-                        # Closed here, not by the garbage collector, when the peer
-                        # hangs up in the middle of a stream of replies.
-                        async with aclosing(self.replies(call, role, peer)) as replies:
-                            async for reply in replies:
-                                if not call.oneway:
-                                    await stream.send(encode(reply.to_message()))
-                        if call.oneway:
-                            # Nothing was sent, so nothing yielded: a stream of oneway
-                            # calls would hold the event loop (and the watchdog) for as
-                            # long as it lasts.
-                            await anyio.lowlevel.checkpoint()
+                        role = await caller.role(self.roles)
+                        if not await self._answer(stream, call, role, peer, tg):
+                            clog.debug("hung up during a stream of replies",
+                                       method=call.method)
+                            return
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 clog.debug("disconnected", unread=decoder.pending)
+            except TimeoutError:
+                clog.info("reads no replies, closing", seconds=self.limits.idle_timeout)
             except Exception:
                 # No client may take the daemon down: whatever one connection
                 # did, it ends that connection alone.
                 clog.exception("connection crashed; closing it")
+
+    async def _answer(self, stream: SocketStream, call: Call, role: Role,
+                      peer: Peer | None, tg: anyio.abc.TaskGroup) -> bool:
+        """Send the call's replies (none if oneway). False if the caller hung up in
+        the middle of a stream of them, which then ended; TimeoutError if it reads
+        nothing for `limits.idle_timeout`."""
+        with anyio.CancelScope() as replying:
+            watching = await tg.start(_until_hung_up, stream, replying) \
+                if self._streams(call) else None
+            try:
+                # Closed here, not by the garbage collector, when the replies end early.
+                async with aclosing(self.replies(call, role, peer)) as replies:
+                    async for reply in replies:
+                        if not call.oneway:
+                            with anyio.fail_after(self.limits.idle_timeout):
+                                await stream.send(encode(reply.to_message()))
+            finally:
+                if watching is not None:
+                    watching.cancel()
+        if call.oneway:
+            # Nothing was sent, so nothing yielded: a stream of oneway calls would
+            # hold the event loop (and the watchdog) for as long as it lasts.
+            await anyio.lowlevel.checkpoint()
+        return not replying.cancelled_caught
 
 
 async def _violation(stream: SocketStream, clog: structlog.typing.FilteringBoundLogger,
                      error: ProtocolError, name: str) -> None:
     clog.warning("protocol violation, closing", reason=str(error))
     await stream.send(encode(Reply({"reason": str(error)}, name).to_message()))
+
+
+async def _until_hung_up(stream: SocketStream, replying: anyio.CancelScope, *,
+                         task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
+    """Cancel `replying` once the peer has closed its end of the connection.
+
+    Only a hang-up counts: a peer that shut its writing side alone (a shell
+    pipe) still reads, and calls it sent meanwhile wait in the socket. The
+    socket is asked directly (poll), as its transport owns it on the event loop.
+    """
+    poller = select.poll()
+    poller.register(stream.extra(SocketAttribute.raw_socket), select.POLLHUP)
+    with anyio.CancelScope() as watching:
+        task_status.started(watching)
+        while True:
+            await anyio.sleep(HANGUP_POLL)
+            try:
+                hung_up = bool(poller.poll(0))
+            except (OSError, ValueError):
+                hung_up = True  # the socket is gone: nobody reads what follows
+            if hung_up:
+                replying.cancel()
+                return
+
+
+class _Caller:
+    """Who is calling, and the role [roles] gives them: looked up again only after a
+    reload gave the service new roles."""
+
+    def __init__(self, peer: Peer | None) -> None:
+        self._peer = peer
+        self._by: Roles | None = None
+        self._role = Role.NONE
+
+    async def role(self, roles: Roles) -> Role:
+        if self._peer is not None and roles is not self._by:
+            peer = self._peer
+            self._role = await anyio.to_thread.run_sync(roles.of, peer.uid, peer.gid)
+            self._by = roles
+        return self._role
 
 
 class _Error(Exception):
