@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from pullbackd import crash, domainfiles
+from pullbackd import rebuild as rebuild_module
 from pullbackd.domainfiles import DEFINITION, NVRAM, DomainFiles, read, save
-from pullbackd.errors import RepositoryError
+from pullbackd.errors import InvalidParameter, RepositoryError
 from pullbackd.rebuild import install_tpm, rebuild
 from pullbackd.repository import Repository
 from pullbackd.virt import Definition
@@ -163,6 +164,32 @@ def test_a_rebuilt_definition_is_a_new_domain_with_the_restored_files(tmp_path: 
     nvram = domain.find("os/nvram")
     assert nvram is not None and nvram.text == str(tmp_path / "vm-restored.nvram.fd")
     assert nvram.get("template") == "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+
+def test_a_restored_nvram_is_made_only_in_the_folder_checked(tmp_path: Path) -> None:
+    """RestoreDomain's folder may be a user's, who swaps it for a link to root's folder
+    once it was checked: the NVRAM was then made there, by name. It is made in the folder
+    checked, or not at all; and removed only if it is still the file made."""
+    folder = tmp_path / "user's"
+    folder.mkdir()
+    made = rebuild_module._create(folder / "vm-nvram.fd", b"vars")
+    assert (folder / "vm-nvram.fd").read_bytes() == b"vars"
+    with pytest.raises(InvalidParameter, match="exists there"):
+        rebuild_module._create(folder / "vm-nvram.fd", b"other")
+
+    roots = tmp_path / "root's"
+    roots.mkdir()
+    folder.rename(tmp_path / "moved")
+    folder.symlink_to(roots)
+    with pytest.raises(InvalidParameter, match="the folder moved"):
+        rebuild_module._create(folder / "vm2-nvram.fd", b"vars")
+    # A failed restore's cleaning up: root's file of the same name stays.
+    (roots / "vm-nvram.fd").write_bytes(b"root's")
+    rebuild_module._remove([(folder / "vm-nvram.fd", made)], None)
+    assert [p.name for p in roots.iterdir()] == ["vm-nvram.fd"]
+    assert (roots / "vm-nvram.fd").read_bytes() == b"root's"
+    rebuild_module._remove([(tmp_path / "moved" / "vm-nvram.fd", made)], None)
+    assert list((tmp_path / "moved").iterdir()) == []
 
 
 def test_a_restored_tpm_state_goes_where_swtpm_looks(tmp_path: Path) -> None:

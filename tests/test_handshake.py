@@ -241,6 +241,22 @@ def test_an_option_the_sniffer_does_not_read_passes_unheld() -> None:
     assert (sniffer.export, sniffer.phase, sniffer.read) == ("vda", Phase.TRANSMISSION, 4096)
 
 
+def test_a_go_with_many_information_requests_still_names_its_export() -> None:
+    """QEMU takes a GO of any length; past 8 KiB it opened an export named None (its
+    session counted for no disk)."""
+    name = b"vda"
+    requests = struct.pack(">H", 6000) + b"\x00\x03" * 6000
+    sniffer = Sniffer()
+    sniffer.answer(greeting())
+    data = FLAGS + option(OPT_GO, struct.pack(">I", len(name)) + name + requests)
+    for at in range(0, len(data), 1000):
+        sniffer.feed(data[at:at + 1000])
+        assert len(sniffer.state()["buffer"]) < 2 * 10000
+    sniffer.answer(option_reply(OPT_GO, REP_ACK))
+    sniffer.feed(request(CMD_READ, 0, 4096))
+    assert (sniffer.opened, sniffer.export, sniffer.read) == (True, "vda", 4096)
+
+
 def test_a_refused_client_cannot_make_us_hold_a_huge_option() -> None:
     refusal = Refusal("no room")
     assert refusal.feed(FLAGS + struct.pack(">QII", IHAVEOPT, OPT_GO, 32 << 20)) == b""

@@ -3,13 +3,48 @@
 Every file pullbackd creates in a folder someone else could write into, or whose
 content must survive a crash, is made here: created exclusively (`O_EXCL`), never
 through a symlink left in its place (`O_NOFOLLOW`), and with `sync`, on disk
-before the call returns; its folder's entry is on disk after `fsync_dir`.
+before the call returns; its folder's entry is on disk after `fsync_dir`. In a
+folder a caller named (a restore's), the file is made in the folder the caller's
+path was checked to lead to, never one a link swapped in since (`create_in`), and
+removed only if it is still the file made (`unlink_same`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+
+class Moved(Exception):
+    """A folder's path no longer leads where it was checked to: a link on the way."""
+
+
+def create_in(folder: Path, name: str, mode: int = 0o600) -> int:
+    """A new file `name` in `folder` (a path without links, checked by the caller),
+    open to read and write: its descriptor. FileExistsError if the name is taken;
+    Moved if `folder` no longer leads to that folder."""
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if os.readlink(f"/proc/self/fd/{dir_fd}") != str(folder):
+            raise Moved(str(folder))
+        return os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                       os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def unlink_same(path: Path, made: os.stat_result) -> None:
+    """Remove `path` if it is still the file `made` (another file, or a link, in its
+    place stays), looked at and removed in one folder whatever its path does meanwhile."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino):
+                os.unlink(path.name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True,

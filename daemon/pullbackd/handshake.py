@@ -51,7 +51,7 @@ CMD_DISC = 2
 #: The options that open an export: the only ones whose data the sniffer reads.
 NAMING = (OPT_EXPORT_NAME, OPT_GO, OPT_INFO)
 #: The most of one such option it holds: a name of NBD's longest (4096 bytes), and room
-#: for the information requests that may follow it. A longer one passes unread.
+#: for the information requests that may follow it; the rest passes unread.
 MAX_OPTION = 8192
 
 OPTION = struct.Struct(">QII")
@@ -208,20 +208,23 @@ class Sniffer:
                 magic, option, length = OPTION.unpack_from(buf)
                 if magic != IHAVEOPT:
                     return self._give_up()
-                if option not in NAMING or length > MAX_OPTION:
+                if option not in NAMING or (option == OPT_EXPORT_NAME and length > MAX_OPTION):
                     # Nothing in it is ours to read: it passes by, never held here
                     # (a client may send up to 32 MiB of an option QEMU refuses).
                     self._client.pass_by(OPTION.size, length)
-                    if option == OPT_EXPORT_NAME:  # a name longer than we read
+                    if option == OPT_EXPORT_NAME:  # a name longer than NBD allows
                         self._opened(None)
                         self.phase = Phase.TRANSMISSION
                     else:
                         self._ask(option, None)
                     return True
-                if len(buf) < OPTION.size + length:
+                # A GO's or an INFO's name comes first; the information requests
+                # after it, as many as the client likes, pass by unread.
+                held = min(length, MAX_OPTION)
+                if len(buf) < OPTION.size + held:
                     return False
-                data = bytes(buf[OPTION.size:OPTION.size + length])
-                del buf[:OPTION.size + length]
+                data = bytes(buf[OPTION.size:OPTION.size + held])
+                self._client.pass_by(OPTION.size + held, length - held)
                 self._option(option, data)
                 return True
             case Phase.TRANSMISSION if len(buf) >= 4:

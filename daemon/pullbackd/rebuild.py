@@ -15,7 +15,6 @@ it fails before libvirt defined the domain, and libvirt's define is the last ste
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
@@ -30,7 +29,7 @@ import structlog
 
 from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
-from .durable import fsync_dir, write_new
+from .durable import Moved, create_in, fsync_dir, unlink_same, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .manifest import Manifest
 from .repository import Repository
@@ -78,7 +77,7 @@ class Rebuilder:
         """Restore the backup of `domain` at checkpoint `at` (default: the newest) as the
         new domain `name`, its files in `folder` (which exists: the caller checked it
         may be written). Raises InvalidParameter (the name is taken), NoSuchCheckpoint,
-        RepositoryError, RepositoryError, LibvirtError."""
+        RepositoryError, LibvirtError."""
         names.component("name", name)
         if await self._virt.exists(name):
             raise InvalidParameter("name", f"a domain {name!r} exists; choose a new name")
@@ -91,29 +90,30 @@ class Rebuilder:
                 str(self._repository.files_folder(domain, consumer, checkpoint)),
                 "this backup holds no definition of the domain (taken before pullbackd "
                 "kept them): restore its disks one by one with Restore")
-        created: list[Path] = []
+        # What it made: files in the caller's folder (removed only if still what was made:
+        # the folder may be a user's), and the TPM's folder in libvirt's.
+        made: list[tuple[Path, os.stat_result]] = []
+        tpm = None
         try:
             disks = {}
             for disk, manifest in manifests.items():
                 disks[disk] = names.restored_disk(folder, name, disk, fmt)
                 # A restore that fails removes its file itself; one that exists stays.
-                await self._repository.restore(manifest, disks[disk], fmt, self._tuning)
-                created.append(disks[disk])
+                made.append((disks[disk], await self._repository.restore(
+                    manifest, disks[disk], fmt, self._tuning)))
             nvram = None
             if domainfiles.NVRAM in files.files:
                 nvram = names.restored_nvram(folder, name)
-                await anyio.to_thread.run_sync(
-                    _create, nvram, files.files[domainfiles.NVRAM], created)
+                made.append((nvram, await anyio.to_thread.run_sync(
+                    _create, nvram, files.files[domainfiles.NVRAM])))
             rebuilt = rebuild(files.definition, name,
                               {d: (p, fmt) for d, p in disks.items()}, nvram)
             tpm = await anyio.to_thread.run_sync(install_tpm, files, rebuilt.uuid,
                                                  self._state_dir, self._swtpm_user)
-            if tpm is not None:
-                created.append(tpm)
             await self._virt.define(rebuilt.xml)
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a domain is no domain
-                await anyio.to_thread.run_sync(_remove, created)
+                await anyio.to_thread.run_sync(_remove, made, tpm)
             raise
         log.info("domain restored", domain=domain, name=name, checkpoint=checkpoint,
                  dropped=list(rebuilt.dropped))
@@ -239,20 +239,35 @@ def install_tpm(files: DomainFiles, uuid: str, state_dir: Path, swtpm_user: str
     return folder
 
 
-def _create(path: Path, data: bytes, created: list[Path]) -> None:
+def _create(path: Path, data: bytes) -> os.stat_result:
+    """A new file at `path`, in the folder the caller checked, holding `data`, on disk."""
     try:
-        write_new(path, data)
+        fd = create_in(path.parent, path.name)
     except FileExistsError:
         raise InvalidParameter("dir", f"{path.name} exists there; restore never overwrites "
                                       "a file") from None
-    created.append(path)
+    except Moved:
+        raise InvalidParameter("dir", "the folder moved as the restore went on (a link on "
+                                      "its way); restore again") from None
+    except OSError as e:
+        raise InvalidParameter("dir", f"{path.name} cannot be created there: "
+                                      f"{e.strerror}") from None
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        os.fsync(fd)
+        made = os.fstat(fd)
+    except BaseException:
+        unlink_same(path, os.fstat(fd))
+        raise
+    finally:
+        os.close(fd)
     fsync_dir(path.parent)
+    return made
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+def _remove(made: list[tuple[Path, os.stat_result]], tpm: Path | None) -> None:
+    for path, identity in made:
+        unlink_same(path, identity)
+    if tpm is not None:
+        shutil.rmtree(tpm, ignore_errors=True)

@@ -48,7 +48,7 @@ import nbd
 import structlog
 
 from . import crash, domainfiles, names, orphans, qcow2, qemu_nbd, stream, verifying, writers
-from .durable import fsync, fsync_dir, write_new
+from .durable import Moved, create_in, fsync, fsync_dir, unlink_same, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .manifest import CHECKSUM, CHECKSUMS, Manifest, Region, checksum
 from .names import Served
@@ -409,8 +409,9 @@ class Repository:
         crash.point("prune.manifest")
 
     async def restore(self, manifest: Manifest, to: Path, fmt: str,
-                      tuning: stream.Tuning | None = None) -> None:
-        """Rebuild the disk as it was at a backup into a new file, with the engine.
+                      tuning: stream.Tuning | None = None) -> os.stat_result:
+        """Rebuild the disk as it was at a backup into a new file, with the engine; the
+        file made (its identity: what removes it checks it still is).
 
         The new image (written through a qemu-nbd of ours) starts as zeroes. The files
         of the backup's chain are read each on its own (verifying.server), newest
@@ -421,10 +422,10 @@ class Repository:
         """
         with self._uses.using(self.folder(manifest.domain, manifest.consumer,
                                           manifest.disk)):
-            await self._restore(manifest, to, fmt, tuning)
+            return await self._restore(manifest, to, fmt, tuning)
 
     async def _restore(self, manifest: Manifest, to: Path, fmt: str,
-                       tuning: stream.Tuning | None) -> None:
+                       tuning: stream.Tuning | None) -> os.stat_result:
         layers = await anyio.to_thread.run_sync(_chain, self.folder(
             manifest.domain, manifest.consumer, manifest.disk), manifest)
         try:
@@ -453,9 +454,10 @@ class Repository:
                     self._sockets, Served.RESTORE_SOURCE, token), tuning, behind)
             await anyio.to_thread.run_sync(fsync, fd)
             await anyio.to_thread.run_sync(fsync_dir, to.parent)  # its name too, once done
+            return os.fstat(fd)
         except BaseException:
             with anyio.CancelScope(shield=True):  # half a restore is no restore
-                await anyio.to_thread.run_sync(_unlink_target, to, fd)
+                await anyio.to_thread.run_sync(unlink_same, to, os.fstat(fd))
             raise
         finally:
             os.close(fd)
@@ -728,23 +730,11 @@ def _create_target(to: Path) -> int:
     """A new file at `to` (in its real folder: the caller checked where that is), and its
     descriptor: never one that exists, never through a link, not even on the way to its
     folder (a link swapped in after the check)."""
-    folder = os.open(to.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if os.readlink(f"/proc/self/fd/{folder}") != str(to.parent):
-            raise InvalidParameter("to", "its folder moved as the restore began (a link "
-                                         "on its way); restore again")
-        return os.open(to.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                       os.O_CLOEXEC, 0o600, dir_fd=folder)
-    finally:
-        os.close(folder)
-
-
-def _unlink_target(to: Path, fd: int) -> None:
-    """Remove a restore's file, if `to` is still it (a link put in its place stays)."""
-    with contextlib.suppress(OSError):
-        st, held = os.lstat(to), os.fstat(fd)
-        if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
-            os.unlink(to)
+        return create_in(to.parent, to.name)
+    except Moved:
+        raise InvalidParameter("to", "its folder moved as the restore began (a link "
+                                     "on its way); restore again") from None
 
 
 def _read_manifest(path: Path) -> Manifest:
