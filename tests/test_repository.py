@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -520,6 +521,50 @@ def test_verify_finds_one_damaged_byte_in_any_one_of_many_backups(
         f"{manifests[victim].file}: {length} bytes at {offset} differ from what was written"])
 
 
+def test_verify_names_a_file_qemu_cannot_open_and_checks_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One file of a batch with a header QEMU refuses: Verify failed as a whole, naming
+    the batch's first file, and checked nothing of the disk."""
+    monkeypatch.setattr(verifying, "FILES_PER_SERVER", 4)
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(6))
+    folder = repository.folder("lab1", "c", "vda")
+    image = folder / manifests[5].file
+    offset, length, _ = many(6)[5][0]
+    flip(image, host_offset(image, offset))
+    with (folder / manifests[2].file).open("r+b") as f:
+        f.seek(4)
+        f.write(struct.pack(">I", 9))  # qcow2 version 9
+    count, problems = verify_all(repository)
+    assert count == 6 and len(problems) == 2
+    assert problems[0].startswith(f"{manifests[2].file}: QEMU cannot open it (")
+    assert "Unsupported qcow2 version 9" in problems[0]
+    assert problems[1] == f"{manifests[5].file}: {length} bytes at {offset} differ from what " \
+                          "was written"
+
+
+def test_a_restore_of_a_backup_pruned_since_it_was_looked_up_says_so(tmp_path: Path) -> None:
+    """Restore looks the backup up, then a Prune drops it: the restore read the chain as
+    the prune left it ("the repository lost this file"), or another backup's data."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(3))
+    looked_up = repository.at("lab1", "c", "vda", manifests[1].checkpoint)
+    anyio.run(repository.prune, "lab1", "c", "vda", 1)
+    for m in (looked_up, manifests[2]):  # dropped; the kept one, folded into
+        with pytest.raises(RepositoryError, match=r"this backup changed since it was looked "
+                                                  r"up .* look it up and restore again"):
+            anyio.run(repository.restore, m, tmp_path / "restored.raw", "raw")
+        assert not (tmp_path / "restored.raw").exists()
+
+
+def test_a_command_that_fails_names_the_file_it_was_for(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError) as e:
+        anyio.run(repository_module._run, tmp_path / "restored.raw", "sh", "-c",
+                  "echo 'too large' >&2; exit 1")
+    assert e.value.parameters == {"path": str(tmp_path / "restored.raw"),
+                                  "reason": "too large"}
+
+
 def test_verify_finds_zeroes_that_are_no_longer_zero(tmp_path: Path) -> None:
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
     manifests = chain(repository, many(3))
@@ -914,11 +959,11 @@ def test_a_restore_target_swapped_for_a_link_writes_nothing_through_it(
     restored = folder / "restored.raw"
     running = repository_module._run
 
-    async def swapping(*command: str) -> None:
+    async def swapping(path: Path, *command: str) -> None:
         if command[:2] == ("qemu-img", "create") and not restored.is_symlink():
             restored.rename(folder / "moved.raw")
             restored.symlink_to(victim)
-        await running(*command)
+        await running(path, *command)
 
     monkeypatch.setattr(repository_module, "_run", swapping)
     anyio.run(repository.restore, manifest, restored, "raw")

@@ -399,8 +399,8 @@ class Repository:
         flat = names.flat_partial(folder, m.sequence)
         # qemu-img creates it, following a symlink there: none may be left in the way.
         await anyio.Path(flat).unlink(missing_ok=True)
-        await _run("qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "qcow2",
-                   str(folder / m.file), str(flat))
+        await _run(folder / m.file, "qemu-img", "convert", "-t", "writeback", "-f", "qcow2",
+                   "-O", "qcow2", str(folder / m.file), str(flat))
         regions = await anyio.to_thread.run_sync(_scan, flat)
         await anyio.to_thread.run_sync(_durable_rename, flat, folder / m.file)
         crash.point("prune.flattened")
@@ -438,7 +438,7 @@ class Repository:
         # folder may be a user's, who could swap the name for a link to any file.
         image = Path(f"/proc/{os.getpid()}/fd/{fd}")
         try:
-            await _run("qemu-img", "create", "-q", "-f", fmt, str(image), str(manifest.size))
+            await _run(to, "qemu-img", "create", "-q", "-f", fmt, str(image), str(manifest.size))
             token = names.socket_token()
             # Undone in reverse, each shielded: the images must be closed, the
             # write-behind's thread must end, before the file is synced (or deleted).
@@ -472,8 +472,9 @@ class Repository:
         """Re-read every region the backups `manifests` (of one disk: their files' names
         differ) wrote, each from its own file (verifying.py), and return what does not
         match: their problems, in their order. Their files are served by one
-        qemu-storage-daemon (FILES_PER_SERVER at a time). Raises RepositoryError if a
-        file is not ours, or cannot be served or read at all."""
+        qemu-storage-daemon (FILES_PER_SERVER at a time); a file QEMU cannot open is a
+        problem. Raises RepositoryError if a file is not ours, or cannot be read at all,
+        or no server starts."""
         if not manifests:
             return []
         m = manifests[0]
@@ -517,7 +518,14 @@ class Repository:
             # From the event loop's thread, so tied to the daemon's life (qemu_nbd.TIED).
             await server.astart()
         except qemu_nbd.ServeError as e:
-            raise RepositoryError(str(e.image), e.reason) from None
+            if not any(str(one.file) in e.reason for one in expected):
+                raise RepositoryError(str(e.image), e.reason) from None
+            if len(expected) == 1:
+                return [[f"{expected[0].file.name}: QEMU cannot open it ({e.reason}); "
+                         "restore a backup before it, or one whose chain does not hold it"]]
+            # A file of the batch QEMU cannot open: each on its own, which finds which,
+            # and the others are checked all the same.
+            return [(await self._check([one]))[0] for one in expected]
         try:
             return await anyio.to_thread.run_sync(verifying.check, sock, expected)
         except nbd.Error as e:
@@ -537,6 +545,10 @@ def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
     manifest naming a backing file the file no longer reads through (its zeroes
     would be filled from there)."""
     backups = {m.file: m for m in _manifests(folder)}
+    if backups.get(manifest.file) != manifest:
+        raise RepositoryError(str(folder / manifest.file), (
+            "this backup changed since it was looked up (a prune dropped it, or merged "
+            "older ones into it); look it up and restore again"))
     chain: list[tuple[Path, int]] = []
     m: Manifest | None = manifest
     while m is not None:
@@ -771,10 +783,11 @@ def _durable_write(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-async def _run(*command: str) -> None:
+async def _run(path: Path, *command: str) -> None:
+    """Run `command` on the file `path`; RepositoryError naming it if it fails."""
     result = await anyio.run_process(list(command), check=False)
     if result.returncode != 0:
-        raise RepositoryError(command[-1], result.stderr.decode(errors="replace").strip()
+        raise RepositoryError(str(path), result.stderr.decode(errors="replace").strip()
                               or f"{command[0]} failed")
 
 

@@ -94,8 +94,8 @@ def server(files: Sequence[Path], sock: Path) -> qemu_nbd.Server:
     for i, path in enumerate(files):
         argv += ["--export", f"type=nbd,id=e{i},node-name=n{i},name={path.name},"
                              "allocation-depth=on"]
-    first = files[0] if files else sock
-    return qemu_nbd.Server(first, "qcow2", sock, program=argv)
+    # Named after their folder: an error names the file it is about.
+    return qemu_nbd.Server(files[0].parent if files else sock, "qcow2", sock, program=argv)
 
 
 def check(sock: Path, expected: Sequence[Expected]) -> list[list[str]]:
