@@ -258,14 +258,16 @@ async def test_replies_stay_under_one_mib_whatever_the_jobs_hold(
                                                    + "x" * 9000)),
     ("target_dir", StartRequest("d1", target_dir="/" + "d" * 5000)),
     ("domain", StartRequest("d" * 2000)),
+    ("since", StartRequest("d1", mode="differential", since="é" * 300)),
 ])
 async def test_start_refuses_texts_longer_than_a_job_keeps(
         tmp_path: Path, source: FakeSource, parameter: str, request_: StartRequest) -> None:
-    async with running(tmp_path, source) as rig:
+    async with running(tmp_path, source, max_active=1) as rig:
+        await rig.jobs.start(StartRequest("d2"))  # and the next one waits in line
         with pytest.raises(errors.InvalidParameter) as e:
             await rig.jobs.start(request_)
         assert e.value.parameters == {"parameter": parameter}
-        assert rig.jobs.all() == []
+        assert [j.domain for j in rig.jobs.all()] == ["d2"]
 
 
 async def test_a_call_that_does_not_stream_runs_to_its_end_when_its_caller_hangs_up(

@@ -618,7 +618,15 @@ async def test_a_drained_domain_takes_no_backup_and_an_unread_one_ends_after_the
 
 
 @pytest.mark.parametrize("destination", [
-    "garbage", "qemu+ssh://elsewhere/", "xen://elsewhere/system", "qemu+ssh://elsewhere:x/system"])
+    "garbage", "qemu+ssh://elsewhere/", "xen://elsewhere/system", "qemu+ssh://elsewhere:x/system",
+    # This host's own libvirt: libvirt refuses, after the drain.
+    "qemu:///system", "qemu+unix:///system",
+    # What libvirtd, as root, would run or read for the caller.
+    "qemu+ext:///system?command=/home/u/x", "qemu+ssh://elsewhere/system?netcat=/home/u/x",
+    "qemu+ssh://elsewhere/system?keyfile=/root/.ssh/id_ed25519",
+    "qemu+unix:///system?socket=/run/x.sock;command=/home/u/x",
+    "qemu+unix:///system?socket=/run/x.sock&socket=/run/y.sock",
+    "qemu+ssh://-oProxyCommand=x/system"])
 async def test_a_destination_that_is_no_libvirt_uri_is_refused_before_the_drain(
         tmp_path: Path, source: FakeSource, destination: str) -> None:
     async with running(tmp_path, source) as rig:

@@ -526,7 +526,8 @@ def test_verify_names_a_file_qemu_cannot_open_and_checks_the_others(
     """One file of a batch with a header QEMU refuses: Verify failed as a whole, naming
     the batch's first file, and checked nothing of the disk."""
     monkeypatch.setattr(verifying, "FILES_PER_SERVER", 4)
-    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    # Not ASCII: QEMU quotes the path JSON-escaped.
+    repository = Repository(tmp_path / "répo", tmp_path / "sockets", 0)
     manifests = chain(repository, many(6))
     folder = repository.folder("lab1", "c", "vda")
     image = folder / manifests[5].file

@@ -42,7 +42,7 @@ PAGE = 200
 #: ...and their JSON, at most: some jobs are larger (a long destination, a long error:
 #: model.LONGEST), and a reply must stay under varlink's 1 MiB.
 PAGE_BYTES = 512 << 10
-#: Problems in one Verify reply, at most.
+#: Problems in one Verify reply, at most (and at most PAGE_BYTES of them).
 PROBLEMS = 1000
 #: Progress events of a running job: at most one a second.
 PROGRESS_INTERVAL = 1.0
@@ -296,9 +296,13 @@ class BackupAPI:
             problems += await anyio.to_thread.run_sync(self.repository.verify_files, domain, name)
         for problem in problems:
             log.warning("verify found a problem", domain=domain, problem=problem)
-        if len(problems) > PROBLEMS:
-            more = len(problems) - PROBLEMS + 1
-            problems[PROBLEMS - 1:] = [f"{more} problems more (the journal lists them all)"]
+        listed, size = 0, 0
+        while listed < min(len(problems), PROBLEMS - 1) and size < PAGE_BYTES:
+            size += len(json.dumps(problems[listed]))
+            listed += 1
+        if listed < len(problems):
+            more = len(problems) - listed
+            problems[listed:] = [f"{more} problems more (the journal has each one)"]
         return {"checked": checked, "problems": problems}
 
     async def Prune(self, domain: str, keep: int,

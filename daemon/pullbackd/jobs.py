@@ -279,10 +279,11 @@ class Jobs:
                 with anyio.CancelScope(shield=True):
                     await self._store.delete_request(job.id)
                     return await self._close(job, state, error)
-            if running.copy is not None and not copied:
-                await running.copy.stop()
-            # Shielded: a backup we ended must be recorded as ended.
+            # Shielded: a backup we ended must be recorded as ended (a copy we stopped
+            # leaves its job's end to us).
             with anyio.CancelScope(shield=True):
+                if running.copy is not None and not copied:
+                    await running.copy.stop()
                 # Sessions first: nobody reads from a job that is ending.
                 if running.served is not None:
                     job = dataclasses.replace(job, appliance=await running.served.close())

@@ -22,6 +22,7 @@ where it lands takes them in before its first backup there.
 from __future__ import annotations
 
 import math
+import re
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator
@@ -39,8 +40,13 @@ from .virt import Virt
 
 log = structlog.get_logger()
 
-#: How libvirt reaches another host's QEMU driver: qemu+<transport>://host/system.
-TRANSPORTS = frozenset({"", "tcp", "tls", "ssh", "libssh", "libssh2", "unix", "ext"})
+#: How libvirt reaches another host's QEMU driver (qemu+<transport>://host/system), and
+#: what a URI may say of it: libvirtd follows it as root, so none of the keys that name
+#: a command (ext's command, ssh's netcat, a proxy) or a file of the host to use.
+TRANSPORTS = frozenset({"", "tcp", "tls", "ssh", "libssh", "libssh2", "unix"})
+URI_KEYS = frozenset({"socket", "mode", "no_tty", "no_verify", "sshauth", "tls_priority"})
+#: A host's name or address, or a user's name, in such a URI.
+NAME = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9._:%-]*")
 
 
 @dataclass(frozen=True)
@@ -76,32 +82,47 @@ class Migrations:
                                            else drain_timeout)
             open_jobs, sessions, _ = self._blockers(domain)
             yield Step("draining", tuple(j.id for j in open_jobs), sessions)
+            forced = False
             if not await self._gate(domain, deadline):
                 open_jobs, sessions, _ = self._blockers(domain)
                 if not force:
                     raise MigrationBlocked(domain, [j.id for j in open_jobs], sessions)
-                for job in open_jobs:
-                    log.warning("aborting a backup for a forced migration", job=job.id)
-                    await self._jobs.abort(job.id)
+                forced = True
             yield Step("migrating")
-            # Shielded from here: once the gate opened and its caller heard so, the
-            # backups end and libvirt migrates to the end, whoever still listens.
-            failure = None
+            # Shielded: once the gate opened and its caller heard so, the backups end and
+            # libvirt migrates to the end, whoever still listens.
             with anyio.CancelScope(shield=True):
-                for job in self._blockers(domain)[0]:
-                    await self._jobs.end_for_migration(job.id)
-                log.info("migrating", domain=domain, destination=destination)
-                try:
-                    await self._virt.migrate(domain, destination, live=live,
-                                             copy_storage=copy_storage, unsafe=unsafe)
-                except PullbackError as e:
-                    failure = str(e)
+                failure = await self._move(domain, destination, forced, live=live,
+                                           copy_storage=copy_storage, unsafe=unsafe)
             if failure is not None:
                 log.warning("migration failed", domain=domain, error=failure)
                 yield Step("failed", message=failure)
                 return
             log.info("migrated", domain=domain, destination=destination)
             yield Step("completed")
+
+    async def _move(self, domain: str, destination: str, forced: bool, *, live: bool,
+                    copy_storage: bool, unsafe: bool) -> str | None:
+        """End the domain's backups (abort them, `forced`) and migrate it: None once it
+        moved, else why not."""
+        open_jobs, _, wait = self._blockers(domain)
+        if forced:
+            for job in open_jobs:
+                log.warning("aborting a backup for a forced migration", job=job.id)
+                await self._jobs.abort(job.id)
+        elif open_jobs and wait > 0:
+            # Since the gate opened (its step went out meanwhile).
+            return ("an appliance began reading as the migration was to begin; its backup "
+                    "goes on: migrate again once it is done")
+        for job in self._blockers(domain)[0]:
+            await self._jobs.end_for_migration(job.id)
+        log.info("migrating", domain=domain, destination=destination)
+        try:
+            await self._virt.migrate(domain, destination, live=live,
+                                     copy_storage=copy_storage, unsafe=unsafe)
+        except PullbackError as e:
+            return str(e)
+        return None
 
     def _blockers(self, domain: str) -> tuple[list[Job], int, float]:
         """The domain's jobs still open, their open sessions, and the seconds until the
@@ -140,15 +161,17 @@ class Migrations:
 
 
 def check_destination(uri: str) -> None:
-    """InvalidParameter unless `uri` has the shape of a libvirt QEMU driver's URI
-    (qemu[+transport]://[host]/system or /session): checked before the drain, as
-    a migration libvirt refuses at once would have ended the backups for nothing.
-    Whether the host answers only libvirt can tell, as it connects with its own
-    credentials."""
+    """InvalidParameter unless `uri` is a libvirt QEMU driver's URI of another host's
+    libvirt (qemu[+transport]://host/system, or a `socket` of another libvirt here),
+    with none but URI_KEYS: checked before the drain, as a migration libvirt refuses
+    at once would have ended the backups for nothing. Whether the host answers only
+    libvirt can tell, as it connects with its own credentials."""
     try:
         parts = urllib.parse.urlsplit(uri)
         if parts.port == 0:  # a port that is not a number raises ValueError
             raise ValueError("port 0")
+        keys = [key for key, _ in urllib.parse.parse_qsl(
+            parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))]
     except ValueError as e:
         raise InvalidParameter("destination", f"not a URI ({e})") from None
     driver, _, transport = parts.scheme.partition("+")
@@ -158,3 +181,19 @@ def check_destination(uri: str) -> None:
     if parts.path not in ("/system", "/session") or parts.fragment:
         raise InvalidParameter("destination", "its path is /system (or /session), e.g. "
                                               "qemu+ssh://host2/system")
+    if unknown := sorted(set(keys) - URI_KEYS):
+        raise InvalidParameter("destination", f"pullbackd does not pass {', '.join(unknown)}"
+                                              f" on to libvirt (only "
+                                              f"{', '.join(sorted(URI_KEYS))})")
+    # libvirt also splits its parameters at ";", which Python's parser does not.
+    if len(keys) != len(set(keys)) or ";" in parts.query:
+        raise InvalidParameter("destination", "a key given twice, or a \";\" in its "
+                                              "parameters")
+    # ssh would take a name starting with "-" for an option.
+    for name in (parts.hostname, parts.username):
+        if name is not None and not NAME.fullmatch(name):
+            raise InvalidParameter("destination", f"{name!r} is not a host's or a user's "
+                                                  "name")
+    if not parts.hostname and "socket" not in keys:
+        raise InvalidParameter("destination", "names this host's own libvirt; name the "
+                                              "host to migrate to")

@@ -37,8 +37,9 @@ QUIESCE = ("auto", "required", "off")
 LOCAL = "local"
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")
 #: The longest of Start's texts a job keeps (each reply about the job carries them): a
-#: path (PATH_MAX), an NBD URI (an export name has up to 4096 bytes, a socket's path 108).
-LONGEST = {"domain": 1024, "target_dir": 4096, "destination": 8192}
+#: path (PATH_MAX), an NBD URI (an export name has up to 4096 bytes, a socket's path 108),
+#: a checkpoint's name (names.checkpoint_name: far shorter).
+LONGEST = {"domain": 1024, "target_dir": 4096, "destination": 8192, "since": 256}
 #: The longest error a job keeps; the journal has the whole of it.
 LONGEST_ERROR = 4096
 

@@ -256,14 +256,13 @@ def _create(path: Path, data: bytes) -> os.stat_result:
         with open(fd, "wb", closefd=False) as f:
             f.write(data)
         os.fsync(fd)
-        made = os.fstat(fd)
+        fsync_dir(path.parent)
+        return os.fstat(fd)
     except BaseException:
         unlink_same(path, os.fstat(fd))
         raise
     finally:
         os.close(fd)
-    fsync_dir(path.parent)
-    return made
 
 
 def _remove(made: list[tuple[Path, os.stat_result]], tpm: Path | None) -> None:

@@ -518,7 +518,8 @@ class Repository:
             # From the event loop's thread, so tied to the daemon's life (qemu_nbd.TIED).
             await server.astart()
         except qemu_nbd.ServeError as e:
-            if not any(str(one.file) in e.reason for one in expected):
+            # Its --blockdev, quoted: the file's name ends a JSON string there.
+            if not any(f'/{one.file.name}"' in e.reason for one in expected):
                 raise RepositoryError(str(e.image), e.reason) from None
             if len(expected) == 1:
                 return [[f"{expected[0].file.name}: QEMU cannot open it ({e.reason}); "

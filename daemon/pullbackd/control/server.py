@@ -201,6 +201,13 @@ class Service:
         log.error("call crashed", method=call.method, reference=reference, exc_info=exc)
         return Reply({"reference": reference}, error=self.internal_error)
 
+    async def _violation(self, stream: SocketStream,
+                         clog: structlog.typing.FilteringBoundLogger, error: ProtocolError,
+                         name: str) -> None:
+        clog.warning("protocol violation, closing", reason=str(error))
+        with anyio.fail_after(self.limits.idle_timeout):
+            await stream.send(encode(Reply({"reason": str(error)}, name).to_message()))
+
     def _streams(self, call: Call) -> bool:
         """Whether the call is answered with a stream of replies."""
         handlers = self._interfaces.get(call.interface, (None, {}))[1]
@@ -252,7 +259,7 @@ class Service:
                             data = await stream.receive()
                         frames = decoder.feed(data)
                     except ProtocolError as e:
-                        return await _violation(stream, clog, e, protocol_error)
+                        return await self._violation(stream, clog, e, protocol_error)
                     except TimeoutError:
                         clog.debug("idle, closing", seconds=self.limits.idle_timeout)
                         return
@@ -260,7 +267,7 @@ class Service:
                         try:
                             call = parse_call(decode(frame))
                         except ProtocolError as e:
-                            return await _violation(stream, clog, e, protocol_error)
+                            return await self._violation(stream, clog, e, protocol_error)
                         clog.debug("call", method=call.method)
                         role = await caller.role(self.roles)
                         if not await self._answer(stream, call, role, peer, tg):
@@ -299,12 +306,6 @@ class Service:
             # hold the event loop (and the watchdog) for as long as it lasts.
             await anyio.lowlevel.checkpoint()
         return not replying.cancelled_caught
-
-
-async def _violation(stream: SocketStream, clog: structlog.typing.FilteringBoundLogger,
-                     error: ProtocolError, name: str) -> None:
-    clog.warning("protocol violation, closing", reason=str(error))
-    await stream.send(encode(Reply({"reason": str(error)}, name).to_message()))
 
 
 async def _until_hung_up(stream: SocketStream, replying: anyio.CancelScope, *,
