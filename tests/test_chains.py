@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from pullbackd.xml import CHAINS_NS
+
 from .conftest import DISK_SIZE, Daemon, Lab
 from .images import (
     GRANULARITY,
@@ -216,11 +218,13 @@ def libvirt_checkpoints(lab: Lab, domain: str) -> set[str]:
 @contextmanager
 def domain_like(lab: Lab, template: str, name: str, folder: Path,
                 disks: dict[str, tuple[Path, str]], *, start: bool = False,
-                edit: Callable[[ET.Element], None] | None = None) -> Iterator[None]:
+                edit: Callable[[ET.Element], None] | None = None,
+                transient: bool = False) -> Iterator[None]:
     """A domain `name` defined as `template` is, but for its disks: `disks` alone, each
     target with its image file and format (made by the caller, or not: a missing image is
     what some tests want), and what `edit` changes. Destroyed and undefined, checkpoint
-    metadata, NVRAM and TPM state with it, after."""
+    metadata, NVRAM and TPM state with it, after. `transient`: started without a
+    definition (`virsh create`), gone once destroyed."""
     domain = ET.fromstring(virsh(lab, "dumpxml", "--inactive", template))
     domain.find("name").text = name  # type: ignore[union-attr]
     domain.remove(domain.find("uuid"))  # type: ignore[arg-type]
@@ -237,15 +241,16 @@ def domain_like(lab: Lab, template: str, name: str, folder: Path,
     if edit is not None:
         edit(domain)
     (folder / f"{name}.xml").write_bytes(ET.tostring(domain))
-    virsh(lab, "define", str(folder / f"{name}.xml"))
+    virsh(lab, "create" if transient else "define", str(folder / f"{name}.xml"))
     try:
-        if start:
+        if start and not transient:
             virsh(lab, "start", name)
         yield
     finally:
         subprocess.run(["virsh", "-q", "-c", lab.uri, "destroy", name], check=False,
                        capture_output=True, timeout=60)
-        virsh(lab, "undefine", name, "--checkpoints-metadata", "--nvram")
+        if not transient:
+            virsh(lab, "undefine", name, "--checkpoints-metadata", "--nvram")
 
 
 def new_image(path: Path, fmt: str = "qcow2") -> Path:
@@ -563,6 +568,28 @@ def test_an_overlay_while_off_is_backed_up_in_full_and_its_chain_goes_on(
     assert (disk["mode"], disk["since"]) == ("incremental", off["checkpoint"]), disk
     assert extents == {"vda": vda.dirty_since_mark()}
     assert_image(app.image("vda"), vda, tmp_path)
+
+
+def test_a_transient_domain_has_chains_too(daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
+    """A domain started without a definition (`virsh create`): libvirt has no persistent
+    definition to keep its chains' metadata in, and the chain goes into its running
+    state's; its incrementals are incrementals."""
+    images = {"vda": (new_image(tmp_path / "passing.qcow2"), "qcow2")}
+    with domain_like(lab, "lab1", "passing", tmp_path, images, transient=True):
+        disk = Disk(lab, "passing", "vda")
+        disk.write(MiB, MiB, 0x51)
+        app = Appliance(daemon, "passing", "nightly", tmp_path)
+        full, _ = app.backup("full")
+        disk.mark()
+        disk.write(5 * MiB, 64 << 10, 0x52)
+        incremental, extents = app.backup("incremental")
+        [export] = incremental["disks"]
+        assert (export["mode"], export["since"]) == ("incremental", full["checkpoint"])
+        assert extents == {"vda": disk.dirty_since_mark()}
+        assert_image(app.image("vda"), disk, tmp_path)
+        metadata = virsh(lab, "metadata", "passing", "--live", CHAINS_NS)
+        assert incremental["checkpoint"] in metadata
+        assert "cannot write the chains" not in daemon.log_text()
 
 
 def test_a_new_domain_of_a_former_ones_name_starts_a_chain_of_its_own(

@@ -363,11 +363,13 @@ class Virt:
         return await self._run(domain, get)
 
     async def metadata(self, domain: str, namespace: str) -> str | None:
-        """The domain's metadata element in `namespace` (persistent definition), or None."""
+        """The domain's metadata element in `namespace` (of its persistent definition; a
+        transient domain's, of its running state), or None."""
         def get(dom: Any) -> str | None:
+            where = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() \
+                else libvirt.VIR_DOMAIN_AFFECT_LIVE
             try:
-                return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace,
-                                        libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+                return str(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, where))
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                     return None
@@ -378,9 +380,10 @@ class Virt:
     async def set_metadata(self, domain: str, element: str | None, prefix: str,
                            namespace: str) -> None:
         """Set (None: remove) the domain's metadata element in `namespace`, in its running
-        state and its persistent definition, so that it travels with a migration."""
+        state and its persistent definition (a transient domain has none), so that it
+        travels with a migration."""
         def set_(dom: Any) -> None:
-            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
             if dom.isActive():
                 flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
             dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, prefix, namespace,
