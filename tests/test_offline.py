@@ -301,8 +301,18 @@ def test_a_block_device_is_served_while_off(
         vda = Disk(lab, "blocky", "vda")
         vda.write(MiB, 2 * MiB, 0x5d)
         virsh(lab, "destroy", "blocky")
-        job, _ = Appliance(daemon, "blocky", "block", tmp_path).backup("full")
+        app = Appliance(daemon, "blocky", "block", tmp_path)
+        job = app.start("full")
         [disk] = job["disks"]
         assert job["offline"] and disk["mode"] == "full", job
         assert "raw" in disk["fallback"], disk
+        # No format guards a raw disk: the job's daemon keeps QEMU from writing it (the
+        # domain started under its backup, and the backup read a disk being written).
+        start = subprocess.run(["virsh", "-q", "-c", lab.uri, "start", "blocky"],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert start.returncode != 0 and 'Failed to get "write" lock' in start.stderr, \
+            start.stderr
+        app.read(job)
+        assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
         assert_image(tmp_path / "block" / "vda.raw", vda, tmp_path)
+        virsh(lab, "start", "blocky")  # now it may

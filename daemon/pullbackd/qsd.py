@@ -18,10 +18,13 @@ another; pullbackd drives it over QMP:
    temporary bitmap marks), as libvirt's push backups do.
 
 While it holds the images, QEMU cannot open them for writing: a start of the domain fails
-("Failed to get "write" lock"). `quit` ends it. Its output goes to a file beside its PID
-file (logged when it stops, quoted when a start fails). It is not tied to pullbackd's life:
-like QEMU's backups, it outlives a restart of pullbackd, which finds it again by its PID
-file and its QMP socket.
+("Failed to get "write" lock"). A qcow2 node makes QEMU lock its file so; a raw one passes
+its users' needs on, and an export lets anyone write: for each raw image (a file or a block
+device) the daemon inherits a descriptor holding the lock QEMU's own would, "writing not
+shared" (`hold_writers_off`), for as long as it lives. `quit` ends it. Its output goes to a
+file beside its PID file (logged when it stops, quoted when a start fails). It is not tied
+to pullbackd's life: like QEMU's backups, it outlives a restart of pullbackd, which finds
+it again by its PID file and its QMP socket.
 
 The QMP calls are blocking socket calls: they run in worker threads (`anyio.to_thread`).
 """
@@ -29,10 +32,12 @@ The QMP calls are blocking socket calls: they run in worker threads (`anyio.to_t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +59,11 @@ QMP_TIMEOUT = 30.0
 #: Seconds the daemon may take to come up (its QMP socket there), and to end at `quit`.
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+
+
+#: QEMU's image locking (block/file-posix.c): an OFD lock on byte 200 + a permission's bit
+#: says "I do not share it"; BLK_PERM_WRITE is bit 1. A QEMU that wants to write tests it.
+WRITE_NOT_SHARED = 201
 
 
 class StorageDaemonError(Exception):
@@ -253,7 +263,12 @@ class StorageDaemon:
         for path in self._files():
             path.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(_write_new, self.marker, domain)
-        proc = await self._launch(domain, images)
+        try:
+            proc = await self._launch(domain, images)
+        except BaseException:
+            for path in self._files():
+                path.unlink(missing_ok=True)
+            raise
         try:
             monitor = await self._connect(proc)
             try:
@@ -296,11 +311,18 @@ class StorageDaemon:
         # Its own session: not in pullbackd's process group, not killed with it.
         fd = await anyio.to_thread.run_sync(
             os.open, self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        held: list[int] = []
         try:
+            try:
+                held = await anyio.to_thread.run_sync(hold_writers_off, images)
+            except OSError as e:
+                raise StorageDaemonError(f"cannot keep writers off an image: {e}") from None
             return await anyio.open_process(self.command(images), stdin=subprocess.DEVNULL,
-                                            stdout=fd, stderr=fd, start_new_session=True)
+                                            stdout=fd, stderr=fd, start_new_session=True,
+                                            pass_fds=held)
         finally:
-            os.close(fd)
+            for each in (fd, *held):
+                os.close(each)
 
     async def _end_unit(self) -> None:
         """`quit` its unit's daemon, and stop the unit if it does not end by itself."""
@@ -479,6 +501,30 @@ def _quit(qmp: Path) -> None:
             monitor.execute("quit")
     finally:
         monitor.close()
+
+
+def hold_writers_off(images: Sequence[Image]) -> list[int]:
+    """For each raw image, a descriptor holding QEMU's lock that keeps writers off it, as
+    the qemu-storage-daemon that inherits them (from a fork and exec) holds them until it
+    ends. Raises OSError (an image that cannot be opened, or a QEMU that writes it)."""
+    held: list[int] = []
+    try:
+        for image in images:
+            if image.format != "raw":
+                continue  # its format's node keeps writers off
+            fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+            held.append(fd)
+            lock = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, WRITE_NOT_SHARED, 1, 0)
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+            except OSError as e:
+                raise OSError(e.errno, f"{image.path} is open for writing elsewhere (the "
+                                       f"domain runs?): {e.strerror}") from None
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
+    return held
 
 
 def _escape(path: Path) -> str:

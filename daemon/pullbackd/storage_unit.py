@@ -40,7 +40,7 @@ from . import bitmaps, config, virt, xml
 from .durable import write_new
 from .errors import LibvirtError, NoSuchDomain
 from .names import JOB_ID, Layout
-from .qsd import Image, StorageDaemon
+from .qsd import Image, StorageDaemon, hold_writers_off
 
 REFUSED = 2
 
@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(str(i.path) for i in chosen)}", file=sys.stderr, flush=True)
     # The PID file, here rather than by qemu-storage-daemon, which would follow a link
     # left in its place (the folder is pullbackd's): exec keeps the PID.
+    try:
+        # Kept through the exec: qemu-storage-daemon holds them (qsd.py).
+        for fd in hold_writers_off(chosen):
+            os.set_inheritable(fd, True)
+    except OSError as e:
+        print(f"pullbackd-storage: job {args.job}: cannot keep writers off an image: {e}",
+              file=sys.stderr, flush=True)
+        return 1
     write_new(qsd.pidfile, f"{os.getpid()}\n".encode(), 0o640, sync=False)
     command = qsd.command(chosen, pidfile=False)
     os.execvp(command[0], command)
