@@ -1146,6 +1146,31 @@ async def test_jobs_that_cannot_go_on_after_a_restart_fail_and_lose_their_checkp
         assert rig.jobs.active("d1") is None
 
 
+@pytest.mark.parametrize("found", ["busy", "unreachable"])
+async def test_a_guest_a_crash_left_frozen_is_thawed_whatever_else_recovery_finds(
+        tmp_path: Path, source: FakeSource, found: str) -> None:
+    """A crash while the guest was frozen; at the restart libvirt cannot tell whether the
+    backup runs (the job is held as found), or its exports are gone (it fails): the
+    guest stayed frozen, as recovery thawed only a job it ended itself."""
+    job_id = "0123456789ab"
+    job = Job(job_id, "d1", JobState.STARTING, "full", now(), "c",
+              checkpoint_name("c", job_id), quiesce="auto")
+    store = Store(tmp_path / "state.db")
+    await store.save_job(job, _recorded(job, CheckpointState.PENDING))
+    store.close()
+    source.frozen.add("d1")
+    if found == "busy":
+        source.errors["running"] = errors.DomainBusy("d1", "query")
+    else:
+        source.backups["d1"] = Backup(job_id, job.checkpoint, Begun(
+            source.socket(job), (Exported("vda", "vda-x", None, None, None),)))
+        source.unreachable.add("d1")
+    async with running(tmp_path, source) as rig:
+        assert source.frozen == set() and source.called("thaw") == ["d1"]
+        assert rig.jobs.get(job_id).state == (
+            JobState.STARTING if found == "busy" else JobState.FAILED)
+
+
 async def test_checkpoints_of_jobs_that_did_not_complete_are_deleted_at_start(
         tmp_path: Path, source: FakeSource) -> None:
     # A crash between recording a job's end and deleting its checkpoint, and a
@@ -1320,6 +1345,20 @@ async def test_an_agent_that_does_not_freeze(tmp_path: Path, source: FakeSource)
         assert kinds[1] == ("warning", "the guest agent did not freeze the filesystems: guest "
                                        "agent is not responding; the backup is crash-consistent")
         assert (job.state, job.consistency, job.frozen) == (JobState.READY, "crash", None)
+
+
+async def test_a_push_that_fails_once_begun_leaves_no_file_behind(
+        tmp_path: Path, source: FakeSource, push_dir: Path) -> None:
+    """The source made the push's files (and may have begun writing them), then could not
+    tell how it serves them: the job fails, and its files go with it (they stayed, and
+    looked like a backup)."""
+    source.errors["exports"] = errors.LibvirtError(1, "internal error")
+    async with running(tmp_path, source) as rig:
+        with pytest.raises(errors.LibvirtError):
+            await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        [job] = rig.jobs.all()
+        assert job.state == JobState.FAILED and source.called("begin") == ["d1"]
+        assert files(push_dir) == []
 
 
 async def test_a_begin_that_fails_while_frozen_still_thaws(

@@ -92,6 +92,25 @@ def test_a_crash_while_frozen_is_thawed_at_the_restart(
         stop_daemon(again)
 
 
+def test_a_freeze_that_froze_nothing_is_no_freeze(
+        agent_lab: tuple[Lab, Guest], guest: Guest, tmp_path: Path) -> None:
+    """The agent skips a mountpoint it does not find and says it froze 0 filesystems, no
+    error: such a backup was recorded as filesystem-consistent."""
+    lab = agent_lab[0]
+    d = start_daemon(tmp_path / "pullbackd", lab.uri)
+    try:
+        e = d.ctl.error("Start", domain="guest1", quiesce="required", mountpoints=["/nowhere"])
+        assert e.short_name == "QuiesceFailed", e
+        assert "it froze 0 filesystems, not the 1 asked" in e.parameters["reason"]
+        assert guest.agent("guest-fsfreeze-status") == "thawed"
+        job = d.ctl.job("Start", domain="guest1", mountpoints=["/nowhere"])
+        assert (job["consistency"], job["frozen"]) == ("crash", None), job
+        assert guest.agent("guest-fsfreeze-status") == "thawed"
+        assert d.ctl.job("Abort", id=job["id"])["state"] == "aborted"
+    finally:
+        stop_daemon(d)
+
+
 def test_without_an_agent(agent_lab: tuple[Lab, Guest], tmp_path: Path) -> None:
     """lab1 has no agent: "required" is refused and nothing is recorded; "auto" warns and
     goes on crash-consistent."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -48,8 +47,7 @@ from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .logs import logged
 from .model import Change, Job, JobState, Kind, Session, StartRequest, brief, now
-from .names import job_files
-from .places import Places
+from .places import Places, remove_targets
 from .records import Records
 from .recovery import Recovery
 from .repository import Repository
@@ -307,7 +305,7 @@ class Jobs:
         if not completed:
             # Before the end is recorded: a crash until then ends the job again
             # at the next start, which comes here again; after it, nothing is left.
-            await anyio.to_thread.run_sync(_remove_targets, job)
+            await anyio.to_thread.run_sync(remove_targets, job)
             if job.local:
                 # Stored files of a job that did not complete are no backups.
                 await anyio.to_thread.run_sync(self._repository.forget_job, job.domain,
@@ -514,13 +512,3 @@ class _Sink:
         except PullbackError as e:
             reason = f"the backup ended without pullbackd ({error or e})"
         await self._jobs.fail(job.id, reason)
-
-
-
-def _remove_targets(job: Job) -> None:
-    """A push that did not complete must not leave files that look like a backup. Blocks."""
-    if job.target_dir is None:
-        return
-    for path in job_files(Path(job.target_dir), job.id):
-        log.info("removing incomplete push target", job=job.id, path=str(path))
-        path.unlink(missing_ok=True)

@@ -12,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
+import structlog
+
 from .errors import InvalidParameter, TargetNotWritable
-from .model import LOCAL, StartRequest
+from .model import LOCAL, Job, StartRequest
+from .names import job_files
 from .roles import user_name
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,12 @@ def _within(url: str, allowed: str) -> bool:
         return bool(u.hostname) and (u.hostname, u.port) == (a.hostname, a.port)
     except ValueError:  # a port out of range
         return False
+
+
+def remove_targets(job: Job) -> None:
+    """A push that did not complete must not leave files that look like a backup. Blocks."""
+    if job.target_dir is None:
+        return
+    for path in job_files(Path(job.target_dir), job.id):
+        log.info("removing incomplete push target", job=job.id, path=str(path))
+        path.unlink(missing_ok=True)

@@ -72,7 +72,7 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
             why = f"the guest agent did not freeze the filesystems: {e}"
             # It may have frozen them all the same (libvirt stopped waiting first).
             with anyio.CancelScope(shield=True):
-                await thaw(source, job, attempts=1)
+                await thaw(source, job, attempts=1, frozen=False)
         else:
             return await _frozen(source, job, begin)
     if request.quiesce == "required":
@@ -93,10 +93,11 @@ async def _frozen(source: BackupSource, job: Job,
     return Quiesced("filesystem", round(time.monotonic() - began, 3))
 
 
-async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS) -> None:
+async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS, *,
+               frozen: bool = True) -> None:
     """Thaw the job's guest (nothing frozen: nothing done), trying again a few times; logs
-    what it could not do, and never raises: a thaw that fails must not hide the result of
-    what it follows."""
+    what it could not do (and, if the guest may be `frozen`, how to thaw it), and never
+    raises: a thaw that fails must not hide the result of what it follows."""
     for attempt in range(1, attempts + 1):
         try:
             await source.thaw(job)
@@ -106,6 +107,6 @@ async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS) ->
                         error=str(e))
             if attempt < attempts:
                 await anyio.sleep(1)
-    if attempts > 1:  # one attempt: after a crash, or a freeze that failed (maybe nothing)
+    if frozen:
         log.error("the guest's filesystems may still be frozen: thaw them with `virsh "
                   f"domfsthaw {job.domain}`", job=job.id)

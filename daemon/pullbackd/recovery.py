@@ -93,6 +93,10 @@ class Recovery:
 
     async def _found(self, job: Job) -> None:
         """A job that had begun and not ended: adopted, or ended as failed."""
+        if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline:
+            # A crash may have come while the guest was frozen (quiesce.py): thawed before
+            # anything that may fail, or leave the job as found.
+            await quiesce.thaw(self._source, job, attempts=1)
         runs = await self._source.running(job)
         if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
             # Adopted, it could not be read: nothing reaches QEMU's exports.
@@ -107,9 +111,6 @@ class Recovery:
             await self._jobs.adopt(job)
             log.info("adopted running backup", job=job.id, domain=job.domain)
             return
-        if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline:
-            # A crash may have come while the guest was frozen (quiesce.py).
-            await quiesce.thaw(self._source, job, attempts=1)
         await self._source.end(job)
         await self._jobs.fail_found(job, lost(job, runs))
 

@@ -39,7 +39,15 @@ from .errors import (
 )
 from .model import Job, Kind, Scratch, now, timestamp
 from .names import Layout, consumer_of, export_token, job_file, job_of, of_job
-from .virt import BrokenBitmap, ConnectionLost, Definition, DomainStopped, JobEnded, Virt
+from .virt import (
+    AgentError,
+    BrokenBitmap,
+    ConnectionLost,
+    Definition,
+    DomainStopped,
+    JobEnded,
+    Virt,
+)
 
 log = structlog.get_logger()
 
@@ -230,6 +238,11 @@ class LibvirtSource:
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
         count = await self._virt.fs_freeze(job.domain, mountpoints)
         log.info("froze the guest's filesystems", job=job.id, filesystems=count)
+        # The agent skips, without an error, what it does not find or cannot freeze.
+        asked = len(set(mountpoints)) if mountpoints else 1
+        if count < asked:
+            raise AgentError(f"it froze {count} filesystems, not "
+                             + (f"the {asked} asked" if mountpoints else "any"))
 
     async def thaw(self, job: Job) -> None:
         await self._virt.fs_thaw(job.domain)

@@ -51,7 +51,7 @@ from .model import (
     now,
 )
 from .names import checkpoint_name
-from .places import Places
+from .places import Places, remove_targets
 from .records import Records
 from .repository import Repository
 from .running import Running
@@ -239,6 +239,7 @@ class Starts:
             log.exception("cannot end a half-started backup", job=job.id)
             error += f"; ending it failed too ({end_error}): end it with " \
                 f"`virsh domjobabort {job.domain}`"
+        await anyio.to_thread.run_sync(remove_targets, job)
         await self._discard_checkpoint(job)
         await self._records.save(job.failed(error))
 
@@ -277,6 +278,8 @@ class Starts:
             quiesced = await quiesce.begin(self._source, job, request, plan,
                                            lambda: self._source.begin(job, plan, bases))
         except Exception as e:
+            # A push's files, if the source made them (it may have begun writing).
+            await anyio.to_thread.run_sync(remove_targets, job)
             await self._discard_checkpoint(job)
             await self._records.save(job.failed(f"the backup did not start: {e}"))
             raise
