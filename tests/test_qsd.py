@@ -15,7 +15,15 @@ import anyio
 import nbd
 import pytest
 
-from pullbackd.qsd import Export, Image, StorageDaemon, StorageDaemonError
+from pullbackd.qsd import (
+    Export,
+    Image,
+    StorageDaemon,
+    StorageDaemonError,
+    Target,
+    new_target,
+    pushed,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -169,3 +177,43 @@ async def test_nothing_writes_the_image_while_it_serves(tmp_path: Path, image: P
         assert b'Failed to get "write" lock' in refused.stderr, refused.stderr
     finally:
         await d.stop()
+
+
+async def test_a_push_writes_the_file_it_made_whatever_its_name_leads_to_since(
+        tmp_path: Path, image: Path) -> None:
+    """A push's folder may be a user's: a link left at the target's name is refused, and
+    a link put there once the file was made leads the push nowhere (the daemon opened the
+    target by its name, and would have written the backup into any image the link named)."""
+    victim = tmp_path / "another domain's disk.qcow2"
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(victim), str(SIZE)])
+    before = victim.read_bytes()
+    folder = tmp_path / "user's folder"
+    folder.mkdir()
+    target = folder / "job.vda.qcow2"
+    target.symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        new_target(target, SIZE)
+    target.unlink()
+    fd = new_target(target, SIZE)
+    target.rename(folder / "moved.qcow2")
+    target.symlink_to(victim)
+    d = daemon(tmp_path)
+    try:
+        await d.start("vm", [Image("vda", image)], "c1", [], [Target("vda", target, None, fd)])
+    finally:
+        os.close(fd)
+    try:
+        with anyio.fail_after(30):
+            while True:
+                done = await anyio.to_thread.run_sync(pushed, d.qmp)
+                if done[0]:
+                    break
+                await anyio.sleep(0.1)
+        assert done == (True, None)
+    finally:
+        await d.stop()
+    assert victim.read_bytes() == before
+    compared = await anyio.run_process(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image),
+         str(folder / "moved.qcow2")], check=False)
+    assert compared.returncode == 0, compared.stdout

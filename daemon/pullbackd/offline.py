@@ -42,10 +42,12 @@ import structlog
 from . import bitmaps, crash, xml
 from .chain import Base
 from .domainfiles import DomainFiles, Reader
+from .durable import unlink_same
 from .errors import ImageNotReachable, InvalidParameter, LibvirtError
 from .model import Job, Kind, Scratch
 from .names import Layout, export_token, job_file
-from .qsd import Export, Image, StorageDaemon, StorageDaemonError, Target, pushed
+from .qcow2 import ImageError
+from .qsd import Export, Image, StorageDaemon, StorageDaemonError, Target, new_target, pushed
 from .roles import user_name
 from .source import Begun, Exported, Plan, Sink, Unowned, select_disks
 from .virt import AgentError, Virt
@@ -132,28 +134,30 @@ class OfflineSource:
                                                    f"image {state}; this disk's chain "
                                                    "restarts here")
         token = export_token()
-        if job.target_dir is None:
-            exports, targets = [Export(d, f"{d}-{token}", b.checkpoint)
-                                for d, b in bases.items()], []
-        else:
-            exports, targets = [], [Target(d, job_file(Path(job.target_dir), job.id, d),
-                                           b.checkpoint) for d, b in bases.items()]
+        exports = [Export(d, f"{d}-{token}", b.checkpoint) for d, b in bases.items()] \
+            if job.target_dir is None else []
+        targets: list[Target] = []
         with_bitmap = [i.disk for i in images if i.bitmap]
         daemon = self._daemon(job.id)
-        created: list[Path] = []
         try:
-            for target in targets:  # new files, like libvirt's push targets
-                await _create(target.path, await self._virt.capacity(job.domain, target.disk))
-                created.append(target.path)
+            if job.target_dir is not None:
+                for disk, base in bases.items():  # new files, like libvirt's push targets
+                    path = job_file(Path(job.target_dir), job.id, disk)
+                    fd = await _create(path, await self._virt.capacity(job.domain, disk))
+                    targets.append(Target(disk, path, base.checkpoint, fd))
             await daemon.start(job.domain, images, job.checkpoint, exports, targets)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
-                for path in created:  # no file that looks like a backup
-                    await anyio.Path(path).unlink(missing_ok=True)
+                for target in targets:  # no file that looks like a backup
+                    await anyio.to_thread.run_sync(unlink_same, target.path,
+                                                   os.fstat(target.fd))
                 await self._forget_bitmaps(images, job.checkpoint)
             if isinstance(e, StorageDaemonError):
                 raise LibvirtError(-1, str(e)) from None
             raise
+        finally:
+            for target in targets:  # the daemon holds them now, if it runs
+                os.close(target.fd)
         self._watched[job.id] = job
         self._exports[job.id] = exports
         crash.point("start.served")
@@ -298,12 +302,11 @@ def _unreachable(image: Path, ourselves: bool) -> str | None:
     return None
 
 
-async def _create(path: Path, size: int) -> None:
-    """A new qcow2 file of `size` bytes for a push target; one already there is refused."""
-    if await anyio.Path(path).exists():
-        raise LibvirtError(-1, f"{path} exists already")
-    proc = await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(path),
-                                    str(size)], check=False)
-    if proc.returncode != 0:
-        raise LibvirtError(-1, f"cannot create {path}: "
-                               f"{proc.stderr.decode(errors='replace').strip()}")
+async def _create(path: Path, size: int) -> int:
+    """A push target (qsd.new_target); one already there is refused."""
+    try:
+        return await anyio.to_thread.run_sync(new_target, path, size)
+    except FileExistsError:
+        raise LibvirtError(-1, f"{path} exists already") from None
+    except (OSError, ImageError) as e:
+        raise LibvirtError(-1, f"cannot create {path}: {e}") from None

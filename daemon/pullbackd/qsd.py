@@ -48,7 +48,8 @@ import anyio
 import structlog
 from anyio.abc import Process
 
-from .durable import write_new
+from . import qcow2
+from .durable import unlink_same, write_new
 from .names import backup_bitmap
 
 log = structlog.get_logger()
@@ -111,11 +112,14 @@ class Export:
 
 @dataclass(frozen=True)
 class Target:
-    """One disk to push into a new qcow2 file, since the checkpoint `since` (None: full)."""
+    """One disk to push into a new qcow2 file (`new_target`), since the checkpoint `since`
+    (None: full). The daemon gets the file's descriptor `fd`, never its name: the folder
+    may be a user's, who could put a link in its place."""
 
     disk: str
     path: Path
     since: str | None
+    fd: int
 
     @property
     def bitmap(self) -> str | None:
@@ -460,11 +464,30 @@ def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
             **({"bitmaps": [export.bitmap]} if export.bitmap else {}))
 
 
+def new_target(path: Path, size: int) -> int:
+    """A new, empty qcow2 file of `size` bytes at `path` (never one there already, never
+    through a link), open to read and write: its descriptor, for a Target. Raises
+    FileExistsError, OSError, qcow2.ImageError. Blocks."""
+    image = qcow2.empty(size)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, image)
+        return fd
+    except BaseException:
+        unlink_same(path, os.fstat(fd))
+        os.close(fd)
+        raise
+
+
 def _push(monitor: Monitor, targets: Sequence[Target]) -> None:
     """A backup job per target: the whole disk, or the clusters its bitmap marks."""
     for target in targets:
+        # The file through our descriptor of it (the daemon opens it now, as `start` has
+        # it open): whatever its name leads to since.
         monitor.execute("blockdev-add", driver="qcow2", **{"node-name": f"target-{target.disk}"},
-                        file={"driver": "file", "filename": str(target.path)})
+                        file={"driver": "file",
+                              "filename": f"/proc/{os.getpid()}/fd/{target.fd}"})
         monitor.execute(
             "blockdev-backup", **{"job-id": f"push-{target.disk}", "auto-dismiss": False},
             device=target.disk, target=f"target-{target.disk}",
