@@ -26,7 +26,9 @@ Invariants:
 - The daemon outlives pullbackd (its own session): a later run finds it by its PID file.
 
 A push backup (`target_dir`) runs a backup job per disk in the daemon, into new qcow2
-files named as libvirt names its own; the job ends when they all ended.
+files named as libvirt names its own; the job ends when they all ended. pullbackd makes
+each file (never through a link left at its name) and the daemon opens it through
+pullbackd's descriptor, whatever its name leads to since (the folder may be a user's).
 """
 
 from __future__ import annotations
