@@ -306,6 +306,7 @@ def test_a_block_device_is_served_while_off(
         [disk] = job["disks"]
         assert job["offline"] and disk["mode"] == "full", job
         assert "raw" in disk["fallback"], disk
+        assert job["consistency"] == "crash", job  # destroyed, not shut down
         # No format guards a raw disk: the job's daemon keeps QEMU from writing it (the
         # domain started under its backup, and the backup read a disk being written).
         start = subprocess.run(["virsh", "-q", "-c", lab.uri, "start", "blocky"],
@@ -316,3 +317,20 @@ def test_a_block_device_is_served_while_off(
         assert daemon.ctl.job("Finish", id=job["id"])["state"] == "completed"
         assert_image(tmp_path / "block" / "vda.raw", vda, tmp_path)
         virsh(lab, "start", "blocky")  # now it may
+
+
+def test_a_domain_that_never_ran_is_shut_off_consistent(
+        daemon: Daemon, lab: Lab, tmp_path: Path) -> None:
+    """Its disks are as they were made; one libvirt saw destroyed is as if the power went
+    (it said "shut off" for both)."""
+    image = tmp_path / "fresh.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(DISK_SIZE)],
+                   check=True)
+    with domain_like(lab, DOMAIN, "fresh", tmp_path, {"vda": (image, "qcow2")}):
+        app = Appliance(daemon, "fresh", "fresh", tmp_path)
+        never_ran, _ = app.backup("full")
+        assert (never_ran["offline"], never_ran["consistency"]) == (True, "shut off")
+        virsh(lab, "start", "fresh")
+        virsh(lab, "destroy", "fresh")
+        destroyed, _ = app.backup("incremental")
+        assert (destroyed["offline"], destroyed["consistency"]) == (True, "crash")

@@ -230,7 +230,8 @@ class Job:
     #: The domain was shut off: offline.py serves its disks.
     offline: bool = False
     #: What Start asked (QUIESCE), and what the backup is: "filesystem" (the agent froze the
-    #: guest's filesystems as it began), "crash" (as if the power went) or "shut off".
+    #: guest's filesystems as it began), "crash" (as if the power went: a running domain's,
+    #: or one destroyed or crashed) or "shut off" (shut down by its guest).
     quiesce: str = "auto"
     consistency: str | None = None
     #: Seconds the guest was frozen.

@@ -111,7 +111,7 @@ class OfflineSource:
                 restart[disk.target] = LAYERED
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full, restart, offline=True,
+        return Plan(tuple(chosen), skip, sizes, full, restart, offline=True, clean=dom.clean,
                     definition=dom.definition)
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:

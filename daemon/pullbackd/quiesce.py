@@ -60,7 +60,8 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
     raises."""
     if plan.offline:
         await begin()
-        return Quiesced("shut off")
+        # Destroyed, crashed: its disks are as the power going left them.
+        return Quiesced("shut off" if plan.clean else "crash")
     if request.quiesce == "off":
         await begin()
         return Quiesced("crash")

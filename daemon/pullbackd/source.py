@@ -66,8 +66,9 @@ class Plan:
     sizes: dict[str, int]
     full: dict[str, str] = field(default_factory=dict)
     restart: dict[str, str] = field(default_factory=dict)
-    #: The domain is shut off (offline.py serves it).
+    #: The domain is shut off (offline.py serves it); `clean`ly (virt.CLEAN_SHUTOFF).
     offline: bool = False
+    clean: bool = False
     #: Its guest agent is connected (it can freeze the filesystems).
     agent: bool = False
     #: Its definitions, read with the plan (None: `files` reads them).

@@ -30,6 +30,11 @@ from .errors import DomainBusy, DomainNotRunning, LibvirtError, NoSuchDomain
 
 log = structlog.get_logger()
 
+#: Why a domain is shut off, when its disks are as its guest left them: it shut down, or
+#: libvirt has not seen it run (since libvirt started: a host's reboot says "unknown").
+#: Destroyed, crashed, saved, migrated away: as if the power went.
+CLEAN_SHUTOFF = (libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+
 T = TypeVar("T")
 
 OPERATIONS = {
@@ -66,6 +71,9 @@ class Domain:
     job: str | None = None
     #: The persistent definition, when asked for (see `domain`).
     inactive: str | None = None
+    #: Shut off, and libvirt knows of no unclean end (CLEAN_SHUTOFF): its disks are as
+    #: its guest left them.
+    clean: bool = False
 
     @property
     def definition(self) -> Definition:
@@ -290,7 +298,7 @@ class Virt:
             running = bool(dom.isActive())
             inactive = str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if definition else None
             return Domain(dom.name(), running, dom.XMLDesc(0), _job(dom) if running else None,
-                          inactive)
+                          inactive, not running and dom.state()[1] in CLEAN_SHUTOFF)
 
         return await self._run(name, get)
 
