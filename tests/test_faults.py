@@ -78,6 +78,10 @@ class FakeVirt(Virt):
             raise errors.NoSuchDomain(name)
         return Definition(DOMAIN_XML, DOMAIN_XML if self.running[name] else None)
 
+    async def fs_thaw(self, domain: str) -> int:
+        await self._hook("fs_thaw")
+        return 0  # nothing frozen
+
     async def running_domains(self) -> list[str]:
         return [name for name, running in self.running.items() if running]
 
