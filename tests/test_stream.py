@@ -3,6 +3,9 @@ QEMU exports into real qemu-nbd and nbdkit servers, and end in a byte-for-byte c
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import socket
 import struct
 import subprocess
@@ -105,9 +108,32 @@ def test_a_window_ends_on_a_clusters_edge() -> None:
     assert (pieces, end) == ([Piece(64 * K, 64 * K, False)], 128 * K)
 
 
-def test_split() -> None:
+def test_split_makes_requests_of_a_few_sizes() -> None:
+    """Data in requests of request_size, its rest in powers of two (buffers come in those
+    sizes: BufferPool); never less than whole clusters but for a disk's last, partial
+    one; zeroes need no buffer, and go whole."""
     assert list(stream.split(Piece(10, 25, False), 10)) == [
-        Piece(10, 10, False), Piece(20, 10, False), Piece(30, 5, False)]
+        Piece(10, 10, False), Piece(20, 10, False), Piece(30, 4, False), Piece(34, 1, False)]
+    assert list(stream.split(Piece(10, 25, True), 10)) == [
+        Piece(10, 10, True), Piece(20, 10, True), Piece(30, 5, True)]
+    assert list(stream.split(Piece(0, 1088 * K, False), 512 * K, 64 * K)) == [
+        Piece(0, 512 * K, False), Piece(512 * K, 512 * K, False),
+        Piece(1024 * K, 64 * K, False)]
+    assert list(stream.split(Piece(0, 448 * K, False), 512 * K, 64 * K)) == [
+        Piece(0, 256 * K, False), Piece(256 * K, 128 * K, False), Piece(384 * K, 64 * K, False)]
+    # A disk's last cluster, partial: 64 KiB and 1536 bytes go whole.
+    assert list(stream.split(Piece(0, 64 * K + 1536, False), 512 * K, 64 * K)) == [
+        Piece(0, 64 * K + 1536, False)]
+
+
+@given(st.integers(1, 1 << 24), st.sampled_from([1, 512, 64 * K]))
+def test_split_covers_its_piece_in_few_sizes(length: int, granule: int) -> None:
+    requests = list(stream.split(Piece(0, length, False), 512 * K, granule))
+    assert sum(r.length for r in requests) == length
+    assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(requests))
+    # Every request but a last one carrying a partial granule is a power of two.
+    for r in requests[:-1]:
+        assert r.length & (r.length - 1) == 0 and r.length % granule == 0, (r, granule)
 
 
 @contextmanager
@@ -180,7 +206,9 @@ def test_full_then_incremental_into_a_qcow2_chain(
     compare(overlay, vda, tmp_path)
 
 
-def test_buffer_pool_keeps_to_its_budget_and_reuses() -> None:
+def test_buffer_pool_keeps_to_its_budget_and_never_lets_a_buffer_go() -> None:
+    """Debian 12's libnbd binding keeps each buffer a request used: one the pool let go
+    (to make room for another size) was lost memory, without end."""
     pool = stream.BufferPool(3 * MiB)
     a, b = pool.take(MiB), pool.take(MiB)
     c = pool.take(MiB)
@@ -190,14 +218,15 @@ def test_buffer_pool_keeps_to_its_budget_and_reuses() -> None:
     again = pool.take(MiB)
     assert again is a  # reused, not allocated
     pool.give(again)
-    # A free buffer of another size makes room.
+    # Past the budget: one buffer of a size it holds none of; then it waits for it.
     d = pool.take(512 * K)
     assert d is not None and d.size() == 512 * K
-    assert pool.take(MiB) is None
-    # A request larger than the whole budget gets one buffer, when none other exists.
+    assert pool.take(512 * K) is None
+    assert pool.take(MiB) is a  # the free 1 MiB buffer stayed
+    # A request larger than the whole budget gets one buffer.
     alone = stream.BufferPool(MiB)
     big = alone.take(4 * MiB)
-    assert big is not None and alone.take(K) is None
+    assert big is not None and alone.take(4 * MiB) is None
 
 
 def test_copies_sharing_a_small_pool_all_complete(
@@ -289,6 +318,66 @@ def test_cancelling_the_async_stream_stops_the_copy(export: str, tmp_path: Path)
         assert anyio.run(cancel_soon, url)
         left = {t.name for t in threading.enumerate()} - threads
         assert not {name for name in left if name.startswith("pullbackd-")}, left
+
+
+def test_a_destination_smaller_than_the_disk_fails_an_incremental_too(
+        tmp_path: Path) -> None:
+    """Only what changed is written, all of it within the destination's first MiB: the
+    copy succeeded, into an export that could not hold the disk."""
+    (tmp_path / "dst").mkdir()
+    with nbdkit(tmp_path, "pattern", f"size={64 * MiB}") as src, \
+            nbdkit(tmp_path / "dst", "memory", "1M") as dst, \
+            pytest.raises(stream.StreamError, match=r"holds 1048576 bytes, less than the "
+                                                    r"disk's 67108864"):
+        stream.copy(src, dst, only=[(0, 64 * K)])
+
+
+@pytest.mark.parametrize("silent", ["destination", "source", "planner"])
+def test_a_server_that_stops_answering_fails_the_copy_which_lets_it_go(
+        tmp_path: Path, silent: str) -> None:
+    """A server frozen mid-copy (SIGSTOP: a host cut off, storage hung): the stall timeout
+    fails the copy, which then returns (it waited for the server to close each connection,
+    for ever); a source that stops answering for its extents fails it too (it waited with
+    nothing in flight, which no stall timeout counted)."""
+    (tmp_path / "dst").mkdir()
+    source = ["--filter=delay", "data", "0x5a @1048576 0xa5", f"size={MiB << 10}",
+              "delay-extents=3600"] if silent == "planner" else ["pattern", f"size={MiB << 10}"]
+    failure: list[BaseException] = []
+    with nbdkit(tmp_path, *source) as src, \
+            nbdkit(tmp_path / "dst", "memory", f"{MiB << 10}") as dst:
+        servers = _children()
+
+        def run() -> None:
+            try:
+                stream.copy(src, dst, tuning=Tuning(stall_timeout=1.0))
+            except BaseException as e:
+                failure.append(e)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        frozen = [pid for pid, cmd in servers.items()
+                  if (silent == "destination") == ("memory" in cmd)]
+        if silent != "planner":
+            time.sleep(0.3)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            worker.join(timeout=60)  # a hang guard, not a timing assertion
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        assert not worker.is_alive(), "the copy hung on a server that stopped answering"
+    assert len(failure) == 1 and isinstance(failure[0], stream.StreamError), failure
+    assert ("extents" in str(failure[0])) == (silent == "planner"), failure[0]
+
+
+def _children() -> dict[int, str]:
+    """This process's children (the nbdkit servers) and their command lines."""
+    found = {}
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_text()
+    return found
 
 
 def test_a_copy_waiting_for_its_planner_is_not_stalled(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import queue
 import select
 import threading
@@ -47,6 +48,8 @@ _T = TypeVar("_T")
 #: Seconds a thread of the copy waits at most before it looks whether the copy was
 #: cancelled (how long Abort may wait for it).
 POLL = 0.5
+#: Seconds a server may take to close a connection once told goodbye.
+CLOSE_TIMEOUT = 5.0
 
 
 class StreamError(Exception):
@@ -54,43 +57,42 @@ class StreamError(Exception):
 
 
 class BufferPool:
-    """Read buffers, reused, of which at most `budget` bytes exist at once.
+    """Read buffers, reused, of which at most `budget` bytes exist at once (and one of
+    each size past it).
 
     Never blocks: a worker that finds the budget spent goes on with the requests
-    it has in flight (whose buffers come back) and asks again later.
+    it has in flight (whose buffers come back) and asks again later. A buffer is never
+    let go: Debian 12's python3-libnbd (1.14) keeps a reference to each buffer a
+    request used, so one let go is memory lost for good (a pool that made room for
+    other sizes grew a daemon past 800 MiB). `split` makes requests of a few sizes.
     """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._lock = threading.Condition()
         self._free: dict[int, list[nbd.Buffer]] = {}
+        #: Buffers made, by size; none is ever let go (see the class).
+        self._held: dict[int, int] = {}
         self._allocated = 0
 
     def take(self, length: int) -> nbd.Buffer | None:
-        """A buffer of `length` bytes, or None while the budget is spent."""
+        """A buffer of `length` bytes, or None while the budget is spent (past it, one
+        buffer of each size it holds none of: a request would wait for none)."""
         with self._lock:
-            free = self._free.get(length)
+            free = self._free.setdefault(length, [])
             if free:
                 return free.pop()
-            # Room is made by dropping free buffers of other sizes; a request
-            # larger than the whole budget still gets one buffer, alone.
-            while self._allocated and self._allocated + length > self.budget:
-                spare = next((bufs for bufs in self._free.values() if bufs), None)
-                if spare is None:
-                    return None
-                self._allocated -= spare.pop().size()
+            if self._allocated + length > self.budget and self._held.get(length):
+                return None
             self._allocated += length
+            self._held[length] = self._held.get(length, 0) + 1
         return nbd.Buffer(length)
 
     def give(self, buf: nbd.Buffer) -> None:
+        """Back for the next request: also a buffer of a request that never completed,
+        once its handle is closed."""
         with self._lock:
             self._free.setdefault(buf.size(), []).append(buf)
-            self._lock.notify_all()
-
-    def drop(self, buf: nbd.Buffer) -> None:
-        """Let go of a buffer that will not come back (its request never completed)."""
-        with self._lock:
-            self._allocated -= buf.size()
             self._lock.notify_all()
 
     def wait(self, timeout: float) -> None:
@@ -214,10 +216,13 @@ Ranges = Sequence[tuple[int, int]]
 
 def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destination: bool,
          stopped: Callable[[], bool] = lambda: False, only: Ranges | None = None,
-         cluster: int | None = None) -> Iterator[tuple[list[Piece], int]]:
+         cluster: int | None = None, timeout: float = Tuning.stall_timeout
+         ) -> Iterator[tuple[list[Piece], int]]:
     """The work a copy of `h` needs, a window of extents at a time: (pieces, planned up to).
     `only`: the ranges to copy, where a bitmap would tell (`bitmap` is then None).
-    `cluster`: every piece covers whole clusters of that many bytes (`whole_clusters`)."""
+    `cluster`: every piece covers whole clusters of that many bytes (`whole_clusters`).
+    StreamError if the source leaves a window's extents unanswered `timeout` seconds, or
+    once `stopped()`."""
     contexts = (ALLOCATION,) + ((bitmap,) if bitmap else ())
     offset = 0
     while offset < size and not stopped():
@@ -229,7 +234,9 @@ def plan(h: nbd.NBD, bitmap: str | None, size: int, window: int, zeroed_destinat
                 runs[context] += list(zip(entries[::2], entries[1::2], strict=True))
             return 0
 
-        h.block_status(min(window, size - offset), offset, extent)
+        cookie = h.aio_block_status(min(window, size - offset), offset, extent)
+        _until(h, functools.partial(h.aio_command_completed, cookie), timeout, stopped,
+               f"the source did not answer for its extents at offset {offset}")
         if not all(runs.values()):
             raise StreamError(f"the source answered no extents at offset {offset}")
         dirty = runs[bitmap] if bitmap else None
@@ -332,9 +339,20 @@ def transfer_size(source: str, bitmap: str | None = None, window: int = Tuning.w
         _close(h)
 
 
-def split(piece: Piece, request_size: int) -> Iterator[Piece]:
-    for offset in range(piece.offset, piece.offset + piece.length, request_size):
-        yield Piece(offset, min(request_size, piece.offset + piece.length - offset), piece.zero)
+def split(piece: Piece, request_size: int, granule: int = 1) -> Iterator[Piece]:
+    """The requests of `piece`: of `request_size`; a piece of data's rest in halves, each
+    a power of two (so that buffers come in a few sizes: BufferPool), as long as what it
+    leaves is whole `granule`s (clusters a write must cover whole: only a disk's last,
+    partial one is not, and goes whole)."""
+    offset, end = piece.offset, piece.offset + piece.length
+    while offset < end:
+        length = min(request_size, end - offset)
+        if not piece.zero and length < request_size:
+            half = 1 << (length.bit_length() - 1)
+            if (length - half) % granule == 0:
+                length = half
+        yield Piece(offset, length, piece.zero)
+        offset += length
 
 
 def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | None = None,
@@ -360,7 +378,8 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
         return h
     try:
         h.aio_connect_uri(url)
-        _until(h, h.aio_is_ready, timeout, cancel, f"{url}: no NBD handshake")
+        _until(h, h.aio_is_ready, timeout, None if cancel is None else cancel.is_set,
+               f"{url}: no NBD handshake")
     except BaseException:
         _drop(h)
         raise
@@ -377,14 +396,14 @@ def _drop(h: nbd.NBD) -> None:
 
 
 def _until(h: nbd.NBD, done: Callable[[], bool], timeout: float,
-           cancel: threading.Event | None, what: str) -> None:
-    """Drive `h` until `done()`: StreamError after `timeout` seconds, or once `cancel` is
-    set; nbd.Error if the connection fails."""
+           cancel: Callable[[], bool] | None, what: str) -> None:
+    """Drive `h` until `done()`: StreamError after `timeout` seconds, or once `cancel()`;
+    nbd.Error if the connection fails."""
     deadline = time.monotonic() + timeout
     while not done():
         if h.aio_is_dead() or h.aio_is_closed():
             raise StreamError(f"{what}: the connection ended")
-        if cancel is not None and cancel.is_set():
+        if cancel is not None and cancel():
             raise StreamError("cancelled")
         left = deadline - time.monotonic()
         if left <= 0:
@@ -402,8 +421,14 @@ def reachable(url: str) -> bool:
 
 
 def _close(h: nbd.NBD) -> None:
-    with contextlib.suppress(nbd.Error):  # the peer is gone; the copy's own error says why
-        h.shutdown()
+    """Say goodbye (NBD_CMD_DISC), then close the handle: within CLOSE_TIMEOUT whatever
+    the server does (libnbd's shutdown waits for it without end: a server that stopped
+    answering held a failed, or cancelled, copy for good)."""
+    with contextlib.suppress(nbd.Error, StreamError):  # the copy's own error says why
+        h.aio_disconnect(0)
+        _until(h, lambda: bool(h.aio_is_closed() or h.aio_is_dead()), CLOSE_TIMEOUT, None,
+               "the server did not close the connection")
+    _drop(h)
 
 
 @dataclass(frozen=True)
@@ -501,12 +526,12 @@ class _Copy:
         try:
             for pieces, offset in plan(h, self.bitmap, counters.size, self.tuning.window,
                                        self.zeroed_destination, self.stopped, self.only,
-                                       self.cluster):
+                                       self.cluster, self.tuning.stall_timeout):
                 with counters.lock:
                     counters.scanned = offset
                     counters.planned += sum(p.length for p in pieces)
                 for piece in pieces:
-                    for request in split(piece, self.request_size):
+                    for request in split(piece, self.request_size, self.cluster or 1):
                         if self.cluster is not None and not in_whole_clusters(
                                 request.offset, request.length, self.cluster, counters.size):
                             raise StreamError(f"BUG: a write of {request.length} bytes at "
@@ -547,12 +572,16 @@ class _Copy:
             dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates,
                            timeout=self.tuning.connect_timeout, cancel=self.cancel)
             try:
+                if (room := dst.get_size()) < counters.size:
+                    # An incremental fitted whenever nothing past its end had changed.
+                    raise StreamError(f"the destination holds {room} bytes, less than the "
+                                      f"disk's {counters.size}")
                 pump = _Pump(self, src, dst, counters)
                 pump.run(work)
                 if not self.stopped():
                     cookie = dst.aio_flush()
                     _until(dst, lambda: bool(dst.aio_command_completed(cookie)),
-                           self.tuning.flush_timeout, self.cancel,
+                           self.tuning.flush_timeout, self.cancel.is_set,
                            "the destination did not confirm its flush")
             finally:
                 _close(dst)
@@ -652,9 +681,9 @@ class _Pump:
 
     def release(self) -> None:
         """Once the handles are closed: the buffers of requests that never completed
-        (the copy failed or was cancelled) no longer count against the pool."""
+        (the copy failed or was cancelled) go back to the pool."""
         for buf in self.held.values():
-            self.pool.drop(buf)
+            self.pool.give(buf)
         self.held.clear()
 
     def _on(self, piece: Piece, into: deque[_T], item: _T) -> Callable[[object], int]:
