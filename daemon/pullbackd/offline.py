@@ -275,8 +275,11 @@ class OfflineSource:
     async def _outcome(self, job: Job) -> tuple[bool, str | None] | None:
         """How the job's backup ended, if it did: its daemon is gone, or it pushed all."""
         daemon = self._daemon(job.id)
-        if not await daemon.running():
-            return False, "qemu-storage-daemon ended"
+        try:
+            if not await daemon.running():
+                return False, "qemu-storage-daemon ended"
+        except OSError:  # systemctl could not be run (no process to spare, say)
+            return None  # asked again at the next look
         if job.target_dir is None:
             return None
         try:

@@ -378,6 +378,7 @@ class StorageDaemon:
         return pid
 
     async def running(self) -> bool:
+        """Whether it runs; OSError if systemctl cannot be run to ask its unit."""
         if self.unit is not None:  # root's: its /proc is not ours to read
             proc = await anyio.run_process(["systemctl", "is-active", "--quiet", self.unit],
                                            check=False)
@@ -421,7 +422,10 @@ def _write_new(path: Path, text: str) -> None:
 
 
 async def _systemctl(*args: str) -> None:
-    proc = await anyio.run_process(["systemctl", *args], check=False)
+    try:
+        proc = await anyio.run_process(["systemctl", *args], check=False)
+    except OSError as e:
+        raise StorageDaemonError(f"cannot run systemctl {' '.join(args)}: {e}") from None
     if proc.returncode != 0:
         raise StorageDaemonError(f"systemctl {' '.join(args)}: "
                                  f"{proc.stderr.decode(errors='replace').strip()}")
