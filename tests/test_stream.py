@@ -109,9 +109,9 @@ def test_a_window_ends_on_a_clusters_edge() -> None:
 
 
 def test_split_makes_requests_of_a_few_sizes() -> None:
-    """Data in requests of request_size, its rest in powers of two (buffers come in those
-    sizes: BufferPool); never less than whole clusters but for a disk's last, partial
-    one; zeroes need no buffer, and go whole."""
+    """Data in requests of request_size, its rest in whole STEPs, and under a STEP in
+    powers of two (buffers come in those sizes: BufferPool); never less than whole clusters
+    but for a disk's last, partial one; zeroes need no buffer, and go whole."""
     assert list(stream.split(Piece(10, 25, False), 10)) == [
         Piece(10, 10, False), Piece(20, 10, False), Piece(30, 4, False), Piece(34, 1, False)]
     assert list(stream.split(Piece(10, 25, True), 10)) == [
@@ -120,7 +120,10 @@ def test_split_makes_requests_of_a_few_sizes() -> None:
         Piece(0, 512 * K, False), Piece(512 * K, 512 * K, False),
         Piece(1024 * K, 64 * K, False)]
     assert list(stream.split(Piece(0, 448 * K, False), 512 * K, 64 * K)) == [
-        Piece(0, 256 * K, False), Piece(256 * K, 128 * K, False), Piece(384 * K, 64 * K, False)]
+        Piece(0, 448 * K, False)]
+    assert list(stream.split(Piece(0, 200 * K + 3 * K, False), 512 * K)) == [
+        Piece(0, 192 * K, False), Piece(192 * K, 8 * K, False), Piece(200 * K, 2 * K, False),
+        Piece(202 * K, K, False)]
     # A disk's last cluster, partial: 64 KiB and 1536 bytes go whole.
     assert list(stream.split(Piece(0, 64 * K + 1536, False), 512 * K, 64 * K)) == [
         Piece(0, 64 * K + 1536, False)]
@@ -131,9 +134,11 @@ def test_split_covers_its_piece_in_few_sizes(length: int, granule: int) -> None:
     requests = list(stream.split(Piece(0, length, False), 512 * K, granule))
     assert sum(r.length for r in requests) == length
     assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(requests))
-    # Every request but a last one carrying a partial granule is a power of two.
+    # Every request but a last one carrying a partial granule is of a few sizes.
     for r in requests[:-1]:
-        assert r.length & (r.length - 1) == 0 and r.length % granule == 0, (r, granule)
+        assert r.length % granule == 0, (r, granule)
+        assert (r.length % stream.STEP == 0 and r.length <= 512 * K) or (
+            r.length < stream.STEP and r.length & (r.length - 1) == 0), r
 
 
 @contextmanager

@@ -50,6 +50,9 @@ _T = TypeVar("_T")
 POLL = 0.5
 #: Seconds a server may take to close a connection once told goodbye.
 CLOSE_TIMEOUT = 5.0
+#: Requests shorter than the request size are whole multiples of this (and shorter
+#: ones powers of two): buffers come in those sizes alone (`split`, BufferPool).
+STEP = 64 * 1024
 
 
 class StreamError(Exception):
@@ -340,17 +343,18 @@ def transfer_size(source: str, bitmap: str | None = None, window: int = Tuning.w
 
 
 def split(piece: Piece, request_size: int, granule: int = 1) -> Iterator[Piece]:
-    """The requests of `piece`: of `request_size`; a piece of data's rest in halves, each
-    a power of two (so that buffers come in a few sizes: BufferPool), as long as what it
-    leaves is whole `granule`s (clusters a write must cover whole: only a disk's last,
-    partial one is not, and goes whole)."""
+    """The requests of `piece`: of `request_size`; a piece of data's rest cut to whole
+    STEPs, and what is left under a STEP in powers of two (so that buffers come in a few
+    sizes: BufferPool), as long as each cut leaves whole `granule`s (clusters a write
+    must cover whole: only a disk's last, partial one is not, and goes whole)."""
     offset, end = piece.offset, piece.offset + piece.length
     while offset < end:
         length = min(request_size, end - offset)
         if not piece.zero and length < request_size:
-            half = 1 << (length.bit_length() - 1)
-            if (length - half) % granule == 0:
-                length = half
+            cut = length - length % STEP if length >= STEP else \
+                1 << (length.bit_length() - 1)
+            if (length - cut) % granule == 0:
+                length = cut
         yield Piece(offset, length, piece.zero)
         offset += length
 
