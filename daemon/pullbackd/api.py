@@ -67,6 +67,17 @@ def _listed(job: Job) -> dict[str, Any]:
     return record
 
 
+def _fitting(items: list[Any], most: int) -> int:
+    """How many of `items`, from the first, go in one reply: at most `most`, and no more
+    than PAGE_BYTES of JSON (but one at least)."""
+    size = 0
+    for n, item in enumerate(items[:most]):
+        size += len(json.dumps(item))
+        if n and size > PAGE_BYTES:
+            return n
+    return min(len(items), most)
+
+
 def _event(kind: str, job: Job, message: str | None = None,
            session: Session | None = None) -> dict[str, Any]:
     return {"event": {"kind": kind, "job": _job(job), "message": message,
@@ -134,14 +145,8 @@ class BackupAPI:
                 raise NoSuchJob(after)
             later = set(ids[ids.index(after) + 1:])
             jobs = [job for job in jobs if job.id in later]
-        page: list[dict[str, Any]] = []
-        size = 0
-        for job in jobs[:limit]:
-            record = _listed(job)
-            size += len(json.dumps(record))
-            if page and size > PAGE_BYTES:
-                break
-            page.append(record)
+        records = [_listed(job) for job in jobs[:limit]]
+        page = records[:_fitting(records, limit)]
         return {"jobs": page, "next": page[-1]["id"] if len(jobs) > len(page) else None}
 
     async def Watch(self, id: str | None = None
@@ -296,11 +301,7 @@ class BackupAPI:
             problems += await anyio.to_thread.run_sync(self.repository.verify_files, domain, name)
         for problem in problems:
             log.warning("verify found a problem", domain=domain, problem=problem)
-        listed, size = 0, 0
-        while listed < min(len(problems), PROBLEMS - 1) and size < PAGE_BYTES:
-            size += len(json.dumps(problems[listed]))
-            listed += 1
-        if listed < len(problems):
+        if (listed := _fitting(problems, PROBLEMS - 1)) < len(problems):
             more = len(problems) - listed
             problems[listed:] = [f"{more} problems more (the journal has each one)"]
         return {"checked": checked, "problems": problems}

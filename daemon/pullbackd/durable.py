@@ -47,6 +47,21 @@ def unlink_same(path: Path, made: os.stat_result) -> None:
             os.close(dir_fd)
 
 
+def fill(fd: int, path: Path, data: bytes, *, sync: bool = False) -> None:
+    """`data` into the new, empty file `fd` made at `path` (with `sync`, on disk, its name
+    too); if that fails, the file goes (if `path` is still it) before the error is
+    raised."""
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        if sync:
+            os.fsync(fd)
+            fsync_dir(path.parent)
+    except BaseException:
+        unlink_same(path, os.fstat(fd))
+        raise
+
+
 def write_new(path: Path, data: bytes, mode: int = 0o600, *, sync: bool = True,
               group: int | None = None) -> None:
     """A new file holding `data`; FileExistsError if anything is at `path`. With `group`,

@@ -29,8 +29,8 @@ Invariants, checked at every start (`recover`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -46,7 +46,7 @@ from .domainfiles import DomainFiles
 from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .logs import logged
-from .model import Change, Job, JobState, Kind, Session, StartRequest, brief, now
+from .model import Change, Job, JobState, Kind, Session, StartRequest, now
 from .places import Places, remove_targets
 from .records import Records
 from .recovery import Recovery
@@ -277,8 +277,7 @@ class Jobs:
                 with anyio.CancelScope(shield=True):
                     await self._store.delete_request(job.id)
                     return await self._close(job, state, error)
-            # Shielded: a backup we ended must be recorded as ended (a copy we stopped
-            # leaves its job's end to us).
+            # Shielded: a backup we ended (its copy stopped too) must be recorded as ended.
             with anyio.CancelScope(shield=True):
                 if running.copy is not None and not copied:
                     await running.copy.stop()
@@ -316,7 +315,7 @@ class Jobs:
         running = self._running.get(job.id)
         if running is not None and running.served is not None:
             running.served.timer.cancel()
-        job = dataclasses.replace(job, state=state, ended=now(), error=brief(error),
+        job = dataclasses.replace(job, state=state, ended=now(), error=error,
                                   progress=final.progress, disks=tuple(
                                       dataclasses.replace(d, rate=None, eta=None)
                                       for d in final.disks))
@@ -461,12 +460,9 @@ class Jobs:
         """The jobs that hold their domains."""
         return self._admission.claimed()
 
-    @contextmanager
-    def watch(self) -> Iterator[MemoryObjectReceiveStream[Change]]:
-        """Every change of any job, in order, while the context lasts; the stream ends
-        (EndOfStream) for a watcher that falls `records.WATCH_BUFFER` changes behind."""
-        with self._records.watch() as changes:
-            yield changes
+    def watch(self) -> AbstractContextManager[MemoryObjectReceiveStream[Change]]:
+        """Every change of any job, in order, while the context lasts (Records.watch)."""
+        return self._records.watch()
 
 
 class _Sink:

@@ -21,6 +21,7 @@ where it lands takes them in before its first backup there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -31,11 +32,12 @@ from datetime import UTC, datetime
 
 import anyio
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .admission import Admission
 from .errors import DomainNotRunning, InvalidParameter, MigrationBlocked, PullbackError
 from .jobs import Jobs
-from .model import Job, JobState
+from .model import Change, Job, JobState
 from .virt import Virt
 
 log = structlog.get_logger()
@@ -144,20 +146,24 @@ class Migrations:
     async def _gate(self, domain: str, deadline: float) -> bool:
         """Wait until the gate opens (True) or the deadline passes (False)."""
         while True:
-            with self._jobs.watch() as changes:
-                try:
-                    while True:
-                        open_jobs, _, wait = self._blockers(domain)
-                        if not open_jobs or wait == 0:
-                            return True
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            return False
-                        # A job's change (state, session) or the grace running out.
-                        with anyio.move_on_after(min(left, wait)):
-                            await changes.receive()
-                except anyio.EndOfStream:
-                    pass  # fell behind a burst of changes: only that something changed counts
+            with self._jobs.watch() as changes, contextlib.suppress(anyio.EndOfStream):
+                # Ended if it fell behind a burst of changes: only that something changed
+                # counts, and the next watch looks again.
+                return await self._opens(domain, deadline, changes)
+
+    async def _opens(self, domain: str, deadline: float,
+                     changes: MemoryObjectReceiveStream[Change]) -> bool:
+        """`_gate`, while `changes` tells of every change."""
+        while True:
+            open_jobs, _, wait = self._blockers(domain)
+            if not open_jobs or wait == 0:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # A job's change (state, session) or the grace running out.
+            with anyio.move_on_after(min(left, wait)):
+                await changes.receive()
 
 
 def check_destination(uri: str) -> None:

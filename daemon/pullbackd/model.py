@@ -247,7 +247,7 @@ class Job:
         return self.destination == LOCAL
 
     def failed(self, error: str) -> Job:
-        return dataclasses.replace(self, state=JobState.FAILED, ended=now(), error=brief(error))
+        return dataclasses.replace(self, state=JobState.FAILED, ended=now(), error=error)
 
 
 @dataclass(frozen=True)

@@ -135,34 +135,10 @@ class OfflineSource:
                     bases[image.disk] = Base(None, f"the bitmap of {base.checkpoint} in the "
                                                    f"image {state}; this disk's chain "
                                                    "restarts here")
-        token = export_token()
-        exports = [Export(d, f"{d}-{token}", b.checkpoint) for d, b in bases.items()] \
-            if job.target_dir is None else []
-        targets: list[Target] = []
-        with_bitmap = [i.disk for i in images if i.bitmap]
-        daemon = self._daemon(job.id)
-        try:
-            if job.target_dir is not None:
-                for disk, base in bases.items():  # new files, like libvirt's push targets
-                    path = job_file(Path(job.target_dir), job.id, disk)
-                    fd = await _create(path, await self._virt.capacity(job.domain, disk))
-                    targets.append(Target(disk, path, base.checkpoint, fd))
-            await daemon.start(job.domain, images, job.checkpoint, exports, targets)
-        except BaseException as e:
-            with anyio.CancelScope(shield=True):
-                for target in targets:  # no file that looks like a backup
-                    await anyio.to_thread.run_sync(unlink_same, target.path,
-                                                   os.fstat(target.fd))
-                await self._forget_bitmaps(images, job.checkpoint)
-            if isinstance(e, StorageDaemonError):
-                raise LibvirtError(-1, str(e)) from None
-            raise
-        finally:
-            for target in targets:  # the daemon holds them now, if it runs
-                os.close(target.fd)
+        self._exports[job.id] = await self._serve(job, images, bases)
         self._watched[job.id] = job
-        self._exports[job.id] = exports
         crash.point("start.served")
+        with_bitmap = [i.disk for i in images if i.bitmap]
         if not with_bitmap:
             return
         try:
@@ -174,6 +150,37 @@ class OfflineSource:
                 await self._stop(job.id)
                 await self._forget_bitmaps(images, job.checkpoint)
             raise
+
+    async def _serve(self, job: Job, images: list[Image], bases: dict[str, Base]
+                     ) -> list[Export]:
+        """The job's daemon serving `images`: an export of each disk, or a push of each
+        into a new file (`target_dir`); its exports. If it fails, nothing is left of it:
+        no daemon, no bitmap, no file that looks like a backup."""
+        token = export_token()
+        exports = [Export(d, f"{d}-{token}", b.checkpoint) for d, b in bases.items()] \
+            if job.target_dir is None else []
+        targets: list[Target] = []
+        try:
+            if job.target_dir is not None:
+                for disk, base in bases.items():  # new files, like libvirt's push targets
+                    path = job_file(Path(job.target_dir), job.id, disk)
+                    fd = await _create(path, await self._virt.capacity(job.domain, disk))
+                    targets.append(Target(disk, path, base.checkpoint, fd))
+            await self._daemon(job.id).start(job.domain, images, job.checkpoint, exports,
+                                             targets)
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                for target in targets:
+                    await anyio.to_thread.run_sync(unlink_same, target.path,
+                                                   os.fstat(target.fd))
+                await self._forget_bitmaps(images, job.checkpoint)
+            if isinstance(e, StorageDaemonError):
+                raise LibvirtError(-1, str(e)) from None
+            raise
+        finally:
+            for target in targets:  # the daemon holds them now, if it runs
+                os.close(target.fd)
+        return exports
 
     @staticmethod
     async def _forget_bitmaps(images: list[Image], checkpoint: str) -> None:

@@ -49,7 +49,7 @@ import structlog
 from anyio.abc import Process
 
 from . import qcow2
-from .durable import unlink_same, write_new
+from .durable import fill, write_new
 from .names import backup_bitmap
 
 log = structlog.get_logger()
@@ -476,12 +476,11 @@ def new_target(path: Path, size: int) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644)
     try:
-        os.write(fd, image)
-        return fd
+        fill(fd, path, image)
     except BaseException:
-        unlink_same(path, os.fstat(fd))
         os.close(fd)
         raise
+    return fd
 
 
 def _push(monitor: Monitor, targets: Sequence[Target]) -> None:

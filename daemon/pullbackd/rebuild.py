@@ -29,7 +29,7 @@ import structlog
 
 from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
-from .durable import Moved, create_in, fsync_dir, unlink_same, write_new
+from .durable import Moved, create_in, fill, fsync_dir, unlink_same, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .manifest import Manifest
 from .repository import Repository
@@ -253,14 +253,8 @@ def _create(path: Path, data: bytes) -> os.stat_result:
         raise InvalidParameter("dir", f"{path.name} cannot be created there: "
                                       f"{e.strerror}") from None
     try:
-        with open(fd, "wb", closefd=False) as f:
-            f.write(data)
-        os.fsync(fd)
-        fsync_dir(path.parent)
+        fill(fd, path, data, sync=True)
         return os.fstat(fd)
-    except BaseException:
-        unlink_same(path, os.fstat(fd))
-        raise
     finally:
         os.close(fd)
 

@@ -18,7 +18,7 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .model import Change, Checkpoint, Job, Transition, now
+from .model import Change, Checkpoint, Job, Transition, brief, now
 from .names import new_job_id
 
 if TYPE_CHECKING:
@@ -62,15 +62,15 @@ class Records:
 
     async def save(self, job: Job, checkpoint: Checkpoint | None = None, *,
                    show: bool = True, files: str | None = None) -> Job:
-        """Store the job (a new state joins its history), with its checkpoint's new
-        state and its domain's files in the same transaction if given, and (unless not
-        `show`) show it. The job as stored."""
+        """Store the job (a new state joins its history, its error is kept `brief`), with
+        its checkpoint's new state and its domain's files in the same transaction if
+        given, and (unless not `show`) show it. The job as stored."""
         before = self._jobs.get(job.id)
         history = before.history if before is not None and \
             len(before.history) > len(job.history) else job.history
         if before is None or before.state != job.state or not history:
             history = (*history, Transition(job.state, now()))
-        job = dataclasses.replace(job, history=history)
+        job = dataclasses.replace(job, history=history, error=brief(job.error))
         await self._store.save_job(job, checkpoint, files)
         if show:
             self.show(job)

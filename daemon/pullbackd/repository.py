@@ -336,16 +336,8 @@ class Repository:
             self._done(writer)
 
     def stored_jobs(self) -> set[str]:
-        """The ids of every job with a backup in the repository. A manifest that cannot be
-        read is left out, and logged (Verify reports it): at start, one damaged file
-        must not keep the daemon from serving."""
-        jobs = set()
-        for path in names.every_manifest(self.root):
-            try:
-                jobs.add(_read_manifest(path).job)
-            except RepositoryError as e:
-                log.error("a backup's manifest cannot be read", error=str(e))
-        return jobs
+        """The ids of every job with a backup in the repository (`_stored_jobs`)."""
+        return _stored_jobs(self.root)
 
     def forget_job(self, domain: str, consumer: str, job: str) -> None:
         """Remove what a job that did not complete stored: no backup may point to a
@@ -428,12 +420,7 @@ class Repository:
                        tuning: stream.Tuning | None) -> os.stat_result:
         layers = await anyio.to_thread.run_sync(_chain, self.folder(
             manifest.domain, manifest.consumer, manifest.disk), manifest)
-        try:
-            fd = await anyio.to_thread.run_sync(_create_target, to)
-        except FileExistsError:
-            raise InvalidParameter("to", "exists; restore never overwrites a file") from None
-        except OSError as e:
-            raise InvalidParameter("to", f"cannot be created: {e.strerror}") from None
+        fd = await anyio.to_thread.run_sync(_create_target, to)
         # From here on the file is reached through its descriptor, never by its name: the
         # folder may be a user's, who could swap the name for a link to any file.
         image = Path(f"/proc/{os.getpid()}/fd/{fd}")
@@ -482,32 +469,19 @@ class Repository:
             return await self._verify(*manifests)
 
     async def _verify(self, *manifests: Manifest) -> list[str]:
-        problems: dict[int, list[str]] = {}
-        known = []
         folder = self.folder(manifests[0].domain, manifests[0].consumer, manifests[0].disk)
-        links = await anyio.to_thread.run_sync(
-            lambda: [_link_problem(folder, m) for m in manifests])
-        for i, m in enumerate(manifests):
-            if links[i] is not None:
-                problems[i] = [f"{m.file}: {links[i]}"]
-            elif m.checksums in CHECKSUMS:
-                known.append(i)
-            else:  # written by a newer pullbackd
-                problems[i] = [f"{m.file}: cannot check checksums of kind {m.checksums!r}"]
+        unfit = await anyio.to_thread.run_sync(
+            lambda: [_unverifiable(folder, m) for m in manifests])
+        problems = {i: [f"{m.file}: {why}"] for i, (m, why) in enumerate(
+            zip(manifests, unfit, strict=True)) if why is not None}
+        known = [i for i in range(len(manifests)) if i not in problems]
         for start in range(0, len(known), verifying.FILES_PER_SERVER):
             batch = known[start:start + verifying.FILES_PER_SERVER]
             expected = await anyio.to_thread.run_sync(
-                self._expected, [manifests[i] for i in batch])
+                _expected, folder, [manifests[i] for i in batch])
             found = await self._check(expected)
             problems |= dict(zip(batch, found, strict=True))
         return [p for i in range(len(manifests)) for p in problems[i]]
-
-    def _expected(self, manifests: list[Manifest]) -> list[verifying.Expected]:
-        return [verifying.Expected(
-            owned(self.folder(m.domain, m.consumer, m.disk) / m.file),
-            [(r.offset, r.length, r.checksum) for r in m.regions], CHECKSUMS[m.checksums],
-            backed=m.backing is not None, size=m.size)
-            for m in manifests]
 
     async def _check(self, expected: list[verifying.Expected]) -> list[list[str]]:
         """verifying.check, with its server on a socket of ours (see `_serve`)."""
@@ -565,6 +539,27 @@ def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
     return chain
 
 
+def _expected(folder: Path, manifests: list[Manifest]) -> list[verifying.Expected]:
+    """What each backup's file in `folder` must hold. Blocks."""
+    return [verifying.Expected(
+        owned(folder / m.file), [(r.offset, r.length, r.checksum) for r in m.regions],
+        CHECKSUMS[m.checksums], backed=m.backing is not None, size=m.size)
+        for m in manifests]
+
+
+def _stored_jobs(root: Path) -> set[str]:
+    """The ids of every job with a backup under `root`. A manifest that cannot be read is
+    left out, and logged (Verify reports it): at start, one damaged file must not keep
+    the daemon from serving. Blocks."""
+    jobs = set()
+    for path in names.every_manifest(root):
+        try:
+            jobs.add(_read_manifest(path).job)
+        except RepositoryError as e:
+            log.error("a backup's manifest cannot be read", error=str(e))
+    return jobs
+
+
 def _mend_backups(root: Path) -> None:
     """At start: a backup file without its manifest (a commit cut short: the manifest
     comes last) is removed, unless backups after it build on it (no crash leaves that;
@@ -586,10 +581,10 @@ def _mend_backups(root: Path) -> None:
             image.unlink(missing_ok=True)
 
 
-def _link_problem(folder: Path, m: Manifest) -> str | None:
-    """What is wrong with how the backup `m` in `folder` links to the one before it, if
-    anything: its header names another (`_backing`), or that one has no manifest.
-    Blocks."""
+def _unverifiable(folder: Path, m: Manifest) -> str | None:
+    """Why the backup `m` in `folder` cannot be checked, if it cannot: how it links to the
+    one before it (its header names another, `_backing`; that one has no manifest), or
+    checksums of a kind a newer pullbackd wrote. Blocks."""
     try:
         _backing(folder / m.file, m)
     except RepositoryError as e:
@@ -597,6 +592,8 @@ def _link_problem(folder: Path, m: Manifest) -> str | None:
     if m.backing is not None and not names.manifest_of(folder / m.backing).exists():
         return (f"its backing file {m.backing} has no manifest: it cannot be restored; "
                 "restore a backup before it")
+    if m.checksums not in CHECKSUMS:
+        return f"cannot check checksums of kind {m.checksums!r}"
     return None
 
 
@@ -745,9 +742,13 @@ def _create_target(to: Path) -> int:
     folder (a link swapped in after the check)."""
     try:
         return create_in(to.parent, to.name)
+    except FileExistsError:
+        raise InvalidParameter("to", "exists; restore never overwrites a file") from None
     except Moved:
         raise InvalidParameter("to", "its folder moved as the restore began (a link "
                                      "on its way); restore again") from None
+    except OSError as e:
+        raise InvalidParameter("to", f"cannot be created: {e.strerror}") from None
 
 
 def _read_manifest(path: Path) -> Manifest:
