@@ -41,7 +41,8 @@ DISKS = {"vda": 1 << 20, "vdb": 2 << 20}
 class FakeVirt(Virt):
     """libvirt as chain.py and migration.py see it: each domain's checkpoints (libvirt's
     XML of each), its metadata, whether it runs, and migrations (recorded, not done).
-    Like libvirt, it cannot delete a checkpoint of a domain that does not run."""
+    Like libvirt, it cannot delete a checkpoint of a domain that does not run; the
+    bitmaps of one, chain.py has the offline source take out (`forget_bitmaps`)."""
 
     def __init__(self, domains: tuple[str, ...] = ("d1", "d2", "d3", "d4", "d5")) -> None:
         super().__init__("test:///fake")
@@ -50,6 +51,8 @@ class FakeVirt(Virt):
         self.metadata_xmls: dict[str, str] = {}
         #: (domain, destination) of every migration asked for.
         self.migrated: list[tuple[str, str]] = []
+        #: What `forget_bitmaps` was asked: (domain, disks, checkpoint).
+        self.forgotten: list[tuple[str, list[str], str]] = []
         self.errors: dict[str, Exception] = {}
 
     def _fail(self, method: str) -> None:
@@ -108,6 +111,12 @@ class FakeVirt(Virt):
         self._fail("migrate")
         self.migrated.append((domain, destination))
         self.running.pop(domain)
+
+    async def forget_bitmaps(self, domain: str, disks: list[str], checkpoint: str) -> None:
+        """What OfflineSource.forget is to chain.py (a fake domain's disks are no images:
+        there is nothing to take the bitmaps out of)."""
+        self._fail("forget_bitmaps")
+        self.forgotten.append((domain, disks, checkpoint))
 
 
 @dataclass

@@ -346,29 +346,60 @@ def test_a_uefi_domains_nvram_and_tpm_state_are_read_past_their_owners(host: Hos
 
 
 def test_a_shut_off_domain_is_served_by_its_root_unit(host: Host) -> None:
-    """Debian's libvirt gives a shut-off domain's images back to root: pullbackd, not root,
-    has systemd run the job's qemu-storage-daemon as root (pullbackd-storage@JOB.service,
-    which polkit lets it start), and the full backup nbdcopy reads is the disk."""
-    host.write(0, 1 << 20, 0x5b)
-    host.write(SIZE - (1 << 20), 1 << 20, 0x5c)
+    """Debian's libvirt gives a shut-off domain's images back to root, and its pools make
+    them 0600: pullbackd's user can neither read nor write them (the service reads past
+    permissions, and writes nothing). It has systemd run the job's qemu-storage-daemon as
+    root (pullbackd-storage@JOB.service, which polkit lets it start), learns the images'
+    bitmaps from it, and takes a deleted chain's bitmaps out through another: a full and
+    an incremental while off are the disk, byte for byte, and the deleted chain leaves no
+    bitmap in the image (it would record every write of the guest for nothing)."""
+    host.run("chmod", "0600", DISK)
+    try:
+        host.write(0, 1 << 20, 0x5b)
+        host.write(SIZE - (1 << 20), 1 << 20, 0x5c)
+        shut_off(host)
+        assert host.run("stat", "-c", "%U %a", DISK).stdout.strip() == "root 600"
+        assert host.run("runuser", "-u", "pullbackd", "--", "test", "-r", DISK,
+                        check=False).returncode != 0  # not pullbackd's to open
+        full = offline_backup(host, "offline-full.raw")
+        assert full["disks"][0]["mode"] == "full"
+        host.run("virsh", "start", "lab1")
+        host.write(8 << 20, 64 << 10, 0x5d)
+        shut_off(host)
+        incremental = offline_backup(host, "offline-incr.raw", "--mode", "incremental")
+        assert (incremental["since"], incremental["disks"][0]["mode"]) == (
+            full["checkpoint"], "incremental"), incremental
+        host.ctl("chain", "delete", "lab1", "--consumer", "offline")
+        info = json.loads(host.run("qemu-img", "info", "-U", "--output=json", DISK).stdout)
+        left = [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+        assert not [b for b in left if ".offline." in b], left
+        assert ".offline." not in host.run("virsh", "checkpoint-list", "lab1", "--name").stdout
+    finally:
+        host.run("virsh", "start", "lab1", check=False)
+        host.run("chmod", "0644", DISK)
+
+
+def shut_off(host: Host) -> None:
+    """lab1 shut off, what its guest wrote in its image."""
     host.run("virsh", "qemu-monitor-command", "lab1", "--hmp",
              'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "flush"')
     host.run("virsh", "destroy", "lab1")
-    try:
-        assert host.run("stat", "-c", "%U", DISK).stdout.strip() == "root"
-        assert host.run("runuser", "-u", "pullbackd", "--", "test", "-w", DISK,
-                        check=False).returncode != 0  # the bitmap goes in: not pullbackd's
-        reference = host.snapshot("offline-ref.raw")
-        job = host.ctl("backup", "start", "lab1")["job"]
-        unit = f"pullbackd-storage@{job['id']}.service"
-        assert job["offline"] and job["state"] == "ready", job
-        assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
-        host.run("nbdcopy", job["disks"][0]["url"], str(WORK / "offline.raw"))
-        host.same(WORK / "offline.raw", reference)
-        finish(host, job["id"])
-        assert host.run("systemctl", "is-active", unit, check=False).stdout.strip() != "active"
-    finally:
-        host.run("virsh", "start", "lab1")
+
+
+def offline_backup(host: Host, name: str, *options: str) -> dict[str, Any]:
+    """A backup of the shut-off lab1 by the consumer `offline`, read whole by nbdcopy and
+    compared with the disk; its job, finished."""
+    reference = host.snapshot(f"ref-{name}")
+    job: dict[str, Any] = host.ctl("backup", "start", "lab1", "--consumer", "offline",
+                                   *options)["job"]
+    unit = f"pullbackd-storage@{job['id']}.service"
+    assert job["offline"] and job["state"] == "ready", job
+    assert host.run("systemctl", "is-active", unit).stdout.strip() == "active"
+    host.run("nbdcopy", job["disks"][0]["url"], str(WORK / name))
+    host.same(WORK / name, reference)
+    finish(host, job["id"])
+    assert host.run("systemctl", "is-active", unit, check=False).stdout.strip() != "active"
+    return job
 
 
 def test_the_root_unit_serves_nothing_it_is_not_for(host: Host) -> None:

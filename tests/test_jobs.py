@@ -89,7 +89,7 @@ async def running(tmp_path: Path, source: FakeSource, *, max_active: int = 0,
     exports = Exports(tmp_path / "exports")
     exports.prepare()
     layout = Layout(tmp_path / "exports", tmp_path / "scratch")
-    chains = Chains(source.virt, store)
+    chains = Chains(source.virt, store, source.virt.forget_bitmaps)
     admission = Admission(max_active)
     serving = Serving(exports, source, limits or Limits())
     scratch = ScratchSpace(layout, 0)
@@ -1000,7 +1000,8 @@ async def test_a_stopped_domain_fails_its_job_and_its_checkpoint_goes_offline(
         assert (failed.state, failed.error) == (
             JobState.FAILED, "the domain stopped (destroyed) during the backup")
         # libvirt deletes no checkpoint of a shut-off domain: its bitmaps go out of the
-        # images (the fake domain has none; the lab tests have), then libvirt's metadata.
+        # images (the offline source's), then libvirt's metadata.
+        assert source.virt.forgotten == [("d1", ["vda", "vdb"], cut.checkpoint)]
         assert rig.chains.get(cut.checkpoint) is None
         assert rig.chain() == [full.checkpoint] and cut.checkpoint not in rig.checkpoints()
         source.virt.running["d1"] = True
@@ -1405,7 +1406,8 @@ async def test_a_rebuilt_checkpoint_is_ordered_after_its_chain(tmp_path: Path) -
     """libvirt's creation time has whole seconds: a checkpoint rebuilt from it (a lost
     database) may look older than the chain it joins, whose times have milliseconds.
     It goes after the chain's newest, or trimming would delete it as the oldest."""
-    chains = Chains(FakeVirt(("lab1",)), Store(tmp_path / "state.db"))
+    virt = FakeVirt(("lab1",))
+    chains = Chains(virt, Store(tmp_path / "state.db"), virt.forget_bitmaps)
     chains.recorded(Checkpoint("pullbackd.c.a", "lab1", "c", "a", "2026-12-02T09:58:29.512Z",
                                CheckpointState.COMPLETE, ("vda",)))
     assert chains.after_newest("lab1", "c", "2026-12-02T09:58:29.000Z") == \

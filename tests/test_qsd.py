@@ -15,8 +15,10 @@ import anyio
 import nbd
 import pytest
 
+from pullbackd.bitmaps import Bitmap
 from pullbackd.qsd import (
     Export,
+    Found,
     Image,
     StorageDaemon,
     StorageDaemonError,
@@ -93,6 +95,14 @@ def daemon(tmp_path: Path) -> StorageDaemon:
     return StorageDaemon(tmp_path / "qmp.sock", tmp_path / "nbd.sock", tmp_path / "qsd.pid")
 
 
+async def start(d: StorageDaemon, images: list[Image], checkpoint: str,
+                exports: list[Export], targets: list[Target] | None = None) -> dict[str, Found]:
+    """What offline.py does: open the images, then serve them."""
+    found = await d.open("vm", images)
+    await d.serve(images, found, checkpoint, exports, targets or [])
+    return found
+
+
 def url(d: StorageDaemon, export: str) -> str:
     return f"nbd+unix:///{export}?socket={d.nbd}"
 
@@ -103,7 +113,7 @@ async def test_a_full_export_is_the_image_and_adds_the_checkpoint(
     await anyio.run_process(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image),
                              str(reference)])
     d = daemon(tmp_path)
-    await d.start("vm", [Image("vda", image)], "pullbackd.default.a",
+    await start(d, [Image("vda", image)], "pullbackd.default.a",
                   [Export("vda", "vda-t", None)])
     try:
         assert await d.running()
@@ -120,10 +130,10 @@ async def test_a_full_export_is_the_image_and_adds_the_checkpoint(
 async def test_an_incremental_export_marks_exactly_what_changed(
         tmp_path: Path, image: Path) -> None:
     d = daemon(tmp_path)
-    await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-1", None)])
+    await start(d, [Image("vda", image)], "c1", [Export("vda", "vda-1", None)])
     await d.stop()
     qemu_io(image, "write -q -P 0x33 4M 64k", "write -q -P 0x44 40M 128k")
-    await d.start("vm", [Image("vda", image)], "c2", [Export("vda", "vda-2", "c1")])
+    await start(d, [Image("vda", image)], "c2", [Export("vda", "vda-2", "c1")])
     try:
         assert await anyio.to_thread.run_sync(
             dirty, url(d, "vda-2"), "qemu:dirty-bitmap:backup-vda") == [
@@ -141,13 +151,13 @@ async def test_a_refused_start_leaves_nothing(tmp_path: Path, image: Path) -> No
     await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "old"])
     d = daemon(tmp_path)
     with pytest.raises(StorageDaemonError, match="'nope' not found"):
-        await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-t", "nope")])
+        await start(d, [Image("vda", image)], "c1", [Export("vda", "vda-t", "nope")])
     assert not await d.running()
     assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile, d.log, d.marker))
     assert bitmaps(image) == {"old": ["auto"]}  # the transaction is all or nothing
-    with pytest.raises(StorageDaemonError, match="did not start"):
-        await d.start("vm", [Image("vda", tmp_path / "missing.qcow2")], "c1",
-                      [Export("vda", "vda-t", None)])
+    with pytest.raises(StorageDaemonError, match=r"missing\.qcow2"):
+        await start(d, [Image("vda", tmp_path / "missing.qcow2")], "c1",
+                    [Export("vda", "vda-t", None)])
     assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile, d.log, d.marker))
 
 
@@ -156,20 +166,20 @@ async def test_kill_9_while_it_serves_leaves_the_bitmaps_usable(
     """Once it serves, the images are read-only: a kill -9 marks no bitmap in use (a
     process killed with an image open read-write leaves every bitmap inconsistent)."""
     d = daemon(tmp_path)
-    await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    await start(d, [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
     pid = d.pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     await d.stop()  # reaps it, removes its files
     assert bitmaps(image) == {"c1": ["auto"]}
     # And the next backup since c1 works.
-    await d.start("vm", [Image("vda", image)], "c2", [Export("vda", "vda-t", "c1")])
+    await start(d, [Image("vda", image)], "c2", [Export("vda", "vda-t", "c1")])
     await d.stop()
 
 
 async def test_nothing_writes_the_image_while_it_serves(tmp_path: Path, image: Path) -> None:
     d = daemon(tmp_path)
-    await d.start("vm", [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    await start(d, [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
     try:
         refused = await anyio.run_process(
             ["qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image)], check=False)
@@ -199,7 +209,7 @@ async def test_a_push_writes_the_file_it_made_whatever_its_name_leads_to_since(
     target.symlink_to(victim)
     d = daemon(tmp_path)
     try:
-        await d.start("vm", [Image("vda", image)], "c1", [], [Target("vda", target, None, fd)])
+        await start(d, [Image("vda", image)], "c1", [], [Target("vda", target, None, fd)])
     finally:
         os.close(fd)
     try:
@@ -217,3 +227,56 @@ async def test_a_push_writes_the_file_it_made_whatever_its_name_leads_to_since(
         ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(image),
          str(folder / "moved.qcow2")], check=False)
     assert compared.returncode == 0, compared.stdout
+
+
+async def test_open_tells_each_images_bitmaps_and_layers(tmp_path: Path, image: Path) -> None:
+    """What offline.py decides from (pullbackd opens no image itself: on a host they are
+    root's): each image's persistent bitmaps, recording or not, one that a killed daemon
+    left in use inconsistent, and the layer under an overlay."""
+    await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "left"])
+    d = daemon(tmp_path)
+    await d.open("vm", [Image("vda", image)])
+    pid = d.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the image open for writing: "left" is in use now
+    await d.stop()
+    await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "on"])
+    await anyio.run_process(["qemu-img", "bitmap", "--add", "--disable", str(image), "off"])
+    base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(SIZE)])
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base),
+                             "-F", "qcow2", str(overlay)])
+    found = await d.open("vm", [Image("vda", image), Image("vdb", overlay, bitmap=False)])
+    try:
+        assert found == {
+            "vda": Found(None, {"left": Bitmap(recording=False, inconsistent=True),
+                                "on": Bitmap(recording=True, inconsistent=False),
+                                "off": Bitmap(recording=False, inconsistent=False)}),
+            "vdb": Found("vdb-1", {})}
+    finally:
+        await d.stop()
+    assert bitmaps(image) == {"left": ["in-use", "auto"], "on": ["auto"], "off": []}
+    assert not any(p.exists() for p in (d.qmp, d.nbd, d.pidfile, d.log, d.marker))
+
+
+async def test_remove_bitmaps_takes_one_out_of_the_images_that_hold_it(
+        tmp_path: Path, image: Path) -> None:
+    other = tmp_path / "vdb.qcow2"
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(other), str(SIZE)])
+    for path, name in ((image, "c1"), (image, "c2"), (other, "c2")):
+        await anyio.run_process(["qemu-img", "bitmap", "--add", str(path), name])
+    d = daemon(tmp_path)
+    images = [Image("vda", image), Image("vdb", other)]
+    found = await d.open("vm", images)
+    try:
+        await d.remove_bitmaps(found, "c1")  # vdb has none: not asked of it
+        with pytest.raises(StorageDaemonError, match="nope"):
+            await d.remove_bitmaps({"vda": Found(None, {"nope": Bitmap(True, False)})}, "nope")
+    finally:
+        await d.stop()
+    assert (bitmaps(image), bitmaps(other)) == ({"c2": ["auto"]}, {"c2": ["auto"]})
+    # And serving a daemon opened so removes nothing more.
+    found = await start(d, images, "c3", [Export("vda", "vda-t", "c2")])
+    await d.stop()
+    assert (bitmaps(image), bitmaps(other)) == ({"c2": ["auto"], "c3": ["auto"]},
+                                                {"c2": ["auto"], "c3": ["auto"]})

@@ -36,17 +36,16 @@ that be written, its record stays, marked for deletion.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import replace as _replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
-from . import bitmaps, crash, xml
+from . import crash, xml
 from .errors import DomainBusy, InvalidParameter, LibvirtError, NoSuchCheckpoint, NoSuchDomain
 from .model import Checkpoint, CheckpointState, timestamp
 from .names import CONSUMER, DEFAULT_CONSUMER, PREFIX, checkpoint_name
@@ -69,6 +68,11 @@ def check_consumer(consumer: str) -> str:
     return consumer
 
 
+#: Takes the bitmaps of a checkpoint (its name, the last argument) out of the images of
+#: a shut-off domain's disks: (domain, disks, checkpoint).
+Forget = Callable[[str, list[str], str], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class Base:
     """Where one disk's backup starts: a checkpoint, or None for a full backup (and why)."""
@@ -80,11 +84,13 @@ class Base:
 
 
 class Chains:
-    def __init__(self, virt: Virt, store: Store, keep: int = 0) -> None:
-        """`keep`: checkpoints of each consumer's chain kept per disk (see `_over_keep`);
-        0 keeps them all."""
+    def __init__(self, virt: Virt, store: Store, forget: Forget, keep: int = 0) -> None:
+        """`forget`: takes a checkpoint's bitmaps out of a shut-off domain's images
+        (OfflineSource.forget); `keep`: checkpoints of each consumer's chain kept per disk
+        (see `_over_keep`); 0 keeps them all."""
         self._virt = virt
         self._store = store
+        self._forget = forget
         self.keep = keep
         self._checkpoints: dict[str, Checkpoint] = {c.name: c for c in store.load_checkpoints()}
         #: domain -> held while its chains are written into its metadata.
@@ -344,12 +350,7 @@ class Chains:
         """libvirt deletes no bitmap of a shut-off domain: they go out of its images
         first, then libvirt's metadata of the checkpoint (after a crash between the two,
         the next delete finds the bitmaps gone and deletes the metadata alone)."""
-        dom = await self._virt.domain(c.domain)
-        images = {d.target: Path(d.source) for d in xml.parse_disks(dom.xml)
-                  if d.source is not None and d.no_bitmap is None}
-        for disk in c.disks:
-            if disk in images:
-                await bitmaps.remove(images[disk], c.name)
+        await self._forget(c.domain, list(c.disks), c.name)
         await self._virt.delete_checkpoint(c.domain, c.name, metadata_only=True)
 
     async def check(self, did_not_complete: Callable[[str], bool], running: set[str]) -> None:

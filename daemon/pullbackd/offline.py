@@ -24,6 +24,12 @@ Invariants:
 - The checkpoint exists in libvirt only once its bitmaps exist in the images; a start that
   fails leaves neither.
 - The daemon outlives pullbackd (its own session): a later run finds it by its PID file.
+- pullbackd opens no image itself (they are root's on a host, and the daemon is then
+  root's unit, storage_unit.py): what it decides from the images (their bitmaps, whether
+  they are layered) the job's daemon tells once it opened them (`StorageDaemon.open`),
+  before it adds or serves anything; a checkpoint's bitmaps go out of them through a
+  daemon opened for that alone (`forget`), after a start that failed, and when a
+  checkpoint of the shut-off domain is deleted (chain.py).
 
 A push backup (`target_dir`) runs a backup job per disk in the daemon, into new qcow2
 files named as libvirt names its own; the job ends when they all ended. pullbackd makes
@@ -47,12 +53,21 @@ from .domainfiles import DomainFiles, Reader
 from .durable import unlink_same
 from .errors import ImageNotReachable, InvalidParameter, LibvirtError
 from .model import Job, Kind, Scratch
-from .names import Layout, export_token, job_file
+from .names import Layout, export_token, job_file, new_job_id
 from .qcow2 import ImageError
-from .qsd import Export, Image, StorageDaemon, StorageDaemonError, Target, new_target, pushed
+from .qsd import (
+    Export,
+    Found,
+    Image,
+    StorageDaemon,
+    StorageDaemonError,
+    Target,
+    new_target,
+    pushed,
+)
 from .roles import user_name
 from .source import Begun, Exported, Plan, Sink, Unowned, select_disks
-from .virt import AgentError, Virt
+from .virt import AgentError, Domain, Virt
 
 log = structlog.get_logger()
 
@@ -96,7 +111,6 @@ class OfflineSource:
             raise LibvirtError(-1, f"{domain!r} started meanwhile; start the backup again")
         disks = xml.parse_disks(dom.xml)
         chosen, skip = select_disks(domain, disks, wanted)
-        restart: dict[str, str] = {}
         for disk in (d for d in disks if d.target in chosen):
             if disk.type not in ("file", "block") or disk.source is None:
                 raise InvalidParameter("disks", (
@@ -107,35 +121,31 @@ class OfflineSource:
                                                  not self._unit)
             if why is not None:
                 raise ImageNotReachable(domain, disk.target, disk.source, why)
-            if disk.no_bitmap is None and await bitmaps.backing(Path(disk.source)):
-                restart[disk.target] = LAYERED
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
         full = {d.target: why for d in disks if d.target in chosen and (why := d.no_bitmap)}
-        return Plan(tuple(chosen), skip, sizes, full, restart, offline=True, clean=dom.clean,
+        return Plan(tuple(chosen), skip, sizes, full, offline=True, clean=dom.clean,
                     definition=dom.definition)
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         dom = await self._virt.domain(job.domain)
         if dom.running:
             raise LibvirtError(-1, f"{job.domain!r} started meanwhile; start the backup again")
-        found = {d.target: d for d in xml.parse_disks(dom.xml)}
-        if missing := [d for d in bases if d not in found or found[d].source is None]:
-            raise LibvirtError(-1, f"disk {missing[0]} of {job.domain!r} changed meanwhile; "
-                                   "start the backup again")
-        images = [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap,
-                        await bitmaps.backing(Path(found[d].source or ""))
-                        if found[d].format == "qcow2" else (), found[d].type == "block")
-                  for d, b in bases.items()]
-        for image in images:
-            base = bases[image.disk]
-            if base.checkpoint is not None:
-                flags = (await bitmaps.of(image.path)).get(base.checkpoint)
-                if not bitmaps.usable(flags):
-                    state = "is missing" if flags is None else "is inconsistent (left in use)"
-                    bases[image.disk] = Base(None, f"the bitmap of {base.checkpoint} in the "
-                                                   f"image {state}; this disk's chain "
-                                                   "restarts here")
-        self._exports[job.id] = await self._serve(job, images, bases)
+        images = _images(job.domain, dom, bases)
+        daemon = self._daemon(job.id)
+        try:
+            found = await daemon.open(job.domain, images)
+        except StorageDaemonError as e:
+            raise LibvirtError(-1, str(e)) from None  # it is libvirt's QEMU, run by us
+        for disk, base in bases.items():
+            if base.bitmap and found[disk].layered:
+                bases[disk] = Base(None, LAYERED)
+            elif base.checkpoint is not None:
+                bitmap = found[disk].bitmaps.get(base.checkpoint)
+                if not bitmaps.usable(bitmap):
+                    state = "is missing" if bitmap is None else "is inconsistent (left in use)"
+                    bases[disk] = Base(None, f"the bitmap of {base.checkpoint} in the image "
+                                             f"{state}; this disk's chain restarts here")
+        self._exports[job.id] = await self._serve(job, daemon, images, found, bases)
         self._watched[job.id] = job
         crash.point("start.served")
         with_bitmap = [i.disk for i in images if i.bitmap]
@@ -148,32 +158,35 @@ class OfflineSource:
         except BaseException:
             with anyio.CancelScope(shield=True):  # the bitmaps must not outlive the failure
                 await self._stop(job.id)
-                await self._forget_bitmaps(images, job.checkpoint)
+                await self._forget_bitmaps(job.domain, images, job.checkpoint)
             raise
 
-    async def _serve(self, job: Job, images: list[Image], bases: dict[str, Base]
-                     ) -> list[Export]:
-        """The job's daemon serving `images`: an export of each disk, or a push of each
-        into a new file (`target_dir`); its exports. If it fails, nothing is left of it:
-        no daemon, no bitmap, no file that looks like a backup."""
+    async def _serve(self, job: Job, daemon: StorageDaemon, images: list[Image],
+                     found: dict[str, Found], bases: dict[str, Base]) -> list[Export]:
+        """The job's daemon, `open`, serving `images`: an export of each disk, or a push of
+        each into a new file (`target_dir`); its exports. If it fails, nothing is left of
+        it: no daemon, no bitmap, no file that looks like a backup."""
         token = export_token()
         exports = [Export(d, f"{d}-{token}", b.checkpoint) for d, b in bases.items()] \
             if job.target_dir is None else []
         targets: list[Target] = []
+        served = False
         try:
             if job.target_dir is not None:
                 for disk, base in bases.items():  # new files, like libvirt's push targets
                     path = job_file(Path(job.target_dir), job.id, disk)
                     fd = await _create(path, await self._virt.capacity(job.domain, disk))
                     targets.append(Target(disk, path, base.checkpoint, fd))
-            await self._daemon(job.id).start(job.domain, images, job.checkpoint, exports,
-                                             targets)
+            served = True
+            await daemon.serve(images, found, job.checkpoint, exports, targets)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
+                await self._stop(job.id)  # if it was not served: the images go back
                 for target in targets:
                     await anyio.to_thread.run_sync(unlink_same, target.path,
                                                    os.fstat(target.fd))
-                await self._forget_bitmaps(images, job.checkpoint)
+                if served:  # it may have added the bitmaps before it failed
+                    await self._forget_bitmaps(job.domain, images, job.checkpoint)
             if isinstance(e, StorageDaemonError):
                 raise LibvirtError(-1, str(e)) from None
             raise
@@ -182,16 +195,37 @@ class OfflineSource:
                 os.close(target.fd)
         return exports
 
-    @staticmethod
-    async def _forget_bitmaps(images: list[Image], checkpoint: str) -> None:
+    async def _forget_bitmaps(self, domain: str, images: list[Image], checkpoint: str) -> None:
         """The checkpoint's bitmaps out of the images, after a start that failed."""
-        for image in images:
-            if image.bitmap:
-                try:
-                    await bitmaps.remove(image.path, checkpoint)
-                except LibvirtError as e:
-                    log.warning("cannot remove the bitmap of a backup that did not start",
-                                image=str(image.path), checkpoint=checkpoint, error=str(e))
+        try:
+            await self.forget(domain, [i.disk for i in images if i.bitmap], checkpoint)
+        except LibvirtError as e:
+            log.warning("cannot remove the bitmaps of a backup that did not start",
+                        domain=domain, checkpoint=checkpoint, error=str(e))
+
+    async def forget(self, domain: str, disks: list[str], checkpoint: str) -> None:
+        """Take the bitmap of `checkpoint` out of the images of the shut-off domain's
+        `disks` that hold one, through a daemon of its own (a fresh id: the hook names it
+        if the domain is started meanwhile, and a start of pullbackd ends it if it is
+        left). Raises LibvirtError (the domain runs, say: libvirt deletes them then)."""
+        dom = await self._virt.domain(domain)
+        if dom.running:
+            raise LibvirtError(-1, f"{domain!r} runs now: libvirt deletes the bitmaps")
+        qcow2 = [d for d in xml.parse_disks(dom.xml)
+                 if d.target in disks and d.format == "qcow2" and d.source is not None]
+        if not qcow2:
+            return
+        images = _images(domain, dom, {d.target: Base(None, bitmap=False) for d in qcow2})
+        job_id = new_job_id()
+        daemon = self._daemon(job_id)
+        try:
+            await daemon.remove_bitmaps(await daemon.open(domain, images), checkpoint)
+        except StorageDaemonError as e:
+            raise LibvirtError(-1, f"cannot remove the bitmap {checkpoint} from the images of "
+                                   f"{domain!r}: {e}") from None
+        finally:
+            with anyio.CancelScope(shield=True):  # the images go back to the domain
+                await self._stop(job_id)
 
     async def _newest(self, domain: str) -> str | None:
         """The domain's newest checkpoint: the parent of one made now (libvirt's own next
@@ -301,6 +335,17 @@ class OfflineSource:
     async def end_unowned(self, backup: Unowned) -> None:
         await self._stop(backup.job_id)
 
+
+
+def _images(domain: str, dom: Domain, bases: dict[str, Base]) -> list[Image]:
+    """The images of the domain `dom`'s disks in `bases`; raises LibvirtError if a disk
+    changed since it was planned."""
+    found = {d.target: d for d in xml.parse_disks(dom.xml)}
+    if missing := [d for d in bases if d not in found or found[d].source is None]:
+        raise LibvirtError(-1, f"disk {missing[0]} of {domain!r} changed meanwhile; "
+                               "start the backup again")
+    return [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap,
+                  device=found[d].type == "block") for d, b in bases.items()]
 
 
 def _unreachable(image: Path, ourselves: bool) -> str | None:

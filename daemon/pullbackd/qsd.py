@@ -1,8 +1,11 @@
 """qemu-storage-daemon: how pullbackd serves the disks of a domain that is shut off.
 
-One process per job (offline.py). It opens each disk's qcow2 image (a `file` node and a
-`qcow2` node named after the disk), listens for QMP on a Unix socket, and serves NBD on
-another; pullbackd drives it over QMP:
+One process per job (offline.py). It opens each disk's image (a `file` node and a format
+node named after the disk, over the layers under it, read-only), listens for QMP on a Unix
+socket, and serves NBD on another. Whoever starts it reads the layers (`layered`): pullbackd
+itself, or the job's root unit (storage_unit.py) when the images are root's. pullbackd
+never opens the images itself: what it needs to know of them (their bitmaps, whether they
+are layered) it asks the daemon (`open`), then drives it over QMP (`serve`):
 
 1. one transaction adds the job's checkpoint bitmap to every qcow2 disk (persistent, recording,
    named after the checkpoint, as libvirt names its own) and, for a disk backed up since an
@@ -16,6 +19,10 @@ another; pullbackd drives it over QMP:
    `qemu:dirty-bitmap:backup-<disk>` as QEMU's own pull backups have it); or, for a push
    backup, a backup job per disk into its target file (all of it, or the clusters the
    temporary bitmap marks), as libvirt's push backups do.
+
+The same daemon, opened and not served, takes a checkpoint's bitmaps out of the images
+(`remove_bitmaps`): after a start that failed, and when a checkpoint of a shut-off domain
+is deleted.
 
 While it holds the images, QEMU cannot open them for writing: a start of the domain fails
 ("Failed to get "write" lock"). A qcow2 node makes QEMU lock its file so; a raw one passes
@@ -32,7 +39,9 @@ The QMP calls are blocking socket calls: they run in worker threads (`anyio.to_t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -48,7 +57,8 @@ import anyio
 import structlog
 from anyio.abc import Process
 
-from . import qcow2
+from . import bitmaps, qcow2
+from .bitmaps import Bitmap
 from .durable import fill, write_new
 from .names import backup_bitmap
 
@@ -94,7 +104,25 @@ class Image:
     @property
     def below(self) -> str | None:
         """The node of the layer right under it."""
-        return f"{self.disk}-1" if self.backing else None
+        return _below(self.disk) if self.backing else None
+
+
+def _below(disk: str) -> str:
+    return f"{disk}-1"
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the daemon found in a disk's image on opening it."""
+
+    #: The node of the layer right under it (an external snapshot's overlay), if any.
+    below: str | None
+    #: Its persistent bitmaps, by name.
+    bitmaps: dict[str, Bitmap]
+
+    @property
+    def layered(self) -> bool:
+        return self.below is not None
 
 
 @dataclass(frozen=True)
@@ -235,6 +263,8 @@ class StorageDaemon:
         self.marker = pidfile.with_suffix(".domain")
         #: The process, if this run of pullbackd started it (to reap it when it ends).
         self._proc: Process | None = None
+        #: Its monitor, from `open` to the end of `serve` (or to `stop`).
+        self._monitor: Monitor | None = None
 
     def command(self, images: Sequence[Image], pidfile: bool = True) -> list[str]:
         """Its command line; without `pidfile`, the caller writes the PID file."""
@@ -259,50 +289,88 @@ class StorageDaemon:
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
-    async def start(self, domain: str, images: Sequence[Image], checkpoint: str,
-                    exports: Sequence[Export], targets: Sequence[Target] = ()) -> None:
-        """Start it, add the bitmaps, reopen the images read-only, export each disk, or
-        push it into its target (a qcow2 file made already). Raises StorageDaemonError
-        (with what it said) and leaves nothing running."""
+    async def open(self, domain: str, images: Sequence[Image]) -> dict[str, Found]:
+        """Start it holding `images`, open for writing, and what it found in each (their
+        layers are read by whoever starts it: `layered`). Raises StorageDaemonError (with
+        what it said) and leaves nothing running."""
         for path in self._files():
             path.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(_write_new, self.marker, domain)
         try:
-            proc = await self._launch(domain, images)
+            self._proc = await self._launch(domain, images)
         except BaseException:
             for path in self._files():
                 path.unlink(missing_ok=True)
             raise
         try:
-            monitor = await self._connect(proc)
-            try:
-                served: list[Export | Target] = [*exports, *targets]
-                await anyio.to_thread.run_sync(_prepare, monitor, images, checkpoint, served)
-                await anyio.to_thread.run_sync(_push, monitor, targets)
-            finally:
-                monitor.close()
+            self._monitor = await self._connect(self._proc)
+            nodes = await anyio.to_thread.run_sync(functools.partial(
+                self._monitor.execute, "query-named-block-nodes", flat=True))
+            return _found(nodes, images)
         except BaseException as e:
-            with anyio.CancelScope(shield=True):  # never leave it holding the images
-                # `quit` closes the images as they should be: killed while they are open
-                # for writing, it would leave every bitmap in them inconsistent.
-                if proc is None:
-                    await self._end_unit()
-                else:
+            raise await self._abandon(e) from None
+
+    async def serve(self, images: Sequence[Image], found: dict[str, Found], checkpoint: str,
+                    exports: Sequence[Export], targets: Sequence[Target] = ()) -> None:
+        """Once `open`: add the bitmaps, reopen the images read-only, export each disk, or
+        push it into its target (a qcow2 file made already). Raises StorageDaemonError
+        (with what it said) and leaves nothing running; the bitmaps it added may be left
+        in the images (`remove_bitmaps` of another daemon takes them out)."""
+        monitor = self._opened()
+        try:
+            served: list[Export | Target] = [*exports, *targets]
+            await anyio.to_thread.run_sync(_prepare, monitor, images, found, checkpoint, served)
+            await anyio.to_thread.run_sync(_push, monitor, targets)
+        except BaseException as e:
+            raise await self._abandon(e) from None
+        finally:
+            self._close_monitor()
+
+    async def remove_bitmaps(self, found: dict[str, Found], name: str) -> None:
+        """Once `open`: the bitmap `name` out of the images that have it, in one
+        transaction. Raises StorageDaemonError; `stop` it either way."""
+        actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": disk, "name": name}}
+                   for disk, there in found.items() if name in there.bitmaps]
+        if actions:
+            await anyio.to_thread.run_sync(functools.partial(
+                self._opened().execute, "transaction", actions=actions))
+
+    def _opened(self) -> Monitor:
+        if self._monitor is None:
+            raise AssertionError("qemu-storage-daemon is not open")
+        return self._monitor
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+
+    async def _abandon(self, error: BaseException) -> BaseException:
+        """End it after a step of `open` or `serve` failed with `error`, and its files;
+        the error to raise (with what it said). Shielded: never leave it holding the
+        images."""
+        with anyio.CancelScope(shield=True):
+            self._close_monitor()  # one monitor at a time: `quit` needs it
+            proc, self._proc = self._proc, None
+            # `quit` closes the images as they should be: killed while they are open
+            # for writing, it would leave every bitmap in them inconsistent.
+            if proc is None:
+                await self._end_unit()
+            else:
+                if proc.returncode is None:
+                    with anyio.move_on_after(STOP_TIMEOUT):
+                        with contextlib.suppress(OSError, StorageDaemonError):
+                            await anyio.to_thread.run_sync(_quit, self.qmp)
+                        await proc.wait()
                     if proc.returncode is None:
-                        with anyio.move_on_after(STOP_TIMEOUT):
-                            with contextlib.suppress(OSError, StorageDaemonError):
-                                await anyio.to_thread.run_sync(_quit, self.qmp)
-                            await proc.wait()
-                        if proc.returncode is None:
-                            proc.kill()
-                    await proc.wait()
-                said = await anyio.to_thread.run_sync(self._said)
-                for path in self._files():
-                    path.unlink(missing_ok=True)
-            if isinstance(e, StorageDaemonError) and said:
-                raise StorageDaemonError(f"{e} ({said})") from None
-            raise
-        self._proc = proc
+                        proc.kill()
+                await proc.wait()
+            said = await anyio.to_thread.run_sync(self._said)
+            for path in self._files():
+                path.unlink(missing_ok=True)
+        if isinstance(error, StorageDaemonError) and said:
+            return StorageDaemonError(f"{error} ({said})")
+        return error
 
     async def _launch(self, domain: str, images: Sequence[Image]) -> Process | None:
         """Start it: as pullbackd's child (its process), or in its unit (None)."""
@@ -312,6 +380,7 @@ class StorageDaemon:
                                             for i in images]}))
             await _systemctl("start", self.unit)
             return None
+        images = await anyio.to_thread.run_sync(layered, images)
         # Its own session: not in pullbackd's process group, not killed with it.
         fd = await anyio.to_thread.run_sync(
             os.open, self.log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -388,6 +457,7 @@ class StorageDaemon:
     async def stop(self) -> None:
         """`quit`, or SIGKILL if it does not answer (its images are read-only by then);
         then its files go."""
+        self._close_monitor()
         if self.unit is not None:
             await self._end_unit()
         elif (pid := await anyio.to_thread.run_sync(self.pid)) is not None:
@@ -436,8 +506,47 @@ def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
-             served: Sequence[Export | Target]) -> None:
+def _found(nodes: list[dict[str, Any]], images: Sequence[Image]) -> dict[str, Found]:
+    """What it found in each image, from `query-named-block-nodes` (each image's node is
+    named after its disk, the layer under it `_below`)."""
+    by_name = {node.get("node-name"): node for node in nodes}
+    found = {}
+    for image in images:
+        if (node := by_name.get(image.disk)) is None:
+            raise StorageDaemonError(f"qemu-storage-daemon has no node for {image.disk}")
+        below = _below(image.disk)
+        found[image.disk] = Found(below if below in by_name else None, bitmaps.of(node))
+    return found
+
+
+def _backing(found: Found) -> dict[str, str]:
+    """A reopen's option that keeps the layer under the image (left out, it would go)."""
+    return {"backing": found.below} if found.below else {}
+
+
+def layered(images: Sequence[Image]) -> list[Image]:
+    """The images with the layers under each qcow2 one (its `backing`), as qemu-img reads
+    them from the images: by the side that starts the daemon, which may read them. Raises
+    StorageDaemonError. Blocks."""
+    result = []
+    for image in images:
+        if image.format == "qcow2":
+            done = subprocess.run(["qemu-img", "info", "-U", "--backing-chain",
+                                   "--output=json", "-f", "qcow2", str(image.path)],
+                                  check=False, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise StorageDaemonError(f"qemu-img info: {done.stderr.strip()}")
+            result.append(dataclasses.replace(image, backing=tuple(
+                (Path(layer["filename"]), layer["format"])
+                for layer in json.loads(done.stdout)[1:])))
+        else:
+            result.append(image)
+    return result
+
+
+def _prepare(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
+             checkpoint: str, served: Sequence[Export | Target]) -> None:
     """The bitmaps, the images reopened read-only, the exports (the module's steps)."""
     actions: list[dict[str, Any]] = []
     for image in images:
@@ -457,8 +566,7 @@ def _prepare(monitor: Monitor, images: Sequence[Image], checkpoint: str,
         monitor.execute("transaction", actions=actions)
     monitor.execute("blockdev-reopen", options=[
         {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
-         "read-only": True} | ({"backing": image.below} if image.below else {})
-        for image in images])
+         "read-only": True} | _backing(found[image.disk]) for image in images])
     for export in served:
         if isinstance(export, Target):
             continue

@@ -137,10 +137,10 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
                     max_lifetime=cfg.exports.max_lifetime)
     layout = Layout(cfg.exports.dir, cfg.scratch.dir)
     files = Reader(virt, cfg.libvirt.state_dir)
+    offline = OfflineSource(virt, layout, files, cfg.offline.unit)
     source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout, files,
-                                         cfg.exports.qemu_group),
-                     OfflineSource(virt, layout, files, cfg.offline.unit))
-    chains = Chains(virt, store, cfg.chains.keep)
+                                         cfg.exports.qemu_group), offline)
+    chains = Chains(virt, store, offline.forget, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
     serving = Serving(exports, source, limits, remote)
     scratch = ScratchSpace(layout, cfg.scratch.reserve)

@@ -57,15 +57,15 @@ LOOK_AGAIN = 1.0
 
 @dataclass(frozen=True)
 class Plan:
-    """What a backup of a domain covers: its disks, the disks left out, their sizes, the
-    disks that can only be backed up in full (no dirty bitmap), and those whose chain
-    must restart with this backup (in full, with a new bitmap), with why."""
+    """What a backup of a domain covers: its disks, the disks left out, their sizes, and
+    the disks that can only be backed up in full (no dirty bitmap), with why. (What each
+    disk starts from is chain.py's; the source may yet restart a disk's chain when it
+    begins, in full with a new bitmap: `BackupSource.begin`.)"""
 
     disks: tuple[str, ...]
     skip: tuple[str, ...]
     sizes: dict[str, int]
     full: dict[str, str] = field(default_factory=dict)
-    restart: dict[str, str] = field(default_factory=dict)
     #: The domain is shut off (offline.py serves it); `clean`ly (virt.CLEAN_SHUTOFF).
     offline: bool = False
     clean: bool = False

@@ -267,7 +267,6 @@ class Starts:
         if request.destination == LOCAL:
             bases = await anyio.to_thread.run_sync(
                 self._local_bases, domain, request.consumer, bases)
-        bases |= {disk: Base(None, why) for disk, why in plan.restart.items()}
         return bases | {disk: Base(None, why, bitmap=False) for disk, why in plan.full.items()}
 
     async def _begin(self, job: Job, request: StartRequest, plan: Plan,

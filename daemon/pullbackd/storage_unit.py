@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from . import bitmaps, config, virt, xml
+from . import config, virt, xml
 from .durable import write_new
 from .errors import LibvirtError, NoSuchDomain
 from .names import JOB_ID, Layout
-from .qsd import Image, StorageDaemon, hold_writers_off
+from .qsd import Image, StorageDaemon, StorageDaemonError, hold_writers_off, layered
 
 REFUSED = 2
 
@@ -64,14 +63,8 @@ def images(uri: str, spec: dict[str, object]) -> tuple[str, list[Image]]:
             raise Refused(f"{domain} has no file or block disk {entry['disk']!r}")
         path, fmt = Path(disk.source), disk.format or "raw"
         chosen.append(Image(disk.target, path, fmt, bool(entry.get("bitmap")) and
-                            fmt == "qcow2", _layers(path) if fmt == "qcow2" else (),
-                            disk.type == "block"))
-    return domain, chosen
-
-
-def _layers(image: Path) -> tuple[tuple[Path, str], ...]:
-    return bitmaps.layers(subprocess.run(["qemu-img", *bitmaps.chain_info(image)], check=True,
-                                         capture_output=True, text=True).stdout)
+                            fmt == "qcow2", device=disk.type == "block"))
+    return domain, layered(chosen)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = json.loads(qsd.spec.read_text())
         domain, chosen = images(cfg.libvirt.uri, spec if isinstance(spec, dict) else {})
-    except (OSError, ValueError, Refused, LibvirtError, NoSuchDomain,
-            subprocess.CalledProcessError) as e:
+    except (OSError, ValueError, Refused, LibvirtError, NoSuchDomain, StorageDaemonError) as e:
         print(f"pullbackd-storage: job {args.job}: refused: {e}", file=sys.stderr, flush=True)
         return REFUSED
     print(f"pullbackd-storage: job {args.job}: serving {domain}: "

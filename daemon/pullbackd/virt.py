@@ -421,7 +421,7 @@ class Virt:
         """Delete a checkpoint and its bitmaps; one that does not exist is already deleted.
 
         libvirt deletes the bitmaps of a running domain only: for a shut-off one this raises
-        ShutOff, and the caller removes them from the images (bitmaps.py), then the
+        ShutOff, and the caller removes them from the images (OfflineSource.forget), then the
         checkpoint's metadata alone (`metadata_only`).
         """
 
