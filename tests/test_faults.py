@@ -78,7 +78,7 @@ class FakeVirt(Virt):
             raise errors.NoSuchDomain(name)
         return Definition(DOMAIN_XML, DOMAIN_XML if self.running[name] else None)
 
-    async def fs_thaw(self, domain: str) -> int:
+    async def fs_thaw(self, domain: str, wait: float) -> int:
         await self._hook("fs_thaw")
         return 0  # nothing frozen
 

@@ -6,6 +6,7 @@ nothing and "auto" warns."""
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,35 @@ def test_a_freeze_that_froze_nothing_is_no_freeze(
         assert guest.agent("guest-fsfreeze-status") == "thawed"
         assert d.ctl.job("Abort", id=job["id"])["state"] == "aborted"
     finally:
+        stop_daemon(d)
+
+
+def test_a_freeze_the_agent_does_not_answer_holds_no_start(
+        agent_lab: tuple[Lab, Guest], guest: Guest, tmp_path: Path) -> None:
+    """A freeze held up in the guest: its data disk throttled to 16 KiB/s under 16 MiB it
+    has not written yet, which the freeze writes first. libvirt would wait for the agent
+    for ever, and the Start with it; it goes on crash-consistent once `agent_timeout`
+    passed, and once the freeze ends (the throttle lifted) pullbackd thaws the guest,
+    nobody asking."""
+    lab = agent_lab[0]
+    assert guest.run("/bin/sh", "-c", "dd if=/dev/urandom of=/data/held bs=1M count=16 "
+                                      "2>/dev/null") == (0, b"")
+    throttle = {"total_bytes_sec": 16 << 10}
+    guest.dom.setBlockIoTune("vda", throttle, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    d = start_daemon(tmp_path / "pullbackd", lab.uri, extra_config="[jobs]\nagent_timeout = 3\n")
+    try:
+        job = d.ctl.job("Start", domain="guest1")  # the client waits 120 s; the freeze 1000
+        assert (job["consistency"], job["frozen"]) == ("crash", None), job
+        assert "Guest agent is not responding" in d.log_text()
+        guest.dom.setBlockIoTune("vda", {"total_bytes_sec": 0}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        deadline = time.monotonic() + 60
+        while "the guest agent answered again" not in d.log_text():
+            assert time.monotonic() < deadline, d.log_text()
+            time.sleep(0.5)
+        assert guest.agent("guest-fsfreeze-status") == "thawed"
+        assert d.ctl.job("Abort", id=job["id"])["state"] == "aborted"
+    finally:
+        guest.dom.setBlockIoTune("vda", {"total_bytes_sec": 0}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         stop_daemon(d)
 
 

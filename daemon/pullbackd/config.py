@@ -174,6 +174,9 @@ class Stream:
 class Jobs:
     #: Seconds to wait for libvirt to confirm a job has ended after Finish or Abort.
     end_timeout: float = 30.0
+    #: Seconds the guest agent may take to answer a freeze or a thaw of the filesystems
+    #: as a backup begins (libvirt's own wait is for ever: quiesce.py).
+    agent_timeout: float = 60.0
     #: Seconds an ended job stays queryable (Get, List) before it is forgotten.
     keep_finished: float = 7 * 24 * 3600.0
     #: Jobs that may run at once; more wait in a queue. 0: no limit.

@@ -29,9 +29,9 @@ Invariants, checked at every start (`recover`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -162,6 +162,13 @@ class Jobs:
             return
         for job_id, request in self._admission.ready():
             self._tg.start_soon(self._starts.start_queued, job_id, request)
+
+    def later(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `task` in the background, with the jobs' copies and endpoints (it must
+        raise nothing)."""
+        if self._tg is None:
+            raise RuntimeError("jobs are not being served (follow_events is not running)")
+        self._tg.start_soon(task)
 
     # pullbackd's own copy; appliances' sessions.
 

@@ -10,6 +10,11 @@ Invariants:
   not, shielded from cancellation; at a restart after a crash, for every job that was still
   starting (recovery in jobs.py); a thaw that fails is retried, then logged with what the
   operator can do.
+- No Start waits on the agent for long: a freeze or a thaw it does not answer within
+  `[jobs] agent_timeout` has failed (libvirt's own wait is for ever: virt.py). The agent
+  answers in order, so a freeze it did not answer may still freeze the guest once it ends
+  (its writes held up, say): after a freeze or a thaw that went unanswered, thaws are asked
+  in the background until one is answered (`thaw_when_answered`).
 - "required" changes nothing when no agent is connected (checked before anything is
   recorded) and fails the job when the agent does not freeze; "auto" goes on
   crash-consistent, with a warning.
@@ -18,8 +23,9 @@ Invariants:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import structlog
@@ -34,7 +40,13 @@ log = structlog.get_logger()
 
 #: A failed thaw is tried again this many times, a second apart.
 THAW_ATTEMPTS = 5
+#: After a freeze or a thaw the agent did not answer: seconds between the thaws asked in
+#: the background, and how long they go on.
+THAW_AGAIN_EVERY = 5.0
+THAW_AGAIN_FOR = 3600.0
 NO_AGENT = "no guest agent is connected"
+#: Runs a task in the background, beyond the Start (Jobs.later).
+Later = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
 @dataclass(frozen=True)
@@ -54,10 +66,10 @@ def check(request: StartRequest, plan: Plan) -> None:
 
 
 async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Plan,
-                begin: Callable[[], Awaitable[None]]) -> Quiesced:
-    """`begin` (the source beginning the job's backup), frozen as `request` asks.
-    Raises QuiesceFailed ("required" and the agent did not freeze), and what `begin`
-    raises."""
+                begin: Callable[[], Awaitable[None]], later: Later) -> Quiesced:
+    """`begin` (the source beginning the job's backup), frozen as `request` asks; `later`
+    runs what must go on after the Start (`thaw_when_answered`). Raises QuiesceFailed
+    ("required" and the agent did not freeze), and what `begin` raises."""
     if plan.offline:
         await begin()
         # Destroyed, crashed: its disks are as the power going left them.
@@ -73,36 +85,39 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
             why = f"the guest agent did not freeze the filesystems: {e}"
             # It may have frozen them all the same (libvirt stopped waiting first).
             with anyio.CancelScope(shield=True):
-                await thaw(source, job, attempts=1, frozen=False)
+                if not await thaw(source, job, attempts=1, frozen=False):
+                    later(lambda: thaw_when_answered(source, job))
         else:
-            return await _frozen(source, job, begin)
+            return await _frozen(source, job, begin, later)
     if request.quiesce == "required":
         raise QuiesceFailed(job.domain, why)
     await begin()
     return Quiesced("crash", warning=f"{why}; the backup is crash-consistent")
 
 
-async def _frozen(source: BackupSource, job: Job,
-                  begin: Callable[[], Awaitable[None]]) -> Quiesced:
+async def _frozen(source: BackupSource, job: Job, begin: Callable[[], Awaitable[None]],
+                  later: Later) -> Quiesced:
     began = time.monotonic()
     try:
         crash.point("start.frozen")
         await begin()
     finally:
         with anyio.CancelScope(shield=True):  # a guest must never stay frozen
-            await thaw(source, job)
+            if not await thaw(source, job):
+                later(lambda: thaw_when_answered(source, job))
     return Quiesced("filesystem", round(time.monotonic() - began, 3))
 
 
 async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS, *,
-               frozen: bool = True) -> None:
-    """Thaw the job's guest (nothing frozen: nothing done), trying again a few times; logs
-    what it could not do (and, if the guest may be `frozen`, how to thaw it), and never
-    raises: a thaw that fails must not hide the result of what it follows."""
+               frozen: bool = True) -> bool:
+    """Thaw the job's guest (nothing frozen: nothing done), trying again a few times;
+    whether it is thawed. Logs what it could not do (and, if the guest may be `frozen`,
+    how to thaw it), and never raises: a thaw that fails must not hide the result of
+    what it follows."""
     for attempt in range(1, attempts + 1):
         try:
             await source.thaw(job)
-            return
+            return True
         except (AgentError, PullbackError) as e:
             log.warning("cannot thaw the guest's filesystems", job=job.id, attempt=attempt,
                         error=str(e))
@@ -111,3 +126,22 @@ async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS, *,
     if frozen:
         log.error("the guest's filesystems may still be frozen: thaw them with `virsh "
                   f"domfsthaw {job.domain}`", job=job.id)
+    return False
+
+
+async def thaw_when_answered(source: BackupSource, job: Job) -> None:
+    """After a freeze or a thaw the agent did not answer: a thaw every THAW_AGAIN_EVERY
+    seconds until one is answered (the agent's earlier commands are over then, and the
+    guest thawed), for THAW_AGAIN_FOR at most. Never raises."""
+    deadline = time.monotonic() + THAW_AGAIN_FOR
+    while time.monotonic() < deadline:
+        await anyio.sleep(THAW_AGAIN_EVERY)
+        try:
+            await source.thaw(job)
+        except (AgentError, PullbackError):
+            continue
+        log.info("the guest agent answered again: the guest's filesystems are thawed",
+                 job=job.id)
+        return
+    log.error("the guest agent has not answered a thaw for an hour: its filesystems may "
+              f"be frozen: thaw them with `virsh domfsthaw {job.domain}`", job=job.id)

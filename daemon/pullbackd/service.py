@@ -139,7 +139,8 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     files = Reader(virt, cfg.libvirt.state_dir)
     offline = OfflineSource(virt, layout, files, cfg.offline.unit)
     source = Sources(virt, LibvirtSource(virt, layout, cfg.jobs.end_timeout, files,
-                                         cfg.exports.qemu_group), offline)
+                                         cfg.exports.qemu_group, cfg.jobs.agent_timeout),
+                     offline)
     chains = Chains(virt, store, offline.forget, cfg.chains.keep)
     admission = Admission(cfg.jobs.max_active)
     serving = Serving(exports, source, limits, remote)

@@ -203,10 +203,12 @@ class LibvirtSource:
     a push backup writes `<target_dir>/<job>.<disk>.qcow2`."""
 
     def __init__(self, virt: Virt, layout: Layout, end_timeout: float, files: Reader,
-                 qemu_group: str = "") -> None:
+                 qemu_group: str = "", agent_timeout: float = 60.0) -> None:
         """`end_timeout`: seconds to wait for libvirt to end a backup; `qemu_group`: the
-        group QEMU runs as, given the scratch files (scratch.create)."""
+        group QEMU runs as, given the scratch files (scratch.create); `agent_timeout`:
+        seconds the guest agent may take to answer a freeze or a thaw."""
         self._virt = virt
+        self._agent_timeout = agent_timeout
         self._layout = layout
         self._qemu_gid = grp.getgrnam(qemu_group).gr_gid if qemu_group else None
         self._end_timeout = end_timeout
@@ -237,7 +239,7 @@ class LibvirtSource:
         return await self._files.capture(job.domain, plan.definition)
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
-        count = await self._virt.fs_freeze(job.domain, mountpoints)
+        count = await self._virt.fs_freeze(job.domain, mountpoints, self._agent_timeout)
         log.info("froze the guest's filesystems", job=job.id, filesystems=count)
         # The agent skips, without an error, what it does not find or cannot freeze.
         asked = len(set(mountpoints)) if mountpoints else 1
@@ -246,7 +248,7 @@ class LibvirtSource:
                              + (f"the {asked} asked" if mountpoints else "any"))
 
     async def thaw(self, job: Job) -> None:
-        await self._virt.fs_thaw(job.domain)
+        await self._virt.fs_thaw(job.domain, self._agent_timeout)
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         bitmaps = [d for d, b in bases.items() if b.bitmap]

@@ -275,7 +275,8 @@ class Starts:
         the job with how consistent it is. A begin that fails fails the job (raises)."""
         try:
             quiesced = await quiesce.begin(self._source, job, request, plan,
-                                           lambda: self._source.begin(job, plan, bases))
+                                           lambda: self._source.begin(job, plan, bases),
+                                           self._jobs.later)
         except Exception as e:
             # A push's files, if the source made them (it may have begun writing).
             await anyio.to_thread.run_sync(remove_targets, job)

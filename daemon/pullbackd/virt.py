@@ -469,18 +469,35 @@ class Virt:
             flags |= libvirt.VIR_MIGRATE_UNSAFE
         await self._run(domain, lambda dom: dom.migrateToURI3(destination, {}, flags))
 
-    async def fs_freeze(self, domain: str, mountpoints: list[str] | None) -> int:
+    async def fs_freeze(self, domain: str, mountpoints: list[str] | None,
+                        wait: float) -> int:
         """Freeze the guest's filesystems (`mountpoints`, or all) through its agent: how
-        many. Raises AgentError."""
-        return await self._agent(domain, lambda dom: dom.fsFreeze(mountpoints, 0))
+        many. Raises AgentError, also if the agent does not answer within `wait`
+        seconds (it may freeze them later all the same: it answers in order)."""
+        return await self._agent(domain, lambda dom: dom.fsFreeze(mountpoints, 0), wait)
 
-    async def fs_thaw(self, domain: str) -> int:
-        """Thaw every frozen filesystem of the guest (none frozen: 0). Raises AgentError."""
-        return await self._agent(domain, lambda dom: dom.fsThaw(None, 0))
+    async def fs_thaw(self, domain: str, wait: float) -> int:
+        """Thaw every frozen filesystem of the guest (none frozen: 0). Raises AgentError,
+        also if the agent does not answer within `wait` seconds."""
+        return await self._agent(domain, lambda dom: dom.fsThaw(None, 0), wait)
 
-    async def _agent(self, domain: str, fn: Callable[[Any], int]) -> int:
+    async def _agent(self, domain: str, fn: Callable[[Any], int], wait: float) -> int:
+        def call(dom: Any) -> int:
+            # libvirt waits for the agent's answer for ever unless told otherwise: a
+            # freeze held up in the guest (its writes not completing) would hold the
+            # Start, and the domain's agent, as long. The wait is the domain's, for every
+            # caller: `wait` for this call, then libvirt's default again, as vdsm does
+            # (libvirt does not tell what it was).
+            dom.agentSetResponseTimeout(max(1, math.ceil(wait)), 0)
+            try:
+                return int(fn(dom))
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):  # the domain stopped
+                    dom.agentSetResponseTimeout(
+                        libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_BLOCK, 0)
+
         try:
-            return int(await self._run(domain, fn))
+            return await self._run(domain, call)
         except LibvirtError as e:
             raise AgentError(e.parameters["message"]) from None
 
