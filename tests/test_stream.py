@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import anyio
+import nbd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -404,6 +405,25 @@ def test_a_copy_waiting_for_its_planner_is_not_stalled(tmp_path: Path) -> None:
                     tuning=Tuning(window=MiB, stall_timeout=1.5))
     subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(target), str(expected)],
                    check=True, timeout=300)
+
+
+def test_zeroes_are_written_out_where_the_destination_cannot_zero(tmp_path: Path) -> None:
+    """An appliance's NBD server without NBD_CMD_WRITE_ZEROES (nbdkit's nozero filter),
+    over a file full of old data: the source's zero ranges are written out as zeroes,
+    and the file is the disk (the copy failed with EINVAL before)."""
+    size = 8 * MiB
+    target, expected = tmp_path / "target.raw", bytearray(size)
+    target.write_bytes(b"\xee" * size)
+    expected[0], expected[MiB] = 0x5a, 0xa5
+    (tmp_path / "dst").mkdir()
+    with nbdkit(tmp_path, "data", f"0x5a @{MiB} 0xa5", f"size={size}") as src, \
+            nbdkit(tmp_path / "dst", "--filter=nozero", "file", str(target)) as dst:
+        h = nbd.NBD()
+        h.connect_uri(dst)
+        assert not h.can_zero()
+        h.shutdown()
+        stream.copy(src, dst)
+    assert target.read_bytes() == expected
 
 
 def test_a_source_of_another_size_than_planned_writes_nothing(tmp_path: Path) -> None:

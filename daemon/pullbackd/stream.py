@@ -2,8 +2,9 @@
 
 One planner reads the source's extents a window at a time (never the whole
 disk's map first), merging the dirty bitmap with `base:allocation`: dirty data
-is copied, dirty ranges the source reports as zero become zero writes (or
-nothing, when the destination starts out zero), clean ranges are skipped. It
+is copied, dirty ranges the source reports as zero become zero writes (zeroes
+written out where the destination has no zero command, or nothing, when the
+destination starts out zero), clean ranges are skipped. It
 cuts the work into requests and hands them to workers through a bounded queue:
 one worker from the start, another each `Tuning.spread` bytes it finds to read.
 
@@ -613,6 +614,10 @@ class _Pump:
         self.in_flight = 0
         self.last_progress = time.monotonic()
         self.poller = _Poller(src, dst)
+        #: Zeroes to write where the destination zeroes nothing itself (no
+        #: NBD_CMD_WRITE_ZEROES, as some appliances' servers): a zero piece is at most
+        #: a request long. Pages never written: they cost no memory.
+        self.zeroes = None if dst.can_zero() else memoryview(bytes(copy.request_size))
 
     def run(self, work: queue.Queue[Piece | None]) -> None:
         more = True
@@ -646,8 +651,11 @@ class _Pump:
             if not self.in_flight:  # the clock runs from the first request in flight
                 self.last_progress = time.monotonic()
             if piece.zero:
-                self.dst.aio_zero(piece.length, piece.offset,
-                                  self._on(piece, self.written, (piece, None, None)))
+                done = self._on(piece, self.written, (piece, None, None))
+                if self.zeroes is None:
+                    self.dst.aio_zero(piece.length, piece.offset, done)
+                else:
+                    self.dst.aio_pwrite(self.zeroes[:piece.length], piece.offset, done)
             else:
                 buf = self.pool.take(piece.length)
                 if buf is None:
