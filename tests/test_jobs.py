@@ -1402,6 +1402,45 @@ async def test_a_thaw_that_fails_hides_nothing_and_a_failed_freeze_is_thawed(
         assert source.called("thaw")[quiesce.THAW_ATTEMPTS:] == ["d1"]
 
 
+async def thawed(source: FakeSource) -> None:
+    """Until the fake's guest is thawed (within 10 s)."""
+    with anyio.fail_after(10):
+        while source.frozen:  # noqa: ASYNC110 (the fake tells no one: we look)
+            await anyio.sleep(0.01)
+
+
+async def test_a_guest_whose_agent_does_not_answer_is_thawed_once_it_does(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thaw the agent does not answer, after a begin and at a restart after a crash
+    while frozen: asked again in the background until one is answered (the agent answers
+    in order: a freeze it did not answer may freeze the guest when it ends)."""
+    monkeypatch.setattr(quiesce, "THAW_AGAIN_EVERY", 0.01)
+    source.agents.add("d1")
+    source.errors["thaw"] = AgentError("Guest agent is not responding")
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert (job.state, source.frozen) == (JobState.READY, {"d1"})
+        await anyio.sleep(0.1)
+        assert source.frozen == {"d1"}  # still asked: the agent does not answer
+        del source.errors["thaw"]
+        await thawed(source)
+        await rig.jobs.abort(job.id)
+    # And after a crash while frozen.
+    job_id = "0123456789ab"
+    crashed = Job(job_id, "d1", JobState.STARTING, "full", now(), "c",
+                  checkpoint_name("c", job_id), quiesce="auto")
+    (tmp_path / "again").mkdir()
+    store = Store(tmp_path / "again" / "state.db")
+    await store.save_job(crashed, _recorded(crashed, CheckpointState.PENDING))
+    store.close()
+    source.frozen.add("d1")
+    source.errors["thaw"] = AgentError("Guest agent is not responding")
+    async with running(tmp_path / "again", source):
+        assert source.frozen == {"d1"}
+        del source.errors["thaw"]
+        await thawed(source)
+
+
 async def test_a_rebuilt_checkpoint_is_ordered_after_its_chain(tmp_path: Path) -> None:
     """libvirt's creation time has whole seconds: a checkpoint rebuilt from it (a lost
     database) may look older than the chain it joins, whose times have milliseconds.

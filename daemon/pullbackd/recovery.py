@@ -93,10 +93,12 @@ class Recovery:
 
     async def _found(self, job: Job) -> None:
         """A job that had begun and not ended: adopted, or ended as failed."""
-        if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline:
-            # A crash may have come while the guest was frozen (quiesce.py): thawed before
-            # anything that may fail, or leave the job as found.
-            await quiesce.thaw(self._source, job, attempts=1)
+        # A crash may have come while the guest was frozen (quiesce.py): thawed before
+        # anything that may fail, or leave the job as found; if the agent does not
+        # answer, once it does.
+        if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline \
+                and not await quiesce.thaw(self._source, job, attempts=1):
+            self._jobs.later(lambda: quiesce.thaw_when_answered(self._source, job))
         runs = await self._source.running(job)
         if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
             # Adopted, it could not be read: nothing reaches QEMU's exports.
