@@ -231,16 +231,21 @@ async def test_a_push_writes_the_file_it_made_whatever_its_name_leads_to_since(
 
 async def test_open_tells_each_images_bitmaps_and_layers(tmp_path: Path, image: Path) -> None:
     """What offline.py decides from (pullbackd opens no image itself: on a host they are
-    root's): each image's persistent bitmaps, recording or not, one that a killed daemon
-    left in use inconsistent, and the layer under an overlay."""
+    root's): each image's persistent bitmaps, recording or not, one that a killed QEMU
+    left in use inconsistent, and the layer under an overlay. It opens them read-only: a
+    kill then leaves every bitmap usable."""
     await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "left"])
+    # A QEMU killed with the image open for writing: "left" is in use now.
+    await anyio.run_process(["qemu-io", "-f", "qcow2", "-c", "sigraise 9", str(image)],
+                            check=False)
+    await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "on"])
     d = daemon(tmp_path)
     await d.open("vm", [Image("vda", image)])
     pid = d.pid()
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)  # the image open for writing: "left" is in use now
+    os.kill(pid, signal.SIGKILL)
     await d.stop()
-    await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "on"])
+    assert bitmaps(image) == {"left": ["in-use", "auto"], "on": ["auto"]}  # as it was
     await anyio.run_process(["qemu-img", "bitmap", "--add", "--disable", str(image), "off"])
     base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
     await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(SIZE)])
@@ -269,9 +274,10 @@ async def test_remove_bitmaps_takes_one_out_of_the_images_that_hold_it(
     images = [Image("vda", image), Image("vdb", other)]
     found = await d.open("vm", images)
     try:
-        await d.remove_bitmaps(found, "c1")  # vdb has none: not asked of it
+        await d.remove_bitmaps(images, found, "c1")  # vdb has none: not asked of it
         with pytest.raises(StorageDaemonError, match="nope"):
-            await d.remove_bitmaps({"vda": Found(None, {"nope": Bitmap(True, False)})}, "nope")
+            await d.remove_bitmaps(images, found | {"vda": Found(None, {
+                "nope": Bitmap(True, False)})}, "nope")
     finally:
         await d.stop()
     assert (bitmaps(image), bitmaps(other)) == ({"c2": ["auto"]}, {"c2": ["auto"]})

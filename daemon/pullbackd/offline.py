@@ -219,7 +219,7 @@ class OfflineSource:
         job_id = new_job_id()
         daemon = self._daemon(job_id)
         try:
-            await daemon.remove_bitmaps(await daemon.open(domain, images), checkpoint)
+            await daemon.remove_bitmaps(images, await daemon.open(domain, images), checkpoint)
         except StorageDaemonError as e:
             raise LibvirtError(-1, f"cannot remove the bitmap {checkpoint} from the images of "
                                    f"{domain!r}: {e}") from None

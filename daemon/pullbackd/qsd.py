@@ -1,28 +1,29 @@
 """qemu-storage-daemon: how pullbackd serves the disks of a domain that is shut off.
 
-One process per job (offline.py). It opens each disk's image (a `file` node and a format
-node named after the disk, over the layers under it, read-only), listens for QMP on a Unix
+One process per job (offline.py). It opens each disk's image, read-only (a `file` node and
+a format node named after the disk, over the layers under it), listens for QMP on a Unix
 socket, and serves NBD on another. Whoever starts it reads the layers (`layered`): pullbackd
 itself, or the job's root unit (storage_unit.py) when the images are root's. pullbackd
 never opens the images itself: what it needs to know of them (their bitmaps, whether they
 are layered) it asks the daemon (`open`), then drives it over QMP (`serve`):
 
-1. one transaction adds the job's checkpoint bitmap to every qcow2 disk (persistent, recording,
-   named after the checkpoint, as libvirt names its own) and, for a disk backed up since an
-   earlier checkpoint, a temporary bitmap `backup-<disk>` (not persistent, disabled) merged
-   from that checkpoint's bitmap: libvirt keeps every checkpoint's bitmap recording, so
-   that one alone holds every change since it;
+1. one transaction, the images reopened for writing for it alone, adds the job's checkpoint
+   bitmap to every qcow2 disk (persistent, recording, named after the checkpoint, as
+   libvirt names its own) and, for a disk backed up since an earlier checkpoint, a
+   temporary bitmap `backup-<disk>` (not persistent, disabled) merged from that
+   checkpoint's bitmap: libvirt keeps every checkpoint's bitmap recording, so that one
+   alone holds every change since it;
 2. each image is reopened read-only: the bitmaps are written into it now, and a process
-   killed from here on leaves no bitmap in use (an image open read-write at a kill marks
-   every bitmap inconsistent: every consumer's chain would restart);
+   killed from here on leaves no bitmap in use (an image open for writing at a kill marks
+   every bitmap in it inconsistent: every consumer's chain would restart);
 3. one read-only export per disk (`<disk>-<token>`, the meta context
    `qemu:dirty-bitmap:backup-<disk>` as QEMU's own pull backups have it); or, for a push
    backup, a backup job per disk into its target file (all of it, or the clusters the
    temporary bitmap marks), as libvirt's push backups do.
 
 The same daemon, opened and not served, takes a checkpoint's bitmaps out of the images
-(`remove_bitmaps`): after a start that failed, and when a checkpoint of a shut-off domain
-is deleted.
+(`remove_bitmaps`, writable for that transaction alone too): after a start that failed, and
+when a checkpoint of a shut-off domain is deleted.
 
 While it holds the images, QEMU cannot open them for writing: a start of the domain fails
 ("Failed to get "write" lock"). A qcow2 node makes QEMU lock its file so; a raw one passes
@@ -284,15 +285,15 @@ class StorageDaemon:
             argv += ["--blockdev", f"driver={image.protocol},node-name=file-{image.disk},"
                                    f"filename={_escape(image.path)},cache.direct=off",
                      "--blockdev", f"driver={image.format},node-name={image.disk},"
-                                   f"file=file-{image.disk},read-only=off"
+                                   f"file=file-{image.disk},read-only=on"
                                    + (f",backing={image.below}" if image.below else "")]
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
     async def open(self, domain: str, images: Sequence[Image]) -> dict[str, Found]:
-        """Start it holding `images`, open for writing, and what it found in each (their
-        layers are read by whoever starts it: `layered`). Raises StorageDaemonError (with
-        what it said) and leaves nothing running."""
+        """Start it holding `images`, read-only, and what it found in each (their layers
+        are read by whoever starts it: `layered`). Raises StorageDaemonError (with what
+        it said) and leaves nothing running."""
         for path in self._files():
             path.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(_write_new, self.marker, domain)
@@ -326,14 +327,14 @@ class StorageDaemon:
         finally:
             self._close_monitor()
 
-    async def remove_bitmaps(self, found: dict[str, Found], name: str) -> None:
+    async def remove_bitmaps(self, images: Sequence[Image], found: dict[str, Found],
+                             name: str) -> None:
         """Once `open`: the bitmap `name` out of the images that have it, in one
         transaction. Raises StorageDaemonError; `stop` it either way."""
-        actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": disk, "name": name}}
-                   for disk, there in found.items() if name in there.bitmaps]
-        if actions:
-            await anyio.to_thread.run_sync(functools.partial(
-                self._opened().execute, "transaction", actions=actions))
+        holding = [i for i in images if name in found[i.disk].bitmaps]
+        actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": i.disk, "name": name}}
+                   for i in holding]
+        await anyio.to_thread.run_sync(_written, self._opened(), holding, found, actions)
 
     def _opened(self) -> Monitor:
         if self._monitor is None:
@@ -519,6 +520,22 @@ def _found(nodes: list[dict[str, Any]], images: Sequence[Image]) -> dict[str, Fo
     return found
 
 
+def _written(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
+             actions: list[dict[str, Any]]) -> None:
+    """The transaction `actions` on `images`, reopened for writing for it alone: an image
+    open for writing marks its bitmaps in use, and a kill then (the daemon's monitor out
+    of step, a stop that times out) would leave them all inconsistent, and every
+    consumer's chain to restart. Reopened read-only, the bitmaps are written into it."""
+    if not actions:
+        return
+    for read_only in (False, True):
+        monitor.execute("blockdev-reopen", options=[
+            {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
+             "read-only": read_only} | _backing(found[image.disk]) for image in images])
+        if not read_only:
+            monitor.execute("transaction", actions=actions)
+
+
 def _backing(found: Found) -> dict[str, str]:
     """A reopen's option that keeps the layer under the image (left out, it would go)."""
     return {"backing": found.below} if found.below else {}
@@ -562,11 +579,8 @@ def _prepare(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
                 {"type": "block-dirty-bitmap-merge", "data": {
                     "node": export.disk, "target": export.bitmap,
                     "bitmaps": [export.since]}}]
-    if actions:
-        monitor.execute("transaction", actions=actions)
-    monitor.execute("blockdev-reopen", options=[
-        {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
-         "read-only": True} | _backing(found[image.disk]) for image in images])
+    _written(monitor, [i for i in images if any(a["data"]["node"] == i.disk for a in actions)],
+             found, actions)
     for export in served:
         if isinstance(export, Target):
             continue
