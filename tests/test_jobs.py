@@ -1411,21 +1411,32 @@ async def thawed(source: FakeSource) -> None:
 
 async def test_a_guest_whose_agent_does_not_answer_is_thawed_once_it_does(
         tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A thaw the agent does not answer, after a begin and at a restart after a crash
-    while frozen: asked again in the background until one is answered (the agent answers
-    in order: a freeze it did not answer may freeze the guest when it ends)."""
+    """A thaw the agent does not answer (after a begin; at a restart after a crash while
+    frozen): asked again in the background until one is answered (the agent answers in
+    order: a freeze it did not answer may freeze the guest when it ends), across a
+    restart of pullbackd; a new freeze of the domain takes it over."""
     monkeypatch.setattr(quiesce, "THAW_AGAIN_EVERY", 0.01)
+    unanswered = AgentError("Guest agent is not responding", unanswered=True)
     source.agents.add("d1")
-    source.errors["thaw"] = AgentError("Guest agent is not responding")
+    source.errors["thaw"] = unanswered
     async with running(tmp_path, source) as rig:
         job = await rig.jobs.start(StartRequest("d1"))
         assert (job.state, source.frozen) == (JobState.READY, {"d1"})
         await anyio.sleep(0.1)
         assert source.frozen == {"d1"}  # still asked: the agent does not answer
+        asked = len(source.called("thaw"))
+    async with running(tmp_path, source) as rig:  # a restart: asked again
+        with anyio.fail_after(10):
+            while len(source.called("thaw")) == asked:  # noqa: ASYNC110 (we look)
+                await anyio.sleep(0.01)
         del source.errors["thaw"]
         await thawed(source)
         await rig.jobs.abort(job.id)
-    # And after a crash while frozen.
+    async with running(tmp_path, source) as rig:  # nothing owed any more
+        await anyio.sleep(0.1)
+        assert source.called("thaw")[-1:] == ["d1"] and rig.store.load_thaws() == {}
+
+    # After a crash while frozen.
     job_id = "0123456789ab"
     crashed = Job(job_id, "d1", JobState.STARTING, "full", now(), "c",
                   checkpoint_name("c", job_id), quiesce="auto")
@@ -1434,10 +1445,34 @@ async def test_a_guest_whose_agent_does_not_answer_is_thawed_once_it_does(
     await store.save_job(crashed, _recorded(crashed, CheckpointState.PENDING))
     store.close()
     source.frozen.add("d1")
-    source.errors["thaw"] = AgentError("Guest agent is not responding")
+    source.errors["thaw"] = unanswered
     async with running(tmp_path / "again", source):
         assert source.frozen == {"d1"}
         del source.errors["thaw"]
+        await thawed(source)
+
+
+async def test_a_new_freeze_takes_over_a_thaw_owed(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thaw owed from an earlier Start must not thaw the guest under a later one's
+    freeze: the later Start's own thaw follows its begin."""
+    monkeypatch.setattr(quiesce, "THAW_AGAIN_EVERY", 0.05)
+    source.agents.add("d1")
+    source.errors["freeze"] = AgentError("Guest agent is not responding", unanswered=True)
+    source.errors["thaw"] = source.errors["freeze"]
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert job.consistency == "crash" and rig.store.load_thaws() == {"d1": job.id}
+        await rig.jobs.abort(job.id)
+        del source.errors["freeze"], source.errors["thaw"]
+        source.stall("begin")
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1"))
+        await source.stalls["begin"].reached.wait()
+        thaws = len(source.called("thaw"))
+        await anyio.sleep(0.3)  # six of the owed thaw's tries, were it still owed
+        assert source.frozen == {"d1"} and len(source.called("thaw")) == thaws
+        assert rig.store.load_thaws() == {}
+        source.stalls["begin"].release()
         await thawed(source)
 
 

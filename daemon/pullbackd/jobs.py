@@ -38,7 +38,7 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import crash, stream
+from . import crash, quiesce, stream
 from .admission import Admission
 from .chain import Chains, check_consumer
 from .copying import Copy
@@ -89,6 +89,8 @@ class Jobs:
                               places or Places(None, None))
         #: Where copies, endpoints and event handling run: follow_events's task group.
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Thaws of guests whose agent did not answer, asked again in the background.
+        self.thaws = quiesce.Thaws(self.later, store)
 
     # Queries.
 
@@ -440,6 +442,7 @@ class Jobs:
         """At start, before any client: what an earlier run left; then the queue moves."""
         await Recovery(self, self._records, self._store, self._source, self._chains,
                        self._repository, self._serving).run(self._keep_finished)
+        self.thaws.resume(self._source, self._records.get)
         self._dequeue()
 
     def requeue(self, job: Job, request: StartRequest) -> None:

@@ -13,8 +13,9 @@ Invariants:
 - No Start waits on the agent for long: a freeze or a thaw it does not answer within
   `[jobs] agent_timeout` has failed (libvirt's own wait is for ever: virt.py). The agent
   answers in order, so a freeze it did not answer may still freeze the guest once it ends
-  (its writes held up, say): after a freeze or a thaw that went unanswered, thaws are asked
-  in the background until one is answered (`thaw_when_answered`).
+  (its writes held up, say): after a freeze or a thaw that went unanswered, a thaw is owed,
+  recorded, and asked in the background until one is answered, across restarts (`Thaws`);
+  a new freeze of the domain takes it over.
 - "required" changes nothing when no agent is connected (checked before anything is
   recorded) and fails the job when the agent does not freeze; "auto" goes on
   crash-consistent, with a warning.
@@ -34,6 +35,7 @@ from . import crash
 from .errors import PullbackError, QuiesceFailed
 from .model import Job, StartRequest
 from .source import BackupSource, Plan
+from .state import Store
 from .virt import AgentError
 
 log = structlog.get_logger()
@@ -66,10 +68,10 @@ def check(request: StartRequest, plan: Plan) -> None:
 
 
 async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Plan,
-                begin: Callable[[], Awaitable[None]], later: Later) -> Quiesced:
-    """`begin` (the source beginning the job's backup), frozen as `request` asks; `later`
-    runs what must go on after the Start (`thaw_when_answered`). Raises QuiesceFailed
-    ("required" and the agent did not freeze), and what `begin` raises."""
+                begin: Callable[[], Awaitable[None]], thaws: Thaws) -> Quiesced:
+    """`begin` (the source beginning the job's backup), frozen as `request` asks; `thaws`
+    goes on with a thaw the agent does not answer. Raises QuiesceFailed ("required" and
+    the agent did not freeze), and what `begin` raises."""
     if plan.offline:
         await begin()
         # Destroyed, crashed: its disks are as the power going left them.
@@ -79,6 +81,7 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
         return Quiesced("crash")
     why = NO_AGENT
     if plan.agent:
+        await thaws.take_over(job.domain)  # this Start's own thaw follows its begin
         try:
             await source.freeze(job, request.mountpoints)
         except (AgentError, PullbackError) as e:
@@ -86,9 +89,9 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
             # It may have frozen them all the same (libvirt stopped waiting first).
             with anyio.CancelScope(shield=True):
                 if not await thaw(source, job, attempts=1, frozen=False):
-                    later(lambda: thaw_when_answered(source, job))
+                    await thaws.owe(source, job)
         else:
-            return await _frozen(source, job, begin, later)
+            return await _frozen(source, job, begin, thaws)
     if request.quiesce == "required":
         raise QuiesceFailed(job.domain, why)
     await begin()
@@ -96,7 +99,7 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
 
 
 async def _frozen(source: BackupSource, job: Job, begin: Callable[[], Awaitable[None]],
-                  later: Later) -> Quiesced:
+                  thaws: Thaws) -> Quiesced:
     began = time.monotonic()
     try:
         crash.point("start.frozen")
@@ -104,7 +107,7 @@ async def _frozen(source: BackupSource, job: Job, begin: Callable[[], Awaitable[
     finally:
         with anyio.CancelScope(shield=True):  # a guest must never stay frozen
             if not await thaw(source, job):
-                later(lambda: thaw_when_answered(source, job))
+                await thaws.owe(source, job)
     return Quiesced("filesystem", round(time.monotonic() - began, 3))
 
 
@@ -129,17 +132,76 @@ async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS, *,
     return False
 
 
+class Thaws:
+    """The thaws owed after a freeze or a thaw the agent did not answer, at most one per
+    domain, each asked again in the background until it is answered (`thaw_when_answered`).
+    Each is recorded (state.py) until it is over: a restart of pullbackd goes on with it
+    (`resume`). A new freeze of the domain takes it over: its Start's own thaw follows its
+    begin, and a thaw owed from before must not thaw the guest under it."""
+
+    def __init__(self, later: Later, store: Store) -> None:
+        self._later = later
+        self._store = store
+        #: domain -> the scope of the thaw owed.
+        self._owed: dict[str, anyio.CancelScope] = {}
+
+    async def owe(self, source: BackupSource, job: Job) -> None:
+        if job.domain not in self._owed:
+            await self._store.save_thaw(job.domain, job.id)
+            self._ask(source, job)
+
+    async def take_over(self, domain: str) -> None:
+        if (scope := self._owed.pop(domain, None)) is not None:
+            scope.cancel()
+        if domain in self._store.load_thaws():
+            await self._store.delete_thaw(domain)
+
+    def resume(self, source: BackupSource, job_of: Callable[[str], Job | None]) -> None:
+        """The thaws an earlier run owed (`job_of`: a job by its id; one forgotten since
+        is no longer owed a thaw: hours have passed)."""
+        for domain, job_id in self._store.load_thaws().items():
+            job = job_of(job_id)
+            if job is not None and job.domain == domain and domain not in self._owed:
+                self._ask(source, job)
+
+    def _ask(self, source: BackupSource, job: Job) -> None:
+        scope = self._owed[job.domain] = anyio.CancelScope()
+
+        async def ask() -> None:
+            try:
+                with scope:
+                    await thaw_when_answered(source, job)
+                    await self._store.delete_thaw(job.domain)
+            except anyio.get_cancelled_exc_class():
+                log.info("a thaw of the guest's filesystems is still owed: pullbackd goes "
+                         "on with it when it starts again", job=job.id, domain=job.domain)
+                raise
+            finally:
+                if self._owed.get(job.domain) is scope:
+                    del self._owed[job.domain]
+
+        self._later(ask)
+
+
 async def thaw_when_answered(source: BackupSource, job: Job) -> None:
     """After a freeze or a thaw the agent did not answer: a thaw every THAW_AGAIN_EVERY
     seconds until one is answered (the agent's earlier commands are over then, and the
-    guest thawed), for THAW_AGAIN_FOR at most. Never raises."""
+    guest thawed), for THAW_AGAIN_FOR at most, or until the agent says something else
+    than that it does not answer (the domain stopped, say: nothing is frozen then).
+    Raises nothing but cancellation."""
     deadline = time.monotonic() + THAW_AGAIN_FOR
     while time.monotonic() < deadline:
         await anyio.sleep(THAW_AGAIN_EVERY)
         try:
             await source.thaw(job)
-        except (AgentError, PullbackError):
-            continue
+        except AgentError as e:
+            if e.unanswered:
+                continue
+            log.info("no thaw owed any more", job=job.id, reason=str(e))
+            return
+        except PullbackError as e:  # the domain is gone
+            log.info("no thaw owed any more", job=job.id, reason=str(e))
+            return
         log.info("the guest agent answered again: the guest's filesystems are thawed",
                  job=job.id)
         return

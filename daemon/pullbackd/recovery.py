@@ -98,7 +98,7 @@ class Recovery:
         # answer, once it does.
         if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline \
                 and not await quiesce.thaw(self._source, job, attempts=1):
-            self._jobs.later(lambda: quiesce.thaw_when_answered(self._source, job))
+            await self._jobs.thaws.owe(self._source, job)
         runs = await self._source.running(job)
         if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
             # Adopted, it could not be read: nothing reaches QEMU's exports.

@@ -51,6 +51,9 @@ from .virt import (
 
 log = structlog.get_logger()
 
+#: Seconds the agent may take to answer a thaw: it writes nothing, and waits only for
+#: what the agent was doing before (a thaw it does not answer is asked again: quiesce.py).
+THAW_WAIT = 10.0
 #: Seconds between looks at a backup being ended, while libvirt's event has not come.
 LOOK_AGAIN = 1.0
 
@@ -248,7 +251,7 @@ class LibvirtSource:
                              + (f"the {asked} asked" if mountpoints else "any"))
 
     async def thaw(self, job: Job) -> None:
-        await self._virt.fs_thaw(job.domain, self._agent_timeout)
+        await self._virt.fs_thaw(job.domain, min(self._agent_timeout, THAW_WAIT))
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         bitmaps = [d for d, b in bases.items() if b.bitmap]

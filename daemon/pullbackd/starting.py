@@ -276,7 +276,7 @@ class Starts:
         try:
             quiesced = await quiesce.begin(self._source, job, request, plan,
                                            lambda: self._source.begin(job, plan, bases),
-                                           self._jobs.later)
+                                           self._jobs.thaws)
         except Exception as e:
             # A push's files, if the source made them (it may have begun writing).
             await anyio.to_thread.run_sync(remove_targets, job)

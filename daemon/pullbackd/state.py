@@ -68,6 +68,10 @@ CREATE TABLE IF NOT EXISTS domain_files (
     job TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS thaws (
+    domain TEXT PRIMARY KEY,
+    job TEXT NOT NULL
+);
 """
 #: Columns added since a table was first created: added to an older database at start.
 COLUMNS = {"checkpoints": {"full_disks": "TEXT NOT NULL DEFAULT '[]'"}}
@@ -150,6 +154,18 @@ class Store:
     def load_requests(self) -> dict[str, dict[str, Any]]:
         return {job_id: json.loads(record)
                 for job_id, record in self._db.execute("SELECT id, record FROM requests")}
+
+    async def save_thaw(self, domain: str, job_id: str) -> None:
+        """A thaw of the domain's guest is owed (quiesce.Thaws), for the job `job_id`."""
+        await self._write("INSERT OR REPLACE INTO thaws (domain, job) VALUES (?, ?)",
+                          (domain, job_id))
+
+    async def delete_thaw(self, domain: str) -> None:
+        await self._write("DELETE FROM thaws WHERE domain = ?", (domain,))
+
+    def load_thaws(self) -> dict[str, str]:
+        """The thaws owed: domain -> job id."""
+        return dict(self._db.execute("SELECT domain, job FROM thaws"))
 
     async def forget_jobs(self, ids: list[str]) -> None:
         for job_id in ids:

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import math
 import re
+import threading
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -135,6 +137,12 @@ class BrokenBitmap(Exception):
 class AgentError(Exception):
     """The guest agent did not do what was asked; the message is libvirt's."""
 
+    def __init__(self, message: str, *, unanswered: bool = False) -> None:
+        super().__init__(message)
+        #: It did not answer (in time, or it is not connected): it may still do what was
+        #: asked once it does, as it answers in order.
+        self.unanswered = unanswered
+
 
 class ShutOff(Exception):
     """What was asked needs the domain running (libvirt's part of it); the domain is off."""
@@ -203,6 +211,8 @@ class Virt:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._conn: Any = None
+        #: Held by a call to the domain's agent (worker threads): `_agent`.
+        self._agent_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         self._send: MemoryObjectSendStream[Event] = send
         self.events: MemoryObjectReceiveStream[Event] = receive
@@ -486,20 +496,23 @@ class Virt:
             # libvirt waits for the agent's answer for ever unless told otherwise: a
             # freeze held up in the guest (its writes not completing) would hold the
             # Start, and the domain's agent, as long. The wait is the domain's, for every
-            # caller: `wait` for this call, then libvirt's default again, as vdsm does
-            # (libvirt does not tell what it was).
-            dom.agentSetResponseTimeout(max(1, math.ceil(wait)), 0)
-            try:
-                return int(fn(dom))
-            finally:
-                with contextlib.suppress(libvirt.libvirtError):  # the domain stopped
-                    dom.agentSetResponseTimeout(
-                        libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_BLOCK, 0)
+            # caller, and read as the command is sent: `wait` for this call, then
+            # libvirt's default again, as vdsm does (libvirt does not tell what it was),
+            # one call of ours at a time per domain.
+            with self._agent_locks[domain]:
+                dom.agentSetResponseTimeout(max(1, math.ceil(wait)), 0)
+                try:
+                    return int(fn(dom))
+                finally:
+                    with contextlib.suppress(libvirt.libvirtError):  # the domain stopped
+                        dom.agentSetResponseTimeout(
+                            libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_BLOCK, 0)
 
         try:
             return await self._run(domain, call)
         except LibvirtError as e:
-            raise AgentError(e.parameters["message"]) from None
+            raise AgentError(e.parameters["message"], unanswered=e.parameters["code"]
+                             == libvirt.VIR_ERR_AGENT_UNRESPONSIVE) from None
 
     async def abort_job(self, domain: str) -> bool:
         """End the domain's job, False if it had none. For a pull backup this is the normal end."""
