@@ -1416,7 +1416,7 @@ async def test_a_guest_whose_agent_does_not_answer_is_thawed_once_it_does(
     order: a freeze it did not answer may freeze the guest when it ends), across a
     restart of pullbackd; a new freeze of the domain takes it over."""
     monkeypatch.setattr(quiesce, "THAW_AGAIN_EVERY", 0.01)
-    unanswered = AgentError("Guest agent is not responding", unanswered=True)
+    unanswered = AgentError("Guest agent is not responding")
     source.agents.add("d1")
     source.errors["thaw"] = unanswered
     async with running(tmp_path, source) as rig:
@@ -1458,7 +1458,7 @@ async def test_a_new_freeze_takes_over_a_thaw_owed(
     freeze: the later Start's own thaw follows its begin."""
     monkeypatch.setattr(quiesce, "THAW_AGAIN_EVERY", 0.05)
     source.agents.add("d1")
-    source.errors["freeze"] = AgentError("Guest agent is not responding", unanswered=True)
+    source.errors["freeze"] = AgentError("Guest agent is not responding")
     source.errors["thaw"] = source.errors["freeze"]
     async with running(tmp_path, source) as rig:
         job = await rig.jobs.start(StartRequest("d1"))

@@ -286,3 +286,26 @@ async def test_remove_bitmaps_takes_one_out_of_the_images_that_hold_it(
     await d.stop()
     assert (bitmaps(image), bitmaps(other)) == ({"c2": ["auto"], "c3": ["auto"]},
                                                 {"c2": ["auto"], "c3": ["auto"]})
+
+
+async def test_an_image_a_crash_left_dirty_is_repaired_before_a_bitmap_goes_in(
+        tmp_path: Path) -> None:
+    """A qcow2 image with lazy refcounts whose QEMU was killed: its refcounts are stale
+    until a QEMU opens it for writing. Opened read-only and made writable later, the new
+    bitmap went over the guest's data; served, the disk is as the guest wrote it, and the
+    image checks clean after."""
+    image = tmp_path / "lazy.qcow2"
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                             "lazy_refcounts=on,compat=1.1", str(image), str(SIZE)])
+    await anyio.run_process(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x07 0 8M", "-c",
+                             "sigraise 9", str(image)], check=False)
+    d = daemon(tmp_path)
+    await start(d, [Image("vda", image)], "c1", [Export("vda", "vda-t", None)])
+    try:
+        data = await anyio.to_thread.run_sync(read_all, url(d, "vda-t"))
+    finally:
+        await d.stop()
+    assert data == b"\x07" * (8 << 20) + bytes(SIZE - (8 << 20))
+    checked = await anyio.run_process(["qemu-img", "check", str(image)], check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert bitmaps(image) == {"c1": ["auto"]}

@@ -1,7 +1,8 @@
 """qemu-storage-daemon: how pullbackd serves the disks of a domain that is shut off.
 
-One process per job (offline.py). It opens each disk's image, read-only (a `file` node and
-a format node named after the disk, over the layers under it), listens for QMP on a Unix
+One process per job (offline.py). It opens each disk's image (a `file` node and a format
+node named after the disk, over the layers under it) for writing, so that QEMU repairs one
+a crash left dirty, then at once read-only (`_opened`), and listens for QMP on a Unix
 socket, and serves NBD on another. Whoever starts it reads the layers (`layered`): pullbackd
 itself, or the job's root unit (storage_unit.py) when the images are root's. pullbackd
 never opens the images itself: what it needs to know of them (their bitmaps, whether they
@@ -42,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import os
 import signal
@@ -285,15 +285,15 @@ class StorageDaemon:
             argv += ["--blockdev", f"driver={image.protocol},node-name=file-{image.disk},"
                                    f"filename={_escape(image.path)},cache.direct=off",
                      "--blockdev", f"driver={image.format},node-name={image.disk},"
-                                   f"file=file-{image.disk},read-only=on"
+                                   f"file=file-{image.disk},read-only=off"
                                    + (f",backing={image.below}" if image.below else "")]
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
     async def open(self, domain: str, images: Sequence[Image]) -> dict[str, Found]:
-        """Start it holding `images`, read-only, and what it found in each (their layers
-        are read by whoever starts it: `layered`). Raises StorageDaemonError (with what
-        it said) and leaves nothing running."""
+        """Start it holding `images` (read-only once it returns: `_opened`), and what it
+        found in each (their layers are read by whoever starts it: `layered`). Raises
+        StorageDaemonError (with what it said) and leaves nothing running."""
         for path in self._files():
             path.unlink(missing_ok=True)
         await anyio.to_thread.run_sync(_write_new, self.marker, domain)
@@ -305,9 +305,7 @@ class StorageDaemon:
             raise
         try:
             self._monitor = await self._connect(self._proc)
-            nodes = await anyio.to_thread.run_sync(functools.partial(
-                self._monitor.execute, "query-named-block-nodes", flat=True))
-            return _found(nodes, images)
+            return await anyio.to_thread.run_sync(_opened, self._monitor, images)
         except BaseException as e:
             raise await self._abandon(e) from None
 
@@ -520,20 +518,36 @@ def _found(nodes: list[dict[str, Any]], images: Sequence[Image]) -> dict[str, Fo
     return found
 
 
+def _opened(monitor: Monitor, images: Sequence[Image]) -> dict[str, Found]:
+    """What the daemon found in each image, which it opened for writing (QEMU repairs an
+    image a crash left dirty only then: reopened for writing later, it would not, and
+    new bitmaps would go over the guest's data), then reopened read-only: an image open
+    for writing marks its bitmaps in use, and a kill then (a monitor out of step, a stop
+    that times out) would leave them all inconsistent, every consumer's chain to restart.
+    It is writable again for a transaction of bitmaps alone (`_written`)."""
+    found = _found(monitor.execute("query-named-block-nodes", flat=True), images)
+    _reopen(monitor, images, found, read_only=True)
+    return found
+
+
 def _written(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
              actions: list[dict[str, Any]]) -> None:
-    """The transaction `actions` on `images`, reopened for writing for it alone: an image
-    open for writing marks its bitmaps in use, and a kill then (the daemon's monitor out
-    of step, a stop that times out) would leave them all inconsistent, and every
-    consumer's chain to restart. Reopened read-only, the bitmaps are written into it."""
+    """The transaction `actions` on `images`, reopened for writing for it alone."""
     if not actions:
         return
-    for read_only in (False, True):
-        monitor.execute("blockdev-reopen", options=[
-            {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
-             "read-only": read_only} | _backing(found[image.disk]) for image in images])
-        if not read_only:
-            monitor.execute("transaction", actions=actions)
+    _reopen(monitor, images, found, read_only=False)
+    try:
+        monitor.execute("transaction", actions=actions)
+    finally:
+        if monitor.broken is None:  # the monitor is in step: a refused transaction
+            _reopen(monitor, images, found, read_only=True)
+
+
+def _reopen(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
+            read_only: bool) -> None:
+    monitor.execute("blockdev-reopen", options=[
+        {"driver": image.format, "node-name": image.disk, "file": f"file-{image.disk}",
+         "read-only": read_only} | _backing(found[image.disk]) for image in images])
 
 
 def _backing(found: Found) -> dict[str, str]:

@@ -23,16 +23,17 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import structlog
 
 from . import crash
-from .errors import PullbackError, QuiesceFailed
+from .errors import NoSuchDomain, PullbackError, QuiesceFailed
 from .model import Job, StartRequest
 from .source import BackupSource, Plan
 from .state import Store
@@ -132,52 +133,77 @@ async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS, *,
     return False
 
 
+@dataclass
+class _Owed:
+    """A thaw owed: the scope that asks for it, and whether that is over."""
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    over: anyio.Event = field(default_factory=anyio.Event)
+
+
 class Thaws:
     """The thaws owed after a freeze or a thaw the agent did not answer, at most one per
     domain, each asked again in the background until it is answered (`thaw_when_answered`).
     Each is recorded (state.py) until it is over: a restart of pullbackd goes on with it
-    (`resume`). A new freeze of the domain takes it over: its Start's own thaw follows its
-    begin, and a thaw owed from before must not thaw the guest under it."""
+    (`resume`). A new freeze of the domain takes it over (`take_over`): its Start's own thaw
+    follows its begin, and a thaw owed from before must not thaw the guest under it."""
 
     def __init__(self, later: Later, store: Store) -> None:
         self._later = later
         self._store = store
-        #: domain -> the scope of the thaw owed.
-        self._owed: dict[str, anyio.CancelScope] = {}
+        self._owed: dict[str, _Owed] = {}
 
     async def owe(self, source: BackupSource, job: Job) -> None:
-        if job.domain not in self._owed:
+        if job.domain in self._owed:
+            return
+        try:
             await self._store.save_thaw(job.domain, job.id)
-            self._ask(source, job)
+        except Exception:  # asked all the same, in this run
+            log.exception("cannot record a thaw owed", job=job.id, domain=job.domain)
+        self._ask(source, job)
 
     async def take_over(self, domain: str) -> None:
-        if (scope := self._owed.pop(domain, None)) is not None:
-            scope.cancel()
-        if domain in self._store.load_thaws():
-            await self._store.delete_thaw(domain)
+        """No thaw owed the domain any more, none under way either (one in a worker
+        thread takes THAW_WAIT at most)."""
+        if (owed := self._owed.pop(domain, None)) is not None:
+            owed.scope.cancel()
+            await owed.over.wait()
+        await self._forget(domain)
 
     def resume(self, source: BackupSource, job_of: Callable[[str], Job | None]) -> None:
         """The thaws an earlier run owed (`job_of`: a job by its id; one forgotten since
-        is no longer owed a thaw: hours have passed)."""
+        is no longer owed a thaw: days have passed)."""
         for domain, job_id in self._store.load_thaws().items():
             job = job_of(job_id)
-            if job is not None and job.domain == domain and domain not in self._owed:
+            if job is None or job.domain != domain:
+                self._later(functools.partial(self._forget, domain))
+            elif domain not in self._owed:
                 self._ask(source, job)
 
+    async def _forget(self, domain: str) -> None:
+        try:
+            await self._store.delete_thaw(domain)
+        except Exception:  # the next start asks once more: no harm
+            log.exception("cannot record that a thaw is no longer owed", domain=domain)
+
     def _ask(self, source: BackupSource, job: Job) -> None:
-        scope = self._owed[job.domain] = anyio.CancelScope()
+        owed = self._owed[job.domain] = _Owed()
 
         async def ask() -> None:
             try:
-                with scope:
+                with owed.scope:
                     await thaw_when_answered(source, job)
-                    await self._store.delete_thaw(job.domain)
+                    await self._forget(job.domain)
             except anyio.get_cancelled_exc_class():
                 log.info("a thaw of the guest's filesystems is still owed: pullbackd goes "
                          "on with it when it starts again", job=job.id, domain=job.domain)
                 raise
+            except Exception:  # a bug: it must not end the jobs' task group
+                log.exception("BUG: asking for a thaw owed failed; the next start of "
+                              "pullbackd asks again", job=job.id, domain=job.domain)
             finally:
-                if self._owed.get(job.domain) is scope:
+                owed.over.set()
+                if self._owed.get(job.domain) is owed:
                     del self._owed[job.domain]
 
         self._later(ask)
@@ -186,24 +212,23 @@ class Thaws:
 async def thaw_when_answered(source: BackupSource, job: Job) -> None:
     """After a freeze or a thaw the agent did not answer: a thaw every THAW_AGAIN_EVERY
     seconds until one is answered (the agent's earlier commands are over then, and the
-    guest thawed), for THAW_AGAIN_FOR at most, or until the agent says something else
-    than that it does not answer (the domain stopped, say: nothing is frozen then).
-    Raises nothing but cancellation."""
+    guest thawed), for THAW_AGAIN_FOR at most, or until the domain is gone. Whatever
+    else stops a thaw (the domain paused, libvirt restarting, another client's agent
+    call) may pass: it is asked again. Raises nothing but cancellation."""
     deadline = time.monotonic() + THAW_AGAIN_FOR
+    last = ""
     while time.monotonic() < deadline:
         await anyio.sleep(THAW_AGAIN_EVERY)
         try:
             await source.thaw(job)
-        except AgentError as e:
-            if e.unanswered:
-                continue
-            log.info("no thaw owed any more", job=job.id, reason=str(e))
+        except NoSuchDomain:
+            log.info("no thaw owed any more: the domain is gone", job=job.id)
             return
-        except PullbackError as e:  # the domain is gone
-            log.info("no thaw owed any more", job=job.id, reason=str(e))
-            return
+        except (AgentError, PullbackError) as e:
+            last = str(e)
+            continue
         log.info("the guest agent answered again: the guest's filesystems are thawed",
                  job=job.id)
         return
-    log.error("the guest agent has not answered a thaw for an hour: its filesystems may "
-              f"be frozen: thaw them with `virsh domfsthaw {job.domain}`", job=job.id)
+    log.error("a thaw of the guest has failed for an hour: its filesystems may be frozen: "
+              f"thaw them with `virsh domfsthaw {job.domain}`", job=job.id, error=last)

@@ -137,12 +137,6 @@ class BrokenBitmap(Exception):
 class AgentError(Exception):
     """The guest agent did not do what was asked; the message is libvirt's."""
 
-    def __init__(self, message: str, *, unanswered: bool = False) -> None:
-        super().__init__(message)
-        #: It did not answer (in time, or it is not connected): it may still do what was
-        #: asked once it does, as it answers in order.
-        self.unanswered = unanswered
-
 
 class ShutOff(Exception):
     """What was asked needs the domain running (libvirt's part of it); the domain is off."""
@@ -511,8 +505,7 @@ class Virt:
         try:
             return await self._run(domain, call)
         except LibvirtError as e:
-            raise AgentError(e.parameters["message"], unanswered=e.parameters["code"]
-                             == libvirt.VIR_ERR_AGENT_UNRESPONSIVE) from None
+            raise AgentError(e.parameters["message"]) from None
 
     async def abort_job(self, domain: str) -> bool:
         """End the domain's job, False if it had none. For a pull backup this is the normal end."""
