@@ -1432,9 +1432,10 @@ async def test_a_guest_whose_agent_does_not_answer_is_thawed_once_it_does(
         del source.errors["thaw"]
         await thawed(source)
         await rig.jobs.abort(job.id)
+    asked = len(source.called("thaw"))
     async with running(tmp_path, source) as rig:  # nothing owed any more
-        await anyio.sleep(0.1)
-        assert source.called("thaw")[-1:] == ["d1"] and rig.store.load_thaws() == {}
+        await anyio.sleep(0.1)  # ten tries, were it still owed
+        assert len(source.called("thaw")) == asked and rig.store.load_thaws() == {}
 
     # After a crash while frozen.
     job_id = "0123456789ab"

@@ -29,9 +29,9 @@ Invariants, checked at every start (`recover`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -90,7 +90,7 @@ class Jobs:
         #: Where copies, endpoints and event handling run: follow_events's task group.
         self._tg: anyio.abc.TaskGroup | None = None
         #: Thaws of guests whose agent did not answer, asked again in the background.
-        self.thaws = quiesce.Thaws(self.later, store)
+        self.thaws = quiesce.Thaws(store)
 
     # Queries.
 
@@ -164,13 +164,6 @@ class Jobs:
             return
         for job_id, request in self._admission.ready():
             self._tg.start_soon(self._starts.start_queued, job_id, request)
-
-    def later(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run `task` in the background, with the jobs' copies and endpoints (it must
-        raise nothing)."""
-        if self._tg is None:
-            raise RuntimeError("jobs are not being served (follow_events is not running)")
-        self._tg.start_soon(task)
 
     # pullbackd's own copy; appliances' sessions.
 
@@ -369,9 +362,10 @@ class Jobs:
             task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Apply what the source tells to the jobs until it is lost (then `lost(reason)`
         runs, with every endpoint and copy still up, before they are cancelled);
-        copies, endpoints and the handling of events run in here too."""
+        copies, endpoints, the handling of events and the thaws owed run in here too."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(self.thaws.serve)
             sink = _Sink(self, self._records, self._admission, self._source, tg, lost)
             await self._source.follow(sink, task_status.started)
             tg.cancel_scope.cancel()
@@ -442,7 +436,6 @@ class Jobs:
         """At start, before any client: what an earlier run left; then the queue moves."""
         await Recovery(self, self._records, self._store, self._source, self._chains,
                        self._repository, self._serving).run(self._keep_finished)
-        self.thaws.resume(self._source, self._records.get)
         self._dequeue()
 
     def requeue(self, job: Job, request: StartRequest) -> None:

@@ -329,10 +329,9 @@ class StorageDaemon:
                              name: str) -> None:
         """Once `open`: the bitmap `name` out of the images that have it, in one
         transaction. Raises StorageDaemonError; `stop` it either way."""
-        holding = [i for i in images if name in found[i.disk].bitmaps]
-        actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": i.disk, "name": name}}
-                   for i in holding]
-        await anyio.to_thread.run_sync(_written, self._opened(), holding, found, actions)
+        actions = [{"type": "block-dirty-bitmap-remove", "data": {"node": disk, "name": name}}
+                   for disk, there in found.items() if name in there.bitmaps]
+        await anyio.to_thread.run_sync(_written, self._opened(), images, found, actions)
 
     def _opened(self) -> Monitor:
         if self._monitor is None:
@@ -532,15 +531,17 @@ def _opened(monitor: Monitor, images: Sequence[Image]) -> dict[str, Found]:
 
 def _written(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
              actions: list[dict[str, Any]]) -> None:
-    """The transaction `actions` on `images`, reopened for writing for it alone."""
-    if not actions:
+    """The transaction `actions`, the images it changes reopened for writing for it
+    alone."""
+    changed = [i for i in images if any(a["data"]["node"] == i.disk for a in actions)]
+    if not changed:
         return
-    _reopen(monitor, images, found, read_only=False)
+    _reopen(monitor, changed, found, read_only=False)
     try:
         monitor.execute("transaction", actions=actions)
     finally:
         if monitor.broken is None:  # the monitor is in step: a refused transaction
-            _reopen(monitor, images, found, read_only=True)
+            _reopen(monitor, changed, found, read_only=True)
 
 
 def _reopen(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
@@ -593,8 +594,7 @@ def _prepare(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],
                 {"type": "block-dirty-bitmap-merge", "data": {
                     "node": export.disk, "target": export.bitmap,
                     "bitmaps": [export.since]}}]
-    _written(monitor, [i for i in images if any(a["data"]["node"] == i.disk for a in actions)],
-             found, actions)
+    _written(monitor, images, found, actions)
     for export in served:
         if isinstance(export, Target):
             continue

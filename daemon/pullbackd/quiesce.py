@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
 
 from . import crash
@@ -48,8 +49,6 @@ THAW_ATTEMPTS = 5
 THAW_AGAIN_EVERY = 5.0
 THAW_AGAIN_FOR = 3600.0
 NO_AGENT = "no guest agent is connected"
-#: Runs a task in the background, beyond the Start (Jobs.later).
-Later = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
 @dataclass(frozen=True)
@@ -148,10 +147,25 @@ class Thaws:
     (`resume`). A new freeze of the domain takes it over (`take_over`): its Start's own thaw
     follows its begin, and a thaw owed from before must not thaw the guest under it."""
 
-    def __init__(self, later: Later, store: Store) -> None:
-        self._later = later
+    def __init__(self, store: Store) -> None:
         self._store = store
         self._owed: dict[str, _Owed] = {}
+        #: Where the thaws are asked for: `serve`'s task group.
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Ask for the thaws owed until cancelled (with the jobs' copies and endpoints:
+        Jobs.follow_events)."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def _later(self, task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        if self._tg is None:
+            raise RuntimeError("the thaws owed are not being asked for (serve is not running)")
+        self._tg.start_soon(task)
 
     async def owe(self, source: BackupSource, job: Job) -> None:
         if job.domain in self._owed:
@@ -164,10 +178,12 @@ class Thaws:
 
     async def take_over(self, domain: str) -> None:
         """No thaw owed the domain any more, none under way either (one in a worker
-        thread takes THAW_WAIT at most)."""
-        if (owed := self._owed.pop(domain, None)) is not None:
-            owed.scope.cancel()
-            await owed.over.wait()
+        thread takes THAW_WAIT at most). Every thaw recorded is owed here from the start
+        on (`resume`): a domain owed none costs a Start no write."""
+        if (owed := self._owed.pop(domain, None)) is None:
+            return
+        owed.scope.cancel()
+        await owed.over.wait()
         await self._forget(domain)
 
     def resume(self, source: BackupSource, job_of: Callable[[str], Job | None]) -> None:

@@ -17,6 +17,8 @@ serves anyone.
               was lost): rebuilt as ready jobs where their checkpoint names a consumer,
               so that their appliances read on; ended otherwise
     leftovers what backups of jobs that do not run left behind, swept
+    thaws     the thaws an earlier run still owed guests whose agent did not answer,
+              asked for again (quiesce.Thaws)
 
 It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`, `hold`,
 `fail_found`), so that jobs.py's invariants hold as they do for any other change.
@@ -78,6 +80,7 @@ class Recovery:
         # What a lost database or a crash of libvirtd left, of jobs that do not run (a
         # job failed here had its own removed already).
         await anyio.to_thread.run_sync(self._source.sweep, self._jobs.claimed())
+        self._jobs.thaws.resume(self._source, self._records.get)
 
     async def _queued(self) -> None:
         requests = self._store.load_requests()
