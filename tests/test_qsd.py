@@ -288,6 +288,50 @@ async def test_remove_bitmaps_takes_one_out_of_the_images_that_hold_it(
                                                 {"c2": ["auto"], "c3": ["auto"]})
 
 
+@pytest.fixture
+def hook(tmp_path: Path) -> Path:
+    """The package's qemu hook, looking for markers in `tmp_path` (where `daemon` has them)."""
+    path = tmp_path / "hook"
+    path.write_text((Path(__file__).resolve().parent.parent / "libvirt-hooks" / "qemu.d" /
+                     "pullbackd").read_text().replace("/run/pullbackd/exports/.qemu",
+                                                      str(tmp_path)))
+    return path
+
+
+async def test_libvirts_hook_waits_for_a_removal_of_bitmaps_and_refuses_a_backup(
+        tmp_path: Path, image: Path, hook: Path) -> None:
+    """The package's qemu hook (libvirt-hooks/qemu.d/pullbackd) reads what `open` marks: a
+    start of the domain while its images are open to take a deleted checkpoint's bitmaps
+    out waits for that (refused, it named a job that does not exist, to be aborted), one
+    while they are open for a backup is refused at once, and one of another domain goes."""
+
+    def run(domain: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["sh", str(hook), domain, "prepare", "begin", "-"],
+                                stderr=subprocess.PIPE, text=True)
+
+    await anyio.run_process(["qemu-img", "bitmap", "--add", str(image), "c1"])
+    d = daemon(tmp_path)
+    images = [Image("vda", image)]
+    found = await d.open("vm", images, removing="c1")
+    try:
+        assert run("other").wait(timeout=30) == 0
+        start = run("vm")
+        await anyio.sleep(1)
+        assert start.poll() is None, start.communicate()
+        await d.remove_bitmaps(images, found, "c1")
+    finally:
+        await d.stop()
+    assert start.wait(timeout=30) == 0, start.communicate()
+    assert bitmaps(image) == {}
+    await d.open("vm", images)
+    try:
+        start = run("vm")
+        assert start.wait(timeout=30) == 1
+        assert "being backed up while shut off (job qsd)" in start.communicate()[1]
+    finally:
+        await d.stop()
+
+
 async def test_an_image_a_crash_left_dirty_is_repaired_before_a_bitmap_goes_in(
         tmp_path: Path) -> None:
     """A qcow2 image with lazy refcounts whose QEMU was killed: its refcounts are stale

@@ -205,9 +205,10 @@ class OfflineSource:
 
     async def forget(self, domain: str, disks: list[str], checkpoint: str) -> None:
         """Take the bitmap of `checkpoint` out of the images of the shut-off domain's
-        `disks` that hold one, through a daemon of its own (a fresh id: the hook names it
-        if the domain is started meanwhile, and a start of pullbackd ends it if it is
-        left). Raises LibvirtError (the domain runs, say: libvirt deletes them then)."""
+        `disks` that hold one, through a daemon of its own (a fresh id: a start of the
+        domain meanwhile waits for it in libvirt's hook, and a start of pullbackd ends
+        it if it is left). Raises LibvirtError (the domain runs, say: libvirt deletes
+        them then)."""
         dom = await self._virt.domain(domain)
         if dom.running:
             raise LibvirtError(-1, f"{domain!r} runs now: libvirt deletes the bitmaps")
@@ -219,7 +220,8 @@ class OfflineSource:
         job_id = new_job_id()
         daemon = self._daemon(job_id)
         try:
-            await daemon.remove_bitmaps(images, await daemon.open(domain, images), checkpoint)
+            found = await daemon.open(domain, images, removing=checkpoint)
+            await daemon.remove_bitmaps(images, found, checkpoint)
         except StorageDaemonError as e:
             raise LibvirtError(-1, f"cannot remove the bitmap {checkpoint} from the images of "
                                    f"{domain!r}: {e}") from None

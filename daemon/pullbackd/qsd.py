@@ -260,7 +260,8 @@ class StorageDaemon:
         self.spec = pidfile.with_suffix(".spec")
         #: What it writes on stderr, read when a start fails and logged when it stops.
         self.log = pidfile.with_suffix(".log")
-        #: The domain whose images it holds, for libvirt's hook (libvirt-hooks/qemu.d).
+        #: The domain whose images it holds, for libvirt's hook (libvirt-hooks/qemu.d);
+        #: on a second line, the checkpoint whose bitmaps it removes (`open`).
         self.marker = pidfile.with_suffix(".domain")
         #: The process, if this run of pullbackd started it (to reap it when it ends).
         self._proc: Process | None = None
@@ -290,13 +291,18 @@ class StorageDaemon:
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
-    async def open(self, domain: str, images: Sequence[Image]) -> dict[str, Found]:
+    async def open(self, domain: str, images: Sequence[Image],
+                   removing: str | None = None) -> dict[str, Found]:
         """Start it holding `images` (read-only once it returns: `_opened`), and what it
-        found in each (their layers are read by whoever starts it: `layered`). Raises
-        StorageDaemonError (with what it said) and leaves nothing running."""
+        found in each (their layers are read by whoever starts it: `layered`). With
+        `removing`, it holds them only to remove that checkpoint's bitmaps: libvirt's
+        hook lets a start of the domain wait for it, rather than refuse it as it refuses
+        one under a backup. Raises StorageDaemonError (with what it said) and leaves
+        nothing running."""
         for path in self._files():
             path.unlink(missing_ok=True)
-        await anyio.to_thread.run_sync(_write_new, self.marker, domain)
+        marker = domain if removing is None else f"{domain}\n{removing}"
+        await anyio.to_thread.run_sync(_write_new, self.marker, marker)
         try:
             self._proc = await self._launch(domain, images)
         except BaseException:
