@@ -16,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,6 +378,45 @@ def test_a_shut_off_domain_is_served_by_its_root_unit(host: Host) -> None:
     finally:
         host.run("virsh", "start", "lab1", check=False)
         host.run("chmod", "0644", DISK)
+
+
+def test_a_shut_off_domains_block_disk_is_served_by_its_root_unit(host: Host) -> None:
+    """A shut-off domain whose disk is a block device (an LVM volume, say: here a loop
+    device), never started: the root unit opens the device, as libvirt names it, and the
+    full backup is the device, byte for byte."""
+    backing = WORK / "block.raw"
+    host.run("truncate", "-s", "64M", str(backing))
+    device = host.run("losetup", "--find", "--show", str(backing)).stdout.strip()
+    root = ET.fromstring(host.run("virsh", "dumpxml", "--inactive", "lab1").stdout)
+    for element in root.findall("uuid"):
+        root.remove(element)
+    name = root.find("name")
+    assert name is not None
+    name.text = "blocky"
+    disk = root.find("devices/disk")
+    assert disk is not None
+    disk.set("type", "block")
+    for child, attributes in (("driver", {"name": "qemu", "type": "raw"}),
+                              ("source", {"dev": device})):
+        found = disk.find(child)
+        assert found is not None
+        found.attrib.clear()
+        found.attrib.update(attributes)
+    host.run("sh", "-c", f"cat > {WORK}/blocky.xml", input=ET.tostring(root, encoding="unicode"))
+    host.run("virsh", "define", f"{WORK}/blocky.xml")
+    try:
+        host.run("qemu-io", "-f", "raw", "-c", "write -q -P 0x6b 1M 3M", "-c",
+                 "write -q -P 0x6c 60M 4M", device)
+        job = host.ctl("backup", "start", "blocky")["job"]
+        try:
+            assert job["offline"] and job["state"] == "ready", job
+            host.run("nbdcopy", job["disks"][0]["url"], str(WORK / "blocky.raw"))
+            host.same(WORK / "blocky.raw", Path(device))
+        finally:
+            finish(host, job["id"])
+    finally:
+        host.run("virsh", "undefine", "blocky", "--checkpoints-metadata", check=False)
+        host.run("losetup", "--detach", device, check=False)
 
 
 def shut_off(host: Host) -> None:

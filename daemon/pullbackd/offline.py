@@ -117,8 +117,10 @@ class OfflineSource:
                     f"{disk.target} of the shut-off domain {domain!r} is a {disk.type} disk: "
                     "only files and block devices are served while a domain is off; start "
                     "it, or leave the disk out"))
-            why = await anyio.to_thread.run_sync(_unreachable, Path(disk.source),
-                                                 not self._unit)
+            # The root unit opens the images itself, and says why it cannot: pullbackd's
+            # service sees no block device and no /home (PrivateDevices=, ProtectHome=).
+            why = None if self._unit else \
+                await anyio.to_thread.run_sync(_unreachable, Path(disk.source))
             if why is not None:
                 raise ImageNotReachable(domain, disk.target, disk.source, why)
         sizes = {disk: await self._virt.capacity(domain, disk) for disk in chosen}
@@ -350,12 +352,12 @@ def _images(domain: str, dom: Domain, bases: dict[str, Base]) -> list[Image]:
                   device=found[d].type == "block") for d, b in bases.items()]
 
 
-def _unreachable(image: Path, ourselves: bool) -> str | None:
-    """Why the image cannot be served, if it cannot: it is not there, or this process opens
-    it (`ourselves`) and cannot read and write it (the bitmap goes into it). Blocks."""
+def _unreachable(image: Path) -> str | None:
+    """Why this process cannot serve the image, if it cannot: it is not there, or it cannot
+    read and write it (the bitmap goes into it). Blocks."""
     if not image.exists():
         return "no such file"
-    if ourselves and not os.access(image, os.R_OK | os.W_OK):
+    if not os.access(image, os.R_OK | os.W_OK):
         return (f"not readable and writable by pullbackd's user ({user_name(os.geteuid())}): "
                 "back it up while the domain runs, or let that user read and write it")
     return None
