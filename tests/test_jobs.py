@@ -571,7 +571,8 @@ async def test_a_queued_job_that_cannot_start_fails_and_the_next_one_starts(
         await jobs.finish(first.id)
         failed = await ended(jobs, second.id)
         assert failed.state == JobState.FAILED and failed.error == (
-            "the backup could not start: domain 'd2' is not running; start it first")
+            "the backup could not start: domain 'd2' is not running (a backup of it may start "
+            "again, while it is off; a migration needs it running)")
         await until(jobs, third.id, lambda j: j.state == JobState.READY)
         assert jobs.active("d2") is None
 

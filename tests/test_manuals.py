@@ -4,6 +4,9 @@ Every command and option of `pullbackctl` (cli.parser()) is in man/pullbackctl.1
 under that command, and offered by completion/pullbackctl for that command; every
 section and key of the configuration (config.Config) is in man/pullbackd.toml.5
 with its default; each page renders without a warning and uses man(7) macros only.
+The README keeps up too: its configuration table has every key, its module table every
+module, its copy of the interface is the interface file's declarations, and its synopsis
+of pullbackctl has every command and option.
 """
 
 from __future__ import annotations
@@ -334,3 +337,55 @@ def test_completion_offers_job_ids(tmp_path: Path) -> None:
     assert (real / "pullbackctl").exists()
     assert complete(("--socket", str(tmp_path / "none.sock"), "show", ""),
                     path=f"{real}:{os.environ['PATH']}") == [set()]
+
+
+# --- the README ------------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+PACKAGE = ROOT / "daemon" / "pullbackd"
+
+
+def table(text: str, header: str) -> list[list[str]]:
+    """The rows of the README's table whose header row is `header`, cells stripped."""
+    rows = text.split(f"\n{header}\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+def test_readme_configuration_table_has_every_key() -> None:
+    documented = {key for row in table(README.read_text(), "| key | default | meaning |")
+                  for key in re.findall(r"`(\w+\.\w+)`", row[0])}
+    assert documented == {f"{part}.{key}" for part, keys in defaults().items() for key in keys}
+
+
+def test_readme_module_table_has_every_module() -> None:
+    documented = {row[0].strip("`") for row in table(README.read_text(), "| module | what it is |")}
+    shipped = {str(path.relative_to(PACKAGE)) for path in
+               [*PACKAGE.glob("*.py"), *PACKAGE.glob("control/*.py"), *PACKAGE.glob("*.varlink")]
+               if path.name != "__init__.py"}
+    assert documented == shipped
+
+
+def declarations(idl: str) -> str:
+    """An interface's declarations without comments, one space between words."""
+    text = " ".join(line.split("#", 1)[0] for line in idl.splitlines())
+    return re.sub(r"\s+", " ", text).replace("( ", "(").replace(" )", ")").strip()
+
+
+def test_readme_has_the_interface_as_it_is() -> None:
+    """The README's copy of org.pullbackd.Backup is the interface file without its comments."""
+    text = README.read_text()
+    copy = text.split("`org.varlink.service.GetInterfaceDescription`):\n\n", 1)[1]
+    copy = copy.split("\n\n", 1)[0]
+    shipped = (PACKAGE / "org.pullbackd.Backup.varlink").read_text()
+    assert declarations(copy) == declarations(shipped).removeprefix(
+        "interface org.pullbackd.Backup ")
+
+
+def test_readme_synopsis_has_every_command_and_option() -> None:
+    text = README.read_text().split("\n## pullbackctl\n", 1)[1]
+    synopsis = text.split("\n\n", 2)[0]
+    for path, parser in LEAVES.items():
+        assert " ".join(path) in synopsis, path
+        for option in options(parser, with_help=False):
+            if option.startswith("--"):
+                assert option in synopsis, (path, option)

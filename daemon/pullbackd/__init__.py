@@ -1,3 +1,3 @@
-"""pullbackd: pull-mode backups of running libvirt domains, driven over varlink."""
+"""pullbackd: pull-mode backups of libvirt domains, driven over varlink."""
 
 __version__ = "0.1.0"

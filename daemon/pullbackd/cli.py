@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _add_start(backup: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    start = backup.add_parser("start", help="start a backup of a running domain")
+    start = backup.add_parser("start", help="start a backup of a domain, running or shut off")
     start.add_argument("domain")
     start.add_argument("--disk", action="append", dest="disks", metavar="DISK",
                        help="a disk to back up (repeatable; default: every disk)")

@@ -29,7 +29,8 @@ class NoSuchDomain(PullbackError):
 
 class DomainNotRunning(PullbackError):
     def __init__(self, domain: str) -> None:
-        super().__init__(f"domain {domain!r} is not running; start it first", domain=domain)
+        super().__init__(f"domain {domain!r} is not running (a backup of it may start again, "
+                         "while it is off; a migration needs it running)", domain=domain)
 
 
 class NoSuchDisk(PullbackError):
