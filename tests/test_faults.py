@@ -298,6 +298,42 @@ async def test_unexpected_exception_becomes_internal_error_and_service_goes_on(
 
 
 @pytest.mark.asyncio
+async def test_one_verify_reads_at_a_time_and_the_next_waits_its_turn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Verify holds a qemu-storage-daemon and a worker thread while it reads: calls
+    made at once (by anyone who may Verify) read one after the other, all answered."""
+    (tmp_path / "repo" / "d1" / "c" / "vda").mkdir(parents=True)
+    reading, most, release = 0, 0, anyio.Event()
+
+    async def verify_disk(domain: str, consumer: str, disk: str) -> tuple[int, list[str]]:
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        await release.wait()
+        reading -= 1
+        return 1, []
+
+    virt = FakeVirt()
+    async with running(tmp_path, virt) as rig:
+        monkeypatch.setattr(rig.parts.repository, "verify_disk", verify_disk)
+        service = api.service(rig.parts)
+        replies: list[dict[str, Any]] = []
+
+        async def verify() -> None:
+            call = Call(f"{api.INTERFACE}.Verify", {"domain": "d1"})
+            replies.extend([r.to_message() async for r in service.replies(call)])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(verify)
+            await anyio.wait_all_tasks_blocked()
+            assert reading == 1
+            release.set()
+    assert most == 1
+    assert [r["parameters"] for r in replies] == [{"checked": 1, "problems": []}] * 3
+
+
+@pytest.mark.asyncio
 async def test_checkpoint_libvirt_cannot_delete_is_retried_and_never_a_base(
         tmp_path: Path) -> None:
     virt = FakeVirt()

@@ -98,7 +98,7 @@ def test_look_may_read_and_nothing_else(daemon: Daemon) -> None:
     refusals: list[tuple[str, dict[str, Any]]] = [
         ("Start", {"domain": "lab1"}), ("Abort", {"id": "x"}),
         ("DeleteChain", {"domain": "lab1", "consumer": "default"}),
-        ("Prune", {"domain": "lab1", "keep": 1})]
+        ("Prune", {"domain": "lab1", "keep": 1}), ("Verify", {"domain": "lab1"})]
     for method, params in refusals:
         assert call_as(LOOK, daemon, method, **params) == {
             "error": "PermissionDenied", "method": method, "role": "look"}
@@ -164,7 +164,7 @@ def test_names_and_paths_from_clients_stay_where_they_belong(daemon: Daemon) -> 
                          destination="local")
     assert daemon.ctl.wait(job["id"])["state"] == "completed"
 
-    assert call_as(LOOK, daemon, "Verify", domain="../../../tmp") == invalid("domain")
+    assert call_as(BACKUP, daemon, "Verify", domain="../../../tmp") == invalid("domain")
     assert call_as(ADMIN, daemon, "Prune", domain="..", keep=1) == invalid("domain")
     folder = Path(tempfile.mkdtemp(prefix="pbt-"))
     folder.chmod(0o777)  # the attacker's own folder, inside [restore] dirs

@@ -108,6 +108,11 @@ class BackupAPI:
         self.tuning = parts.tuning
         self.restore_dirs = parts.restore_dirs
         self.rebuilder = parts.rebuilder
+        # One Verify reads the repository at a time, the others wait their turn in order:
+        # each holds a qemu-storage-daemon and a worker thread for as long as it reads
+        # (hours, on a large repository), and a caller could start as many as the
+        # control socket lets it make calls.
+        self._verifying = anyio.Lock()
 
     def handlers(self) -> dict[str, Handler]:
         return {name: getattr(self, name) for name in interface(INTERFACE).methods}
@@ -293,12 +298,14 @@ class BackupAPI:
     async def Verify(self, domain: str, consumer: str | None = None) -> dict[str, Any]:
         checked, problems = 0, []
         disks = await self._disks(domain, consumer)
-        for name, disk in disks:
-            count, found = await self.repository.verify_disk(domain, name, disk)
-            checked += count
-            problems += found
-        for name in {name for name, _ in disks}:
-            problems += await anyio.to_thread.run_sync(self.repository.verify_files, domain, name)
+        async with self._verifying:
+            for name, disk in disks:
+                count, found = await self.repository.verify_disk(domain, name, disk)
+                checked += count
+                problems += found
+            for name in {name for name, _ in disks}:
+                problems += await anyio.to_thread.run_sync(self.repository.verify_files,
+                                                           domain, name)
         for problem in problems:
             log.warning("verify found a problem", domain=domain, problem=problem)
         if (listed := _fitting(problems, PROBLEMS - 1)) < len(problems):

@@ -4,8 +4,8 @@ Reaching the socket ([control] mode and group) lets a process talk; its role,
 from its peer credentials (SO_PEERCRED) and [roles] in the configuration,
 decides which methods answer:
 
-    look     Get, List, Watch, ListCheckpoints, Verify (and varlink's GetInfo)
-    backup   look, and Start, Finish, Abort, DomainFiles, ReadDomainFile
+    look     Get, List, Watch, ListCheckpoints (and varlink's GetInfo)
+    backup   look, and Start, Finish, Abort, DomainFiles, ReadDomainFile, Verify
     admin    backup, and Migrate, DeleteChain, Prune, Restore, RestoreDomain
 
 Root is admin. Anyone else gets the highest role that lists their user name or
@@ -38,8 +38,9 @@ class Role(IntEnum):
 #: The role each method of org.pullbackd.Backup needs.
 METHODS = {
     "Get": Role.LOOK, "List": Role.LOOK, "Watch": Role.LOOK, "ListCheckpoints": Role.LOOK,
-    "Verify": Role.LOOK,
     "Start": Role.BACKUP, "Finish": Role.BACKUP, "Abort": Role.BACKUP,
+    # It reads every backup of the domain in the repository, for as long as that takes.
+    "Verify": Role.BACKUP,
     # A backup's NVRAM and TPM state are as secret as its disks.
     "DomainFiles": Role.BACKUP, "ReadDomainFile": Role.BACKUP,
     "Migrate": Role.ADMIN, "DeleteChain": Role.ADMIN, "Prune": Role.ADMIN,
