@@ -35,6 +35,8 @@ class ServiceManager:
         self.sock.settimeout(0.1)
         self.fdstore: dict[str, int] = {} if fdstore is None else fdstore
         self.ready = threading.Event()
+        #: Every notification's fields, in the order they came.
+        self.messages: list[dict[str, str]] = []
         self.stopping = threading.Event()
         self._done = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -52,6 +54,7 @@ class ServiceManager:
                     fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
             fields = dict(line.split("=", 1) for line in data.decode().splitlines()
                           if "=" in line)
+            self.messages.append(fields)
             if fields.get("FDSTORE") == "1" and len(fds) == 1:
                 self._drop(fields["FDNAME"])
                 self.fdstore[fields["FDNAME"]] = fds.pop()

@@ -84,6 +84,13 @@ def test_restart_adopts_a_ready_job_and_readers_never_notice(
         assert results["old"] == b"\x5a" * MiB
         assert_same(results["new"], vda.expected)
         assert second.manager.fdstore == {}  # all taken back
+        # Each step of recovery gave systemd's start timeout more time, before READY=1.
+        told = [m.get("STATUS") for m in second.manager.messages]
+        extended = [m for m in second.manager.messages if "EXTEND_TIMEOUT_USEC" in m]
+        assert f"recovering: job {job['id']} of lab1 (1 of 1)" in told, told
+        assert extended and told.index(extended[0]["STATUS"]) < told.index(
+            next(m["STATUS"] for m in second.manager.messages if m.get("READY") == "1"))
+        assert int(extended[0]["EXTEND_TIMEOUT_USEC"]) >= 60_000_000
         adopted = second.ctl.job("Get", id=job["id"])
         assert settled(adopted) == settled(job)
         sessions = adopted["appliance"]["sessions"]

@@ -432,10 +432,11 @@ class Jobs:
     # Recovery (recovery.py), and its interface: how what an earlier run left becomes
     # jobs again.
 
-    async def recover(self) -> None:
-        """At start, before any client: what an earlier run left; then the queue moves."""
+    async def recover(self, progress: Callable[[str], None] = lambda step: None) -> None:
+        """At start, before any client: what an earlier run left (telling `progress`
+        each step it begins: recovery.py); then the queue moves."""
         await Recovery(self, self._records, self._store, self._source, self._chains,
-                       self._repository, self._serving).run(self._keep_finished)
+                       self._repository, self._serving).run(self._keep_finished, progress)
         self._dequeue()
 
     def requeue(self, job: Job, request: StartRequest) -> None:

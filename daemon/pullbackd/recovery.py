@@ -20,6 +20,11 @@ serves anyone.
     thaws     the thaws an earlier run still owed guests whose agent did not answer,
               asked for again (quiesce.Thaws)
 
+Each step (a job, each phase after) tells `progress` what it begins: under systemd, the
+start may take that step's time more than the unit's timeout (a thaw the agent does not
+answer, a backup libvirt is slow to end: many jobs found took longer than a start may,
+and systemd ended each start, again and again).
+
 It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`, `hold`,
 `fail_found`), so that jobs.py's invariants hold as they do for any other change.
 """
@@ -27,6 +32,7 @@ It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`, `ho
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -60,14 +66,16 @@ class Recovery:
         self._repository = repository
         self._serving = serving
 
-    async def run(self, keep_finished: float) -> None:
+    async def run(self, keep_finished: float, progress: Callable[[str], None]) -> None:
         """Everything above, in that order; ended jobs older than `keep_finished`
         seconds are forgotten first."""
         self._records.load()
         await self._records.forget_old(keep_finished)
         await self._queued()
-        for job in [j for j in self._records.all()
-                    if not j.state.final and j.state != JobState.QUEUED]:
+        found = [j for j in self._records.all()
+                 if not j.state.final and j.state != JobState.QUEUED]
+        for i, job in enumerate(found, 1):
+            progress(f"recovering: job {job.id} of {job.domain} ({i} of {len(found)})")
             try:
                 await self._found(job)
             except PullbackError as e:
@@ -75,10 +83,13 @@ class Recovery:
                           "until Abort ends it, or a next start settles it", job=job.id,
                           domain=job.domain, state=job.state, error=str(e))
                 self._jobs.hold(job)
+        progress("recovering: checking the chains")
         await self._check_chains()
+        progress("recovering: backups no job owns")
         await self._take_in_unowned()
         # What a lost database or a crash of libvirtd left, of jobs that do not run (a
         # job failed here had its own removed already).
+        progress("recovering: what ended backups left")
         await anyio.to_thread.run_sync(self._source.sweep, self._jobs.claimed())
         self._jobs.thaws.resume(self._source, self._records.get)
 

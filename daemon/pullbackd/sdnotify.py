@@ -70,6 +70,12 @@ class Notifier:
     def status(self, status: str) -> None:
         self.notify(f"STATUS={status}")
 
+    def extend(self, seconds: float, status: str) -> None:
+        """The start (or stop) in progress may take `seconds` more from now than its
+        unit's timeout allows (EXTEND_TIMEOUT_USEC=); systemd ends it only if no
+        word comes within them."""
+        self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", f"STATUS={status}")
+
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping")
 

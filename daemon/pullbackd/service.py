@@ -39,7 +39,7 @@ from .repository import Repository
 from .scratch import ScratchSpace
 from .sdnotify import Notifier
 from .serving import Limits, Serving
-from .source import LibvirtSource
+from .source import THAW_WAIT, LibvirtSource
 from .sources import Sources
 from .state import StateDamaged, Store
 from .virt import Virt
@@ -87,7 +87,10 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
             await tg.start(follow_libvirt)
             if remote is not None:
                 await tg.start(remote.serve)
-            await jobs.recover()
+            # Each step of recovery may wait for a thaw and for libvirt to end a backup,
+            # and then some: the start may take that much more from each step on.
+            step = THAW_WAIT + 2 * cfg.jobs.end_timeout + 60
+            await jobs.recover(functools.partial(notifier.extend, step))
             # The sockets handed over are ours now: systemd's copies can go.
             notifier.remove_fds(list(inherited))
             exports.release()
