@@ -119,6 +119,18 @@ def serving(image: Path, sock: Path) -> subprocess.Popen[bytes]:
     return qemu
 
 
+def serving_slowly(sock: Path, seconds: int) -> subprocess.Popen[bytes]:
+    """nbdkit serving its pattern plugin's 16 MiB on `sock` (any export name), opening the
+    export `seconds` after each client asked, once it listens."""
+    nbdkit = subprocess.Popen(["nbdkit", "-f", "-r", "-U", str(sock), "--filter=delay",
+                               "pattern", "16M", f"delay-open={seconds}"])
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert nbdkit.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return nbdkit
+
+
 def connecting_later(port: int) -> subprocess.Popen[bytes]:
     """Another process that connects to `port` in half a second, and stays a while."""
     return subprocess.Popen(["python3", "-c", f"""
@@ -315,6 +327,29 @@ async def test_a_client_that_opens_no_export_is_cut_at_the_deadline(
         await call(reader.open)
         assert await call(reader.read, 0, 4096) == bytes([BYTE]) * 4096
         reader.close()
+
+
+async def test_the_handshake_timeout_does_not_count_qemus_time(tmp_path: Path) -> None:
+    """A client that sent its GO at once, to a QEMU that takes longer than the handshake
+    timeout to open the export (nbdkit's delay filter stands in for a busy QEMU): the
+    session opens when QEMU answers, and reads; the client is not cut for QEMU's time."""
+    exports = Exports(tmp_path / "exports", limit=4, handshake_timeout=1.0)
+    exports.prepare()
+    slow = serving_slowly(exports.qemu_path(JOB), 3)
+    try:
+        async with anyio.create_task_group() as tg:
+            await exports.open(JOB, {TOKEN: "vda"}, tg, lambda job, session: None)
+            client = await call(Client.unix, exports.endpoint_path(JOB))
+            await call(client.greet)
+            await call(client.send_go)
+            assert (await call(client.go_reply))[0] == hs.REP_ACK
+            # nbdkit's pattern plugin: each 8-byte word is its own offset, big-endian.
+            assert await call(client.read, MiB, 16) == struct.pack(">QQ", MiB, MiB + 8)
+            client.close()
+            tg.cancel_scope.cancel()
+    finally:
+        slow.terminate()
+        slow.wait()
 
 
 async def test_a_client_that_opened_an_export_may_wait_and_is_counted(tmp_path: Path) -> None:

@@ -56,6 +56,10 @@ MAX_WAITING = 64
 REFUSAL_TIMEOUT = 10.0
 #: Seconds QEMU's NBD server may take to accept a session's connection.
 CONNECT_TIMEOUT = 10.0
+#: Seconds past the handshake timeout a session waits for QEMU to answer its handshake,
+#: looking every ANSWER_POLL seconds.
+QEMU_ANSWER_TIMEOUT = 60.0
+ANSWER_POLL = 0.1
 _PEERCRED = struct.Struct("3i")
 
 
@@ -346,14 +350,26 @@ class Endpoint:
 
     async def _handshake_deadline(self, session: Session, relay: Relay) -> None:
         await anyio.sleep(self.handshake_timeout)
+        # The timeout is the client's time: while QEMU owes it an answer (a busy QEMU
+        # slow to open the export of a GO the client sent at once), wait for that too,
+        # QEMU_ANSWER_TIMEOUT at most.
+        for _ in range(int(QEMU_ANSWER_TIMEOUT / ANSWER_POLL)):
+            if relay.sniffer.opened or not relay.sniffer.awaiting_server:
+                break
+            await anyio.sleep(ANSWER_POLL)  # the relay's thread follows QEMU's answer
         # Once an export is open (EXPORT_NAME, or a GO QEMU accepted), the client may
         # take its time to read; before that, it has no reason to wait. A client QEMU
         # answered an INFO or refused a GO, or one past what the sniffer can read, has
         # opened nothing.
-        if not relay.sniffer.opened:
+        if relay.sniffer.opened:
+            return
+        if relay.sniffer.awaiting_server:
+            log.warning("nbd session cut: QEMU did not answer its handshake", job=self.job_id,
+                        session=session.id, seconds=self.handshake_timeout + QEMU_ANSWER_TIMEOUT)
+        else:
             log.warning("nbd session cut: no export opened in time", job=self.job_id,
                         session=session.id, seconds=self.handshake_timeout)
-            relay.stop()
+        relay.stop()
 
     def refusal(self) -> str:
         """What a client that gets no session (`_room`) is told."""

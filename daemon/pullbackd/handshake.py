@@ -287,6 +287,12 @@ class Sniffer:
                 return self._stop_answering()  # transmission: data from now on
         return True
 
+    @property
+    def awaiting_server(self) -> bool:
+        """Whether the server, followed, owes the client an answer: its greeting, or one to
+        an option asked (time that is the server's, not the client's)."""
+        return self.answering and (not self._greeted or bool(self._asked))
+
     def _opened(self, name: str | None) -> None:
         if not self.opened:
             self.opened, self.export = True, name
