@@ -1,7 +1,8 @@
 """What one caller can hold of the daemon, and for how long: streams of replies end
 with their caller, a reader that falls behind gets a typed error, a role taken away
 counts from the next call, and replies stay under varlink's 1 MiB whatever the jobs
-hold.
+hold. Only a role that reads backups reads a job's disks through its endpoint (before
+qemu-nbd standing in for QEMU), or is shown its export names.
 
 The varlink server (control/server.py) serves the real API on a real socket, over the
 job machinery of test_jobs.py (the fake source). A caller the limits must count is
@@ -10,6 +11,7 @@ not root: it runs as `nobody`, in a process of its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -23,11 +25,13 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from pullbackd import api, errors, stream
 from pullbackd.control.client import Client
 from pullbackd.control.codec import Call, Decoder, decode, encode
 from pullbackd.control.server import HANGUP_POLL, Limits, Service
+from pullbackd.exports import Exports
 from pullbackd.model import LONGEST, LONGEST_ERROR, JobState, StartRequest
 from pullbackd.rebuild import Rebuilder
 from pullbackd.records import WATCH_BUFFER
@@ -286,3 +290,138 @@ async def test_a_call_that_does_not_stream_runs_to_its_end_when_its_caller_hangs
         stall.release()
         job = await until(rig.jobs, rig.jobs.all()[0].id, lambda j: j.state == JobState.READY)
         assert rig.endpoint(job).exists()
+
+
+#: As nobody: `holding` connections to the endpoint at sys.argv[2] (what each received
+#: before it closed: NBD's greeting, or nothing), then a read of the whole disk at the URI
+#: sys.argv[1] with libnbd; holds the connections until its stdin closes.
+READER = r"""
+import hashlib, json, socket, sys, nbd
+url, path, holding = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = []
+for _ in range(holding):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)
+    s.connect(path)
+    held.append(s)
+out = {"received": [len(s.recv(4096)) for s in held]}
+h = nbd.NBD()
+try:
+    h.connect_uri(url)
+    out["sha256"] = hashlib.sha256(h.pread(h.get_size(), 0)).hexdigest()
+    h.shutdown()
+except nbd.Error as e:
+    out["error"] = str(e)
+print(json.dumps(out), flush=True)
+sys.stdin.read()
+"""
+DISK = bytes(range(256)) * 4096  # 1 MiB
+
+
+@asynccontextmanager
+async def qemu_nbd(image: Path, export: str, sock: Path) -> AsyncIterator[None]:
+    """qemu-nbd serving `image` read-only as `export` on `sock` (where QEMU's NBD server
+    for a job listens), once it listens."""
+    qemu = await anyio.open_process(["qemu-nbd", "-r", "-t", "-x", export, "-k", str(sock),
+                                     "-f", "raw", str(image)], stdout=None, stderr=None)
+    try:
+        with anyio.fail_after(30):
+            while not await anyio.Path(sock).exists():
+                assert qemu.returncode is None, "qemu-nbd did not start"
+                await anyio.sleep(0.01)
+        yield
+    finally:
+        qemu.terminate()
+        await qemu.wait()
+
+
+@asynccontextmanager
+async def reading(url: str, endpoint: Path, holding: int) -> AsyncIterator[dict[str, Any]]:
+    """READER as nobody: what it saw, while it holds its connections."""
+    reader = as_nobody(READER, url, str(endpoint), str(holding))
+    assert reader.stdin is not None and reader.stdout is not None
+    try:
+        line = await anyio.to_thread.run_sync(reader.stdout.readline)
+        assert line, "the reader failed (its error is above)"
+        yield json.loads(line)
+    finally:
+        reader.stdin.close()
+        await anyio.to_thread.run_sync(reader.wait)
+
+
+async def test_only_a_role_that_reads_backups_reads_the_disks(
+        tmp_path: Path, source: FakeSource, folder: Path) -> None:
+    """nobody reaches the job's endpoint (its group is nobody's), as the control socket's
+    group reaches both under the packaged units. As `look`, then with no role, its
+    connections are closed before NBD's greeting, libnbd cannot open the disk, and none
+    of the job's places is taken: Finish ends the job while nobody holds as many
+    connections as the job has places. As `backup` (a reload later) it reads the disk.
+    (Without the check on the endpoint, look and none read it all and held the places.)"""
+    exports = Exports(folder / "exports", group="nogroup")
+    exports.roles = Roles(look=("nobody",), default=Role.NONE)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(DISK)
+    async with running(tmp_path, source, exports=exports) as rig:
+        job = await rig.jobs.start(StartRequest("d1", disks=["vda"]))
+        [disk] = job.disks
+        assert disk.url is not None
+        path = exports.endpoint_path(job.id)
+        async with qemu_nbd(image, str(disk.export), exports.qemu_path(job.id)):
+            endpoint = exports.get(job.id)
+            assert endpoint is not None
+            with capture_logs() as logged:
+                async with reading(disk.url, path, 1) as look:
+                    assert look["received"] == [0], "look was relayed to QEMU"
+                    assert "error" in look and "sha256" not in look
+                    assert (endpoint.active, endpoint.total) == (0, 0)
+            refusal = [e for e in logged if e["log_level"] == "warning"]
+            assert refusal and refusal[0]["event"].startswith("nbd connection refused")
+            assert (refusal[0]["uid"], refusal[0]["role"]) == (65534, "look")
+            assert refusal[0]["pid"] > 0
+
+            exports.roles = Roles(backup=("nobody",), default=Role.NONE)  # what a reload does
+            async with reading(disk.url, path, 0) as backup:
+                assert backup == {"received": [],
+                                  "sha256": hashlib.sha256(DISK).hexdigest()}
+            await until(rig.jobs, job.id, lambda j: j.appliance is not None and
+                        j.appliance.bytes_read == len(DISK) and not j.appliance.active)
+
+            exports.roles = Roles(default=Role.NONE)  # nobody has no role at all
+            async with reading(disk.url, path, exports.limit) as none:
+                assert none["received"] == [0] * exports.limit, "none was relayed to QEMU"
+                assert "error" in none and "sha256" not in none
+                assert (endpoint.active, endpoint.total) == (0, 1)
+                finished = await rig.jobs.finish(job.id, True)
+                assert finished.state == JobState.COMPLETED
+
+
+async def test_export_names_are_shown_only_to_a_role_that_reads_backups(
+        tmp_path: Path, source: FakeSource, folder: Path) -> None:
+    """On the TCP endpoint an export's name is what lets a client in: Get, List and Watch
+    show a pull job's export names and URIs to `backup`, not to `look`."""
+    shown = (
+        "import json, sys\n"
+        "from pullbackd.control.client import Client\n"
+        "with Client(sys.argv[1], timeout=30) as c:\n"
+        "    got = c.call('org.pullbackd.Backup.Get', id=sys.argv[2])['job']\n"
+        "    listed = c.call('org.pullbackd.Backup.List')['jobs'][0]\n"
+        "    events = c.stream('org.pullbackd.Backup.Watch', id=sys.argv[2])\n"
+        "    watched = next(iter(events))['event']['job']\n"
+        "print(json.dumps([[d[k] for d in j['disks'] for k in ('export', 'url', 'remote_url')]\n"
+        "                  for j in (got, listed, watched)]))\n")
+    async with running(tmp_path, source, remote="nbds://backup-host:10809") as rig, \
+            served(rig, tmp_path, folder) as (service, path):
+        job = await rig.jobs.start(StartRequest("d1", disks=["vda"]))
+        [disk] = job.disks
+        assert disk.export and disk.url and disk.remote_url
+
+        async def seen() -> list[list[str | None]]:
+            proc = await anyio.run_process([*NOBODY, sys.executable, "-c", shown, str(path),
+                                            job.id])
+            result: list[list[str | None]] = json.loads(proc.stdout)
+            return result
+
+        service.roles = Roles(look=("nobody",), default=Role.NONE)
+        assert await seen() == [[None, None, None]] * 3
+        service.roles = Roles(backup=("nobody",), default=Role.NONE)
+        assert await seen() == [[disk.export, disk.url, disk.remote_url]] * 3

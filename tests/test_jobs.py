@@ -83,15 +83,18 @@ class Rig:
 @asynccontextmanager
 async def running(tmp_path: Path, source: FakeSource, *, max_active: int = 0,
                   limits: Limits | None = None, drain_timeout: float = 2.0,
-                  recover: bool = True) -> AsyncIterator[Rig]:
-    """The daemon's job machinery, as service.py assembles it, with `source`."""
+                  recover: bool = True, exports: Exports | None = None,
+                  remote: str | None = None) -> AsyncIterator[Rig]:
+    """The daemon's job machinery, as service.py assembles it, with `source`; `exports`:
+    the endpoints (default: in tmp_path, root's alone); `remote`: the TCP endpoint's base
+    URI, if there is one."""
     store = Store(tmp_path / "state.db")
-    exports = Exports(tmp_path / "exports")
+    exports = exports or Exports(tmp_path / "exports")
     exports.prepare()
-    layout = Layout(tmp_path / "exports", tmp_path / "scratch")
+    layout = Layout(exports.dir, tmp_path / "scratch")
     chains = Chains(source.virt, store, source.virt.forget_bitmaps)
     admission = Admission(max_active)
-    serving = Serving(exports, source, limits or Limits())
+    serving = Serving(exports, source, limits or Limits(), remote)
     scratch = ScratchSpace(layout, 0)
     jobs = Jobs(source, store, chains, serving, scratch,
                 Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20), admission=admission)

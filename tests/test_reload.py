@@ -58,7 +58,7 @@ async def test_the_live_keys_apply_at_once_and_the_rest_wait_for_a_restart(
             effective = await reload.reload(path, started, live)
         # A place more: the queued job starts now, not at the next job's end.
         await until(rig.jobs, second.id, lambda j: j.state == JobState.READY)
-        assert live.service.roles.default == Role.LOOK
+        assert live.service.roles.default == rig.exports.roles.default == Role.LOOK
         assert (rig.chains.keep, rig.exports.limit, rig.scratch.reserve) == (3, 3, 5)
         assert rig.serving.limits.idle_timeout == 60.0
         assert [e for e in logged if e["event"].startswith("reloaded")] == [{

@@ -32,7 +32,7 @@ from .model import LOCAL, Change, Job, JobState, Session, StartRequest, plain
 from .rebuild import Rebuilder
 from .records import WATCH_BUFFER
 from .repository import Repository
-from .roles import Roles
+from .roles import Role, Roles
 
 log = structlog.get_logger()
 
@@ -53,15 +53,20 @@ def interface(name: str) -> idl.Interface:
     return idl.parse(files(__package__).joinpath(f"{name}.varlink").read_text())
 
 
-def _job(job: Job) -> dict[str, Any]:
-    """A job as the varlink `Job` type."""
+def _job(job: Job, role: Role = Role.ADMIN) -> dict[str, Any]:
+    """A job as the varlink `Job` type, as a caller of `role` sees it."""
     record: dict[str, Any] = plain(job)
+    if not Roles.reads_disks(role):
+        # Export names let whoever knows them read the disks on the TCP endpoint
+        # (names.export_token): not for a caller who may not read them.
+        for disk in record["disks"]:
+            disk["export"] = disk["url"] = disk["remote_url"] = None
     return record
 
 
-def _listed(job: Job) -> dict[str, Any]:
+def _listed(job: Job, role: Role) -> dict[str, Any]:
     """A job as List shows it: its appliance's totals, without the sessions."""
-    record = _job(job)
+    record = _job(job, role)
     if record["appliance"] is not None:
         record["appliance"]["sessions"] = []
     return record
@@ -78,9 +83,9 @@ def _fitting(items: list[Any], most: int) -> int:
     return min(len(items), most)
 
 
-def _event(kind: str, job: Job, message: str | None = None,
+def _event(kind: str, job: Job, role: Role, message: str | None = None,
            session: Session | None = None) -> dict[str, Any]:
-    return {"event": {"kind": kind, "job": _job(job), "message": message,
+    return {"event": {"kind": kind, "job": _job(job, role), "message": message,
                       "session": plain(session) if session else None}}
 
 
@@ -132,11 +137,12 @@ class BackupAPI:
                                quiesce or "auto", mountpoints)
         return {"job": _job(await self.jobs.start(request))}
 
-    async def Get(self, id: str) -> dict[str, Any]:
-        return {"job": _job(await self.jobs.details(id))}
+    async def Get(self, id: str, *, role: Role = Role.ADMIN) -> dict[str, Any]:
+        return {"job": _job(await self.jobs.details(id), role)}
 
     async def List(self, domain: str | None = None, state: str | None = None,
-                   after: str | None = None, limit: int | None = None) -> dict[str, Any]:
+                   after: str | None = None, limit: int | None = None,
+                   *, role: Role = Role.ADMIN) -> dict[str, Any]:
         if state is not None and state not in {s.value for s in JobState}:
             raise InvalidParameter("state", f"one of {', '.join(s.value for s in JobState)}")
         limit = PAGE if limit is None else limit
@@ -150,20 +156,20 @@ class BackupAPI:
                 raise NoSuchJob(after)
             later = set(ids[ids.index(after) + 1:])
             jobs = [job for job in jobs if job.id in later]
-        records = [_listed(job) for job in jobs[:limit]]
+        records = [_listed(job, role) for job in jobs[:limit]]
         page = records[:_fitting(records, limit)]
         return {"jobs": page, "next": page[-1]["id"] if len(jobs) > len(page) else None}
 
-    async def Watch(self, id: str | None = None
+    async def Watch(self, id: str | None = None, *, role: Role = Role.ADMIN
                     ) -> AsyncGenerator[dict[str, Any] | Last, None]:
         watched = [self.jobs.get(id)] if id is not None else [
             j for j in self.jobs.all() if not j.state.final]
         with self.jobs.watch() as changes:
             if id is not None and watched[0].state.final:
-                yield Last(_event("state", watched[0]))
+                yield Last(_event("state", watched[0], role))
                 return
             for job in watched:
-                yield _event("state", job)
+                yield _event("state", job, role)
             # Progress goes out on a clock of its own, whatever else happens.
             tick = anyio.current_time() + PROGRESS_INTERVAL
             moved: dict[str, tuple[int, int]] = {}
@@ -183,10 +189,11 @@ class BackupAPI:
                                 job.appliance.bytes_read if job.appliance else 0)
                         if mark != moved.get(job.id, (0, 0)):
                             moved[job.id] = mark
-                            yield _event("progress", job)
+                            yield _event("progress", job, role)
                 elif id in (None, change.job.id):
                     # The job as it was then: every transition is seen, in order.
-                    event = _event(change.kind, change.job, change.message, change.session)
+                    event = _event(change.kind, change.job, role, change.message,
+                                   change.session)
                     if id is not None and change.job.state.final:
                         yield Last(event)
                         return

@@ -7,6 +7,11 @@ byte for byte: the appliance cannot tell the difference, and pullbackd knows
 every session (who, which disk, when, how much was read), can limit them, and
 can close them.
 
+Reaching an endpoint ([exports] mode and group) is not enough to read: the
+client's role (its peer credentials, [roles] as in effect when it connects) must
+be one that reads backups (roles.READ_DISKS). Any other is closed at once, before
+NBD's greeting, without taking one of the job's places, and logged.
+
 The relay reads the client's side with `handshake.Sniffer` (small: options,
 then 28-byte requests), and QEMU's answers to the options until an export is
 open; from then on it moves QEMU's side, the data, with splice(2) through a
@@ -39,6 +44,7 @@ from . import names
 from .accepting import Refusals, backing_off, exhausted
 from .handshake import Refusal, Sniffer
 from .model import Handed, Session, now
+from .roles import Roles
 
 log = structlog.get_logger()
 
@@ -49,9 +55,13 @@ CHUNK = 1 << 20
 _RELAY_THREADS = anyio.CapacityLimiter(math.inf)
 #: Seconds a connection over the limit waits for a session to close before it is refused.
 ADMIT_WAIT = 1.0
-#: Connections of one endpoint that may wait for a place or be told they have none (each
-#: holds a descriptor for up to ADMIT_WAIT + REFUSAL_TIMEOUT); more are closed at once.
+#: Connections of one endpoint that may have their role looked up, wait for a place or be
+#: told they have none (each holds a descriptor for up to ADMIT_WAIT + REFUSAL_TIMEOUT);
+#: more are closed at once.
 MAX_WAITING = 64
+#: Looking up a connection's role may ask NSS (blocking): a few at a time, so that a flood
+#: of connections does not take the worker threads libvirt's calls need.
+_LOOKUPS = anyio.CapacityLimiter(4)
 #: Seconds a refused client has to read why.
 REFUSAL_TIMEOUT = 10.0
 #: Seconds QEMU's NBD server may take to accept a session's connection.
@@ -82,9 +92,11 @@ class Endpoint:
                  on_session: OnSession, past: tuple[Session, ...] = (),
                  resumed: list[tuple[Handed, socket.socket, socket.socket]] | None = None,
                  exports: dict[str, str] | None = None,
-                 earlier: tuple[int, int] = (0, 0), handshake_timeout: float = 5.0) -> None:
+                 earlier: tuple[int, int] = (0, 0), handshake_timeout: float = 5.0,
+                 roles: Callable[[], Roles] = Roles) -> None:
         """`past`: the sessions on record; `earlier`: how many sessions, and bytes read,
-        the record counts beyond them (see KEEP_SESSIONS)."""
+        the record counts beyond them (see KEEP_SESSIONS); `roles`: [roles] as in effect
+        now (asked at each connection: a reload changes them)."""
         self.job_id = job_id
         self.path = path
         self.upstream = upstream
@@ -95,6 +107,7 @@ class Endpoint:
         #: QEMU's export name -> the disk it is.
         self.exports = exports or {}
         self._on_session = on_session
+        self._roles = roles
         self._resumed = resumed or []
         # A session the record shows open, and that was not handed over, was
         # cut when the previous run ended.
@@ -120,7 +133,11 @@ class Endpoint:
         self._refusals = Refusals(f"endpoint of job {job_id}")
         #: Connections refused with a message (see `_refuse`): logged at most once a second.
         self._refused = Refusals(f"endpoint of job {job_id}", "nbd connection refused")
-        #: Connections accepted that wait for a place or are being refused.
+        #: Connections closed for their role (see `_reads_disks`): the same.
+        self._denied = Refusals(f"endpoint of job {job_id}",
+                                "nbd connection refused: its role may not read backups")
+        #: Connections accepted that have their role looked up, wait for a place or are
+        #: being refused.
         self._waiting = 0
 
     # What Get shows.
@@ -238,16 +255,19 @@ class Endpoint:
     # Sessions.
 
     async def _admit(self, client: socket.socket) -> None:
-        """Serve a new connection, or refuse it if there is no room (see `_room`).
-        Whatever goes wrong ends this connection alone."""
+        """Serve a new connection, or refuse it if its role may not read backups (see
+        `_reads_disks`) or there is no room (see `_room`). Whatever goes wrong ends this
+        connection alone."""
         try:
             try:
-                seated = await self._room()
-                if not seated:
+                reads = await self._reads_disks(client)
+                seated = reads and await self._room()
+                if reads and not seated:
                     await self._refuse(client)
             finally:
                 self._waiting -= 1
             if not seated:
+                client.close()  # refused already, or for its role: at once, told nothing
                 return
             relay = _Relay(client, None, Sniffer())  # its pipes take descriptors too
             session = Session(self._next_id, _peer(client), now())
@@ -370,6 +390,22 @@ class Endpoint:
             log.warning("nbd session cut: no export opened in time", job=self.job_id,
                         session=session.id, seconds=self.handshake_timeout)
         relay.stop()
+
+    async def _reads_disks(self, client: socket.socket) -> bool:
+        """Whether the client's role may read backups. One that may not is told nothing,
+        not even NBD's greeting (nothing it could hold the connection open with), and is
+        logged (at most once a second) with who it is."""
+        credentials = _credentials(client)
+        if credentials is None:  # nobody can tell who it is: nobody who may read
+            return False
+        pid, uid, gid = credentials
+        roles = self._roles()
+        role = await anyio.to_thread.run_sync(roles.of, uid, gid, limiter=_LOOKUPS)
+        if roles.reads_disks(role):
+            return True
+        self._denied.note("ask the host's administrator for the role backup in [roles]",
+                          job=self.job_id, uid=uid, pid=pid, role=role.label)
+        return False
 
     def refusal(self) -> str:
         """What a client that gets no session (`_room`) is told."""
@@ -707,12 +743,21 @@ def _setting(event: anyio.Event) -> Iterator[None]:
         event.set()
 
 
-def _peer(sock: socket.socket) -> str:
+def _credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """The peer's (pid, uid, gid) as it connected (SO_PEERCRED); None if unknown."""
     try:
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     except OSError:
+        return None
+    return pid, uid, gid
+
+
+def _peer(sock: socket.socket) -> str:
+    credentials = _credentials(sock)
+    if credentials is None:
         return "unknown"
+    pid, uid, gid = credentials
     return f"pid {pid} uid {uid} gid {gid}"
 
 
@@ -738,8 +783,11 @@ class Exports:
     """Every job's endpoint, and the private folder QEMU's servers listen in."""
 
     def __init__(self, dir: Path, *, mode: int = 0o660, group: str = "", qemu_group: str = "",
-                 limit: int = 8, handshake_timeout: float = 5.0) -> None:
+                 limit: int = 8, handshake_timeout: float = 5.0,
+                 roles: Roles | None = None) -> None:
         self.dir = dir
+        #: Who may read backups through the endpoints ([roles]: a reload replaces them).
+        self.roles = roles or Roles()
         self.handshake_timeout = handshake_timeout
         self.private = names.qemu_folder(dir)
         self._mode = mode
@@ -817,7 +865,8 @@ class Exports:
                     if sock is not None:
                         sock.close()
         endpoint = Endpoint(job_id, path, self.qemu_path(job_id), self.limit, on_session, past,
-                            resumed, exports, earlier, self.handshake_timeout)
+                            resumed, exports, earlier, self.handshake_timeout,
+                            lambda: self.roles)
         self._endpoints[job_id] = endpoint
         await tg.start(endpoint.serve, listener)
         return endpoint

@@ -72,8 +72,8 @@ class Tunables:
     migrations: Migrations
 
     def apply(self, cfg: config.Config) -> None:
-        self.service.roles = roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
-                                         roles.parse(cfg.roles.default))
+        # One for both: who may call and who may read backups change together.
+        self.service.roles = self.exports.roles = roles_of(cfg)
         self.service.limits = server.Limits(cfg.control.connections,
                                             cfg.control.connections_per_user,
                                             cfg.control.idle_timeout)
@@ -88,6 +88,12 @@ class Tunables:
         self.migrations.drain_timeout = cfg.migration.drain_timeout
         self.jobs.reconfigure(max_active=cfg.jobs.max_active,
                               keep_finished=cfg.jobs.keep_finished, places=places(cfg))
+
+
+def roles_of(cfg: config.Config) -> roles.Roles:
+    """[roles]: for the control socket and the jobs' endpoints."""
+    return roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
+                       roles.parse(cfg.roles.default))
 
 
 def places(cfg: config.Config) -> Places:

@@ -1,16 +1,19 @@
-"""Who may do what on the control socket.
+"""Who may do what on the control socket and on the jobs' endpoints.
 
-Reaching the socket ([control] mode and group) lets a process talk; its role,
-from its peer credentials (SO_PEERCRED) and [roles] in the configuration,
-decides which methods answer:
+Reaching a socket ([control] mode and group, [exports] mode and group) lets a
+process talk; its role, from its peer credentials (SO_PEERCRED) and [roles] in
+the configuration, decides which methods answer and whether it may read backups:
 
     look     Get, List, Watch, ListCheckpoints (and varlink's GetInfo)
-    backup   look, and Start, Finish, Abort, DomainFiles, ReadDomainFile, Verify
+    backup   look, and Start, Finish, Abort, DomainFiles, ReadDomainFile, Verify, and
+             reading the backups' disks (READ_DISKS)
     admin    backup, and Migrate, DeleteChain, Prune, Restore, RestoreDomain
 
 Root is admin. Anyone else gets the highest role that lists their user name or
 one of their groups ("@group"), else [roles] default. A call beyond the
-caller's role is refused with PermissionDenied, and changes nothing.
+caller's role is refused with PermissionDenied, and changes nothing; a
+connection to a job's endpoint beyond it is closed before it is relayed, and
+the jobs' export names are not shown to it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,11 @@ METHODS = {
     "Restore": Role.ADMIN, "RestoreDomain": Role.ADMIN,
 }
 
+#: The role that reads a pull backup's disks: through the job's endpoint (exports.py), and
+#: by knowing its export names, which on the TCP endpoint are what let a client in
+#: (remote.py). What Start and Finish, the appliance's calls, are for.
+READ_DISKS = Role.BACKUP
+
 
 def parse(label: str) -> Role:
     """A role by its name in the configuration ("none", "look", "backup", "admin")."""
@@ -78,6 +86,11 @@ class Roles:
         """Raise PermissionDenied unless `role` may call `method`."""
         if role < METHODS.get(method, Role.ADMIN):
             raise PermissionDenied(method, role.label)
+
+    @staticmethod
+    def reads_disks(role: Role) -> bool:
+        """Whether `role` may read the backups' disks (READ_DISKS)."""
+        return role >= READ_DISKS
 
     @staticmethod
     def changes(method: str) -> bool:

@@ -20,7 +20,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from . import api, config, logs, names, reload, roles, sdnotify, stream
+from . import api, config, logs, names, reload, sdnotify, stream
 from .admission import Admission
 from .chain import Chains
 from .control import server
@@ -117,7 +117,8 @@ def _folders(cfg: config.Config) -> Exports:
     """The exports folder, prepared, and the scratch folder, made if missing."""
     exports = Exports(cfg.exports.dir, mode=cfg.exports_mode, group=cfg.exports.group,
                       handshake_timeout=cfg.exports.handshake_timeout,
-                      qemu_group=cfg.exports.qemu_group, limit=cfg.exports.connections)
+                      qemu_group=cfg.exports.qemu_group, limit=cfg.exports.connections,
+                      roles=reload.roles_of(cfg))
     exports.prepare()
     if not cfg.scratch.dir.is_dir():
         cfg.scratch.dir.mkdir(parents=True)
@@ -165,8 +166,7 @@ def _control(cfg: config.Config, parts: api.Parts) -> Service:
     """The control socket's service, with its roles and limits."""
     return api.service(
         parts,
-        roles.Roles(cfg.roles.admin, cfg.roles.backup, cfg.roles.look,
-                    roles.parse(cfg.roles.default)),
+        reload.roles_of(cfg),
         server.Limits(cfg.control.connections, cfg.control.connections_per_user,
                       cfg.control.idle_timeout))
 

@@ -55,7 +55,8 @@ class Last:
 #: A method handler: called with the call's parameters as keyword arguments;
 #: returns the reply's parameters, or is an async generator of them for
 #: methods that stream replies (`more`), sent as they come, and ending with a
-#: `Last` (or never, until the client hangs up).
+#: `Last` (or never, until the client hangs up). A handler with a keyword-only
+#: parameter `role` is given the caller's role too: what it shows may depend on it.
 Handler = Callable[...,
                    Awaitable[dict[str, Any]] | AsyncGenerator[dict[str, Any] | Last, None]]
 
@@ -109,6 +110,8 @@ class Service:
         default_factory=dict
     )
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+    #: The methods ("interface.Method") whose handler is given the caller's role.
+    _given_role: set[str] = field(default_factory=set)
 
     def add(self, iface: idl.Interface, handlers: Mapping[str, Handler]) -> None:
         unknown = set(handlers) - set(iface.methods)
@@ -116,6 +119,12 @@ class Service:
         if unknown or missing:
             raise ValueError(f"{iface.name}: handlers without method {unknown}, "
                              f"methods without handler {missing}")
+        for name, handler in handlers.items():
+            role = inspect.signature(handler).parameters.get("role")
+            if role is not None and role.kind == inspect.Parameter.KEYWORD_ONLY:
+                if "role" in dict(iface.methods[name].input.fields):
+                    raise ValueError(f"{iface.name}.{name}: a parameter is named role")
+                self._given_role.add(f"{iface.name}.{name}")
         self._interfaces[iface.name] = (iface, handlers)
 
     def add_service_interface(self, iface: idl.Interface) -> None:
@@ -144,7 +153,8 @@ class Service:
                     log.info("call", method=call.method, uid=peer and peer.uid,
                              pid=peer and peer.pid, role=role.label,
                              parameters=call.parameters)
-            result = handler(**call.parameters)
+            given = {"role": role} if call.method in self._given_role else {}
+            result = handler(**call.parameters, **given)
             if isinstance(result, AsyncGenerator):
                 if not call.more or call.oneway:
                     # A stream of replies nobody reads (oneway) would run on unseen,
