@@ -12,6 +12,8 @@ database and the same source, as after `kill -9`.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -45,6 +47,7 @@ pytestmark = pytest.mark.asyncio
 
 #: Where a migration goes (the fake virt only records it).
 ELSEWHERE = "qemu+ssh://elsewhere/system"
+MiB = 1 << 20
 
 
 @dataclass
@@ -440,6 +443,119 @@ async def test_scratch_that_cannot_hold_a_pull_backup_refuses_it_up_front(
         assert job.state == JobState.READY
         push = await rig.jobs.start(StartRequest("d2", target_dir=str(push_dir)))
         assert push.state == JobState.RUNNING  # a push needs no scratch
+
+
+class Filling:
+    """The scratch file system as `Jobs.watch_scratch` sees it (looking every 10 ms): the
+    real one's free space, or with `capacity`, that many bytes less what the running
+    backups' scratch files hold (real files, written by the test) and `other` (what
+    anything else wrote). `looks`: how many times it looked."""
+
+    def __init__(self, rig: Rig, capacity: int | None = None) -> None:
+        self.rig = rig
+        self.capacity = capacity
+        self.other = 0
+        self.looks = 0
+        self._look = anyio.Event()
+        self._pulls = rig.jobs.scratch_users
+
+    def free(self) -> int:
+        if self.capacity is None:
+            return shutil.disk_usage(self.rig.scratch.dir).free
+        scratch = self.rig.scratch.sizes(self._pulls())
+        return self.capacity - self.other - sum(scratch.values())
+
+    def pulls(self) -> list[Job]:
+        """What the watch asks first each time it looks."""
+        self.looks += 1
+        self._look.set()
+        self._look = anyio.Event()
+        return self._pulls()
+
+    def grow(self, job: Job, size: int) -> None:
+        """The guest rewrote `size` bytes: QEMU keeps the old ones in the job's scratch."""
+        with open(self.rig.scratch.dir / f"{job.id}.vda.qcow2", "ab") as f:
+            f.write(b"\x5a" * size)
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def looked(self, times: int = 2) -> None:
+        """Until the watch has looked `times` more: what it saw in all but the last of
+        those looks, it acted on."""
+        until = self.looks + times
+        with anyio.fail_after(10):
+            while self.looks < until:
+                await self._look.wait()
+
+
+def filling(rig: Rig, monkeypatch: pytest.MonkeyPatch, capacity: int | None = None) -> Filling:
+    """The watch started over the rig, as service.py starts it."""
+    fs = Filling(rig, capacity)
+    monkeypatch.setattr(rig.scratch, "free", fs.free)
+    monkeypatch.setattr(rig.jobs, "scratch_users", fs.pulls)
+    rig.tg.start_soon(rig.jobs.watch_scratch, 0.01)
+    return fs
+
+
+async def three_pulls(rig: Rig, scratch: tuple[int, int, int]) -> list[Job]:
+    """Pull jobs of d1, d2, d3, whose scratch files hold `scratch` bytes."""
+    jobs = [await rig.jobs.start(StartRequest(d)) for d in ("d1", "d2", "d3")]
+    for job, size in zip(jobs, scratch, strict=True):
+        if size:
+            Filling(rig).grow(job, size)
+    return jobs
+
+
+def ready(rig: Rig, jobs: list[Job]) -> list[str]:
+    return [j.domain for j in jobs if rig.jobs.get(j.id).state == JobState.READY]
+
+
+async def test_scratch_files_that_grow_into_the_reserve_end_the_backup_holding_the_most(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(tmp_path, source) as rig:
+        d1, d2, _ = jobs = await three_pulls(rig, (1 * MiB, 6 * MiB, 0))
+        held = sum(rig.scratch.sizes(jobs).values())
+        rig.scratch.reserve = 8 * MiB
+        fs = filling(rig, monkeypatch, capacity=8 * MiB + 2 * MiB + held)
+        await fs.looked()
+        assert ready(rig, jobs) == ["d1", "d2", "d3"]  # 2 MiB over the reserve
+        fs.grow(d1, 3 * MiB)  # a MiB under it: the scratch files' doing
+        failed = await ended(rig.jobs, d2.id)
+        assert failed.state == JobState.FAILED and failed.error is not None
+        assert failed.error.startswith("scratch space ran out: ") and \
+            "under the reserve of 8388608; the backups' scratch files took it and this " \
+            "one's held the most" in failed.error, failed.error
+        await fs.looked(3)  # its 6 MiB gave the reserve back: nothing more ends
+        assert ready(rig, jobs) == ["d1", "d3"]
+
+
+async def test_a_shortfall_the_scratch_files_did_not_cause_ends_no_backup(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something else fills the scratch file system under the reserve: ending a backup
+    would cut its readers off for nothing; the operator is told, once. A backup is ended
+    only if the scratch files then take half of what is left."""
+    async with running(tmp_path, source) as rig:
+        d1, d2, _ = jobs = await three_pulls(rig, (1 * MiB, 6 * MiB, 0))
+        held = sum(rig.scratch.sizes(jobs).values())
+        rig.scratch.reserve = 8 * MiB
+        fs = filling(rig, monkeypatch, capacity=8 * MiB + 2 * MiB + held)
+        await fs.looked()
+        with capture_logs() as logged:
+            fs.other = 6 * MiB  # 4 MiB under the reserve, 4 MiB left
+            await fs.looked(5)
+            assert ready(rig, jobs) == ["d1", "d2", "d3"], "a backup was ended for nothing"
+            fs.grow(d1, 1 * MiB)  # 3 MiB left: within the half of 4 MiB they may take
+            await fs.looked(3)
+            assert ready(rig, jobs) == ["d1", "d2", "d3"]
+            fs.grow(d1, 2 * MiB)  # 1 MiB left: they took it
+            failed = await ended(rig.jobs, d2.id)
+        told = [e for e in logged if e["event"].startswith("scratch space is under")]
+        assert [(e["log_level"], e["free"], e["reserve"], e["dir"]) for e in told] == [
+            ("warning", 4 * MiB, 8 * MiB, str(rig.scratch.dir))], "warned once"
+        assert "lower [scratch] reserve" in told[0]["event"]
+        assert failed.error is not None and f"under {2 * MiB}, half of what was left when " \
+            "free space fell under the reserve of 8388608 for another cause" in failed.error
+        assert ready(rig, jobs) == ["d1", "d3"]
 
 
 async def test_a_chain_is_not_deleted_under_its_running_backup(

@@ -18,7 +18,7 @@ from pullbackd.repository import Repository
 from pullbackd.roles import Role
 
 from .fakes import FakeSource, FakeVirt
-from .test_jobs import Rig, running, until
+from .test_jobs import Rig, filling, ready, running, three_pulls, until
 
 
 @pytest.fixture
@@ -81,6 +81,26 @@ async def test_the_live_keys_apply_at_once_and_the_rest_wait_for_a_restart(
             "reload failed: the configuration does not load; nothing changed"]
         assert "chains.keep" in told[0]["error"]
         assert rig.chains.keep == 3
+
+
+@pytest.mark.asyncio
+async def test_a_reserve_raised_over_the_free_space_ends_no_backup(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised over what is free, [scratch] reserve is missing through no backup's doing
+    (their scratch files hold nothing): ending one would give nothing back, and cut its
+    appliance off. The operator is told instead, once."""
+    async with running(tmp_path, source) as rig:
+        live = tunables(rig, tmp_path)
+        jobs = await three_pulls(rig, (0, 0, 0))
+        fs = filling(rig, monkeypatch)
+        path = tmp_path / "pullbackd.toml"
+        path.write_text(f"[scratch]\nreserve = {fs.free() + (1 << 30)}\n")
+        with capture_logs() as logged:
+            await reload.reload(path, config.load(None), live)
+            await fs.looked(5)
+        assert ready(rig, jobs) == ["d1", "d2", "d3"], [rig.jobs.get(j.id).error for j in jobs]
+        assert [e["reserve"] for e in logged
+                if e["event"].startswith("scratch space is under")] == [rig.scratch.reserve]
 
 
 def test_every_key_is_known_and_the_live_ones_exist() -> None:

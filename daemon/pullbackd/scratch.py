@@ -4,11 +4,21 @@ backup runs (`<scratch>/<job>.<disk>.qcow2`, names.py). pullbackd makes each fil
 (`remove`); libvirt takes it as it is.
 
 A pull backup is refused when the scratch file system could not hold it in the
-worst case (its disks' size, beside what the running ones may still grow to);
-while pull backups run, falling under twice `[scratch] reserve` free warns, and
-under the reserve the backup with the largest scratch files is ended, before
-QEMU runs out of room (its copy-before-write would then fail the guest's
-writes). libvirt has no event for it: the space is looked at every second.
+worst case (its disks' size, beside what the running ones may still grow to).
+While pull backups run, the space is looked at every second (libvirt has no event
+for it): falling under twice `[scratch] reserve` free warns; under the reserve,
+a backup is ended only for space the scratch files took, as ending one gives back
+nothing else. The watch holds the running backups to a line of free space, the
+reserve, and notes what their scratch files hold whenever free space stands at it:
+
+- Under the line, when those files grew since by at least what is missing (without
+  their growth free space would stand at the line), the backup with the largest
+  scratch files is ended, before QEMU runs out of room (its copy-before-write would
+  then fail the guest's writes); then the next, while that still holds.
+- Else the shortfall is not theirs (the reserve was raised by a reload, or something
+  else fills the file system): nothing is ended, the log warns once (until free space
+  is back at the reserve), and the line becomes half of what is free then, so that
+  the scratch files may take half of what is left before a backup is ended for it.
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ class ScratchSpace:
         self.dir.mkdir(parents=True, exist_ok=True)  # libvirt needs it there too
         needed = size + sum(d.size for j in running for d in j.disks)
         used = sum(self.sizes(running).values())
-        available = shutil.disk_usage(self.dir).free - self.reserve + used
+        available = self.free() - self.reserve + used
         if needed > available:
             raise InsufficientScratch(str(self.dir), needed, max(available, 0))
 
@@ -82,32 +92,74 @@ class ScratchSpace:
                 sizes[key] = sizes.get(key, 0) + size
         return sizes
 
+    def free(self) -> int:
+        """Bytes free in the scratch file system, to an unprivileged writer as QEMU is.
+        Blocks."""
+        return shutil.disk_usage(self.dir).free
+
     async def watch(self, pulls: Callable[[], list[Job]],
                     warn: Callable[[list[Job], str], None],
                     end: Callable[[str, str], Awaitable[None]],
                     interval: float = 1.0) -> None:
         """Every `interval` seconds while `pulls()` run: under twice the reserve free,
-        `warn(jobs, message)` once; under the reserve, `end(job id, why)` the one
-        with the largest scratch files."""
-        warned = False
+        `warn(jobs, message)` once; under the reserve, `end(job id, why)` the one with
+        the largest scratch files if theirs took the space, else a warning in the log
+        (the module's docstring has the rule)."""
+        low = False  # `warn` was told free space is low
+        short = False  # the log was told of a shortfall the scratch files did not cause
+        #: The free bytes the running backups are held to, and what each one's scratch
+        #: files held when free space last stood at it (None: not looked at yet).
+        line = 0
+        held: dict[str, int] | None = None
         while True:
             await anyio.sleep(interval)
             running = pulls()
-            if not running or not self.reserve:
-                warned = False
+            reserve = self.reserve
+            if not running or not reserve:
+                low, short, held = False, False, None
                 continue
-            usage = await anyio.to_thread.run_sync(shutil.disk_usage, self.dir)
-            if usage.free < self.reserve:
-                sizes = await anyio.to_thread.run_sync(self.sizes, running)
+            free = await anyio.to_thread.run_sync(self.free)
+            sizes = await anyio.to_thread.run_sync(self.sizes, running)
+            if held is None or free >= reserve:
+                # Back at the reserve, or a first look (nothing to tell what took the
+                # space before it: whatever is missing counts as not theirs).
+                line, held, short = reserve, sizes, False
+            line = min(line, reserve)  # a reload may lower the reserve under it
+            if free >= line:
+                held = sizes
+                if reserve <= free < 2 * reserve and not low:
+                    low = True
+                    log.warning("scratch space low", free=free, dir=str(self.dir))
+                    warn(running, f"scratch space is running low: {free} bytes left in "
+                                  f"{self.dir}; backups end if their scratch files take it "
+                                  f"under {reserve}")
+                elif free >= 2 * reserve:
+                    low = False
+                continue
+            grown = sum(max(size - held.get(job_id, 0), 0) for job_id, size in sizes.items())
+            if free + grown >= line:
+                # Their growth took it: ending the backup whose files hold the most gives
+                # back the most (a backup whose files hold nothing gives back nothing, and
+                # holds the most only if all do: then none grew).
                 victim = max(running, key=lambda j: sizes.get(j.id, 0))
+                under = f"the reserve of {reserve}" if line == reserve else (
+                    f"{line}, half of what was left when free space fell under the reserve "
+                    f"of {reserve} for another cause")
                 await end(victim.id, (
-                    f"scratch space ran out: {usage.free} bytes left in {self.dir}, "
-                    f"under the reserve of {self.reserve}; the backup was ended "
-                    "before QEMU could fill it"))
-            elif usage.free < 2 * self.reserve and not warned:
-                warned = True
-                log.warning("scratch space low", free=usage.free, dir=str(self.dir))
-                warn(running, f"scratch space is running low: {usage.free} bytes left in "
-                              f"{self.dir}; backups end at {self.reserve}")
-            elif usage.free >= 2 * self.reserve:
-                warned = False
+                    f"scratch space ran out: {free} bytes left in {self.dir}, under {under}; "
+                    f"the backups' scratch files took it and this one's held the most "
+                    f"({sizes.get(victim.id, 0)} bytes): it was ended before QEMU could fill "
+                    "the file system"))
+                continue
+            # Not theirs: ending a backup would cut its readers off for nothing they did.
+            if not short:
+                short = True
+                log.warning(
+                    "scratch space is under [scratch] reserve, and not because backups' "
+                    "scratch files grew (the reserve was raised, or something else fills "
+                    "the file system): no backup is ended for it. Free space there, or "
+                    "lower [scratch] reserve and reload; a backup is ended only if the "
+                    "scratch files take half of what is left",
+                    free=free, reserve=reserve, dir=str(self.dir),
+                    scratch=sum(sizes.values()))
+            line, held = free // 2, sizes
