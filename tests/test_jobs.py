@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -32,7 +33,17 @@ from pullbackd.chain import Base, Chains
 from pullbackd.exports import Exports
 from pullbackd.jobs import Jobs
 from pullbackd.migration import Migrations, Step
-from pullbackd.model import Checkpoint, CheckpointState, Job, JobState, Scratch, StartRequest, now
+from pullbackd.model import (
+    Checkpoint,
+    CheckpointState,
+    Job,
+    JobState,
+    Scratch,
+    StartRequest,
+    Transition,
+    now,
+    timestamp,
+)
 from pullbackd.names import Layout, checkpoint_name
 from pullbackd.repository import Repository
 from pullbackd.scratch import ScratchSpace
@@ -41,6 +52,7 @@ from pullbackd.source import Begun, Exported, Plan
 from pullbackd.state import Store
 from pullbackd.virt import AgentError
 
+from . import fakes
 from .fakes import Backup, FakeSource, FakeVirt
 
 pytestmark = pytest.mark.asyncio
@@ -1201,6 +1213,58 @@ async def test_a_job_that_outlives_max_lifetime_expires(
                                  "finish sooner, or the limit be raised")
 
 
+async def backdate(tmp_path: Path, job_id: str, by: timedelta) -> None:
+    """The stored job as if it and each step of its history had come `by` earlier (the
+    rig closed)."""
+    def earlier(at: str) -> str:
+        return timestamp(datetime.fromisoformat(at) - by)
+
+    store = Store(tmp_path / "state.db")
+    try:
+        job = next(j for j in store.load_jobs() if j.id == job_id)
+        await store.save_job(dataclasses.replace(job, created=earlier(job.created), history=tuple(
+            Transition(t.state, earlier(t.at)) for t in job.history)))
+    finally:
+        store.close()
+
+
+async def test_max_lifetime_counts_from_ready_not_from_the_wait_in_the_queue(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A job that waited its turn under [jobs] max_active (here an hour, across a restart)
+    has the whole of [exports] max_lifetime once its appliance can read it."""
+    async with running(tmp_path, source, max_active=1) as rig:
+        first = await rig.jobs.start(StartRequest("d1"))
+        waited = await rig.jobs.start(StartRequest("d2"))
+        assert waited.state == JobState.QUEUED
+    await backdate(tmp_path, waited.id, timedelta(hours=1))
+    lifetime = 2.0
+    async with running(tmp_path, source, max_active=1,
+                       limits=Limits(idle_timeout=0, max_lifetime=lifetime)) as rig:
+        await rig.jobs.finish(first.id)
+        with rig.jobs.watch() as changes, anyio.fail_after(30):
+            while not (expired := rig.jobs.get(waited.id)).state.final:
+                await changes.receive()
+    assert expired.state == JobState.EXPIRED, expired.error
+    assert states(expired) == ["queued", "starting", "ready", "expired"]
+    at = {t.state: datetime.fromisoformat(t.at) for t in expired.history}
+    # The timer starts a moment before `ready` is recorded: half the lifetime is a margin.
+    served = (at[JobState.EXPIRED] - at[JobState.READY]).total_seconds()
+    assert served >= lifetime / 2, f"it expired {served:.3f} s after it became ready"
+
+
+async def test_a_job_served_again_after_a_restart_keeps_the_lifetime_it_used(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+    await backdate(tmp_path, job.id, timedelta(hours=1))  # ready an hour before the restart
+    async with running(tmp_path, source,
+                       limits=Limits(idle_timeout=0, max_lifetime=600)) as rig:
+        expired = await ended(rig.jobs, job.id)
+        assert (expired.state, expired.error) == (JobState.EXPIRED, (
+            "it ran for [exports] max_lifetime (600 s); appliances must finish sooner, or "
+            "the limit be raised"))
+
+
 # Recovery.
 
 
@@ -1361,6 +1425,20 @@ async def test_backups_the_state_database_lost_are_rebuilt_or_ended(
         assert (await rig.jobs.finish(kept.id)).state == JobState.COMPLETED
         assert rig.chain("d1", "c") == [kept.checkpoint]
         assert (await rig.jobs.start(StartRequest("d2"))).state == JobState.READY
+
+
+async def test_a_rebuilt_job_counts_its_lifetime_from_when_libvirt_began_it(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", consumer="c"))
+    lose_the_database(tmp_path)
+    began = timestamp(datetime.now(UTC) - timedelta(hours=1))
+    monkeypatch.setattr(fakes, "now", lambda: began)  # libvirt's word on when it began
+    async with running(tmp_path, source,
+                       limits=Limits(idle_timeout=0, max_lifetime=600)) as rig:
+        expired = await ended(rig.jobs, job.id)
+        assert expired.state == JobState.EXPIRED and "max_lifetime" in (expired.error or "")
+        assert states(expired) == ["ready", "expired"] and expired.ready_since == began
 
 
 # A source that cannot tell why does not stop the jobs.

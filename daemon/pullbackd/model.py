@@ -246,6 +246,12 @@ class Job:
         """Streamed into the embedded repository."""
         return self.destination == LOCAL
 
+    @property
+    def ready_since(self) -> str | None:
+        """When the job became ready (its history's first `ready`; after a restart, its
+        first run's), if it did."""
+        return next((t.at for t in self.history if t.state == JobState.READY), None)
+
     def failed(self, error: str) -> Job:
         return dataclasses.replace(self, state=JobState.FAILED, ended=now(), error=error)
 

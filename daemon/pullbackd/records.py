@@ -68,7 +68,9 @@ class Records:
         before = self._jobs.get(job.id)
         history = before.history if before is not None and \
             len(before.history) > len(job.history) else job.history
-        if before is None or before.state != job.state or not history:
+        # A new job's own history counts as its last state's (a rebuilt job's: recovery.py).
+        last = before.state if before is not None else history[-1].state if history else None
+        if last != job.state or not history:
             history = (*history, Transition(job.state, now()))
         job = dataclasses.replace(job, history=history, error=brief(job.error))
         await self._store.save_job(job, checkpoint, files)

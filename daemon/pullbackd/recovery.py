@@ -40,7 +40,7 @@ import structlog
 
 from . import quiesce
 from .errors import PullbackError
-from .model import Checkpoint, CheckpointState, Job, JobState, Kind, StartRequest, lost
+from .model import Checkpoint, CheckpointState, Job, JobState, Kind, StartRequest, Transition, lost
 from .names import checkpoint_name
 
 if TYPE_CHECKING:
@@ -164,8 +164,10 @@ class Recovery:
             await self._chains.take_in(found.domain, refused=self._jobs.did_not_complete)
             name = checkpoint_name(found.consumer, found.job_id)
             created = self._chains.after_newest(found.domain, found.consumer, found.created)
+            # Ready since libvirt began it, as far as anyone can tell: its limits
+            # ([exports] max_lifetime) count from then, not from this restart.
             job = Job(found.job_id, found.domain, JobState.READY, "full", created,
-                      found.consumer, name)
+                      found.consumer, name, history=(Transition(JobState.READY, created),))
             disks = self._serving.disks(job, found.begun, found.sizes, {})
             since = next((d.since for d in disks if d.since), None)
             checkpoint = Checkpoint(

@@ -139,7 +139,12 @@ class Serving:
         it outlived `max_lifetime`. The timer is cancelled when the job ends otherwise."""
         limits = self.limits
         with served.timer:
-            age = (datetime.now(UTC) - datetime.fromisoformat(job.created)).total_seconds()
+            # From when it became ready, not from its Start: a job that waited its turn in
+            # the queue ([jobs] max_active) gets the whole lifetime. Only a job served again
+            # after a restart has been ready before (a new one is saved ready once served).
+            ready = job.ready_since
+            age = (datetime.now(UTC) - datetime.fromisoformat(ready)).total_seconds() \
+                if ready else 0.0
             reason = (f"it ran for [exports] max_lifetime ({limits.max_lifetime:g} s); "
                       "appliances must finish sooner, or the limit be raised")
             with anyio.move_on_after(limits.max_lifetime - age if limits.max_lifetime
