@@ -426,6 +426,57 @@ async def test_what_the_source_or_the_chain_refuses_records_nothing(
         assert source.called("begin") == [] and rig.jobs.active(request_.domain) is None
 
 
+async def test_starts_of_domains_that_do_not_exist_leave_no_chain_lock(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A client may make up as many names as it likes: each Start's lock of the domain's
+    chain goes with it (they were kept for ever, ~1.5 KiB each)."""
+    async with running(tmp_path, source) as rig:
+        for i in range(200):
+            with pytest.raises(errors.NoSuchDomain):
+                await rig.jobs.start(StartRequest(f"{i:04d}" + "x" * 1000))
+        assert await rig.jobs.delete_chain("made-up", "default") == []
+        assert rig.jobs._starts._chain_locks == {}
+        assert rig.jobs.all() == []
+
+
+async def test_a_chain_lock_stays_one_lock_while_anyone_holds_or_waits_for_it(
+        tmp_path: Path, source: FakeSource) -> None:
+    """It goes once nobody needs it, never while one waits: whoever comes after waits
+    on the same lock."""
+    async with running(tmp_path, source) as rig:
+        starts, inside = rig.jobs._starts, []
+        names = ("first", "second", "third")
+        entered, release = ({n: anyio.Event() for n in names} for _ in range(2))
+
+        async def take(name: str) -> None:
+            async with starts.chain_lock("d1"):
+                inside.append(name)
+                entered[name].set()
+                await release[name].wait()
+                inside.remove(name)
+
+        async def alone_inside(name: str) -> None:
+            with anyio.fail_after(10):
+                await entered[name].wait()
+            await anyio.wait_all_tasks_blocked()  # the others wait for the lock
+            assert inside == [name]
+
+        rig.tg.start_soon(take, "first")
+        await alone_inside("first")
+        rig.tg.start_soon(take, "second")
+        await alone_inside("first")
+        release["first"].set()  # the second takes it, and nobody else holds it
+        await alone_inside("second")
+        rig.tg.start_soon(take, "third")
+        await alone_inside("second")
+        release["second"].set()
+        await alone_inside("third")
+        release["third"].set()
+        await anyio.wait_all_tasks_blocked()
+        assert inside == []
+        assert starts._chain_locks == {}
+
+
 async def test_a_differential_starts_only_at_a_checkpoint_of_its_own_consumer(
         tmp_path: Path, source: FakeSource) -> None:
     async with running(tmp_path, source) as rig:

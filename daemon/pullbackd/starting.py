@@ -17,7 +17,7 @@ Invariants (jobs.py checks them at every start, with the rest of the state machi
   the endpoint, the backup) and discards its checkpoint: the job is recorded failed,
   and nobody can complete it into the chain.
 - What changes a domain's checkpoints (a Start, DeleteChain) happens under the
-  domain's chain lock.
+  domain's chain lock, which exists only while someone holds it or waits for it.
 
 It changes jobs through the records Jobs keeps, and reaches the rest of a job's life
 through Jobs' start interface (`view`, `copy`, `serve`, `release`, `scratch_users`,
@@ -27,7 +27,9 @@ through Jobs' start interface (`view`, `copy`, `serve`, `release`, `scratch_user
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
@@ -86,8 +88,10 @@ class Starts:
         self._running = running
         #: Where clients may have us write (a reload changes it).
         self.places = places
-        #: domain -> the lock of what changes its checkpoints: Start, DeleteChain.
-        self._chain_locks: defaultdict[str, anyio.Lock] = defaultdict(anyio.Lock)
+        #: domain -> the lock of what changes its checkpoints (Start, DeleteChain), there
+        #: only while someone holds it or waits for it: a Start of a domain that does
+        #: not exist leaves nothing behind, whatever name it made up.
+        self._chain_locks: dict[str, _ChainLock] = {}
         #: Queued jobs start one at a time, in their order (anyio's lock is fair).
         self._starting_queued = anyio.Lock()
 
@@ -334,6 +338,26 @@ class Starts:
         if checkpoint is not None and checkpoint.state != CheckpointState.COMPLETE:
             await self._chains.discard(checkpoint)
 
-    def chain_lock(self, domain: str) -> anyio.Lock:
+    @asynccontextmanager
+    async def chain_lock(self, domain: str) -> AsyncIterator[None]:
         """Serializes what changes a domain's checkpoints: starting a backup, deleting a chain."""
-        return self._chain_locks[domain]
+        # Taken and counted before the first await: whoever comes while it is counted
+        # waits on this lock; it goes once the last who held or waited for it left.
+        chain_lock = self._chain_locks.get(domain)
+        if chain_lock is None:
+            chain_lock = self._chain_locks[domain] = _ChainLock()
+        chain_lock.users += 1
+        try:
+            async with chain_lock.lock:
+                yield
+        finally:
+            chain_lock.users -= 1
+            if not chain_lock.users:
+                del self._chain_locks[domain]
+
+
+@dataclass
+class _ChainLock:
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    #: Tasks that hold it or wait for it.
+    users: int = 0
