@@ -3,14 +3,27 @@
 A push backup's files go only into `[push] dirs`, a copy only to an NBD URI
 `[stream] destinations` covers; the repository ("local") is always allowed.
 Paths are resolved first: no "..", no symlink leads out of an allowed folder.
+
+Invariants:
+- What was checked is what is used: `check` gives back the request with its
+  `target_dir` and its destination's socket resolved, and the job keeps those (libvirt,
+  as root, creates the push files; a symlink a client re-points after the check must
+  not move them).
+- Nobody but root and pullbackd's user can change the folders between a push dir and a
+  push's target_dir (each is theirs and not writable by group or others): the resolved
+  path stays where it was checked until the files are made. The push dir itself, and
+  what is above it, are the operator's choice.
+- A queued job is checked again, by the same `check`, as its turn comes (starting.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
 
 import structlog
 
@@ -30,9 +43,10 @@ class Places:
     push_dirs: tuple[Path, ...] | None = ()
     destinations: tuple[str, ...] | None = ()
 
-    def check(self, request: StartRequest) -> None:
-        """Raise TargetNotWritable or InvalidParameter, naming the setting. Blocks
-        (it looks at the file system)."""
+    def check(self, request: StartRequest) -> StartRequest:
+        """The request as its job is to use it: `target_dir`, and the socket of an NBD
+        URI `destination`, resolved. Raises TargetNotWritable or InvalidParameter,
+        naming the setting. Blocks (it looks at the file system)."""
         if request.target_dir is not None:
             # A relative path would be taken from the daemon's own folder.
             if not Path(request.target_dir).is_absolute():
@@ -44,32 +58,90 @@ class Places:
             except (OSError, RuntimeError, ValueError) as e:
                 raise TargetNotWritable(request.target_dir, f"not a usable path ({e})") \
                     from None
-            if self.push_dirs is not None and not any(
-                    folder == d or d in folder.parents
-                    for d in (d.resolve() for d in self.push_dirs)):
-                raise TargetNotWritable(request.target_dir, (
-                    f"not inside [push] dirs ({', '.join(map(str, self.push_dirs)) or 'none'});"
-                    " have the host's administrator add the folder"))
-            _check_target_dir(request.target_dir)
-        if request.destination not in (None, LOCAL) and self.destinations is not None and \
-                not any(_within(str(request.destination), a) for a in self.destinations):
-            raise InvalidParameter("destination", (
-                "not allowed by [stream] destinations "
-                f"({', '.join(self.destinations) or 'none'}); have the host's administrator "
-                "add it, or use \"local\""))
+            push_dir = None
+            if self.push_dirs is not None:
+                push_dir = max((d for d in (d.resolve() for d in self.push_dirs)
+                                if folder == d or d in folder.parents),
+                               key=lambda d: len(d.parts), default=None)
+                if push_dir is None:
+                    raise TargetNotWritable(request.target_dir, (
+                        f"not inside [push] dirs ({', '.join(map(str, self.push_dirs)) or 'none'});"
+                        " have the host's administrator add the folder"))
+            _check_target_dir(request.target_dir, folder)
+            if push_dir is not None:
+                _check_owners(request.target_dir, push_dir, folder)
+            request = dataclasses.replace(request, target_dir=str(folder))
+        if request.destination not in (None, LOCAL):
+            if self.destinations is not None and \
+                    not any(_within(str(request.destination), a) for a in self.destinations):
+                raise InvalidParameter("destination", (
+                    "not allowed by [stream] destinations "
+                    f"({', '.join(self.destinations) or 'none'}); have the host's administrator "
+                    "add it, or use \"local\""))
+            request = dataclasses.replace(request, destination=_resolved(request.destination))
+        return request
 
 
-def _check_target_dir(target_dir: str) -> None:
-    path = Path(target_dir)
-    if not path.is_absolute():
-        raise TargetNotWritable(target_dir, "not an absolute path")
-    if not path.is_dir():
+def _check_target_dir(target_dir: str, folder: Path) -> None:
+    """`folder` (`target_dir` resolved) is a folder pullbackd's user can write into."""
+    if not folder.is_dir():
         raise TargetNotWritable(target_dir, "no such folder")
     # access(2) also says no for a read-only file system, even to root.
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise TargetNotWritable(
             target_dir, f"not writable by pullbackd's user ({user_name(os.geteuid())})")
 
+
+def _check_owners(target_dir: str, push_dir: Path, folder: Path) -> None:
+    """Every folder below `push_dir` down to `folder` is root's or pullbackd's user's and
+    not writable by group or others: whoever else could write one could replace the
+    folder below it with a symlink once it was checked, and libvirt (root) would follow
+    it. Read without following links: one there now was not there when resolved."""
+    ours = {0, os.geteuid()}
+    path = push_dir
+    for name in folder.relative_to(push_dir).parts:
+        path = path / name
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise TargetNotWritable(target_dir, f"{path} cannot be looked at ({e.strerror})") \
+                from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise TargetNotWritable(target_dir, f"{path} changed while it was checked; "
+                                               "start the backup again")
+        if st.st_uid not in ours:
+            raise TargetNotWritable(target_dir, (
+                f"{path} belongs to {user_name(st.st_uid)}, who could replace what is in it "
+                f"with a link elsewhere; have the host's administrator give it to "
+                f"{user_name(os.geteuid())} or root, or push elsewhere"))
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise TargetNotWritable(target_dir, (
+                f"{path} is writable by its group or others, who could replace what is in "
+                f"it with a link elsewhere; have the host's administrator `chmod go-w` it"))
+
+
+def _resolved(url: str) -> str:
+    """`url` with the path of its Unix socket resolved, as `_within` checked it: libnbd
+    connects to that, not through a symlink a client re-points later. The rest of the
+    URL stays as it was given."""
+    u = urlsplit(url)
+    if not u.scheme.endswith("+unix"):
+        return url
+    parts = u.query.split("&")
+    for i, part in enumerate(parts):
+        key, _, value = part.partition("=")
+        if unquote_plus(key) == "socket" and value:
+            try:
+                path = str(Path(unquote_plus(value)).resolve())
+            except (OSError, RuntimeError, ValueError):
+                return url  # refused by `_within` when destinations are checked
+            if path != unquote_plus(value):
+                # Braces kept: "{disk}" in the path is replaced by each disk's name.
+                parts[i] = f"{key}={quote(path, safe='/{}')}"
+    if parts == u.query.split("&"):
+        return url
+    return f"{u.scheme}://{u.netloc}{u.path}?{'&'.join(parts)}" + \
+        (f"#{u.fragment}" if u.fragment else "")
 
 
 def _within(url: str, allowed: str) -> bool:

@@ -2,7 +2,9 @@
 (push: the source copies; stream: pullbackd copies), or queued until there is room
 (admission.py); a queued job starts in its turn, in the queue's order.
 
-    check      the request, and the places it may write to (places.py)
+    check      the request, and the places it may write to (places.py): the job
+               keeps them as checked (resolved); a queued job's are checked again
+               as its turn comes
     plan       what the source would back up; what cannot work fails now
     bases      what each disk starts from (chain.py), or why it is full
     record     the job and its pending checkpoint, in one transaction
@@ -99,7 +101,8 @@ class Starts:
         """Start a backup, or queue it. Raises what admission, the places, the chains
         and the source raise (errors.py); a job that was recorded and failed to
         start stays, failed, with why."""
-        await anyio.to_thread.run_sync(self._check, request)  # it looks at target_dir
+        # What was checked is what is used: target_dir and the socket resolved.
+        request = await anyio.to_thread.run_sync(self._check, request)  # it looks at them
         if not self._admission.admit(request):
             return await self._enqueue(request)
         job_id = self._records.new_id()
@@ -109,9 +112,9 @@ class Starts:
         self._running[job_id] = Running()
         return await self._claimed_start(job_id, request)
 
-    def _check(self, request: StartRequest) -> None:
+    def _check(self, request: StartRequest) -> StartRequest:
         request.check()
-        self.places.check(request)
+        return self.places.check(request)
 
     async def _enqueue(self, request: StartRequest) -> Job:
         # What cannot work fails now.
@@ -170,6 +173,9 @@ class Starts:
                 if queued:
                     # Its turn came while a migration drains its domain (it fails).
                     self._admission.check_drain(request.domain)
+                    # Where it writes may have changed while it waited ([push] dirs
+                    # reloaded, a folder given away or opened to others): as at Start.
+                    request = await anyio.to_thread.run_sync(self._check, request)
                 return await self._start(job_id, request, job)
         finally:
             job = self._records.get(job_id)
