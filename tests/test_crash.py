@@ -57,9 +57,10 @@ CASES = [
 ]
 
 
-#: Crash points tested in a module of their own (they need a guest with an agent).
+#: Crash points tested in a module of their own (they need a guest with an agent, or
+#: more backups than a scenario here makes).
 ELSEWHERE = {"start.frozen": "test_quiesce.py", "start.served": "test_offline.py",
-             "commit.files": "test_domainfiles.py"}
+             "commit.files": "test_domainfiles.py", "prune.unlinked": "test_repository.py"}
 
 
 def test_every_crash_point_is_tested() -> None:

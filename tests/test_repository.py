@@ -21,7 +21,7 @@ import nbd
 import pytest
 import xxhash
 
-from pullbackd import names, orphans, stream, verifying, writers
+from pullbackd import crash, names, orphans, stream, verifying, writers
 from pullbackd import repository as repository_module
 from pullbackd.durable import fsync, fsync_dir
 from pullbackd.errors import InvalidParameter, RepositoryError
@@ -675,6 +675,48 @@ def test_a_prune_cut_short_after_flattening_still_restores_the_zeroes(tmp_path: 
     assert verify_all(repository) == (2, [])
     assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
     assert_restores(repository, repository.at("lab1", "c", "vda", None), expected, tmp_path)
+
+
+#: A daemon's Prune of lab1's vda down to its newest backup (it dies where crash.ENV says).
+PRUNING = """
+import sys
+from pathlib import Path
+import anyio
+from pullbackd.repository import Repository
+
+anyio.run(Repository(Path(sys.argv[1]), Path(sys.argv[2]), 0).prune, "lab1", "c", "vda", 1)
+"""
+
+
+def test_a_prune_killed_between_two_dropped_manifests_leaves_whole_backups(
+        tmp_path: Path) -> None:
+    """A prune that drops two backups (0001, and 0002 over it) is killed once it removed
+    the first manifest (crash point prune.unlinked). It removed them oldest first: 0002
+    stayed listed over a 0001 that was no backup, which Verify reported at every run, a
+    restore of 0002 could not read, and every later Prune refused. Newest first, what
+    stays listed is whole: the next start removes the file whose manifest went, and the
+    next Prune drops the rest."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    chain(repository, [[(0, MiB, 0x10)], [(MiB, MiB, 0x20)], [(2 * MiB, MiB, 0x30)]])
+    killed = subprocess.run([sys.executable, "-c", PRUNING, str(repository.root),
+                             str(tmp_path / "sockets")], env=os.environ | {
+                                 crash.ENV: "prune.unlinked"},
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert killed.returncode == crash.STATUS, killed.stderr
+    assert "crash point prune.unlinked" in killed.stderr
+    repository.recover()  # as the next start does
+    assert verify_all(repository) == (2, [])
+    folder = repository.folder("lab1", "c", "vda")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "0001.json", "0001.qcow2", "0003.json", "0003.qcow2"]
+    first = bytes([0x10]) * MiB
+    assert_restores(repository, repository.at("lab1", "c", "vda", "cp0"),
+                    first + bytes(SIZE - MiB), tmp_path)
+    last = first + bytes([0x20]) * MiB + bytes([0x30]) * MiB + bytes(SIZE - 3 * MiB)
+    assert_restores(repository, repository.at("lab1", "c", "vda", "cp2"), last, tmp_path)
+    assert [m.sequence for m in anyio.run(repository.prune, "lab1", "c", "vda", 1)] == [1]
+    assert verify_all(repository) == (1, [])
+    assert_restores(repository, repository.at("lab1", "c", "vda", None), last, tmp_path)
 
 
 def test_a_prune_and_the_backups_uses_exclude_each_other(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ POINTS = (
     "chain.trimmed",       # an old checkpoint left a chain over [chains] keep
     "prune.flattened",     # Prune replaced a kept backup by a standalone file
     "prune.manifest",      # ... and rewrote its manifest
+    "prune.unlinked",      # ... and removed the newest dropped backup's manifest
     "prune.dropping",      # ... and removed the dropped backups' manifests
 )
 

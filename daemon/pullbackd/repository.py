@@ -27,6 +27,8 @@ temporary file (`*.qcow2.partial`, `*.flat.partial`, `*.tmp`, domain files'
 does a backup file without its manifest (a commit or a prune cut short between
 the two), and every manifest describes its file (a prune cut short between
 replacing a file by its flattened copy and rewriting the manifest: rewritten).
+At any instant, every backup with a manifest has its backing files' manifests too
+(a prune removes the manifests of the backups it drops newest first).
 """
 
 from __future__ import annotations
@@ -363,7 +365,8 @@ class Repository:
         Crash-safe at every step: each kept backup whose backing file is to go is
         first flattened into a standalone file that replaces it atomically (same
         point in time, so it restores the same), then its manifest is rewritten;
-        only then are the old manifests removed, and after them their files.
+        only then are the old manifests removed, newest first, and after them their
+        files.
         """
         with self._uses.pruning(self.folder(domain, consumer, disk)):
             return await self._prune(domain, consumer, disk, keep)
@@ -562,8 +565,9 @@ def _stored_jobs(root: Path) -> set[str]:
 
 def _mend_backups(root: Path) -> None:
     """At start: a backup file without its manifest (a commit cut short: the manifest
-    comes last) is removed, unless backups after it build on it (no crash leaves that;
-    damage does: what they need stays). A prune cut short is followed through
+    comes last; a prune cut short: it removes the manifests first, newest first) is
+    removed, unless backups after it build on it (no crash leaves that; damage does:
+    what they need stays). A prune cut short is followed through
     (`_follow_flattened`). Blocks."""
     backed_on: dict[Path, set[str]] = {}
     for image in names.every_backup(root):
@@ -676,10 +680,15 @@ def owned(path: Path) -> Path:
 
 
 def _drop(folder: Path, dropped: list[Manifest]) -> None:
-    """Manifests first: a file without one is no backup, so a crash between is harmless."""
-    for m in dropped:
+    """Manifests first: a file without one is no backup, so a crash between is harmless.
+    Newest first, each gone for good before the next: a crash between two leaves the older
+    ones listed, each with the manifests of its backing files (oldest first, it left a
+    backup listed over a file that was no backup: it could not be restored, and Verify
+    and every later Prune refused it)."""
+    for m in reversed(dropped):
         names.manifest(folder, m.sequence).unlink()
-    fsync_dir(folder)
+        fsync_dir(folder)
+        crash.point("prune.unlinked")
     crash.point("prune.dropping")
     for m in dropped:
         (folder / m.file).unlink(missing_ok=True)
