@@ -1024,6 +1024,39 @@ async def test_a_chain_deletion_cut_short_is_not_undone_by_the_domains_metadata(
         assert [d.mode for d in job.disks] == ["full", "full"]
 
 
+async def test_a_crash_before_the_domains_metadata_followed_a_backups_end_is_made_good(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A crash right after a job's end was recorded (crash point end.recorded), before the
+    domain's metadata was rewritten: the next start rewrote it only for checkpoints it
+    deleted, so a migration carried the chain without its newest checkpoint, and a new
+    database (a damaged one moved aside) did not know it. The next start rewrites it,
+    keeping what it carries from elsewhere; a start that finds it right writes nothing."""
+    async with running(tmp_path, source) as rig:
+        first = await rig.jobs.finish((await rig.jobs.start(StartRequest(
+            "d1", consumer="c"))).id)
+        before = rig.virt.metadata_xmls["d1"]
+        newest = await rig.jobs.finish((await rig.jobs.start(StartRequest(
+            "d1", consumer="c", mode="incremental"))).id)
+    # What the crash left: the metadata as it was before the end, which also carries a
+    # checkpoint another host's pullbackd took (the domain migrated here since).
+    moved = xml.ChainEntry(checkpoint_name("o", "0000000000ff"), "o", "0000000000ff", now(),
+                           ("vda",), None)
+    source.virt.metadata_xmls["d1"] = xml.chains([*xml.parse_chains(before), moved])
+    async with running(tmp_path, source) as rig:
+        assert [e.name for e in xml.parse_chains(rig.virt.metadata_xmls["d1"])] == [
+            first.checkpoint, newest.checkpoint, moved.name]
+        assert rig.chain(consumer="o") == [moved.name]
+    source.virt.errors["set_metadata"] = AssertionError("a start wrote metadata it found right")
+    async with running(tmp_path, source):
+        pass
+    del source.virt.errors["set_metadata"]
+    lose_the_database(tmp_path)
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", consumer="c", mode="incremental"))
+        assert [(d.mode, d.since) for d in job.disks] == [
+            ("incremental", newest.checkpoint)] * 2
+
+
 async def test_a_backup_the_source_cannot_tell_of_at_a_restart_is_held_as_found(
         tmp_path: Path, source: FakeSource) -> None:
     """The source cannot say whether a job's backup runs (its QEMU does not answer): the

@@ -1,3 +1,4 @@
+import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -77,6 +78,32 @@ def test_checkpoint_round_trip() -> None:
     assert info == xml.CheckpointInfo("c2", "c1", ("vda",), created=1)
     orphan = xml.parse_checkpoint(xml.without_parent(libvirt_says))
     assert orphan == xml.CheckpointInfo("c2", None, ("vda",), created=1)
+
+
+def test_chains_libvirt_lays_out_anew_are_the_chains_written() -> None:
+    """libvirt gives a domain's metadata back as it keeps it (indented, in its namespace,
+    attributes in its own order): the chains are still those written, so a start does
+    not rewrite it (chain.py); any other chains are not."""
+    checkpoint = ("<domaincheckpoint>\n  <name>pullbackd.c.j1</name>\n  <disks>\n    "
+                  "<disk name='vda' checkpoint='bitmap' bitmap='pullbackd.c.j1'/>\n  "
+                  "</disks>\n</domaincheckpoint>")
+    written = [xml.ChainEntry("pullbackd.c.j1", "c", "j1", "2026-01-01T00:00:00.000Z",
+                              ("vda",), checkpoint, ("vda",)),
+               xml.ChainEntry("pullbackd.c.j2", "c", "j2", "2026-01-02T00:00:00.000Z",
+                              ("vda",), None)]
+    root = ET.fromstring(xml.chains(written))
+    ET.indent(root)
+    for item in root:
+        item.attrib = dict(reversed(item.attrib.items()))
+    libvirt_says = ET.tostring(root, encoding="unicode").replace(
+        "<chains>", f'<pullbackd:chains xmlns:pullbackd="{xml.CHAINS_NS}">').replace(
+        "</chains>", "</pullbackd:chains>")
+    found = xml.parse_chains(libvirt_says)
+    assert found != written and xml.same_chains(found, written)
+    assert not xml.same_chains(found, written[:1])
+    assert not xml.same_chains(found[::-1], written)
+    other = dataclasses.replace(written[0], xml=checkpoint.replace("'vda'", "'vdb'"))
+    assert not xml.same_chains(found, [other, written[1]])
 
 
 def test_parse_backup_reads_what_libvirt_chose() -> None:

@@ -31,6 +31,13 @@ whose job did not complete is a bug, logged as an error and rolled back. A
 checkpoint rolled back, or deleted with its chain, is also taken out of the
 domain's metadata, so that no pullbackd takes it in again; until libvirt lets
 that be written, its record stays, marked for deletion.
+
+The domain's metadata follows its chains: it is rewritten after every change of
+them (`_mirror`), and at every start for each domain whose metadata differs from
+them (a crash came between a job's end and the rewrite, or libvirt refused the
+write; `check`). So what a migration carries, or a new database takes in, lacks
+a completed checkpoint only from its job's end until the rewrite, which comes at
+the latest at the next start that libvirt lets write it.
 """
 
 from __future__ import annotations
@@ -207,13 +214,21 @@ class Chains:
     async def take_in(self, domain: str, refused: Callable[[str], bool]) -> None:
         """Take in the chains the domain's metadata carries that we do not know: it was
         backed up by a pullbackd elsewhere (and migrated here), or our database is new."""
+        if (entries := await self._listed(domain)) is not None:
+            await self._take_in(domain, entries, refused)
+
+    async def _listed(self, domain: str) -> list[xml.ChainEntry] | None:
+        """The chains the domain's metadata carries; None if it cannot be read (logged)."""
         try:
             text = await self._virt.metadata(domain, xml.CHAINS_NS)
-            entries = xml.parse_chains(text) if text else []
+            return xml.parse_chains(text) if text else []
         except (LibvirtError, NoSuchDomain, DomainBusy, xml.XMLError) as error:
             log.warning("cannot read the chains in the domain's metadata", domain=domain,
                         error=str(error))
-            return
+            return None
+
+    async def _take_in(self, domain: str, entries: list[xml.ChainEntry],
+                       refused: Callable[[str], bool]) -> None:
         for entry in entries:
             ours = CONSUMER.fullmatch(entry.consumer) and \
                 entry.name.startswith(f"pullbackd.{entry.consumer}.")
@@ -233,10 +248,7 @@ class Chains:
         Failing to add a checkpoint only costs a full backup after a move: it is logged,
         not raised (for one taken out, see `_delete`)."""
         async with self._mirroring[domain]:
-            entries = [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
-                                      None if c.xml is None else xml.without_domain(c.xml),
-                                      c.full)
-                       for c in self.of(domain)]
+            entries = self._entries(domain)
             try:
                 await self._virt.set_metadata(domain, xml.chains(entries) if entries else None,
                                               "pullbackd", xml.CHAINS_NS)
@@ -245,6 +257,27 @@ class Chains:
                             domain=domain, error=str(e))
                 return False
             return True
+
+    def _entries(self, domain: str) -> list[xml.ChainEntry]:
+        """The domain's confirmed chains as its metadata carries them (`_mirror`)."""
+        return [xml.ChainEntry(c.name, c.consumer, c.job, c.created, c.disks,
+                               None if c.xml is None else xml.without_domain(c.xml), c.full)
+                for c in self.of(domain)]
+
+    async def _mend_metadata(self, domain: str, refused: Callable[[str], bool]) -> None:
+        """At start: rewrite the domain's metadata if it does not carry the domain's chains
+        (a crash came between a job's end and `_trim`), after taking in what it carries
+        that we do not know (`take_in`: a rewrite must not drop it). A domain whose
+        metadata carries them costs a read, and no write."""
+        if (listed := await self._listed(domain)) is None:
+            return
+        await self._take_in(domain, listed, refused)
+        if xml.same_chains(listed, self._entries(domain)):
+            return
+        log.warning("the domain's metadata does not carry its chains as recorded (a crash, "
+                    "or libvirt refusing the write, came after they changed): rewriting it",
+                    domain=domain)
+        await self._mirror(domain)
 
     def recorded(self, checkpoint: Checkpoint) -> None:
         """A checkpoint its job stored in the job's own transaction (`Store.save_job`
@@ -357,7 +390,8 @@ class Chains:
         """At start: the invariant. A checkpoint in a chain whose job `did_not_complete`
         is a bug: logged, and rolled back. Also delete what an earlier run could not
         (or crashed before it did): discarded checkpoints, and pending ones whose job
-        is not `running`."""
+        is not `running`; and rewrite the metadata of every other domain we know whose
+        metadata does not carry its chains (`_mend_metadata`)."""
         doomed: defaultdict[str, list[Checkpoint]] = defaultdict(list)
         for found in self.all():
             if found.state == CheckpointState.COMPLETE and did_not_complete(found.job):
@@ -372,7 +406,9 @@ class Chains:
                 await self._save(c)  # out of the chain before anything else
             doomed[c.domain].append(c)
         for domain, checkpoints in doomed.items():
-            await self._purge(domain, checkpoints)
+            await self._purge(domain, checkpoints)  # rewrites the domain's metadata first
+        for domain in sorted({c.domain for c in self.all()} - doomed.keys()):
+            await self._mend_metadata(domain, did_not_complete)
 
     def _over_keep(self, domain: str, consumer: str) -> list[Checkpoint]:
         """The checkpoints of a consumer's chain it no longer needs: each bitmap costs

@@ -11,8 +11,10 @@ serves anyone.
               QEMU does not answer must not keep every other domain from its
               backups): its domain stays taken until Abort ends it, or a next start
     chains    chain.py's invariant checked (a checkpoint in a chain whose job did
-              not complete is rolled back), and what the repository holds of jobs
-              that did not complete removed
+              not complete is rolled back), the domains' metadata rewritten where
+              it does not carry their chains (a crash before it followed a job's
+              end), and what the repository holds of jobs that did not complete
+              removed
     unowned   backups of ours the source runs for no job we know (the state database
               was lost): rebuilt as ready jobs where their checkpoint names a consumer,
               so that their appliances read on; ended otherwise
@@ -133,7 +135,8 @@ class Recovery:
     async def _check_chains(self) -> None:
         """chain.py's invariant: a checkpoint is in a chain if and only if its job
         completed. Also delete what an earlier run could not (or crashed before it
-        did), and what the repository holds of jobs that did not complete."""
+        did), rewrite the domains' metadata that does not carry their chains, and
+        remove what the repository holds of jobs that did not complete."""
         claimed = self._jobs.claimed()
         await self._chains.check(self._jobs.did_not_complete, claimed)
         stored = await anyio.to_thread.run_sync(self._repository.stored_jobs)

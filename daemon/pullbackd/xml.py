@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -263,6 +263,19 @@ def parse_chains(text: str) -> list[ChainEntry]:
     if any(not e.name or not e.consumer for e in entries):
         raise XMLError("a chain entry without a name or consumer")
     return entries
+
+
+def same_chains(found: list[ChainEntry], entries: list[ChainEntry]) -> bool:
+    """Whether the chains a domain's metadata carries (`found`, from `parse_chains`) are
+    `entries`, however libvirt laid out the XML it keeps (indented, attributes in
+    another order)."""
+    return [_comparable(e) for e in found] == [_comparable(e) for e in entries]
+
+
+def _comparable(entry: ChainEntry) -> ChainEntry:
+    if entry.xml is None:
+        return entry
+    return replace(entry, xml=ET.canonicalize(entry.xml, strip_text=True))
 
 
 @functools.lru_cache(maxsize=1024)
