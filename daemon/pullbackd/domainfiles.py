@@ -45,7 +45,7 @@ from typing import Any
 
 import anyio
 
-from .durable import fsync_dir, write_new
+from .durable import fsync_dir, makedirs, write_new
 from .errors import PullbackError, RepositoryError
 from .virt import Definition, Virt
 
@@ -219,7 +219,8 @@ def save(folder: Path, files: DomainFiles) -> None:
     """Store `files` in the new folder `folder`, durably, all or nothing (blocking)."""
     partial = partial_of(folder)
     shutil.rmtree(partial, ignore_errors=True)  # a crash's leftover
-    partial.mkdir(parents=True, mode=0o700)
+    makedirs(partial.parent)  # a new domain's or consumer's folders too, on disk
+    partial.mkdir(mode=0o700)
     sums = {}
     for name, data in files.files.items():
         path = inside(partial, name)

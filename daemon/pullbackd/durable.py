@@ -3,7 +3,10 @@
 Every file pullbackd creates in a folder someone else could write into, or whose
 content must survive a crash, is made here: created exclusively (`O_EXCL`), never
 through a symlink left in its place (`O_NOFOLLOW`), and with `sync`, on disk
-before the call returns; its folder's entry is on disk after `fsync_dir`. In a
+before the call returns; its folder's entry is on disk after `fsync_dir`. A
+folder made with `makedirs` is on disk when it returns, and so is every folder
+made on its way (a folder's entry is in its parent: mkdir(parents=True) and a
+sync of the last folder alone could lose the first ones at a power cut). In a
 folder a caller named (a restore's), the file is made in the folder the caller's
 path was checked to lead to, never one a link swapped in since (`create_in`), and
 removed only if it is still the file made (`unlink_same`).
@@ -94,3 +97,22 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def makedirs(folder: Path) -> None:
+    """`folder`, made with every folder missing on its way (as mkdir(parents=True,
+    exist_ok=True)), each on disk with its name before the call returns: the folder each
+    was made in is synced, and the last one made too. Folders already there are left as
+    they are."""
+    missing = []
+    at = folder
+    while not at.is_dir():
+        missing.append(at)
+        at = at.parent
+    for made in reversed(missing):
+        # exist_ok: made meanwhile by another thread; synced here all the same, as that
+        # thread may not have yet.
+        made.mkdir(exist_ok=True)
+        fsync_dir(made.parent)
+    if missing:
+        fsync_dir(folder)

@@ -50,7 +50,7 @@ import nbd
 import structlog
 
 from . import crash, domainfiles, names, orphans, qcow2, qemu_nbd, stream, verifying, writers
-from .durable import Moved, create_in, fsync, fsync_dir, unlink_same, write_new
+from .durable import Moved, create_in, fsync, fsync_dir, makedirs, unlink_same, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
 from .manifest import CHECKSUM, CHECKSUMS, Manifest, Region, checksum
 from .names import Served
@@ -250,7 +250,7 @@ class Repository:
         `size` bytes over the file of `base` (qcow2.py; the commit syncs it): its sequence
         number, and whether it takes O_DIRECT. Raises RepositoryError. Blocks."""
         folder = self.folder(domain, consumer, disk)
-        folder.mkdir(parents=True, exist_ok=True)
+        makedirs(folder)  # on disk before the commit: the first backup of a disk is in it
         if base is not None:
             try:
                 still = self.at(domain, consumer, disk, base.checkpoint).file == base.file
