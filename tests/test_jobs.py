@@ -12,6 +12,7 @@ database and the same source, as after `kill -9`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import sqlite3
@@ -1129,6 +1130,53 @@ async def test_a_push_ends_with_the_sources_word(
         else:
             assert rig.chain() == [] and rig.checkpoints() == []
             assert files(push_dir) == []
+
+
+def record_syncs(monkeypatch: pytest.MonkeyPatch, failing: Path | None = None) -> list[Path]:
+    """The files and folders os.fsync syncs from here on (a power cut cannot be made);
+    with `failing`, syncing what is in that folder fails, as on a file system gone bad."""
+    synced: list[Path] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if failing is not None and path.parent == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        synced.append(path)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+async def test_a_push_is_on_disk_with_its_names_before_it_completes(
+        tmp_path: Path, source: FakeSource, push_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt (or a shut-off domain's daemon) writes a push's files, and nothing synced
+    them nor the folder that names them before the job was recorded completed: a power cut
+    then could lose the backup. Both are synced first."""
+    synced = record_syncs(monkeypatch)
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        source.ended("d1", success=True)
+        assert (await ended(rig.jobs, job.id)).state == JobState.COMPLETED
+    targets = [push_dir / f"{job.id}.{disk}.qcow2" for disk in ("vda", "vdb")]
+    assert [path for path in [*targets, push_dir] if path not in synced] == []
+
+
+async def test_a_push_whose_files_cannot_be_synced_fails_and_leaves_none(
+        tmp_path: Path, source: FakeSource, push_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    record_syncs(monkeypatch, failing=push_dir)
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1", target_dir=str(push_dir)))
+        source.ended("d1", success=True)
+        failed = await ended(rig.jobs, job.id)
+        assert (failed.state, failed.error) == (JobState.FAILED, (
+            f"its files cannot be written to disk ([Errno 5] Input/output error: "
+            f"'{push_dir}/{job.id}.vda.qcow2'): they are no backup; start it again once "
+            "that folder's file system works"))
+        assert rig.chain() == [] and rig.checkpoints() == [] and files(push_dir) == []
 
 
 async def test_a_start_whose_endpoint_cannot_open_ends_what_it_began(

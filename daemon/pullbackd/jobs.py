@@ -18,7 +18,9 @@ Invariants, checked at every start (`recover`):
   that did not complete stored (push targets, repository files) is removed
   before that transaction, so that a crash anywhere leaves either a completed
   job with everything in place, or a job recovery ends (again) as failed with
-  nothing of it left. Once that transaction is done, the end stands.
+  nothing of it left. Once that transaction is done, the end stands. A push is
+  recorded completed only once its files are on disk, with their names
+  (places.sync_targets): a power cut after that leaves them whole.
 - A job is recorded (with its pending checkpoint) before the source hears of
   it (starting.py).
 - A domain has one job that has not ended at most (admission.py); a job's end
@@ -47,7 +49,7 @@ from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .logs import logged
 from .model import Change, Job, JobState, Kind, Session, StartRequest, now
-from .places import Places, remove_targets
+from .places import Places, remove_targets, sync_targets
 from .records import Records
 from .recovery import Recovery
 from .repository import Repository
@@ -388,6 +390,13 @@ class Jobs:
             if job.state != JobState.RUNNING:
                 return
             with anyio.CancelScope(shield=True):  # the outcome must be recorded
+                if state == JobState.COMPLETED:
+                    try:
+                        await anyio.to_thread.run_sync(sync_targets, job)
+                    except OSError as e:
+                        state, reason = JobState.FAILED, (
+                            f"its files cannot be written to disk ({e}): they are no "
+                            "backup; start it again once that folder's file system works")
                 await self._close(job, state, reason)
 
     async def fail(self, job_id: str, reason: str) -> None:

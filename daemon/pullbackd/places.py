@@ -14,6 +14,9 @@ Invariants:
   path stays where it was checked until the files are made. The push dir itself, and
   what is above it, are the operator's choice.
 - A queued job is checked again, by the same `check`, as its turn comes (starting.py).
+
+A push's files are removed if it does not complete (`remove_targets`), and are on
+disk, with their names, before it is recorded completed (`sync_targets`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
 
 import structlog
 
+from .durable import fsync
 from .errors import InvalidParameter, TargetNotWritable
 from .model import LOCAL, Job, StartRequest
 from .names import job_files
@@ -180,3 +184,27 @@ def remove_targets(job: Job) -> None:
     for path in job_files(Path(job.target_dir), job.id):
         log.info("removing incomplete push target", job=job.id, path=str(path))
         path.unlink(missing_ok=True)
+
+
+def sync_targets(job: Job) -> None:
+    """A push that ended well: its files, and their names in their folder, on disk before
+    it is recorded completed (libvirt and QEMU write them, and nothing syncs the folder
+    that holds their names). Raises OSError naming the file or folder. Blocks."""
+    if job.target_dir is None:
+        return
+    # Nothing followed, nothing waited on, that someone put in a file's place (a link, a
+    # FIFO): an fsync of it fails the push.
+    for path in [d.target for d in job.disks if d.target is not None]:
+        _sync(path, os.O_NOFOLLOW | os.O_NONBLOCK)
+    _sync(job.target_dir, os.O_DIRECTORY)
+
+
+def _sync(path: str, flags: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+        try:
+            fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
