@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from pullbackd import errors, quiesce, xml
+from pullbackd import crash, errors, quiesce, xml
 from pullbackd.admission import Admission
 from pullbackd.chain import Base, Chains
 from pullbackd.exports import Exports
@@ -1530,6 +1531,53 @@ async def test_queued_jobs_keep_their_place_across_a_restart(
         await jobs.abort(second.id)
         await until(jobs, queued[2].id, lambda j: j.state == JobState.READY)
         assert source.called("begin") == ["d1", "d2", "d4"]
+
+
+#: A daemon over the fake source in argv[1] with one place: a backup of d1 takes it, one
+#: of d2 is queued (its id printed last) and aborted; it dies where crash.ENV says.
+ABORTING_QUEUED = """
+import sys
+from pathlib import Path
+import anyio
+from pullbackd.model import StartRequest
+from tests.fakes import FakeSource, FakeVirt
+from tests.test_jobs import running
+
+async def main() -> None:
+    tmp = Path(sys.argv[1])
+    async with running(tmp, FakeSource(FakeVirt(), tmp / "source"), max_active=1) as rig:
+        await rig.jobs.start(StartRequest("d1"))
+        queued = await rig.jobs.start(StartRequest("d2"))
+        print(queued.id, flush=True)
+        await rig.jobs.abort(queued.id)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize(("point", "outcome"), [("end.cleaned", JobState.READY),
+                                                ("end.recorded", JobState.ABORTED)])
+async def test_an_abort_of_a_queued_job_cut_short_leaves_it_queued_or_aborted(
+        tmp_path: Path, source: FakeSource, point: str, outcome: JobState) -> None:
+    """Abort of a queued job, killed before its end is recorded (end.cleaned) or after
+    (end.recorded). It deleted the job's request first: killed before its end was
+    recorded, the job was failed at the restart, 'its request was lost'. Its end is
+    recorded first now: before it, the job is queued again and starts in its turn (the
+    Abort never took place); after it, it is aborted and its request goes."""
+    with anyio.fail_after(120):
+        killed = await anyio.run_process(
+            [sys.executable, "-c", ABORTING_QUEUED, str(tmp_path)], check=False,
+            env=os.environ | {crash.ENV: point}, cwd=Path(__file__).parent.parent)
+    assert killed.returncode == crash.STATUS, killed.stderr.decode()
+    assert f"crash point {point}" in killed.stderr.decode()
+    job_id = killed.stdout.decode().splitlines()[-1]  # after the logs
+    async with running(tmp_path, source, max_active=1) as rig:
+        # d1's backup is gone with the fake: its job fails, and the queue moves.
+        job = await until(rig.jobs, job_id, lambda j: j.state not in (
+            JobState.QUEUED, JobState.STARTING))
+        assert (job.state, job.error) == (outcome, None)
+        if outcome == JobState.ABORTED:  # a request whose job ended: deleted at the start
+            assert rig.store.load_requests() == {}
 
 
 def lose_the_database(tmp_path: Path) -> None:

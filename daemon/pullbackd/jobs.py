@@ -279,8 +279,14 @@ class Jobs:
             if job.state == JobState.QUEUED:
                 self._admission.unqueue(job.id)
                 with anyio.CancelScope(shield=True):
-                    await self._store.delete_request(job.id)
-                    return await self._close(job, state, error)
+                    # Its end first: a crash before its request goes leaves a request
+                    # whose job ended, which the next start deletes (recovery.py); the
+                    # other way round, a queued job without its request, which it failed.
+                    job = await self._close(job, state, error)
+                    with logged("cannot delete an ended backup's request (the next start "
+                                "does)", job=job.id):
+                        await self._store.delete_request(job.id)
+                    return job
             # Shielded: a backup we ended (its copy stopped too) must be recorded as ended.
             with anyio.CancelScope(shield=True):
                 if running.copy is not None and not copied:
