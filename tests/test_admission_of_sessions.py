@@ -108,6 +108,14 @@ async def call(fn: Callable[..., T], *args: object) -> T:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
+async def unrecorded(handed: Handed) -> None:
+    """A hand-off's records, not kept: these tests pass on what it returns."""
+
+
+#: Seconds a hand-off here may take: nothing holds a session up.
+HANDOFF = 20.0
+
+
 def serving(image: Path, sock: Path) -> subprocess.Popen[bytes]:
     """qemu-nbd serving `image` read-only as TOKEN on `sock`, once it listens."""
     qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "64", "-x", TOKEN, "-k", str(sock),
@@ -211,7 +219,8 @@ async def test_a_client_waiting_for_room_is_refused_when_the_endpoint_ends(
             if ending == "close":
                 await setup.endpoint.close()
             else:
-                handed = await setup.endpoint.hand_off(lambda name, fds: None)
+                handed = await setup.endpoint.hand_off(lambda name, fds: None, unrecorded,
+                                                       HANDOFF)
                 assert len(handed) == 1  # the open session, paused
         reply, message = await call(waiter.go_reply)
         assert (reply, message) == (hs.REP_ERR_POLICY, b"this backup's endpoint is closing "
@@ -225,7 +234,7 @@ async def test_a_client_of_an_endpoint_that_is_done_is_refused(tmp_path: Path) -
     """An endpoint handed off is still found by its export name until every endpoint is:
     a remote client naming it is refused, and the daemon serves on."""
     async with endpoint(tmp_path, limit=1) as setup:
-        await setup.endpoint.hand_off(lambda name, fds: None)
+        await setup.endpoint.hand_off(lambda name, fds: None, unrecorded, HANDOFF)
         client = await waiting_remote(setup)
         assert (await call(client.go_reply))[0] == hs.REP_ERR_POLICY
         client.close()
@@ -390,7 +399,8 @@ async def test_a_session_handed_over_in_its_handshake_is_followed_on(tmp_path: P
             async with anyio.create_task_group() as tg:
                 await step(await exporting.open(JOB, {TOKEN: "vda"}, tg, lambda j, s: None))
                 handed = await exporting.hand_off(
-                    lambda name, fds: kept.__setitem__(name, os.dup(fds[0])))
+                    lambda name, fds: kept.__setitem__(name, os.dup(fds[0])), unrecorded,
+                    HANDOFF)
                 tg.cancel_scope.cancel()
             return handed, kept
 
@@ -567,7 +577,8 @@ async def test_a_session_handed_over_in_its_handshake_keeps_its_deadline(
             silent = await call(Client.unix, exports.endpoint_path(JOB))
             await call(silent.greet)
             handed = await exports.hand_off(
-                lambda name, fds: stored.__setitem__(name, os.dup(fds[0])))
+                lambda name, fds: stored.__setitem__(name, os.dup(fds[0])), unrecorded,
+                HANDOFF)
             tg.cancel_scope.cancel()
         following = Exports(tmp_path / "exports", limit=4, handshake_timeout=1.0)
         following.inherit(stored, handed)

@@ -17,7 +17,10 @@ then 28-byte requests), and QEMU's answers to the options until an export is
 open; from then on it moves QEMU's side, the data, with splice(2) through a
 pipe, so the payload never enters Python. Each session has a thread of its own
 for it. Under systemd, sessions outlive a restart of the daemon: see
-`Endpoint.hand_off`.
+`Endpoint.hand_off`. Each session handed over is recorded as soon as its sockets
+are in systemd's store, whatever becomes of the others: one that cannot be paused
+in time is cut, alone. An endpoint that hands off is never idle: its sessions go
+on in the next run, whose clock ([exports] idle_timeout) starts afresh.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -83,6 +86,9 @@ KEEP_SESSIONS = 64
 OnSession = Callable[[str, Session], None]
 #: Gives file descriptors to the service manager to keep, under a name (sd_notify FDSTORE).
 StoreFds = Callable[[str, list[int]], None]
+#: Records a session whose sockets the service manager keeps, for the next run to resume
+#: it (state.Store.save_handoff).
+RecordHanded = Callable[[Handed], Awaitable[None]]
 
 
 class Endpoint:
@@ -128,8 +134,12 @@ class Endpoint:
         self._over = anyio.Event()
         self._listener: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Set by `hand_off`: where the sessions' sockets go, and their records.
         self._store: StoreFds | None = None
+        self._record: RecordHanded | None = None
         self._handed: list[Handed] = []
+        #: The hand-off's seconds, once they ran out: a session that ends now was cut.
+        self._too_late: float | None = None
         self._refusals = Refusals(f"endpoint of job {job_id}")
         #: Connections refused with a message (see `_refuse`): logged at most once a second.
         self._refused = Refusals(f"endpoint of job {job_id}", "nbd connection refused")
@@ -148,7 +158,9 @@ class Endpoint:
 
     @property
     def idle_since(self) -> str | None:
-        return None if self._live else self._idle_wall
+        """Since when no session has been open; None while one is, or once the endpoint
+        hands off (its sessions go on, in the next run)."""
+        return None if self._live or self._store is not None else self._idle_wall
 
     def sessions(self) -> list[Session]:
         """The sessions open now, and the last KEEP_SESSIONS that ended."""
@@ -219,27 +231,39 @@ class Endpoint:
         return not (self._scope.cancel_called or self._accepting.cancel_called
                     or self._over.is_set())
 
-    async def hand_off(self, store: StoreFds) -> list[Handed]:
-        """Pass the listening socket and every session to the next run of the daemon.
+    async def hand_off(self, store: StoreFds, record: RecordHanded,
+                       seconds: float) -> list[Handed]:
+        """Pass the listening socket and every session to the next run of the daemon;
+        the sessions handed over.
 
         Each session stops between two chunks, with nothing read that is not yet
-        sent, so that the next run can go on relaying where this one stopped.
+        sent, so that the next run can go on relaying where this one stopped; its
+        sockets go to `store`, then its record to `record` at once (see `_run`). One
+        that cannot stop so within `seconds` (its client, or QEMU, does not take
+        what is on its way to it) is cut: the others do not wait for it.
         """
         if self._listener is not None:
             store(names.fd_listener(self.job_id), [self._listener.fileno()])
         self._accepting.cancel()
+        self._store, self._record = store, record
         self._changed_now()  # a connection waiting for room is refused now
-        self._store = store
         for _, relay in self._live.values():
             relay.pause()
-        await self._over.wait()
+        with anyio.move_on_after(seconds):
+            await self._over.wait()
+        if not self._over.is_set():
+            # What has not paused by now is cut (and a refusal still being told ends).
+            self._too_late = seconds
+            self._scope.cancel()
+            await self._over.wait()
         return self._handed
 
     async def idle_for(self, seconds: float) -> None:
-        """Return once no session has been open for `seconds` in a row."""
+        """Return once no session has been open for `seconds` in a row; never once the
+        endpoint hands off (the next run's clock decides)."""
         while True:
             changed = self._changed
-            if self._live:
+            if self._live or self._store is not None:
                 await changed.wait()
                 continue
             with anyio.move_on_after(self._idle_since + seconds - time.monotonic()):
@@ -328,13 +352,12 @@ class Endpoint:
             if not resumed:
                 await relay.connect(self.upstream)
             if not relay.errors and await self._relayed(session, relay, handshake) and \
-                    self._store is not None:
+                    self._store is not None and self._record is not None:
                 h = Handed(self.job_id, self._snapshot(session, relay.sniffer),
                            relay.sniffer.state())
                 for name, fd in zip(h.names, relay.fds(), strict=True):
                     self._store(name, [fd])
-                self._handed.append(h)
-                handed = True
+                handed = await self._recorded(h)
         finally:
             with anyio.CancelScope(shield=True):  # systemd holds copies of what was handed
                 await relay.aclose()
@@ -343,6 +366,11 @@ class Endpoint:
             if handed:
                 log.info("nbd session handed over", job=self.job_id, session=session.id)
             else:
+                if self._too_late is not None:
+                    log.warning("nbd session cut: it could not be paused in time to be handed "
+                                "to the next run (its client, or QEMU, did not take what was "
+                                "on its way to it); its appliance must reconnect",
+                                job=self.job_id, session=session.id, seconds=self._too_late)
                 ended = replace(self._snapshot(session, relay.sniffer), ended=now())
                 self._past.append(ended)
                 if len(self._past) > KEEP_SESSIONS:  # a job's record stays small
@@ -357,6 +385,21 @@ class Endpoint:
                 log.info("nbd session closed", job=self.job_id, session=session.id,
                          disk=ended.disk, bytes_read=ended.bytes_read,
                          error="; ".join(relay.errors) or None)
+
+    async def _recorded(self, handed: Handed) -> bool:
+        """Record a session whose sockets systemd now keeps: at once, whatever the other
+        sessions do, and shielded (without its record the next run closes them). False
+        if it could not be: it is cut."""
+        assert self._record is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._record(handed)
+        except Exception:
+            log.exception("cannot record a session handed over: the next run closes it",
+                          job=self.job_id, session=handed.session.id)
+            return False
+        self._handed.append(handed)
+        return True
 
     async def _relayed(self, session: Session, relay: Relay, handshake: bool) -> bool:
         """Relay (see Relay.run); with `handshake`, a session that has not opened an
@@ -836,9 +879,11 @@ class Exports:
             self._handed[h.job].append(h)
 
     def release(self) -> list[str]:
-        """Close the inherited sockets no job took (their jobs ended meanwhile)."""
+        """Close the inherited sockets no job took: their jobs ended meanwhile (or, after
+        a crash in the hand-off, their sessions were not recorded)."""
         for name, sock in self._inherited.items():
-            log.info("closing a handed-over socket of an ended job", name=name)
+            log.info("closing a handed-over socket no job took (its job ended, or its "
+                     "session was not recorded)", name=name)
             sock.close()
         closed = list(self._inherited)
         self._inherited.clear()
@@ -871,12 +916,14 @@ class Exports:
         await tg.start(endpoint.serve, listener)
         return endpoint
 
-    async def hand_off(self, store: StoreFds) -> list[Handed]:
-        """Pass every endpoint and session on to the next run (see Endpoint.hand_off)."""
+    async def hand_off(self, store: StoreFds, record: RecordHanded,
+                       seconds: float) -> list[Handed]:
+        """Pass every endpoint and session on to the next run (see Endpoint.hand_off),
+        all at once: each session that cannot be paused within `seconds` is cut, alone."""
         handed: list[Handed] = []
         async with anyio.create_task_group() as tg:
             async def one(endpoint: Endpoint) -> None:
-                handed.extend(await endpoint.hand_off(store))
+                handed.extend(await endpoint.hand_off(store, record, seconds))
             for endpoint in self._endpoints.values():
                 tg.start_soon(one, endpoint)
         self._endpoints.clear()

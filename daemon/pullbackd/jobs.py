@@ -91,6 +91,8 @@ class Jobs:
                               places or Places(None, None))
         #: Where copies, endpoints and event handling run: follow_events's task group.
         self._tg: anyio.abc.TaskGroup | None = None
+        #: The daemon stops (`hand_off` began): no timer ends a job from then on.
+        self._stopping = False
         #: Thaws of guests whose agent did not answer, asked again in the background.
         self.thaws = quiesce.Thaws(store)
 
@@ -192,8 +194,10 @@ class Jobs:
         async def expire(job_id: str, reason: str) -> None:
             await self._end_quietly(job_id, JobState.EXPIRED, reason)
 
-        self._running[job.id].served = await self._serving.open(
+        served = self._running[job.id].served = await self._serving.open(
             job, self._tg, self._on_session, expire)
+        if self._stopping:  # started as the daemon stops: the next run's timer decides
+            served.timer.cancel()
 
     def _on_session(self, job_id: str, session: Session) -> None:
         job = self._records.get(job_id)
@@ -216,11 +220,20 @@ class Jobs:
                     await self._records.update(dataclasses.replace(
                         job, appliance=appliance(running.served.endpoint)))
 
-    async def hand_off(self, store: StoreFds) -> int:
+    async def hand_off(self, store: StoreFds, seconds: float) -> int:
         """Before the daemon stops: pass the endpoints and their sessions to the next run
-        (systemd keeps the sockets). Returns how many sessions were handed over."""
-        handed = await self._serving.exports.hand_off(store)
-        await self._store.save_handoff(handed)
+        (systemd keeps the sockets; each session is recorded as it goes). A session that
+        cannot be paused within `seconds` is cut, alone. Returns how many sessions
+        were handed over.
+
+        From here on no timer ends a job ([exports] idle_timeout, max_lifetime): the
+        daemon stops, and the next run adopts its jobs and starts their timers again
+        (a job past max_lifetime then expires at once)."""
+        self._stopping = True
+        for running in self._running.values():
+            if running.served is not None:
+                running.served.timer.cancel()
+        handed = await self._serving.exports.hand_off(store, self._store.save_handoff, seconds)
         log.info("handed over the NBD endpoints", sessions=len(handed))
         return len(handed)
 

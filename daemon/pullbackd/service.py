@@ -47,7 +47,8 @@ from .virt import Virt
 log = structlog.get_logger()
 
 DEFAULT_CONFIG = Path("/etc/pullbackd/pullbackd.toml")
-#: Seconds to let the appliances' sessions reach a point where they can be handed over.
+#: Seconds to let the appliances' sessions reach a point where they can be handed over;
+#: a session that has not by then is cut (alone).
 HANDOFF_TIMEOUT = 5.0
 
 
@@ -240,8 +241,7 @@ async def _hand_off(notifier: Notifier, jobs: Jobs) -> None:
     reading now keep their sessions, as systemd holds the sockets until the next
     run takes them back."""
     if notifier.enabled:
-        with anyio.move_on_after(HANDOFF_TIMEOUT):
-            await jobs.hand_off(notifier.store_fds)
+        await jobs.hand_off(notifier.store_fds, HANDOFF_TIMEOUT)
     notifier.stopping()
 
 

@@ -8,6 +8,13 @@ A job's end and its checkpoint's fate are one transaction (`save_job` with a
 checkpoint): after a crash the database never holds a job that ended one way
 and a checkpoint that went the other (see chain.py).
 
+The NBD sessions handed over at a stop (exports.py) are recorded one by one,
+each right after its sockets went to systemd's fd store, whatever becomes of
+the others; the next start takes the records back once (`take_handoff` deletes
+them). A session whose sockets have no record (a crash between the two) or
+whose record has no sockets (systemd dropped them) is cut, never resumed
+wrongly.
+
 A database that cannot be read is never replaced silently: `Store` raises
 `StateDamaged`, which names the file and what the operator can do.
 """
@@ -130,11 +137,10 @@ class Store:
     async def save_checkpoint(self, c: Checkpoint) -> None:
         await self._write(_SAVE_CHECKPOINT, _checkpoint_row(c))
 
-    async def save_handoff(self, handed: list[Handed]) -> None:
-        """What the next run needs to resume the sessions whose sockets systemd keeps."""
-        for h in handed:
-            await self._write("INSERT INTO handoff (job, record) VALUES (?, ?)",
-                              (h.job, json.dumps(dataclasses.asdict(h))))
+    async def save_handoff(self, handed: Handed) -> None:
+        """What the next run needs to resume a session whose sockets systemd keeps."""
+        await self._write("INSERT INTO handoff (job, record) VALUES (?, ?)",
+                          (handed.job, json.dumps(dataclasses.asdict(handed))))
 
     def take_handoff(self) -> list[Handed]:
         """The sessions the previous run handed over, once: they are deleted here."""
