@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import anyio
@@ -23,6 +24,7 @@ from pullbackd.qsd import (
     StorageDaemon,
     StorageDaemonError,
     Target,
+    hold_writers_off,
     new_target,
     pushed,
 )
@@ -187,6 +189,39 @@ async def test_nothing_writes_the_image_while_it_serves(tmp_path: Path, image: P
         assert b'Failed to get "write" lock' in refused.stderr, refused.stderr
     finally:
         await d.stop()
+
+
+async def test_a_raw_image_a_qemu_writes_already_is_refused(tmp_path: Path) -> None:
+    """A raw image (no format node to lock it) is held off writers by a lock QEMU tests
+    before it writes (`hold_writers_off`); one that writes already, a running domain sharing
+    the disk, held it first: refused, not served as it changes. One nobody writes is held,
+    and a writer is then kept off it."""
+    await anyio.to_thread.run_sync(raw_writers_kept_off, tmp_path)
+
+
+def raw_writers_kept_off(tmp_path: Path) -> None:
+    raw = tmp_path / "shared.raw"
+    raw.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "writer.sock"
+    writer = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), str(raw)])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(OSError, match="open for writing elsewhere"):
+            hold_writers_off([Image("vdb", raw, "raw", bitmap=False)])
+    finally:
+        writer.terminate()
+        writer.wait()
+    held = hold_writers_off([Image("vdb", raw, "raw", bitmap=False)])
+    try:
+        refused = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 4k", str(raw)],
+                                 capture_output=True, check=False)
+        assert b'Failed to get "write" lock' in refused.stderr, refused.stderr
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 async def test_a_push_writes_the_file_it_made_whatever_its_name_leads_to_since(

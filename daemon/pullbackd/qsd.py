@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -73,8 +74,10 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 
-#: QEMU's image locking (block/file-posix.c): an OFD lock on byte 200 + a permission's bit
-#: says "I do not share it"; BLK_PERM_WRITE is bit 1. A QEMU that wants to write tests it.
+#: QEMU's image locking (block/file-posix.c): an OFD lock on byte 100 + a permission's bit
+#: says "I have it", on byte 200 + the bit "I do not share it"; BLK_PERM_WRITE is bit 1. A
+#: QEMU that wants to write tests the second; one that writes holds the first.
+WRITE_HELD = 101
 WRITE_NOT_SHARED = 201
 
 
@@ -688,6 +691,13 @@ def hold_writers_off(images: Sequence[Image]) -> list[int]:
             except OSError as e:
                 raise OSError(e.errno, f"{image.path} is open for writing elsewhere (the "
                                        f"domain runs?): {e.strerror}") from None
+            # That keeps new writers off; one that was there first (a running domain that
+            # shares the disk) holds WRITE_HELD, which this lock does not meet.
+            probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, WRITE_HELD, 1, 0)
+            held_by = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
+            if struct.unpack("hhqqi4x", held_by)[0] != fcntl.F_UNLCK:
+                raise OSError(errno.EBUSY, f"{image.path} is open for writing elsewhere (a "
+                                           "running domain that shares the disk?)")
     except BaseException:
         for fd in held:
             os.close(fd)
