@@ -367,6 +367,41 @@ async def test_libvirts_hook_waits_for_a_removal_of_bitmaps_and_refuses_a_backup
         await d.stop()
 
 
+async def test_libvirts_hook_holds_a_domain_while_its_daemon_comes_up(
+        tmp_path: Path, hook: Path) -> None:
+    """A marker without a PID file (`open` writes it before the daemon starts, and the
+    daemon's PID comes once it runs): the daemon is coming up, and the hook refuses a start
+    as under a backup, naming the job (on block devices no lock would refuse it), or for a
+    removal of bitmaps waits for it. A marker older than the longest start is what a crash
+    left: a start goes through."""
+
+    def run(domain: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["sh", str(hook), domain, "prepare", "begin", "-"],
+                                stderr=subprocess.PIPE, text=True)
+
+    marker = tmp_path / "3f2a.domain"
+    marker.write_text("vm")
+    (tmp_path / "3f2a.pid").write_text("")  # qemu-storage-daemon writing it
+    start = run("vm")
+    assert start.wait(timeout=30) == 1
+    assert "being backed up while shut off (job 3f2a)" in start.communicate()[1]
+    (tmp_path / "3f2a.pid").unlink()
+    start = run("vm")
+    assert start.wait(timeout=30) == 1
+    assert "(pullbackctl backup abort 3f2a)" in start.communicate()[1]
+    assert run("other").wait(timeout=30) == 0
+    await anyio.run_process(["touch", "-d", "10 minutes ago", str(marker)])
+    start = run("vm")
+    assert start.wait(timeout=30) == 0, start.communicate()
+    marker.write_text("vm\nc1")
+    await anyio.run_process(["touch", str(marker)])
+    start = run("vm")
+    await anyio.sleep(1)
+    assert start.poll() is None, start.communicate()
+    marker.unlink()
+    assert start.wait(timeout=30) == 0, start.communicate()
+
+
 async def test_an_image_a_crash_left_dirty_is_repaired_before_a_bitmap_goes_in(
         tmp_path: Path) -> None:
     """A qcow2 image with lazy refcounts whose QEMU was killed: its refcounts are stale

@@ -15,6 +15,10 @@ Invariants:
   open them for writing, so the domain cannot start under the backup ("Failed to get "write"
   lock"), and a kill of the daemon from then on leaves no bitmap in use (a start that fails
   before quits it, and takes the new bitmap out again).
+- No domain runs on images a daemon of pullbackd opens (for a job, or to `forget`): its
+  marker comes first, and libvirt's hook refuses a start from then on; the domain is seen
+  still off after that, before the daemon starts (a start the hook let through before is
+  seen: the daemon is not started). The images' locks alone do not keep QEMU off a block device.
 - An image with a backing file (an external snapshot's overlay) is served through its
   chain, and backed up in full: a checkpoint's bitmap may be spread over the layers
   (libvirt merges every layer's), and the top one alone would miss writes. The new
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -135,7 +139,8 @@ class OfflineSource:
         images = _images(job.domain, dom, bases)
         daemon = self._daemon(job.id)
         try:
-            found = await daemon.open(job.domain, images)
+            found = await daemon.open(job.domain, images, still_off=self._still_off(
+                job.domain, f"{job.domain!r} started meanwhile; start the backup again"))
         except StorageDaemonError as e:
             raise LibvirtError(-1, str(e)) from None  # it is libvirt's QEMU, run by us
         for disk, base in bases.items():
@@ -222,7 +227,9 @@ class OfflineSource:
         job_id = new_job_id()
         daemon = self._daemon(job_id)
         try:
-            found = await daemon.open(domain, images, removing=checkpoint)
+            found = await daemon.open(domain, images, removing=checkpoint,
+                                      still_off=self._still_off(domain, (
+                                          f"{domain!r} runs now: libvirt deletes the bitmaps")))
             await daemon.remove_bitmaps(images, found, checkpoint)
         except StorageDaemonError as e:
             raise LibvirtError(-1, f"cannot remove the bitmap {checkpoint} from the images of "
@@ -230,6 +237,16 @@ class OfflineSource:
         finally:
             with anyio.CancelScope(shield=True):  # the images go back to the domain
                 await self._stop(job_id)
+
+    def _still_off(self, domain: str, started: str) -> Callable[[], Awaitable[None]]:
+        """For `StorageDaemon.open`: raises LibvirtError(`started`) if the domain runs once
+        the marker is written. libvirt's hook refuses a start from then on; one it let
+        through before is running by now (libvirt marks it active, under the domain's
+        lock, before it lets go of it after the hook), and the daemon must not start."""
+        async def still_off() -> None:
+            if (await self._virt.domain(domain)).running:
+                raise LibvirtError(-1, started)
+        return still_off
 
     async def _newest(self, domain: str) -> str | None:
         """The domain's newest checkpoint: the parent of one made now (libvirt's own next

@@ -50,7 +50,7 @@ import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,19 +294,24 @@ class StorageDaemon:
         argv += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd},max-connections=64"]
         return argv
 
-    async def open(self, domain: str, images: Sequence[Image],
-                   removing: str | None = None) -> dict[str, Found]:
+    async def open(self, domain: str, images: Sequence[Image], removing: str | None = None,
+                   still_off: Callable[[], Awaitable[None]] | None = None) -> dict[str, Found]:
         """Start it holding `images` (read-only once it returns: `_opened`), and what it
         found in each (their layers are read by whoever starts it: `layered`). With
         `removing`, it holds them only to remove that checkpoint's bitmaps: libvirt's
         hook lets a start of the domain wait for it, rather than refuse it as it refuses
-        one under a backup. Raises StorageDaemonError (with what it said) and leaves
-        nothing running."""
+        one under a backup. `still_off` is awaited once the marker is written and before
+        the daemon starts: it raises if the domain started (the hook let a start through
+        before the marker was there; from the marker on, it refuses one), and `open`
+        raises that, having started nothing. Raises StorageDaemonError (with what it
+        said) and leaves nothing running."""
         for path in self._files():
             path.unlink(missing_ok=True)
         marker = domain if removing is None else f"{domain}\n{removing}"
         await anyio.to_thread.run_sync(_write_new, self.marker, marker)
         try:
+            if still_off is not None:
+                await still_off()
             self._proc = await self._launch(domain, images)
         except BaseException:
             for path in self._files():
@@ -416,7 +421,9 @@ class StorageDaemon:
                 await _systemctl("stop", str(self.unit))
 
     def _files(self) -> tuple[Path, ...]:
-        return self.qmp, self.nbd, self.pidfile, self.log, self.marker, self.spec
+        # The marker before the PID file: one left without it would look to libvirt's
+        # hook like a daemon coming up, and refuse a start of the domain.
+        return self.marker, self.qmp, self.nbd, self.pidfile, self.log, self.spec
 
     def _said(self) -> str:
         """The end of what it wrote (at most 8 KiB). Blocks."""
