@@ -23,6 +23,10 @@ Invariants:
   chain, and backed up in full: a checkpoint's bitmap may be spread over the layers
   (libvirt merges every layer's), and the top one alone would miss writes. The new
   checkpoint's bitmap goes into the top layer, which takes every write from then on.
+- The layers served under an image are those the domain's definition names
+  (`<backingStore>`), which the images' headers must name too, or, where it names none,
+  those the headers name, as libvirt follows them; an image with an external data file is
+  refused (qsd.layered, which the unit runs too).
 - A disk backed up since a checkpoint starts from that checkpoint's own bitmap, present,
   recording and consistent in its image (bitmaps.py); else in full, with why.
 - The checkpoint exists in libvirt only once its bitmaps exist in the images; a start that
@@ -366,7 +370,8 @@ def _images(domain: str, dom: Domain, bases: dict[str, Base]) -> list[Image]:
         raise LibvirtError(-1, f"disk {missing[0]} of {domain!r} changed meanwhile; "
                                "start the backup again")
     return [Image(d, Path(found[d].source or ""), found[d].format or "raw", b.bitmap,
-                  device=found[d].type == "block") for d, b in bases.items()]
+                  device=found[d].type == "block", declared=found[d].backing)
+            for d, b in bases.items()]
 
 
 def _unreachable(image: Path) -> str | None:

@@ -4,7 +4,9 @@ One process per job (offline.py). It opens each disk's image (a `file` node and 
 node named after the disk, over the layers under it) for writing, so that QEMU repairs one
 a crash left dirty, then at once read-only (`_opened`), and listens for QMP on a Unix
 socket, and serves NBD on another. Whoever starts it reads the layers (`layered`): pullbackd
-itself, or the job's root unit (storage_unit.py) when the images are root's. pullbackd
+itself, or the job's root unit (storage_unit.py) when the images are root's. They are those
+the domain's definition names: a header that names another file, or an external data file
+(QEMU would open it itself), is refused before anything opens it. pullbackd
 never opens the images itself: what it needs to know of them (their bitmaps, whether they
 are layered) it asks the daemon (`open`), then drives it over QMP (`serve`):
 
@@ -53,7 +55,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import structlog
@@ -100,6 +102,9 @@ class Image:
     backing: tuple[tuple[Path, str], ...] = ()
     #: A block device (an LVM volume, say), not a file.
     device: bool = False
+    #: The layers the domain's definition names under it (xml.DomainDisk.backing): its
+    #: headers must name these and no other (`layered`). None: it names none.
+    declared: tuple[tuple[str, str | None], ...] | None = None
 
     @property
     def protocol(self) -> str:
@@ -572,25 +577,84 @@ def _backing(found: Found) -> dict[str, str]:
     return {"backing": found.below} if found.below else {}
 
 
+#: Layers under an image beyond which `layered` refuses it (a loop of backing files, say).
+MAX_LAYERS = 64
+
+
 def layered(images: Sequence[Image]) -> list[Image]:
-    """The images with the layers under each qcow2 one (its `backing`), as qemu-img reads
-    them from the images: by the side that starts the daemon, which may read them. Raises
-    StorageDaemonError. Blocks."""
-    result = []
-    for image in images:
-        if image.format == "qcow2":
-            done = subprocess.run(["qemu-img", "info", "-U", "--backing-chain",
-                                   "--output=json", "-f", "qcow2", str(image.path)],
-                                  check=False, capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL)
-            if done.returncode != 0:
-                raise StorageDaemonError(f"qemu-img info: {done.stderr.strip()}")
-            result.append(dataclasses.replace(image, backing=tuple(
-                (Path(layer["filename"]), layer["format"])
-                for layer in json.loads(done.stdout)[1:])))
-        else:
-            result.append(image)
-    return result
+    """The images with the layers under each one (its `backing`), read one layer at a time
+    from the headers by the side that starts the daemon, which may read them. Raises
+    StorageDaemonError before the daemon, or qemu-img, opens a file the domain does not use:
+
+    - where the domain's definition names the layers (`declared`, an empty
+      `<backingStore/>` included), the headers must name exactly those (file, and format
+      where both state one): a header naming another file would have the daemon, root
+      under the unit, serve that file (a QEMU that wrote the header, reading /etc/shadow);
+    - where it names none, the headers are followed as libvirt follows them at the
+      domain's start, and as libvirt does, a layer whose format is stated nowhere is
+      refused (QEMU would guess it from the file's content);
+    - an image with an external data file (qcow2's `data_file`) is refused: QEMU opens that
+      file itself, for writing, outside the layers checked here.
+
+    Blocks."""
+    return [_layered(image) for image in images]
+
+
+def _layered(image: Image) -> Image:
+    declared = image.declared
+    header: list[tuple[Path, str]] = []  # the layers under it, as the headers name them
+    path, fmt = image.path, image.format
+    while fmt != "raw":  # a raw file has no header, so nothing under it
+        done = subprocess.run(["qemu-img", "info", "-U", "--output=json", "-f", fmt,
+                               str(path)], check=False, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise StorageDaemonError(f"qemu-img info: {done.stderr.strip()}")
+        info = json.loads(done.stdout)
+        if data_file := info.get("format-specific", {}).get("data", {}).get("data-file"):
+            raise StorageDaemonError(
+                f"disk {image.disk}: {path} keeps its data in an external file, {data_file}, "
+                "which QEMU would open itself, for writing, outside the layers checked "
+                "against the domain's definition: refused, nothing served; convert the image "
+                "into one without (qemu-img convert), or back the disk up while the domain "
+                "runs")
+        if (name := info.get("full-backing-filename")) is None:
+            break
+        below, stated = Path(name), str(info.get("backing-filename-format", ""))
+        header.append((below, stated))
+        if declared is not None:
+            i = len(header) - 1
+            if i >= len(declared) or Path(declared[i][0]) != below or \
+                    (stated and declared[i][1] not in (None, stated)):
+                _disagree(image, declared, header)  # and `below` is not opened
+            stated = declared[i][1] or stated  # libvirt's format, where it gives one
+        if not stated:
+            raise StorageDaemonError(
+                f"disk {image.disk}: {path} names no format for its backing file {below} "
+                "(QEMU would guess it from the file's content, and libvirt refuses that "
+                "too); state it in the image (qemu-img rebase -u -b FILE -F FORMAT) or in "
+                "the domain's <backingStore>")
+        if len(header) > MAX_LAYERS:
+            raise StorageDaemonError(f"disk {image.disk}: more than {MAX_LAYERS} layers under "
+                                     f"{image.path} (its backing files form a loop?)")
+        header[-1] = (below, stated)
+        path, fmt = below, stated
+    if declared is not None and len(header) != len(declared):
+        _disagree(image, declared, header)
+    return dataclasses.replace(image, backing=tuple(header))
+
+
+def _disagree(image: Image, declared: tuple[tuple[str, str | None], ...],
+              header: list[tuple[Path, str]]) -> NoReturn:
+    def chain(layers: Sequence[tuple[Path | str, str | None]]) -> str:
+        return ", ".join(f"{path} ({fmt or 'format not stated'})" for path, fmt in layers) \
+            or "none"
+
+    raise StorageDaemonError(
+        f"disk {image.disk}: the domain's definition names the layers under {image.path} "
+        f"as: {chain(declared)}; its image headers as: {chain(header)}; refused, nothing "
+        "under it opened: make them agree, fixing the image (qemu-img rebase -u) or the "
+        "definition's <backingStore> (virsh edit)")
 
 
 def _prepare(monitor: Monitor, images: Sequence[Image], found: dict[str, Found],

@@ -12,8 +12,11 @@ root:
 It reads what the job asks (`<job>.spec` beside the job's PID file, written by pullbackd:
 the domain, and its disks that get the checkpoint's bitmap) and trusts none of it but the
 names: the domain must be shut off, each disk must be one of its file or block disks, and the
-images, their formats and the layers under them are what libvirt and the images say, not
-what the spec says. It then becomes the job's qemu-storage-daemon, with the command line
+images and their formats are what libvirt says, not what the spec says. The layers under
+them are those libvirt's definition names, which the images' headers must name too, or
+where it names none those the headers name, as libvirt follows them; an image with an
+external data file is refused (qsd.layered, exit status 2, before anything opens them).
+It then becomes the job's qemu-storage-daemon, with the command line
 qsd.py makes, its output in the job's log file. Its sockets, PID file and log are root's,
 for the group pullbackd (the unit's Group= and UMask=0007): pullbackd drives it over QMP as
 it drives one of its own. The files it makes in pullbackd's folder are made new, never
@@ -63,7 +66,8 @@ def images(uri: str, spec: dict[str, object]) -> tuple[str, list[Image]]:
             raise Refused(f"{domain} has no file or block disk {entry['disk']!r}")
         path, fmt = Path(disk.source), disk.format or "raw"
         chosen.append(Image(disk.target, path, fmt, bool(entry.get("bitmap")) and
-                            fmt == "qcow2", device=disk.type == "block"))
+                            fmt == "qcow2", device=disk.type == "block",
+                            declared=disk.backing))
     return domain, layered(chosen)
 
 

@@ -28,6 +28,11 @@ class DomainDisk:
     source: str | None
     format: str | None
     readonly: bool
+    #: The layers its definition names under the image (`<backingStore>`), the image's own
+    #: backing file first: each one's source and format. None: it names none, and libvirt
+    #: reads them from the image's header when it starts the domain; (): an explicit
+    #: `<backingStore/>`, no layer at all.
+    backing: tuple[tuple[str, str | None], ...] | None = None
 
     @property
     def backupable(self) -> bool:
@@ -132,8 +137,22 @@ def _disks(root: ET.Element) -> list[DomainDisk]:
             ),
             format=None if driver is None else driver.get("type"),
             readonly=disk.find("readonly") is not None,
+            backing=_backing(disk.find("backingStore")),
         ))
     return disks
+
+
+def _backing(store: ET.Element | None) -> tuple[tuple[str, str | None], ...] | None:
+    """The layers a `<backingStore>` names, down to the empty one that ends them."""
+    if store is None:
+        return None
+    layers: list[tuple[str, str | None]] = []
+    while store is not None and (source := store.find("source")) is not None:
+        fmt = store.find("format")
+        layers.append((source.get("file") or source.get("dev") or source.get("name") or "",
+                       None if fmt is None else fmt.get("type")))
+        store = store.find("backingStore")
+    return tuple(layers)
 
 
 def backup(request: BackupRequest) -> str:
