@@ -782,6 +782,120 @@ async def test_a_queued_backup_whose_turn_comes_during_its_domains_drain_does_no
         assert source.virt.migrated == [("d2", ELSEWHERE)]
 
 
+class Migrating:
+    """A Migrate run in the rig's task group: its steps as they come, and its end."""
+
+    def __init__(self, rig: Rig, domain: str) -> None:
+        self.steps: list[Step] = []
+        self.error: errors.PullbackError | None = None
+        self.done = anyio.Event()
+        rig.tg.start_soon(self._run, rig, domain)
+
+    async def _run(self, rig: Rig, domain: str) -> None:
+        try:
+            async with aclosing(rig.migrations.migrate(domain, ELSEWHERE)) as steps:
+                async for step in steps:
+                    self.steps.append(step)
+        except errors.PullbackError as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+    def states(self) -> list[str]:
+        return [s.state for s in self.steps]
+
+
+MIGRATED = ("ended for the domain's migration: no appliance had used it for [migration] "
+            "grace, and nobody confirmed the data")
+
+
+async def test_the_drain_waits_for_a_start_under_way_then_judges_its_job(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, drain_timeout=60) as rig:
+        plan = source.stall("plan")  # the Start plans (libvirt: the domain's XML)
+        started: list[Job] = []
+
+        async def start() -> None:
+            started.append(await rig.jobs.start(StartRequest("d1")))
+
+        rig.tg.start_soon(start)
+        await plan.reached.wait()
+        claimant = rig.jobs.active("d1")  # claimed, not recorded yet
+        assert claimant is not None and rig.jobs.all() == []
+        migration = Migrating(rig, "d1")
+        await anyio.wait_all_tasks_blocked()
+        assert migration.steps == [Step("draining", (claimant,), 0)]
+        assert source.virt.migrated == [] and source.called("begin") == []
+        plan.release()  # the Start goes on: its backup begins, before any migration
+        with anyio.fail_after(10):
+            await migration.done.wait()
+        assert migration.error is None
+        assert migration.states() == ["draining", "migrating", "completed"]
+        assert [j.id for j in started] == [claimant]
+        # Judged as any: ready, unread for the grace, so ended before libvirt migrated.
+        job = rig.jobs.get(claimant)
+        assert (job.state, job.error) == (JobState.FAILED, MIGRATED)
+        assert JobState.READY in [t.state for t in job.history]
+        assert source.called("begin") == ["d1"]
+        assert source.virt.migrated == [("d1", ELSEWHERE)]
+
+
+async def test_the_drain_opens_once_a_start_under_way_fails_before_its_record(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, drain_timeout=60) as rig:
+        plan = source.stall("plan")
+        refused: list[errors.PullbackError] = []
+
+        async def start() -> None:
+            try:
+                await rig.jobs.start(StartRequest("d1"))
+            except errors.PullbackError as e:
+                refused.append(e)
+
+        rig.tg.start_soon(start)
+        await plan.reached.wait()
+        claimant = rig.jobs.active("d1")
+        assert claimant is not None
+        migration = Migrating(rig, "d1")
+        await anyio.wait_all_tasks_blocked()
+        assert migration.steps == [Step("draining", (claimant,), 0)]
+        assert source.virt.migrated == []
+        # It fails before it is recorded: no job to watch, yet the gate looks again.
+        source.errors["plan"] = errors.DomainNotRunning("d1")
+        plan.release()
+        with anyio.fail_after(10):
+            await migration.done.wait()
+        assert migration.error is None
+        assert migration.states() == ["draining", "migrating", "completed"]
+        assert [type(e) for e in refused] == [errors.DomainNotRunning]
+        assert rig.jobs.all() == [] and source.called("begin") == []
+        assert source.virt.migrated == [("d1", ELSEWHERE)]
+
+
+async def test_the_drain_waits_for_a_queued_backup_whose_turn_came_before_it(
+        tmp_path: Path, source: FakeSource) -> None:
+    async with running(tmp_path, source, max_active=1, drain_timeout=60) as rig:
+        first = await rig.jobs.start(StartRequest("d2"))
+        queued = await rig.jobs.start(StartRequest("d1", queue=True))
+        plan = source.stall("plan")
+        await rig.jobs.finish(first.id)  # its turn: past the drain's check, it plans
+        with anyio.fail_after(10):
+            await plan.reached.wait()
+        migration = Migrating(rig, "d1")
+        await anyio.wait_all_tasks_blocked()
+        assert migration.steps == [Step("draining", (queued.id,), 0)]
+        assert source.virt.migrated == [] and "d1" not in source.called("begin")
+        plan.release()
+        with anyio.fail_after(10):
+            await migration.done.wait()
+        assert migration.error is None
+        assert migration.states() == ["draining", "migrating", "completed"]
+        job = rig.jobs.get(queued.id)
+        assert (job.state, job.error) == (JobState.FAILED, MIGRATED)
+        assert JobState.READY in [t.state for t in job.history]
+        assert source.virt.migrated == [("d1", ELSEWHERE)]
+
+
 async def test_a_drained_domain_takes_no_backup_and_an_unread_one_ends_after_the_grace(
         tmp_path: Path, source: FakeSource) -> None:
     async with running(tmp_path, source) as rig:

@@ -117,6 +117,15 @@ class Jobs:
         """The job of the domain that has not ended, if any."""
         return self._admission.holder(domain)
 
+    def starting(self, domain: str) -> str | None:
+        """The job of a Start of the domain under way (claimed, maybe not recorded yet,
+        not ready nor failed), if any."""
+        return self._starts.under_way(domain)
+
+    async def started(self, domain: str) -> None:
+        """Wait until the Start of the domain under way, if any, is ready or failed."""
+        await self._starts.ended(domain)
+
     def view(self, job: Job) -> Job:
         """The job as shown: with its place in the queue, and what its `Running` knows."""
         running = self._running.get(job.id)

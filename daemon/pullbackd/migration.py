@@ -2,13 +2,16 @@
 
 Migrate drains the domain first. No new backup starts (MigrationPending); the
 running ones keep serving, and their appliances may still open sessions (one
-disk after another). The gate opens when no session is open and every job of
-the domain has ended, or, for a pull job, has had no session for [migration]
-grace seconds: such a job is then ended as failed, its checkpoint rolled back
-(nobody confirmed the data). pullbackd's own copies (streamed, push) are
-waited for. Past the drain timeout, the migration is refused (MigrationBlocked)
-and every backup goes on untouched, unless forced: then the backups are
-aborted and the migration goes ahead.
+disk after another). A Start already under way (claimed, not yet recorded while
+it plans, or a queued job whose turn came) may begin its backup any moment: it is
+waited for, until it is ready or failed, and its job then judged as the others.
+The gate opens when no session is open and every job of the domain has ended,
+or, for a pull job, has had no session for [migration] grace seconds: such a job
+is then ended as failed, its checkpoint rolled back (nobody confirmed the data).
+pullbackd's own copies (streamed, push) are waited for. Past the drain timeout,
+the migration is refused (MigrationBlocked) and every backup goes on untouched,
+unless forced: then the backups are aborted (a Start under way once it is ready
+or failed: it cannot be before) and the migration goes ahead.
 
 A destination that is not a QEMU driver's URI is refused before the drain (a
 migration libvirt refuses at once would end the backups for nothing). Until
@@ -83,13 +86,17 @@ class Migrations:
             deadline = time.monotonic() + (self.drain_timeout if drain_timeout is None
                                            else drain_timeout)
             open_jobs, sessions, _ = self._blockers(domain)
-            yield Step("draining", tuple(j.id for j in open_jobs), sessions)
+            yield Step("draining", self._ids(domain, open_jobs), sessions)
             forced = False
             if not await self._gate(domain, deadline):
                 open_jobs, sessions, _ = self._blockers(domain)
                 if not force:
-                    raise MigrationBlocked(domain, [j.id for j in open_jobs], sessions)
+                    raise MigrationBlocked(domain, list(self._ids(domain, open_jobs)),
+                                           sessions)
                 forced = True
+                # A Start under way cannot be aborted before it is recorded: it ends
+                # first (the caller hanging up still cancels), then its job is aborted.
+                await self._jobs.started(domain)
             yield Step("migrating")
             # Shielded: once the gate opened and its caller heard so, the backups end and
             # libvirt migrates to the end, whoever still listens.
@@ -133,8 +140,10 @@ class Migrations:
         sessions = sum(j.appliance.active for j in open_jobs if j.appliance)
         wait = 0.0
         for job in open_jobs:
-            if job.state == JobState.QUEUED:
-                continue  # it never started: nothing to wait for
+            if job.state == JobState.QUEUED and job.position is not None:
+                continue  # it waits in the queue: nothing to wait for
+            # A queued job out of the queue is in its turn: it starts, or fails (the
+            # drain), and its record tells which.
             if job.appliance is None or job.appliance.idle_since is None:
                 wait = math.inf  # a copy of ours, or a session open: only an event helps
                 continue
@@ -143,8 +152,21 @@ class Migrations:
             wait = max(wait, self.grace - idle)
         return open_jobs, sessions, max(wait, 0.0)
 
+    def _ids(self, domain: str, open_jobs: list[Job]) -> tuple[str, ...]:
+        """What the drain waits for: the open jobs, and a Start under way."""
+        ids = tuple(j.id for j in open_jobs)
+        starting = self._jobs.starting(domain)
+        return ids if starting is None or starting in ids else (*ids, starting)
+
     async def _gate(self, domain: str, deadline: float) -> bool:
         """Wait until the gate opens (True) or the deadline passes (False)."""
+        # A Start under way tells nothing before its end (one that fails before it is
+        # recorded leaves no job to watch); the drain keeps any other from beginning,
+        # so from its end on the jobs' records tell all.
+        with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
+            await self._jobs.started(domain)
+        if self._jobs.starting(domain) is not None:
+            return False
         while True:
             with self._jobs.watch() as changes, contextlib.suppress(anyio.EndOfStream):
                 # Ended if it fell behind a burst of changes: only that something changed

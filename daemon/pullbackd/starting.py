@@ -20,6 +20,11 @@ Invariants (jobs.py checks them at every start, with the rest of the state machi
   and nobody can complete it into the chain.
 - What changes a domain's checkpoints (a Start, DeleteChain) happens under the
   domain's chain lock, which exists only while someone holds it or waits for it.
+- A Start that did not queue is *under way* from its claim until it is ready or
+  failed, its claim released (`under_way`, `ended`): it is recorded only after
+  libvirt's calls of its plan and chain, and a migration's gate waits for it, as its
+  backup may begin any moment. (A queued job's turn is told by its record: it
+  leaves the queue, then starts, or fails.)
 
 It changes jobs through the records Jobs keeps, and reaches the rest of a job's life
 through Jobs' start interface (`view`, `copy`, `serve`, `release`, `scratch_users`,
@@ -29,8 +34,8 @@ through Jobs' start interface (`view`, `copy`, `serve`, `release`, `scratch_user
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -96,6 +101,8 @@ class Starts:
         self._chain_locks: dict[str, _ChainLock] = {}
         #: Queued jobs start one at a time, in their order (anyio's lock is fair).
         self._starting_queued = anyio.Lock()
+        #: domain -> its Start under way: the job's id, and what is set once it ended.
+        self._under_way: dict[str, tuple[str, anyio.Event]] = {}
 
     async def start(self, request: StartRequest) -> Job:
         """Start a backup, or queue it. Raises what admission, the places, the chains
@@ -110,7 +117,10 @@ class Starts:
         # fails at once instead of racing us to the source.
         self._admission.claim(request.domain, job_id)
         self._running[job_id] = Running()
-        return await self._claimed_start(job_id, request)
+        # Not recorded until the plan, the scratch and the chain are checked: until then
+        # only this tells a migration's drain that a backup of the domain may begin.
+        with self._starting(job_id, request.domain):
+            return await self._claimed_start(job_id, request)
 
     def _check(self, request: StartRequest) -> StartRequest:
         request.check()
@@ -138,6 +148,31 @@ class Starts:
         log.info("backup queued", job=job_id, domain=request.domain, position=position,
                  max_active=self._admission.max_active)
         return self._jobs.view(job)
+
+    def under_way(self, domain: str) -> str | None:
+        """The job of the Start of `domain` under way, if any: claimed, not yet ready
+        nor failed; it may not be recorded yet (a queued job's turn is not one)."""
+        under_way = self._under_way.get(domain)
+        return under_way[0] if under_way is not None else None
+
+    async def ended(self, domain: str) -> None:
+        """Wait until the Start of `domain` under way, if any, is ready or failed (its
+        record tells which; one that failed before it was recorded left none)."""
+        under_way = self._under_way.get(domain)
+        if under_way is not None:
+            await under_way[1].wait()
+
+    @contextmanager
+    def _starting(self, job_id: str, domain: str) -> Iterator[None]:
+        """The Start of `job_id` is under way while the context lasts (set going before
+        the claim's first await, so that nobody sees the claim without it)."""
+        ended = anyio.Event()
+        self._under_way[domain] = (job_id, ended)
+        try:
+            yield
+        finally:
+            del self._under_way[domain]
+            ended.set()
 
     async def start_queued(self, job_id: str, request: StartRequest) -> None:
         try:
