@@ -534,3 +534,100 @@ async def test_a_copy_stuck_on_a_silent_destination_is_cancelled_at_once(
             with anyio.move_on_after(1) as waited:
                 await stream.stream(source, silent)
         assert waited.cancelled_caught
+
+
+def test_a_destination_that_takes_one_connection_gets_one(tmp_path: Path) -> None:
+    """A source that allows multi-conn, an appliance's server that does not (qemu-nbd
+    with its default --shared=1): the copy keeps to one connection pair past `spread`
+    (a second one was reset, or never got its handshake, and failed the copy)."""
+    size = 8 * MiB
+    target, pattern = tmp_path / "target.raw", tmp_path / "pattern.raw"
+    target.write_bytes(b"\xee" * size)
+    # nbdkit's pattern: each 8 bytes hold their own offset.
+    pattern.write_bytes(b"".join(struct.pack(">Q", o) for o in range(0, size, 8)))
+    sock = tmp_path / "dst.sock"
+    with nbdkit(tmp_path, "pattern", f"size={size}") as src, \
+            serve(["qemu-nbd", "-f", "raw", "--socket", str(sock), str(target)], sock) as dst:
+        h = nbd.NBD()
+        h.connect_uri(src)
+        assert h.can_multi_conn()
+        h.shutdown()
+        stream.copy(src, dst, tuning=Tuning(spread=MiB, connect_timeout=10))
+    assert target.read_bytes() == pattern.read_bytes()
+
+
+@pytest.mark.parametrize("policy", ["blocksize-maximum=65536", "blocksize-minimum=4096"])
+def test_requests_fit_the_destinations_block_sizes(tmp_path: Path, policy: str) -> None:
+    """An appliance's server with a maximum block size of 64 KiB, or one with a minimum
+    of 4 KiB, the source's extents in 512 bytes (a qcow2 of 512-byte clusters): it gets
+    requests it takes, and the disk (512 KiB requests failed with EINVAL, and 512-byte
+    zero writes were refused as unaligned)."""
+    size = 8 * MiB
+    image = tmp_path / "source.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512",
+                    str(image), str(size)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}",
+                    "-c", "write -z 1536 512", "-c", f"write -z {MiB + 512} {3 * 512}",
+                    "-c", f"write -P 0xa5 {4 * MiB + 512} 512", str(image)],
+                   check=True, capture_output=True)
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * size)
+    (tmp_path / "dst").mkdir()
+    with qemu_nbd(image) as src, nbdkit(
+            tmp_path / "dst", "--filter=blocksize-policy", "file", str(target), policy,
+            "blocksize-error-policy=error") as dst:
+        stream.copy(src, dst)
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", str(image),
+                    str(target)], check=True, timeout=300)
+
+
+def test_a_disk_that_is_not_whole_blocks_of_the_destination_is_refused(
+        tmp_path: Path) -> None:
+    """A disk of 8 MiB + 512 bytes, a destination whose minimum block size is 4 KiB: its
+    end cannot be written, and the copy says so before it writes anything (it failed as
+    it wrote the end, with the rest written)."""
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * (8 * MiB + 4 * K))
+    (tmp_path / "dst").mkdir()
+    with nbdkit(tmp_path, "pattern", f"size={8 * MiB + 512}") as src, nbdkit(
+            tmp_path / "dst", "--filter=blocksize-policy", "file", str(target),
+            "blocksize-minimum=4096", "blocksize-error-policy=error") as dst, \
+            pytest.raises(stream.UnfitDestination, match="minimum block size, 4096 bytes"):
+        stream.copy(src, dst)
+    assert target.read_bytes() == b"\xee" * (8 * MiB + 4 * K)
+
+
+#: An NBD server (nbdkit's python plugin) writing into the file `file=` with O_SYNC: its
+#: writes are stable once acknowledged, and it advertises no flush (the NBD spec allows it).
+NO_FLUSH = """
+import os
+API_VERSION = 2
+config_ = {}
+def config(key, value): config_[key] = value
+def open(readonly): return os.open(config_["file"], os.O_RDWR | os.O_SYNC)
+def close(fd): os.close(fd)
+def get_size(fd): return os.fstat(fd).st_size
+def can_write(fd): return True
+def can_flush(fd): return False
+def can_multi_conn(fd): return True
+def pread(fd, buf, offset, flags): buf[:] = os.pread(fd, len(buf), offset)
+def pwrite(fd, buf, offset, flags): os.pwrite(fd, buf, offset)
+"""
+
+
+def test_a_destination_without_flush_is_not_flushed(tmp_path: Path) -> None:
+    """The copy completes (it failed at the end, all data arrived: 'server does not
+    support flush operations')."""
+    size = 4 * MiB
+    target, plugin = tmp_path / "target.raw", tmp_path / "no_flush.py"
+    target.write_bytes(bytes(size))
+    plugin.write_text(NO_FLUSH)
+    (tmp_path / "dst").mkdir()
+    with nbdkit(tmp_path, "pattern", f"size={size}") as src, \
+            nbdkit(tmp_path / "dst", "python", str(plugin), f"file={target}") as dst:
+        h = nbd.NBD()
+        h.connect_uri(dst)
+        assert not h.can_flush()
+        h.shutdown()
+        stream.copy(src, dst)
+    assert target.read_bytes() == b"".join(struct.pack(">Q", o) for o in range(0, size, 8))

@@ -6,7 +6,16 @@ is copied, dirty ranges the source reports as zero become zero writes (zeroes
 written out where the destination has no zero command, or nothing, when the
 destination starts out zero), clean ranges are skipped. It
 cuts the work into requests and hands them to workers through a bounded queue:
-one worker from the start, another each `Tuning.spread` bytes it finds to read.
+one worker from the start, another each `Tuning.spread` bytes it finds to read, when
+both the source and the destination allow multi-conn (an appliance's server that takes
+one connection at a time never answers a second one).
+
+Requests fit what the destination advertises (NBD_INFO_BLOCK_SIZE, read on the first
+destination connection before anything is planned): none is longer than its maximum
+block size, and with a minimum block size every write covers whole blocks of it, as
+whole clusters (`whole_clusters`); a disk whose size is not a multiple of it is refused
+(`UnfitDestination`) before anything is written. A destination without flush (its
+writes are stable once acknowledged) is not flushed at the end.
 
 Each worker owns one connection to the source and one to the destination and
 keeps a bounded number of asynchronous requests in flight, reading into
@@ -26,6 +35,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import logging
+import math
 import queue
 import select
 import threading
@@ -44,6 +55,7 @@ STATE_ZERO = 2
 STATE_DIRTY = 1
 MiB = 1 << 20
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 #: Seconds a thread of the copy waits at most before it looks whether the copy was
@@ -58,6 +70,11 @@ STEP = 64 * 1024
 
 class StreamError(Exception):
     """The copy failed; nothing it wrote may be trusted as a backup."""
+
+
+class UnfitDestination(StreamError):
+    """The destination cannot take this disk as its server advertises itself: nothing
+    was written. Another destination (or one set up otherwise) is needed."""
 
 
 class BufferPool:
@@ -458,8 +475,8 @@ class _Copy:
         self.size = size
         self.only = only
         self.cluster = cluster
-        self.request_size = tuning.request_size if cluster is None else \
-            max(cluster, tuning.request_size - tuning.request_size % cluster)
+        #: Fitted to the destination, and to whole clusters, by `_fit`.
+        self.request_size = tuning.request_size
         self.zeroed_destination = zeroed_destination
         self.tuning = tuning
         self.on_progress = on_progress
@@ -495,14 +512,25 @@ class _Copy:
                 raise StreamError(
                     f"the source is {size} bytes, not the {self.size} the backup was planned "
                     f"for: the disk was resized as its backup started; start it again")
-            connections = self.tuning.connections if planner_handle.can_multi_conn() else 1
-            counters = _Counters(size)
-            work: queue.Queue[Piece | None] = queue.Queue(
-                maxsize=connections * self.tuning.in_flight * 2)
-            planner = threading.Thread(target=self._guard, args=(
-                self._plan, planner_handle, contexts, counters, work, connections),
-                name="pullbackd-plan")
-            self._start_worker(work, counters)
+            # The first pair's destination, connected first: what it advertises shapes
+            # the plan. Kept for the first worker: a server that takes one connection
+            # at a time (or serves only one, as qemu-nbd without --persistent) would not
+            # take another.
+            dst = self._connect_destination()
+            try:
+                multi_conn = planner_handle.can_multi_conn() and dst.can_multi_conn()
+                self._fit(dst, size)
+                connections = self.tuning.connections if multi_conn else 1
+                counters = _Counters(size)
+                work: queue.Queue[Piece | None] = queue.Queue(
+                    maxsize=connections * self.tuning.in_flight * 2)
+                planner = threading.Thread(target=self._guard, args=(
+                    self._plan, planner_handle, contexts, counters, work, connections),
+                    name="pullbackd-plan")
+                self._start_worker(work, counters, dst)  # the worker closes it from here on
+            except BaseException:
+                _close(dst)
+                raise
             planner.start()
             planner.join()
             for t in self.workers:  # the planner started them, and is done
@@ -516,6 +544,41 @@ class _Copy:
         if self.cancel.is_set():
             raise StreamError("cancelled")
         return counters.snapshot()
+
+    def _connect_destination(self) -> nbd.NBD:
+        try:
+            return _connect(self.destination, tls_certificates=self.tuning.tls_certificates,
+                            timeout=self.tuning.connect_timeout, cancel=self.cancel)
+        except nbd.Error as e:
+            raise StreamError(str(e)) from e
+
+    def _fit(self, dst: nbd.NBD, size: int) -> None:
+        """Requests the destination takes: at most its maximum block size long, and, with
+        a minimum block size, writes of whole blocks (clusters of it). QEMU's servers (the
+        repository's writer, qemu-nbd) advertise 1 byte and 32 MiB: the tuned requests."""
+        minimum = dst.get_block_size(nbd.SIZE_MINIMUM)
+        maximum = dst.get_block_size(nbd.SIZE_MAXIMUM)
+        if minimum > 1:
+            if size % minimum:
+                # The disk's last write would be short of a block, and refused once all
+                # the rest was written (the NBD spec has exports hold whole blocks).
+                raise UnfitDestination(
+                    f"the disk's {size} bytes are not whole blocks of the destination's "
+                    f"minimum block size, {minimum} bytes: it cannot write the disk's end; "
+                    "use a destination without that constraint")
+            self.cluster = minimum if self.cluster is None else math.lcm(self.cluster,
+                                                                         minimum)
+        request_size = self.tuning.request_size
+        if maximum:
+            request_size = min(request_size, maximum)
+        if self.cluster is not None:
+            request_size = max(self.cluster, request_size - request_size % self.cluster)
+        if maximum and request_size > maximum:
+            raise UnfitDestination(
+                f"the destination takes at most {maximum} bytes per request, less than "
+                f"the {request_size} bytes each write must cover whole; use a destination "
+                "without that constraint")
+        self.request_size = request_size
 
     def _guard(self, fn: Callable[..., None], *args: object) -> None:
         try:
@@ -550,8 +613,10 @@ class _Copy:
             for _ in self.workers:
                 self._put(work, None, force=True)
 
-    def _start_worker(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
-        worker = threading.Thread(target=self._guard, args=(self._work, work, counters),
+    def _start_worker(self, work: queue.Queue[Piece | None], counters: _Counters,
+                      dst: nbd.NBD | None = None) -> None:
+        """A connection pair's worker; `dst`: its destination, connected already."""
+        worker = threading.Thread(target=self._guard, args=(self._work, work, counters, dst),
                                   name=f"pullbackd-copy-{len(self.workers)}")
         worker.start()
         self.workers.append(worker)
@@ -570,12 +635,18 @@ class _Copy:
                     with contextlib.suppress(queue.Empty):
                         work.get_nowait()
 
-    def _work(self, work: queue.Queue[Piece | None], counters: _Counters) -> None:
-        src = _connect(self.source)
+    def _work(self, work: queue.Queue[Piece | None], counters: _Counters,
+              dst: nbd.NBD | None) -> None:
         pump = None
         try:
-            dst = _connect(self.destination, tls_certificates=self.tuning.tls_certificates,
-                           timeout=self.tuning.connect_timeout, cancel=self.cancel)
+            src = _connect(self.source)
+        except BaseException:
+            if dst is not None:
+                _close(dst)
+            raise
+        try:
+            if dst is None:
+                dst = self._connect_destination()
             try:
                 if (room := dst.get_size()) < counters.size:
                     # An incremental fitted whenever nothing past its end had changed.
@@ -583,7 +654,11 @@ class _Copy:
                                       f"disk's {counters.size}")
                 pump = _Pump(self, src, dst, counters)
                 pump.run(work)
-                if not self.stopped():
+                if not self.stopped() and not dst.can_flush():
+                    # Allowed by the NBD spec: its writes are stable once acknowledged.
+                    log.debug("%s: the destination has no flush; none sent",
+                              self.destination)
+                elif not self.stopped():
                     cookie = dst.aio_flush()
                     _until(dst, lambda: bool(dst.aio_command_completed(cookie)),
                            self.tuning.flush_timeout, self.cancel.is_set,
