@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -631,3 +632,25 @@ def test_a_destination_without_flush_is_not_flushed(tmp_path: Path) -> None:
         h.shutdown()
         stream.copy(src, dst)
     assert target.read_bytes() == b"".join(struct.pack(">Q", o) for o in range(0, size, 8))
+
+
+def test_a_source_answering_reads_short_fails_the_copy(tmp_path: Path) -> None:
+    """A source whose reads answer success with data for half of each read
+    (tests/short_reads.py): libnbd 1.14 tells it only to `aio_command_completed`, not to
+    the completion callback. The copy fails and writes nothing (it wrote the reads'
+    buffers as they were, half stale, and reported them written)."""
+    size = 8 * MiB
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * size)
+    reported: list[Piece] = []
+    checksums = stream.Checksums(of=lambda data: "", written=lambda p, _: reported.append(p))
+    sock = tmp_path / "short.sock"
+    (tmp_path / "dst").mkdir()
+    server = [sys.executable, str(Path(__file__).with_name("short_reads.py")), str(sock),
+              str(size)]
+    with serve(server, sock) as src, \
+            nbdkit(tmp_path / "dst", "file", str(target)) as dst, \
+            pytest.raises(stream.StreamError, match=r"reading \d+ bytes at \d+ failed"):
+        stream.copy(src, dst, checksums=checksums)
+    assert reported == []
+    assert target.read_bytes() == b"\xee" * size

@@ -24,7 +24,9 @@ slower). The daemon shares one pool between all its copies, so that many
 copies at once stay within one memory budget.
 
 libnbd swallows exceptions raised in completion callbacks, so callbacks only
-record what happened; the worker loop acts on it and raises.
+record that a request completed; the worker loop retires each one with
+`aio_command_completed`, whose answer alone is the request's outcome (libnbd 1.14
+tells a read the server answered short there, and not to the callback), and raises.
 
 All of this blocks: `copy` runs in threads of its own. `stream` is the async
 face the daemon uses, and cancels the copy when its caller is cancelled.
@@ -35,7 +37,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
-import logging
 import math
 import queue
 import select
@@ -44,18 +45,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import anyio
 import nbd
+import structlog
 
 ALLOCATION = "base:allocation"
 #: NBD_STATE_HOLE | NBD_STATE_ZERO in base:allocation; NBD_STATE_DIRTY in a dirty bitmap.
 STATE_ZERO = 2
 STATE_DIRTY = 1
 MiB = 1 << 20
-_T = TypeVar("_T")
-log = logging.getLogger(__name__)
+log = structlog.get_logger()
 
 
 #: Seconds a thread of the copy waits at most before it looks whether the copy was
@@ -656,8 +656,8 @@ class _Copy:
                 pump.run(work)
                 if not self.stopped() and not dst.can_flush():
                     # Allowed by the NBD spec: its writes are stable once acknowledged.
-                    log.debug("%s: the destination has no flush; none sent",
-                              self.destination)
+                    log.debug("the destination has no flush; none sent",
+                              destination=self.destination)
                 elif not self.stopped():
                     cookie = dst.aio_flush()
                     _until(dst, lambda: bool(dst.aio_command_completed(cookie)),
@@ -683,9 +683,8 @@ class _Pump:
         self.pending: Piece | None = None
         # Filled by completion callbacks, emptied by the loop: callbacks must
         # not raise (libnbd would swallow it) nor call into the same handle.
-        self.read: deque[tuple[Piece, nbd.Buffer]] = deque()
-        self.written: deque[tuple[Piece, nbd.Buffer | None, str | None]] = deque()
-        self.errors: list[str] = []
+        self.read: deque[_Request] = deque()
+        self.written: deque[_Request] = deque()
         self.in_flight = 0
         self.last_progress = time.monotonic()
         self.poller = _Poller(src, dst)
@@ -701,15 +700,17 @@ class _Pump:
             more = self.submit(work) if more else False
             if self.in_flight:
                 self.poller.wait(POLL)
-            if self.errors:
-                raise StreamError(self.errors[0])
             if self.read:
                 self.last_progress = time.monotonic()  # the source answered
             while self.read:
-                piece, buf = self.read.popleft()
-                checksum = None if checksums is None else checksums.of(buf.to_buffer())
-                self.dst.aio_pwrite(buf, piece.offset,
-                                    self._on(piece, self.written, (piece, buf, checksum)))
+                request = self.read.popleft()
+                _retire(self.src, request, "reading")
+                buf = request.buf
+                assert buf is not None  # a read's
+                if checksums is not None:
+                    request.checksum = checksums.of(buf.to_buffer())
+                request.cookie = self.dst.aio_pwrite(buf, request.piece.offset,
+                                                     _on(self.written, request))
             self.reap()
 
     def submit(self, work: queue.Queue[Piece | None]) -> bool:
@@ -726,11 +727,13 @@ class _Pump:
             if not self.in_flight:  # the clock runs from the first request in flight
                 self.last_progress = time.monotonic()
             if piece.zero:
-                done = self._on(piece, self.written, (piece, None, None))
+                request = _Request(piece, None)
+                done = _on(self.written, request)
                 if self.zeroes is None:
-                    self.dst.aio_zero(piece.length, piece.offset, done)
+                    request.cookie = self.dst.aio_zero(piece.length, piece.offset, done)
                 else:
-                    self.dst.aio_pwrite(self.zeroes[:piece.length], piece.offset, done)
+                    request.cookie = self.dst.aio_pwrite(self.zeroes[:piece.length],
+                                                         piece.offset, done)
             else:
                 buf = self.pool.take(piece.length)
                 if buf is None:
@@ -740,16 +743,19 @@ class _Pump:
                         self.pool.wait(0.1)
                     return True
                 self.held[id(buf)] = buf
-                self.src.aio_pread(buf, piece.offset, self._on(piece, self.read, (piece, buf)))
+                request = _Request(piece, buf)
+                request.cookie = self.src.aio_pread(buf, piece.offset, _on(self.read, request))
             self.in_flight += 1
         return True
 
     def reap(self) -> None:
         done = 0
         while self.written:
-            piece, buf, checksum = self.written.popleft()
+            request = self.written.popleft()
+            _retire(self.dst, request, "writing")
+            piece, buf = request.piece, request.buf
             if self.copy.checksums is not None:
-                self.copy.checksums.written(piece, checksum)
+                self.copy.checksums.written(piece, request.checksum)
             if buf is not None:
                 del self.held[id(buf)]
                 self.pool.give(buf)
@@ -773,18 +779,38 @@ class _Pump:
             self.pool.give(buf)
         self.held.clear()
 
-    def _on(self, piece: Piece, into: deque[_T], item: _T) -> Callable[[object], int]:
-        """A completion callback: `item` goes `into` the deque, or the error is kept."""
-        def done(err: object) -> int:
-            errno = getattr(err, "value", 0)
-            if errno:
-                what = "reading" if into is self.read else "writing"
-                self.errors.append(f"{what} {piece.length} bytes at {piece.offset} failed "
-                                   f"(errno {errno})")
-            else:
-                into.append(item)
-            return 1  # retire the command: we have all we need from it
-        return done
+
+class _Request:
+    """A request in flight: what it is about, and libnbd's cookie for it."""
+
+    __slots__ = ("buf", "checksum", "cookie", "piece")
+
+    def __init__(self, piece: Piece, buf: nbd.Buffer | None) -> None:
+        self.piece, self.buf = piece, buf
+        #: The checksum of the data read, once read (None for zeroes).
+        self.checksum: str | None = None
+        #: Set once the call that issued it returns: before the loop looks at it.
+        self.cookie = 0
+
+
+def _on(into: deque[_Request], request: _Request) -> Callable[[object], int]:
+    """A completion callback: `request` goes `into` the deque, for the loop to retire.
+    It does not retire the command itself (returns 0): libnbd's verdict on it is
+    `aio_command_completed`'s, not the callback's error (a read the server answered
+    short reaches the callback without one in libnbd 1.14)."""
+    def done(err: object) -> int:
+        into.append(request)
+        return 0
+    return done
+
+
+def _retire(h: nbd.NBD, request: _Request, what: str) -> None:
+    """Retire a completed command: StreamError if libnbd says it failed."""
+    try:
+        h.aio_command_completed(request.cookie)
+    except nbd.Error as e:
+        raise StreamError(f"{what} {request.piece.length} bytes at {request.piece.offset} "
+                          f"failed: {e}") from e
 
 
 class _Poller:
