@@ -15,10 +15,11 @@ import dataclasses
 import errno
 import os
 import shutil
+import signal
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -2099,3 +2100,73 @@ async def test_delete_chain_while_a_start_plans_is_refused_as_busy(
                 await rig.jobs.delete_chain("d1", "c")
         finally:
             stall.release()
+
+
+@dataclass
+class NbdkitSource(FakeSource):
+    """The fake source, its exports served for real by one nbdkit, on `served`."""
+
+    served: Path = Path()
+
+    def socket(self, job: Job) -> Path:
+        return self.served
+
+
+async def test_a_streamed_job_whose_source_freezes_fails_and_can_be_aborted(
+        tmp_path: Path) -> None:
+    """QEMU stops mid-copy (SIGSTOP: hung storage, a host in trouble): its socket still
+    accepts, and never greets. The stall timeout fails the copy, and the job fails (it
+    stayed running for good: asking whether the source was reachable waited for its
+    greeting); an Abort meanwhile returns (it waited for the copy)."""
+    size = 256 * MiB
+    (tmp_path / "source").mkdir()
+    source = NbdkitSource(FakeVirt(), tmp_path / "source", served=tmp_path / "qemu.sock")
+    source.sizes = {"vda": size}
+    qemu = await anyio.open_process(
+        ["nbdkit", "-f", "-U", str(source.served), "--filter=delay", "pattern", f"size={size}",
+         "rdelay=20ms"], stderr=None)
+    appliance = await anyio.open_process(
+        ["nbdkit", "-f", "-U", str(tmp_path / "appliance.sock"), "memory", str(size)],
+        stderr=None)
+    try:
+        with anyio.fail_after(30):
+            while not (source.served.exists()  # noqa: ASYNC110 (nbdkit tells no one)
+                       and (tmp_path / "appliance.sock").exists()):
+                await anyio.sleep(0.01)
+        async with running(tmp_path, source) as rig:
+            rig.jobs._tuning = dataclasses.replace(rig.jobs._tuning, stall_timeout=1.0)
+            job = await rig.jobs.start(StartRequest(
+                "d1", destination=f"nbd+unix:///{{disk}}?socket={tmp_path}/appliance.sock"))
+            assert job.state == JobState.RUNNING
+            # The copy is under way (its progress is looked at, not announced).
+            while not ((p := rig.jobs.get(job.id).progress) and p.done):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            aborted: list[Job] = []
+            returned = anyio.Event()
+
+            async def abort() -> None:  # in a task: a hung Abort cannot be cancelled
+                aborted.append(await rig.jobs.abort(job.id))
+                returned.set()
+
+            os.kill(qemu.pid, signal.SIGSTOP)
+            try:
+                with rig.jobs.watch() as changes, anyio.move_on_after(120):  # a hang guard
+                    while not rig.jobs.get(job.id).state.final:
+                        await changes.receive()
+                rig.tg.start_soon(abort)
+                with anyio.move_on_after(60):
+                    await returned.wait()
+                hung = not returned.is_set()
+            finally:
+                os.kill(qemu.pid, signal.SIGCONT)  # whatever still waits for it goes on
+            with anyio.fail_after(120):
+                await returned.wait()
+            assert not hung, "Abort hung"
+            ended = aborted[0]
+            assert ended.state == JobState.FAILED, ended
+            assert "no progress for 1 s" in str(ended.error), ended.error
+    finally:
+        for server in (qemu, appliance):
+            with suppress(ProcessLookupError):  # gone already
+                server.terminate()
+            await server.wait()

@@ -654,3 +654,27 @@ def test_a_source_answering_reads_short_fails_the_copy(tmp_path: Path) -> None:
         stream.copy(src, dst, checksums=checksums)
     assert reported == []
     assert target.read_bytes() == b"\xee" * size
+
+
+def test_a_source_that_never_greets_fails_the_copy_and_is_not_reachable(
+        tmp_path: Path) -> None:
+    """A frozen QEMU's export: the kernel accepts, no NBD handshake ever comes. The copy
+    fails after its connect timeout, and `reachable` says no (both waited for good)."""
+    outcomes: list[BaseException | bool] = []
+
+    def run(silent: str) -> None:
+        try:
+            stream.copy(silent, f"nbd+unix:///?socket={tmp_path}/unused.sock",
+                        tuning=Tuning(connect_timeout=1))
+        except BaseException as e:
+            outcomes.append(e)
+        outcomes.append(stream.reachable(silent, timeout=1))
+
+    with silent_server(tmp_path / "silent.sock") as silent:
+        worker = threading.Thread(target=run, args=(silent,), daemon=True)
+        worker.start()
+        worker.join(timeout=60)  # a hang guard, not a timing assertion
+        assert not worker.is_alive(), f"hung on a source that never greets: {outcomes}"
+    assert len(outcomes) == 2 and isinstance(outcomes[0], stream.StreamError), outcomes
+    assert "no NBD handshake within 1 s" in str(outcomes[0])
+    assert outcomes[1] is False

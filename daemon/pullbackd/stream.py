@@ -63,6 +63,8 @@ log = structlog.get_logger()
 POLL = 0.5
 #: Seconds a server may take to close a connection once told goodbye.
 CLOSE_TIMEOUT = 5.0
+#: Seconds `reachable` gives a server to greet it.
+REACHABLE_TIMEOUT = 5.0
 #: Requests shorter than the request size are whole multiples of this (and shorter
 #: ones powers of two): buffers come in those sizes alone (`split`, BufferPool).
 STEP = 64 * 1024
@@ -151,7 +153,8 @@ class Tuning:
     #: Seconds the destination may take to confirm its flush at the end: a server with
     #: a writeback cache writes all it holds then, far more than any one request.
     flush_timeout: float = 600.0
-    #: Seconds a connection may take, its NBD handshake included.
+    #: Seconds a connection may take, its NBD handshake included (the source's too: a
+    #: frozen QEMU accepts and never greets).
     connect_timeout: float = 30.0
     #: For nbds:// destinations: the folder with ca-cert.pem (and client-cert.pem,
     #: client-key.pem when the server checks clients); None: libnbd's default.
@@ -433,11 +436,53 @@ def _until(h: nbd.NBD, done: Callable[[], bool], timeout: float,
         h.poll(max(1, int(min(left, POLL) * 1000)))
 
 
-def reachable(url: str) -> bool:
-    """Whether an NBD server answers at `url` (a handshake, then goodbye). Blocks."""
+def _connect_source(url: str, contexts: tuple[str, ...], timeout: float) -> nbd.NBD:
+    """`_connect(url, contexts)`, libnbd's own connect (see there why QEMU's export is
+    not connected by a loop of ours), given up after `timeout` seconds: StreamError. A
+    frozen QEMU's socket still accepts (the kernel does) and never greets, and waiting
+    for it held the copy, and Abort with it, for good. The connect goes on in a thread
+    of its own, which closes the handle if it ever connects: never a connection of ours
+    cut mid-handshake, nor one left open. A cancelled copy still waits for it (a live
+    QEMU greets within milliseconds), not to leave it under way as the backup ends."""
+    lock = threading.Lock()
+    arrived = threading.Event()
+    outcome: list[nbd.NBD | Exception] = []
+    given_up = False
+
+    def connect() -> None:
+        got: nbd.NBD | Exception
+        try:
+            got = _connect(url, contexts)
+        except Exception as e:
+            got = e
+        with lock:
+            if not given_up:
+                outcome.append(got)
+                arrived.set()
+                return
+        if isinstance(got, nbd.NBD):
+            _close(got)
+
+    threading.Thread(target=connect, name="pullbackd-connect", daemon=True).start()
+    arrived.wait(timeout)
+    with lock:
+        if not outcome:
+            given_up = True
+            raise StreamError(f"{url}: no NBD handshake within {timeout:g} s")
+    if isinstance(got := outcome[0], Exception):
+        raise got
+    return got
+
+
+def reachable(url: str, timeout: float = REACHABLE_TIMEOUT) -> bool:
+    """Whether an NBD server answers at `url` (a handshake within `timeout` seconds,
+    then goodbye): a server that accepts and never greets (a frozen QEMU) is not. Blocks,
+    for `timeout` + CLOSE_TIMEOUT at most. Our own loop connects (`_connect`'s concern
+    is a connection while libvirt ends the backup: asked after the copy failed, this one
+    is over before the job ends it)."""
     try:
-        _close(_connect(url))
-    except nbd.Error:
+        _close(_connect(url, timeout=timeout))
+    except (nbd.Error, StreamError):
         return False
     return True
 
@@ -500,7 +545,7 @@ class _Copy:
     def run(self) -> Progress:
         contexts = (ALLOCATION,) + ((self.bitmap,) if self.bitmap else ())
         try:
-            planner_handle = _connect(self.source, contexts)
+            planner_handle = _connect_source(self.source, contexts, self.tuning.connect_timeout)
         except nbd.Error as e:
             raise StreamError(f"cannot read the source: {e}") from e
         try:
@@ -639,7 +684,7 @@ class _Copy:
               dst: nbd.NBD | None) -> None:
         pump = None
         try:
-            src = _connect(self.source)
+            src = _connect_source(self.source, (), self.tuning.connect_timeout)
         except BaseException:
             if dst is not None:
                 _close(dst)
@@ -865,7 +910,8 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  checksums: Checksums | None = None, only: Ranges | None = None,
                  cluster: int | None = None, size: int | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
-    returns only once its threads are gone."""
+    returns only once its threads are gone (but for a connect to a source that did not
+    greet within `Tuning.connect_timeout`, which ends by itself: `_connect_source`)."""
     cancel = threading.Event()
 
     async def stop_when_cancelled() -> None:
