@@ -33,6 +33,8 @@ from pullbackd.exports import Endpoint, Exports
 from pullbackd.model import Handed, Session
 from pullbackd.remote import Remote
 
+from .test_handoff import qemu_nbd
+
 pytestmark = pytest.mark.asyncio
 
 JOB = "aaaaaaaaaaaa"
@@ -118,13 +120,7 @@ HANDOFF = 20.0
 
 def serving(image: Path, sock: Path) -> subprocess.Popen[bytes]:
     """qemu-nbd serving `image` read-only as TOKEN on `sock`, once it listens."""
-    qemu = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "64", "-x", TOKEN, "-k", str(sock),
-                             "-f", "raw", str(image)])
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert qemu.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    return qemu
+    return qemu_nbd(image, TOKEN, sock)
 
 
 def serving_slowly(sock: Path, seconds: int) -> subprocess.Popen[bytes]:

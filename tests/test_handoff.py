@@ -130,6 +130,17 @@ class Machine:
     qemus: list[subprocess.Popen[bytes]] = field(default_factory=list)
     clients: list[Client] = field(default_factory=list)
 
+    async def reading_and_slow(self, rig: Rig) -> tuple[Job, Client, Job, Client]:
+        """Two ready jobs, of d1 and d2: A's appliance has read, B's asked for 32 MiB and
+        reads nothing of it."""
+        a, reader = await self.ready(rig, "d1")
+        b, slow = await self.ready(rig, "d2")
+        assert await call(reader.read, 0, MiB) == bytes([BYTE]) * MiB
+        await call(slow.ask, 0, 32 * MiB)
+        assert await call(slow.replying)
+        await anyio.sleep(0.5)  # QEMU's reply fills what B does not read, and the pipe
+        return a, reader, b, slow
+
     async def ready(self, rig: Rig, domain: str) -> tuple[Job, Client]:
         """A ready pull job of `domain`, its QEMU serving its disk vda, and an appliance's
         session open on it."""
@@ -258,12 +269,7 @@ async def test_an_appliance_slow_at_a_restart_is_cut_alone(
     monkeypatch.setattr(service, "HANDOFF_TIMEOUT", 1.0)
     async with machine(tmp_path) as m:
         async with running(tmp_path, source) as rig:
-            a, reader = await m.ready(rig, "d1")
-            b, slow = await m.ready(rig, "d2")
-            assert await call(reader.read, 0, MiB) == bytes([BYTE]) * MiB
-            await call(slow.ask, 0, 32 * MiB)
-            assert await call(slow.replying)
-            await anyio.sleep(0.5)  # QEMU's reply fills what B does not read, and the pipe
+            a, reader, b, slow = await m.reading_and_slow(rig)
             with capture_logs() as logs:
                 await service._hand_off(m.notifier, rig.jobs)
         async with next_run(tmp_path, source, await m.stored()) as rig:
@@ -286,12 +292,7 @@ async def test_a_hand_off_cut_short_loses_no_session_it_handed(
     monkeypatch.setattr(service, "HANDOFF_TIMEOUT", 600.0)
     async with machine(tmp_path) as m:
         async with running(tmp_path, source) as rig:
-            a, reader = await m.ready(rig, "d1")
-            _, slow = await m.ready(rig, "d2")
-            assert await call(reader.read, 0, MiB) == bytes([BYTE]) * MiB
-            await call(slow.ask, 0, 32 * MiB)
-            assert await call(slow.replying)
-            await anyio.sleep(0.5)  # QEMU's reply fills what B does not read, and the pipe
+            a, reader, _, _ = await m.reading_and_slow(rig)
             handed = anyio.Event()
             store = m.notifier.store_fds
 

@@ -576,14 +576,22 @@ def ready(rig: Rig, jobs: list[Job]) -> list[str]:
     return [j.domain for j in jobs if rig.jobs.get(j.id).state == JobState.READY]
 
 
+async def over_the_reserve(rig: Rig, monkeypatch: pytest.MonkeyPatch
+                           ) -> tuple[Job, Job, list[Job], Filling]:
+    """Three ready pulls whose scratch files hold 1, 6 and 0 MiB, 2 MiB of free space over
+    an 8 MiB reserve, looked at once by the watch."""
+    d1, d2, _ = jobs = await three_pulls(rig, (1 * MiB, 6 * MiB, 0))
+    held = sum(rig.scratch.sizes(jobs).values())
+    rig.scratch.reserve = 8 * MiB
+    fs = filling(rig, monkeypatch, capacity=8 * MiB + 2 * MiB + held)
+    await fs.looked()
+    return d1, d2, jobs, fs
+
+
 async def test_scratch_files_that_grow_into_the_reserve_end_the_backup_holding_the_most(
         tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
     async with running(tmp_path, source) as rig:
-        d1, d2, _ = jobs = await three_pulls(rig, (1 * MiB, 6 * MiB, 0))
-        held = sum(rig.scratch.sizes(jobs).values())
-        rig.scratch.reserve = 8 * MiB
-        fs = filling(rig, monkeypatch, capacity=8 * MiB + 2 * MiB + held)
-        await fs.looked()
+        d1, d2, jobs, fs = await over_the_reserve(rig, monkeypatch)
         assert ready(rig, jobs) == ["d1", "d2", "d3"]  # 2 MiB over the reserve
         fs.grow(d1, 3 * MiB)  # a MiB under it: the scratch files' doing
         failed = await ended(rig.jobs, d2.id)
@@ -601,11 +609,7 @@ async def test_a_shortfall_the_scratch_files_did_not_cause_ends_no_backup(
     would cut its readers off for nothing; the operator is told, once. A backup is ended
     only if the scratch files then take half of what is left."""
     async with running(tmp_path, source) as rig:
-        d1, d2, _ = jobs = await three_pulls(rig, (1 * MiB, 6 * MiB, 0))
-        held = sum(rig.scratch.sizes(jobs).values())
-        rig.scratch.reserve = 8 * MiB
-        fs = filling(rig, monkeypatch, capacity=8 * MiB + 2 * MiB + held)
-        await fs.looked()
+        d1, d2, jobs, fs = await over_the_reserve(rig, monkeypatch)
         with capture_logs() as logged:
             fs.other = 6 * MiB  # 4 MiB under the reserve, 4 MiB left
             await fs.looked(5)

@@ -97,6 +97,15 @@ class ScratchSpace:
         Blocks."""
         return shutil.disk_usage(self.dir).free
 
+    def _ran_out(self, free: int, line: int, reserve: int, held: int) -> str:
+        """Why a backup whose scratch files held `held` bytes was ended (`watch`)."""
+        under = f"the reserve of {reserve}" if line == reserve else (
+            f"{line}, half of what was left when free space fell under the reserve "
+            f"of {reserve} for another cause")
+        return (f"scratch space ran out: {free} bytes left in {self.dir}, under {under}; "
+                f"the backups' scratch files took it and this one's held the most "
+                f"({held} bytes): it was ended before QEMU could fill the file system")
+
     async def watch(self, pulls: Callable[[], list[Job]],
                     warn: Callable[[list[Job], str], None],
                     end: Callable[[str, str], Awaitable[None]],
@@ -142,14 +151,7 @@ class ScratchSpace:
                 # back the most (a backup whose files hold nothing gives back nothing, and
                 # holds the most only if all do: then none grew).
                 victim = max(running, key=lambda j: sizes.get(j.id, 0))
-                under = f"the reserve of {reserve}" if line == reserve else (
-                    f"{line}, half of what was left when free space fell under the reserve "
-                    f"of {reserve} for another cause")
-                await end(victim.id, (
-                    f"scratch space ran out: {free} bytes left in {self.dir}, under {under}; "
-                    f"the backups' scratch files took it and this one's held the most "
-                    f"({sizes.get(victim.id, 0)} bytes): it was ended before QEMU could fill "
-                    "the file system"))
+                await end(victim.id, self._ran_out(free, line, reserve, sizes.get(victim.id, 0)))
                 continue
             # Not theirs: ending a backup would cut its readers off for nothing they did.
             if not short:
