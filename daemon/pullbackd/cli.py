@@ -381,6 +381,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise AssertionError(args)
 
 
+def verified(args: argparse.Namespace, reply: dict[str, Any]) -> int:
+    """Print what Verify found; exit 1 if a backup is damaged, or if there was none to
+    check (a misspelt domain or consumer must not pass a nightly check), whatever the
+    output's format."""
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print("\n".join([*reply["problems"], f"{reply['checked']} backups checked, "
+                                              f"{len(reply['problems'])} problems"]))
+    if not reply["checked"] and not reply["problems"]:
+        whose = args.domain + (f" (consumer {args.consumer})" if args.consumer else "")
+        print(f"pullbackctl: no backup of {whose} in the repository: nothing was checked; "
+              "check the names (pullbackctl checkpoints DOMAIN), or back it up with "
+              "--destination local first", file=sys.stderr)
+        return 1
+    return 1 if reply["problems"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -406,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if args.group == "verify":
+        return verified(args, reply)
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "jobs" in reply:
@@ -428,10 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(reply["dropped"]) or "nothing to prune")
     elif "file" in reply:
         print(f"restored {reply['file']} as of {reply['checkpoint']}")
-    elif "checked" in reply:
-        print("\n".join([*reply["problems"], f"{reply['checked']} backups checked, "
-                                              f"{len(reply['problems'])} problems"]))
-        return 1 if reply["problems"] else 0
     else:
         print(format_job(reply["job"]))
     return 0
