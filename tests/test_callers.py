@@ -28,11 +28,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from pullbackd import api, errors, stream
-from pullbackd.control.client import Client
+from pullbackd.control.client import Client, VarlinkError
 from pullbackd.control.codec import Call, Decoder, decode, encode
 from pullbackd.control.server import HANGUP_POLL, Limits, Service
 from pullbackd.exports import Exports
-from pullbackd.model import LONGEST, LONGEST_ERROR, JobState, StartRequest
+from pullbackd.model import LOCAL, LONGEST, LONGEST_ERROR, JobState, StartRequest
 from pullbackd.rebuild import Rebuilder
 from pullbackd.records import WATCH_BUFFER
 from pullbackd.repository import Repository
@@ -425,3 +425,27 @@ async def test_export_names_are_shown_only_to_a_role_that_reads_backups(
         assert await seen() == [[None, None, None]] * 3
         service.roles = Roles(backup=("nobody",), default=Role.NONE)
         assert await seen() == [[disk.export, disk.url, disk.remote_url]] * 3
+
+
+async def test_a_prune_while_a_start_of_the_domain_is_under_way_is_refused_as_busy(
+        tmp_path: Path, source: FakeSource, folder: Path) -> None:
+    """A Start holds its domain before its job is recorded, and may be streaming into the
+    repository: a Prune then got NoSuchJob, naming a job nobody had asked about, not
+    BackupInProgress. Nothing changed, and the Start goes on."""
+    async with running(tmp_path, source) as rig, served(rig, tmp_path, folder) as (_, path):
+        stall = source.stall("plan")
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1", destination=LOCAL))
+        with anyio.fail_after(5):
+            await stall.reached.wait()
+        held = rig.jobs.active("d1")
+        try:
+            with pytest.raises(VarlinkError) as refused:
+                await call(path, "Prune", domain="d1", keep=1)
+        finally:
+            stall.release()
+        assert held is not None
+        assert (refused.value.name, refused.value.parameters) == (
+            f"{api.INTERFACE}.BackupInProgress", {"domain": "d1", "id": held})
+        await rig.jobs.started("d1")
+        assert rig.jobs.get(held).local
+        await rig.jobs.abort(held)

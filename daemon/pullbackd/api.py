@@ -28,7 +28,7 @@ from .control.server import Handler, Last, Limits, Service
 from .errors import BackupInProgress, InvalidParameter, NoSuchJob, WatchTooSlow
 from .jobs import Jobs
 from .migration import Migrations
-from .model import LOCAL, Change, Job, JobState, Session, StartRequest, plain
+from .model import Change, Job, JobState, Session, StartRequest, plain
 from .rebuild import Rebuilder
 from .records import WATCH_BUFFER
 from .repository import Repository
@@ -324,8 +324,7 @@ class BackupAPI:
                     consumer: str | None = None) -> dict[str, Any]:
         if keep < 1:
             raise InvalidParameter("keep", "at least 1: the newest backup is the chain's base")
-        if (job_id := self.jobs.active(domain)) is not None and \
-                self.jobs.get(job_id).destination == LOCAL:
+        if (job_id := self.jobs.writing_locally(domain)) is not None:
             raise BackupInProgress(domain, job_id)  # it writes into the same chains
         dropped: list[str] = []
         disks = await self._disks(domain, consumer)

@@ -117,6 +117,16 @@ class Jobs:
         """The job of the domain that has not ended, if any."""
         return self._admission.holder(domain)
 
+    def writing_locally(self, domain: str) -> str | None:
+        """The job of the domain that has not ended and may write into the local
+        repository, if any: one streaming into it, or one whose Start is under way and
+        not recorded yet (it may be: as far as we know, it is)."""
+        job_id = self._admission.holder(domain)
+        if job_id is None:
+            return None
+        held = self._records.get(job_id)
+        return job_id if held is None or held.local else None
+
     def starting(self, domain: str) -> str | None:
         """The job of a Start of the domain under way (claimed, maybe not recorded yet,
         not ready nor failed), if any."""
