@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -21,19 +22,22 @@ import nbd
 import pytest
 import xxhash
 
-from pullbackd import crash, names, orphans, stream, verifying, writers
+from pullbackd import api, crash, names, orphans, stream, verifying, writers
 from pullbackd import repository as repository_module
 from pullbackd.domainfiles import DEFINITION, DomainFiles
 from pullbackd.durable import fsync, fsync_dir
 from pullbackd.errors import InvalidParameter, RepositoryError
 from pullbackd.manifest import Manifest, Region, checksum, recorder
 from pullbackd.qemu_nbd import Server
+from pullbackd.rebuild import Rebuilder
 from pullbackd.repository import Repository
 from pullbackd.stream import Piece, Progress, whole_clusters
 from pullbackd.uses import Uses
 from pullbackd.writebehind import WriteBehind, direct_io
 
+from .fakes import FakeSource, FakeVirt
 from .images import MiB, assert_same
+from .test_jobs import running
 
 CLEAN, DAMAGED = 0x5A, 0x5B
 
@@ -1110,3 +1114,51 @@ def test_a_file_whose_manifest_was_lost_mid_chain_is_kept_and_reported(
     assert count == 2 and problems == [
         "0003.qcow2: its backing file 0002.qcow2 has no manifest: it cannot be restored; "
         "restore a backup before it"]
+
+
+def test_a_prune_that_finds_one_disk_damaged_drops_nothing_of_any_disk(
+        tmp_path: Path) -> None:
+    """Prune verifies before it drops anything; over a domain's disks, it verified and
+    pruned them one after the other: vda's older backups were dropped, then vdb's damage
+    answered "verify failed, nothing pruned", and the domain files of the backups dropped
+    were left behind. Every disk is verified first now: nothing of any disk changes. Once
+    the damage is gone, both disks are pruned, and each restores as it was."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    chain(repository, many(3))
+    vda = repository.folder("lab1", "c", "vda")
+    vdb = repository.folder("lab1", "c", "vdb")  # pruned after vda
+    shutil.copytree(vda, vdb)
+    for path in vdb.glob("*.json"):
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"disk": "vdb"}))
+    damaged = vdb / "0003.qcow2"
+    offset, length, _ = many(3)[2][0]
+    at = host_offset(damaged, offset + 1000)
+    flip(damaged, at)
+    before = {p: p.read_bytes() for p in sorted(repository.root.rglob("*")) if p.is_file()}
+
+    async def prune() -> None:
+        (tmp_path / "source").mkdir()
+        async with running(tmp_path, FakeSource(FakeVirt(), tmp_path / "source")) as rig:
+            rebuilder = Rebuilder(repository, rig.virt, tmp_path / "libvirt", "tss",
+                                  stream.Tuning())
+            backups = api.BackupAPI(api.Parts(rig.jobs, rig.migrations, rig.chains,
+                                              repository, rebuilder, stream.Tuning()))
+            with pytest.raises(RepositoryError) as refused:
+                await backups.Prune("lab1", 1, consumer="c")
+            assert refused.value.parameters == {"path": str(vdb), "reason": (
+                f"verify failed, nothing pruned: 0003.qcow2: {length} bytes at {offset} "
+                "differ from what was written")}
+            assert {p: p.read_bytes() for p in sorted(repository.root.rglob("*"))
+                    if p.is_file()} == before
+            flip(damaged, at)
+            assert await backups.Prune("lab1", 1, consumer="c") == {"dropped": ["cp0", "cp1"]}
+            await repository.close()
+
+    anyio.run(prune)
+    disk = bytearray(SIZE)
+    for offset, length, byte in (write for writes in many(3) for write in writes):
+        disk[offset:offset + length] = bytes([byte or 0]) * length
+    for name in ("vda", "vdb"):
+        assert [m.sequence for m in repository.manifests("lab1", "c", name)] == [3]
+        assert_restores(repository, repository.at("lab1", "c", name, None), bytes(disk),
+                        tmp_path)

@@ -328,10 +328,9 @@ class BackupAPI:
             raise BackupInProgress(domain, job_id)  # it writes into the same chains
         dropped: list[str] = []
         disks = await self._disks(domain, consumer)
-        for name, disk in disks:
-            for m in await self.repository.prune(domain, name, disk, keep):
-                if m.checkpoint not in dropped:
-                    dropped.append(m.checkpoint)
+        for m in await self.repository.prune_disks(domain, disks, keep):
+            if m.checkpoint not in dropped:
+                dropped.append(m.checkpoint)
         for name in {name for name, _ in disks}:
             await anyio.to_thread.run_sync(self.repository.drop_files, domain, name, dropped)
         return {"dropped": dropped}

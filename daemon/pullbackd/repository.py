@@ -360,28 +360,48 @@ class Repository:
                     (folder / m.file).unlink(missing_ok=True)
 
     async def prune(self, domain: str, consumer: str, disk: str, keep: int) -> list[Manifest]:
-        """Keep the newest `keep` backups of a disk, dropping the older ones.
+        """Keep the newest `keep` backups of a disk, dropping the older ones
+        (`prune_disks`)."""
+        return await self.prune_disks(domain, [(consumer, disk)], keep)
 
-        Crash-safe at every step: each kept backup whose backing file is to go is
-        first flattened into a standalone file that replaces it atomically (same
-        point in time, so it restores the same), then its manifest is rewritten;
-        only then are the old manifests removed, newest first, and after them their
-        files.
+    async def prune_disks(self, domain: str, disks: list[tuple[str, str]], keep: int
+                          ) -> list[Manifest]:
+        """Keep the newest `keep` backups of each of the domain's `disks` ((consumer, disk)
+        pairs, each once), dropping the older ones; the backups dropped, disk after disk.
+
+        Nothing is dropped until every disk's backups are the prune's alone (Uses:
+        RepositoryError if one is in use) and verified (RepositoryError naming the first
+        damage, "nothing pruned": none of them changed). Crash-safe at every step:
+        each kept backup whose backing file is to go is first flattened into a
+        standalone file that replaces it atomically (same point in time, so it
+        restores the same), then its manifest is rewritten; only then are the old
+        manifests removed, newest first, and after them their files.
         """
-        with self._uses.pruning(self.folder(domain, consumer, disk)):
-            return await self._prune(domain, consumer, disk, keep)
+        folders = [self.folder(domain, consumer, disk) for consumer, disk in disks]
+        with contextlib.ExitStack() as pruning:
+            for folder in folders:
+                pruning.enter_context(self._uses.pruning(folder))
+            older = []
+            for folder, (consumer, disk) in zip(folders, disks, strict=True):
+                manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer,
+                                                           disk)
+                if len(manifests) <= keep:
+                    continue
+                if problems := await self._verify(*manifests):
+                    # Never fold damaged data into the backups that stay; and no disk's
+                    # backups go while another's are in doubt.
+                    raise RepositoryError(str(folder),
+                                          f"verify failed, nothing pruned: {problems[0]}")
+                older.append((folder, manifests))
+            dropped: list[Manifest] = []
+            for folder, manifests in older:
+                dropped += await self._drop_older(folder, manifests, keep)
+            return dropped
 
-    async def _prune(self, domain: str, consumer: str, disk: str, keep: int
-                     ) -> list[Manifest]:
-        manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer, disk)
-        if len(manifests) <= keep:
-            return []
+    async def _drop_older(self, folder: Path, manifests: list[Manifest], keep: int
+                          ) -> list[Manifest]:
+        """Drop all but the newest `keep` of a disk's verified backups `manifests`."""
         dropped, kept = manifests[:-keep], manifests[-keep:]
-        folder = self.folder(domain, consumer, disk)
-        problems = await self._verify(*manifests)
-        if problems:
-            # Never fold damaged data into the backups that stay.
-            raise RepositoryError(str(folder), f"verify failed, nothing pruned: {problems[0]}")
         kept_files = {m.file for m in kept}
         for m in kept:
             if m.backing is not None and m.backing not in kept_files:
