@@ -3,7 +3,9 @@ its output, whatever the daemon answers (no lab needed: the daemon's answers are
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import socket
 import threading
@@ -97,3 +99,62 @@ def test_verify_that_found_no_backup_to_check_does_not_pass(
     assert "no backup of vm1 (consumer nightyl) in the repository" in err
     if json_output:
         assert json.loads(out) == NONE
+
+
+def domain_files(data: bytes) -> dict[str, Reply]:
+    """A job's domain files as pullbackd answers them: one file, its sha256 that of `data`."""
+    return {"DomainFiles": Reply({"files": [{"name": "definition.xml", "size": len(data),
+                                             "sha256": hashlib.sha256(data).hexdigest()}],
+                                  "missing": []}),
+            "ReadDomainFile": Reply({"data": base64.b64encode(data).decode(), "next": None})}
+
+
+def test_backup_files_that_cannot_be_saved_here_is_not_an_unreachable_daemon(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pullbackd answered; pullbackctl could not do its own part (the folder exists, a
+    file's bytes do not match their checksum). It said "cannot talk to pullbackd on
+    SOCKET" and exited 2, as if the daemon were down: it says what failed here, exits
+    1, and a daemon that is down still exits 2."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    with answering(tmp_path, domain_files(b"<domain/>")) as sock:
+        status, out, err = pullbackctl(sock, capsys, "backup", "files", "5d0c9a1e2f3b",
+                                       "--to", str(folder))
+        assert (status, out) == (1, "")
+        assert "cannot talk to pullbackd" not in err
+        assert f"cannot create {folder}: File exists; name a new folder" in err
+    (tmp_path / "control.sock").unlink()
+    changed = domain_files(b"<domain/>") | {"ReadDomainFile": Reply(
+        {"data": base64.b64encode(b"<domain>").decode(), "next": None})}
+    with answering(tmp_path, changed) as sock:
+        status, out, err = pullbackctl(sock, capsys, "backup", "files", "5d0c9a1e2f3b",
+                                       "--to", str(tmp_path / "new"))
+        assert (status, out) == (1, "")
+        assert "definition.xml changed while it was read" in err
+        assert "cannot talk to pullbackd" not in err
+    status, _, err = pullbackctl(tmp_path / "control.sock", capsys, "backup", "files",
+                                 "5d0c9a1e2f3b", "--to", str(tmp_path / "newer"))
+    assert status == 2 and "cannot talk to pullbackd" in err
+
+
+def test_a_socket_that_does_not_answer_varlink_is_said_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--socket names another service's socket: pullbackctl ended in a traceback."""
+    path = tmp_path / "other.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n\0")
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        status, out, err = pullbackctl(path, capsys, "jobs")
+        thread.join(10)
+    assert (status, out) == (2, "")
+    assert f"pullbackctl: cannot talk to pullbackd on {path}: it does not answer as " \
+           "varlink" in err

@@ -1,8 +1,9 @@
 """pullbackctl: drive pullbackd from a shell.
 
 Tables for people; with --json, exactly the varlink reply's parameters. A
-varlink error prints its name and parameters and exits 1; an unreachable
-daemon exits 2.
+varlink error prints its name and parameters and exits 1, and so does what
+pullbackctl itself cannot do here (`Unsaved`); a daemon that cannot be reached,
+or does not answer as varlink, exits 2.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .control.client import Client, VarlinkError
+from .control.codec import ProtocolError
 
 DEFAULT_SOCKET = "/run/pullbackd/control.sock"
 IFACE = "org.pullbackd.Backup"
@@ -283,12 +285,31 @@ def follow(client: Client, job_id: str | None, as_json: bool) -> dict[str, Any] 
     return job
 
 
+class Unsaved(Exception):
+    """pullbackd answered, and pullbackctl could not do its own part here (write a file):
+    not an unreachable daemon."""
+
+
 def save_files(client: Client, job_id: str, folder: Path) -> dict[str, Any]:
     """The job's domain files, each read whole and checked against its sha256, into the
-    new folder `folder` (as they are named: "tpm/..." in a subfolder)."""
+    new folder `folder` (as they are named: "tpm/..." in a subfolder). Raises Unsaved
+    for what fails here (the OSErrors left are the connection's)."""
     listing = client.call(f"{IFACE}.DomainFiles", id=job_id)
-    folder.mkdir(mode=0o700)
-    for entry in listing["files"]:
+    try:
+        folder.mkdir(mode=0o700)
+    except OSError as e:
+        raise Unsaved(f"cannot create {folder}: {e.strerror}; name a new folder") from None
+    try:
+        _save(client, job_id, folder, listing["files"])
+    except Unsaved as e:
+        raise Unsaved(f"{e}; what was saved is in {folder}: remove it, and save again "
+                      "into a new folder") from None
+    return {"saved": [e["name"] for e in listing["files"]], "missing": listing["missing"],
+            "folder": str(folder)}
+
+
+def _save(client: Client, job_id: str, folder: Path, files: list[dict[str, Any]]) -> None:
+    for entry in files:
         data, offset = b"", 0
         while offset is not None:
             reply = client.call(f"{IFACE}.ReadDomainFile", id=job_id, name=entry["name"],
@@ -296,15 +317,16 @@ def save_files(client: Client, job_id: str, folder: Path) -> dict[str, Any]:
             data += base64.b64decode(reply["data"])
             offset = reply["next"]
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise OSError(f"{entry['name']} changed while it was read")
+            raise Unsaved(f"{entry['name']} changed while it was read")
         path = folder.joinpath(*PurePosixPath(entry["name"]).parts)
         if not path.resolve().is_relative_to(folder.resolve()):
-            raise OSError(f"{entry['name']} would leave {folder}")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with path.open("xb") as f:
-            f.write(data)
-    return {"saved": [e["name"] for e in listing["files"]], "missing": listing["missing"],
-            "folder": str(folder)}
+            raise Unsaved(f"{entry['name']} would leave {folder}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with path.open("xb") as f:
+                f.write(data)
+        except OSError as e:
+            raise Unsaved(f"cannot write {path}: {e.strerror}") from None
 
 
 def migrate(client: Client, args: argparse.Namespace) -> dict[str, Any]:
@@ -419,8 +441,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: {e.name} {json.dumps(e.parameters)}", file=sys.stderr)
         return 1
+    except Unsaved as e:
+        print(f"pullbackctl: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"pullbackctl: cannot talk to pullbackd on {args.socket}: {e}", file=sys.stderr)
+        return 2
+    except ProtocolError as e:
+        print(f"pullbackctl: cannot talk to pullbackd on {args.socket}: it does not answer "
+              f"as varlink ({e}); is this pullbackd's control socket?", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
