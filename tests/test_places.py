@@ -3,23 +3,38 @@ target_dir is used as it was checked, whatever a client re-points afterwards; th
 below a push dir must be root's or pullbackd's, and not writable by group or others; a
 queued push is checked again as its turn comes. (A client's symlinks and folders are made
 here by root, the tests' user, and given to `nobody` where it matters.)
+
+A streamed job's destination socket is reached as it was checked (stream.py, `_pinned`):
+appliances are real users who are not root, each serving its own folder with nbdkit, and
+the one that attacks swaps its socket for a link, as itself, once Start checked it, or
+between two connections of the copy; what the link leads to receives nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
+import nbd
 import pytest
 
-from pullbackd import errors
+from pullbackd import errors, stream
 from pullbackd.model import Job, JobState, StartRequest
 from pullbackd.places import Places
 
 from .fakes import FakeSource, FakeVirt
-from .test_jobs import files, running, until
+from .images import MiB
+from .test_jobs import NbdkitSource, ended, files, running, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -158,3 +173,182 @@ async def test_a_destinations_socket_is_used_as_checked(tmp_path: Path) -> None:
     resolved = f"nbd+unix:///x?socket={allowed}/x.sock"
     assert places.check(StartRequest("d1", destination=resolved)).destination == resolved
     assert places.check(StartRequest("d1", destination="local")).destination == "local"
+
+
+# A streamed job's destination: the appliance swaps its socket for a link once checked.
+
+#: Two appliances' users: the one that attacks, and another one.
+APPLIANCE, OTHER = "pbtest-appliance", "pbtest-other"
+SIZE = 4 * MiB
+
+
+def ensure_user(name: str) -> tuple[int, int]:
+    """A system user of its own group, made if missing: its uid and gid."""
+    if subprocess.run(["getent", "passwd", name], capture_output=True,
+                      check=False).returncode != 0:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", name], check=True)
+    user = pwd.getpwnam(name)
+    return user.pw_uid, user.pw_gid
+
+
+def as_user(name: str, *command: str) -> list[str]:
+    uid, gid = ensure_user(name)
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *command]
+
+
+@pytest.fixture
+def appliances(tmp_path: Path) -> Iterator[Path]:
+    """`[stream] destinations`' folder (root's), where appliances' users may enter (the
+    tests' own folders are root's alone); removed afterwards."""
+    top = Path(tempfile.gettempdir()) / \
+        f"pbs-{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:10]}"
+    (top / "appliances").mkdir(mode=0o755, parents=True)
+    top.chmod(0o755)
+    try:
+        yield top / "appliances"
+    finally:
+        shutil.rmtree(top)
+
+
+def appliance_folder(appliances: Path, user: str, backup: bytes) -> Path:
+    """`user`'s folder in `appliances`, theirs, holding their last backup (vda.img)."""
+    uid, gid = ensure_user(user)
+    folder = appliances / user
+    folder.mkdir(mode=0o755)
+    (folder / "vda.img").write_bytes(backup)
+    for path in (folder, folder / "vda.img"):
+        os.chown(path, uid, gid)
+    return folder
+
+
+@asynccontextmanager
+async def nbd_server(command: list[str], sock: Path) -> AsyncIterator[None]:
+    """`command` serving on `sock`, from once it listens."""
+    server = await anyio.open_process(command, stderr=None)
+    try:
+        with anyio.fail_after(30):
+            while not await anyio.Path(sock).exists():  # nbdkit tells no one
+                assert server.returncode is None, command
+                await anyio.sleep(0.01)
+        yield
+    finally:
+        with suppress(ProcessLookupError):  # gone already
+            server.terminate()
+        await server.wait()
+
+
+def serving_as(user: str | None, folder: Path) -> tuple[list[str], Path]:
+    """nbdkit serving `folder`/vda.img on `folder`/vda.sock, as `user` (None: root, as
+    pullbackd's own servers run here), and that socket."""
+    command = ["nbdkit", "-f", "-U", str(folder / "vda.sock"), "file",
+               str(folder / "vda.img")]
+    return (as_user(user, *command) if user else command), folder / "vda.sock"
+
+
+def swap_for_link(user: str, sock: Path, to: Path) -> None:
+    """As `user` (the appliance): `sock` becomes a link to `to`, at once."""
+    subprocess.run(as_user(user, sys.executable, "-c",
+                           "import os, sys; os.symlink(sys.argv[2], sys.argv[1] + '.new');"
+                           " os.replace(sys.argv[1] + '.new', sys.argv[1])",
+                           str(sock), str(to)), check=True, timeout=60)
+    assert sock.is_symlink()
+
+
+def pattern() -> bytes:
+    """nbdkit's pattern: each 8 bytes hold their own offset."""
+    return b"".join(o.to_bytes(8, "big") for o in range(0, SIZE, 8))
+
+
+@pytest.mark.parametrize("victim", [OTHER, None], ids=["another-appliance", "pullbackds-own"])
+async def test_a_destination_swapped_for_a_link_once_checked_gets_nothing_through_it(
+        tmp_path: Path, appliances: Path, victim: str | None) -> None:
+    """The appliance's own socket, checked at Start; then, as the appliance, swapped for
+    a link to another appliance's server, or to one of pullbackd's own (as the
+    repository's writers: pullbackd may reach it, the appliance may not). The job fails,
+    naming the link and what to do, and the server the link leads to received nothing
+    (libnbd followed the link: the VM's disk overwrote its image, and the job completed).
+    Before, a job to the same socket unswapped completes, the disk in the appliance's
+    image byte for byte."""
+    theirs = os.urandom(SIZE)  # what the link leads to holds: another backup
+    if victim is None:
+        (tmp_path / "writer").mkdir(mode=0o700)
+        (tmp_path / "writer" / "vda.img").write_bytes(theirs)
+        target_folder = tmp_path / "writer"
+    else:
+        target_folder = appliance_folder(appliances, victim, theirs)
+    mine = appliance_folder(appliances, APPLIANCE, b"\xee" * SIZE)
+    (tmp_path / "source").mkdir()
+    source = NbdkitSource(FakeVirt(), tmp_path / "source", served=tmp_path / "qemu.sock")
+    source.sizes = {"vda": SIZE}
+    appliance, sock = serving_as(APPLIANCE, mine)
+    other, other_sock = serving_as(victim, target_folder)
+    async with nbd_server(["nbdkit", "-f", "-U", str(source.served), "pattern",
+                           f"size={SIZE}"], source.served), \
+            nbd_server(appliance, sock), nbd_server(other, other_sock), \
+            running(tmp_path, source) as rig:
+        rig.jobs.reconfigure(max_active=0, keep_finished=3600, places=Places(
+            None, (f"nbd+unix:///?socket={appliances}",)))
+        request = StartRequest("d1", disks=["vda"],
+                               destination=f"nbd+unix:///?socket={sock}")
+        first = await rig.jobs.start(request)
+        assert (await ended(rig.jobs, first.id)).state == JobState.COMPLETED
+        assert (mine / "vda.img").read_bytes() == pattern()
+        (mine / "vda.img").write_bytes(b"\xee" * SIZE)
+
+        stall = source.stall("plan")  # libvirt's lookups take a while...
+        started: list[Job] = []
+        done = anyio.Event()
+
+        async def start() -> None:
+            started.append(await rig.jobs.start(request))
+            done.set()
+        rig.tg.start_soon(start)
+        with anyio.fail_after(10):
+            await stall.reached.wait()  # checked: the socket is the appliance's own
+        swap_for_link(APPLIANCE, sock, other_sock)  # ...and the appliance swaps it
+        stall.release()
+        with anyio.fail_after(10):
+            await done.wait()
+        job = await ended(rig.jobs, started[0].id)
+    assert job.state == JobState.FAILED, job
+    assert f"{sock} is a link (to '{other_sock}')" in (job.error or ""), job.error
+    assert "start the backup again" in (job.error or ""), job.error
+    assert (target_folder / "vda.img").read_bytes() == theirs
+    assert (mine / "vda.img").read_bytes() == b"\xee" * SIZE
+
+
+async def test_a_link_made_between_two_connections_of_a_copy_gets_nothing_through_it(
+        tmp_path: Path, appliances: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's first connection pair reached the appliance's socket; the appliance
+    swaps it for a link to another appliance's server before the copy opens its second
+    pair (both servers allow multi-conn). The copy fails with UncheckedDestination, and
+    the other appliance's image is as it was (its server took the second pair's writes)."""
+    theirs = os.urandom(SIZE)
+    mine = appliance_folder(appliances, APPLIANCE, b"\xee" * SIZE)
+    target_folder = appliance_folder(appliances, OTHER, theirs)
+    appliance, sock = serving_as(APPLIANCE, mine)
+    other, other_sock = serving_as(OTHER, target_folder)
+    checked = Places(None, (f"nbd+unix:///?socket={appliances}",)).check(
+        StartRequest("d1", disks=["vda"], destination=f"nbd+unix:///?socket={sock}"))
+    connect: Callable[..., nbd.NBD] = stream._connect
+    connected: list[str] = []
+
+    def connect_then_swap(url: str, *args: object, **kwargs: object) -> nbd.NBD:
+        h = connect(url, *args, **kwargs)
+        if kwargs.get("name") is not None:  # the destination's
+            connected.append(url)
+            if len(connected) == 1:  # the first pair's, before the planner starts
+                assert h.can_multi_conn()
+                swap_for_link(APPLIANCE, sock, other_sock)
+        return h
+    monkeypatch.setattr(stream, "_connect", connect_then_swap)
+    src = tmp_path / "qemu.sock"
+    async with nbd_server(["nbdkit", "-f", "-U", str(src), "pattern", f"size={SIZE}"], src), \
+            nbd_server(appliance, sock), nbd_server(other, other_sock):
+        with pytest.raises(stream.UncheckedDestination, match=f"{sock} is a link"):
+            await stream.stream(f"nbd+unix:///?socket={src}", str(checked.destination),
+                                tuning=stream.Tuning(spread=MiB, connect_timeout=10),
+                                pinned=True)
+    assert len(connected) == 1, connected  # the second pair never connected
+    assert (target_folder / "vda.img").read_bytes() == theirs

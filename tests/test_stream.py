@@ -678,3 +678,34 @@ def test_a_source_that_never_greets_fails_the_copy_and_is_not_reachable(
     assert len(outcomes) == 2 and isinstance(outcomes[0], stream.StreamError), outcomes
     assert "no NBD handshake within 1 s" in str(outcomes[0])
     assert outcomes[1] is False
+
+
+def test_a_pinned_destination_is_reached_with_no_link_on_its_way(tmp_path: Path) -> None:
+    """`_pinned`: the socket its path names, reached through a descriptor; a folder on the
+    way swapped for a link (to the same folder, even), or a "..", is refused as unchecked;
+    a socket not there is an error of its own (no server listens), not an attack."""
+    folder = tmp_path / "appliance"
+    folder.mkdir()
+    sock = folder / "vda.sock"
+    with serve(["nbdkit", "-f", "-U", str(sock), "memory", str(MiB)], sock) as url:
+        with stream._pinned(url) as pinned:
+            assert "/proc/self/fd/" in pinned
+            h = nbd.NBD()
+            h.connect_uri(pinned)
+            assert h.get_size() == MiB
+            h.shutdown()
+        folder.rename(tmp_path / "moved")
+        folder.symlink_to(tmp_path / "moved")
+        with pytest.raises(stream.UncheckedDestination, match=f"{folder} is a link"), \
+                stream._pinned(url):
+            pass
+        for unchecked in (f"nbd+unix:///?socket={tmp_path}/x/../moved/vda.sock",
+                          f"nbd+unix:///?socket={sock}&socket={tmp_path}/moved/vda.sock"):
+            with pytest.raises(stream.UncheckedDestination), stream._pinned(unchecked):
+                pass
+        with pytest.raises(stream.StreamError, match="No such file") as e, \
+                stream._pinned(f"nbd+unix:///?socket={tmp_path}/moved/vdb.sock"):
+            pass
+        assert not isinstance(e.value, stream.UncheckedDestination)
+        with stream._pinned("nbds://host:10809/vda") as as_given:  # no path to pin
+            assert as_given == "nbds://host:10809/vda"

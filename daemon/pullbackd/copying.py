@@ -126,7 +126,9 @@ class Copy:
                         tuning=self._tuning,
                         on_progress=_follower(self.live, writer),
                         checksums=recorder(writer.regions) if writer else None,
-                        cluster=writer.cluster if writer else None, size=disk.size)
+                        cluster=writer.cluster if writer else None, size=disk.size,
+                        # An appliance's socket, as the job's places were checked.
+                        pinned=writer is None)
                     self.live.disk_done(result)
                 if job.destination == LOCAL:
                     await self._repository.store_files(job.domain, job.consumer,

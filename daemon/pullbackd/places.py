@@ -8,7 +8,9 @@ Invariants:
 - What was checked is what is used: `check` gives back the request with its
   `target_dir` and its destination's socket resolved, and the job keeps those (libvirt,
   as root, creates the push files; a symlink a client re-points after the check must
-  not move them).
+  not move them). A destination's socket is then reached at each connect with no link
+  followed (stream.py, `pinned`): an appliance may write the folder that holds its
+  socket, and swap the socket, or a folder, for a link once checked.
 - Nobody but root and pullbackd's user can change the folders between a push dir and a
   push's target_dir (each is theirs and not writable by group or others): the resolved
   path stays where it was checked until the files are made. The push dir itself, and

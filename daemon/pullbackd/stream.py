@@ -28,6 +28,26 @@ record that a request completed; the worker loop retires each one with
 `aio_command_completed`, whose answer alone is the request's outcome (libnbd 1.14
 tells a read the server answered short there, and not to the callback), and raises.
 
+A client's destination (`pinned`: an appliance's server, as places.check approved it,
+its socket's path resolved) is reached, at each connect (the first pair's, which the
+capabilities above are read from, and each pair opened mid-copy), at the very socket
+that path names, no link followed: each folder from / down, and the socket, is opened
+O_PATH|O_NOFOLLOW from the one above it, and libnbd connects to /proc/self/fd/N, which
+is that socket whatever is renamed meanwhile (`_pinned`). Whoever may write a folder on
+the path (the appliance, in its own) could otherwise swap the socket, or a folder, for
+a link once checked, or make one at a `{disk}` name Start could not look at: libnbd
+follows links as it connects, and would write this VM's disk into another appliance's
+server over its backup, or into any server pullbackd's user may reach and the appliance
+may not (the repository's writers). A link anywhere on the way, or a "..", fails the
+copy with UncheckedDestination before anything connects. Pinned rather than a check of
+the server's peer credentials (SO_PEERCRED) once connected: Start has no uid to approve
+(a `{disk}` socket need not exist yet, and a folder appliances share, root's, names
+none of them), a link could lead to another server of the approved uid all the same,
+and SO_PEERCRED names whoever called listen(), systemd for a socket-activated server,
+not who serves. A hard link to another's socket takes write access to it
+(fs.protected_hardlinks), which is what connecting to it takes: the appliance could
+write there itself.
+
 All of this blocks: `copy` runs in threads of its own. `stream` is the async
 face the daemon uses, and cancels the copy when its caller is cancelled.
 """
@@ -38,13 +58,16 @@ import bisect
 import contextlib
 import functools
 import math
+import os
 import queue
 import select
+import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote_plus, urlsplit
 
 import anyio
 import nbd
@@ -77,6 +100,14 @@ class StreamError(Exception):
 class UnfitDestination(StreamError):
     """The destination cannot take this disk as its server advertises itself: nothing
     was written. Another destination (or one set up otherwise) is needed."""
+
+
+class UncheckedDestination(StreamError):
+    """The destination's socket cannot be reached as places.check approved it: a link
+    on its path (put there since, or at a `{disk}` name), or a "..". Nothing connected
+    through it: what the copy wrote went to the socket at the path checked, if anywhere.
+    The appliance must serve its socket at the path it gave, with no link on the way,
+    and the backup be started again."""
 
 
 class BufferPool:
@@ -381,13 +412,14 @@ def split(piece: Piece, request_size: int, granule: int = 1) -> Iterator[Piece]:
 
 
 def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | None = None,
-             timeout: float | None = None, cancel: threading.Event | None = None
-             ) -> nbd.NBD:
+             timeout: float | None = None, cancel: threading.Event | None = None,
+             name: str | None = None) -> nbd.NBD:
     """A handle connected to `url`. With `timeout` (a destination: a server that may
     accept and never answer), its handshake done within that many seconds, StreamError
     if not or once `cancel` is set. Without (QEMU's own export), as libnbd connects:
     driving the connection ourselves while libvirt ended the backup left libvirt's
-    event thread waiting on QEMU for minutes."""
+    event thread waiting on QEMU for minutes. `name`: the server's, in errors (`url`
+    by default)."""
     h = nbd.NBD()
     # libnbd zeroes each read buffer first, in case a caller looks at it after a
     # failed read. We never do (a failed read fails the copy), and the memset
@@ -404,11 +436,88 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
     try:
         h.aio_connect_uri(url)
         _until(h, h.aio_is_ready, timeout, None if cancel is None else cancel.is_set,
-               f"{url}: no NBD handshake")
+               f"{name or url}: no NBD handshake")
     except BaseException:
         _drop(h)
         raise
     return h
+
+
+@contextlib.contextmanager
+def _pinned(url: str) -> Iterator[str]:
+    """`url`, its Unix socket named by a descriptor of the socket its path leads to with
+    no link followed (`_pinned_socket`), for as long as the context lasts: a connect to
+    the URL yielded reaches that socket whatever is renamed meanwhile. Other URLs (TCP)
+    as they are. UncheckedDestination, or StreamError if the socket is not there."""
+    u = urlsplit(url)
+    if not u.scheme.endswith("+unix"):
+        yield url
+        return
+    parts = u.query.split("&")
+    found = [i for i, part in enumerate(parts)
+             if unquote_plus(part.partition("=")[0]) == "socket"]
+    if len(found) != 1:
+        raise UncheckedDestination(f"{url} names {len(found)} sockets, not one")
+    path = unquote_plus(parts[found[0]].partition("=")[2])
+    fd = _pinned_socket(path)
+    try:
+        parts[found[0]] = f"socket={quote(f'/proc/self/fd/{fd}')}"
+        yield f"{u.scheme}://{u.netloc}{u.path}?{'&'.join(parts)}" + \
+            (f"#{u.fragment}" if u.fragment else "")
+    finally:
+        os.close(fd)
+
+
+def _pinned_socket(path: str) -> int:
+    """An O_PATH descriptor of the socket at `path`, absolute, reached with no link
+    followed: each folder from / down, then the socket, opened O_PATH|O_NOFOLLOW from the
+    one above it (a link so opened is the link itself, and refused). Raises
+    UncheckedDestination for a link or a "." or ".." on the way (a path places.check
+    resolved has none), StreamError if a part of it is not there or not what it must be
+    (the appliance's server is not listening)."""
+    names = path.split("/")
+    if not path.startswith("/") or not all(names[1:]) or any(n in (".", "..") for n in names):
+        raise UncheckedDestination(
+            f"the destination's socket {path} is not the resolved path places.check approved")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        walked = ""
+        for i, name in enumerate(names[1:], 1):
+            walked += "/" + name
+            try:
+                below = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                raise StreamError(f"cannot reach the destination's socket {path}: "
+                                  f"{walked}: {e.strerror}") from None
+            os.close(fd)
+            fd = below
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise UncheckedDestination(
+                    f"{walked} is a link (to {_link(walked)}), on the way to the "
+                    f"destination's socket {path}: pullbackd follows no link to a "
+                    "destination (the path was resolved as the backup's places were "
+                    "checked), and sent nothing through it. Have the appliance serve its "
+                    "socket at the path it gave, with no link on the way, and start the "
+                    "backup again")
+            if i < len(names) - 1 and not stat.S_ISDIR(mode):
+                raise StreamError(f"cannot reach the destination's socket {path}: "
+                                  f"{walked} is not a folder")
+        if not stat.S_ISSOCK(mode):
+            raise StreamError(f"the destination {path} is not a socket: no NBD server "
+                              "listens there")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _link(path: str) -> str:
+    """Where the link at `path` points, for a message."""
+    try:
+        return repr(os.readlink(path))
+    except OSError as e:
+        return f"somewhere: {e.strerror}"
 
 
 def _drop(h: nbd.NBD) -> None:
@@ -515,8 +624,10 @@ class _Copy:
                  on_progress: Callable[[Progress], None] | None,
                  checksums: Checksums | None, cancel: threading.Event,
                  only: Ranges | None = None, cluster: int | None = None,
-                 size: int | None = None) -> None:
+                 size: int | None = None, pinned: bool = False) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
+        #: A client's destination: its socket reached with no link followed (`_pinned`).
+        self.pinned = pinned
         self.size = size
         self.only = only
         self.cluster = cluster
@@ -585,15 +696,22 @@ class _Copy:
         finally:
             _close(planner_handle)
         if self.errors:
-            raise StreamError(str(self.errors[0])) from self.errors[0]
+            if isinstance(first := self.errors[0], StreamError):
+                raise first  # its kind tells what to do (UncheckedDestination)
+            raise StreamError(str(first)) from first
         if self.cancel.is_set():
             raise StreamError("cancelled")
         return counters.snapshot()
 
     def _connect_destination(self) -> nbd.NBD:
+        """Each pair's, the first one's (which the plan is fitted to) and those opened
+        mid-copy alike: a pinned destination's socket is looked for afresh each time."""
         try:
-            return _connect(self.destination, tls_certificates=self.tuning.tls_certificates,
-                            timeout=self.tuning.connect_timeout, cancel=self.cancel)
+            with _pinned(self.destination) if self.pinned else \
+                    contextlib.nullcontext(self.destination) as url:
+                return _connect(url, tls_certificates=self.tuning.tls_certificates,
+                                timeout=self.tuning.connect_timeout, cancel=self.cancel,
+                                name=self.destination)
         except nbd.Error as e:
             raise StreamError(str(e)) from e
 
@@ -889,7 +1007,8 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
          on_progress: Callable[[Progress], None] | None = None,
          checksums: Checksums | None = None,
          cancel: threading.Event | None = None, only: Ranges | None = None,
-         cluster: int | None = None, size: int | None = None) -> Progress:
+         cluster: int | None = None, size: int | None = None,
+         pinned: bool = False) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
     With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
@@ -897,18 +1016,21 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
     image), ranges the source reports as zero are skipped instead of written as
     zeros. With `cluster`, every write covers whole clusters of that many bytes
     (`whole_clusters`). With `size`, a source of another size is an error before
-    anything is written. Raises StreamError.
+    anything is written. With `pinned` (a client's destination, as places.check gave
+    it back), its Unix socket is reached at each connect with no link followed
+    (`_pinned`): UncheckedDestination if there is one. Raises StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
                  on_progress, checksums, cancel or threading.Event(), only, cluster,
-                 size).run()
+                 size, pinned).run()
 
 
 async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  zeroed_destination: bool = False, tuning: Tuning | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
                  checksums: Checksums | None = None, only: Ranges | None = None,
-                 cluster: int | None = None, size: int | None = None) -> Progress:
+                 cluster: int | None = None, size: int | None = None,
+                 pinned: bool = False) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone (but for a connect to a source that did not
     greet within `Tuning.connect_timeout`, which ends by itself: `_connect_source`)."""
@@ -929,7 +1051,7 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
             outcome = await anyio.to_thread.run_sync(lambda: copy(
                 source, destination, bitmap=bitmap, zeroed_destination=zeroed_destination,
                 tuning=tuning, on_progress=on_progress, checksums=checksums, cancel=cancel,
-                only=only, cluster=cluster, size=size))
+                only=only, cluster=cluster, size=size, pinned=pinned))
         except StreamError as e:
             outcome = e
         finally:
