@@ -60,6 +60,22 @@ def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> No
         config.load(path)
 
 
+@pytest.mark.parametrize(("toml", "message"), [
+    (b"[jobs]\n# caf\xe9\nmax_active = 2\n", r"pullbackd.toml: not UTF-8 \(byte 12\)"),
+    (b'[control]\ngroup = "wheel\\u0000x"\n', "control.group must not hold a NUL character"),
+    (b'[push]\ndirs = ["/srv/\\u0000"]\n', "push.dirs must not hold a NUL character"),
+])
+def test_a_file_that_cannot_be_used_is_a_config_error(
+        tmp_path: Path, toml: bytes, message: str) -> None:
+    """Not UTF-8 (a comment in Latin-1), or a NUL in a name: refused with the file or the key,
+    as ConfigError, which is what a reload (reload.py) and the start catch; anything else
+    ended the daemon at a reload."""
+    path = tmp_path / "pullbackd.toml"
+    path.write_bytes(toml)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(path)
+
+
 def test_seconds_may_be_fractions(tmp_path: Path) -> None:
     """Every timeout is in seconds, a TOML integer or float; 0 turns the expiries off."""
     path = tmp_path / "pullbackd.toml"

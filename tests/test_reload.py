@@ -82,6 +82,17 @@ async def test_the_live_keys_apply_at_once_and_the_rest_wait_for_a_restart(
         assert "chains.keep" in told[0]["error"]
         assert rig.chains.keep == 3
 
+        # A file that is not UTF-8 (a Latin-1 comment) ended the daemon, every reader cut.
+        (tmp_path / "pullbackd.toml.d" / "20-typo.toml").write_bytes(
+            b"# r\xe9serve\n[chains]\nkeep = 4\n")
+        with capture_logs() as logged:
+            assert await reload.reload(path, effective, live) is effective
+        told = [e for e in logged if e["event"].startswith("reload")]
+        assert [e["event"] for e in told] == [
+            "reload failed: the configuration does not load; nothing changed"]
+        assert "20-typo.toml: not UTF-8" in told[0]["error"]
+        assert rig.chains.keep == 3 and rig.jobs.get(first.id).state == JobState.READY
+
 
 @pytest.mark.asyncio
 async def test_a_reserve_raised_over_the_free_space_ends_no_backup(

@@ -257,7 +257,10 @@ def load(path: Path | None) -> Config:
     data: dict[str, Any] = {}
     for file in [] if path is None else [path, *drop_ins(path)]:
         try:
-            read = tomllib.loads(file.read_text())
+            # UTF-8, as TOML is, whatever the daemon's locale.
+            read = tomllib.loads(file.read_bytes().decode())
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not UTF-8 (byte {e.start}); TOML files are") from None
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{file}: {e}") from None
         for section, table in read.items():
@@ -287,6 +290,10 @@ def _build(cls: Any, data: Any, where: str) -> Any:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         f = fields[name]
+        # A path, a name or a URI with a NUL in it fails wherever it is used (ValueError).
+        if any(isinstance(v, str) and "\0" in v for v in
+               (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{key} must not hold a NUL character")
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, key)
