@@ -239,13 +239,17 @@ class FakeSource:
             files[NVRAM] = self.nvram[job.domain]
         return DomainFiles(files)
 
-    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> int:
         await self._enter("freeze", job.domain)
         self.frozen.add(job.domain)
+        return 1
 
-    async def thaw(self, job: Job) -> None:
+    async def thaw(self, job: Job) -> int:
         await self._enter("thaw", job.domain)
+        if job.domain not in self.frozen:
+            return 0
         self.frozen.discard(job.domain)
+        return 1
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         skip = plan.skip

@@ -1899,6 +1899,58 @@ async def test_a_thaw_that_fails_hides_nothing_and_a_failed_freeze_is_thawed(
         assert source.called("thaw")[quiesce.THAW_ATTEMPTS:] == ["d1"]
 
 
+@pytest.mark.parametrize("how", ["thawed by someone else", "windows"])
+async def test_a_freeze_that_did_not_hold_through_the_begin_is_no_freeze(
+        tmp_path: Path, source: FakeSource, how: str) -> None:
+    """The guest was thawed while the backup began (its point in time taken): Windows' VSS
+    ends a freeze after 10 s by itself, and answers the thaw "couldn't hold writes" (the
+    next thaw finds nothing frozen); on Linux someone else's thaw leaves the agent nothing
+    to thaw. Such a job claimed "filesystem" consistency. "auto" goes on crash-consistent,
+    warned; "required" fails, its backup ended."""
+    source.agents.add("d1")
+    real_begin, real_thaw = source.begin, source.thaw
+    timed_out: set[str] = set()  # VSS ended the freeze by itself: the next thaw says so
+
+    async def begin(job: Job, plan: Plan, bases: dict[str, Base]) -> None:
+        source.frozen.discard(job.domain)  # the guest thaws, as the begin goes on
+        if how == "windows":
+            timed_out.add(job.domain)
+        await real_begin(job, plan, bases)
+
+    async def thaw(job: Job) -> int:
+        if job.domain in timed_out:
+            timed_out.discard(job.domain)
+            source.calls.append(("thaw", job.domain))
+            raise AgentError("unable to execute QEMU agent command 'guest-fsfreeze-thaw': "
+                             "couldn't hold writes: fsfreeze is limited up to 10 seconds",
+                             refused=True)
+        return await real_thaw(job)
+
+    source.begin = begin  # type: ignore[method-assign]
+    source.thaw = thaw  # type: ignore[method-assign]
+    async with running(tmp_path, source) as rig:
+        with rig.jobs.watch() as changes:
+            job = await rig.jobs.start(StartRequest("d1"))
+            told = [changes.receive_nowait()
+                    for _ in range(changes.statistics().current_buffer_used)]
+            warnings = [c.message or "" for c in told if c.kind == "warning"]
+        assert (job.state, job.consistency, job.frozen) == (JobState.READY, "crash", None)
+        [warning] = warnings
+        assert "no longer frozen when the backup had begun" in warning, warning
+        assert warning.endswith("the backup is crash-consistent")
+        assert source.frozen == set() and rig.store.load_thaws() == {}
+        await rig.jobs.abort(job.id)
+
+        with pytest.raises(errors.QuiesceFailed) as e:
+            await rig.jobs.start(StartRequest("d1", quiesce="required"))
+        assert "no longer frozen" in e.value.parameters["reason"]
+        [failed] = [j for j in rig.jobs.all() if j.id != job.id]
+        assert failed.state == JobState.FAILED
+        assert (failed.error or "").startswith("the backup began, but not frozen: ")
+        assert source.called("end") == ["d1", "d1"] and source.backups == {}
+        assert rig.checkpoints() == [] and rig.jobs.active("d1") is None
+
+
 async def thawed(source: FakeSource) -> None:
     """Until the fake's guest is thawed (within 10 s)."""
     with anyio.fail_after(10):

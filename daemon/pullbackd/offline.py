@@ -265,11 +265,11 @@ class OfflineSource:
     async def files(self, job: Job, plan: Plan) -> DomainFiles:
         return await self._files.capture(job.domain, plan.definition)
 
-    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> int:
         raise AgentError("the domain is shut off: nothing to freeze")
 
-    async def thaw(self, job: Job) -> None:
-        pass  # nothing was frozen
+    async def thaw(self, job: Job) -> int:
+        return 0  # nothing was frozen
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         if job.target_dir is not None:

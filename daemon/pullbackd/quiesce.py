@@ -19,6 +19,13 @@ Invariants:
 - "required" changes nothing when no agent is connected (checked before anything is
   recorded) and fails the job when the agent does not freeze; "auto" goes on
   crash-consistent, with a warning.
+- A job is "filesystem" consistent only if the freeze held until the begin ended: the
+  agent's answer to the thaw that follows tells that it thawed as many filesystems as
+  the freeze froze. A guest may end a freeze by itself (Windows' VSS after 10 s: the thaw
+  is answered "couldn't hold writes"), or someone else thaw it (it is answered less):
+  then the backup's point in time may be after the thaw, and it is crash-consistent
+  ("required": the job fails, its backup ended by the caller). A thaw the agent does not
+  answer tells nothing: the freeze did not end by itself as far as anyone knows.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class Quiesced:
     consistency: str
     frozen: float | None = None
     warning: str | None = None
+    #: "required", and the freeze did not hold until the begin ended: why. The backup
+    #: began; the caller ends it and fails the job (QuiesceFailed).
+    failed: str | None = None
 
 
 def check(request: StartRequest, plan: Plan) -> None:
@@ -83,53 +93,83 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
     if plan.agent:
         await thaws.take_over(job.domain)  # this Start's own thaw follows its begin
         try:
-            await source.freeze(job, request.mountpoints)
+            count = await source.freeze(job, request.mountpoints)
         except (AgentError, PullbackError) as e:
             why = f"the guest agent did not freeze the filesystems: {e}"
             # It may have frozen them all the same (libvirt stopped waiting first).
             with anyio.CancelScope(shield=True):
-                if not await thaw(source, job, attempts=1, frozen=False):
+                if not (await thaw(source, job, attempts=1, frozen=False)).thawed:
                     await thaws.owe(source, job)
         else:
-            return await _frozen(source, job, begin, thaws)
+            return await _frozen(source, job, request, count, begin, thaws)
     if request.quiesce == "required":
         raise QuiesceFailed(job.domain, why)
     await begin()
     return Quiesced("crash", warning=f"{why}; the backup is crash-consistent")
 
 
-async def _frozen(source: BackupSource, job: Job, begin: Callable[[], Awaitable[None]],
-                  thaws: Thaws) -> Quiesced:
+async def _frozen(source: BackupSource, job: Job, request: StartRequest, count: int,
+                  begin: Callable[[], Awaitable[None]], thaws: Thaws) -> Quiesced:
+    """`begin`, the guest's `count` filesystems frozen; thawed after it, whatever happens."""
     began = time.monotonic()
     try:
         crash.point("start.frozen")
         await begin()
     finally:
         with anyio.CancelScope(shield=True):  # a guest must never stay frozen
-            if not await thaw(source, job):
+            thawed = await thaw(source, job, froze=count)
+            if not thawed.thawed:
                 await thaws.owe(source, job)
-    return Quiesced("filesystem", round(time.monotonic() - began, 3))
+    frozen = round(time.monotonic() - began, 3)
+    if thawed.held is not False:
+        return Quiesced("filesystem", frozen)
+    why = (f"the guest's filesystems were no longer frozen when the backup had begun "
+           f"({frozen:g} s after the freeze: {thawed.why}), and the backup's point in time "
+           "may be after that")
+    if request.quiesce == "required":
+        return Quiesced("crash", failed=why)
+    return Quiesced("crash", warning=f"{why}; the backup is crash-consistent")
+
+
+@dataclass(frozen=True)
+class Thawed:
+    """What a thaw did: whether the guest is thawed, and whether the freeze still held
+    when it was asked, by the agent's answer to the first try (`held`; None: that try was
+    not answered, or failed before it reached the agent), and if not, why."""
+
+    thawed: bool
+    held: bool | None = None
+    why: str = ""
 
 
 async def thaw(source: BackupSource, job: Job, attempts: int = THAW_ATTEMPTS, *,
-               frozen: bool = True) -> bool:
+               frozen: bool = True, froze: int = 1) -> Thawed:
     """Thaw the job's guest (nothing frozen: nothing done), trying again a few times;
-    whether it is thawed. Logs what it could not do (and, if the guest may be `frozen`,
-    how to thaw it), and never raises: a thaw that fails must not hide the result of
-    what it follows."""
+    whether it is thawed, and whether the `froze` filesystems a freeze froze were all still
+    frozen. Logs what it could not do (and, if the guest may be `frozen`, how to thaw
+    it), and never raises: a thaw that fails must not hide the result of what it
+    follows."""
+    held: bool | None = None
+    why = ""
     for attempt in range(1, attempts + 1):
         try:
-            await source.thaw(job)
-            return True
+            count = await source.thaw(job)
         except (AgentError, PullbackError) as e:
             log.warning("cannot thaw the guest's filesystems", job=job.id, attempt=attempt,
                         error=str(e))
+            if attempt == 1 and isinstance(e, AgentError) and e.refused:
+                held, why = False, f"the agent answered the thaw: {e}"
             if attempt < attempts:
                 await anyio.sleep(1)
+            continue
+        if attempt == 1:
+            held = count >= max(1, froze)
+            why = f"the agent thawed {count} of the {froze} filesystems it froze"
+        return Thawed(True, held, why)
     if frozen:
         log.error("the guest's filesystems may still be frozen: thaw them with `virsh "
                   f"domfsthaw {job.domain}`", job=job.id)
-    return False
+    return Thawed(False, held, why)
 
 
 @dataclass

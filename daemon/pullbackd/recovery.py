@@ -113,7 +113,7 @@ class Recovery:
         # anything that may fail, or leave the job as found; if the agent does not
         # answer, once it does.
         if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline \
-                and not await quiesce.thaw(self._source, job, attempts=1):
+                and not (await quiesce.thaw(self._source, job, attempts=1)).thawed:
             await self._jobs.thaws.owe(self._source, job)
         runs = await self._source.running(job)
         if runs and job.kind == Kind.PULL and not await self._source.reachable(job):

@@ -146,12 +146,12 @@ class BackupSource(Protocol):
         """The domain's own files (domainfiles.py), as the job's backup begins (`plan`:
         the job's). Raises nothing: what it cannot read is `missing`."""
 
-    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
-        """Freeze the guest's filesystems for the job's backup to begin. Raises
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> int:
+        """Freeze the guest's filesystems for the job's backup to begin: how many. Raises
         AgentError."""
 
-    async def thaw(self, job: Job) -> None:
-        """Thaw them (nothing frozen: nothing to do). Raises AgentError."""
+    async def thaw(self, job: Job) -> int:
+        """Thaw them: how many were frozen (none: nothing done). Raises AgentError."""
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         """The backup the source began: how it serves each disk. Raises LibvirtError
@@ -241,7 +241,7 @@ class LibvirtSource:
     async def files(self, job: Job, plan: Plan) -> DomainFiles:
         return await self._files.capture(job.domain, plan.definition)
 
-    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> int:
         count = await self._virt.fs_freeze(job.domain, mountpoints, self._agent_timeout)
         log.info("froze the guest's filesystems", job=job.id, filesystems=count)
         # The agent skips, without an error, what it does not find or cannot freeze.
@@ -249,9 +249,10 @@ class LibvirtSource:
         if count < asked:
             raise AgentError(f"it froze {count} filesystems, not "
                              + (f"the {asked} asked" if mountpoints else "any"))
+        return count
 
-    async def thaw(self, job: Job) -> None:
-        await self._virt.fs_thaw(job.domain, min(self._agent_timeout, THAW_WAIT))
+    async def thaw(self, job: Job) -> int:
+        return await self._virt.fs_thaw(job.domain, min(self._agent_timeout, THAW_WAIT))
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         bitmaps = [d for d, b in bases.items() if b.bitmap]

@@ -45,11 +45,11 @@ class Sources:
     async def files(self, job: Job, plan: Plan) -> DomainFiles:
         return await self._of(job).files(job, plan)
 
-    async def freeze(self, job: Job, mountpoints: list[str] | None) -> None:
-        await self._of(job).freeze(job, mountpoints)
+    async def freeze(self, job: Job, mountpoints: list[str] | None) -> int:
+        return await self._of(job).freeze(job, mountpoints)
 
-    async def thaw(self, job: Job) -> None:
-        await self._of(job).thaw(job)
+    async def thaw(self, job: Job) -> int:
+        return await self._of(job).thaw(job)
 
     async def exports(self, job: Job, bases: dict[str, Base]) -> Begun:
         return await self._of(job).exports(job, bases)

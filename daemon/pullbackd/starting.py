@@ -46,7 +46,7 @@ from . import crash, quiesce
 from .admission import Admission
 from .chain import Base, Chains
 from .domainfiles import DomainFiles
-from .errors import NoSuchCheckpoint
+from .errors import NoSuchCheckpoint, QuiesceFailed
 from .logs import logged
 from .model import (
     LOCAL,
@@ -272,10 +272,12 @@ class Starts:
             await anyio.to_thread.run_sync(self._scratch.check, sum(plan.sizes.values()),
                                            others)
 
-    async def _fail_begun(self, job: Job, e: Exception) -> None:
+    async def _fail_begun(self, job: Job, e: Exception,
+                          what: str = "the backup started but could not be read") -> None:
         """A Start that failed once the source had begun: what it set going stopped, the
-        backup ended, its checkpoint discarded, the job recorded as failed."""
-        error = f"the backup started but could not be read: {e}"
+        backup ended, its checkpoint discarded, the job recorded as failed (`what`: how
+        far it went, before why it failed)."""
+        error = f"{what}: {e}"
         with logged("cannot stop a half-started backup's copy or endpoint", job=job.id):
             await self._unstart(job)
         try:
@@ -328,6 +330,12 @@ class Starts:
             await self._discard_checkpoint(job)
             await self._records.save(job.failed(f"the backup did not start: {e}"))
             raise
+        if quiesced.failed is not None:
+            # "required", and the freeze did not hold until the begin ended: what began is
+            # not the backup that was asked for.
+            error = QuiesceFailed(job.domain, quiesced.failed)
+            await self._fail_begun(job, error, "the backup began, but not frozen")
+            raise error
         crash.point("start.begun")
         job = dataclasses.replace(job, consistency=quiesced.consistency,
                                   frozen=quiesced.frozen)

@@ -135,7 +135,15 @@ class BrokenBitmap(Exception):
 
 
 class AgentError(Exception):
-    """The guest agent did not do what was asked; the message is libvirt's."""
+    """The guest agent did not do what was asked; the message is libvirt's. `refused`: the
+    agent answered, with an error (libvirt's internal error: "unable to execute QEMU agent
+    command"), so it did nothing of what was asked (qemu-ga undoes a freeze it could not
+    complete); else it may not have answered at all, and may do it yet (it answers in
+    order)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ShutOff(Exception):
@@ -505,7 +513,10 @@ class Virt:
         try:
             return await self._run(domain, call)
         except LibvirtError as e:
-            raise AgentError(e.parameters["message"]) from None
+            # Not answered, or gone while it ran: VIR_ERR_AGENT_UNRESPONSIVE.
+            raise AgentError(e.parameters["message"],
+                             refused=e.parameters["code"] == libvirt.VIR_ERR_INTERNAL_ERROR) \
+                from None
 
     async def abort_job(self, domain: str) -> bool:
         """End the domain's job, False if it had none. For a pull backup this is the normal end."""
