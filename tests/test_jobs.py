@@ -1951,6 +1951,44 @@ async def test_a_freeze_that_did_not_hold_through_the_begin_is_no_freeze(
         assert rig.checkpoints() == [] and rig.jobs.active("d1") is None
 
 
+async def test_a_freeze_the_agent_refuses_thaws_nobody_elses_freeze(
+        tmp_path: Path, source: FakeSource) -> None:
+    """Someone else froze the guest (`virsh domfsfreeze` before a storage snapshot): qemu-ga
+    refuses our freeze, and pullbackd thawed the guest under them. A refused freeze froze
+    nothing: no thaw follows, unless a thaw of ours was owed (an earlier freeze of ours
+    the agent did not answer may be what froze the guest; the thaw owed is asked again
+    only after THAW_AGAIN_EVERY, 5 s: the Start's own thaw is what thaws it here)."""
+    refused = AgentError("unable to execute QEMU agent command 'guest-fsfreeze-freeze': "
+                         "Command guest-fsfreeze-freeze has been disabled: the agent is in "
+                         "frozen state", refused=True)
+    source.agents.add("d1")
+    source.frozen.add("d1")  # someone else's freeze
+    source.errors["freeze"] = refused
+    async with running(tmp_path, source) as rig:
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert (job.state, job.consistency) == (JobState.READY, "crash")
+        assert source.called("thaw") == [] and source.frozen == {"d1"}
+        assert rig.store.load_thaws() == {}
+        await rig.jobs.abort(job.id)
+        with pytest.raises(errors.QuiesceFailed):
+            await rig.jobs.start(StartRequest("d1", quiesce="required"))
+        assert source.called("thaw") == [] and source.frozen == {"d1"}
+
+        # A freeze of ours the agent did not answer, which then froze the guest.
+        source.frozen.clear()
+        source.errors["freeze"] = source.errors["thaw"] = AgentError(
+            "Guest agent is not responding")
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert rig.store.load_thaws() == {"d1": job.id}
+        await rig.jobs.abort(job.id)
+        source.frozen.add("d1")
+        source.errors["freeze"] = refused
+        del source.errors["thaw"]
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert job.consistency == "crash" and source.frozen == set()
+        assert rig.store.load_thaws() == {}
+
+
 async def thawed(source: FakeSource) -> None:
     """Until the fake's guest is thawed (within 10 s)."""
     with anyio.fail_after(10):

@@ -16,6 +16,10 @@ Invariants:
   (its writes held up, say): after a freeze or a thaw that went unanswered, a thaw is owed,
   recorded, and asked in the background until one is answered, across restarts (`Thaws`);
   a new freeze of the domain takes it over.
+- A freeze the agent refused (it answered with an error: AgentError.refused) froze
+  nothing, and is followed by no thaw: the guest may be frozen by someone else (qemu-ga
+  refuses a freeze while frozen), theirs to thaw; unless a thaw of ours was owed (an
+  earlier freeze of ours the agent did not answer may be what froze it).
 - "required" changes nothing when no agent is connected (checked before anything is
   recorded) and fails the job when the agent does not freeze; "auto" goes on
   crash-consistent, with a warning.
@@ -91,15 +95,21 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
         return Quiesced("crash")
     why = NO_AGENT
     if plan.agent:
-        await thaws.take_over(job.domain)  # this Start's own thaw follows its begin
+        owed = await thaws.take_over(job.domain)  # this Start's own thaw follows its begin
         try:
             count = await source.freeze(job, request.mountpoints)
         except (AgentError, PullbackError) as e:
             why = f"the guest agent did not freeze the filesystems: {e}"
-            # It may have frozen them all the same (libvirt stopped waiting first).
-            with anyio.CancelScope(shield=True):
-                if not (await thaw(source, job, attempts=1, frozen=False)).thawed:
-                    await thaws.owe(source, job)
+            if isinstance(e, AgentError) and e.refused and not owed:
+                # It froze nothing; the guest may be someone else's freeze, not ours to end.
+                log.info("not thawing the guest: its agent refused the freeze (it may be "
+                         "frozen by someone else)", job=job.id, error=str(e))
+            else:
+                # It may have frozen them all the same (libvirt stopped waiting first), or
+                # an earlier freeze of ours the agent did not answer may have.
+                with anyio.CancelScope(shield=True):
+                    if not (await thaw(source, job, attempts=1, frozen=False)).thawed:
+                        await thaws.owe(source, job)
         else:
             return await _frozen(source, job, request, count, begin, thaws)
     if request.quiesce == "required":
@@ -216,15 +226,16 @@ class Thaws:
             log.exception("cannot record a thaw owed", job=job.id, domain=job.domain)
         self._ask(source, job)
 
-    async def take_over(self, domain: str) -> None:
+    async def take_over(self, domain: str) -> bool:
         """No thaw owed the domain any more, none under way either (one in a worker
-        thread takes THAW_WAIT at most). Every thaw recorded is owed here from the start
-        on (`resume`): a domain owed none costs a Start no write."""
+        thread takes THAW_WAIT at most); whether one was. Every thaw recorded is owed here
+        from the start on (`resume`): a domain owed none costs a Start no write."""
         if (owed := self._owed.pop(domain, None)) is None:
-            return
+            return False
         owed.scope.cancel()
         await owed.over.wait()
         await self._forget(domain)
+        return True
 
     def resume(self, source: BackupSource, job_of: Callable[[str], Job | None]) -> None:
         """The thaws an earlier run owed (`job_of`: a job by its id; one forgotten since
