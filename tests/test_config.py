@@ -50,6 +50,12 @@ def test_shipped_config_is_the_defaults(pytestconfig: pytest.Config) -> None:
     ("[exports]\nmode = '0999'", "exports.mode must be an octal"),
     ("[exports]\nqemu_group = 'no-such-group-here'", "exports.qemu_group: no group"),
     ("[exports]\nconnections = 0", "exports.connections must be at least 1"),
+    # 0 closed every connection but root's (an appliance's Start, Finish) at once.
+    ("[control]\nconnections = 0", "control.connections must be at least 1"),
+    ("[control]\nconnections_per_user = 0", "control.connections_per_user must be at least 1"),
+    ("[exports]\ntcp_handshakes = 0", "exports.tcp_handshakes must be at least 1"),
+    ("[exports]\ntcp_handshakes_per_address = 0",
+     "exports.tcp_handshakes_per_address must be at least 1"),
     ("[exports]\ntcp_listen = 'nope'", "exports.tcp_listen must be"),
     ("[exports]\ntcp_listen = ':10809'", "exports.tls_certificates: no server-cert.pem"),
 ])

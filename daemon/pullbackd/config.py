@@ -362,8 +362,14 @@ def _validate(config: Config) -> None:
                     raise ConfigError(f"exports.tls_certificates: no {name} in "
                                       f"{config.exports.tls_certificates!r} (the TCP endpoint "
                                       "is TLS only, unless exports.insecure_tcp)")
-    if config.exports.connections < 1:
-        raise ConfigError("exports.connections must be at least 1")
+    # Limits on what is open at once: 0 would shut everyone but root out (the control
+    # socket), or every appliance (the endpoints), where 0 elsewhere means no limit.
+    for key in ("control.connections", "control.connections_per_user",
+                "exports.connections", "exports.tcp_handshakes",
+                "exports.tcp_handshakes_per_address"):
+        section, _, name = key.partition(".")
+        if getattr(getattr(config, section), name) < 1:
+            raise ConfigError(f"{key} must be at least 1 (it is not turned off by 0)")
     for key in ("request_size", "connections", "in_flight", "memory"):
         if getattr(config.stream, key) < 1:
             raise ConfigError(f"stream.{key} must be at least 1")
