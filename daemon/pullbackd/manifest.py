@@ -1,16 +1,17 @@
 """A backup's manifest: what the repository knows of one backup file (its job,
 checkpoint, time, backing file, and a checksum of each region written), kept
-beside the file as JSON (`<NNNN>.json`, named by names.py). A file without its
-manifest is not a backup (repository.py); Verify reads a file back against it
-(verifying.py).
+beside the file as JSON (`<NNNN>.json`, named by names.py): its fields on the first
+line, its regions after them (`to_text`), so that a look-up reads the first line alone.
+A file without its manifest is not a backup (repository.py); Verify reads a file back
+against it (verifying.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import xxhash
@@ -52,6 +53,9 @@ def recorder(regions: list[Region]) -> stream.Checksums:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A backup's own fields: all but its regions, which only what reads its data back
+    needs (`from_text`); every look-up of a backup reads these alone (`from_first_line`)."""
+
     sequence: int
     domain: str
     consumer: str
@@ -63,7 +67,8 @@ class Manifest:
     size: int
     #: The file this one is an overlay on, in the same folder; None for a full backup.
     backing: str | None
-    regions: tuple[Region, ...] = field(default=())
+    #: The bytes its regions hold.
+    bytes: int = 0
     #: The kind of the regions' checksums.
     checksums: str = CHECKSUM
 
@@ -71,20 +76,37 @@ class Manifest:
     def file(self) -> str:
         return names.backup_name(self.sequence)
 
-    @property
-    def bytes(self) -> int:
-        return sum(r.length for r in self.regions)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self) | {
-            "bytes": self.bytes,
-            "regions": [[r.offset, r.length, r.checksum] for r in self.regions],
-        }, indent=1)
+#: What ends a manifest's first line: its regions follow, one per line.
+_REGIONS = ', "regions": [\n'
 
-    @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data: dict[str, Any] = json.loads(text)
-        data.pop("bytes", None)  # derived from the regions
-        data.setdefault("checksums", "sha256")  # written before manifests named theirs
-        return cls(**data | {"regions": tuple(Region(*r) for r in data["regions"])})
 
+def to_text(manifest: Manifest, regions: Sequence[Region]) -> str:
+    """A manifest as JSON: its fields on the first line (a raw newline is in no JSON
+    string), then its regions, one per line, so that `from_first_line` reads a backup's fields
+    without its regions (a full backup of a 1 TiB disk has some two million)."""
+    return (json.dumps(asdict(manifest))[:-1] + _REGIONS
+            + ",\n".join(json.dumps([r.offset, r.length, r.checksum]) for r in regions)
+            + "\n]}\n")
+
+
+def from_first_line(first_line: str) -> Manifest:
+    """A manifest's fields from its first line (`to_text`); ValueError if the line is not
+    one (a manifest written before this layout: read it whole with `from_text`)."""
+    if not first_line.endswith(_REGIONS):
+        raise ValueError("not a manifest's first line")
+    return _manifest(json.loads(first_line[:-1] + "]}"))
+
+
+def from_text(text: str) -> tuple[Manifest, tuple[Region, ...]]:
+    """A manifest and its regions, in any layout pullbackd wrote."""
+    data: dict[str, Any] = json.loads(text)
+    regions = tuple(Region(*r) for r in data["regions"])
+    data.setdefault("bytes", sum(r.length for r in regions))  # written before it was kept
+    return _manifest(data), regions
+
+
+def _manifest(data: dict[str, Any]) -> Manifest:
+    data.pop("regions")
+    data.setdefault("checksums", "sha256")  # written before manifests named theirs
+    return Manifest(**data)

@@ -40,8 +40,8 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,16 @@ import structlog
 from . import crash, domainfiles, names, orphans, qcow2, qemu_nbd, stream, verifying, writers
 from .durable import Moved, create_in, fsync, fsync_dir, makedirs, unlink_same, write_new
 from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
-from .manifest import CHECKSUM, CHECKSUMS, Manifest, Region, checksum
+from .manifest import (
+    CHECKSUM,
+    CHECKSUMS,
+    Manifest,
+    Region,
+    checksum,
+    from_first_line,
+    from_text,
+    to_text,
+)
 from .names import Served
 from .qsd import StorageDaemonError
 from .uses import Uses
@@ -199,6 +208,12 @@ class Repository:
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         return _manifests(self.folder(domain, consumer, disk))
 
+    def regions(self, manifest: Manifest) -> tuple[Region, ...]:
+        """What backup `manifest` wrote, from its manifest (RepositoryError if damaged, or
+        no longer that backup's). Blocks."""
+        return _read_regions(self.folder(manifest.domain, manifest.consumer, manifest.disk),
+                             manifest)
+
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
         """The backup of a disk at a checkpoint (the newest without one). Its manifests
         are read newest first, up to it: a backup starts from the newest, and a chain
@@ -321,10 +336,10 @@ class Repository:
             raise RepositoryError(str(writer.partial), (
                 f"BUG: {bad.length} bytes at {bad.offset} were written in part of a "
                 f"{cluster}-byte cluster: the file is no backup"))
-        manifest = Manifest(**asdict(writer.manifest) | {
-            "regions": tuple(sorted(writer.regions, key=lambda r: r.offset))})
+        regions = sorted(writer.regions, key=lambda r: r.offset)
+        manifest = dataclasses.replace(writer.manifest, bytes=sum(r.length for r in regions))
         final = writer.folder / manifest.file
-        await anyio.to_thread.run_sync(_store, writer, final, manifest)
+        await anyio.to_thread.run_sync(_store, writer, final, manifest, regions)
         log.info("backup stored", file=str(final), bytes=manifest.bytes, job=manifest.job)
         return manifest
 
@@ -474,9 +489,12 @@ class Repository:
 
     async def verify_disk(self, domain: str, consumer: str, disk: str
                           ) -> tuple[int, list[str]]:
-        """`verify` every backup of a disk: how many there are, and the problems."""
-        manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer, disk)
-        return len(manifests), await self.verify(*manifests)
+        """`verify` every backup of a disk: how many there are, and the problems. They
+        are looked up once the disk's backups are Verify's to read (a prune is not
+        dropping them)."""
+        with self._uses.using(self.folder(domain, consumer, disk)):
+            manifests = await anyio.to_thread.run_sync(self.manifests, domain, consumer, disk)
+            return len(manifests), await self._verify(*manifests) if manifests else []
 
     async def verify(self, *manifests: Manifest) -> list[str]:
         """Re-read every region the backups `manifests` (of one disk: their files' names
@@ -500,10 +518,15 @@ class Repository:
         known = [i for i in range(len(manifests)) if i not in problems]
         for start in range(0, len(known), verifying.FILES_PER_SERVER):
             batch = known[start:start + verifying.FILES_PER_SERVER]
+            # Their regions read now, a batch's at a time: a manifest's may be millions.
             expected = await anyio.to_thread.run_sync(
                 _expected, folder, [manifests[i] for i in batch])
-            found = await self._check(expected)
-            problems |= dict(zip(batch, found, strict=True))
+            problems |= {i: [why] for i, why in zip(batch, expected, strict=True)
+                         if isinstance(why, str)}
+            readable = [(i, e) for i, e in zip(batch, expected, strict=True)
+                        if not isinstance(e, str)]
+            found = await self._check([e for _, e in readable]) if readable else []
+            problems |= dict(zip([i for i, _ in readable], found, strict=True))
         return [p for i in range(len(manifests)) for p in problems[i]]
 
     async def _check(self, expected: list[verifying.Expected]) -> list[list[str]]:
@@ -562,12 +585,21 @@ def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
     return chain
 
 
-def _expected(folder: Path, manifests: list[Manifest]) -> list[verifying.Expected]:
-    """What each backup's file in `folder` must hold. Blocks."""
-    return [verifying.Expected(
-        owned(folder / m.file), [(r.offset, r.length, r.checksum) for r in m.regions],
-        CHECKSUMS[m.checksums], backed=m.backing is not None, size=m.size)
-        for m in manifests]
+def _expected(folder: Path, manifests: list[Manifest]) -> list[verifying.Expected | str]:
+    """What the file of each backup in `folder` must hold (its manifest's regions), or
+    the problem of one whose manifest cannot tell (damaged, or no longer the one looked
+    up). Blocks."""
+    expected: list[verifying.Expected | str] = []
+    for m in manifests:
+        try:
+            regions = _read_regions(folder, m)
+        except RepositoryError as e:
+            expected.append(f"{m.file}: {e.parameters['reason']}")
+            continue
+        expected.append(verifying.Expected(
+            owned(folder / m.file), [(r.offset, r.length, r.checksum) for r in regions],
+            CHECKSUMS[m.checksums], backed=m.backing is not None, size=m.size))
+    return expected
 
 
 def _stored_jobs(root: Path) -> set[str]:
@@ -740,8 +772,9 @@ SCAN_CHUNK = 4 << 20
 
 def _flattened(m: Manifest, regions: tuple[Region, ...]) -> str:
     """The manifest of backup `m` once flattened into a standalone file holding `regions`."""
-    return Manifest(**asdict(m) | {"backing": None, "mode": "full", "regions": regions,
-                                   "checksums": CHECKSUM}).to_json()
+    return to_text(dataclasses.replace(
+        m, backing=None, mode="full", bytes=sum(r.length for r in regions),
+        checksums=CHECKSUM), regions)
 
 
 def _follow_flattened(image: Path) -> None:
@@ -781,10 +814,36 @@ def _create_target(to: Path) -> int:
 
 
 def _read_manifest(path: Path) -> Manifest:
-    """A manifest of the repository; RepositoryError if it is not one of ours, or damaged."""
+    """A manifest of the repository, from its first line alone (`manifest.from_first_line`; a
+    manifest of an earlier layout whole); RepositoryError if it is not one of ours, or
+    damaged."""
     owned(path)
+    with _damaged(path), path.open(encoding="utf-8") as f:
+        first = f.readline()
+        try:
+            return from_first_line(first)
+        except ValueError:
+            return from_text(first + f.read())[0]
+
+
+def _read_regions(folder: Path, m: Manifest) -> tuple[Region, ...]:
+    """The regions of backup `m` in `folder`, read whole from its manifest;
+    RepositoryError if damaged, or if the manifest is no longer `m`'s (a prune
+    flattened it since it was looked up)."""
+    path = owned(names.manifest(folder, m.sequence))
+    with _damaged(path):
+        now, regions = from_text(path.read_text(encoding="utf-8"))
+    if now != m:
+        raise RepositoryError(str(path), "this backup changed since it was looked up (a "
+                                         "prune merged older ones into it); verify again")
+    return regions
+
+
+@contextlib.contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """What a manifest that cannot be parsed raises."""
     try:
-        return Manifest.from_json(path.read_text())
+        yield
     except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
         raise RepositoryError(str(path), (
             f"damaged manifest ({type(e).__name__}: {e}): move it and its backup file out "
@@ -792,12 +851,13 @@ def _read_manifest(path: Path) -> Manifest:
             "too")) from None
 
 
-def _store(writer: Writer, final: Path, manifest: Manifest) -> None:
+def _store(writer: Writer, final: Path, manifest: Manifest, regions: list[Region]) -> None:
     """A written backup file becomes `final`, then its manifest is written. Blocks."""
     writer.behind.close()
     _durable_rename(writer.partial, final)
     crash.point("commit.renamed")
-    _durable_write(names.manifest(writer.folder, manifest.sequence), manifest.to_json())
+    _durable_write(names.manifest(writer.folder, manifest.sequence),
+                   to_text(manifest, regions))
 
 
 def _durable_rename(src: Path, dst: Path) -> None:
