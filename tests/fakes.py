@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import anyio
 
@@ -40,7 +41,8 @@ DISKS = {"vda": 1 << 20, "vdb": 2 << 20}
 
 class FakeVirt(Virt):
     """libvirt as chain.py and migration.py see it: each domain's checkpoints (libvirt's
-    XML of each), its metadata, whether it runs, and migrations (recorded, not done).
+    XML of each), its metadata, whether it runs, and migrations (recorded, not done);
+    and the domains a restore defines (`defined`).
     Like libvirt, it cannot delete a checkpoint of a domain that does not run; the
     bitmaps of one, chain.py has the offline source take out (`forget_bitmaps`)."""
 
@@ -53,6 +55,8 @@ class FakeVirt(Virt):
         self.migrated: list[tuple[str, str]] = []
         #: What `forget_bitmaps` was asked: (domain, disks, checkpoint).
         self.forgotten: list[tuple[str, list[str], str]] = []
+        #: Domains `define` defined (a restore's): name -> definition.
+        self.defined: dict[str, str] = {}
         self.errors: dict[str, Exception] = {}
 
     def _fail(self, method: str) -> None:
@@ -65,6 +69,14 @@ class FakeVirt(Virt):
             raise NoSuchDomain(name)
         xml = f"<domain><name>{name}</name></domain>"
         return Definition(xml, xml if self.running[name] else None)
+
+    async def exists(self, name: str) -> bool:
+        self._fail("exists")
+        return name in self.running or name in self.defined
+
+    async def define(self, xml: str) -> None:
+        self._fail("define")
+        self.defined[str(ElementTree.fromstring(xml).findtext("name"))] = xml
 
     async def domain(self, name: str, definition: bool = False) -> Domain:
         self._fail("domain")

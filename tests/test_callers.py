@@ -67,7 +67,7 @@ async def served(rig: Rig, tmp_path: Path, folder: Path,
     """The API on a control socket anyone may reach, served in the rig's task group."""
     repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
     rebuilder = Rebuilder(repository, rig.source.virt, tmp_path / "libvirt", "tss",
-                          stream.Tuning())
+                          stream.Tuning(), rig.jobs.did_not_complete)
     parts = api.Parts(rig.jobs, rig.migrations, rig.chains, repository, rebuilder,
                       stream.Tuning())
     service = api.service(parts, Roles(default=Role.ADMIN), limits)

@@ -170,7 +170,8 @@ async def running(tmp_path: Path, virt: FakeVirt, end_timeout: float = 5,
                 ScratchSpace(layout, 0), repository, admission=admission)
     parts = api.Parts(jobs, Migrations(jobs, admission, virt, grace=1, drain_timeout=1),
                       chains, repository,
-                      Rebuilder(repository, virt, tmp_path / "libvirt", "tss", stream.Tuning()),
+                      Rebuilder(repository, virt, tmp_path / "libvirt", "tss", stream.Tuning(),
+                                jobs.did_not_complete),
                       stream.Tuning())
     async with anyio.create_task_group() as tg:
         await tg.start(jobs.follow_events, _lost)

@@ -30,7 +30,7 @@ def source(tmp_path: Path) -> FakeSource:
 def tunables(rig: Rig, tmp_path: Path) -> reload.Tunables:
     repository = Repository(tmp_path / "repo", tmp_path / "nbd", 1 << 20)
     rebuilder = Rebuilder(repository, rig.source.virt, tmp_path / "libvirt", "tss",
-                          stream.Tuning())
+                          stream.Tuning(), rig.jobs.did_not_complete)
     parts = api.Parts(rig.jobs, rig.migrations, rig.chains, repository, rebuilder,
                       stream.Tuning())
     return reload.Tunables(api.service(parts), rig.exports, rig.chains, rig.serving,

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -22,22 +23,26 @@ import nbd
 import pytest
 import xxhash
 
-from pullbackd import api, crash, names, orphans, stream, verifying, writers
+from pullbackd import api, crash, names, orphans, qemu_nbd, stream, verifying, writers
 from pullbackd import repository as repository_module
+from pullbackd.chain import Base
 from pullbackd.domainfiles import DEFINITION, DomainFiles
 from pullbackd.durable import fsync, fsync_dir
-from pullbackd.errors import InvalidParameter, RepositoryError
+from pullbackd.errors import InvalidParameter, NoBackup, NoSuchCheckpoint, RepositoryError
 from pullbackd.manifest import Manifest, Region, checksum, from_text, recorder, to_text
+from pullbackd.model import LOCAL, Job, JobState, StartRequest
 from pullbackd.qemu_nbd import Server
 from pullbackd.rebuild import Rebuilder
 from pullbackd.repository import Repository
+from pullbackd.source import Plan
 from pullbackd.stream import Piece, Progress, whole_clusters
 from pullbackd.uses import Uses
 from pullbackd.writebehind import WriteBehind, direct_io
 
-from .fakes import FakeSource, FakeVirt
+from .fakes import FakeSource, FakeVirt, Stall
 from .images import MiB, assert_same
-from .test_jobs import running
+from .test_jobs import Rig, running
+from .test_jobs import ended as job_ended
 
 CLEAN, DAMAGED = 0x5A, 0x5B
 
@@ -1140,7 +1145,7 @@ def test_a_prune_that_finds_one_disk_damaged_drops_nothing_of_any_disk(
         (tmp_path / "source").mkdir()
         async with running(tmp_path, FakeSource(FakeVirt(), tmp_path / "source")) as rig:
             rebuilder = Rebuilder(repository, rig.virt, tmp_path / "libvirt", "tss",
-                                  stream.Tuning())
+                                  stream.Tuning(), rig.jobs.did_not_complete)
             backups = api.BackupAPI(api.Parts(rig.jobs, rig.migrations, rig.chains,
                                               repository, rebuilder, stream.Tuning()))
             with pytest.raises(RepositoryError) as refused:
@@ -1182,3 +1187,173 @@ def test_a_backup_is_looked_up_by_its_manifests_first_line_and_damage_after_it_i
     count, problems = verify_all(repository)
     assert count == 3
     assert len(problems) == 1 and problems[0].startswith("0002.qcow2: damaged manifest")
+
+
+#: d1's definition as the serving source gives it: the fake source's two disks.
+TWO_DISKS = """<domain><name>d1</name><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='/d/vda.qcow2'/><target dev='vda'/></disk>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='/d/vdb.qcow2'/><target dev='vdb'/></disk>
+</devices></domain>"""
+
+
+@dataclass
+class ServingSource(FakeSource):
+    """The fake source, serving each backup's disks for pullbackd's own copy as QEMU does:
+    what they held (`held`) when the backup began, as exports on the job's socket; its
+    domains' definitions name the two disks."""
+
+    held: dict[str, bytes] = field(default_factory=dict)
+    servers: dict[str, qemu_nbd.Server] = field(default_factory=dict)
+
+    async def files(self, job: Job, plan: Plan) -> DomainFiles:
+        files = await super().files(job, plan)
+        return DomainFiles({**files.files, DEFINITION: TWO_DISKS.encode()})
+
+    async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
+        await super().begin(job, plan, bases)
+        folder = self.dir / job.id
+        await anyio.Path(folder).mkdir()
+        images = []
+        for exported in self.backups[job.domain].begun.disks:
+            raw = folder / f"{exported.name}.raw"
+            await anyio.Path(raw).write_bytes(self.held[exported.name])
+            images.append(folder / str(exported.export))  # each served as its export
+            await anyio.run_process(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                                     str(raw), str(images[-1])])
+        server = self.servers[job.id] = verifying.server(images, self.socket(job))
+        await server.astart()
+
+    async def end(self, job: Job) -> bool:
+        if (server := self.servers.pop(job.id, None)) is not None:
+            await server.astop()
+        return await super().end(job)
+
+
+@dataclass
+class Held:
+    """Backups of d1 into the repository, each held before vdb's commit (vda's done),
+    and restores of them through the API into `folder`."""
+
+    rig: Rig
+    source: ServingSource
+    backups: api.BackupAPI
+    repository: Repository
+    folder: Path
+    #: A disk's next commit waits on its stall (then fails, if it says so: the writer's
+    #: failure, as the disk filled).
+    holding: dict[str, tuple[Stall, bool]] = field(default_factory=dict)
+
+    async def commit(self, repository: Repository, writer: repository_module.Writer) -> bool:
+        """Whether the commit of `writer` may go on, once released."""
+        if (held := self.holding.pop(writer.manifest.disk, None)) is None:
+            return True
+        stall, fails = held
+        stall.reached.set()
+        await stall.released.wait()
+        return not fails
+
+    async def backup(self, fails: bool = False) -> tuple[Job, dict[str, bytes], Stall]:
+        """A backup of d1 with new data, held once vda's file is committed."""
+        self.source.held = {disk: os.urandom(size) for disk, size in self.source.sizes.items()}
+        stall = Stall()
+        self.holding["vdb"] = (stall, fails)
+        job = await self.rig.jobs.start(StartRequest("d1", destination=LOCAL))
+        with anyio.fail_after(30):
+            await stall.reached.wait()
+        assert self.newest("vda") == job.id and self.newest("vdb") != job.id
+        return job, self.source.held, stall
+
+    def newest(self, disk: str) -> str | None:
+        """The job of the newest manifest of d1's `disk`."""
+        manifests = self.repository.manifests("d1", "default", disk)
+        return manifests[-1].job if manifests else None
+
+    async def assert_domain(self, name: str, job: Job, held: dict[str, bytes]) -> None:
+        """RestoreDomain without `at` restores `job`'s backup, every disk as it `held`."""
+        reply = await self.backups.RestoreDomain("d1", name, str(self.folder), format="raw")
+        assert reply["name"] in self.rig.virt.defined
+        assert (reply["checkpoint"], reply["dropped"]) == (job.checkpoint, [])
+        assert sorted(d["name"] for d in reply["disks"]) == sorted(held) == ["vda", "vdb"]
+        for disk in reply["disks"]:
+            assert_same(await anyio.Path(disk["file"]).read_bytes(), held[disk["name"]])
+
+    async def vda(self, name: str, at: str | None = None) -> tuple[str, bytes]:
+        """Restore of vda: its checkpoint, and the disk restored."""
+        reply = await self.backups.Restore("d1", "vda", str(self.folder / name), at=at,
+                                           format="raw")
+        return reply["checkpoint"], await anyio.Path(reply["file"]).read_bytes()
+
+
+@pytest.mark.asyncio
+async def test_a_restore_without_a_checkpoint_takes_the_newest_complete_backup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup into the repository is committed disk after disk, and is a backup once its
+    job completed. A restore without a checkpoint took the newest manifest's: while a
+    backup of d1 was being committed (vda's stored, vdb's not yet), or after it failed
+    between the two until its files were removed, RestoreDomain defined d1 as it was at
+    that backup with vdb "dropped" (as if the backup did not hold it), and Restore of vda
+    gave that backup's. Both take the newest backup whose job completed, every disk as it
+    was then; the checkpoint of a job that did not complete holds none (NoSuchCheckpoint),
+    and with no complete backup at all, NoBackup says so."""
+    source = ServingSource(FakeVirt(), tmp_path / "source")
+    source.dir.mkdir()
+    (tmp_path / "restore").mkdir()
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    used = {repository}
+    commit = Repository.commit
+
+    async def held_commit(self: Repository, writer: repository_module.Writer) -> Manifest:
+        used.add(self)  # the jobs' own, to close
+        if not await d1.commit(self, writer):
+            await self.abort(writer)
+            raise RepositoryError(str(writer.partial), "No space left on device")
+        return await commit(self, writer)
+
+    monkeypatch.setattr(Repository, "commit", held_commit)
+    async with running(tmp_path, source) as rig:
+        d1 = Held(rig, source, api.BackupAPI(api.Parts(
+            rig.jobs, rig.migrations, rig.chains, repository,
+            Rebuilder(repository, rig.virt, tmp_path / "libvirt", "tss", stream.Tuning(),
+                      rig.jobs.did_not_complete),
+            stream.Tuning(), restore_dirs=(tmp_path / "restore",))), repository,
+            tmp_path / "restore")
+
+        # The first backup, vda committed: no backup is complete yet.
+        first, first_held, stall = await d1.backup()
+        with pytest.raises(NoBackup) as none:
+            await d1.assert_domain("r0", first, first_held)
+        assert none.value.parameters == {"domain": "d1", "consumer": "default", "disk": None}
+        with pytest.raises(NoBackup) as none:
+            await d1.vda("vda0.raw")
+        assert none.value.parameters == {"domain": "d1", "consumer": "default", "disk": "vda"}
+        with pytest.raises(NoSuchCheckpoint):
+            await d1.vda("vda0.raw", at=first.checkpoint)
+        assert not list(d1.folder.iterdir()) and not rig.virt.defined
+        stall.release()
+        assert (await job_ended(rig.jobs, first.id)).state == JobState.COMPLETED
+
+        # The second, vda committed: the first is the newest complete backup.
+        second, second_held, stall = await d1.backup()
+        await d1.assert_domain("r1", first, first_held)
+        checkpoint, vda = await d1.vda("vda1.raw")
+        assert checkpoint == first.checkpoint
+        assert_same(vda, first_held["vda"])
+        stall.release()
+        assert (await job_ended(rig.jobs, second.id)).state == JobState.COMPLETED
+        await d1.assert_domain("r2", second, second_held)
+
+        # The third fails at vdb's commit; until its end removed vda's, it is no backup.
+        end = source.stall("end")
+        third, _, stall = await d1.backup(fails=True)
+        stall.release()
+        with anyio.fail_after(30):
+            await end.reached.wait()
+        assert d1.newest("vda") == third.id
+        await d1.assert_domain("r3", second, second_held)
+        end.release()
+        assert (await job_ended(rig.jobs, third.id)).state == JobState.FAILED
+        assert d1.newest("vda") == second.id
+        for one in used:
+            await one.close()

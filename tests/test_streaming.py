@@ -139,7 +139,8 @@ def test_verify_finds_damage(lab: Lab, daemon: Daemon, tmp_path: Path) -> None:
 def test_bad_restore_requests(daemon: Daemon, tmp_path: Path) -> None:
     e = daemon.ctl.error("Restore", domain="lab2", disk="vda", consumer="nobody",
                          to=str(tmp_path / "x.raw"))
-    assert e.short_name == "NoSuchCheckpoint"
+    assert (e.short_name, e.parameters) == (
+        "NoBackup", {"domain": "lab2", "consumer": "nobody", "disk": "vda"})
     existing = tmp_path / "exists.raw"
     existing.write_bytes(b"keep me")
     e = daemon.ctl.error("Restore", domain="lab2", disk="vda", to=str(existing))

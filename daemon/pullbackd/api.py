@@ -261,7 +261,8 @@ class BackupAPI:
         if await anyio.Path(target).exists() or await anyio.Path(target).is_symlink():
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.repository
-        manifest = await anyio.to_thread.run_sync(repository.at, domain, consumer, disk, at)
+        manifest = (await anyio.to_thread.run_sync(
+            repository.restorable, domain, consumer, at, self.jobs.did_not_complete, disk))[disk]
         await repository.restore(manifest, target, format or "raw", self.tuning)
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 

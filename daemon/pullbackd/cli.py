@@ -217,13 +217,13 @@ def _add_restore(top: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     domain.add_argument("--dir", required=True, type=os.path.abspath,
                         help="where its disks and NVRAM go (one of [restore] dirs)")
     domain.add_argument("--consumer")
-    domain.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
+    domain.add_argument("--at", metavar="CHECKPOINT", help="default: the newest complete backup")
     domain.add_argument("--format", choices=("raw", "qcow2"), help="default: qcow2")
     restore = top.add_parser("restore", help="rebuild a disk image from the local repository")
     restore.add_argument("domain")
     restore.add_argument("--disk", required=True)
     restore.add_argument("--consumer")
-    restore.add_argument("--at", metavar="CHECKPOINT", help="default: the newest backup")
+    restore.add_argument("--at", metavar="CHECKPOINT", help="default: the newest complete backup")
     restore.add_argument("--to", required=True, metavar="FILE", type=os.path.abspath)
     restore.add_argument("--format", choices=("raw", "qcow2"), help="default: raw")
 

@@ -66,6 +66,16 @@ class NoSuchCheckpoint(PullbackError):
             domain=domain, consumer=consumer, checkpoint=checkpoint)
 
 
+class NoBackup(PullbackError):
+    def __init__(self, domain: str, consumer: str, disk: str | None) -> None:
+        what = repr(domain) if disk is None else f"disk {disk!r} of {domain!r}"
+        super().__init__(
+            f"the local repository holds no complete backup of {what} for consumer "
+            f"{consumer!r} (a backup still being written, or one that failed, is none); "
+            "wait for the backup under way to complete, or back the domain up with "
+            "destination \"local\"", domain=domain, consumer=consumer, disk=disk)
+
+
 class TargetNotWritable(PullbackError):
     def __init__(self, target_dir: str, reason: str) -> None:
         super().__init__(f"cannot write push backups into {target_dir}: {reason}",

@@ -30,9 +30,8 @@ import structlog
 from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
 from .durable import Moved, create_in, fill, fsync_dir, unlink_same, write_new
-from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
-from .manifest import Manifest
-from .repository import Repository
+from .errors import InvalidParameter, RepositoryError
+from .repository import Repository, Unfinished
 from .virt import Virt
 from .xml import CHAINS_NS
 
@@ -65,8 +64,11 @@ class Restored:
 
 class Rebuilder:
     def __init__(self, repository: Repository, virt: Virt, state_dir: Path, swtpm_user: str,
-                 tuning: stream.Tuning) -> None:
+                 tuning: stream.Tuning, unfinished: Unfinished) -> None:
+        """`unfinished`: whether a job is known not to have completed (its backup is none:
+        Repository.restorable)."""
         self._repository = repository
+        self._unfinished = unfinished
         self._virt = virt
         self._state_dir = state_dir
         self._swtpm_user = swtpm_user
@@ -74,14 +76,15 @@ class Rebuilder:
 
     async def restore(self, domain: str, consumer: str, at: str | None, name: str,
                       folder: Path, fmt: str) -> Restored:
-        """Restore the backup of `domain` at checkpoint `at` (default: the newest) as the
-        new domain `name`, its files in `folder` (which exists: the caller checked it
-        may be written). Raises InvalidParameter (the name is taken), NoSuchCheckpoint,
-        RepositoryError, LibvirtError."""
+        """Restore the backup of `domain` at checkpoint `at` (default: the newest complete
+        one, Repository.restorable) as the new domain `name`, its files in `folder` (which
+        exists: the caller checked it may be written). Raises InvalidParameter (the name
+        is taken), NoBackup, NoSuchCheckpoint, RepositoryError, LibvirtError."""
         names.component("name", name)
         if await self._virt.exists(name):
             raise InvalidParameter("name", f"a domain {name!r} exists; choose a new name")
-        manifests = await anyio.to_thread.run_sync(self._backup, domain, consumer, at)
+        manifests = await anyio.to_thread.run_sync(
+            self._repository.restorable, domain, consumer, at, self._unfinished)
         checkpoint = next(iter(manifests.values())).checkpoint
         files = await anyio.to_thread.run_sync(
             self._repository.files_at, domain, consumer, checkpoint)
@@ -119,19 +122,6 @@ class Rebuilder:
                  dropped=list(rebuilt.dropped))
         return Restored(name, rebuilt.uuid, checkpoint, disks, nvram, tpm, rebuilt.dropped,
                         files.missing)
-
-    def _backup(self, domain: str, consumer: str, at: str | None) -> dict[str, Manifest]:
-        """Each disk's backup at checkpoint `at` (default: the newest backup's)."""
-        folder = names.consumer_folder(self._repository.root, domain, consumer)
-        chains = {d.name: self._repository.manifests(domain, consumer, d.name)
-                  for d in (names.disk_folders(folder) if folder.is_dir() else [])}
-        every = sorted((m for chain in chains.values() for m in chain), key=lambda m: m.created)
-        checkpoint = at if at is not None else every[-1].checkpoint if every else None
-        found = {disk: m for disk, chain in chains.items() for m in chain
-                 if m.checkpoint == checkpoint}
-        if not found:
-            raise NoSuchCheckpoint(domain, consumer, at or "")
-        return found
 
 
 def rebuild(definition: str, name: str, disks: Mapping[str, tuple[Path, str]],

@@ -51,7 +51,7 @@ import structlog
 
 from . import crash, domainfiles, names, orphans, qcow2, qemu_nbd, stream, verifying, writers
 from .durable import Moved, create_in, fsync, fsync_dir, makedirs, unlink_same, write_new
-from .errors import InvalidParameter, NoSuchCheckpoint, RepositoryError
+from .errors import InvalidParameter, NoBackup, NoSuchCheckpoint, RepositoryError
 from .manifest import (
     CHECKSUM,
     CHECKSUMS,
@@ -94,6 +94,11 @@ def image_server(image: Path, fmt: str, sock: Path, *, writable: bool,
     return qemu_nbd.Server(image, fmt, sock, read_only=not writable, shared=16,
                            cache=cache, persistent=True, tied=True)
 
+
+
+#: Whether a job is known not to have completed (it runs, or ended otherwise:
+#: Jobs.did_not_complete). What it stored in the repository is no backup (yet).
+Unfinished = Callable[[str], bool]
 
 
 @dataclass
@@ -215,15 +220,49 @@ class Repository:
                              manifest)
 
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
-        """The backup of a disk at a checkpoint (the newest without one). Its manifests
-        are read newest first, up to it: a backup starts from the newest, and a chain
-        grows by one each night."""
+        """The backup of a disk at a checkpoint (the newest without one, complete or not: a
+        restore looks its backup up with `restorable`). Its manifests are read newest
+        first, up to it: a backup starts from the newest, and a chain grows by one each
+        night."""
         folder = self.folder(domain, consumer, disk)
         for path in reversed(names.manifests(folder) if folder.is_dir() else []):
             manifest = _read_manifest(path)
             if checkpoint is None or manifest.checkpoint == checkpoint:
                 return manifest
         raise NoSuchCheckpoint(domain, consumer, checkpoint or "")
+
+    def restorable(self, domain: str, consumer: str, at: str | None, unfinished: Unfinished,
+                   disk: str | None = None) -> dict[str, Manifest]:
+        """What a restore reads: each disk's backup (`disk`'s alone, if named) at checkpoint
+        `at`, or without one at the newest complete backup's (by `created`). Blocks.
+
+        A backup is complete once its job completed (jobs.py): its disks are committed one
+        after another, and a job that fails between two has what it stored removed only
+        as it ends. So the files of a job `unfinished` names are left out: a restore while
+        a backup is being committed, or before a failed one's files are gone, takes the
+        backup before it, every disk as it was then (the newest manifest's checkpoint
+        restored the disks committed so far and "dropped" the others). A job the daemon
+        no longer knows completed: one that did not left nothing. `unfinished` is
+        called in this worker thread (Jobs.did_not_complete only looks a record up).
+
+        Raises NoBackup (no complete backup), NoSuchCheckpoint (none at `at`),
+        InvalidParameter (a name that is no folder's), RepositoryError (a manifest
+        that cannot be read)."""
+        consumer_dir = names.consumer_folder(self.root, domain, consumer)
+        folders = [self.folder(domain, consumer, disk)] if disk is not None else \
+            names.disk_folders(consumer_dir) if consumer_dir.is_dir() else []
+        chains = {f.name: [m for m in _manifests(f) if not unfinished(m.job)]
+                  for f in folders}
+        if at is None:
+            every = sorted((m for chain in chains.values() for m in chain),
+                           key=lambda m: m.created)
+            if not every:
+                raise NoBackup(domain, consumer, disk)
+            at = every[-1].checkpoint
+        found = {d: m for d, chain in chains.items() for m in chain if m.checkpoint == at}
+        if not found:
+            raise NoSuchCheckpoint(domain, consumer, at)
+        return found
 
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None) -> Writer:

@@ -156,7 +156,7 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     migrations = Migrations(jobs, admission, virt, cfg.migration.grace,
                             cfg.migration.drain_timeout)
     rebuilder = Rebuilder(repository, virt, cfg.libvirt.state_dir, cfg.libvirt.swtpm_user,
-                          tuning)
+                          tuning, jobs.did_not_complete)
     parts = api.Parts(jobs, migrations, chains, repository, rebuilder, tuning,
                       tuple(Path(d) for d in cfg.restore.dirs))
     return parts, Tunables(_control(cfg, parts), exports, chains, serving, scratch, jobs,
