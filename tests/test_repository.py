@@ -1357,3 +1357,38 @@ async def test_a_restore_without_a_checkpoint_takes_the_newest_complete_backup(
         assert d1.newest("vda") == second.id
         for one in used:
             await one.close()
+
+
+def test_the_newest_backup_restored_is_one_every_disk_of_it_reached(tmp_path: Path) -> None:
+    """A backup's manifests name every disk it stores: one that a crash cut short between
+    two disks' commits, whose job the daemon no longer knows (its database lost, or moved
+    aside as damaged: no job is known unfinished), is not the newest backup a restore
+    takes, which would define the domain with the disk not reached "dropped"; named,
+    it restores what it holds."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    disks = ("vda", "vdb")
+    data = {("cp1", d): os.urandom(MiB) for d in disks} | {("cp2", "vda"): os.urandom(MiB)}
+
+    async def run() -> None:
+        try:
+            for (checkpoint, disk), written in data.items():  # cp2's vdb never committed
+                writer = await repository.begin("lab1", "c", disk, SIZE, f"j-{checkpoint}",
+                                                checkpoint, checkpoint, None, disks)
+                await anyio.to_thread.run_sync(pwrite, writer.url, written, 0)
+                writer.regions.append(Region(0, MiB, checksum(written)))
+                await repository.commit(writer)
+        finally:
+            await repository.close()
+
+    anyio.run(run)
+    none_unfinished: Callable[[str], bool] = lambda job: False  # noqa: E731
+    newest = repository.restorable("lab1", "c", None, none_unfinished)
+    assert {d: m.checkpoint for d, m in newest.items()} == {"vda": "cp1", "vdb": "cp1"}
+    assert repository.restorable("lab1", "c", None, none_unfinished,
+                                 "vda")["vda"].checkpoint == "cp1"
+    named = repository.restorable("lab1", "c", "cp2", none_unfinished)
+    assert list(named) == ["vda"]
+    assert_restores(repository, named["vda"], data[("cp2", "vda")] + bytes(SIZE - MiB),
+                    tmp_path)
+    assert_restores(repository, newest["vdb"], data[("cp1", "vdb")] + bytes(SIZE - MiB),
+                    tmp_path)

@@ -167,7 +167,8 @@ class Copy:
         base = None if disk.since is None else await anyio.to_thread.run_sync(
             self._repository.at, job.domain, job.consumer, disk.name, disk.since)
         return await self._repository.begin(job.domain, job.consumer, disk.name, disk.size,
-                                            job.id, job.checkpoint, job.created, base)
+                                            job.id, job.checkpoint, job.created, base,
+                                            tuple(d.name for d in job.disks))
 
 
 def _follower(live: Live, writer: Writer | None) -> Callable[[stream.Progress], None]:

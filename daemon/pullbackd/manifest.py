@@ -71,6 +71,10 @@ class Manifest:
     bytes: int = 0
     #: The kind of the regions' checksums.
     checksums: str = CHECKSUM
+    #: Every disk its backup stores (this one among them), each in its own folder:
+    #: a backup is whole once each has its manifest (empty: written before they were
+    #: named).
+    disks: tuple[str, ...] = ()
 
     @property
     def file(self) -> str:
@@ -109,4 +113,5 @@ def from_text(text: str) -> tuple[Manifest, tuple[Region, ...]]:
 def _manifest(data: dict[str, Any]) -> Manifest:
     data.pop("regions")
     data.setdefault("checksums", "sha256")  # written before manifests named theirs
+    data["disks"] = tuple(data.get("disks", ()))
     return Manifest(**data)

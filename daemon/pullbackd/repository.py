@@ -244,17 +244,29 @@ class Repository:
         restored the disks committed so far and "dropped" the others). A job the daemon
         no longer knows completed: one that did not left nothing. `unfinished` is
         called in this worker thread (Jobs.did_not_complete only looks a record up).
+        Nor is the newest one that lacks a disk its manifests name (`whole`): one cut
+        short between two disks' commits by a crash whose job the daemon no longer
+        knows (its database lost, or moved aside as damaged).
 
         Raises NoBackup (no complete backup), NoSuchCheckpoint (none at `at`),
         InvalidParameter (a name that is no folder's), RepositoryError (a manifest
         that cannot be read)."""
+        if disk is not None:
+            self.folder(domain, consumer, disk)  # InvalidParameter if it is no folder's
         consumer_dir = names.consumer_folder(self.root, domain, consumer)
-        folders = [self.folder(domain, consumer, disk)] if disk is not None else \
-            names.disk_folders(consumer_dir) if consumer_dir.is_dir() else []
-        chains = {f.name: [m for m in _manifests(f) if not unfinished(m.job)]
-                  for f in folders}
+        every_chain = {f.name: [m for m in _manifests(f) if not unfinished(m.job)]
+                       for f in (names.disk_folders(consumer_dir) if consumer_dir.is_dir()
+                                 else [])}
+        stored: dict[str, set[str]] = {}
+        for m in (m for chain in every_chain.values() for m in chain):
+            stored.setdefault(m.checkpoint, set()).add(m.disk)
+
+        def whole(m: Manifest) -> bool:
+            return set(m.disks) <= stored[m.checkpoint]
+
+        chains = {d: chain for d, chain in every_chain.items() if disk in (None, d)}
         if at is None:
-            every = sorted((m for chain in chains.values() for m in chain),
+            every = sorted((m for chain in chains.values() for m in chain if whole(m)),
                            key=lambda m: m.created)
             if not every:
                 raise NoBackup(domain, consumer, disk)
@@ -265,24 +277,28 @@ class Repository:
         return found
 
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
-                    checkpoint: str, created: str, base: Manifest | None) -> Writer:
+                    checkpoint: str, created: str, base: Manifest | None,
+                    disks: tuple[str, ...] = ()) -> Writer:
+        """The file of `disk`'s backup at `checkpoint`, over `base`'s; `disks`: every disk
+        the backup stores (Manifest.disks)."""
         folder = self.folder(domain, consumer, disk)
         self._uses.write(folder)  # until the commit or the abort
         try:
             return await self._begin(folder, domain, consumer, disk, size, job, checkpoint,
-                                     created, base)
+                                     created, base, disks)
         except BaseException:
             self._uses.written(folder)
             raise
 
     async def _begin(self, folder: Path, domain: str, consumer: str, disk: str, size: int,
-                     job: str, checkpoint: str, created: str, base: Manifest | None) -> Writer:
+                     job: str, checkpoint: str, created: str, base: Manifest | None,
+                     disks: tuple[str, ...]) -> Writer:
         # Its backing file by a name relative to it, so the folder can move as a whole.
         backing = base.file if base else None
         sequence, direct = await anyio.to_thread.run_sync(self._new_file, domain, consumer,
                                                           disk, size, base)
         manifest = Manifest(sequence, domain, consumer, disk, job, checkpoint, created,
-                            "incremental" if base else "full", size, backing)
+                            "incremental" if base else "full", size, backing, disks=disks)
         partial = names.partial(folder, sequence)
         behind = None
         try:
