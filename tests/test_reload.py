@@ -6,16 +6,20 @@ reloads the installed service for real."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 
+import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from pullbackd import api, config, reload, stream
+from pullbackd import api, config, reload, service, stream
 from pullbackd.model import JobState, StartRequest
 from pullbackd.rebuild import Rebuilder
 from pullbackd.repository import Repository
 from pullbackd.roles import Role
+from pullbackd.sdnotify import Notifier
 
 from .fakes import FakeSource, FakeVirt
 from .test_jobs import Rig, filling, ready, running, three_pulls, until
@@ -112,6 +116,56 @@ async def test_a_reserve_raised_over_the_free_space_ends_no_backup(
         assert ready(rig, jobs) == ["d1", "d2", "d3"], [rig.jobs.get(j.id).error for j in jobs]
         assert [e["reserve"] for e in logged
                 if e["event"].startswith("scratch space is under")] == [rig.scratch.reserve]
+
+
+class Reloads(Notifier):
+    """What the daemon tells systemd, as far as a reload goes: each reload's end."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.send, self.told = anyio.create_memory_object_stream[str](8)
+
+    def ready(self, status: str) -> None:
+        self.send.send_nowait(status)
+
+
+@pytest.mark.asyncio
+async def test_a_reload_reads_the_default_file_made_since_the_start(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started with no configuration file (no --config, and no DEFAULT_CONFIG: every
+    setting its default), the daemon read none at a reload either, once the file was
+    written: `systemctl reload pullbackd` said "reloaded" and applied nothing. A reload
+    looks for DEFAULT_CONFIG as the start does; once read, it is the file reloads read
+    (gone, it changes nothing, as a file given with --config)."""
+    default = tmp_path / "etc" / "pullbackd.toml"
+    monkeypatch.setattr(service, "DEFAULT_CONFIG", default)
+    assert service.config_file(None) is None
+    started = config.load(None)
+    async with running(tmp_path, source) as rig:
+        live = tunables(rig, tmp_path)
+        notifier, keep = Reloads(), rig.chains.keep
+        await rig.tg.start(service._reload_on_signal, None, started, live, notifier)
+
+        async def reloaded() -> list[str]:
+            with capture_logs() as logged, anyio.fail_after(10):
+                os.kill(os.getpid(), signal.SIGHUP)
+                assert await notifier.told.receive() == "reloaded"
+            return [e["event"] for e in logged if e["event"].startswith("reload")]
+
+        assert await reloaded() == [  # nothing to read yet: it says so
+            "reload: no configuration file; every setting stays its default"]
+        assert rig.chains.keep == keep
+        default.parent.mkdir()
+        default.write_text("[chains]\nkeep = 3\n")
+        assert await reloaded() == ["reloaded"]
+        assert rig.chains.keep == 3
+        default.write_text("[chains]\nkeep = 4\n")
+        await reloaded()
+        assert rig.chains.keep == 4
+        default.unlink()
+        assert await reloaded() == [
+            "reload failed: the configuration does not load; nothing changed"]
+        assert rig.chains.keep == 4
 
 
 def test_every_key_is_known_and_the_live_ones_exist() -> None:

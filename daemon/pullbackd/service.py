@@ -52,9 +52,18 @@ DEFAULT_CONFIG = Path("/etc/pullbackd/pullbackd.toml")
 HANDOFF_TIMEOUT = 5.0
 
 
+def config_file(given: Path | None) -> Path | None:
+    """The configuration file: `given` (--config), else DEFAULT_CONFIG if it exists now;
+    None: there is none, and every setting is its default."""
+    if given is None and DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG
+    return given
+
+
 async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) -> int:
     """Serve until a signal (exit status 0) or until libvirt is lost (1: let systemd restart
-    us). `path`: the configuration file, read again at SIGHUP (reload.py)."""
+    us). `path`: the configuration file, read again at SIGHUP (reload.py); None if there
+    was none, and a reload looks for one (config_file)."""
     exports = _folders(cfg)
     inherited = sdnotify.listen_fds()
     activated = inherited.pop(names.CONTROL_FD, None)  # pullbackd.socket's, if it started us
@@ -210,13 +219,23 @@ async def _serve(listener: SocketListener, service: Service, path: Path | None) 
                 await anyio.Path(path).unlink(missing_ok=True)
 
 
-async def _reload_on_signal(path: Path | None, cfg: config.Config, tunables: Tunables,
-                            notifier: Notifier) -> None:
-    """SIGHUP (`systemctl reload pullbackd`): read the configuration again (reload.py)."""
+async def _reload_on_signal(
+        path: Path | None, cfg: config.Config, tunables: Tunables, notifier: Notifier, *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """SIGHUP (`systemctl reload pullbackd`): read the configuration again (reload.py).
+    With no file yet (`path` None), each reload looks for DEFAULT_CONFIG, as the start
+    did: one written since is read, and from then on it is the file reloads read (gone,
+    the reload fails and changes nothing, as with a file given with --config)."""
     with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
         async for _ in signals:
             notifier.reloading()
-            cfg = await reload.reload(path, cfg, tunables)
+            path = await anyio.to_thread.run_sync(config_file, path)
+            if path is None:
+                log.warning("reload: no configuration file; every setting stays its default",
+                            looked_for=str(DEFAULT_CONFIG))
+            else:
+                cfg = await reload.reload(path, cfg, tunables)
             notifier.ready("reloaded")
 
 
@@ -254,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-config", action="store_true",
                         help="print the effective configuration as JSON and exit")
     args = parser.parse_args(argv)
-    path = args.config
-    if path is None and DEFAULT_CONFIG.exists():
-        path = DEFAULT_CONFIG
+    path = config_file(args.config)
     try:
         cfg = config.load(path)
     except config.ConfigError as e:
