@@ -288,7 +288,7 @@ def test_list_pages_and_its_replies_stay_small(daemon: Daemon) -> None:
     assert len(everything) >= 3
     first = daemon.ctl.call("List", limit=2)
     assert [j["id"] for j in first["jobs"]] == [j["id"] for j in everything[:2]]
-    assert first["next"] == everything[1]["id"]
+    assert first["next"] is not None
     rest = daemon.ctl.call("List", after=first["next"], limit=200)
     assert [j["id"] for j in first["jobs"] + rest["jobs"]] == [j["id"] for j in everything]
     assert rest["next"] is None

@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ from pullbackd.domainfiles import Reader
 from pullbackd.exports import Exports
 from pullbackd.jobs import Jobs
 from pullbackd.migration import Migrations
-from pullbackd.model import Checkpoint, CheckpointState, Job, JobState, StartRequest, now
+from pullbackd.model import (
+    Checkpoint,
+    CheckpointState,
+    Job,
+    JobState,
+    StartRequest,
+    now,
+    timestamp,
+)
 from pullbackd.names import Layout, checkpoint_name
+from pullbackd.places import Places
 from pullbackd.rebuild import Rebuilder
 from pullbackd.repository import Repository
 from pullbackd.scratch import ScratchSpace
@@ -533,6 +543,39 @@ async def test_ended_jobs_are_forgotten_after_keep_finished(tmp_path: Path) -> N
         with pytest.raises(errors.NoSuchJob):
             jobs.get(old.id)
     assert [j.id for j in stored(tmp_path)] == [recent.id]
+
+
+@pytest.mark.asyncio
+async def test_list_pages_on_past_a_job_forgotten_between_two_pages(tmp_path: Path) -> None:
+    """`pullbackctl jobs` pages through List, each page `after` the `next` of the one
+    before. The job that ended the first page, forgotten before the second was asked
+    (ended over [jobs] keep_finished ago, as the next end found), made that page
+    NoSuchJob, and the listing failed. `next` is a position in List's order now: the
+    page after it holds the jobs after it, whatever was forgotten meanwhile."""
+    store = Store(tmp_path / "state.db")
+    hour_ago = timestamp(datetime.now(UTC) - timedelta(hours=1))
+    old = [Job(f"00000000000{n}", "d5", JobState.COMPLETED, "full", hour_ago,
+               ended=hour_ago) for n in "ab"]
+    for job in old:
+        await store.save_job(job)
+    store.close()
+    async with running(tmp_path, FakeVirt()) as rig:
+        jobs, backups = rig.jobs, api.BackupAPI(rig.parts)
+        kept = await jobs.start(StartRequest("d1"))
+        first = await backups.List(limit=2)
+        assert [j["id"] for j in first["jobs"]] == [j.id for j in old]
+        # Ended an hour ago is old now: the next end forgets both.
+        jobs.reconfigure(max_active=0, keep_finished=60, places=Places(None, None))
+        ended = await jobs.abort((await jobs.start(StartRequest("d2"))).id)
+        assert [j.id for j in jobs.all()] == [kept.id, ended.id]
+        rest = await backups.List(after=first["next"], limit=1)
+        assert [j["id"] for j in rest["jobs"]] == [kept.id]
+        last = await backups.List(after=rest["next"])
+        assert [j["id"] for j in last["jobs"]] == [ended.id] and last["next"] is None
+        # A job's id is a position too, while the job is known; an unknown one is none.
+        assert (await backups.List(after=kept.id))["jobs"] == last["jobs"]
+        with pytest.raises(errors.NoSuchJob):
+            await backups.List(after=old[1].id)
 
 
 class RefusesOneEnd(FakeVirt):

@@ -25,7 +25,7 @@ from . import __version__, domainfiles, names, stream
 from .chain import DEFAULT_CONSUMER, Chains, check_consumer
 from .control import idl
 from .control.server import Handler, Last, Limits, Service
-from .errors import BackupInProgress, InvalidParameter, NoSuchJob, WatchTooSlow
+from .errors import BackupInProgress, InvalidParameter, WatchTooSlow
 from .jobs import Jobs
 from .migration import Migrations
 from .model import Change, Job, JobState, Session, StartRequest, plain
@@ -42,6 +42,8 @@ PAGE = 200
 #: ...and their JSON, at most: some jobs are larger (a long destination, a long error:
 #: model.LONGEST), and a reply must stay under varlink's 1 MiB.
 PAGE_BYTES = 512 << 10
+#: What joins a List cursor's `created` and id: in neither (an RFC 3339 time, hex digits).
+CURSOR = "/"
 #: Problems in one Verify reply, at most (and at most PAGE_BYTES of them).
 PROBLEMS = 1000
 #: Progress events of a running job: at most one a second.
@@ -70,6 +72,17 @@ def _listed(job: Job, role: Role) -> dict[str, Any]:
     if record["appliance"] is not None:
         record["appliance"]["sessions"] = []
     return record
+
+
+def _place(job: Job) -> tuple[str, str]:
+    """A job's place in List's order, oldest first: by `created`, then by id. It never
+    changes, and it needs no other job: a job forgotten takes no other's place."""
+    return job.created, job.id
+
+
+def _cursor(job: Job) -> str:
+    """List's `next` after `job`: its place, which stays a place once the job is gone."""
+    return f"{job.created}{CURSOR}{job.id}"
 
 
 def _fitting(items: list[Any], most: int) -> int:
@@ -148,17 +161,24 @@ class BackupAPI:
         limit = PAGE if limit is None else limit
         if not 1 <= limit <= PAGE:
             raise InvalidParameter("limit", f"from 1 to {PAGE}")
-        jobs = [job for job in self.jobs.all()
-                if domain in (None, job.domain) and state in (None, job.state)]
+        jobs = sorted((job for job in self.jobs.all()
+                       if domain in (None, job.domain) and state in (None, job.state)),
+                      key=_place)
         if after is not None:
-            ids = [job.id for job in self.jobs.all()]
-            if after not in ids:
-                raise NoSuchJob(after)
-            later = set(ids[ids.index(after) + 1:])
-            jobs = [job for job in jobs if job.id in later]
+            position = self._position(after)
+            jobs = [job for job in jobs if _place(job) > position]
         records = [_listed(job, role) for job in jobs[:limit]]
         page = records[:_fitting(records, limit)]
-        return {"jobs": page, "next": page[-1]["id"] if len(jobs) > len(page) else None}
+        return {"jobs": page,
+                "next": _cursor(jobs[len(page) - 1]) if len(jobs) > len(page) else None}
+
+    def _position(self, after: str) -> tuple[str, str]:
+        """Where in List's order `after` is: a cursor (a page's `next`), whether its job is
+        still known or not, or the id of a job known now (NoSuchJob if none is)."""
+        created, slash, job_id = after.rpartition(CURSOR)
+        if slash:
+            return created, job_id
+        return _place(self.jobs.get(after))
 
     async def Watch(self, id: str | None = None, *, role: Role = Role.ADMIN
                     ) -> AsyncGenerator[dict[str, Any] | Last, None]:
