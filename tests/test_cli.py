@@ -20,9 +20,11 @@ from pullbackd.control.codec import Decoder, Reply, decode, encode, parse_call
 
 
 @contextlib.contextmanager
-def answering(tmp_path: Path, replies: dict[str, Reply]) -> Iterator[Path]:
+def answering(tmp_path: Path, replies: dict[str, Reply],
+              slow: dict[str, float] | None = None) -> Iterator[Path]:
     """A varlink socket that answers each call of a method in `replies` (by its short
-    name) with its reply, and any other with MethodNotFound; its path."""
+    name) with its reply, and any other with MethodNotFound; a method in `slow` after
+    that many seconds (the time it takes: a long Verify). Its path."""
     path = tmp_path / "control.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -30,10 +32,11 @@ def answering(tmp_path: Path, replies: dict[str, Reply]) -> Iterator[Path]:
 
     def serve(conn: socket.socket) -> None:
         decoder = Decoder()
-        with conn:
+        with conn, contextlib.suppress(ConnectionError):  # hung up before the answer
             while data := conn.recv(65536):
                 for frame in decoder.feed(data):
                     call = parse_call(decode(frame))
+                    threading.Event().wait((slow or {}).get(call.member, 0))
                     reply = replies.get(call.member, Reply(
                         {"method": call.method}, "org.varlink.service.MethodNotFound"))
                     conn.sendall(encode(reply.to_message()))
@@ -158,3 +161,69 @@ def test_a_socket_that_does_not_answer_varlink_is_said_so(
     assert (status, out) == (2, "")
     assert f"pullbackctl: cannot talk to pullbackd on {path}: it does not answer as " \
            "varlink" in err
+
+
+@contextlib.contextmanager
+def hung(tmp_path: Path, backlog: int = 8) -> Iterator[Path]:
+    """A pullbackd that hangs: its control socket listens, and the kernel accepts
+    connections into its backlog, but it never takes one, nor answers. Its path; once
+    over, each connection made is reset."""
+    path = tmp_path / "hung.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(backlog)
+        yield path
+
+
+def waited_for(sock: Path, capsys: pytest.CaptureFixture[str], *args: str
+               ) -> tuple[int, str, str]:
+    """pullbackctl's status and output, or AssertionError if it is still waiting after
+    10 s (it is then cut off: the caller's socket goes away)."""
+    done: list[tuple[int, str, str]] = []
+    thread = threading.Thread(target=lambda: done.append(pullbackctl(sock, capsys, *args)),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert done, f"pullbackctl {' '.join(args)} still waits for a daemon that never answers"
+    return done[0]
+
+
+def test_a_daemon_that_never_answers_is_said_so_within_the_timeout(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung pullbackd (the kernel accepts the connection; nothing answers it): every
+    pullbackctl waited forever, a monitoring script's too. It waits --timeout seconds for
+    an answer, then says what to look at and exits 2, whether the call only reads
+    (`jobs`) or would change something (`backup abort`: nothing was sent for it), and
+    when the socket's backlog is full (connections refused at once)."""
+    monkeypatch.setattr(cli, "DEFAULT_TIMEOUT", 0.2, raising=False)  # 30 s, in a test
+    for args in (["jobs"], ["--timeout", "0.2", "backup", "abort", "5d0c9a1e2f3b"],
+                 ["--timeout", "0.2", "watch"]):
+        with hung(tmp_path) as sock:
+            status, out, err = waited_for(sock, capsys, *args)
+        assert (status, out) == (2, ""), args
+        assert err == (f"pullbackctl: pullbackd does not answer on {sock} (waited 0.2 s): "
+                       "is it hung? see `systemctl status pullbackd` and `journalctl -u "
+                       "pullbackd`; --timeout S waits longer (0: as long as it takes)\n")
+        sock.unlink()
+    with hung(tmp_path, backlog=0) as sock, socket.socket(socket.AF_UNIX) as queued:
+        queued.connect(str(sock))  # the one place in the backlog
+        status, _, err = waited_for(sock, capsys, "--timeout", "0.2", "jobs")
+    assert status == 2 and "pullbackd does not answer on" in err
+
+
+def test_a_long_call_is_not_cut_off_by_the_timeout(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--timeout bounds how long pullbackd takes to answer, not how long a call that
+    changes something or runs long takes once it answered (a Verify reads every backup,
+    for hours; pullbackctl cut off would not know what was done); and a read takes as
+    long as it takes with --timeout 0."""
+    with answering(tmp_path, {"Verify": Reply(WHOLE), "List": Reply({"jobs": [], "next": None})},
+                   slow={"Verify": 0.6, "List": 0.6}) as sock:
+        status, out, _ = waited_for(sock, capsys, "--timeout", "0.2", "verify", "vm1")
+        assert (status, out) == (0, "3 backups checked, 0 problems\n")
+        status, out, err = waited_for(sock, capsys, "--timeout", "0.2", "jobs")
+        assert status == 2 and "pullbackd does not answer on" in err
+        status, out, _ = waited_for(sock, capsys, "--timeout", "0", "jobs")
+        assert (status, out.split()) == (0, ["ID", "DOMAIN", "CONSUMER", "STATE", "MODE",
+                                             "CREATED", "DISKS", "DONE"])

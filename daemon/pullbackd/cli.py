@@ -3,17 +3,19 @@
 Tables for people; with --json, exactly the varlink reply's parameters. A
 varlink error prints its name and parameters and exits 1, and so does what
 pullbackctl itself cannot do here (`Unsaved`); a daemon that cannot be reached,
-or does not answer as varlink, exits 2.
+does not answer within --timeout, or does not answer as varlink, exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,6 +24,44 @@ from .control.codec import ProtocolError
 
 DEFAULT_SOCKET = "/run/pullbackd/control.sock"
 IFACE = "org.pullbackd.Backup"
+#: Seconds pullbackd has to answer (--timeout).
+DEFAULT_TIMEOUT = 30.0
+#: The methods that only read and answer at once: the timeout bounds the whole call.
+#: Any other changes something or runs long (Start freezes a guest, Finish waits for the
+#: sessions, Verify reads every backup, Watch follows a job): pullbackd has the timeout
+#: to answer at all (org.varlink.service.GetInfo, first), then as long as the call takes,
+#: as pullbackctl cut off would not know what was done.
+READS = frozenset({"List", "Get", "ListCheckpoints", "DomainFiles", "ReadDomainFile"})
+
+
+class Daemon(Client):
+    """pullbackd's control socket, with pullbackctl's --timeout: pullbackd has `timeout`
+    seconds to take the connection, to answer each call that READS, and to answer at all
+    before the first other call (TimeoutError if it does not); None: no limit."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__(path, timeout)
+        self._bound = timeout
+        self._answered = timeout is None
+
+    def call(self, method: str, **parameters: Any) -> dict[str, Any]:
+        self._wait_for(method)
+        return super().call(method, **parameters)
+
+    def stream(self, method: str, **parameters: Any) -> Iterator[dict[str, Any]]:
+        self._wait_for(method)
+        return super().stream(method, **parameters)
+
+    def _wait_for(self, method: str) -> None:
+        if method.rpartition(".")[2] in READS:
+            self.timeout = self._bound
+            return
+        if not self._answered:
+            self.timeout = self._bound
+            with contextlib.suppress(VarlinkError):  # an error is an answer too
+                super().call("org.varlink.service.GetInfo")
+            self._answered = True
+        self.timeout = None
 
 
 def _size(n: int) -> str:
@@ -134,6 +174,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=os.environ.get("PULLBACKD_SOCKET", DEFAULT_SOCKET),
                    help=f"control socket (default: $PULLBACKD_SOCKET or {DEFAULT_SOCKET})")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds pullbackd has to answer (default: {DEFAULT_TIMEOUT:g}; "
+                        "0: no limit); a call that changes something or runs long (start, "
+                        "finish, verify, restore, watch...) then takes as long as it takes")
     top = p.add_subparsers(dest="group", required=True)
     backup = top.add_parser("backup", help="backup jobs").add_subparsers(dest="cmd", required=True)
     _add_start(backup)
@@ -177,6 +221,16 @@ def parser() -> argparse.ArgumentParser:
     delete.add_argument("domain")
     delete.add_argument("--consumer", required=True)
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0: no limit)")
+    return seconds
 
 
 def _add_start(backup: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -346,7 +400,7 @@ def migrate(client: Client, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with Client(args.socket) as client:
+    with Daemon(args.socket, args.timeout or None) as client:
         match args.group, getattr(args, "cmd", None):
             case "backup", "start":
                 reply = client.call(f"{IFACE}.Start", **_given(
@@ -444,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     except Unsaved as e:
         print(f"pullbackctl: {e}", file=sys.stderr)
         return 1
+    except TimeoutError:
+        print(f"pullbackctl: pullbackd does not answer on {args.socket} (waited "
+              f"{args.timeout:g} s): is it hung? see `systemctl status pullbackd` and "
+              "`journalctl -u pullbackd`; --timeout S waits longer (0: as long as it takes)",
+              file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"pullbackctl: cannot talk to pullbackd on {args.socket}: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,47 @@ class VarlinkError(Exception):
         return self.name.rpartition(".")[2]
 
 
+#: Seconds between two tries to connect while the listener's backlog is full.
+BACKLOG_RETRY = 0.05
+
+
 class Client:
     def __init__(self, path: Path | str, timeout: float | None = None) -> None:
+        """Connect to the service at `path`. `timeout`: seconds to wait for the
+        connection, and then for each reply (TimeoutError); None: no limit."""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(str(path))
+        try:
+            self._connect(str(path), timeout)
+        except BaseException:
+            self._sock.close()
+            raise
         self._decoder = Decoder()
         self._pending: list[dict[str, Any]] = []
+
+    def _connect(self, path: str, timeout: float | None) -> None:
+        """Connect within `timeout`. With one, a Unix socket whose backlog is full refuses
+        at once (EAGAIN) rather than waiting for room as a blocking connect does: tried
+        again until the time is up, then TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(path)
+                return
+            except BlockingIOError:
+                if deadline is None or (left := deadline - time.monotonic()) <= 0:
+                    raise TimeoutError(f"{path}: the backlog of connections to accept stayed "
+                                       f"full for {timeout} s") from None
+                time.sleep(min(BACKLOG_RETRY, left))
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds to wait for each reply from now on; None: no limit."""
+        return self._sock.gettimeout()
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._sock.settimeout(seconds)
 
     def __enter__(self) -> Client:
         return self
