@@ -33,7 +33,7 @@ from pullbackd.errors import (
 from pullbackd.model import Job, Kind, Scratch, now
 from pullbackd.names import CONSUMER, PREFIX, job_file
 from pullbackd.source import Begun, Exported, Plan, Sink, Unowned
-from pullbackd.virt import Definition, Domain, ShutOff, Virt
+from pullbackd.virt import AgentError, Definition, Domain, ShutOff, Virt
 
 #: Every domain's disks and their size in bytes (small: the scratch check is real).
 DISKS = {"vda": 1 << 20, "vdb": 2 << 20}
@@ -177,7 +177,8 @@ class FakeSource:
     - `ended`, `stopped`, `lose`: what libvirt's events tell, through `follow`'s sink;
     - `causes[domain]`: what `cause` answers, after a copy failed;
     - `unreachable`: domains whose exports nothing reaches (their socket went);
-    - `agents`: domains whose guest agent is connected; `frozen`, those frozen now;
+    - `agents`: domains whose guest agent is connected (`freeze` and `thaw` of another
+      raise AgentError, as libvirt does); `frozen`, those frozen now;
     - `nvram`: domains' NVRAM contents (`files`).
     `calls` records every call as (method, domain).
     """
@@ -253,15 +254,23 @@ class FakeSource:
 
     async def freeze(self, job: Job, mountpoints: list[str] | None) -> int:
         await self._enter("freeze", job.domain)
+        self._agent(job.domain)
         self.frozen.add(job.domain)
         return 1
 
     async def thaw(self, job: Job) -> int:
         await self._enter("thaw", job.domain)
+        self._agent(job.domain)
         if job.domain not in self.frozen:
             return 0
         self.frozen.discard(job.domain)
         return 1
+
+    def _agent(self, domain: str) -> None:
+        """As libvirt answers a call to the agent of a domain that has none connected."""
+        if domain not in self.agents:
+            raise AgentError("Guest agent is not responding: QEMU guest agent is not "
+                             "connected")
 
     async def begin(self, job: Job, plan: Plan, bases: dict[str, Base]) -> None:
         skip = plan.skip

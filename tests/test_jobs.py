@@ -23,9 +23,11 @@ from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.streams.text
 import pytest
 import structlog
 from structlog.testing import capture_logs
@@ -1594,7 +1596,9 @@ async def test_a_guest_a_crash_left_frozen_is_thawed_whatever_else_recovery_find
               checkpoint_name("c", job_id), quiesce="auto")
     store = Store(tmp_path / "state.db")
     await store.save_job(job, _recorded(job, CheckpointState.PENDING))
+    await store.save_freeze("d1", job_id)  # the freeze was asked
     store.close()
+    source.agents.add("d1")
     source.frozen.add("d1")
     if found == "busy":
         source.errors["running"] = errors.DomainBusy("d1", "query")
@@ -2031,6 +2035,7 @@ async def test_a_guest_whose_agent_does_not_answer_is_thawed_once_it_does(
     (tmp_path / "again").mkdir()
     store = Store(tmp_path / "again" / "state.db")
     await store.save_job(crashed, _recorded(crashed, CheckpointState.PENDING))
+    await store.save_freeze("d1", job_id)
     store.close()
     source.frozen.add("d1")
     source.errors["thaw"] = unanswered
@@ -2062,6 +2067,178 @@ async def test_a_new_freeze_takes_over_a_thaw_owed(
         assert rig.store.load_thaws() == {}
         source.stalls["begin"].release()
         await thawed(source)
+
+
+#: A daemon over the fake source in argv[1] starts a backup of d1, quiesce "auto" (its agent
+#: connected if argv[2] says so); it dies where crash.ENV says, or (argv[3] "kill") is
+#: killed while its freeze is asked: it prints "freezing" then.
+QUIESCED_START = """
+import sys
+from pathlib import Path
+import anyio
+from pullbackd.model import StartRequest
+from tests.fakes import FakeSource, FakeVirt
+from tests.test_jobs import running
+
+async def main() -> None:
+    tmp = Path(sys.argv[1])
+    source = FakeSource(FakeVirt(), tmp / "source")
+    if sys.argv[2] == "agent":
+        source.agents.add("d1")
+    async with running(tmp, source) as rig:
+        if sys.argv[3] != "kill":
+            await rig.jobs.start(StartRequest("d1"))
+            return
+        stall = source.stall("freeze")
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1"))
+        await stall.reached.wait()
+        print("freezing", flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def crash_a_quiesced_start(tmp_path: Path, agent: bool, point: str) -> None:
+    """A Start of d1 (quiesce "auto") in a daemon of its own that dies at crash `point`,
+    or is killed (`point` "kill") while the agent is asked to freeze."""
+    args = [sys.executable, "-c", QUIESCED_START, str(tmp_path),
+            "agent" if agent else "none", point]
+    cwd = Path(__file__).parent.parent
+    with anyio.fail_after(120):
+        if point != "kill":
+            killed = await anyio.run_process(args, check=False, cwd=cwd,
+                                             env=os.environ | {crash.ENV: point})
+            assert killed.returncode == crash.STATUS, killed.stderr.decode()
+            assert f"crash point {point}" in killed.stderr.decode()
+            return
+        async with await anyio.open_process(args, cwd=cwd, stderr=None) as daemon:
+            assert daemon.stdout is not None
+            async with anyio.streams.text.TextReceiveStream(daemon.stdout) as lines:
+                said = ""
+                async for text in lines:
+                    said += text
+                    if "\nfreezing\n" in "\n" + said:  # a line of its own
+                        break
+            daemon.kill()
+            assert await daemon.wait() == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(("agent", "point", "ours"), [
+    (True, "start.recorded", False),
+    (True, "kill", True),
+    (True, "start.frozen", True),
+    (True, "start.begun", False),
+    (False, "start.begun", False),
+], ids=["before-the-freeze", "while-freezing", "frozen", "after-the-thaw", "no-agent"])
+async def test_a_restart_thaws_only_a_guest_the_crashed_start_may_have_frozen(
+        tmp_path: Path, source: FakeSource, agent: bool, point: str, ours: bool) -> None:
+    """A crash during a quiesced Start. A restart thawed the guest of every job still
+    starting: one the crash left frozen (at start.frozen; killed while the agent was asked
+    to freeze: the freeze may have happened), but also one frozen by someone else while
+    pullbackd was down (`virsh domfsfreeze` before a storage snapshot) after a crash before
+    the freeze or after the thaw; and a domain without an agent ("auto" went on
+    crash-consistent) was asked for a thaw, then for another every 5 s for an hour. The
+    guest is frozen at the restart, by the crashed Start (`ours`) or by someone else."""
+    await crash_a_quiesced_start(tmp_path, agent, point)
+    source.frozen.add("d1")
+    if agent:
+        source.agents.add("d1")
+    async with running(tmp_path, source) as rig:
+        [job] = rig.jobs.all()
+        assert (job.state, job.error) == (
+            JobState.FAILED, "pullbackd restarted while the job was starting")
+        assert source.called("thaw") == (["d1"] if ours else [])
+        assert source.frozen == (set() if ours else {"d1"})
+        assert rig.store.load_thaws() == {} and rig.store.load_freezes() == {}
+
+
+async def test_a_start_that_freezes_records_it_until_its_thaw_is_answered(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record of a freeze that may be in effect (quiesce.py): written before the freeze
+    is asked, deleted once the thaw is answered, or turned into a thaw owed; a Start that
+    freezes nothing writes none."""
+    writes: list[str] = []
+    source.agents.add("d1")
+    async with running(tmp_path, source) as rig:
+        for name in ("save_freeze", "delete_freeze"):
+            write = getattr(rig.store, name)
+
+            async def spied(*args: object, _write: Any = write, _name: str = name,
+                            **kwargs: object) -> None:
+                writes.append(_name)
+                await _write(*args, **kwargs)
+
+            monkeypatch.setattr(rig.store, name, spied)
+        for request in (StartRequest("d1", quiesce="off"), StartRequest("d2")):
+            await rig.jobs.abort((await rig.jobs.start(request)).id)
+        assert writes == [] and source.called("freeze") == []
+
+        stall = source.stall("freeze")
+        rig.tg.start_soon(rig.jobs.start, StartRequest("d1"))
+        await stall.reached.wait()
+        [job] = [j for j in rig.jobs.all() if j.state == JobState.STARTING]
+        freezing, written = rig.store.load_freezes(), list(writes)
+        stall.release()  # before any assertion: a Start held would hold the rig's end
+        job = await until(rig.jobs, job.id, lambda j: j.state == JobState.READY)
+        assert freezing == {job.id: "d1"} and written == ["save_freeze"]
+        assert job.consistency == "filesystem" and source.frozen == set()
+        assert rig.store.load_freezes() == {} and writes == ["save_freeze", "delete_freeze"]
+        await rig.jobs.abort(job.id)
+
+        del source.stalls["freeze"]
+        source.errors["thaw"] = AgentError("Guest agent is not responding")
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert rig.store.load_freezes() == {} and rig.store.load_thaws() == {"d1": job.id}
+        assert writes[2:] == ["save_freeze", "delete_freeze"]  # the thaw owed with it
+
+
+async def test_a_freeze_whose_end_was_not_recorded_is_thawed_at_a_restart_and_told(
+        tmp_path: Path, source: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quiesce.py's invariant, checked at start: only a job still starting may have frozen
+    its guest. A record of a freeze the database could not delete after its thaw stays:
+    the guest is thawed once more at the restart (as far as pullbackd knows, it may be
+    frozen), and the operator told; a record whose job was forgotten goes."""
+    source.agents.add("d1")
+    async with running(tmp_path, source) as rig:
+        async def failing(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(rig.store, "delete_freeze", failing)
+        job = await rig.jobs.start(StartRequest("d1"))
+        assert (job.state, job.consistency) == (JobState.READY, "filesystem")
+        assert rig.store.load_freezes() == {job.id: "d1"}
+        await rig.store.save_freeze("d2", "forgotten000")
+    source.frozen.add("d1")
+    with capture_logs() as logged:
+        async with running(tmp_path, source) as rig:
+            assert rig.jobs.get(job.id).state == JobState.READY  # adopted
+            assert source.called("thaw") == ["d1", "d1"] and source.frozen == set()
+            assert rig.store.load_freezes() == {} and rig.store.load_thaws() == {}
+    [told] = [e for e in logged if e["event"].startswith("a freeze of the guest was not")]
+    assert (told["log_level"], told["job"], told["state"]) == ("warning", job.id,
+                                                                JobState.READY)
+
+
+async def test_a_database_of_a_version_that_did_not_record_freezes_thaws_every_start(
+        tmp_path: Path, source: FakeSource) -> None:
+    """A database written before freezes were recorded: every job still starting, quiesced
+    and online, may have frozen its guest, as that version thawed each at a restart."""
+    jobs = [Job(f"00000000000{i}", f"d{i}", JobState.STARTING, "full", now(), "c",
+                checkpoint_name("c", f"00000000000{i}"), quiesce=quiesced)
+            for i, quiesced in ((1, "auto"), (2, "off"), (3, "required"))]
+    store = Store(tmp_path / "state.db")
+    for job in jobs:
+        await store.save_job(job, _recorded(job, CheckpointState.PENDING))
+    store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("DROP TABLE freezes")
+    db.close()
+    source.agents.update({"d1", "d2", "d3"})
+    source.frozen.update({"d1", "d2", "d3"})
+    async with running(tmp_path, source) as rig:
+        assert sorted(source.called("thaw")) == ["d1", "d3"] and source.frozen == {"d2"}
+        assert rig.store.load_freezes() == {}
 
 
 async def test_a_rebuilt_checkpoint_is_ordered_after_its_chain(tmp_path: Path) -> None:

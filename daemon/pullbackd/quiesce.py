@@ -7,9 +7,21 @@ guest's own software (Windows' VSS) holds a freeze for about 10 s at most.
 
 Invariants:
 - A guest frozen by pullbackd is thawed on every path: after the begin, whether it worked or
-  not, shielded from cancellation; at a restart after a crash, for every job that was still
-  starting (recovery in jobs.py); a thaw that fails is retried, then logged with what the
+  not, shielded from cancellation; at a restart after a crash, for every job that may have
+  frozen it (recovery.py); a thaw that fails is retried, then logged with what the
   operator can do.
+- A job may have frozen its guest, as far as the state database knows, from before the
+  freeze is asked until its thaw was answered, or nothing was frozen (`Thaws.freezing`,
+  `Thaws.over`: a row of state.py's `freezes`, in, then out; a thaw owed in its place is
+  recorded in that same transaction). A restart thaws the guests of those jobs alone: a crash
+  before the freeze, after the thaw, or during a Start that froze nothing (quiesce "off",
+  "auto" on a domain without an agent) leaves the guest as it is, which may be someone
+  else's freeze made while pullbackd was down (`virsh domfsfreeze` before a storage
+  snapshot); and a domain without an agent is not asked for thaws for an hour. A crash
+  while the freeze was asked thaws the guest: the freeze may have happened. It costs a
+  Start that freezes two small writes (the row in, and out) and one that does not none.
+  Recovery checks it at every start: a job no longer starting holds no such row (one left
+  by a write that failed is thawed all the same, and logged).
 - No Start waits on the agent for long: a freeze or a thaw it does not answer within
   `[jobs] agent_timeout` has failed (libvirt's own wait is for ever: virt.py). The agent
   answers in order, so a freeze it did not answer may still freeze the guest once it ends
@@ -95,21 +107,23 @@ async def begin(source: BackupSource, job: Job, request: StartRequest, plan: Pla
         return Quiesced("crash")
     why = NO_AGENT
     if plan.agent:
-        owed = await thaws.take_over(job.domain)  # this Start's own thaw follows its begin
+        owed = await thaws.freezing(job)  # a crash from here on thaws the guest at a restart
         try:
             count = await source.freeze(job, request.mountpoints)
         except (AgentError, PullbackError) as e:
             why = f"the guest agent did not freeze the filesystems: {e}"
-            if isinstance(e, AgentError) and e.refused and not owed:
-                # It froze nothing; the guest may be someone else's freeze, not ours to end.
-                log.info("not thawing the guest: its agent refused the freeze (it may be "
-                         "frozen by someone else)", job=job.id, error=str(e))
-            else:
-                # It may have frozen them all the same (libvirt stopped waiting first), or
-                # an earlier freeze of ours the agent did not answer may have.
-                with anyio.CancelScope(shield=True):
-                    if not (await thaw(source, job, attempts=1, frozen=False)).thawed:
-                        await thaws.owe(source, job)
+            with anyio.CancelScope(shield=True):
+                if isinstance(e, AgentError) and e.refused and not owed:
+                    # It froze nothing; the guest may be someone else's freeze, not ours
+                    # to end.
+                    log.info("not thawing the guest: its agent refused the freeze (it may "
+                             "be frozen by someone else)", job=job.id, error=str(e))
+                    thawed = True
+                else:
+                    # It may have frozen them all the same (libvirt stopped waiting
+                    # first), or an earlier freeze of ours the agent did not answer may have.
+                    thawed = (await thaw(source, job, attempts=1, frozen=False)).thawed
+                await thaws.over(source, job, thawed=thawed)
         else:
             return await _frozen(source, job, request, count, begin, thaws)
     if request.quiesce == "required":
@@ -128,8 +142,7 @@ async def _frozen(source: BackupSource, job: Job, request: StartRequest, count: 
     finally:
         with anyio.CancelScope(shield=True):  # a guest must never stay frozen
             thawed = await thaw(source, job, froze=count)
-            if not thawed.thawed:
-                await thaws.owe(source, job)
+            await thaws.over(source, job, thawed=thawed.thawed)
     frozen = round(time.monotonic() - began, 3)
     if thawed.held is not False:
         return Quiesced("filesystem", frozen)
@@ -195,7 +208,9 @@ class Thaws:
     domain, each asked again in the background until it is answered (`thaw_when_answered`).
     Each is recorded (state.py) until it is over: a restart of pullbackd goes on with it
     (`resume`). A new freeze of the domain takes it over (`take_over`): its Start's own thaw
-    follows its begin, and a thaw owed from before must not thaw the guest under it."""
+    follows its begin, and a thaw owed from before must not thaw the guest under it. The
+    record of the jobs that may have frozen their guest is kept here too (`freezing`,
+    `over`)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -217,14 +232,27 @@ class Thaws:
             raise RuntimeError("the thaws owed are not being asked for (serve is not running)")
         self._tg.start_soon(task)
 
-    async def owe(self, source: BackupSource, job: Job) -> None:
-        if job.domain in self._owed:
-            return
+    async def freezing(self, job: Job) -> bool:
+        """Before the job's freeze of its guest: recorded (a restart after a crash thaws
+        the guest from now on, recovery.py), then the thaw owed the domain, if any, taken
+        over (`take_over`); whether one was. Raises what the database raises: nothing is
+        frozen then."""
+        await self._store.save_freeze(job.domain, job.id)
+        return await self.take_over(job.domain)
+
+    async def over(self, source: BackupSource, job: Job, *, thawed: bool) -> None:
+        """The job's freeze (`freezing`) is over: its guest `thawed`, or nothing frozen;
+        if not, a thaw is owed, recorded in the same transaction, and asked. What cannot
+        be recorded is logged (a restart thaws the guest once more; a thaw owed is asked
+        all the same, in this run)."""
+        owe = not thawed and job.domain not in self._owed
         try:
-            await self._store.save_thaw(job.domain, job.id)
-        except Exception:  # asked all the same, in this run
-            log.exception("cannot record a thaw owed", job=job.id, domain=job.domain)
-        self._ask(source, job)
+            await self._store.delete_freeze(job.id, thaw=job.domain if owe else None)
+        except Exception:
+            log.exception("cannot record that a freeze of the guest is over (a restart of "
+                          "pullbackd thaws it)", job=job.id, domain=job.domain)
+        if owe:
+            self._ask(source, job)
 
     async def take_over(self, domain: str) -> bool:
         """No thaw owed the domain any more, none under way either (one in a worker

@@ -3,12 +3,17 @@ serves anyone.
 
     queued    queued again from their stored requests (a job whose request is gone
               fails; a request whose job left the queue is deleted)
+    frozen    the guests of jobs that may have frozen them (quiesce.py: recorded
+              before the freeze, until the thaw was answered) thawed, before anything
+              that may fail; if the agent does not answer, once it does. The guest of
+              a job that did not freeze, or whose thaw was answered, is left as it
+              is: it may be frozen by someone else. quiesce.py's invariant checked
+              (such a job is still starting)
     jobs      adopted where the source still runs them (a ready pull job is served
               again, a push runs on); failed, their backups ended, where they cannot
-              go on: a copy of pullbackd's own died with it, a starting job may have
-              left its guest frozen (thawed first), a pull job's exports are out of
-              reach; held as found where the source cannot tell now (a domain whose
-              QEMU does not answer must not keep every other domain from its
+              go on: a copy of pullbackd's own died with it, a pull job's exports are
+              out of reach; held as found where the source cannot tell now (a domain
+              whose QEMU does not answer must not keep every other domain from its
               backups): its domain stays taken until Abort ends it, or a next start
     chains    chain.py's invariant checked (a checkpoint in a chain whose job did
               not complete is rolled back), the domains' metadata rewritten where
@@ -22,10 +27,10 @@ serves anyone.
     thaws     the thaws an earlier run still owed guests whose agent did not answer,
               asked for again (quiesce.Thaws)
 
-Each step (a job, each phase after) tells `progress` what it begins: under systemd, the
-start may take that step's time more than the unit's timeout (a thaw the agent does not
-answer, a backup libvirt is slow to end: many jobs found took longer than a start may,
-and systemd ended each start, again and again).
+Each step (a thaw, a job, each phase after) tells `progress` what it begins: under
+systemd, the start may take that step's time more than the unit's timeout (a thaw the
+agent does not answer, a backup libvirt is slow to end: many jobs found took longer than
+a start may, and systemd ended each start, again and again).
 
 It changes jobs only through `Jobs`' recovery interface (`requeue`, `adopt`, `hold`,
 `fail_found`), so that jobs.py's invariants hold as they do for any other change.
@@ -74,6 +79,7 @@ class Recovery:
         self._records.load()
         await self._records.forget_old(keep_finished)
         await self._queued()
+        await self._thaw(progress)
         found = [j for j in self._records.all()
                  if not j.state.final and j.state != JobState.QUEUED]
         for i, job in enumerate(found, 1):
@@ -107,14 +113,24 @@ class Recovery:
             else:
                 await self._jobs.fail_found(job, "its request was lost")
 
+    async def _thaw(self, progress: Callable[[str], None]) -> None:
+        """A crash may have come while a guest was frozen, or its freeze asked: the guest
+        of each job that may have frozen it, thawed (quiesce.py)."""
+        for job_id, domain in self._store.load_freezes().items():
+            job = self._records.get(job_id)
+            if job is None:  # forgotten since: days have passed
+                await self._store.delete_freeze(job_id)
+                continue
+            if job.state != JobState.STARTING:
+                log.warning("a freeze of the guest was not recorded over (a write of the "
+                            "state database failed?): thawing the guest", job=job_id,
+                            domain=domain, state=job.state)
+            progress(f"recovering: thawing the guest of {domain} (job {job_id})")
+            thawed = await quiesce.thaw(self._source, job, attempts=1)
+            await self._jobs.thaws.over(self._source, job, thawed=thawed.thawed)
+
     async def _found(self, job: Job) -> None:
         """A job that had begun and not ended: adopted, or ended as failed."""
-        # A crash may have come while the guest was frozen (quiesce.py): thawed before
-        # anything that may fail, or leave the job as found; if the agent does not
-        # answer, once it does.
-        if job.state == JobState.STARTING and job.quiesce != "off" and not job.offline \
-                and not (await quiesce.thaw(self._source, job, attempts=1)).thawed:
-            await self._jobs.thaws.owe(self._source, job)
         runs = await self._source.running(job)
         if runs and job.kind == Kind.PULL and not await self._source.reachable(job):
             # Adopted, it could not be read: nothing reaches QEMU's exports.

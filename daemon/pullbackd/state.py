@@ -15,6 +15,11 @@ them). A session whose sockets have no record (a crash between the two) or
 whose record has no sockets (systemd dropped them) is cut, never resumed
 wrongly.
 
+The jobs that may have frozen their guest (quiesce.py) are recorded before the freeze
+and deleted once it is over (`save_freeze`, `delete_freeze`); a database of a version
+that did not record them (no `freezes` table) counts every quiesced job still starting
+as one, as that version thawed each at a restart.
+
 A database that cannot be read is never replaced silently: `Store` raises
 `StateDamaged`, which names the file and what the operator can do.
 """
@@ -80,6 +85,9 @@ CREATE TABLE IF NOT EXISTS thaws (
     job TEXT NOT NULL
 );
 """
+#: Created with what it holds at once (`_add_freezes`): a database without it is one of a
+#: version that did not record freezes.
+FREEZES = "CREATE TABLE freezes (job TEXT PRIMARY KEY, domain TEXT NOT NULL)"
 #: Columns added since a table was first created: added to an older database at start.
 COLUMNS = {"checkpoints": {"full_disks": "TEXT NOT NULL DEFAULT '[]'"}}
 
@@ -113,11 +121,24 @@ class Store:
                 for column, kind in columns.items():
                     if column not in have:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            self.load_jobs()
+            jobs = self.load_jobs()
             self.load_checkpoints()
+            self._add_freezes(jobs)
         except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as e:
             raise StateDamaged(path, str(e) or type(e).__name__) from None
         self._limiter = anyio.CapacityLimiter(1)
+
+    def _add_freezes(self, jobs: list[Job]) -> None:
+        """The `freezes` table, if the database has none: with every job an earlier version
+        left starting, quiesced and online (it thawed each at a restart), in the same
+        transaction."""
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = "
+                            "'freezes'").fetchone() is not None:
+            return
+        self._transaction([(FREEZES, ())] + [
+            ("INSERT INTO freezes (job, domain) VALUES (?, ?)", (j.id, j.domain))
+            for j in jobs
+            if j.state == JobState.STARTING and j.quiesce != "off" and not j.offline])
 
     def close(self) -> None:
         self._db.close()
@@ -161,17 +182,31 @@ class Store:
         return {job_id: json.loads(record)
                 for job_id, record in self._db.execute("SELECT id, record FROM requests")}
 
-    async def save_thaw(self, domain: str, job_id: str) -> None:
-        """A thaw of the domain's guest is owed (quiesce.Thaws), for the job `job_id`."""
-        await self._write("INSERT OR REPLACE INTO thaws (domain, job) VALUES (?, ?)",
-                          (domain, job_id))
-
     async def delete_thaw(self, domain: str) -> None:
         await self._write("DELETE FROM thaws WHERE domain = ?", (domain,))
 
     def load_thaws(self) -> dict[str, str]:
-        """The thaws owed: domain -> job id."""
+        """The thaws owed (quiesce.Thaws; recorded by `delete_freeze`): domain -> job id."""
         return dict(self._db.execute("SELECT domain, job FROM thaws"))
+
+    async def save_freeze(self, domain: str, job_id: str) -> None:
+        """The job `job_id` may freeze the domain's guest from now on (quiesce.Thaws.freezing)."""
+        await self._write("INSERT OR REPLACE INTO freezes (job, domain) VALUES (?, ?)",
+                          (job_id, domain))
+
+    async def delete_freeze(self, job_id: str, *, thaw: str | None = None) -> None:
+        """The job's freeze is over: the guest thawed, or nothing frozen; with `thaw` (the
+        job's domain), a thaw owed it instead, recorded in the same transaction."""
+        writes: list[tuple[str, tuple[object, ...]]] = [
+            ("DELETE FROM freezes WHERE job = ?", (job_id,))]
+        if thaw is not None:
+            writes.append(("INSERT OR REPLACE INTO thaws (domain, job) VALUES (?, ?)",
+                           (thaw, job_id)))
+        await anyio.to_thread.run_sync(self._transaction, writes, limiter=self._limiter)
+
+    def load_freezes(self) -> dict[str, str]:
+        """The jobs that may have frozen their guest: job id -> domain."""
+        return dict(self._db.execute("SELECT job, domain FROM freezes"))
 
     async def forget_jobs(self, ids: list[str]) -> None:
         for job_id in ids:
