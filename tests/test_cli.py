@@ -227,3 +227,19 @@ def test_a_long_call_is_not_cut_off_by_the_timeout(
         status, out, _ = waited_for(sock, capsys, "--timeout", "0", "jobs")
         assert (status, out.split()) == (0, ["ID", "DOMAIN", "CONSUMER", "STATE", "MODE",
                                              "CREATED", "DISKS", "DONE"])
+
+
+def test_backup_files_cut_off_says_where_what_was_saved_is(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A daemon that stops answering as `backup files` reads the files (here: slower than
+    --timeout) leaves the new folder with what was saved so far: the message named the
+    daemon alone, and the operator found a folder that is no backup of the files."""
+    folder = tmp_path / "files"
+    with answering(tmp_path, domain_files(b"<domain/>"), slow={"ReadDomainFile": 5}) as sock:
+        status, out, err = pullbackctl(sock, capsys, "--timeout", "0.5", "backup", "files",
+                                       "5d0c9a1e2f3b", "--to", str(folder))
+    assert (status, out) == (2, "")
+    assert "pullbackd does not answer" in err
+    assert f"what was saved is in {folder}: remove it, and save again into a new folder" \
+        in err
+    assert folder.is_dir()

@@ -353,11 +353,14 @@ def save_files(client: Client, job_id: str, folder: Path) -> dict[str, Any]:
         folder.mkdir(mode=0o700)
     except OSError as e:
         raise Unsaved(f"cannot create {folder}: {e.strerror}; name a new folder") from None
+    left = f"what was saved is in {folder}: remove it, and save again into a new folder"
     try:
         _save(client, job_id, folder, listing["files"])
     except Unsaved as e:
-        raise Unsaved(f"{e}; what was saved is in {folder}: remove it, and save again "
-                      "into a new folder") from None
+        raise Unsaved(f"{e}; {left}") from None
+    except BaseException:  # the daemon: its message follows, and says what to do about it
+        print(f"pullbackctl: {left}", file=sys.stderr)
+        raise
     return {"saved": [e["name"] for e in listing["files"]], "missing": listing["missing"],
             "folder": str(folder)}
 
