@@ -49,7 +49,7 @@ from bench import BLOCK, GiB, MiB, log, run, turns
 
 from pullbackd import config, qemu_nbd, stream
 from pullbackd.manifest import Manifest, recorder
-from pullbackd.repository import Repository
+from pullbackd.repository import Repository, regions
 
 DOMAIN = "bench"
 DISK = "vda"
@@ -242,7 +242,7 @@ def measure_verify(repository: Repository, source: Source, size: Size,
 def damaged(repository: Repository, manifests: list[Manifest]) -> None:
     """One byte of a backup in the middle of the chain damaged: Verify names its region."""
     victim = manifests[len(manifests) // 2]
-    region = next(r for r in repository.regions(victim) if r.checksum is not None)
+    region = next(r for r in regions(repository, victim) if r.checksum is not None)
     folder = repository.folder(DOMAIN, "verify", DISK)
     image = folder / victim.file
     saved = folder.parent / "saved.qcow2"

@@ -76,26 +76,21 @@ async def test_the_live_keys_apply_at_once_and_the_rest_wait_for_a_restart(
         assert (effective.jobs.max_active, effective.stream.request_size) == (
             2, started.stream.request_size)
 
-        (tmp_path / "pullbackd.toml.d" / "20-typo.toml").write_text("[chains]\nkeep = -1\n")
-        with capture_logs() as logged:
-            assert await reload.reload(path, effective, live) is effective
-        # (The jobs log on meanwhile: only the reload's own events count here.)
-        told = [e for e in logged if e["event"].startswith("reload")]
-        assert [e["event"] for e in told] == [
-            "reload failed: the configuration does not load; nothing changed"]
-        assert "chains.keep" in told[0]["error"]
-        assert rig.chains.keep == 3
+        async def refused(drop_in: bytes) -> str:
+            """The error of a reload with `drop_in` added, which must change nothing."""
+            (tmp_path / "pullbackd.toml.d" / "20-typo.toml").write_bytes(drop_in)
+            with capture_logs() as logged:
+                assert await reload.reload(path, effective, live) is effective
+            # (The jobs log on meanwhile: only the reload's own events count here.)
+            told = [e for e in logged if e["event"].startswith("reload")]
+            assert [e["event"] for e in told] == [
+                "reload failed: the configuration does not load; nothing changed"]
+            assert rig.chains.keep == 3 and rig.jobs.get(first.id).state == JobState.READY
+            return str(told[0]["error"])
 
+        assert "chains.keep" in await refused(b"[chains]\nkeep = -1\n")
         # A file that is not UTF-8 (a Latin-1 comment) ended the daemon, every reader cut.
-        (tmp_path / "pullbackd.toml.d" / "20-typo.toml").write_bytes(
-            b"# r\xe9serve\n[chains]\nkeep = 4\n")
-        with capture_logs() as logged:
-            assert await reload.reload(path, effective, live) is effective
-        told = [e for e in logged if e["event"].startswith("reload")]
-        assert [e["event"] for e in told] == [
-            "reload failed: the configuration does not load; nothing changed"]
-        assert "20-typo.toml: not UTF-8" in told[0]["error"]
-        assert rig.chains.keep == 3 and rig.jobs.get(first.id).state == JobState.READY
+        assert "20-typo.toml: not UTF-8" in await refused(b"# r\xe9serve\n[chains]\nkeep = 4\n")
 
 
 @pytest.mark.asyncio

@@ -33,7 +33,7 @@ from pullbackd.manifest import Manifest, Region, checksum, from_text, recorder, 
 from pullbackd.model import LOCAL, Job, JobState, StartRequest
 from pullbackd.qemu_nbd import Server
 from pullbackd.rebuild import Rebuilder
-from pullbackd.repository import Repository
+from pullbackd.repository import Repository, regions, restorable
 from pullbackd.source import Plan
 from pullbackd.stream import Piece, Progress, whole_clusters
 from pullbackd.uses import Uses
@@ -650,10 +650,10 @@ def test_flattened_backups_still_verify(tmp_path: Path) -> None:
     dropped = anyio.run(repository.prune, "lab1", "c", "vda", 2)
     assert [m.sequence for m in dropped] == [1, 2]
     [flat, _] = repository.manifests("lab1", "c", "vda")
-    assert flat.backing is None and repository.regions(flat)
+    assert flat.backing is None and regions(repository, flat)
     assert verify_all(repository) == (2, [])
     image = repository.folder("lab1", "c", "vda") / flat.file
-    region = next(r for r in repository.regions(flat) if r.checksum is not None)
+    region = next(r for r in regions(repository, flat) if r.checksum is not None)
     flip(image, host_offset(image, region.offset))
     assert verify_all(repository) == (2, [
         f"0003.qcow2: {region.length} bytes at {region.offset} differ from what was written"])
@@ -978,7 +978,7 @@ def test_an_incremental_of_changes_finer_than_a_cluster_restores_exactly(
 
     newest = anyio.run(incremental)
     assert newest.backing == full.file
-    assert all(r.offset % (64 << 10) == 0 for r in repository.regions(newest))
+    assert all(r.offset % (64 << 10) == 0 for r in regions(repository, newest))
     subprocess.run(["qemu-img", "compare", "-q", str(repository.folder("lab1", "c", "vda") /
                                                       newest.file), str(disk)], check=True)
 
@@ -1095,7 +1095,7 @@ def test_damage_beside_a_small_region_of_a_full_backup_is_found(tmp_path: Path) 
     the restored disk while Verify, which checked the region alone, found nothing."""
     repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
     manifest = store(repository, os.urandom(4096), MiB)
-    assert [(r.offset, r.length) for r in repository.regions(manifest)] == [(MiB, 4096)]
+    assert [(r.offset, r.length) for r in regions(repository, manifest)] == [(MiB, 4096)]
     assert verify(repository) == []
     image = repository.folder("lab1", "c", "vda") / manifest.file
     qemu_io(image, f"write -P {DAMAGED:#x} {MiB + (32 << 10)} 512")
@@ -1382,11 +1382,11 @@ def test_the_newest_backup_restored_is_one_every_disk_of_it_reached(tmp_path: Pa
 
     anyio.run(run)
     none_unfinished: Callable[[str], bool] = lambda job: False  # noqa: E731
-    newest = repository.restorable("lab1", "c", None, none_unfinished)
+    newest = restorable(repository, "lab1", "c", None, none_unfinished)
     assert {d: m.checkpoint for d, m in newest.items()} == {"vda": "cp1", "vdb": "cp1"}
-    assert repository.restorable("lab1", "c", None, none_unfinished,
+    assert restorable(repository, "lab1", "c", None, none_unfinished,
                                  "vda")["vda"].checkpoint == "cp1"
-    named = repository.restorable("lab1", "c", "cp2", none_unfinished)
+    named = restorable(repository, "lab1", "c", "cp2", none_unfinished)
     assert list(named) == ["vda"]
     assert_restores(repository, named["vda"], data[("cp2", "vda")] + bytes(SIZE - MiB),
                     tmp_path)

@@ -31,7 +31,7 @@ from .migration import Migrations
 from .model import Change, Job, JobState, Session, StartRequest, plain
 from .rebuild import Rebuilder
 from .records import WATCH_BUFFER
-from .repository import Repository
+from .repository import Repository, restorable
 from .roles import Role, Roles
 
 log = structlog.get_logger()
@@ -282,7 +282,7 @@ class BackupAPI:
             raise InvalidParameter("to", "exists; restore never overwrites a file")
         repository = self.repository
         manifest = (await anyio.to_thread.run_sync(
-            repository.restorable, domain, consumer, at, self.jobs.did_not_complete, disk))[disk]
+            restorable, repository, domain, consumer, at, self.jobs.did_not_complete, disk))[disk]
         await repository.restore(manifest, target, format or "raw", self.tuning)
         return {"file": str(target), "checkpoint": manifest.checkpoint}
 

@@ -518,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.group == "verify":
         return verified(args, reply)
+    show(args, reply)
+    return 0
+
+
+def show(args: argparse.Namespace, reply: dict[str, Any]) -> None:
+    """Print a command's reply: JSON with --json, else as its kind reads best."""
     if args.json:
         print(json.dumps(reply, indent=2))
     elif "jobs" in reply:
@@ -542,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"restored {reply['file']} as of {reply['checkpoint']}")
     else:
         print(format_job(reply["job"]))
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from . import domainfiles, names, stream
 from .domainfiles import DomainFiles
 from .durable import Moved, create_in, fill, fsync_dir, unlink_same, write_new
 from .errors import InvalidParameter, RepositoryError
-from .repository import Repository, Unfinished
+from .repository import Repository, Unfinished, restorable
 from .virt import Virt
 from .xml import CHAINS_NS
 
@@ -66,7 +66,7 @@ class Rebuilder:
     def __init__(self, repository: Repository, virt: Virt, state_dir: Path, swtpm_user: str,
                  tuning: stream.Tuning, unfinished: Unfinished) -> None:
         """`unfinished`: whether a job is known not to have completed (its backup is none:
-        Repository.restorable)."""
+        repository.restorable)."""
         self._repository = repository
         self._unfinished = unfinished
         self._virt = virt
@@ -77,14 +77,14 @@ class Rebuilder:
     async def restore(self, domain: str, consumer: str, at: str | None, name: str,
                       folder: Path, fmt: str) -> Restored:
         """Restore the backup of `domain` at checkpoint `at` (default: the newest complete
-        one, Repository.restorable) as the new domain `name`, its files in `folder` (which
+        one, repository.restorable) as the new domain `name`, its files in `folder` (which
         exists: the caller checked it may be written). Raises InvalidParameter (the name
         is taken), NoBackup, NoSuchCheckpoint, RepositoryError, LibvirtError."""
         names.component("name", name)
         if await self._virt.exists(name):
             raise InvalidParameter("name", f"a domain {name!r} exists; choose a new name")
         manifests = await anyio.to_thread.run_sync(
-            self._repository.restorable, domain, consumer, at, self._unfinished)
+            restorable, self._repository, domain, consumer, at, self._unfinished)
         checkpoint = next(iter(manifests.values())).checkpoint
         files = await anyio.to_thread.run_sync(
             self._repository.files_at, domain, consumer, checkpoint)

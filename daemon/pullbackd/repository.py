@@ -213,12 +213,6 @@ class Repository:
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         return _manifests(self.folder(domain, consumer, disk))
 
-    def regions(self, manifest: Manifest) -> tuple[Region, ...]:
-        """What backup `manifest` wrote, from its manifest (RepositoryError if damaged, or
-        no longer that backup's). Blocks."""
-        return _read_regions(self.folder(manifest.domain, manifest.consumer, manifest.disk),
-                             manifest)
-
     def at(self, domain: str, consumer: str, disk: str, checkpoint: str | None) -> Manifest:
         """The backup of a disk at a checkpoint (the newest without one, complete or not: a
         restore looks its backup up with `restorable`). Its manifests are read newest
@@ -230,51 +224,6 @@ class Repository:
             if checkpoint is None or manifest.checkpoint == checkpoint:
                 return manifest
         raise NoSuchCheckpoint(domain, consumer, checkpoint or "")
-
-    def restorable(self, domain: str, consumer: str, at: str | None, unfinished: Unfinished,
-                   disk: str | None = None) -> dict[str, Manifest]:
-        """What a restore reads: each disk's backup (`disk`'s alone, if named) at checkpoint
-        `at`, or without one at the newest complete backup's (by `created`). Blocks.
-
-        A backup is complete once its job completed (jobs.py): its disks are committed one
-        after another, and a job that fails between two has what it stored removed only
-        as it ends. So the files of a job `unfinished` names are left out: a restore while
-        a backup is being committed, or before a failed one's files are gone, takes the
-        backup before it, every disk as it was then (the newest manifest's checkpoint
-        restored the disks committed so far and "dropped" the others). A job the daemon
-        no longer knows completed: one that did not left nothing. `unfinished` is
-        called in this worker thread (Jobs.did_not_complete only looks a record up).
-        Nor is the newest one that lacks a disk its manifests name (`whole`): one cut
-        short between two disks' commits by a crash whose job the daemon no longer
-        knows (its database lost, or moved aside as damaged).
-
-        Raises NoBackup (no complete backup), NoSuchCheckpoint (none at `at`),
-        InvalidParameter (a name that is no folder's), RepositoryError (a manifest
-        that cannot be read)."""
-        if disk is not None:
-            self.folder(domain, consumer, disk)  # InvalidParameter if it is no folder's
-        consumer_dir = names.consumer_folder(self.root, domain, consumer)
-        every_chain = {f.name: [m for m in _manifests(f) if not unfinished(m.job)]
-                       for f in (names.disk_folders(consumer_dir) if consumer_dir.is_dir()
-                                 else [])}
-        stored: dict[str, set[str]] = {}
-        for m in (m for chain in every_chain.values() for m in chain):
-            stored.setdefault(m.checkpoint, set()).add(m.disk)
-
-        def whole(m: Manifest) -> bool:
-            return set(m.disks) <= stored[m.checkpoint]
-
-        chains = {d: chain for d, chain in every_chain.items() if disk in (None, d)}
-        if at is None:
-            every = sorted((m for chain in chains.values() for m in chain if whole(m)),
-                           key=lambda m: m.created)
-            if not every:
-                raise NoBackup(domain, consumer, disk)
-            at = every[-1].checkpoint
-        found = {d: m for d, chain in chains.items() for m in chain if m.checkpoint == at}
-        if not found:
-            raise NoSuchCheckpoint(domain, consumer, at)
-        return found
 
     async def begin(self, domain: str, consumer: str, disk: str, size: int, job: str,
                     checkpoint: str, created: str, base: Manifest | None,
@@ -349,7 +298,7 @@ class Repository:
                      writable: bool, direct: bool = False) -> qemu_nbd.Server:
         """`image` served by a qemu-nbd of ours (see `image_server`), on a socket in a folder
         only we can enter; raises RepositoryError if qemu-nbd does not serve it."""
-        await self._make_sockets_folder()
+        await _make_sockets_folder(self._sockets)
         sock = names.repository_socket(self._sockets, served, token)
         server = image_server(image, fmt, sock, writable=writable, direct=direct)
         try:
@@ -358,11 +307,6 @@ class Repository:
         except qemu_nbd.ServeError as e:
             raise RepositoryError(str(e.image), e.reason) from None
         return server
-
-    async def _make_sockets_folder(self) -> None:
-        """The folder of our servers' sockets, which only we may enter."""
-        await anyio.Path(self._sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
-        await anyio.Path(self._sockets).chmod(0o700)
 
     async def commit(self, writer: Writer) -> Manifest:
         """Every byte arrived: the partial file becomes a backup, its manifest last.
@@ -580,34 +524,97 @@ class Repository:
                          if isinstance(why, str)}
             readable = [(i, e) for i, e in zip(batch, expected, strict=True)
                         if not isinstance(e, str)]
-            found = await self._check([e for _, e in readable]) if readable else []
+            found = await _check(self._sockets, [e for _, e in readable]) if readable else []
             problems |= dict(zip([i for i, _ in readable], found, strict=True))
         return [p for i in range(len(manifests)) for p in problems[i]]
 
-    async def _check(self, expected: list[verifying.Expected]) -> list[list[str]]:
-        """verifying.check, with its server on a socket of ours (see `_serve`)."""
-        await self._make_sockets_folder()
-        sock = names.repository_socket(self._sockets, Served.VERIFY, names.socket_token())
-        server = verifying.server([e.file for e in expected], sock)
-        try:
-            # From the event loop's thread, so tied to the daemon's life (qemu_nbd.TIED).
-            await server.astart()
-        except qemu_nbd.ServeError as e:
-            # Its --blockdev, quoted: the file's name ends a JSON string there.
-            if not any(f'/{one.file.name}"' in e.reason for one in expected):
-                raise RepositoryError(str(e.image), e.reason) from None
-            if len(expected) == 1:
-                return [[f"{expected[0].file.name}: QEMU cannot open it ({e.reason}); "
-                         "restore a backup before it, or one whose chain does not hold it"]]
-            # A file of the batch QEMU cannot open: each on its own, which finds which,
-            # and the others are checked all the same.
-            return [(await self._check([one]))[0] for one in expected]
-        try:
-            return await anyio.to_thread.run_sync(verifying.check, sock, expected)
-        except nbd.Error as e:
-            raise RepositoryError(str(expected[0].file.parent), str(e)) from None
-        finally:
-            await server.astop()
+
+
+async def _check(sockets: Path, expected: list[verifying.Expected]) -> list[list[str]]:
+    """verifying.check, with its server on a socket of ours in `sockets` (see
+    `Repository._serve`)."""
+    await _make_sockets_folder(sockets)
+    sock = names.repository_socket(sockets, Served.VERIFY, names.socket_token())
+    server = verifying.server([e.file for e in expected], sock)
+    try:
+        # From the event loop's thread, so tied to the daemon's life (qemu_nbd.TIED).
+        await server.astart()
+    except qemu_nbd.ServeError as e:
+        # Its --blockdev, quoted: the file's name ends a JSON string there.
+        if not any(f'/{one.file.name}"' in e.reason for one in expected):
+            raise RepositoryError(str(e.image), e.reason) from None
+        if len(expected) == 1:
+            return [[f"{expected[0].file.name}: QEMU cannot open it ({e.reason}); "
+                     "restore a backup before it, or one whose chain does not hold it"]]
+        # A file of the batch QEMU cannot open: each on its own, which finds which,
+        # and the others are checked all the same.
+        return [(await _check(sockets, [one]))[0] for one in expected]
+    try:
+        return await anyio.to_thread.run_sync(verifying.check, sock, expected)
+    except nbd.Error as e:
+        raise RepositoryError(str(expected[0].file.parent), str(e)) from None
+    finally:
+        await server.astop()
+
+
+async def _make_sockets_folder(sockets: Path) -> None:
+    """The folder of our servers' sockets, which only we may enter."""
+    await anyio.Path(sockets).mkdir(mode=0o700, parents=True, exist_ok=True)
+    await anyio.Path(sockets).chmod(0o700)
+
+
+def regions(repository: Repository, manifest: Manifest) -> tuple[Region, ...]:
+    """What backup `manifest` of `repository` wrote, from its manifest (RepositoryError if
+    damaged, or no longer that backup's). Blocks."""
+    return _read_regions(repository.folder(manifest.domain, manifest.consumer, manifest.disk),
+                         manifest)
+
+
+def restorable(repository: Repository, domain: str, consumer: str, at: str | None,
+               unfinished: Unfinished, disk: str | None = None) -> dict[str, Manifest]:
+    """What a restore reads from `repository`: each disk's backup (`disk`'s alone, if
+    named) at checkpoint `at`, or without one at the newest complete backup's (by
+    `created`). Blocks.
+
+    A backup is complete once its job completed (jobs.py): its disks are committed one
+    after another, and a job that fails between two has what it stored removed only
+    as it ends. So the files of a job `unfinished` names are left out: a restore while
+    a backup is being committed, or before a failed one's files are gone, takes the
+    backup before it, every disk as it was then (the newest manifest's checkpoint
+    restored the disks committed so far and "dropped" the others). A job the daemon
+    no longer knows completed: one that did not left nothing. `unfinished` is
+    called in this worker thread (Jobs.did_not_complete only looks a record up).
+    Nor is the newest one that lacks a disk its manifests name (`whole`): one cut
+    short between two disks' commits by a crash whose job the daemon no longer
+    knows (its database lost, or moved aside as damaged).
+
+    Raises NoBackup (no complete backup), NoSuchCheckpoint (none at `at`),
+    InvalidParameter (a name that is no folder's), RepositoryError (a manifest
+    that cannot be read)."""
+    if disk is not None:
+        repository.folder(domain, consumer, disk)  # InvalidParameter if it is no folder's
+    consumer_dir = names.consumer_folder(repository.root, domain, consumer)
+    every_chain = {f.name: [m for m in _manifests(f) if not unfinished(m.job)]
+                   for f in (names.disk_folders(consumer_dir) if consumer_dir.is_dir()
+                             else [])}
+    stored: dict[str, set[str]] = {}
+    for m in (m for chain in every_chain.values() for m in chain):
+        stored.setdefault(m.checkpoint, set()).add(m.disk)
+
+    def whole(m: Manifest) -> bool:
+        return set(m.disks) <= stored[m.checkpoint]
+
+    chains = {d: chain for d, chain in every_chain.items() if disk in (None, d)}
+    if at is None:
+        every = sorted((m for chain in chains.values() for m in chain if whole(m)),
+                       key=lambda m: m.created)
+        if not every:
+            raise NoBackup(domain, consumer, disk)
+        at = every[-1].checkpoint
+    found = {d: m for d, chain in chains.items() for m in chain if m.checkpoint == at}
+    if not found:
+        raise NoSuchCheckpoint(domain, consumer, at)
+    return found
 
 
 def _chain(folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
