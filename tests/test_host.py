@@ -483,8 +483,9 @@ def test_reload_applies_what_it_can_and_names_the_rest(host: Host) -> None:
         host.run("useradd", "--system", "--groups", "pullbackd", "appliance")
     host.run("systemctl", "start", "pullbackd")
     pid = host.main_pid()
-    # The packaged default role, backup: the appliance may start and abort.
-    job = host.ctl("backup", "start", "lab1", user="appliance")["job"]
+    # The packaged default role, backup: the appliance may start and abort (on a chain of
+    # its own: root's "default" of lab1 is root's).
+    job = host.ctl("backup", "start", "lab1", "--consumer", "appliance", user="appliance")["job"]
     host.ctl("backup", "abort", job["id"], user="appliance")
     try:
         host.run("sh", "-c", f"cat > {TEST_DROP_IN}",
@@ -507,7 +508,7 @@ def test_reload_applies_what_it_can_and_names_the_rest(host: Host) -> None:
     finally:
         host.run("rm", "-f", TEST_DROP_IN)
         reload(host, "reloaded")
-    job = host.ctl("backup", "start", "lab1", user="appliance")["job"]
+    job = host.ctl("backup", "start", "lab1", "--consumer", "appliance", user="appliance")["job"]
     host.ctl("backup", "abort", job["id"], user="appliance")
 
 

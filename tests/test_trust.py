@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pwd
 import socket
 import subprocess
 import sys
@@ -129,6 +130,41 @@ def test_backup_runs_backups_but_does_not_administer(daemon: Daemon, tmp_path: P
     assert starts[-1]["parameters"]["consumer"] == "roles"
 
 
+def test_a_chain_and_a_job_are_their_starters(daemon: Daemon) -> None:
+    """Nobody else, admin or root, backs up a user's chain (their backup would join it,
+    and its owner's next incremental would miss what changed before it) or finishes a
+    user's job; an admin may abort it. Each refusal changes nothing."""
+    first = call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
+                    consumer="owned")["job"]
+    assert first["owner"] == pwd.getpwnam(BACKUP).pw_uid
+    call_as(BACKUP, daemon, "Finish", id=first["id"])
+    chain = daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="owned")
+    jobs = daemon.ctl.call("List", domain="lab1")
+    refused = {"error": "ChainOfAnother", "domain": "lab1", "consumer": "owned",
+               "owner": BACKUP}
+    for mode in ("full", "incremental"):
+        assert call_as(ADMIN, daemon, "Start", domain="lab1", disks=["vda"], mode=mode,
+                       consumer="owned") == refused
+    assert daemon.ctl.error("Start", domain="lab1", disks=["vda"],
+                            consumer="owned").parameters == {
+        k: v for k, v in refused.items() if k != "error"}
+    cli = as_user(ADMIN, daemon, "backup", "start", "lab1", "--consumer", "owned")
+    assert cli.returncode == 1 and "ChainOfAnother" in cli.stderr
+    assert f'"owner": "{BACKUP}"' in cli.stderr
+    assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="owned") == chain
+    assert daemon.ctl.call("List", domain="lab1") == jobs
+    second = call_as(BACKUP, daemon, "Start", domain="lab1", disks=["vda"],
+                     mode="incremental", consumer="owned")["job"]
+    assert second["since"] == first["checkpoint"]
+    assert call_as(ADMIN, daemon, "Finish", id=second["id"]) == {
+        "error": "JobOfAnother", "id": second["id"], "owner": BACKUP}
+    assert daemon.ctl.error("Finish", id=second["id"]).short_name == "JobOfAnother"
+    assert daemon.ctl.call("Get", id=second["id"])["job"]["state"] == "ready"
+    assert call_as(ADMIN, daemon, "Abort", id=second["id"])["job"]["state"] == "aborted"
+    assert daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="owned") == chain
+    daemon.ctl.call("DeleteChain", domain="lab1", consumer="owned")
+
+
 def test_admin_by_group_administers(daemon: Daemon) -> None:
     job = daemon.ctl.job("Start", domain="lab1", disks=["vda"], consumer="admin")
     daemon.ctl.call("Finish", id=job["id"])
@@ -228,7 +264,7 @@ def test_connections_are_capped_per_user_and_idle_ones_closed(daemon: Daemon) ->
     assert int(flood.stdout.readline()) == 40
     assert int(other.stdout.readline()) == 8
     assert flood.wait(30) == 0 and other.wait(30) == 0
-    assert call_as(BACKUP, daemon, "Abort", id=job["id"])["job"]["state"] == "aborted"
+    assert daemon.ctl.job("Abort", id=job["id"])["state"] == "aborted"
     assert "refusing connections" in daemon.log_text()
 
 

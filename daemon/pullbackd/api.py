@@ -143,11 +143,12 @@ class BackupAPI:
                     destination: str | None = None,
                     allow_scratch_overcommit: bool | None = None,
                     queue: bool | None = None, quiesce: str | None = None,
-                    mountpoints: list[str] | None = None) -> dict[str, Any]:
+                    mountpoints: list[str] | None = None, *, uid: int | None = None
+                    ) -> dict[str, Any]:
         request = StartRequest(domain, disks, mode or "full", since,
                                DEFAULT_CONSUMER if consumer is None else consumer, target_dir,
                                destination, bool(allow_scratch_overcommit), queue is not False,
-                               quiesce or "auto", mountpoints)
+                               quiesce or "auto", mountpoints, owner=uid)
         return {"job": _job(await self.jobs.start(request))}
 
     async def Get(self, id: str, *, role: Role = Role.ADMIN) -> dict[str, Any]:
@@ -219,11 +220,14 @@ class BackupAPI:
                         return
                     yield event
 
-    async def Finish(self, id: str, success: bool | None = None) -> dict[str, Any]:
-        return {"job": _job(await self.jobs.finish(id, success is not False))}
+    async def Finish(self, id: str, success: bool | None = None, *, uid: int | None = None
+                     ) -> dict[str, Any]:
+        return {"job": _job(await self.jobs.finish(id, success is not False, uid))}
 
-    async def Abort(self, id: str) -> dict[str, Any]:
-        return {"job": _job(await self.jobs.abort(id))}
+    async def Abort(self, id: str, *, uid: int | None = None, role: Role = Role.ADMIN
+                    ) -> dict[str, Any]:
+        # An admin ends anyone's job: the operator's way out of a stuck one.
+        return {"job": _job(await self.jobs.abort(id, None if role >= Role.ADMIN else uid))}
 
     async def Migrate(self, domain: str, destination: str, live: bool | None = None,
                       copy_storage: bool | None = None, unsafe: bool | None = None,

@@ -32,6 +32,14 @@ checkpoint rolled back, or deleted with its chain, is also taken out of the
 domain's metadata, so that no pullbackd takes it in again; until libvirt lets
 that be written, its record stays, marked for deletion.
 
+A chain is one user's: the one who started the backup of its newest checkpoint that
+records who did (`owner`; a checkpoint of an earlier version, or rebuilt from libvirt's
+metadata, records nobody). Its owner alone may start a backup of its consumer on its
+domain (starting.py; ChainOfAnother): anyone else's would join it, and the owner's next
+incremental would start from a backup the owner never read, and miss what changed
+before it. So every checkpoint of a chain that records an owner records the same one;
+recovery logs one that does not as a bug.
+
 The domain's metadata follows its chains: it is rewritten after every change of
 them (`_mirror`), and at every start for each domain whose metadata differs from
 them (a crash came between a job's end and the rewrite, or libvirt refused the
@@ -109,6 +117,11 @@ class Chains:
                        if c.domain == domain and c.state == CheckpointState.COMPLETE
                        and (consumer is None or c.consumer == consumer)),
                       key=lambda c: c.created)
+
+    def owner(self, domain: str, consumer: str) -> int | None:
+        """The uid whose the consumer's chain on `domain` is (see above); None: anyone's."""
+        return next((c.owner for c in reversed(self.of(domain, consumer))
+                     if c.owner is not None), None)
 
     def after_newest(self, domain: str, consumer: str, created: str) -> str:
         """`created`, or just after the newest checkpoint of the consumer's chain if that
@@ -407,8 +420,20 @@ class Chains:
             doomed[c.domain].append(c)
         for domain, checkpoints in doomed.items():
             await self._purge(domain, checkpoints)  # rewrites the domain's metadata first
+        self._check_owners()
         for domain in sorted({c.domain for c in self.all()} - doomed.keys()):
             await self._mend_metadata(domain, did_not_complete)
+
+    def _check_owners(self) -> None:
+        """Every checkpoint of a chain that records an owner records the same one."""
+        owners: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
+        for c in self.all():
+            if c.state == CheckpointState.COMPLETE and c.owner is not None:
+                owners[c.domain, c.consumer].add(c.owner)
+        for (domain, consumer), uids in owners.items():
+            if len(uids) > 1:
+                log.error("BUG: a chain has checkpoints of several users; its newest one's "
+                          "owns it", domain=domain, consumer=consumer, uids=sorted(uids))
 
     def _over_keep(self, domain: str, consumer: str) -> list[Checkpoint]:
         """The checkpoints of a consumer's chain it no longer needs: each bitmap costs

@@ -66,6 +66,24 @@ class NoSuchCheckpoint(PullbackError):
             domain=domain, consumer=consumer, checkpoint=checkpoint)
 
 
+class ChainOfAnother(PullbackError):
+    def __init__(self, domain: str, consumer: str, owner: str) -> None:
+        super().__init__(
+            f"the chain of consumer {consumer!r} on {domain!r} is {owner}'s: a backup of "
+            f"yours would join it, and the next incremental of theirs would miss what "
+            "changed before it; back up as a consumer of your own, or have an "
+            "administrator delete that chain (`pullbackctl chain delete`)",
+            domain=domain, consumer=consumer, owner=owner)
+
+
+class JobOfAnother(PullbackError):
+    def __init__(self, id: str, owner: str) -> None:
+        super().__init__(
+            f"job {id} was started by {owner}: only they may finish it, and they or an "
+            "administrator abort it",
+            id=id, owner=owner)
+
+
 class NoBackup(PullbackError):
     def __init__(self, domain: str, consumer: str, disk: str | None) -> None:
         what = repr(domain) if disk is None else f"disk {disk!r} of {domain!r}"

@@ -5,8 +5,8 @@ code that changes a job.
              (source.py); the job is ready (pull: served, serving.py), or running
              (push: the source copies; stream: pullbackd copies, copying.py):
              starting.py
-    finish   a pull job's appliance is done, or says it failed
-    abort    any job, queued or not
+    finish   a pull job's appliance is done, or says it failed (its starter alone)
+    abort    any job, queued or not (by its starter, or an admin)
     end      every end comes here: sessions closed, the source's backup ended,
              the outcome recorded (`_close`)
     recover  at start: adopt what still runs, end what cannot go on, check the
@@ -45,7 +45,7 @@ from .admission import Admission
 from .chain import Chains, check_consumer
 from .copying import Copy
 from .domainfiles import DomainFiles
-from .errors import BackupInProgress, JobNotReady, NoSuchJob, PullbackError
+from .errors import BackupInProgress, JobNotReady, JobOfAnother, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .logs import logged
 from .model import Change, Job, JobState, Kind, Session, StartRequest, now
@@ -53,6 +53,7 @@ from .places import Places, remove_targets, sync_targets
 from .records import Records
 from .recovery import Recovery
 from .repository import Repository
+from .roles import user_name
 from .running import Running
 from .scratch import ScratchSpace
 from .serving import Serving, appliance
@@ -271,10 +272,11 @@ class Jobs:
         async with self._starts.chain_lock(domain):
             return await self._chains.delete_chain(domain, consumer)
 
-    async def finish(self, job_id: str, success: bool = True) -> Job:
-        """Raises NoSuchJob, JobNotReady, SessionsActive (appliances still read after
-        [exports] drain_timeout: never cut off)."""
-        self.get(job_id)
+    async def finish(self, job_id: str, success: bool = True, by: int | None = None) -> Job:
+        """Raises NoSuchJob, JobOfAnother (`by`, a uid, did not start it), JobNotReady,
+        SessionsActive (appliances still read after [exports] drain_timeout: never cut
+        off)."""
+        await self._check_owner(self.get(job_id), by)
         running = self._running.get(job_id)
         if running is not None and running.served is not None:
             await running.served.drain(self._serving.limits.drain_timeout)
@@ -282,8 +284,19 @@ class Jobs:
             return await self._end(job_id, JobState.COMPLETED)
         return await self._end(job_id, JobState.FAILED, "the appliance reported the backup failed")
 
-    async def abort(self, job_id: str) -> Job:
+    async def abort(self, job_id: str, by: int | None = None) -> Job:
+        """Raises NoSuchJob, JobOfAnother (`by`, a uid unless an admin's, did not start
+        it)."""
+        await self._check_owner(self.get(job_id), by)
         return await self._end(job_id, JobState.ABORTED)
+
+    @staticmethod
+    async def _check_owner(job: Job, by: int | None) -> None:
+        """A job is its starter's to end (None: anyone's, for a job of an earlier
+        version, or `by` nobody in particular)."""
+        if None not in (job.owner, by) and job.owner != by:
+            assert job.owner is not None
+            raise JobOfAnother(job.id, await anyio.to_thread.run_sync(user_name, job.owner))
 
     async def end_for_migration(self, job_id: str) -> Job:
         """The migration gate opened on a job no appliance was using: it fails, and its

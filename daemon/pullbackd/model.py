@@ -236,6 +236,8 @@ class Job:
     consistency: str | None = None
     #: Seconds the guest was frozen.
     frozen: float | None = None
+    #: The uid of who started it (None: a job of an earlier version, mine to anyone).
+    owner: int | None = None
 
     @property
     def kind(self) -> Kind:
@@ -281,6 +283,8 @@ class StartRequest:
     quiesce: str = "auto"
     #: The mount points to freeze (None: every one the agent knows).
     mountpoints: list[str] | None = None
+    #: The caller's uid (SO_PEERCRED), given by the control socket, never by the caller.
+    owner: int | None = None
 
     @property
     def kind(self) -> Kind:
@@ -347,6 +351,9 @@ class Checkpoint:
     xml: str | None = None
     #: Disks its backup copied in full: where their differentials may start.
     full: tuple[str, ...] = ()
+    #: The uid of who started its backup (None: unknown, a checkpoint of an earlier
+    #: version, or one rebuilt from libvirt's metadata).
+    owner: int | None = None
 
 
 def lost(job: Job, running: bool) -> str:

@@ -2,9 +2,10 @@
 (push: the source copies; stream: pullbackd copies), or queued until there is room
 (admission.py); a queued job starts in its turn, in the queue's order.
 
-    check      the request, and the places it may write to (places.py): the job
-               keeps them as checked (resolved); a queued job's are checked again
-               as its turn comes
+    check      the request, the places it may write to (places.py), and that the
+               consumer's chain is not another user's (chain.py): the job keeps the
+               places as checked (resolved); a queued job's are checked again as its
+               turn comes (its claim on its domain kept the chain as it was)
     plan       what the source would back up; what cannot work fails now
     bases      what each disk starts from (chain.py), or why it is full
     record     the job and its pending checkpoint, in one transaction
@@ -46,7 +47,7 @@ from . import crash, quiesce
 from .admission import Admission
 from .chain import Base, Chains
 from .domainfiles import DomainFiles
-from .errors import NoSuchCheckpoint, QuiesceFailed
+from .errors import ChainOfAnother, NoSuchCheckpoint, QuiesceFailed
 from .logs import logged
 from .model import (
     LOCAL,
@@ -63,6 +64,7 @@ from .names import checkpoint_name
 from .places import Places, remove_targets
 from .records import Records
 from .repository import Repository
+from .roles import user_name
 from .running import Running
 from .scratch import ScratchSpace
 from .serving import Serving
@@ -110,6 +112,7 @@ class Starts:
         start stays, failed, with why."""
         # What was checked is what is used: target_dir and the socket resolved.
         request = await anyio.to_thread.run_sync(self._check, request)  # it looks at them
+        await self._check_owner(request)
         if not self._admission.admit(request):
             return await self._enqueue(request)
         job_id = self._records.new_id()
@@ -126,6 +129,13 @@ class Starts:
         request.check()
         return self.places.check(request)
 
+    async def _check_owner(self, request: StartRequest) -> None:
+        """Refuse a backup of a consumer whose chain is another user's (chain.py)."""
+        owner = self._chains.owner(request.domain, request.consumer)
+        if owner is not None and owner != request.owner:
+            raise ChainOfAnother(request.domain, request.consumer,
+                                 await anyio.to_thread.run_sync(user_name, owner))  # NSS
+
     async def _enqueue(self, request: StartRequest) -> Job:
         # What cannot work fails now.
         quiesce.check(request, await self._source.plan(request.domain, request.disks,
@@ -140,7 +150,8 @@ class Starts:
             job = Job(job_id, request.domain, JobState.QUEUED, request.mode, now(),
                       request.consumer, checkpoint_name(request.consumer, job_id),
                       since=request.since, target_dir=request.target_dir,
-                      destination=request.destination, quiesce=request.quiesce)
+                      destination=request.destination, quiesce=request.quiesce,
+                      owner=request.owner)
             await self._store.save_request(job_id, dataclasses.asdict(request))
             job = await self._records.save(job)
         finally:
@@ -227,10 +238,11 @@ class Starts:
                   queued.created if queued else now(), request.consumer,
                   checkpoint_name(request.consumer, job_id), target_dir=request.target_dir,
                   destination=request.destination, history=queued.history if queued else (),
-                  offline=plan.offline, quiesce=request.quiesce)
+                  offline=plan.offline, quiesce=request.quiesce, owner=request.owner)
         checkpoint = Checkpoint(job.checkpoint, domain, job.consumer, job_id, job.created,
                                 CheckpointState.PENDING,
-                                tuple(d for d in plan.disks if d not in plan.full))
+                                tuple(d for d in plan.disks if d not in plan.full),
+                                owner=request.owner)
         # Recorded before the source hears of them, in one transaction: after a
         # crash, the database knows which backup and checkpoint are ours.
         await self._records.save(job, checkpoint)

@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     state TEXT NOT NULL,
     disks TEXT NOT NULL,
     xml TEXT,
-    full_disks TEXT NOT NULL DEFAULT '[]'
+    full_disks TEXT NOT NULL DEFAULT '[]',
+    owner INTEGER
 );
 CREATE TABLE IF NOT EXISTS domain_files (
     job TEXT PRIMARY KEY,
@@ -89,7 +90,7 @@ CREATE TABLE IF NOT EXISTS thaws (
 #: version that did not record freezes.
 FREEZES = "CREATE TABLE freezes (job TEXT PRIMARY KEY, domain TEXT NOT NULL)"
 #: Columns added since a table was first created: added to an older database at start.
-COLUMNS = {"checkpoints": {"full_disks": "TEXT NOT NULL DEFAULT '[]'"}}
+COLUMNS = {"checkpoints": {"full_disks": "TEXT NOT NULL DEFAULT '[]'", "owner": "INTEGER"}}
 
 
 class StateDamaged(Exception):
@@ -149,11 +150,12 @@ class Store:
 
     def load_checkpoints(self) -> list[Checkpoint]:
         rows = self._db.execute(
-            "SELECT name, domain, consumer, job, created, state, disks, xml, full_disks"
-            " FROM checkpoints ORDER BY created, rowid")
+            "SELECT name, domain, consumer, job, created, state, disks, xml, full_disks,"
+            " owner FROM checkpoints ORDER BY created, rowid")
         return [Checkpoint(name, domain, consumer, job, created, CheckpointState(state),
-                           tuple(json.loads(disks)), xml, tuple(json.loads(full)))
-                for name, domain, consumer, job, created, state, disks, xml, full in rows]
+                           tuple(json.loads(disks)), xml, tuple(json.loads(full)), owner)
+                for name, domain, consumer, job, created, state, disks, xml, full, owner
+                in rows]
 
     async def save_checkpoint(self, c: Checkpoint) -> None:
         await self._write(_SAVE_CHECKPOINT, _checkpoint_row(c))
@@ -255,13 +257,13 @@ _SAVE_JOB = ("INSERT INTO jobs (id, domain, state, created, record) VALUES (?, ?
              " ON CONFLICT (id) DO UPDATE SET state = excluded.state, record = excluded.record")
 _SAVE_CHECKPOINT = (
     "INSERT INTO checkpoints (name, domain, consumer, job, created, state, disks, xml,"
-    " full_disks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+    " full_disks, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
     " state = excluded.state, xml = excluded.xml, full_disks = excluded.full_disks")
 
 
 def _checkpoint_row(c: Checkpoint) -> tuple[object, ...]:
     return (c.name, c.domain, c.consumer, c.job, c.created, c.state, json.dumps(c.disks), c.xml,
-            json.dumps(c.full))
+            json.dumps(c.full), c.owner)
 
 
 #: What is shown of a job but never stored (records of earlier versions may hold

@@ -56,9 +56,13 @@ class Last:
 #: returns the reply's parameters, or is an async generator of them for
 #: methods that stream replies (`more`), sent as they come, and ending with a
 #: `Last` (or never, until the client hangs up). A handler with a keyword-only
-#: parameter `role` is given the caller's role too: what it shows may depend on it.
+#: parameter of GIVEN is given that of its caller too: what it shows, or allows, may
+#: depend on it.
 Handler = Callable[...,
                    Awaitable[dict[str, Any]] | AsyncGenerator[dict[str, Any] | Last, None]]
+#: What a handler may be given of its caller: `role` (roles.Role), and `uid` (from its
+#: peer credentials; None for a call that came through no socket).
+GIVEN = ("role", "uid")
 
 
 @dataclass(frozen=True)
@@ -110,8 +114,8 @@ class Service:
         default_factory=dict
     )
     _ids: itertools.count[int] = field(default_factory=itertools.count)
-    #: The methods ("interface.Method") whose handler is given the caller's role.
-    _given_role: set[str] = field(default_factory=set)
+    #: What each method's handler ("interface.Method") is given of its caller (GIVEN).
+    _given: dict[str, set[str]] = field(default_factory=dict)
 
     def add(self, iface: idl.Interface, handlers: Mapping[str, Handler]) -> None:
         unknown = set(handlers) - set(iface.methods)
@@ -120,11 +124,13 @@ class Service:
             raise ValueError(f"{iface.name}: handlers without method {unknown}, "
                              f"methods without handler {missing}")
         for name, handler in handlers.items():
-            role = inspect.signature(handler).parameters.get("role")
-            if role is not None and role.kind == inspect.Parameter.KEYWORD_ONLY:
-                if "role" in dict(iface.methods[name].input.fields):
-                    raise ValueError(f"{iface.name}.{name}: a parameter is named role")
-                self._given_role.add(f"{iface.name}.{name}")
+            parameters = inspect.signature(handler).parameters
+            for given in GIVEN:
+                if given in parameters and \
+                        parameters[given].kind == inspect.Parameter.KEYWORD_ONLY:
+                    if given in dict(iface.methods[name].input.fields):
+                        raise ValueError(f"{iface.name}.{name}: a parameter is named {given}")
+                    self._given.setdefault(f"{iface.name}.{name}", set()).add(given)
         self._interfaces[iface.name] = (iface, handlers)
 
     def add_service_interface(self, iface: idl.Interface) -> None:
@@ -153,7 +159,8 @@ class Service:
                     log.info("call", method=call.method, uid=peer and peer.uid,
                              pid=peer and peer.pid, role=role.label,
                              parameters=call.parameters)
-            given = {"role": role} if call.method in self._given_role else {}
+            about = {"role": role, "uid": peer and peer.uid}
+            given = {k: about[k] for k in self._given.get(call.method, ())}
             result = handler(**call.parameters, **given)
             if isinstance(result, AsyncGenerator):
                 if not call.more or call.oneway:
