@@ -1,7 +1,8 @@
 """The daemon: wiring, logging, signals and readiness.
 
 One root task group holds everything that runs: the control socket, the libvirt
-event follower, the watchdog. SIGTERM or SIGINT cancels it. Backups that are
+event follower, the watchdog. SIGTERM or SIGINT cancels it, once the control socket
+answered the calls its callers had sent (control/server.py). Backups that are
 ready when the daemon stops are left running in libvirt, so appliances keep
 reading; the next start adopts them from the state database.
 """
@@ -50,6 +51,9 @@ DEFAULT_CONFIG = Path("/etc/pullbackd/pullbackd.toml")
 #: Seconds to let the appliances' sessions reach a point where they can be handed over;
 #: a session that has not by then is cut (alone).
 HANDOFF_TIMEOUT = 5.0
+#: Seconds the control socket's callers get, at a stop, for the calls they already sent
+#: (control/server.py); a call that runs longer (a Verify) is cut.
+STOP_GRACE = 5.0
 
 
 def config_file(given: Path | None) -> Path | None:
@@ -92,7 +96,8 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
                 status = 1
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier, jobs)
+            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier, jobs,
+                          tunables.service)
             # Events flow before recovery: ending a leftover job waits for libvirt's event.
             await tg.start(follow_libvirt)
             if remote is not None:
@@ -239,11 +244,15 @@ async def _reload_on_signal(
             notifier.ready("reloaded")
 
 
-async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier, jobs: Jobs) -> None:
+async def _stop_on_signal(scope: anyio.CancelScope, notifier: Notifier, jobs: Jobs,
+                          service: Service) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("stopping; running backups stay up and are adopted at the next start",
                      signal=signal.Signals(signum).name)
+            # The calls callers sent are answered, and no more taken: those wait in the
+            # socket for the next run (systemd's, when it started us).
+            await service.stop(STOP_GRACE)
             await _hand_off(notifier, jobs)
             scope.cancel()
             return

@@ -9,10 +9,18 @@ and ends when the caller hangs up, not at the next reply it could not take.
 
 The caller's role is looked up again after a reload changed [roles]: a role
 taken away applies from the connection's next call.
+
+A stop (`stop`: systemd stops or restarts the daemon) answers what callers already
+sent: it stops accepting (connections not yet accepted wait in the socket, systemd's,
+for the next run), and each open connection answers the calls it has read or that wait
+in its socket, then closes; a stream of replies ends at once. A connection closed with a
+call unread in it reached its caller as a reset, a call lost in a restart that promised
+none would be.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import inspect
 import itertools
@@ -22,7 +30,7 @@ import socket
 import stat
 import struct
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +51,9 @@ log = structlog.get_logger()
 SERVICE = "org.varlink.service"
 #: Seconds between two looks at whether the caller of a stream of replies hung up.
 HANGUP_POLL = 1.0
+#: Seconds a connection waits, once the service stops, for what its caller is sending
+#: (a call already in its socket arrives at once; one written as the stop came, soon).
+STOP_READ = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,13 @@ class Service:
     _ids: itertools.count[int] = field(default_factory=itertools.count)
     #: What each method's handler ("interface.Method") is given of its caller (GIVEN).
     _given: dict[str, set[str]] = field(default_factory=dict)
+    #: Set by `stop`; then what it cancels: the accept loop, each connection's wait for
+    #: a call, each stream of replies.
+    _stopping: bool = False
+    _stoppable: set[anyio.CancelScope] = field(default_factory=set)
+    #: Connections being served (`serve`), and what `stop` waits on.
+    _live: int = 0
+    _ended: anyio.Event | None = None
 
     def add(self, iface: idl.Interface, handlers: Mapping[str, Handler]) -> None:
         unknown = set(handlers) - set(iface.methods)
@@ -238,15 +256,41 @@ class Service:
         connection is closed at once. Neither ends the loop or touches the others.
         """
         async with anyio.create_task_group() as tg:
-            async for stream in accepted(listener, self._refusals):
-                peer = peer_of(stream)
-                uid = -1 if peer is None else peer.uid
-                if uid != 0 and (sum(self._open.values()) >= self.limits.connections or
-                                 self._open.get(uid, 0) >= self.limits.per_user):
-                    self._refusals.note("too many connections", uid=uid)
-                    await stream.aclose()
-                    continue
-                tg.start_soon(self._counted, stream, uid, protocol_error)
+            with self._stoppable_scope():
+                async for stream in accepted(listener, self._refusals):
+                    peer = peer_of(stream)
+                    uid = -1 if peer is None else peer.uid
+                    if uid != 0 and (sum(self._open.values()) >= self.limits.connections or
+                                     self._open.get(uid, 0) >= self.limits.per_user):
+                        self._refusals.note("too many connections", uid=uid)
+                        await stream.aclose()
+                        continue
+                    self._live += 1
+                    tg.start_soon(self._counted, stream, uid, protocol_error)
+
+    async def stop(self, grace: float) -> None:
+        """Stop serving (see above): return once every connection answered what it had
+        been sent and closed, or after `grace` seconds (the caller then cancels what is
+        left: calls that run longer, as a Verify)."""
+        self._stopping = True
+        self._ended = anyio.Event()
+        for scope in self._stoppable:
+            scope.cancel()
+        with anyio.move_on_after(grace):
+            if self._live:
+                await self._ended.wait()
+
+    @contextlib.contextmanager
+    def _stoppable_scope(self) -> Iterator[anyio.CancelScope]:
+        """A scope `stop` cancels (at once, if it was called already)."""
+        with anyio.CancelScope() as scope:
+            if self._stopping:
+                scope.cancel()
+            self._stoppable.add(scope)
+            try:
+                yield scope
+            finally:
+                self._stoppable.discard(scope)
 
     async def _counted(self, stream: SocketStream, uid: int, protocol_error: str) -> None:
         if uid != 0:
@@ -258,6 +302,19 @@ class Service:
                 self._open[uid] -= 1
                 if not self._open[uid]:
                     del self._open[uid]
+            self._live -= 1
+            if not self._live and self._ended is not None:
+                self._ended.set()
+
+    async def _receive(self, stream: SocketStream) -> bytes | None:
+        """What the caller sends next (TimeoutError after `limits.idle_timeout`); once
+        the service stops, only what it sends within STOP_READ (None if nothing)."""
+        if not self._stopping:
+            with anyio.fail_after(self.limits.idle_timeout), self._stoppable_scope():
+                return await stream.receive()
+        with anyio.move_on_after(STOP_READ):
+            return await stream.receive()
+        return None
 
     async def handle(self, stream: SocketStream, protocol_error: str) -> None:
         """Serve one connection until the peer closes it, breaks the protocol, or says
@@ -272,8 +329,10 @@ class Service:
             try:
                 while True:
                     try:
-                        with anyio.fail_after(self.limits.idle_timeout):
-                            data = await stream.receive()
+                        data = await self._receive(stream)
+                        if data is None:
+                            clog.debug("closing: the service stops")
+                            return
                         frames = decoder.feed(data)
                     except ProtocolError as e:
                         return await self._violation(stream, clog, e, protocol_error)
@@ -305,7 +364,8 @@ class Service:
         """Send the call's replies (none if oneway). False if the caller hung up in
         the middle of a stream of them, which then ended; TimeoutError if it reads
         nothing for `limits.idle_timeout`."""
-        with anyio.CancelScope() as replying:
+        with self._stoppable_scope() if self._streams(call) else \
+                anyio.CancelScope() as replying:
             watching = await tg.start(_until_hung_up, stream, replying) \
                 if self._streams(call) else None
             try:
