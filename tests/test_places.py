@@ -349,6 +349,53 @@ async def test_a_link_made_between_two_connections_of_a_copy_gets_nothing_throug
         with pytest.raises(stream.UncheckedDestination, match=f"{sock} is a link"):
             await stream.stream(f"nbd+unix:///?socket={src}", str(checked.destination),
                                 tuning=stream.Tuning(spread=MiB, connect_timeout=10),
-                                pinned=True)
+                                pinned=stream.Pinned())
     assert len(connected) == 1, connected  # the second pair never connected
+    assert (target_folder / "vda.img").read_bytes() == theirs
+
+
+@pytest.mark.parametrize("named", ["directly", "as-a-disk"])
+async def test_another_appliances_socket_gets_nothing_from_a_backup_it_did_not_start(
+        tmp_path: Path, appliances: Path, named: str) -> None:
+    """An appliance that may start backups names, inside [stream] destinations, another
+    appliance's socket: directly (Start looks at it and refuses it), or as a `{disk}`
+    socket Start cannot look at (the copy refuses it before it connects). Either way the
+    other appliance's backup is as it was: pullbackd wrote this VM's disk over it, as the
+    socket was in the allowed folder and pullbackd could reach it. Its own socket takes
+    the backup, byte for byte."""
+    theirs = os.urandom(SIZE)
+    mine = appliance_folder(appliances, APPLIANCE, b"\xee" * SIZE)
+    target_folder = appliance_folder(appliances, OTHER, theirs)
+    me = ensure_user(APPLIANCE)[0]
+    (tmp_path / "source").mkdir()
+    source = NbdkitSource(FakeVirt(), tmp_path / "source", served=tmp_path / "qemu.sock")
+    source.sizes = {"vda": SIZE}
+    appliance, sock = serving_as(APPLIANCE, mine)
+    other, other_sock = serving_as(OTHER, target_folder)
+    async with nbd_server(["nbdkit", "-f", "-U", str(source.served), "pattern",
+                           f"size={SIZE}"], source.served), \
+            nbd_server(appliance, sock), nbd_server(other, other_sock), \
+            running(tmp_path, source) as rig:
+        rig.jobs.reconfigure(max_active=0, keep_finished=3600, places=Places(
+            None, (f"nbd+unix:///?socket={appliances}",)))
+        own = await rig.jobs.start(StartRequest(
+            "d1", disks=["vda"], destination=f"nbd+unix:///?socket={sock}", owner=me))
+        assert (await ended(rig.jobs, own.id)).state == JobState.COMPLETED
+        assert (mine / "vda.img").read_bytes() == pattern()
+        if named == "directly":
+            with pytest.raises(errors.InvalidParameter) as refused:
+                await rig.jobs.start(StartRequest(
+                    "d1", disks=["vda"], destination=f"nbd+unix:///?socket={other_sock}",
+                    owner=me))
+            assert refused.value.parameters == {"parameter": "destination"}
+            assert f"{other_sock} is {OTHER}'s, not yours ({APPLIANCE})" in \
+                str(refused.value)
+        else:
+            job = await rig.jobs.start(StartRequest(
+                "d1", disks=["vda"], owner=me,
+                destination=f"nbd+unix:///?socket={target_folder}/{{disk}}.sock"))
+            job = await ended(rig.jobs, job.id)
+            assert job.state == JobState.FAILED, job
+            assert f"{other_sock} is {OTHER}'s, not {APPLIANCE}'s" in (job.error or ""), \
+                job.error
     assert (target_folder / "vda.img").read_bytes() == theirs

@@ -127,8 +127,9 @@ class Copy:
                         on_progress=_follower(self.live, writer),
                         checksums=recorder(writer.regions) if writer else None,
                         cluster=writer.cluster if writer else None, size=disk.size,
-                        # An appliance's socket, as the job's places were checked.
-                        pinned=writer is None)
+                        # An appliance's socket, as the job's places were checked,
+                        # and its starter's (root may send one anywhere allowed).
+                        pinned=None if writer is not None else stream.Pinned(job.owner or None))
                     self.live.disk_done(result)
                 if job.destination == LOCAL:
                     await self._repository.store_files(job.domain, job.consumer,

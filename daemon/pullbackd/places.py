@@ -11,6 +11,10 @@ Invariants:
   not move them). A destination's socket is then reached at each connect with no link
   followed (stream.py, `pinned`): an appliance may write the folder that holds its
   socket, and swap the socket, or a folder, for a link once checked.
+- A destination's socket is its caller's (who bound it), unless root called: looked at
+  here when Start can (not a `{disk}` socket), and at each connect (stream.py, `Pinned`).
+  Whoever may start backups could otherwise have pullbackd write into another
+  appliance's server that pullbackd may reach.
 - Nobody but root and pullbackd's user can change the folders between a push dir and a
   push's target_dir (each is theirs and not writable by group or others): the resolved
   path stays where it was checked until the files are made. The push dir itself, and
@@ -85,6 +89,7 @@ class Places:
                     f"({', '.join(self.destinations) or 'none'}); have the host's administrator "
                     "add it, or use \"local\""))
             request = dataclasses.replace(request, destination=_resolved(request.destination))
+            _check_socket_owner(request)
         return request
 
 
@@ -124,6 +129,38 @@ def _check_owners(target_dir: str, push_dir: Path, folder: Path) -> None:
             raise TargetNotWritable(target_dir, (
                 f"{path} is writable by its group or others, who could replace what is in "
                 f"it with a link elsewhere; have the host's administrator `chmod go-w` it"))
+
+
+def _check_socket_owner(request: StartRequest) -> None:
+    """A destination's socket, if Start can look at it (not a `{disk}` one), is its
+    caller's (root's calls excepted): stream.py checks it again at each connect
+    (`Pinned`)."""
+    if not request.owner or request.destination is None:
+        return
+    path = _socket(request.destination)
+    if path is None or "{disk}" in path:
+        return
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # not served yet: the copy finds it, or fails
+    if st.st_uid != request.owner:
+        raise InvalidParameter("destination", (
+            f"its socket {path} is {user_name(st.st_uid)}'s, not yours "
+            f"({user_name(request.owner)}): pullbackd writes a backup only into a server of "
+            "whoever starts it; serve your socket as your own user (a socket unit: "
+            "SocketUser=)"))
+
+
+def _socket(url: str) -> str | None:
+    """The path of a Unix-socket NBD URI's socket (None for another URI)."""
+    u = urlsplit(url)
+    if not u.scheme.endswith("+unix"):
+        return None
+    found = [unquote_plus(value) for key, _, value in
+             (part.partition("=") for part in u.query.split("&"))
+             if unquote_plus(key) == "socket"]
+    return found[0] if len(found) == 1 else None
 
 
 def _resolved(url: str) -> str:

@@ -40,13 +40,16 @@ follows links as it connects, and would write this VM's disk into another applia
 server over its backup, or into any server pullbackd's user may reach and the appliance
 may not (the repository's writers). A link anywhere on the way, or a "..", fails the
 copy with UncheckedDestination before anything connects. Pinned rather than a check of
-the server's peer credentials (SO_PEERCRED) once connected: Start has no uid to approve
-(a `{disk}` socket need not exist yet, and a folder appliances share, root's, names
-none of them), a link could lead to another server of the approved uid all the same,
-and SO_PEERCRED names whoever called listen(), systemd for a socket-activated server,
-not who serves. A hard link to another's socket takes write access to it
-(fs.protected_hardlinks), which is what connecting to it takes: the appliance could
-write there itself.
+the server's peer credentials (SO_PEERCRED) once connected: a link could lead to another
+server of the approved uid all the same, and SO_PEERCRED names whoever called listen(),
+systemd for a socket-activated server, not who serves.
+
+And the socket so reached must be the job's starter's (`Pinned.owner`, the uid the
+control socket saw Start come from; root's jobs excepted): its owner is who bound it,
+the user an appliance serves as (a socket unit's SocketUser=). Whoever may start backups
+could otherwise name, inside [stream] destinations, another appliance's socket, or
+make a `{disk}` socket Start could not look at one (a hard link keeps its owner), and
+have pullbackd, which may reach it, write this VM's disk over that appliance's backup.
 
 All of this blocks: `copy` runs in threads of its own. `stream` is the async
 face the daemon uses, and cancels the copy when its caller is cancelled.
@@ -72,6 +75,8 @@ from urllib.parse import quote, unquote_plus, urlsplit
 import anyio
 import nbd
 import structlog
+
+from .roles import user_name
 
 ALLOCATION = "base:allocation"
 #: NBD_STATE_HOLE | NBD_STATE_ZERO in base:allocation; NBD_STATE_DIRTY in a dirty bitmap.
@@ -100,6 +105,14 @@ class StreamError(Exception):
 class UnfitDestination(StreamError):
     """The destination cannot take this disk as its server advertises itself: nothing
     was written. Another destination (or one set up otherwise) is needed."""
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A client's destination: its Unix socket reached with no link followed, and, with
+    `owner` (a uid), that user's (see above)."""
+
+    owner: int | None = None
 
 
 class UncheckedDestination(StreamError):
@@ -444,7 +457,7 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
 
 
 @contextlib.contextmanager
-def _pinned(url: str) -> Iterator[str]:
+def _pinned(url: str, pinned: Pinned = Pinned()) -> Iterator[str]:
     """`url`, its Unix socket named by a descriptor of the socket its path leads to with
     no link followed (`_pinned_socket`), for as long as the context lasts: a connect to
     the URL yielded reaches that socket whatever is renamed meanwhile. Other URLs (TCP)
@@ -459,7 +472,7 @@ def _pinned(url: str) -> Iterator[str]:
     if len(found) != 1:
         raise UncheckedDestination(f"{url} names {len(found)} sockets, not one")
     path = unquote_plus(parts[found[0]].partition("=")[2])
-    fd = _pinned_socket(path)
+    fd = _pinned_socket(path, pinned.owner)
     try:
         parts[found[0]] = f"socket={quote(f'/proc/self/fd/{fd}')}"
         yield f"{u.scheme}://{u.netloc}{u.path}?{'&'.join(parts)}" + \
@@ -468,13 +481,14 @@ def _pinned(url: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _pinned_socket(path: str) -> int:
+def _pinned_socket(path: str, owner: int | None) -> int:
     """An O_PATH descriptor of the socket at `path`, absolute, reached with no link
     followed: each folder from / down, then the socket, opened O_PATH|O_NOFOLLOW from the
     one above it (a link so opened is the link itself, and refused). Raises
     UncheckedDestination for a link or a "." or ".." on the way (a path places.check
-    resolved has none), StreamError if a part of it is not there or not what it must be
-    (the appliance's server is not listening)."""
+    resolved has none), or a socket not `owner`'s (a uid; None: anyone's), StreamError if
+    a part of it is not there or not what it must be (the appliance's server is not
+    listening)."""
     names = path.split("/")
     if not path.startswith("/") or not all(names[1:]) or any(n in (".", "..") for n in names):
         raise UncheckedDestination(
@@ -506,6 +520,13 @@ def _pinned_socket(path: str) -> int:
         if not stat.S_ISSOCK(mode):
             raise StreamError(f"the destination {path} is not a socket: no NBD server "
                               "listens there")
+        if owner is not None and (uid := os.fstat(fd).st_uid) != owner:
+            raise UncheckedDestination(
+                f"the destination's socket {path} is {user_name(uid)}'s, not "
+                f"{user_name(owner)}'s, who started the backup: pullbackd writes a backup "
+                "only into a server of whoever started it, and sent nothing there. Have "
+                "the appliance serve its socket as its own user (a socket unit: "
+                "SocketUser=), and start the backup again")
         return fd
     except BaseException:
         os.close(fd)
@@ -624,7 +645,7 @@ class _Copy:
                  on_progress: Callable[[Progress], None] | None,
                  checksums: Checksums | None, cancel: threading.Event,
                  only: Ranges | None = None, cluster: int | None = None,
-                 size: int | None = None, pinned: bool = False) -> None:
+                 size: int | None = None, pinned: Pinned | None = None) -> None:
         self.source, self.destination, self.bitmap = source, destination, bitmap
         #: A client's destination: its socket reached with no link followed (`_pinned`).
         self.pinned = pinned
@@ -707,7 +728,7 @@ class _Copy:
         """Each pair's, the first one's (which the plan is fitted to) and those opened
         mid-copy alike: a pinned destination's socket is looked for afresh each time."""
         try:
-            with _pinned(self.destination) if self.pinned else \
+            with _pinned(self.destination, self.pinned) if self.pinned else \
                     contextlib.nullcontext(self.destination) as url:
                 return _connect(url, tls_certificates=self.tuning.tls_certificates,
                                 timeout=self.tuning.connect_timeout, cancel=self.cancel,
@@ -1008,7 +1029,7 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
          checksums: Checksums | None = None,
          cancel: threading.Event | None = None, only: Ranges | None = None,
          cluster: int | None = None, size: int | None = None,
-         pinned: bool = False) -> Progress:
+         pinned: Pinned | None = None) -> Progress:
     """Copy a source export into a destination export; blocks until done.
 
     With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
@@ -1017,8 +1038,9 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
     zeros. With `cluster`, every write covers whole clusters of that many bytes
     (`whole_clusters`). With `size`, a source of another size is an error before
     anything is written. With `pinned` (a client's destination, as places.check gave
-    it back), its Unix socket is reached at each connect with no link followed
-    (`_pinned`): UncheckedDestination if there is one. Raises StreamError.
+    it back), its Unix socket is reached at each connect with no link followed, and
+    must be `pinned.owner`'s (`_pinned`): UncheckedDestination if not. Raises
+    StreamError.
     """
     return _Copy(source, destination, bitmap, zeroed_destination, tuning or Tuning(),
                  on_progress, checksums, cancel or threading.Event(), only, cluster,
@@ -1030,7 +1052,7 @@ async def stream(source: str, destination: str, *, bitmap: str | None = None,
                  on_progress: Callable[[Progress], None] | None = None,
                  checksums: Checksums | None = None, only: Ranges | None = None,
                  cluster: int | None = None, size: int | None = None,
-                 pinned: bool = False) -> Progress:
+                 pinned: Pinned | None = None) -> Progress:
     """`copy` off the event loop. Cancelling the caller stops the copy, and
     returns only once its threads are gone (but for a connect to a source that did not
     greet within `Tuning.connect_timeout`, which ends by itself: `_connect_source`)."""
