@@ -243,3 +243,24 @@ def test_backup_files_cut_off_says_where_what_was_saved_is(
     assert f"what was saved is in {folder}: remove it, and save again into a new folder" \
         in err
     assert folder.is_dir()
+
+
+def test_an_error_says_what_it_means_and_what_to_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The daemon sends an error's name and parameters alone: pullbackctl printed those,
+    and an operator refused a backup (another's chain) was not told why, nor what to do.
+    The first line stays as scripts read it; an error of another interface has no second."""
+    refused = Reply({"domain": "vm1", "consumer": "default", "owner": "appliance-a"},
+                    "org.pullbackd.Backup.ChainOfAnother")
+    strange = Reply({"what": 1}, "org.example.Strange")
+    with answering(tmp_path, {"Start": refused, "Abort": strange}) as sock:
+        status, _, err = pullbackctl(sock, capsys, "backup", "start", "vm1")
+        assert status == 1
+        first, second = err.splitlines()
+        assert json.loads(first.removeprefix(
+            "error: org.pullbackd.Backup.ChainOfAnother ")) == refused.parameters
+        assert second.startswith("pullbackctl: the chain of consumer 'default' on 'vm1' is "
+                                 "appliance-a's")
+        assert "back up as a consumer of your own" in second
+        status, _, err = pullbackctl(sock, capsys, "backup", "abort", "x")
+        assert (status, err) == (1, 'error: org.example.Strange {"what": 1}\n')

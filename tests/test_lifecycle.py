@@ -307,7 +307,7 @@ def test_pullbackctl(daemon: Daemon) -> None:
 
     busy = pullbackctl(daemon, "backup", "start", "lab1")
     assert busy.returncode == 1
-    name, params = busy.stderr.removeprefix("error: ").split(" ", 1)
+    name, params = busy.stderr.splitlines()[0].removeprefix("error: ").split(" ", 1)
     assert name == "org.pullbackd.Backup.BackupInProgress"
     assert json.loads(params) == {"domain": "lab1", "id": job["id"]}
 

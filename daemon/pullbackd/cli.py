@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from . import errors
 from .control.client import Client, VarlinkError
 from .control.codec import ProtocolError
 
@@ -478,6 +479,22 @@ def verified(args: argparse.Namespace, reply: dict[str, Any]) -> int:
     return 1 if reply["problems"] else 0
 
 
+def _meaning(e: VarlinkError) -> str | None:
+    """What an error of pullbackd's means and what to do next, as errors.py words it (the
+    wire carries its name and parameters alone); None for another interface's, or one
+    whose parameters this version does not know."""
+    interface, _, name = e.name.rpartition(".")
+    kind = getattr(errors, name, None)
+    if interface != IFACE or not (isinstance(kind, type) and
+                                  issubclass(kind, errors.PullbackError)):
+        return None
+    make: Any = kind  # each error's own parameters, not PullbackError's
+    try:
+        return str(make(**e.parameters))
+    except TypeError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -497,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                   "one in [roles] of pullbackd's configuration", file=sys.stderr)
             return 1
         print(f"error: {e.name} {json.dumps(e.parameters)}", file=sys.stderr)
+        if (meaning := _meaning(e)) is not None:
+            print(f"pullbackctl: {meaning}", file=sys.stderr)
         return 1
     except Unsaved as e:
         print(f"pullbackctl: {e}", file=sys.stderr)
