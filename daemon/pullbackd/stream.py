@@ -117,10 +117,11 @@ class Pinned:
 
 class UncheckedDestination(StreamError):
     """The destination's socket cannot be reached as places.check approved it: a link
-    on its path (put there since, or at a `{disk}` name), or a "..". Nothing connected
-    through it: what the copy wrote went to the socket at the path checked, if anywhere.
-    The appliance must serve its socket at the path it gave, with no link on the way,
-    and the backup be started again."""
+    on its path (put there since, or at a `{disk}` name), a "..", or a socket that is not
+    the backup's starter's (`Pinned`). Nothing connected through it: what the copy wrote
+    went to the socket at the path checked, if anywhere. The appliance must serve its
+    socket, as its own user, at the path it gave, with no link on the way, and the backup
+    be started again."""
 
 
 class BufferPool:
