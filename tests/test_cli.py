@@ -264,3 +264,22 @@ def test_an_error_says_what_it_means_and_what_to_do(
         assert "back up as a consumer of your own" in second
         status, _, err = pullbackctl(sock, capsys, "backup", "abort", "x")
         assert (status, err) == (1, 'error: org.example.Strange {"what": 1}\n')
+
+
+def test_who_owns_a_chain_and_a_job_is_shown(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Start refused with ChainOfAnother: `checkpoints` shows whose each chain is, and
+    `show` who started a job (a uid the daemon sends, named here; none: "-")."""
+    chain = [{"name": f"pullbackd.c.{n}", "consumer": "c", "job": n,
+              "created": "2026-12-04T00:00:00.000Z", "disks": ["vda"], "owner": owner}
+             for n, owner in (("a1", None), ("b2", 0))]
+    job = {"id": "b2", "domain": "vm1", "state": "ready", "consumer": "c", "mode": "full",
+           "disks": [], "owner": 0}
+    with answering(tmp_path, {"ListCheckpoints": Reply({"checkpoints": chain}),
+                              "Get": Reply({"job": job})}) as sock:
+        _, out, _ = pullbackctl(sock, capsys, "checkpoints", "vm1")
+        assert [line.split()[:3] for line in out.splitlines()] == [
+            ["CHECKPOINT", "CONSUMER", "OWNER"], ["pullbackd.c.a1", "c", "-"],
+            ["pullbackd.c.b2", "c", "root"]]
+        _, out, _ = pullbackctl(sock, capsys, "show", "b2")
+        assert "owner       root" in out.splitlines()

@@ -370,7 +370,9 @@ def test_pullbackctl_chains(daemon: Daemon) -> None:
     assert json.loads(failed)["job"]["state"] == "failed"
 
     table = ctl("checkpoints", "lab2", "--consumer", "cli")
-    assert table.splitlines()[0].split() == ["CHECKPOINT", "CONSUMER", "JOB", "CREATED", "DISKS"]
+    assert table.splitlines()[0].split() == ["CHECKPOINT", "CONSUMER", "OWNER", "JOB",
+                                             "CREATED", "DISKS"]
+    assert table.splitlines()[1].split()[2] == "root"
     assert [line.split()[0] for line in table.splitlines()[1:]] == [full["checkpoint"]]
     assert ctl("chain", "delete", "lab2", "--consumer", "cli").split() == [full["checkpoint"]]
     assert json.loads(ctl("--json", "checkpoints", "lab2", "--consumer", "cli")) == \

@@ -139,6 +139,7 @@ def test_a_chain_and_a_job_are_their_starters(daemon: Daemon) -> None:
     assert first["owner"] == pwd.getpwnam(BACKUP).pw_uid
     call_as(BACKUP, daemon, "Finish", id=first["id"])
     chain = daemon.ctl.call("ListCheckpoints", domain="lab1", consumer="owned")
+    assert [c["owner"] for c in chain["checkpoints"]] == [first["owner"]]
     jobs = daemon.ctl.call("List", domain="lab1")
     refused = {"error": "ChainOfAnother", "domain": "lab1", "consumer": "owned",
                "owner": BACKUP}

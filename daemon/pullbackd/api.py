@@ -250,7 +250,8 @@ class BackupAPI:
         if consumer is not None:
             check_consumer(consumer)
         return {"checkpoints": [{"name": c.name, "consumer": c.consumer, "job": c.job,
-                                 "created": c.created, "disks": list(c.disks)}
+                                 "created": c.created, "disks": list(c.disks),
+                                 "owner": c.owner}
                                 for c in self.chains.of(domain, consumer)]}
 
     async def DeleteChain(self, domain: str, consumer: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 from . import errors
 from .control.client import Client, VarlinkError
 from .control.codec import ProtocolError
+from .roles import user_name
 
 DEFAULT_SOCKET = "/run/pullbackd/control.sock"
 IFACE = "org.pullbackd.Backup"
@@ -114,6 +115,8 @@ def format_job(job: dict[str, Any]) -> str:
               "destination", "created", "ended", "error"]
     lines = [f"{'id':<12}{job['id']}", f"{'state':<12}{_state(job)}"]
     lines += [f"{name:<12}{job[name]}" for name in fields if job.get(name) is not None]
+    if job.get("owner") is not None:
+        lines.append(f"{'owner':<12}{_user(job['owner'])}")
     if job.get("consistency"):
         frozen = f", frozen {job['frozen']:.3f} s" if job.get("frozen") is not None else ""
         lines.append(f"{'consistent':<12}{job['consistency']}{frozen}")
@@ -163,10 +166,15 @@ def format_step(step: dict[str, Any]) -> str:
     return line
 
 
+def _user(uid: int | None) -> str:
+    """Who a uid the daemon sent is, here ("-" for none)."""
+    return "-" if uid is None else user_name(uid)
+
+
 def format_checkpoints(checkpoints: list[dict[str, Any]]) -> str:
-    rows = [["CHECKPOINT", "CONSUMER", "JOB", "CREATED", "DISKS"]]
-    rows += [[c["name"], c["consumer"], c["job"], c["created"], ",".join(c["disks"])]
-             for c in checkpoints]
+    rows = [["CHECKPOINT", "CONSUMER", "OWNER", "JOB", "CREATED", "DISKS"]]
+    rows += [[c["name"], c["consumer"], _user(c.get("owner")), c["job"], c["created"],
+              ",".join(c["disks"])] for c in checkpoints]
     return _table(rows)
 
 
