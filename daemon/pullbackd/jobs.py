@@ -276,7 +276,7 @@ class Jobs:
         """Raises NoSuchJob, JobOfAnother (`by`, a uid, did not start it), JobNotReady,
         SessionsActive (appliances still read after [exports] drain_timeout: never cut
         off)."""
-        await self._check_owner(self.get(job_id), by)
+        await _check_owner(self.get(job_id), by)
         running = self._running.get(job_id)
         if running is not None and running.served is not None:
             await running.served.drain(self._serving.limits.drain_timeout)
@@ -287,16 +287,8 @@ class Jobs:
     async def abort(self, job_id: str, by: int | None = None) -> Job:
         """Raises NoSuchJob, JobOfAnother (`by`, a uid unless an admin's, did not start
         it)."""
-        await self._check_owner(self.get(job_id), by)
+        await _check_owner(self.get(job_id), by)
         return await self._end(job_id, JobState.ABORTED)
-
-    @staticmethod
-    async def _check_owner(job: Job, by: int | None) -> None:
-        """A job is its starter's to end (None: anyone's, for a job of an earlier
-        version, or `by` nobody in particular)."""
-        if None not in (job.owner, by) and job.owner != by:
-            assert job.owner is not None
-            raise JobOfAnother(job.id, await anyio.to_thread.run_sync(user_name, job.owner))
 
     async def end_for_migration(self, job_id: str) -> Job:
         """The migration gate opened on a job no appliance was using: it fails, and its
@@ -572,3 +564,10 @@ class _Sink:
         except PullbackError as e:
             reason = f"the backup ended without pullbackd ({error or e})"
         await self._jobs.fail(job.id, reason)
+
+
+async def _check_owner(job: Job, by: int | None) -> None:
+    """A job is its starter's to end (None: anyone's, for a job of an earlier version, or
+    `by` nobody in particular: an admin, or pullbackd itself)."""
+    if job.owner is not None and by is not None and job.owner != by:
+        raise JobOfAnother(job.id, await anyio.to_thread.run_sync(user_name, job.owner))
