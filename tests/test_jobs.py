@@ -792,15 +792,16 @@ async def test_a_queued_backup_whose_turn_comes_during_its_domains_drain_does_no
 class Migrating:
     """A Migrate run in the rig's task group: its steps as they come, and its end."""
 
-    def __init__(self, rig: Rig, domain: str) -> None:
+    def __init__(self, rig: Rig, domain: str, force: bool = False) -> None:
         self.steps: list[Step] = []
         self.error: errors.PullbackError | None = None
         self.done = anyio.Event()
-        rig.tg.start_soon(self._run, rig, domain)
+        rig.tg.start_soon(self._run, rig, domain, force)
 
-    async def _run(self, rig: Rig, domain: str) -> None:
+    async def _run(self, rig: Rig, domain: str, force: bool) -> None:
         try:
-            async with aclosing(rig.migrations.migrate(domain, ELSEWHERE)) as steps:
+            async with aclosing(rig.migrations.migrate(domain, ELSEWHERE,
+                                                       force=force)) as steps:
                 async for step in steps:
                     self.steps.append(step)
         except errors.PullbackError as e:
@@ -845,6 +846,53 @@ async def test_the_drain_waits_for_a_start_under_way_then_judges_its_job(
         assert JobState.READY in [t.state for t in job.history]
         assert source.called("begin") == ["d1"]
         assert source.virt.migrated == [("d1", ELSEWHERE)]
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["refused", "forced"])
+async def test_a_drain_timed_out_on_a_start_under_way(
+        tmp_path: Path, source: FakeSource, force: bool) -> None:
+    """The drain's deadline passes while a Start is still under way (planning, claimed, not
+    recorded). Not forced: MigrationBlocked names it, and the Start goes on to a ready
+    job, untouched. Forced: the migration waits for the Start (it cannot abort a job
+    before its record), then aborts its job (its checkpoint goes) and migrates."""
+    async with running(tmp_path, source, drain_timeout=0.05) as rig:
+        plan = source.stall("plan")
+        started: list[Job] = []
+        start_returned = anyio.Event()
+
+        async def start() -> None:
+            started.append(await rig.jobs.start(StartRequest("d1")))
+            start_returned.set()
+
+        rig.tg.start_soon(start)
+        await plan.reached.wait()
+        claimant = rig.jobs.active("d1")
+        assert claimant is not None
+        migration = Migrating(rig, "d1", force=force)
+        if not force:
+            with anyio.fail_after(10):
+                await migration.done.wait()
+            assert isinstance(migration.error, errors.MigrationBlocked)
+            assert migration.error.parameters == {"domain": "d1", "jobs": [claimant],
+                                                  "sessions": 0}
+        else:
+            await anyio.sleep(0.2)  # past the deadline: it waits for the Start
+            assert migration.states() == ["draining"] and not migration.done.is_set()
+        assert source.virt.migrated == [] and source.called("begin") == []
+        plan.release()
+        with anyio.fail_after(10):
+            await migration.done.wait()
+            await start_returned.wait()
+        job = rig.jobs.get(claimant)
+        if not force:
+            assert job.state == JobState.READY and source.virt.migrated == []
+        else:
+            assert migration.error is None
+            assert migration.states() == ["draining", "migrating", "completed"]
+            assert job.state == JobState.ABORTED and rig.chain() == []
+            assert rig.checkpoints() == []
+            assert source.virt.migrated == [("d1", ELSEWHERE)]
+        assert started[0].id == claimant and source.called("begin") == ["d1"]
 
 
 async def test_the_drain_opens_once_a_start_under_way_fails_before_its_record(
