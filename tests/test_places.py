@@ -34,7 +34,7 @@ from pullbackd.places import Places
 
 from .fakes import FakeSource, FakeVirt
 from .images import MiB
-from .test_jobs import NbdkitSource, ended, files, running, until
+from .test_jobs import NbdkitSource, Rig, ended, files, running, until
 
 pytestmark = pytest.mark.asyncio
 
@@ -260,6 +260,28 @@ def pattern() -> bytes:
     return b"".join(o.to_bytes(8, "big") for o in range(0, SIZE, 8))
 
 
+@asynccontextmanager
+async def served_apart(tmp_path: Path, appliances: Path, mine: Path,
+                       other: tuple[str | None, Path]
+                       ) -> AsyncIterator[tuple[Rig, NbdkitSource, Path, Path]]:
+    """The jobs over a source serving nbdkit's pattern, copies allowed into
+    `appliances`; the appliance's server on `mine`/vda.sock, and the other's (a user, or
+    None: root, as pullbackd's own) on its folder's vda.sock: the rig, the source and the
+    two sockets."""
+    (tmp_path / "source").mkdir()
+    source = NbdkitSource(FakeVirt(), tmp_path / "source", served=tmp_path / "qemu.sock")
+    source.sizes = {"vda": SIZE}
+    appliance, sock = serving_as(APPLIANCE, mine)
+    theirs, other_sock = serving_as(*other)
+    async with nbd_server(["nbdkit", "-f", "-U", str(source.served), "pattern",
+                           f"size={SIZE}"], source.served), \
+            nbd_server(appliance, sock), nbd_server(theirs, other_sock), \
+            running(tmp_path, source) as rig:
+        rig.jobs.reconfigure(max_active=0, keep_finished=3600, places=Places(
+            None, (f"nbd+unix:///?socket={appliances}",)))
+        yield rig, source, sock, other_sock
+
+
 @pytest.mark.parametrize("victim", [OTHER, None], ids=["another-appliance", "pullbackds-own"])
 async def test_a_destination_swapped_for_a_link_once_checked_gets_nothing_through_it(
         tmp_path: Path, appliances: Path, victim: str | None) -> None:
@@ -278,17 +300,8 @@ async def test_a_destination_swapped_for_a_link_once_checked_gets_nothing_throug
     else:
         target_folder = appliance_folder(appliances, victim, theirs)
     mine = appliance_folder(appliances, APPLIANCE, b"\xee" * SIZE)
-    (tmp_path / "source").mkdir()
-    source = NbdkitSource(FakeVirt(), tmp_path / "source", served=tmp_path / "qemu.sock")
-    source.sizes = {"vda": SIZE}
-    appliance, sock = serving_as(APPLIANCE, mine)
-    other, other_sock = serving_as(victim, target_folder)
-    async with nbd_server(["nbdkit", "-f", "-U", str(source.served), "pattern",
-                           f"size={SIZE}"], source.served), \
-            nbd_server(appliance, sock), nbd_server(other, other_sock), \
-            running(tmp_path, source) as rig:
-        rig.jobs.reconfigure(max_active=0, keep_finished=3600, places=Places(
-            None, (f"nbd+unix:///?socket={appliances}",)))
+    async with served_apart(tmp_path, appliances, mine, (victim, target_folder)) as (
+            rig, source, sock, other_sock):
         request = StartRequest("d1", disks=["vda"],
                                destination=f"nbd+unix:///?socket={sock}")
         first = await rig.jobs.start(request)
@@ -367,17 +380,8 @@ async def test_another_appliances_socket_gets_nothing_from_a_backup_it_did_not_s
     mine = appliance_folder(appliances, APPLIANCE, b"\xee" * SIZE)
     target_folder = appliance_folder(appliances, OTHER, theirs)
     me = ensure_user(APPLIANCE)[0]
-    (tmp_path / "source").mkdir()
-    source = NbdkitSource(FakeVirt(), tmp_path / "source", served=tmp_path / "qemu.sock")
-    source.sizes = {"vda": SIZE}
-    appliance, sock = serving_as(APPLIANCE, mine)
-    other, other_sock = serving_as(OTHER, target_folder)
-    async with nbd_server(["nbdkit", "-f", "-U", str(source.served), "pattern",
-                           f"size={SIZE}"], source.served), \
-            nbd_server(appliance, sock), nbd_server(other, other_sock), \
-            running(tmp_path, source) as rig:
-        rig.jobs.reconfigure(max_active=0, keep_finished=3600, places=Places(
-            None, (f"nbd+unix:///?socket={appliances}",)))
+    async with served_apart(tmp_path, appliances, mine, (OTHER, target_folder)) as (
+            rig, _, sock, other_sock):
         own = await rig.jobs.start(StartRequest(
             "d1", disks=["vda"], destination=f"nbd+unix:///?socket={sock}", owner=me))
         assert (await ended(rig.jobs, own.id)).state == JobState.COMPLETED

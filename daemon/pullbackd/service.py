@@ -96,8 +96,7 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
                 status = 1
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier, jobs,
-                          tunables.service)
+            tg.start_soon(_stop_on_signal, tg.cancel_scope, notifier, jobs, tunables.service)
             # Events flow before recovery: ending a leftover job waits for libvirt's event.
             await tg.start(follow_libvirt)
             if remote is not None:
@@ -109,16 +108,7 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
             # The sockets handed over are ours now: systemd's copies can go.
             notifier.remove_fds(list(inherited))
             exports.release()
-            listener, socket_path = await _control_listener(cfg, activated)
-            tg.start_soon(_serve, listener, tunables.service,
-                          None if activated else socket_path)
-            tg.start_soon(_reload_on_signal, path, cfg, tunables, notifier)
-            tg.start_soon(notifier.watchdog)
-            tg.start_soon(jobs.watch_scratch)
-            active = sum(not j.state.final for j in jobs.all())
-            notifier.ready(f"serving {socket_path}; {active} backups running")
-            log.info("ready", socket=str(socket_path), running=active,
-                     activated=activated is not None)
+            await _ready(tg, cfg, activated, path, tunables, notifier)
     finally:
         # Shielded: close the repository's files, libvirt and the database cleanly.
         with anyio.CancelScope(shield=True):
@@ -126,6 +116,21 @@ async def run(cfg: config.Config, notifier: Notifier, path: Path | None = None) 
             await virt.close()
             store.close()
     return status
+
+
+async def _ready(tg: anyio.abc.TaskGroup, cfg: config.Config, activated: int | None,
+                 path: Path | None, tunables: Tunables, notifier: Notifier) -> None:
+    """Once recovered: serve the control socket (systemd's descriptor `activated`, if it
+    started us), follow reloads, the watchdog and the scratch space, in `tg`; then say we
+    are ready."""
+    listener, socket_path = await _control_listener(cfg, activated)
+    tg.start_soon(_serve, listener, tunables.service, None if activated else socket_path)
+    tg.start_soon(_reload_on_signal, path, cfg, tunables, notifier)
+    tg.start_soon(notifier.watchdog)
+    tg.start_soon(tunables.jobs.watch_scratch)
+    active = sum(not j.state.final for j in tunables.jobs.all())
+    notifier.ready(f"serving {socket_path}; {active} backups running")
+    log.info("ready", socket=str(socket_path), running=active, activated=activated is not None)
 
 
 def _folders(cfg: config.Config) -> Exports:
