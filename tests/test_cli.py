@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from pullbackd import cli
+from pullbackd.control.client import Client
 from pullbackd.control.codec import Decoder, Reply, decode, encode, parse_call
 
 
@@ -210,6 +212,69 @@ def test_a_daemon_that_never_answers_is_said_so_within_the_timeout(
         queued.connect(str(sock))  # the one place in the backlog
         status, _, err = waited_for(sock, capsys, "--timeout", "0.2", "jobs")
     assert status == 2 and "pullbackd does not answer on" in err
+
+
+@contextlib.contextmanager
+def restarting(folder: Path, first: str) -> Iterator[tuple[Path, list[str]]]:
+    """A pullbackd whose run stops as a call comes: its first connection is closed with the
+    call in it, unread (`first` "unread"), or once it read it ("read": a run that dies while
+    doing it), or before it came ("closed"); the next one is answered (the next run). Its
+    path (in the new `folder`), and what each connection got, in order: `first`, or the
+    method answered."""
+    folder.mkdir()
+    path = folder / "control.sock"
+    got: list[str] = []
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # closed: the test is over
+            with listener.accept()[0] as conn:
+                if first != "closed":
+                    select.select([conn], [], [], 10)  # the call is in it
+                if first == "read":
+                    conn.recv(65536)
+            got.append(first)
+            conn, _ = listener.accept()
+            with conn:
+                call = parse_call(decode(conn.recv(65536)[:-1]))
+                got.append(call.member)
+                conn.sendall(encode(Reply({"jobs": [], "next": None}).to_message()))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path, got
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def test_a_call_lost_in_a_restart_unread_is_sent_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pullbackd stopping closed a connection with the call in it, unread: its caller got
+    ECONNRESET, and the call failed though the next run would have answered it (seen in
+    tests/test_host.py's restarts). On a Unix socket that error, or EPIPE as the call is
+    sent, says the call was never read, so pullbackctl sends it again, on a new connection:
+    the next run answers. A call that was read when the connection closed is not sent again
+    (it may have been done: a Start, an Abort); pullbackctl says it could not talk to it."""
+    with restarting(tmp_path / "a", "unread") as (sock, got):
+        status, out, err = pullbackctl(sock, capsys, "--json", "jobs")
+    assert (status, err) == (0, "")
+    assert json.loads(out) == {"jobs": []}
+    assert got == ["unread", "List"]
+    with restarting(tmp_path / "b", "closed") as (sock, got), Client(sock, 10) as client:
+        while not got:  # closed before the call is sent: EPIPE
+            threading.Event().wait(0.01)
+        assert client.call("org.pullbackd.Backup.List") == {"jobs": [], "next": None}
+    assert got == ["closed", "List"]
+    with restarting(tmp_path / "c", "read") as (sock, got):
+        status, out, err = pullbackctl(sock, capsys, "--json", "jobs")
+    assert (status, out) == (2, "")
+    assert "cannot talk to pullbackd" in err and "closed the connection" in err
+    assert got == ["read"]
 
 
 def test_a_long_call_is_not_cut_off_by_the_timeout(

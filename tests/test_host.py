@@ -73,10 +73,12 @@ class Host:
         return Path(f"/proc/{self.pid}/root") / str(inside).lstrip("/")
 
     def journal(self) -> str:
-        proc = subprocess.run(self.argv("journalctl", "-u", "pullbackd", "-n", "40",
-                                        "--no-pager", "-o", "cat"),
+        # The socket unit's too: systemd says there why it closed or refused the socket.
+        proc = subprocess.run(self.argv("journalctl", "-u", "pullbackd", "-u",
+                                        "pullbackd.socket", "-n", "40", "--no-pager",
+                                        "-o", "short-precise"),
                               capture_output=True, text=True, timeout=30, check=False)
-        return f"--- journalctl -u pullbackd ---\n{proc.stdout}{proc.stderr}"
+        return f"--- journalctl -u pullbackd -u pullbackd.socket ---\n{proc.stdout}{proc.stderr}"
 
     def entries(self, *match: str) -> list[dict[str, str]]:
         """pullbackd's journal entries (JSON) that match every FIELD=VALUE of `match`."""

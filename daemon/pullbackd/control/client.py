@@ -27,36 +27,41 @@ class VarlinkError(Exception):
 
 #: Seconds between two tries to connect while the listener's backlog is full.
 BACKLOG_RETRY = 0.05
+#: Times a call is sent again, each on a new connection, when the service closed the one
+#: it went on with the call unread (see `Client.call`).
+RESENDS = 3
 
 
 class Client:
     def __init__(self, path: Path | str, timeout: float | None = None) -> None:
         """Connect to the service at `path`. `timeout`: seconds to wait for the
         connection, and then for each reply (TimeoutError); None: no limit."""
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._connect(str(path), timeout)
-        except BaseException:
-            self._sock.close()
-            raise
+        self._path, self._connect_timeout = str(path), timeout
+        self._sock = self._connected()
         self._decoder = Decoder()
         self._pending: list[dict[str, Any]] = []
 
-    def _connect(self, path: str, timeout: float | None) -> None:
-        """Connect within `timeout`. With one, a Unix socket whose backlog is full refuses
-        at once (EAGAIN) rather than waiting for room as a blocking connect does: tried
-        again until the time is up, then TimeoutError."""
+    def _connected(self) -> socket.socket:
+        """A new connection, within the timeout. With one, a Unix socket whose backlog is
+        full refuses at once (EAGAIN) rather than waiting for room as a blocking connect
+        does: tried again until the time is up, then TimeoutError."""
+        timeout = self._connect_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                self._sock.connect(path)
-                return
-            except BlockingIOError:
-                if deadline is None or (left := deadline - time.monotonic()) <= 0:
-                    raise TimeoutError(f"{path}: the backlog of connections to accept stayed "
-                                       f"full for {timeout} s") from None
-                time.sleep(min(BACKLOG_RETRY, left))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            while True:
+                try:
+                    sock.connect(self._path)
+                    return sock
+                except BlockingIOError:
+                    if deadline is None or (left := deadline - time.monotonic()) <= 0:
+                        raise TimeoutError(f"{self._path}: the backlog of connections to "
+                                           f"accept stayed full for {timeout} s") from None
+                    time.sleep(min(BACKLOG_RETRY, left))
+        except BaseException:
+            sock.close()
+            raise
 
     @property
     def timeout(self) -> float | None:
@@ -80,23 +85,61 @@ class Client:
         self._sock.close()
 
     def call(self, method: str, **parameters: Any) -> dict[str, Any]:
-        """Call a method and return its reply's parameters; raise VarlinkError on an error."""
-        self._sock.sendall(encode(Call(method, parameters).to_message()))
-        return next(self._replies())
+        """Call a method and return its reply's parameters; raise VarlinkError on an error.
+
+        A call the service never read is sent again, on a new connection (RESENDS times at
+        most): on a Unix socket, EPIPE as it is sent, or ECONNRESET before its reply, says
+        the service closed the connection with the call in it, unread (a run stopping as
+        systemd restarts pullbackd: the next run takes the new connection). A connection
+        closed once the call was read raises ConnectionError: it may have been done.
+        """
+        message = encode(Call(method, parameters).to_message())
+        self._send(message)
+        return next(self._replies(message))
 
     def stream(self, method: str, **parameters: Any) -> Iterator[dict[str, Any]]:
-        """Call a method with `more` (sent before this returns) and iterate its replies."""
-        self._sock.sendall(encode(Call(method, parameters, more=True).to_message()))
-        return self._replies()
+        """Call a method with `more` (sent before this returns) and iterate its replies
+        (sent again as `call` says, until the first one comes)."""
+        message = encode(Call(method, parameters, more=True).to_message())
+        self._send(message)
+        return self._replies(message)
 
-    def _replies(self) -> Iterator[dict[str, Any]]:
+    def _send(self, message: bytes) -> None:
+        for resent in range(RESENDS + 1):
+            try:
+                return self._sock.sendall(message)
+            except BrokenPipeError:
+                if resent == RESENDS:
+                    raise
+            self._reconnect()
+
+    def _first(self, message: bytes) -> dict[str, Any]:
+        for resent in range(RESENDS + 1):
+            try:
+                return self._receive()
+            except ConnectionResetError:
+                if resent == RESENDS or self._decoder.pending:
+                    raise
+            self._reconnect()
+            self._send(message)
+        raise AssertionError("unreachable")
+
+    def _reconnect(self) -> None:
+        timeout = self._sock.gettimeout()
+        self._sock.close()
+        self._sock = self._connected()
+        self._sock.settimeout(timeout)
+        self._decoder = Decoder()
+
+    def _replies(self, message: bytes) -> Iterator[dict[str, Any]]:
+        reply = parse_reply(self._first(message))
         while True:
-            reply = parse_reply(self._receive())
             if reply.error is not None:
                 raise VarlinkError(reply.error, reply.parameters)
             yield reply.parameters
             if not reply.continues:
                 return
+            reply = parse_reply(self._receive())
 
     def _receive(self) -> dict[str, Any]:
         while not self._pending:
