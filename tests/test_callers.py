@@ -488,6 +488,28 @@ async def test_a_stop_answers_the_calls_already_sent_and_takes_no_more(
                 await received(late, 1)  # nobody takes it: the next run will
 
 
+async def test_a_stop_answers_a_call_accepted_as_it_came(
+        tmp_path: Path, source: FakeSource, folder: Path) -> None:
+    """A connection the accept loop takes as the stop comes (its accept was ready to run,
+    so the stop's cancel let it finish) is answered before the stop returns: the stop had
+    counted the connections open when it began alone, found none, and the daemon exited
+    with this call unread (its caller got ECONNRESET: a call lost in a restart)."""
+    async with running(tmp_path, source) as rig, \
+            served(rig, tmp_path, folder) as (service, path):
+        with socket.socket(socket.AF_UNIX) as late:
+            await anyio.sleep(0.1)  # the accept loop waits
+            late.connect(str(path))
+            late.sendall(message("List"))
+            # One turn of the loop sees the connection (its accept is then ready to run);
+            # the stop comes in the next, before the accept ran.
+            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
+            with anyio.fail_after(30):
+                await service.stop(grace=600)
+            late.setblocking(False)
+            assert "jobs" in decode(late.recv(65536)[:-1])["parameters"]
+
+
 async def received(sock: socket.socket, size: int) -> bytes:
     """`sock.recv`, off the event loop (the server runs there)."""
     return await anyio.to_thread.run_sync(sock.recv, size)

@@ -131,9 +131,13 @@ class Service:
     #: a call, each stream of replies.
     _stopping: bool = False
     _stoppable: set[anyio.CancelScope] = field(default_factory=set)
-    #: Connections being served (`serve`), and what `stop` waits on.
+    #: Accept loops running, and connections being served (`serve`): `stop` waits for
+    #: both to end, as an accept loop cancelled by the stop may yet take a connection (its
+    #: accept was ready to run), which must be answered too. `_changed`: set when either
+    #: drops, for `stop`.
+    _accepting: int = 0
     _live: int = 0
-    _ended: anyio.Event | None = None
+    _changed: anyio.Event | None = None
 
     def add(self, iface: idl.Interface, handlers: Mapping[str, Handler]) -> None:
         unknown = set(handlers) - set(iface.methods)
@@ -256,29 +260,38 @@ class Service:
         connection is closed at once. Neither ends the loop or touches the others.
         """
         async with anyio.create_task_group() as tg:
-            with self._stoppable_scope():
-                async for stream in accepted(listener, self._refusals):
-                    peer = peer_of(stream)
-                    uid = -1 if peer is None else peer.uid
-                    if uid != 0 and (sum(self._open.values()) >= self.limits.connections or
-                                     self._open.get(uid, 0) >= self.limits.per_user):
-                        self._refusals.note("too many connections", uid=uid)
-                        await stream.aclose()
-                        continue
-                    self._live += 1
-                    tg.start_soon(self._counted, stream, uid, protocol_error)
+            self._accepting += 1
+            try:
+                with self._stoppable_scope():
+                    async for stream in accepted(listener, self._refusals):
+                        peer = peer_of(stream)
+                        uid = -1 if peer is None else peer.uid
+                        if uid != 0 and (sum(self._open.values()) >= self.limits.connections
+                                         or self._open.get(uid, 0) >= self.limits.per_user):
+                            self._refusals.note("too many connections", uid=uid)
+                            await stream.aclose()
+                            continue
+                        self._live += 1
+                        tg.start_soon(self._counted, stream, uid, protocol_error)
+            finally:
+                self._accepting -= 1
+                self._note_change()
 
     async def stop(self, grace: float) -> None:
         """Stop serving (see above): return once every connection answered what it had
         been sent and closed, or after `grace` seconds (the caller then cancels what is
         left: calls that run longer, as a Verify)."""
         self._stopping = True
-        self._ended = anyio.Event()
         for scope in self._stoppable:
             scope.cancel()
         with anyio.move_on_after(grace):
-            if self._live:
-                await self._ended.wait()
+            while self._accepting or self._live:
+                self._changed = anyio.Event()
+                await self._changed.wait()
+
+    def _note_change(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
 
     @contextlib.contextmanager
     def _stoppable_scope(self) -> Iterator[anyio.CancelScope]:
@@ -303,8 +316,7 @@ class Service:
                 if not self._open[uid]:
                     del self._open[uid]
             self._live -= 1
-            if not self._live and self._ended is not None:
-                self._ended.set()
+            self._note_change()
 
     async def _receive(self, stream: SocketStream) -> bytes | None:
         """What the caller sends next (TimeoutError after `limits.idle_timeout`); once
