@@ -1,5 +1,5 @@
-"""Backup jobs: the state machine (model.py draws it) and, with starting.py, the only
-code that changes a job.
+"""Backup jobs: the state machine (model.py draws it) and, with starting.py and
+ending.py, the only code that changes a job.
 
     start    admission (admission.py), then the source begins the backup
              (source.py); the job is ready (pull: served, serving.py), or running
@@ -7,20 +7,14 @@ code that changes a job.
              starting.py
     finish   a pull job's appliance is done, or says it failed (its starter alone)
     abort    any job, queued or not (by its starter, or an admin)
-    end      every end comes here: sessions closed, the source's backup ended,
-             the outcome recorded (`_close`)
+    end      every end goes through ending.py: sessions closed, the source's backup
+             ended, the outcome recorded with the checkpoint's fate
     recover  at start: adopt what still runs, end what cannot go on, check the
              chains, rebuild what the state database lost (recovery.py)
 
 Invariants, checked at every start (`recover`):
-- A job's end and its checkpoint's fate are one transaction (`_close`): only
-  `completed` puts the checkpoint in its consumer's chain (chain.py). What a job
-  that did not complete stored (push targets, repository files) is removed
-  before that transaction, so that a crash anywhere leaves either a completed
-  job with everything in place, or a job recovery ends (again) as failed with
-  nothing of it left. Once that transaction is done, the end stands. A push is
-  recorded completed only once its files are on disk, with their names
-  (places.sync_targets): a power cut after that leaves them whole.
+- A job's end and its checkpoint's fate are one transaction (ending.py says what
+  that asks of the end).
 - A job is recorded (with its pending checkpoint) before the source hears of
   it (starting.py).
 - A domain has one job that has not ended at most (admission.py); a job's end
@@ -40,16 +34,17 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from . import crash, quiesce, stream
+from . import quiesce, stream
 from .admission import Admission
 from .chain import Chains, check_consumer
 from .copying import Copy
 from .domainfiles import DomainFiles
+from .ending import Ending
 from .errors import BackupInProgress, JobNotReady, JobOfAnother, NoSuchJob, PullbackError
 from .exports import StoreFds
 from .logs import logged
-from .model import Change, Job, JobState, Kind, Session, StartRequest, now
-from .places import Places, remove_targets, sync_targets
+from .model import Change, Job, JobState, Kind, Session, StartRequest
+from .places import Places
 from .records import Records
 from .recovery import Recovery
 from .repository import Repository
@@ -83,10 +78,12 @@ class Jobs:
         self._repository = repository
         self._admission = admission or Admission()
         self._tuning = tuning or stream.Tuning()
-        self._keep_finished = keep_finished
         self._records = Records(store, self.view)
         #: Jobs that have not ended, by id.
         self._running: dict[str, Running] = {}
+        self._ending = Ending(self._records, store, source, chains, serving, repository,
+                              self._admission, self._running, self.view, self._dequeue,
+                              keep_finished)
         self._starts = Starts(self, self._records, store, source, chains, serving, scratch,
                               repository, self._admission, self._running,
                               places or Places(None, None))
@@ -178,7 +175,7 @@ class Jobs:
         """New settings (a reload): they apply from the next Start; more room under
         `max_active` starts queued jobs now."""
         self._admission.max_active = max_active
-        self._keep_finished = keep_finished
+        self._ending.keep_finished = keep_finished
         self._starts.places = places
         self._dequeue()
 
@@ -201,7 +198,7 @@ class Jobs:
             error = await copy.run()
             if copy.stopped:
                 return  # whoever stopped it ends the job
-            await self._end_quietly(job.id, JobState.FAILED if error else JobState.COMPLETED,
+            await self._ending.quietly(job.id, JobState.FAILED if error else JobState.COMPLETED,
                                     error, copied=True)
 
         self._tg.start_soon(run)
@@ -212,7 +209,7 @@ class Jobs:
             raise RuntimeError("jobs are not being served (follow_events is not running)")
 
         async def expire(job_id: str, reason: str) -> None:
-            await self._end_quietly(job_id, JobState.EXPIRED, reason)
+            await self._ending.quietly(job_id, JobState.EXPIRED, reason)
 
         served = self._running[job.id].served = await self._serving.open(
             job, self._tg, self._on_session, expire)
@@ -281,119 +278,26 @@ class Jobs:
         if running is not None and running.served is not None:
             await running.served.drain(self._serving.limits.drain_timeout)
         if success:
-            return await self._end(job_id, JobState.COMPLETED)
-        return await self._end(job_id, JobState.FAILED, "the appliance reported the backup failed")
+            return await self._ending.end(job_id, JobState.COMPLETED)
+        return await self._ending.end(job_id, JobState.FAILED,
+                                      "the appliance reported the backup failed")
 
     async def abort(self, job_id: str, by: int | None = None) -> Job:
         """Raises NoSuchJob, JobOfAnother (`by`, a uid unless an admin's, did not start
         it)."""
         await _check_owner(self.get(job_id), by)
-        return await self._end(job_id, JobState.ABORTED)
+        return await self._ending.end(job_id, JobState.ABORTED)
 
     async def end_for_migration(self, job_id: str) -> Job:
         """The migration gate opened on a job no appliance was using: it fails, and its
         checkpoint goes, as nobody confirmed the data."""
-        return await self._end(job_id, JobState.FAILED, (
+        return await self._ending.end(job_id, JobState.FAILED, (
             "ended for the domain's migration: no appliance had used it for [migration] "
             "grace, and nobody confirmed the data"))
 
-    async def _end(self, job_id: str, state: JobState, error: str | None = None, *,
-                   copied: bool = False) -> Job:
-        """End a job (idempotent: an ended job is returned as it is). `copied`: the
-        end comes from the job's own copy."""
-        job = self.get(job_id)
-        running = self._running.get(job_id)
-        if running is None:
-            return job
-        async with running.lock:
-            job = self._records[job_id]
-            if job.state.final:
-                return job  # Finish and Abort are idempotent
-            readable = job.state == JobState.READY or (copied and job.state == JobState.RUNNING)
-            if state == JobState.COMPLETED and not readable:
-                # Only what an appliance could read, or our copy stored, completes.
-                raise JobNotReady(job.id, job.state)
-            if job.state == JobState.QUEUED:
-                self._admission.unqueue(job.id)
-                with anyio.CancelScope(shield=True):
-                    # Its end first: a crash before its request goes leaves a request
-                    # whose job ended, which the next start deletes (recovery.py); the
-                    # other way round, a queued job without its request, which it failed.
-                    job = await self._close(job, state, error)
-                    with logged("cannot delete an ended backup's request (the next start "
-                                "does)", job=job.id):
-                        await self._store.delete_request(job.id)
-                    return job
-            # Shielded: a backup we ended (its copy stopped too) must be recorded as ended.
-            with anyio.CancelScope(shield=True):
-                if running.copy is not None and not copied:
-                    await running.copy.stop()
-                # Sessions first: nobody reads from a job that is ending.
-                if running.served is not None:
-                    job = dataclasses.replace(job, appliance=await running.served.close())
-                crash.point("end.sessions")
-                was_running = await self._source.end(job)
-                crash.point("end.libvirt")
-                if not was_running and state == JobState.COMPLETED:
-                    # The exports vanished before the appliance said it was
-                    # done: nobody can vouch that it read everything.
-                    state, error = JobState.FAILED, "the backup ended before Finish: " \
-                        "the domain stopped or the libvirt job was ended outside pullbackd"
-                job = await self._close(job, state, error)
-        return job
-
-    async def _close(self, job: Job, state: JobState, error: str | None) -> Job:
-        """Record a job's end and its checkpoint's fate in one transaction, then carry
-        the fate out: the checkpoint joins the chain, or is deleted (chain.py)."""
-        completed = state == JobState.COMPLETED
-        # Its endpoint, if it was served (this run or an earlier one): nobody reads on.
-        await self._serving.remove(job.id)
-        if not completed:
-            # Before the end is recorded: a crash until then ends the job again
-            # at the next start, which comes here again; after it, nothing is left.
-            await anyio.to_thread.run_sync(remove_targets, job)
-            if job.local:
-                # Stored files of a job that did not complete are no backups.
-                await anyio.to_thread.run_sync(self._repository.forget_job, job.domain,
-                                               job.consumer, job.id)
-            crash.point("end.cleaned")
-        # What it came to: the last progress and per-disk statistics stay on record.
-        final = self.view(job)
-        running = self._running.get(job.id)
-        if running is not None and running.served is not None:
-            running.served.timer.cancel()
-        job = dataclasses.replace(job, state=state, ended=now(), error=error,
-                                  progress=final.progress, disks=tuple(
-                                      dataclasses.replace(d, rate=None, eta=None)
-                                      for d in final.disks))
-        checkpoint = self._chains.outcome(job.checkpoint, completed)
-        job = await self._records.save(job, checkpoint, show=False)
-        crash.point("end.recorded")
-        if checkpoint is not None:
-            try:
-                await self._chains.settle(checkpoint)
-            except Exception:
-                # The outcome is recorded and stays: trying the end again would decide it
-                # anew. A checkpoint to delete is deleted at the next start (or the
-                # domain's next backup); a chain to trim, at its next backup.
-                log.exception("cannot carry out the checkpoint's fate yet", job=job.id,
-                              checkpoint=checkpoint.name, state=checkpoint.state)
-        # Shown once libvirt has followed it (the checkpoint deleted, or in the chain and
-        # the domain's metadata): whoever sees the end can start the next backup.
-        self._records.show(job)
-        self.release(job.id, job.domain)
-        log.info("backup ended", job=job.id, domain=job.domain, state=job.state, error=error)
-        with logged("cannot forget old jobs (the next end tries again)"):
-            await self._records.forget_old(self._keep_finished)
-        return job
-
     def release(self, job_id: str, domain: str) -> None:
-        """The job no longer holds its domain (nor a place under max_active). Only
-        once its end is shown: until then, whoever would end it too waits for its
-        lock, and then finds it ended."""
-        self._running.pop(job_id, None)
-        if self._admission.release(job_id, domain):
-            self._dequeue()
+        """The job no longer holds its domain (ending.py)."""
+        self._ending.release(job_id, domain)
 
     def did_not_complete(self, job_id: str) -> bool:
         """Whether a job is known to have ended without completing, or to be running."""
@@ -416,56 +320,11 @@ class Jobs:
             tg.cancel_scope.cancel()
 
     async def push_ended(self, job_id: str, success: bool, error: str | None) -> None:
-        """libvirt ended a push: its outcome is libvirt's word (the event may come while
-        Start still holds the job: the lock makes it wait)."""
-        state = JobState.COMPLETED if success else JobState.FAILED
-        why = None if success else error or "libvirt: push failed"
-        await self._until_ended(job_id, lambda: self._push_ended(job_id, state, why),
-                                state=state, reason=why)
-
-    async def _push_ended(self, job_id: str, state: JobState, reason: str | None) -> None:
-        """Record the outcome libvirt gave a push (its backup has ended: nothing to end)."""
-        running = self._running.get(job_id)
-        if running is None:
-            return
-        async with running.lock:
-            job = self._records[job_id]
-            if job.state != JobState.RUNNING:
-                return
-            with anyio.CancelScope(shield=True):  # the outcome must be recorded
-                if state == JobState.COMPLETED:
-                    try:
-                        await anyio.to_thread.run_sync(sync_targets, job)
-                    except OSError as e:
-                        state, reason = JobState.FAILED, (
-                            f"its files cannot be written to disk ({e}): they are no "
-                            "backup; start it again once that folder's file system works")
-                await self._close(job, state, reason)
+        """libvirt ended a push, with this outcome (ending.py)."""
+        await self._ending.push_ended(job_id, success, error)
 
     async def fail(self, job_id: str, reason: str) -> None:
-        await self._end_quietly(job_id, JobState.FAILED, reason)
-
-    async def _end_quietly(self, job_id: str, state: JobState, reason: str | None, *,
-                           copied: bool = False) -> None:
-        """End a job nobody is waiting on (`_end`)."""
-        await self._until_ended(job_id, lambda: self._end(job_id, state, reason, copied=copied),
-                                state=state, reason=reason)
-
-    async def _until_ended(self, job_id: str, end: Callable[[], Awaitable[object]],
-                           **context: object) -> None:
-        """Run `end` for a job nobody is waiting on, where an error can only be logged:
-        it is tried again (a job that cannot end holds its domain) after 1, 2, 4... s,
-        at most a minute apart, until it ended."""
-        delay = 1.0
-        while True:
-            try:
-                await end()
-                return
-            except Exception:
-                log.exception("could not end a job; trying again", job=job_id, seconds=delay,
-                              **context)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+        await self._ending.quietly(job_id, JobState.FAILED, reason)
 
     async def watch_scratch(self, interval: float = 1.0) -> None:
         """Keep QEMU from filling the scratch file system while pull backups run."""
@@ -488,7 +347,7 @@ class Jobs:
         """At start, before any client: what an earlier run left (telling `progress`
         each step it begins: recovery.py); then the queue moves."""
         await Recovery(self, self._records, self._store, self._source, self._chains,
-                       self._repository, self._serving).run(self._keep_finished, progress)
+                       self._repository, self._serving).run(self._ending.keep_finished, progress)
         self._dequeue()
 
     def requeue(self, job: Job, request: StartRequest) -> None:
@@ -510,7 +369,7 @@ class Jobs:
 
     async def fail_found(self, job: Job, error: str) -> Job:
         """A job found that cannot go on (its backup ended, by the caller) fails."""
-        return await self._close(job, JobState.FAILED, error)
+        return await self._ending.close(job, JobState.FAILED, error)
 
     def claimed(self) -> set[str]:
         """The jobs that hold their domains."""

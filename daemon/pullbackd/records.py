@@ -2,7 +2,7 @@
 
 A record changes in one way: `save` stores it (state.py: durable before anyone
 hears of it), then shows it to Get and List and publishes it to the watchers.
-`save(..., show=False)` stores without showing: jobs.py shows a job's end only
+`save(..., show=False)` stores without showing: ending.py shows a job's end only
 once its checkpoint's fate was carried out.
 """
 
