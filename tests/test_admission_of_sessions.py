@@ -226,6 +226,33 @@ async def test_a_client_waiting_for_room_is_refused_when_the_endpoint_ends(
         waiter.close()
 
 
+async def test_a_connection_made_as_the_endpoint_hands_off_waits_for_the_next_run(
+        tmp_path: Path) -> None:
+    """A client that connects as the endpoint hands off (the accept loop had seen it, and
+    the hand-off's cancel let that loop run on) stays in the listening socket's backlog,
+    which goes to the next run: it was accepted, then refused as the endpoint was closing,
+    when the next run would have served it."""
+    async with endpoint(tmp_path, limit=4) as setup:
+        await anyio.sleep(0.1)  # the accept loop waits
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(setup.exports.endpoint_path(JOB)))
+            # One turn of the loop sees the connection; the hand-off comes in the next.
+            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.checkpoint()
+            kept: list[int] = []  # what systemd would keep of the fd store
+            with anyio.fail_after(20):
+                handed = await setup.endpoint.hand_off(
+                    lambda name, fds: kept.extend(os.dup(fd) for fd in fds), unrecorded,
+                    HANDOFF)
+            assert handed == []
+            client.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                client.recv(1)  # told nothing, and not closed
+            with socket.socket(fileno=kept[0]) as listener:
+                listener.setblocking(False)
+                listener.accept()[0].close()  # the next run's to take
+
+
 async def test_a_client_of_an_endpoint_that_is_done_is_refused(tmp_path: Path) -> None:
     """An endpoint handed off is still found by its export name until every endpoint is:
     a remote client naming it is refused, and the daemon serves on."""

@@ -199,6 +199,11 @@ class Endpoint:
                 with self._accepting:
                     while True:
                         await anyio.wait_readable(listener)
+                        if self._accepting.cancel_called:
+                            # The hand-off came as the connection did (the wait was
+                            # over, so its cancel let this run on): it stays in the
+                            # backlog, for the next run (the listener goes to it).
+                            break
                         try:
                             client, _ = listener.accept()
                         except (BlockingIOError, InterruptedError):
