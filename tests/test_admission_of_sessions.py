@@ -32,6 +32,7 @@ from pullbackd import handshake as hs
 from pullbackd.exports import Endpoint, Exports
 from pullbackd.model import Handed, Session
 from pullbackd.remote import Remote
+from pullbackd.roles import Role, Roles
 
 from .test_handoff import qemu_nbd
 
@@ -251,6 +252,53 @@ async def test_a_connection_made_as_the_endpoint_hands_off_waits_for_the_next_ru
             with socket.socket(fileno=kept[0]) as listener:
                 listener.setblocking(False)
                 listener.accept()[0].close()  # the next run's to take
+
+
+class SlowRoles(Roles):
+    """[roles] whose lookups take ROLE_LOOKUP seconds (NSS asking a slow directory)."""
+
+    def of(self, uid: int, gid: int) -> Role:
+        time.sleep(ROLE_LOOKUP)
+        return super().of(uid, gid)
+
+
+ROLE_LOOKUP = 0.5
+
+
+async def test_a_connection_admitted_as_the_endpoint_hands_off_goes_to_the_next_run(
+        tmp_path: Path) -> None:
+    """A connection the endpoint had accepted, still in its admission (its role looked up)
+    as the daemon hands off, goes to the next run with the open sessions, which serves it:
+    it was refused ("the daemon restarts"), and its appliance had to connect again."""
+    exports = Exports(tmp_path / "exports", limit=4, roles=SlowRoles())
+    exports.prepare()
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes([BYTE]) * SIZE)
+    qemu = serving(image, exports.qemu_path(JOB))
+    kept: dict[str, int] = {}  # systemd keeps copies of what is stored
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            async with anyio.create_task_group() as tg:
+                endpoint = await exports.open(JOB, {TOKEN: "vda"}, tg, lambda j, s: None)
+                sock.connect(str(exports.endpoint_path(JOB)))
+                await anyio.sleep(ROLE_LOOKUP / 5)  # accepted: its role is being looked up
+                with anyio.fail_after(20):
+                    handed = await endpoint.hand_off(
+                        lambda name, fds: kept.__setitem__(name, os.dup(fds[0])), unrecorded,
+                        HANDOFF)
+                tg.cancel_scope.cancel()
+            assert [h.sniffer["opened"] for h in handed] == [False]
+            client = Client(sock)
+            following = Exports(tmp_path / "exports", limit=4, handshake_timeout=5.0)
+            following.inherit(kept, handed)
+            async with anyio.create_task_group() as tg:
+                await following.open(JOB, {TOKEN: "vda"}, tg, lambda j, s: None)
+                await call(client.open)
+                assert await call(client.read, 0, 4096) == bytes([BYTE]) * 4096
+                tg.cancel_scope.cancel()
+    finally:
+        qemu.terminate()
+        qemu.wait()
 
 
 async def test_a_client_of_an_endpoint_that_is_done_is_refused(tmp_path: Path) -> None:

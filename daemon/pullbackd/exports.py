@@ -19,8 +19,11 @@ pipe, so the payload never enters Python. Each session has a thread of its own
 for it. Under systemd, sessions outlive a restart of the daemon: see
 `Endpoint.hand_off`. Each session handed over is recorded as soon as its sockets
 are in systemd's store, whatever becomes of the others: one that cannot be paused
-in time is cut, alone. An endpoint that hands off is never idle: its sessions go
-on in the next run, whose clock ([exports] idle_timeout) starts afresh.
+in time is cut, alone. A connection made as the endpoint hands off goes to the
+next run too: one not yet accepted stays in the listening socket's backlog, and
+one accepted, still in its admission, is seated if there is a place and handed
+over before it relayed anything. An endpoint that hands off is never idle: its
+sessions go on in the next run, whose clock ([exports] idle_timeout) starts afresh.
 """
 
 from __future__ import annotations
@@ -290,7 +293,7 @@ class Endpoint:
         try:
             try:
                 reads = await self._reads_disks(client)
-                seated = reads and await self._room()
+                seated = reads and await self._room(accepted=True)
                 if reads and not seated:
                     await self._refuse(client)
             finally:
@@ -329,10 +332,14 @@ class Endpoint:
         except Exception:
             log.exception("nbd connection failed", job=self.job_id, session=session.id)
 
-    async def _room(self) -> bool:
+    async def _room(self, accepted: bool = False) -> bool:
         """Whether one more session fits, waiting up to ADMIT_WAIT for one to close (an
         appliance may close one session and open the next at once); never once the
-        endpoint closes or hands off."""
+        endpoint closes or hands off. But for a connection this endpoint `accepted` (its
+        backlog goes to the next run, and so does it): as it hands off, a place free now
+        seats it, to be handed over with the other sessions."""
+        if accepted and self._store is not None and not self._scope.cancel_called:
+            return len(self._live) < self.limit
         with anyio.move_on_after(ADMIT_WAIT):
             while self._admitting and len(self._live) >= self.limit:
                 await self._changed.wait()
@@ -356,6 +363,10 @@ class Endpoint:
         try:
             if not resumed:
                 await relay.connect(self.upstream)
+                if self._store is not None:
+                    # Seated as the endpoint hands off (`_room`): paused before it relays
+                    # anything, QEMU's greeting left in its socket for the next run.
+                    relay.pause()
             if not relay.errors and await self._relayed(session, relay, handshake) and \
                     self._store is not None and self._record is not None:
                 h = Handed(self.job_id, self._snapshot(session, relay.sniffer),
