@@ -491,8 +491,8 @@ async def test_a_stop_answers_the_calls_already_sent_and_takes_no_more(
 async def test_a_stop_answers_a_call_accepted_as_it_came(
         tmp_path: Path, source: FakeSource, folder: Path) -> None:
     """A connection the accept loop takes as the stop comes (its accept was ready to run,
-    so the stop's cancel let it finish) is answered before the stop returns: the stop had
-    counted the connections open when it began alone, found none, and the daemon exited
+    so the stop's cancel let it finish) is answered before the stop returns. The stop
+    counted only the connections open when it began, found none, and the daemon exited
     with this call unread (its caller got ECONNRESET: a call lost in a restart)."""
     async with running(tmp_path, source) as rig, \
             served(rig, tmp_path, folder) as (service, path):
