@@ -145,17 +145,32 @@ def test_split_covers_its_piece_in_few_sizes(length: int, granule: int) -> None:
 
 @contextmanager
 def serve(command: list[str], sock: Path) -> Iterator[str]:
-    """Run an NBD server on a Unix socket; yield its URI."""
+    """Run an NBD server on a Unix socket; yield its URI once it listens."""
     proc = subprocess.Popen(command, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
-        while not sock.exists():  # bounded: the server binds within milliseconds
+        while not listening(sock):  # bounded: the server listens within milliseconds
             assert proc.poll() is None and time.monotonic() < deadline, command
             time.sleep(0.01)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def listening(sock: Path) -> bool:
+    """Whether a socket listens at `sock` (/proc/net/unix, its flags). Its file is not
+    enough: a server binds, then listens, and a connection in between is refused; nor is
+    a connection, which a qemu-nbd without --persistent would take as its only client."""
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == str(sock) and int(fields[3], 16) & ACCEPTCON:
+            return True
+    return False
+
+
+#: /proc/net/unix's flag of a listening socket (__SO_ACCEPTCON).
+ACCEPTCON = 0x10000
 
 
 @contextmanager
