@@ -306,9 +306,12 @@ def test_a_crash_leaves_one_outcome(point: str, op: str, lab: Lab, tmp_path: Pat
 def check_repository(d: Daemon, consumer: str, states: dict[str, bytes],
                      tmp_path: Path) -> list[str]:
     """Every backup the repository lists restores to the disk as it was then, and
-    belongs to a completed job; returns their checkpoints, oldest first."""
+    belongs to a completed job, and the domain files kept are those of these backups
+    alone; returns their checkpoints, oldest first."""
     folder = d.repository / DOMAIN / consumer / "vda"
     manifests = [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9]*.json"))]
+    files = folder.parent / ".domain"
+    assert sorted(p.name for p in files.iterdir()) == sorted(m["checkpoint"] for m in manifests)
     for m in manifests:
         assert d.ctl.job("Get", id=m["job"])["state"] == "completed", m["job"]
         to = tmp_path / f"restored-{m['sequence']}.raw"

@@ -1121,6 +1121,32 @@ def test_a_file_whose_manifest_was_lost_mid_chain_is_kept_and_reported(
         "restore a backup before it"]
 
 
+def test_the_domain_files_of_backups_no_disk_lists_go_at_the_next_start(
+        tmp_path: Path) -> None:
+    """A prune cut short after it dropped the disks' backups, before their domain files
+    (tests/test_crash.py, prune.dropping), left those files for ever: the next prune drops
+    only its own. The next start removes the files of every checkpoint no disk's backup is
+    listed at, and keeps the others; beside a manifest that cannot be read, it removes none
+    (which files that backup needs is unknown), and the daemon starts all the same."""
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, many(3))
+    consumer = names.consumer_folder(repository.root, "lab1", "c")
+    listed = [names.checkpoint_files(consumer, m.checkpoint) for m in manifests]
+    dropped = names.checkpoint_files(consumer, "pullbackd.c.dropped")
+    for folder in (*listed, dropped):
+        folder.mkdir(parents=True)
+        (folder / "domain.xml").write_text("<domain/>")
+    second = names.manifest(repository.folder("lab1", "c", "vda"), 2)
+    saved = second.read_bytes()
+    second.write_text("not a manifest")
+    repository.recover()
+    assert dropped.is_dir()
+    second.write_bytes(saved)
+    repository.recover()
+    assert not dropped.exists()
+    assert all((folder / "domain.xml").is_file() for folder in listed)
+
+
 def test_a_prune_that_finds_one_disk_damaged_drops_nothing_of_any_disk(
         tmp_path: Path) -> None:
     """Prune verifies before it drops anything; over a domain's disks, it verified and

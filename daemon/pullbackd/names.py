@@ -232,7 +232,12 @@ FILES = ".domain"
 
 def files_folder(root: Path, domain: str, consumer: str, checkpoint: str) -> Path:
     """Where the repository at `root` keeps the domain's files of a backup."""
-    return consumer_folder(root, domain, consumer) / FILES / component("checkpoint", checkpoint)
+    return checkpoint_files(consumer_folder(root, domain, consumer), checkpoint)
+
+
+def checkpoint_files(consumer_folder: Path, checkpoint: str) -> Path:
+    """`files_folder`, in a consumer's folder."""
+    return consumer_folder / FILES / component("checkpoint", checkpoint)
 
 
 def files_folders(consumer_folder: Path) -> list[Path]:

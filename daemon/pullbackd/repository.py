@@ -193,7 +193,8 @@ class Repository:
         Ends the NBD servers of an earlier run (qemu-nbd, and the qemu-storage-daemons
         of the writer and of Verify: SIGTERM; SIGKILL for any still there after
         orphans.ORPHAN_GRACE), then removes their sockets and the temporary files
-        of backups, flattenings and manifests being written. Only the daemon that owns
+        of backups, flattenings and manifests being written, and the domain files of
+        backups a prune cut short dropped (`_drop_unlisted_files`). Only the daemon that owns
         the repository may call it: it ends every qemu-nbd serving on a socket in the
         repository's sockets folder. Raises RepositoryError if a server cannot be ended.
         """
@@ -209,6 +210,7 @@ class Repository:
                 log.warning("removing a leftover of a crash", path=str(folder))
                 shutil.rmtree(folder)
         _mend_backups(self.root)
+        _drop_unlisted_files(self.root)
 
     def manifests(self, domain: str, consumer: str, disk: str) -> list[Manifest]:
         return _manifests(self.folder(domain, consumer, disk))
@@ -697,6 +699,25 @@ def _mend_backups(root: Path) -> None:
         else:
             log.warning("removing a backup file without its manifest", path=str(image))
             image.unlink(missing_ok=True)
+
+
+def _drop_unlisted_files(root: Path) -> None:
+    """At start, once the backups are mended: the domain files of a checkpoint no disk's
+    backup is listed at any more (a prune cut short after it dropped the disks' backups,
+    before their files: `drop_files`) are removed. At start only: a backup being written
+    stores its domain files before its disks, and none is being written then. Blocks."""
+    for consumer_dir in sorted({folder.parent.parent for folder in
+                                names.every_files_folder(root)}):
+        try:
+            listed = {names.checkpoint_files(consumer_dir, m.checkpoint)
+                      for disk in names.disk_folders(consumer_dir) for m in _manifests(disk)}
+        except RepositoryError:  # a manifest that cannot be read: which files it needs is
+            continue             # unknown (Verify reports it)
+        for folder in names.files_folders(consumer_dir):
+            if folder not in listed:
+                log.warning("removing the domain files of a backup no disk is kept of (a "
+                            "prune cut short)", path=str(folder))
+                shutil.rmtree(folder)
 
 
 def _unverifiable(folder: Path, m: Manifest) -> str | None:
