@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -255,14 +256,17 @@ async def test_a_connection_made_as_the_endpoint_hands_off_waits_for_the_next_ru
 
 
 class SlowRoles(Roles):
-    """[roles] whose lookups take ROLE_LOOKUP seconds (NSS asking a slow directory)."""
+    """[roles] whose lookups take ROLE_LOOKUP seconds (NSS asking a slow directory), each
+    setting LOOKING_UP as it begins."""
 
     def of(self, uid: int, gid: int) -> Role:
+        LOOKING_UP.set()
         time.sleep(ROLE_LOOKUP)
         return super().of(uid, gid)
 
 
 ROLE_LOOKUP = 0.5
+LOOKING_UP = threading.Event()
 
 
 async def test_a_connection_admitted_as_the_endpoint_hands_off_goes_to_the_next_run(
@@ -280,8 +284,10 @@ async def test_a_connection_admitted_as_the_endpoint_hands_off_goes_to_the_next_
         with socket.socket(socket.AF_UNIX) as sock:
             async with anyio.create_task_group() as tg:
                 endpoint = await exports.open(JOB, {TOKEN: "vda"}, tg, lambda j, s: None)
+                LOOKING_UP.clear()
                 sock.connect(str(exports.endpoint_path(JOB)))
-                await anyio.sleep(ROLE_LOOKUP / 5)  # accepted: its role is being looked up
+                # Accepted: its role is being looked up as the hand-off comes.
+                assert await anyio.to_thread.run_sync(LOOKING_UP.wait, 10)
                 with anyio.fail_after(20):
                     handed = await endpoint.hand_off(
                         lambda name, fds: kept.__setitem__(name, os.dup(fds[0])), unrecorded,

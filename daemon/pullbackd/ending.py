@@ -50,7 +50,7 @@ log = structlog.get_logger()
 
 
 class Ending:
-    """Ends jobs (see above) for jobs.py, starting.py and recovery.py."""
+    """Ends jobs (see above), for jobs.py (which starting.py and recovery.py go through)."""
 
     def __init__(self, records: Records, store: Store, source: BackupSource, chains: Chains,
                  serving: Serving, repository: Repository, admission: Admission,

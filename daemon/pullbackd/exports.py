@@ -121,11 +121,8 @@ class Endpoint:
         # A session the record shows open, and that was not handed over, was
         # cut when the previous run ended.
         resumed_ids = {h.session.id for h, _, _ in self._resumed}
-        self._past = [s if s.ended else replace(s, ended=now())
-                      for s in past if s.id not in resumed_ids]
-        #: Ended sessions no longer listed (KEEP_SESSIONS): how many, and what they read.
-        self._dropped, self._dropped_bytes = earlier
-        self._dropped_by_disk: dict[str, int] = {}
+        self._past = _Past([s if s.ended else replace(s, ended=now())
+                            for s in past if s.id not in resumed_ids], earlier)
         self._live: dict[int, tuple[Session, Relay]] = {}
         self._next_id = max((s.id for s in (*past, *(h.session for h, _, _ in self._resumed))),
                             default=0) + 1
@@ -168,18 +165,17 @@ class Endpoint:
     def sessions(self) -> list[Session]:
         """The sessions open now, and the last KEEP_SESSIONS that ended."""
         live = [self._snapshot(s, relay.sniffer) for s, relay in self._live.values()]
-        return sorted(self._past + live, key=lambda s: s.id)
+        return sorted(self._past.listed + live, key=lambda s: s.id)
 
     @property
     def total(self) -> int:
         """Sessions so far, listed or not."""
-        return self._dropped + len(self._past) + len(self._live)
+        return self._past.dropped + len(self._past.listed) + len(self._live)
 
     def bytes_read(self, disk: str | None = None) -> int:
         """Bytes read by every session so far (of one disk: since this run started)."""
         listed = sum(s.bytes_read for s in self.sessions() if disk is None or s.disk == disk)
-        return listed + (self._dropped_bytes if disk is None
-                         else self._dropped_by_disk.get(disk, 0))
+        return listed + self._past.dropped_bytes(disk)
 
     # Lifetime.
 
@@ -388,14 +384,7 @@ class Endpoint:
                                 "on its way to it); its appliance must reconnect",
                                 job=self.job_id, session=session.id, seconds=self._too_late)
                 ended = replace(self._snapshot(session, relay.sniffer), ended=now())
-                self._past.append(ended)
-                if len(self._past) > KEEP_SESSIONS:  # a job's record stays small
-                    dropped = self._past.pop(0)
-                    self._dropped += 1
-                    self._dropped_bytes += dropped.bytes_read
-                    if dropped.disk is not None:
-                        self._dropped_by_disk[dropped.disk] = \
-                            self._dropped_by_disk.get(dropped.disk, 0) + dropped.bytes_read
+                self._past.add(ended)
                 self._idle_since, self._idle_wall = time.monotonic(), now()
                 self._on_session(self.job_id, ended)
                 log.info("nbd session closed", job=self.job_id, session=session.id,
@@ -497,6 +486,31 @@ class Endpoint:
     def _changed_now(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+
+
+class _Past:
+    """An endpoint's sessions that ended: the last KEEP_SESSIONS listed (a job's record
+    stays small), the earlier ones counted: how many, and the bytes they read (in all,
+    and per disk since this run started)."""
+
+    def __init__(self, listed: list[Session], earlier: tuple[int, int]) -> None:
+        self.listed = listed
+        self.dropped, self._bytes = earlier
+        self._by_disk: dict[str, int] = {}
+
+    def add(self, ended: Session) -> None:
+        self.listed.append(ended)
+        if len(self.listed) > KEEP_SESSIONS:
+            dropped = self.listed.pop(0)
+            self.dropped += 1
+            self._bytes += dropped.bytes_read
+            if dropped.disk is not None:
+                self._by_disk[dropped.disk] = self._by_disk.get(dropped.disk, 0) + \
+                    dropped.bytes_read
+
+    def dropped_bytes(self, disk: str | None = None) -> int:
+        """What the sessions no longer listed read (of `disk`)."""
+        return self._bytes if disk is None else self._by_disk.get(disk, 0)
 
 
 class Relay(Protocol):

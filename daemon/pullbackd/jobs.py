@@ -199,7 +199,7 @@ class Jobs:
             if copy.stopped:
                 return  # whoever stopped it ends the job
             await self._ending.quietly(job.id, JobState.FAILED if error else JobState.COMPLETED,
-                                    error, copied=True)
+                                       error, copied=True)
 
         self._tg.start_soon(run)
 

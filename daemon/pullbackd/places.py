@@ -41,6 +41,7 @@ from .errors import InvalidParameter, TargetNotWritable
 from .model import LOCAL, Job, StartRequest
 from .names import job_files
 from .roles import user_name
+from .stream import unix_sockets
 
 log = structlog.get_logger()
 
@@ -137,8 +138,8 @@ def _check_socket_owner(request: StartRequest) -> None:
     (`Pinned`)."""
     if not request.owner or request.destination is None:
         return
-    path = _socket(request.destination)
-    if path is None or "{disk}" in path:
+    found = unix_sockets(request.destination)
+    if found is None or len(found) != 1 or "{disk}" in (path := found[0][1]):
         return
     try:
         st = os.lstat(path)
@@ -150,17 +151,6 @@ def _check_socket_owner(request: StartRequest) -> None:
             f"({user_name(request.owner)}): pullbackd writes a backup only into a server of "
             "whoever starts it; serve your socket as your own user (a socket unit: "
             "SocketUser=)"))
-
-
-def _socket(url: str) -> str | None:
-    """The path of a Unix-socket NBD URI's socket (None for another URI)."""
-    u = urlsplit(url)
-    if not u.scheme.endswith("+unix"):
-        return None
-    found = [unquote_plus(value) for key, _, value in
-             (part.partition("=") for part in u.query.split("&"))
-             if unquote_plus(key) == "socket"]
-    return found[0] if len(found) == 1 else None
 
 
 def _resolved(url: str) -> str:

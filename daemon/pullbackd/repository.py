@@ -172,9 +172,7 @@ class Repository:
         """Remove the domain files of the backups at `checkpoints` (a prune dropped
         them) that no disk of theirs is kept of. Only theirs: a backup being written
         stores its domain files before its disks."""
-        consumer_dir = names.consumer_folder(self.root, domain, consumer)
-        kept = {m.checkpoint for folder in names.disk_folders(consumer_dir)
-                for m in self.manifests(domain, consumer, folder.name)}
+        kept = _listed(names.consumer_folder(self.root, domain, consumer))
         for checkpoint in checkpoints:
             folder = self.files_folder(domain, consumer, checkpoint)
             if checkpoint not in kept and folder.is_dir():
@@ -709,8 +707,7 @@ def _drop_unlisted_files(root: Path) -> None:
     for consumer_dir in sorted({folder.parent.parent for folder in
                                 names.every_files_folder(root)}):
         try:
-            listed = {names.checkpoint_files(consumer_dir, m.checkpoint)
-                      for disk in names.disk_folders(consumer_dir) for m in _manifests(disk)}
+            listed = {names.checkpoint_files(consumer_dir, c) for c in _listed(consumer_dir)}
         except RepositoryError:  # a manifest that cannot be read: which files it needs is
             continue             # unknown (Verify reports it)
         for folder in names.files_folders(consumer_dir):
@@ -718,6 +715,12 @@ def _drop_unlisted_files(root: Path) -> None:
                 log.warning("removing the domain files of a backup no disk is kept of (a "
                             "prune cut short)", path=str(folder))
                 shutil.rmtree(folder)
+
+
+def _listed(consumer_dir: Path) -> set[str]:
+    """The checkpoints a backup of some disk of a consumer is listed at (RepositoryError if
+    a manifest cannot be read). Blocks."""
+    return {m.checkpoint for disk in names.disk_folders(consumer_dir) for m in _manifests(disk)}
 
 
 def _unverifiable(folder: Path, m: Manifest) -> str | None:

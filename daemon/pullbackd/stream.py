@@ -457,25 +457,35 @@ def _connect(url: str, contexts: tuple[str, ...] = (), tls_certificates: str | N
     return h
 
 
+def unix_sockets(url: str) -> list[tuple[int, str]] | None:
+    """The `socket` parameters of a Unix-socket NBD URI: each one's place among the
+    "&"-separated parts of its query, and its path; None for another URI (TCP)."""
+    u = urlsplit(url)
+    if not u.scheme.endswith("+unix"):
+        return None
+    return [(i, unquote_plus(value)) for i, (key, _, value) in
+            enumerate(part.partition("=") for part in u.query.split("&"))
+            if unquote_plus(key) == "socket"]
+
+
 @contextlib.contextmanager
 def _pinned(url: str, pinned: Pinned = Pinned()) -> Iterator[str]:
     """`url`, its Unix socket named by a descriptor of the socket its path leads to with
     no link followed (`_pinned_socket`), for as long as the context lasts: a connect to
     the URL yielded reaches that socket whatever is renamed meanwhile. Other URLs (TCP)
     as they are. UncheckedDestination, or StreamError if the socket is not there."""
-    u = urlsplit(url)
-    if not u.scheme.endswith("+unix"):
+    found = unix_sockets(url)
+    if found is None:
         yield url
         return
-    parts = u.query.split("&")
-    found = [i for i, part in enumerate(parts)
-             if unquote_plus(part.partition("=")[0]) == "socket"]
     if len(found) != 1:
         raise UncheckedDestination(f"{url} names {len(found)} sockets, not one")
-    path = unquote_plus(parts[found[0]].partition("=")[2])
+    [(index, path)] = found
     fd = _pinned_socket(path, pinned.owner)
     try:
-        parts[found[0]] = f"socket={quote(f'/proc/self/fd/{fd}')}"
+        u = urlsplit(url)
+        parts = u.query.split("&")
+        parts[index] = f"socket={quote(f'/proc/self/fd/{fd}')}"
         yield f"{u.scheme}://{u.netloc}{u.path}?{'&'.join(parts)}" + \
             (f"#{u.fragment}" if u.fragment else "")
     finally:

@@ -105,24 +105,23 @@ class Client:
         return self._replies(message)
 
     def _send(self, message: bytes) -> None:
-        for resent in range(RESENDS + 1):
+        for _ in range(RESENDS):
             try:
                 return self._sock.sendall(message)
             except BrokenPipeError:
-                if resent == RESENDS:
-                    raise
-            self._reconnect()
+                self._reconnect()
+        self._sock.sendall(message)
 
     def _first(self, message: bytes) -> dict[str, Any]:
-        for resent in range(RESENDS + 1):
+        for _ in range(RESENDS):
             try:
                 return self._receive()
             except ConnectionResetError:
-                if resent == RESENDS or self._decoder.pending:
+                if self._decoder.pending:
                     raise
             self._reconnect()
             self._send(message)
-        raise AssertionError("unreachable")
+        return self._receive()
 
     def _reconnect(self) -> None:
         timeout = self._sock.gettimeout()
