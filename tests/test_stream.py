@@ -229,26 +229,67 @@ def test_full_then_incremental_into_a_qcow2_chain(
 
 
 def test_buffer_pool_keeps_to_its_budget_and_never_lets_a_buffer_go() -> None:
-    """Debian 12's libnbd binding keeps each buffer a request used: one the pool let go
-    (to make room for another size) was lost memory, without end."""
-    pool = stream.BufferPool(3 * MiB)
+    """Debian 12's libnbd binding keeps a reference to what each request read into or
+    wrote from: a buffer the pool let go was lost memory, without end. So the pool's
+    chunks, and the view of each length into each, are made once and reused."""
+    pool = stream.BufferPool(3 * MiB, MiB)
     a, b = pool.take(MiB), pool.take(MiB)
     c = pool.take(MiB)
     assert a is not None and b is not None and c is not None
     assert pool.take(MiB) is None  # spent
+    assert pool.take(64 * K) is None  # whatever the length: a request takes a chunk
     pool.give(a)
     again = pool.take(MiB)
-    assert again is a  # reused, not allocated
+    assert again is a  # reused, not made again
     pool.give(again)
-    # Past the budget: one buffer of a size it holds none of; then it waits for it.
-    d = pool.take(512 * K)
-    assert d is not None and d.size() == 512 * K
-    assert pool.take(512 * K) is None
-    assert pool.take(MiB) is a  # the free 1 MiB buffer stayed
-    # A request larger than the whole budget gets one buffer.
-    alone = stream.BufferPool(MiB)
+    short = pool.take(64 * K)
+    assert short is not None and short.size() == 64 * K
+    pool.give(short)
+    assert pool.take(64 * K) is short
+    with pytest.raises(AssertionError):
+        pool.give(a)  # not taken: two requests would share a chunk
+    with pytest.raises(ValueError):
+        pool.take(MiB + 1)  # longer than a chunk
+    # A budget smaller than a chunk still has one.
+    alone = stream.BufferPool(MiB, 4 * MiB)
+    assert stream.BufferPool(MiB, 4 * K).chunk == stream.STEP  # a write covers a cluster
     big = alone.take(4 * MiB)
     assert big is not None and alone.take(4 * MiB) is None
+
+
+def test_shorter_requests_get_the_whole_budget_after_longer_ones() -> None:
+    """A night's full backups fill the pool with buffers of the request size; each
+    incremental after them makes requests of a cluster or two. Buffers of each length
+    apart held the whole budget in the full's, and left every incremental of the night
+    one buffer of each shorter length between them all: they waited for each other."""
+    pool = stream.BufferPool(4 * MiB, 512 * K)
+    full = [pool.take(512 * K) for _ in range(8)]
+    for buf in full:
+        assert buf is not None
+        pool.give(buf)
+    shorter = [pool.take(length) for length in (64 * K, 128 * K) * 4]
+    assert all(buf is not None for buf in shorter)
+    assert [buf.size() for buf in shorter if buf is not None] == [64 * K, 128 * K] * 4
+    assert pool.take(64 * K) is None
+
+
+def test_a_short_request_reads_into_the_start_of_its_chunk(tmp_path: Path) -> None:
+    """What a view of a chunk is read into and written from is that chunk's first
+    bytes, the request's length of them, through libnbd."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(range(256)) * 1024)
+    sock = tmp_path / "nbd.sock"
+    with serve(["qemu-nbd", "-f", "raw", "-k", str(sock), str(image)], sock) as url:
+        h = nbd.NBD()
+        h.connect_uri(url)
+        pool = stream.BufferPool(MiB, 256 * K)
+        buf = pool.take(64 * K)
+        assert buf is not None
+        cookie = h.aio_pread(buf, 4096 + 1)
+        while not h.aio_command_completed(cookie):
+            h.poll(-1)
+        assert bytes(buf.to_buffer()) == (bytes(range(256)) * 1024)[4097:4097 + 64 * K]
+        h.shutdown()
 
 
 def test_copies_sharing_a_small_pool_all_complete(
@@ -258,7 +299,7 @@ def test_copies_sharing_a_small_pool_all_complete(
     vdb.write(30 * MiB + 4096, 2 * MiB, 0x6C)
     job = daemon.ctl.job("Start", domain="lab2", disks=["vdb"], consumer="pool")
     # Two requests' worth for three copies, each of which would keep 16 in flight.
-    tuning = Tuning(request_size=256 * K, buffers=stream.BufferPool(512 * K))
+    tuning = Tuning(request_size=256 * K, buffers=stream.BufferPool(512 * K, 256 * K))
     images = [tmp_path / f"copy{i}.qcow2" for i in range(3)]
     failures: list[BaseException] = []
 

@@ -153,7 +153,8 @@ def _assemble(cfg: config.Config, virt: Virt, store: Store, exports: Exports,
     settings a reload changes."""
     tuning = stream.Tuning(request_size=cfg.stream.request_size,
                            connections=cfg.stream.connections, in_flight=cfg.stream.in_flight,
-                           buffers=stream.BufferPool(cfg.stream.memory),
+                           buffers=stream.BufferPool(cfg.stream.memory,
+                                                     cfg.stream.request_size),
                            tls_certificates=cfg.stream.tls_certificates or None,
                            connect_timeout=cfg.stream.connect_timeout)
     limits = Limits(drain_timeout=cfg.exports.drain_timeout,

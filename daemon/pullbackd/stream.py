@@ -125,43 +125,72 @@ class UncheckedDestination(StreamError):
 
 
 class BufferPool:
-    """Read buffers, reused, of which at most `budget` bytes exist at once (and one of
-    each size past it).
+    """Read buffers for every copy at once: chunks as long as the longest request a copy
+    of `request_size` makes (that, or a STEP if longer: a write covers whole clusters,
+    and NBD's minimum block size is at most 64 KiB), at most `budget` bytes of them
+    (one, if the budget is smaller). A request of any length takes a whole chunk,
+    whichever is free, and reads into its first bytes.
 
     Never blocks: a worker that finds the budget spent goes on with the requests
-    it has in flight (whose buffers come back) and asks again later. A buffer is never
-    let go: Debian 12's python3-libnbd (1.14) keeps a reference to each buffer a
-    request used, so one let go is memory lost for good (a pool that made room for
-    other sizes grew a daemon past 800 MiB). `split` makes requests of a few sizes.
+    it has in flight (whose buffers come back) and asks again later. Nothing is ever
+    let go: Debian 12's python3-libnbd (1.14) keeps a reference to what each request
+    read into or wrote from, so a buffer let go is memory lost for good (a pool that
+    made room for other sizes grew a daemon past 800 MiB). Each chunk is made once, and
+    so is the view of each length into it (`split` makes requests of a few lengths).
+
+    Chunks rather than buffers of each request's length: those held the budget in the
+    lengths the night's full backups asked for (the request size), and left every
+    incremental after them, whose requests are a cluster or two, one buffer of each
+    shorter length between them all (`scripts/bench --night`: the incrementals took a
+    fifth longer).
+
+    A chunk is one request's at a time: `give` of a buffer not taken raises
+    AssertionError, as two copies' reads into one chunk would mix their disks.
     """
 
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
+    def __init__(self, budget: int, request_size: int) -> None:
+        self.budget, self.chunk = budget, max(request_size, STEP)
         self._lock = threading.Condition()
-        self._free: dict[int, list[nbd.Buffer]] = {}
-        #: Buffers made, by size; none is ever let go (see the class).
-        self._held: dict[int, int] = {}
-        self._allocated = 0
+        self._chunks: list[memoryview] = []
+        #: The view of each length into each chunk, made once (see the class).
+        self._views: list[dict[int, nbd.Buffer]] = []
+        #: Chunk of each view, by id.
+        self._chunk_of: dict[int, int] = {}
+        self._free: list[int] = []
+        #: The view each chunk taken was handed out as, by chunk.
+        self._taken: dict[int, int] = {}
 
     def take(self, length: int) -> nbd.Buffer | None:
-        """A buffer of `length` bytes, or None while the budget is spent (past it, one
-        buffer of each size it holds none of: a request would wait for none)."""
+        """A buffer of `length` bytes, or None while the budget is spent."""
+        if length > self.chunk:
+            raise ValueError(f"a request of {length} bytes is longer than the pool's "
+                             f"chunks ({self.chunk} bytes)")
         with self._lock:
-            free = self._free.setdefault(length, [])
-            if free:
-                return free.pop()
-            if self._allocated + length > self.budget and self._held.get(length):
+            if self._free:
+                i = self._free.pop()
+            elif not self._chunks or (len(self._chunks) + 1) * self.chunk <= self.budget:
+                i = len(self._chunks)
+                self._chunks.append(memoryview(bytearray(self.chunk)))
+                self._views.append({})
+            else:
                 return None
-            self._allocated += length
-            self._held[length] = self._held.get(length, 0) + 1
-        return nbd.Buffer(length)
+            view = self._views[i].get(length)
+            if view is None:
+                view = self._views[i][length] = nbd.Buffer.from_buffer(
+                    self._chunks[i][:length])
+                self._chunk_of[id(view)] = i
+            self._taken[i] = id(view)
+            return view
 
     def give(self, buf: nbd.Buffer) -> None:
         """Back for the next request: also a buffer of a request that never completed,
         once its handle is closed."""
         with self._lock:
-            self._free.setdefault(buf.size(), []).append(buf)
-            self._lock.notify_all()
+            i = self._chunk_of.get(id(buf), -1)
+            assert self._taken.get(i) == id(buf), "a buffer given back that was not taken"
+            del self._taken[i]
+            self._free.append(i)
+            self._lock.notify()
 
     def wait(self, timeout: float) -> None:
         """Until a buffer comes back (or `timeout`)."""
@@ -676,7 +705,10 @@ class _Copy:
         #: work for them (`Tuning.spread`).
         self.workers: list[threading.Thread] = []
         self.buffers = tuning.buffers or BufferPool(
-            tuning.connections * tuning.in_flight * tuning.request_size)
+            tuning.connections * tuning.in_flight * tuning.request_size, tuning.request_size)
+        if tuning.request_size > self.buffers.chunk:
+            raise ValueError(f"requests of {tuning.request_size} bytes from a pool of "
+                             f"{self.buffers.chunk}-byte buffers")
 
     def fail(self, error: BaseException) -> None:
         self.errors.append(error)
@@ -768,6 +800,10 @@ class _Copy:
             request_size = min(request_size, maximum)
         if self.cluster is not None:
             request_size = max(self.cluster, request_size - request_size % self.cluster)
+        if request_size > self.buffers.chunk:
+            raise UnfitDestination(
+                f"the destination's minimum block size, {minimum} bytes, is larger than "
+                "the NBD protocol allows (64 KiB); use another destination")
         if maximum and request_size > maximum:
             raise UnfitDestination(
                 f"the destination takes at most {maximum} bytes per request, less than "
