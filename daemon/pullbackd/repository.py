@@ -778,7 +778,9 @@ async def _fill(layers: list[tuple[Path, int]], destination: str, sock: Path,
     done = 0
 
     def progress(p: stream.Progress) -> None:
-        behind.progress(dataclasses.replace(p, done=done + p.done))
+        # Made directly: dataclasses.replace, at every request's end, was a twentieth of
+        # a restore's Python.
+        behind.progress(stream.Progress(p.size, p.scanned, p.planned, done + p.done))
 
     for start in range(0, len(layers), verifying.FILES_PER_SERVER):
         batch = layers[start:start + verifying.FILES_PER_SERVER]
