@@ -144,8 +144,8 @@ class BufferPool:
     Chunks rather than buffers of each request's length: those held the budget in the
     lengths the night's full backups asked for (the request size), and left every
     incremental after them, whose requests are a cluster or two, one buffer of each
-    shorter length between them all (`scripts/bench --night`: the incrementals took a
-    fifth longer).
+    shorter length between them all (`scripts/bench --night`: the incrementals took an
+    eighth longer).
 
     A chunk is one request's at a time: `give` of a buffer not taken raises
     AssertionError, as two copies' reads into one chunk would mix their disks.
