@@ -274,8 +274,8 @@ def test_shorter_requests_get_the_whole_budget_after_longer_ones() -> None:
 
 
 def test_a_short_request_reads_into_the_start_of_its_chunk(tmp_path: Path) -> None:
-    """What a view of a chunk is read into and written from is that chunk's first
-    bytes, the request's length of them, through libnbd."""
+    """What libnbd reads into a view of a chunk lands in that chunk's first bytes, the
+    request's length of them."""
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(range(256)) * 1024)
     sock = tmp_path / "nbd.sock"
@@ -288,7 +288,11 @@ def test_a_short_request_reads_into_the_start_of_its_chunk(tmp_path: Path) -> No
         cookie = h.aio_pread(buf, 4096 + 1)
         while not h.aio_command_completed(cookie):
             h.poll(-1)
-        assert bytes(buf.to_buffer()) == (bytes(range(256)) * 1024)[4097:4097 + 64 * K]
+        expected = (bytes(range(256)) * 1024)[4097:4097 + 64 * K]
+        assert bytes(buf.to_buffer()) == expected
+        pool.give(buf)
+        whole = pool.take(256 * K)  # the same chunk: the only one made
+        assert whole is not None and bytes(whole.to_buffer()[:64 * K]) == expected
         h.shutdown()
 
 
