@@ -499,7 +499,7 @@ def main() -> int:
                                 (item.split("=") for item in args.tuning.split(",") if item)}
     # The engine as the daemon runs it: its buffers from one pool of [stream] memory.
     memory = settings.pop("memory", config.Stream().memory)
-    tuning = dataclasses.replace(stream.Tuning(), **settings)
+    tuning = stream.Tuning(**settings)
     tuning = dataclasses.replace(tuning, buffers=stream.BufferPool(memory, tuning.request_size))
     size = SMOKE_SIZE if args.smoke else FULL_SIZE
     tools = tuple(args.tools.split(","))

@@ -284,7 +284,7 @@ def main(work: Path, smoke: bool, output: Path | None) -> int:
     # The repository's own log (every backup stored) would drown the benchmark's.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     tuning = stream.Tuning(buffers=stream.BufferPool(config.Stream().memory,
-                                                     stream.Tuning().request_size))
+                                                     config.Stream().request_size))
     repository = Repository(work / "repository", work / "sockets",
                             config.Repository().write_behind)
     log(f"repository: {size.disk // MiB} MiB disk, {size.data // MiB} MiB of data, "

@@ -246,6 +246,11 @@ def files_folders(consumer_folder: Path) -> list[Path]:
     return sorted((consumer_folder / FILES).glob("*"))
 
 
+def consumers_with_files(root: Path) -> list[Path]:
+    """Every consumer's folder, in the repository at `root`, that holds domain files."""
+    return sorted(files.parent for files in root.glob(f"*/*/{FILES}"))
+
+
 def every_files_folder(root: Path) -> list[Path]:
     """Every backup's domain files, and those being written (`*.partial`)."""
     return sorted(root.glob(f"*/*/{FILES}/*"))

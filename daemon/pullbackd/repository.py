@@ -704,8 +704,7 @@ def _drop_unlisted_files(root: Path) -> None:
     backup is listed at any more (a prune cut short after it dropped the disks' backups,
     before their files: `drop_files`) are removed. At start only: a backup being written
     stores its domain files before its disks, and none is being written then. Blocks."""
-    for consumer_dir in sorted({folder.parent.parent for folder in
-                                names.every_files_folder(root)}):
+    for consumer_dir in names.consumers_with_files(root):
         try:
             listed = {names.checkpoint_files(consumer_dir, c) for c in _listed(consumer_dir)}
         except RepositoryError:  # a manifest that cannot be read: which files it needs is
