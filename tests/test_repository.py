@@ -442,24 +442,28 @@ Write = tuple[int, int, int | None]  # offset, length, byte (None: zeroes)
 
 
 def chain(repository: Repository, steps: list[list[Write]], base: Manifest | None = None,
-          before: bytes = bytes(SIZE)) -> list[Manifest]:
+          before: bytes = bytes(SIZE), sizes: list[int] | None = None) -> list[Manifest]:
     """Backups of lab1's vda, a full and then incrementals (or only incrementals, over
     `base`, of a disk that held `before`), each writing its step's writes (apart)
     through the repository's own writer as the engine writes them: into an incremental
     in whole clusters (stream.whole_clusters), what a cluster holds beside a write read
-    from the disk as it is; zeroes as NBD zero writes; with their regions."""
+    from the disk as it is; zeroes as NBD zero writes; with their regions. `sizes`:
+    the disk's size at each step (SIZE if not given), resized as QEMU resizes a disk
+    (cut short, or grown with zeroes)."""
     async def run() -> list[Manifest]:
         manifests: list[Manifest] = [base] if base else []
         disk = bytearray(before)
         for n, writes in enumerate(steps):
-            writer = await repository.begin("lab1", "c", "vda", SIZE, f"j{n}", f"cp{n}", "t",
+            size = sizes[n] if sizes else SIZE
+            disk = disk[:size] + bytes(max(0, size - len(disk)))
+            writer = await repository.begin("lab1", "c", "vda", size, f"j{n}", f"cp{n}", "t",
                                             manifests[-1] if manifests else None)
             for offset, length, byte in writes:
                 disk[offset:offset + length] = bytes([byte or 0]) * length
             pieces = [Piece(offset, length, byte is None)
                       for offset, length, byte in sorted(writes)]
             if writer.cluster is not None:
-                pieces = whole_clusters(pieces, writer.cluster, SIZE)
+                pieces = whole_clusters(pieces, writer.cluster, size)
             try:
                 await anyio.to_thread.run_sync(write_all, writer.url, pieces, bytes(disk))
             except BaseException:
@@ -813,8 +817,7 @@ def test_recover_ends_an_earlier_runs_verify_server(tmp_path: Path) -> None:
 
 def test_a_chain_restores_at_every_point(tmp_path: Path) -> None:
     """Each point of a chain restores to what was written up to it: data over data,
-    zeroes over data, data over zeroes, unaligned writes, a point beyond the files one
-    server takes (read in turns)."""
+    zeroes over data, data over zeroes, unaligned writes."""
     steps: list[list[Write]] = [
         [(0, MiB, 0x10), (2 * MiB, MiB, 0x11)],
         [(MiB // 2, 64 << 10, 0x20), (2 * MiB + 100, 5000, None)],
@@ -831,10 +834,42 @@ def test_a_chain_restores_at_every_point(tmp_path: Path) -> None:
         assert_restores(repository, manifest, bytes(expected), tmp_path)
 
 
-def test_a_chain_longer_than_one_server_restores(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(verifying, "FILES_PER_SERVER", 2)
+@pytest.mark.parametrize("files", [1, 2])
+def test_a_chain_longer_than_one_segment_restores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: int) -> None:
+    """Read in segments of `files` files each (one: every file on its own)."""
+    monkeypatch.setattr(verifying, "FILES_PER_SEGMENT", files)
     test_a_chain_restores_at_every_point(tmp_path)
+
+
+@pytest.mark.parametrize("files", [1, 2, verifying.FILES_PER_SEGMENT])
+def test_a_disk_shrunk_and_grown_again_restores_zeroes_where_it_was_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: int) -> None:
+    """What a disk lost when it shrank does not come back when it grows: a file shows
+    its backing file only as far as the backing file goes (qcow2's rule), in one
+    segment and across segments alike. Each point restores as `qemu-img convert`
+    reads it through its chain, and as the disk was."""
+    monkeypatch.setattr(verifying, "FILES_PER_SEGMENT", files)
+    steps: list[list[Write]] = [
+        [(0, MiB, 0x10), (SIZE - MiB, MiB, 0x11)],
+        [(64 << 10, 64 << 10, 0x20)],
+        [(SIZE - (64 << 10), 64 << 10, 0x30)],
+        [(SIZE // 2, 64 << 10, None), (MiB, 64 << 10, 0x40)],
+    ]
+    sizes = [SIZE, SIZE // 2, SIZE, SIZE + MiB]
+    repository = Repository(tmp_path / "repo", tmp_path / "sockets", 0)
+    manifests = chain(repository, steps, sizes=sizes)
+    expected = bytearray()
+    folder = repository.folder("lab1", "c", "vda")
+    for manifest, writes, size in zip(manifests, steps, sizes, strict=True):
+        expected = expected[:size] + bytes(max(0, size - len(expected)))
+        for offset, length, byte in writes:
+            expected[offset:offset + length] = bytes([byte or 0]) * length
+        assert_restores(repository, manifest, bytes(expected), tmp_path)
+        through = tmp_path / "through.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+                        str(folder / manifest.file), str(through)], check=True)
+        assert_same(through.read_bytes(), bytes(expected))
 
 
 def test_allocation_asked_a_window_at_a_time_restores_and_verifies(

@@ -391,12 +391,46 @@ def test_a_destination_smaller_than_the_disk_fails_an_incremental_too(
         tmp_path: Path) -> None:
     """Only what changed is written, all of it within the destination's first MiB: the
     copy succeeded, into an export that could not hold the disk."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(64 * MiB)],
+                   check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {64 * K}", str(image)],
+                   check=True, stdout=subprocess.DEVNULL)
     (tmp_path / "dst").mkdir()
-    with nbdkit(tmp_path, "pattern", f"size={64 * MiB}") as src, \
+    sock = tmp_path / "disk.sock"
+    with serve(["qemu-nbd", "--read-only", "--format", "qcow2", "--bitmap", "b", "--shared",
+                "4", "--persistent", "--socket", str(sock), str(image)], sock) as src, \
             nbdkit(tmp_path / "dst", "memory", "1M") as dst, \
             pytest.raises(stream.StreamError, match=r"holds 1048576 bytes, less than the "
                                                     r"disk's 67108864"):
-        stream.copy(src, dst, only=[(0, 64 * K)])
+        stream.copy(src, dst, bitmap="qemu:dirty-bitmap:b")
+
+
+def test_ranges_to_copy_need_a_destination_only_as_long_as_they_go(tmp_path: Path) -> None:
+    """A restore reads older files than its disk, which may be longer (the disk shrank
+    since): what it copies ends within the destination, and only that is read."""
+    (tmp_path / "dst").mkdir()
+    with nbdkit(tmp_path, "pattern", f"size={64 * MiB}") as src, \
+            nbdkit(tmp_path / "dst", "memory", "1M") as dst:
+        copied = stream.copy(src, dst, only=[(0, 64 * K), (MiB - 4 * K, MiB)])
+        h = nbd.NBD()
+        h.connect_uri(dst)
+        try:
+            assert h.pread(64 * K, 0) == pattern(0, 64 * K)
+            assert h.pread(4 * K, MiB - 4 * K) == pattern(MiB - 4 * K, 4 * K)
+            assert h.pread(MiB - 68 * K, 64 * K) == bytes(MiB - 68 * K)
+        finally:
+            h.shutdown()
+    assert (copied.size, copied.done) == (MiB, 68 * K)
+
+
+def pattern(offset: int, length: int) -> bytes:
+    """What nbdkit's pattern plugin serves there: each 8-byte word is its own offset,
+    big-endian."""
+    start = offset // 8 * 8
+    words = b"".join(struct.pack(">Q", o) for o in range(start, offset + length, 8))
+    return words[offset - start:offset - start + length]
 
 
 @pytest.mark.parametrize("silent", ["destination", "source", "planner"])

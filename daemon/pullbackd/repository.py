@@ -442,12 +442,13 @@ class Repository:
         """Rebuild the disk as it was at a backup into a new file, with the engine; the
         file made (its identity: what removes it checks it still is).
 
-        The new image (written through a qemu-nbd of ours) starts as zeroes. The files
-        of the backup's chain are read each on its own (verifying.server), newest
-        first: from each, what it holds itself that no newer file holds. That is what a
-        read through the backing chain finds there, without a lookup through every
-        file below for each request, and each file is read in its own order. What
-        no file holds stays zeroes, as do the zeroes a file holds.
+        The new image (written through a qemu-nbd of ours) starts as zeroes. The
+        backup's chain is read in segments of consecutive files, newest first
+        (verifying.segment_server: QEMU reads each through its own files): from each,
+        what its files hold that no newer segment holds. That is what a read through
+        the whole chain finds there, without a lookup through every file below for
+        each request of a long chain. What no file holds stays zeroes, as do the
+        zeroes a file holds.
         """
         with self._uses.using(self.folder(manifest.domain, manifest.consumer,
                                           manifest.disk)):
@@ -770,9 +771,9 @@ def _backing(path: Path, m: Manifest) -> str | None:
 async def _fill(layers: list[tuple[Path, int]], destination: str, sock: Path,
                 tuning: stream.Tuning | None, behind: WriteBehind) -> None:
     """Copy what a read of `layers[0]` through its chain finds into `destination`
-    (zeroes at first), the files newest first (see `Repository.restore`), served
-    FILES_PER_SERVER at a time on `sock` (its folder made)."""
-    covered: stream.Ranges = []  # what newer files hold
+    (zeroes at first), the chain's segments newest first (see `Repository.restore`),
+    each served on `sock` (its folder made)."""
+    covered: stream.Ranges = []  # what newer segments hold
     visible = layers[0][1]  # a backing file shows only as far as every newer file goes
     done = 0
 
@@ -781,27 +782,32 @@ async def _fill(layers: list[tuple[Path, int]], destination: str, sock: Path,
         # a restore's Python.
         behind.progress(stream.Progress(p.size, p.scanned, p.planned, done + p.done))
 
-    for start in range(0, len(layers), verifying.FILES_PER_SERVER):
-        batch = layers[start:start + verifying.FILES_PER_SERVER]
-        server = verifying.server([path for path, _ in batch], sock)
+    for start in range(0, len(layers), verifying.FILES_PER_SEGMENT):
+        segment = layers[start:start + verifying.FILES_PER_SEGMENT]
+        top = segment[0][0]
+        # QEMU reads the segment through its own files as far as each goes (qcow2's
+        # rule, which `visible` keeps between segments).
+        visible = min(visible, segment[0][1])
+        server = verifying.segment_server([path for path, _ in segment], sock)
         try:
             await server.astart()  # from the event loop's thread: tied (qemu_nbd.TIED)
         except qemu_nbd.ServeError as e:
             raise RepositoryError(str(e.image), e.reason) from None
         try:
-            for path, size in batch:
-                visible = min(visible, size)
-                held = await anyio.to_thread.run_sync(verifying.held, sock, path.name,
+            # Served without what is below it, what the segment's files do not hold
+            # reads as zeroes, which the copy skips.
+            if todo := verifying.subtract([(0, visible)], covered):
+                copied = await stream.stream(
+                    verifying.url(sock, top.name), destination, zeroed_destination=True,
+                    tuning=tuning, on_progress=progress, only=todo)
+                done += copied.done
+            if start + len(segment) < len(layers):  # what it holds hides older segments
+                held = await anyio.to_thread.run_sync(verifying.held, sock, top.name,
                                                       visible)
-                if todo := verifying.subtract(held, covered):
-                    copied = await stream.stream(
-                        verifying.url(sock, path.name), destination,
-                        zeroed_destination=True, tuning=tuning, on_progress=progress,
-                        only=todo)
-                    done += copied.done
                 covered = verifying.union(covered, held)
         finally:
             await server.astop()
+        visible = min(visible, *(size for _, size in segment))
 
 
 def owned(path: Path) -> Path:

@@ -743,6 +743,10 @@ class _Copy:
             dst = self._connect_destination()
             try:
                 multi_conn = planner_handle.can_multi_conn() and dst.can_multi_conn()
+                if self.only is not None:
+                    # Nothing past the last range is read: the destination may end there
+                    # (a restore of a disk that shrank, from older files than its size).
+                    size = min(size, max((end for _, end in self.only), default=0))
                 self._fit(dst, size)
                 connections = self.tuning.connections if multi_conn else 1
                 counters = _Counters(size)
@@ -1094,7 +1098,8 @@ def copy(source: str, destination: str, *, bitmap: str | None = None,
     """Copy a source export into a destination export; blocks until done.
 
     With `bitmap` (a `qemu:dirty-bitmap:...` meta context) only dirty ranges
-    move; with `only`, only those ranges. With `zeroed_destination` (a fresh
+    move; with `only`, only those ranges (and the destination need only reach the
+    end of the last). With `zeroed_destination` (a fresh
     image), ranges the source reports as zero are skipped instead of written as
     zeros. With `cluster`, every write covers whole clusters of that many bytes
     (`whole_clusters`). With `size`, a source of another size is an error before
