@@ -56,9 +56,10 @@ ALLOCATION_DEPTH = "qemu:allocation-depth"
 #: chain is served in turns.
 FILES_PER_SERVER = 256
 #: Files of a chain a restore reads through at once (`segment_server`). A read
-#: through d files costs QEMU a lookup in each: a restore's 30-link chain read
-#: through at once took less time than its files read one by one, but a read
-#: through 300 took 4 times as long as through 100.
+#: through d files costs QEMU a lookup in each: a 30-link chain read through at once
+#: restored faster than its files read one by one, or in segments of 8 (README,
+#: `scripts/bench --repository`), but a 1 MiB read took 0.4 ms through 100 files and
+#: 1.6 ms through 300.
 FILES_PER_SEGMENT = 32
 #: Connections reading at once (each its own export), and requests in flight on each.
 READERS = 2
@@ -99,9 +100,9 @@ def server(files: Sequence[Path], sock: Path) -> qemu_nbd.Server:
 def segment_server(files: Sequence[Path], sock: Path) -> qemu_nbd.Server:
     """One qemu-storage-daemon (not started yet) serving consecutive files of a chain,
     newest first, as one read-only export named after the first (`files[0].name`), on
-    `sock`: each file's backing file is the next one, the last has none. The chain is
-    the one given, not the one the files' headers name. Tied to the thread that starts
-    it."""
+    `sock`: each file's backing file is the next one, the last has none. QEMU reads the
+    chain given, and follows no backing file name of the files' headers. Tied to the
+    thread that starts it."""
     nodes = [_node(i, path, f"n{i + 1}" if i + 1 < len(files) else None)
              for i, path in enumerate(files)]
     # A node is defined before one that names it as its backing file.
