@@ -425,6 +425,32 @@ def test_ranges_to_copy_need_a_destination_only_as_long_as_they_go(tmp_path: Pat
     assert (copied.size, copied.done) == (MiB, 68 * K)
 
 
+@pytest.mark.parametrize(("held", "pairs"), [(0, 2), (12, 1)])
+def test_a_second_pair_opens_only_while_the_buffers_have_room_for_it(
+        tmp_path: Path, held: int, pairs: int) -> None:
+    """Other copies hold `held` of the pool's 16 buffers: a pair needs 8 for its requests
+    in flight, and with fewer to spare a second one would only add threads."""
+    pool = stream.BufferPool(16 * 64 * K, 64 * K)
+    others = [pool.take(64 * K) for _ in range(held)]
+    tuning = Tuning(request_size=64 * K, spread=MiB, buffers=pool)
+    (tmp_path / "dst").mkdir()
+    with nbdkit(tmp_path, "pattern", f"size={8 * MiB}") as src, \
+            nbdkit(tmp_path / "dst", "memory", f"{8 * MiB}") as dst:
+        copy = stream._Copy(src, dst, None, False, tuning, None, None, threading.Event())
+        copy.run()
+        h = nbd.NBD()
+        h.connect_uri(dst)
+        try:
+            assert h.pread(8 * MiB, 0) == pattern(0, 8 * MiB)
+        finally:
+            h.shutdown()
+    assert len(copy.workers) == pairs
+    assert pool.spare() == 16 - held
+    for buf in others:
+        assert buf is not None
+        pool.give(buf)
+
+
 def pattern(offset: int, length: int) -> bytes:
     """What nbdkit's pattern plugin serves there: each 8-byte word is its own offset,
     big-endian."""

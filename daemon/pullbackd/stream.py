@@ -196,6 +196,11 @@ class BufferPool:
             self._free.append(i)
             self._lock.notify()
 
+    def spare(self) -> int:
+        """Chunks no request holds: those free, and those the budget has room for yet."""
+        with self._lock:
+            return len(self._free) + max(1, self.budget // self.chunk) - len(self._chunks)
+
     def wait(self, timeout: float) -> None:
         """Until a buffer comes back (or `timeout`)."""
         with self._lock:
@@ -218,7 +223,10 @@ class Tuning:
     connections: int = 2
     #: Bytes to read before the copy opens its second connection pair, and each next:
     #: on a host backing up many domains at once, most incrementals are a few MiB, and
-    #: a pair costs the source and the destination a connection and a flush each.
+    #: a pair costs the source and the destination a connection and a flush each. A
+    #: pair opens only while the buffers have room for its requests in flight: with
+    #: many copies at once they are all taken, and another pair would only add threads
+    #: taking turns with the GIL (README).
     spread: int = 16 * MiB
     #: Requests in flight per connection pair.
     in_flight: int = 8
@@ -828,7 +836,7 @@ class _Copy:
               work: queue.Queue[list[Piece] | None], connections: int) -> None:
         """Queue the requests, `in_flight` at a time (and what is left of each window's);
         another worker (a connection pair) joins the first each `spread` bytes to read,
-        up to `connections`."""
+        up to `connections`, while the buffers have room for its requests."""
         reads = 0
         batch: list[Piece] = []
         try:
@@ -845,7 +853,8 @@ class _Copy:
                             raise StreamError(f"BUG: a write of {request.length} bytes at "
                                               f"{request.offset} is not in whole clusters")
                         if len(self.workers) < min(connections,
-                                                   1 + reads // self.tuning.spread):
+                                                   1 + reads // self.tuning.spread) \
+                                and self.buffers.spare() >= self.tuning.in_flight:
                             self._start_worker(work, counters)
                         batch.append(request)
                         if len(batch) == self.tuning.in_flight:
