@@ -158,7 +158,7 @@ class Served(Enum):
     #: The backups being written (writers.py), each an export of its own; the server's
     #: QMP monitor is `WRITER_MONITOR`.
     BACKUP = "w-{token}.sock"
-    #: The chain's files a restore reads (each on its own, verifying.py), and the new
+    #: The chain's files a restore reads (a segment at a time, verifying.py), and the new
     #: file it writes (the same token).
     RESTORE_SOURCE = "r-{token}.src.sock"
     RESTORE_TARGET = "r-{token}.dst.sock"
