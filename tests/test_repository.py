@@ -455,7 +455,7 @@ def chain(repository: Repository, steps: list[list[Write]], base: Manifest | Non
         disk = bytearray(before)
         for n, writes in enumerate(steps):
             size = sizes[n] if sizes else SIZE
-            disk = disk[:size] + bytes(max(0, size - len(disk)))
+            disk = resized(disk, size)
             writer = await repository.begin("lab1", "c", "vda", size, f"j{n}", f"cp{n}", "t",
                                             manifests[-1] if manifests else None)
             for offset, length, byte in writes:
@@ -475,6 +475,11 @@ def chain(repository: Repository, steps: list[list[Write]], base: Manifest | Non
         await repository.close()
         return manifests[1:] if base else manifests
     return anyio.run(run)
+
+
+def resized(disk: bytearray, size: int) -> bytearray:
+    """A disk's bytes once QEMU resized it to `size`: cut short, or grown with zeroes."""
+    return disk[:size] + bytes(max(0, size - len(disk)))
 
 
 def write_all(url: str, pieces: list[Piece], disk: bytes) -> None:
@@ -862,7 +867,7 @@ def test_a_disk_shrunk_and_grown_again_restores_zeroes_where_it_was_cut(
     expected = bytearray()
     folder = repository.folder("lab1", "c", "vda")
     for manifest, writes, size in zip(manifests, steps, sizes, strict=True):
-        expected = expected[:size] + bytes(max(0, size - len(expected)))
+        expected = resized(expected, size)
         for offset, length, byte in writes:
             expected[offset:offset + length] = bytes([byte or 0]) * length
         assert_restores(repository, manifest, bytes(expected), tmp_path)

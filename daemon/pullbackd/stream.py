@@ -153,6 +153,8 @@ class BufferPool:
 
     def __init__(self, budget: int, request_size: int) -> None:
         self.budget, self.chunk = budget, max(request_size, STEP)
+        #: Chunks the budget makes at most.
+        self._most = max(1, budget // self.chunk)
         self._lock = threading.Condition()
         self._chunks: list[memoryview] = []
         #: The view of each length into each chunk, made once (see the class).
@@ -171,7 +173,7 @@ class BufferPool:
         with self._lock:
             if self._free:
                 i = self._free.pop()
-            elif not self._chunks or (len(self._chunks) + 1) * self.chunk <= self.budget:
+            elif len(self._chunks) < self._most:
                 i = len(self._chunks)
                 self._chunks.append(memoryview(bytearray(self.chunk)))
                 self._views.append({})
@@ -199,7 +201,7 @@ class BufferPool:
     def spare(self) -> int:
         """Chunks no request holds: those free, and those the budget has room for yet."""
         with self._lock:
-            return len(self._free) + max(1, self.budget // self.chunk) - len(self._chunks)
+            return len(self._free) + self._most - len(self._chunks)
 
     def wait(self, timeout: float) -> None:
         """Until a buffer comes back (or `timeout`)."""
